@@ -1,0 +1,102 @@
+"""Per-node multi-head critics `Q^c_X(x, s_X)` and their target copies.
+
+Every stochastic node `X` gets one head per cost `c` it influences (`C_X`), so a
+DAG whose costs are shared by several paths never double counts:
+`Q_X(x, s) = sum_{c in C_X} Q^c_X(x, s)` (DESIGN.md §2).
+
+* A head is *exact* when `X` is the last stochastic ancestor of `c`: then `c`
+  is a deterministic function of `(x, s_X)` and the cost itself is its Q-value,
+  re-evaluated at other outcomes by re-running the forward pass with `X`
+  forced.
+* Every other head is *learned*: a Keras model (default: an MLP) on the
+  flattened context `s_X` (the model inputs and the earlier samples of
+  `node.context`) and the node's sample, regressed on the targets of
+  `keras_bpq.targets`. Its target copy `Qbar` follows it by Polyak averaging
+  (`tau`) or a periodic copy, and is what the actor reads by default.
+
+A critic can also be any object with the `q(context, values, target)` method of
+`Critic` (tests inject exact "oracle" critics this way).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def flatten_rows(value):
+    """`[rows, ...]` -> `[rows, prod(...)]` float32."""
+    value = tf.cast(value, tf.float32)
+    return tf.reshape(value, [tf.shape(value)[0], int(np.prod(value.shape[1:]))])
+
+
+def context_features(context):
+    """Concatenated flat features of a context `{"inputs": structure, name: sample}`."""
+    parts = [flatten_rows(t) for t in tf.nest.flatten(context["inputs"])]
+    parts += [flatten_rows(context[name]) for name in sorted(k for k in context if k != "inputs")]
+    return tf.concat(parts, axis=-1)
+
+
+def default_critic_model(num_heads, hidden_units=(64, 64), name="critic"):
+    """An MLP `[features] -> [num_heads]` with ReLU hidden layers."""
+    layers = [keras.layers.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]
+    layers.append(keras.layers.Dense(num_heads, name="heads"))
+    return keras.Sequential(layers, name=name)
+
+
+class Critic:
+    """Interface: Q-values of one node's learned heads."""
+
+    heads = ()
+
+    def q(self, context, values, target=True):
+        """`[rows, len(heads)]` Q-values at `values` (`[rows, *event]`) given the
+        context rows (`{"inputs": ..., name: sample}`). `target` selects the
+        target copy."""
+        raise NotImplementedError
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class NodeCritic(keras.layers.Layer, Critic):
+    """A learned multi-head critic for one node, with its target copy.
+
+    Args:
+      heads: names of the costs this critic predicts.
+      network: a Keras model `[batch, features] -> [batch, len(heads)]`, or None
+        for `default_critic_model(hidden_units)`.
+      feature_dim: size of the flattened context plus the node's sample.
+    """
+
+    def __init__(self, heads, feature_dim, network=None, hidden_units=(64, 64), **kwargs):
+        super().__init__(**kwargs)
+        self.heads = tuple(heads)
+        self.feature_dim = int(feature_dim)
+        self.hidden_units = tuple(hidden_units)
+        if network is None:
+            network = default_critic_model(len(self.heads), self.hidden_units, name="online")
+        self.online = network
+        self.target_network = keras.models.clone_model(network)
+        self.online.build((None, self.feature_dim))
+        self.target_network.build((None, self.feature_dim))
+        self.target_network.trainable = False
+        for t, o in zip(self.target_network.weights, self.online.weights):
+            t.assign(o)
+        out = self.online.compute_output_shape((None, self.feature_dim))
+        if tuple(out)[-1] != len(self.heads):
+            raise ValueError(
+                f"Critic {self.name!r} must output {len(self.heads)} heads (one per cost "
+                f"{list(self.heads)}); its model outputs shape {tuple(out)}."
+            )
+        self.built = True
+
+    def q(self, context, values, target=True):
+        features = tf.concat([context_features(context), flatten_rows(values)], axis=-1)
+        network = self.target_network if target else self.online
+        return tf.cast(network(features), tf.float32)
+
+    def update_target(self, tau):
+        """`Qbar <- (1 - tau) Qbar + tau Q` (tau = 1 copies)."""
+        for t, o in zip(self.target_network.weights, self.online.weights):
+            t.assign((1.0 - tau) * t + tau * o)
+
+    def call(self, features):
+        return self.online(features)

@@ -1,0 +1,287 @@
+"""Local surrogate losses: one small class per gradient estimator.
+
+For every stochastic node `X` the model adds a per-example surrogate `L_X` to
+the ordinary cost, `L = sum_X L_X + sum_c c`, with samples held fixed
+(stop-gradient) unless the node is reparameterised. The gradient of `L` is an
+estimate of `grad J`, `J = E[sum_c c]` (DESIGN.md §2). All estimators share one
+interface:
+
+* `check(info)`: raises at `compile()` if the estimator cannot serve the node;
+* `keeps_gradient`: whether the node's sample keeps its pathwise gradient;
+* `create_state(info, add_weight)`: the node's persistent state (Keras variables);
+* `surrogate(step)`: the per-example surrogate `L_X`, shape `[batch]`;
+* `update(step)`: state updates after a finite training step.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class NodeStep:
+    """What an estimator sees of one node in one forward pass."""
+
+    info: object  # graph.NodeInfo
+    record: object  # graph.NodeRecord
+    downstream: tf.Tensor  # c_X: realised sum of the costs in C_X, [batch]
+    state: dict  # name -> variable, from create_state
+    mean: object = None  # batch-mean function (global under tf.distribute)
+    # Critic Q_X = sum_c Q^c_X: values [batch, A, *event] -> [batch, A]. Not
+    # stop-gradient (estimators add it). None for critic-free estimators.
+    q: object = None
+
+
+class Estimator:
+    """Base class: a node's local surrogate loss."""
+
+    name = None
+    keeps_gradient = False
+    needs_critic = False
+
+    def check(self, info):
+        """Raises a ValueError naming the node if this estimator cannot serve it."""
+
+    def create_state(self, info, add_weight):
+        return {}
+
+    def surrogate(self, step):
+        raise NotImplementedError
+
+    def update(self, step):
+        """Updates state after a finite training step."""
+
+    def get_config(self):
+        return {}
+
+
+class Reinforce(Estimator):
+    """Score function with an exponential-moving-average baseline.
+
+    `L_X = log p(x | pa) * sg[c_X - b]`, where `c_X` sums only the costs the node
+    influences and `b` is a bias-corrected EMA of past batches' mean `c_X`
+    (`b_t = m_t / (1 - decay^t)`, `m_t = decay * m_{t-1} + (1 - decay) * mean c_X`).
+    The baseline never sees the current sample, so the estimator is unbiased.
+    """
+
+    name = "reinforce"
+
+    def __init__(self, decay=0.99):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"reinforce: decay must be in [0, 1); got {decay}.")
+        self.decay = float(decay)
+
+    def create_state(self, info, add_weight):
+        return {
+            "baseline": add_weight(f"{info.name}_baseline", (), "float32"),
+            "baseline_steps": add_weight(f"{info.name}_baseline_steps", (), "float32"),
+        }
+
+    def baseline(self, state):
+        steps = state["baseline_steps"]
+        correction = 1.0 - tf.pow(self.decay, steps)
+        return tf.where(steps > 0, state["baseline"] / tf.maximum(correction, 1e-12), 0.0)
+
+    def surrogate(self, step):
+        advantage = tf.stop_gradient(step.downstream - self.baseline(step.state))
+        return step.record.log_prob() * advantage
+
+    def update(self, step):
+        state = step.state
+        mean = step.mean(step.downstream)
+        state["baseline"].assign(self.decay * state["baseline"] + (1.0 - self.decay) * mean)
+        state["baseline_steps"].assign_add(1.0)
+
+    def get_config(self):
+        return {"decay": self.decay}
+
+
+class Reparam(Estimator):
+    """Reparameterised sample: `x = g(eta, eps)` keeps its gradient and ordinary
+    backprop runs through the real downstream graph (`L_X = 0`).
+
+    Unbiased when every path from the sample to a cost is differentiable or
+    passes through another node's surrogate (a later node's `log p` carries the
+    gradient through its parameters).
+    """
+
+    name = "reparam"
+    keeps_gradient = True
+
+    def check(self, info):
+        if not info.reparameterized:
+            raise ValueError(
+                f"Estimator 'reparam' cannot serve node {info.name!r}: its "
+                f"{info.distribution} distribution is not reparameterised. Use "
+                "'reinforce' (or 'auto')."
+            )
+
+    def surrogate(self, step):
+        return tf.zeros_like(step.downstream)
+
+
+def _flat(value):
+    """`[batch, ...]` -> `[batch, units]`, keeping the static unit count."""
+    return tf.reshape(value, [tf.shape(value)[0], int(np.prod(value.shape[1:]))])
+
+
+def local_outcomes(step):
+    """The outcomes a critic is summed over, and their weights.
+
+    Returns `(values, weights, current)`:
+    * `values`: `[batch, A, *event]` outcomes at which `Q` is evaluated;
+    * `weights`: `[batch, A]`, differentiable, such that the local expectation
+      is `E_loc = current * Q(x) + sum_a weights_a * Q(values_a)`;
+    * `current`: `[batch]` weight of the realised sample `x`.
+
+    Binary (factorised) nodes: one unit at a time, the others held at their
+    sampled values: `E_loc = sum_u [p_u(x_u) Q(x) + p_u(1 - x_u) Q(x with u flipped)]`.
+    Categorical nodes: every outcome, `E_loc = sum_k p_k Q(e_k)`.
+    """
+    record, info = step.record, step.info
+    x = record.sample
+    if info.local_kind == "binary":
+        flat = _flat(x)
+        units = flat.shape[1]
+        eye = tf.eye(units, dtype=flat.dtype)
+        flipped = flat[:, None, :] * (1.0 - eye) + (1.0 - flat[:, None, :]) * eye
+        values = tf.reshape(flipped, [-1, units] + list(x.shape[1:]))
+        p_one = tf.sigmoid(_flat(tf.cast(record.params, tf.float32)))
+        p_current = flat * p_one + (1.0 - flat) * (1.0 - p_one)
+        return values, 1.0 - p_current, tf.reduce_sum(p_current, axis=1)
+    if info.local_kind == "categorical":
+        k = x.shape[-1]
+        values = tf.tile(tf.eye(k, dtype=x.dtype)[None], [tf.shape(x)[0], 1, 1])
+        probs = tf.nn.softmax(record.layer.distribution(record.params, record.mask).logits)
+        return values, probs, tf.zeros_like(probs[:, 0])
+    raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")
+
+
+def _check_local(name, info, needs_critic=True):
+    if info.local_kind is None:
+        raise ValueError(
+            f"Estimator {name!r} cannot serve node {info.name!r}: it needs a Bernoulli "
+            f"or Categorical node, not {info.distribution}. Use 'reinforce' (or 'auto')."
+        )
+
+
+def _q_at_sample_and_outcomes(step):
+    values, weights, current = local_outcomes(step)
+    sample = step.record.sample[:, None]
+    q_values = step.q(tf.concat([sample, values], axis=1))
+    return q_values[:, 0], q_values[:, 1:], weights, current
+
+
+class CriticCV(Estimator):
+    """The critic as a control variate (unbiased whatever the critic's state).
+
+    `L_X = sum_x' p(x') sg[Q(x', s)] + log p(x) sg[c_X - Q(x, s)]`, the first sum
+    exact over a categorical node's outcomes, and per unit (the other units
+    held at their sampled values) for a factorised Bernoulli node. Its
+    expectation is the score-function gradient for any `Q` independent of the
+    node's own parameters; a good `Q` removes most of its variance.
+    """
+
+    name = "critic_cv"
+    needs_critic = True
+
+    def check(self, info):
+        _check_local(self.name, info)
+
+    def surrogate(self, step):
+        q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
+        q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
+        expectation = current * q_x + tf.reduce_sum(
+            tf.where(weights > 0, weights * q_alt, 0.0), axis=1
+        )
+        residual = tf.stop_gradient(step.downstream - q_x)
+        return expectation + step.record.log_prob() * residual
+
+
+class CriticAdvantage(Estimator):
+    """Score function with the critic's advantage: the pure Backprop-Q form.
+
+    Categorical: `L_X = log p(x) sg[Q(x, s) - V(s)]`, `V = sum_k p_k Q(e_k, s)`.
+    Factorised Bernoulli, per unit: `L_X = sum_u log p_u(x_u) sg[Q(x) - V_u]`,
+    `V_u = sum_{x'_u} p_u(x'_u) Q(x'_u, x_-u)`. Unbiased when `Q` is exact;
+    biased while a learned critic is wrong.
+    """
+
+    name = "critic"
+    needs_critic = True
+
+    def check(self, info):
+        _check_local(self.name, info)
+
+    def surrogate(self, step):
+        q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
+        q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
+        record = step.record
+        if step.info.local_kind == "categorical":
+            value = tf.reduce_sum(tf.where(weights > 0, weights * q_alt, 0.0), axis=1)
+            return record.log_prob() * tf.stop_gradient(q_x - value)
+        flat = _flat(record.sample)
+        logits = _flat(tf.cast(record.params, tf.float32))
+        unit_log_p = flat * logits - tf.math.softplus(logits)
+        advantage = tf.stop_gradient(weights * (q_x[:, None] - q_alt))
+        return tf.reduce_sum(unit_log_p * advantage, axis=1)
+
+
+class Pathwise(Estimator):
+    """Reparameterised sample through the critic (SVG(0) / DDPG style).
+
+    `L_X = sg[dQ_X/dx](x) . g(eta, eps)`: the gradient of `Q_X(x, sg[s])` with
+    respect to the parameters, through the reparameterised sample only. For
+    nodes whose downstream path is not differentiable; unbiased when `Q` is exact.
+    """
+
+    name = "pathwise"
+    needs_critic = True
+
+    def check(self, info):
+        if not info.reparameterized:
+            raise ValueError(
+                f"Estimator 'pathwise' cannot serve node {info.name!r}: its "
+                f"{info.distribution} distribution is not reparameterised. Use "
+                "'critic_cv' or 'reinforce' (or 'auto')."
+            )
+
+    def surrogate(self, step):
+        record = step.record
+        x = tf.stop_gradient(record.raw_sample)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            q = step.q(x[:, None])[:, 0]
+        slope = tf.stop_gradient(tape.gradient(tf.reduce_sum(q), x))
+        return tf.reduce_sum(_flat(slope * record.raw_sample), axis=1)
+
+
+ESTIMATORS = {
+    cls.name: cls for cls in (Reinforce, Reparam, CriticCV, CriticAdvantage, Pathwise)
+}
+
+
+def auto_name(info):
+    """The default estimator for a node (DESIGN.md §2): `reparam` for
+    reparameterised nodes, `critic_cv` for Bernoulli and Categorical nodes
+    (unbiased whatever the critic's state), `reinforce` otherwise."""
+    if info.reparameterized:
+        return "reparam"
+    return "critic_cv" if info.local_kind is not None else "reinforce"
+
+
+def get(identifier, info):
+    """Resolves a name, `"auto"` or an `Estimator` instance for one node."""
+    if isinstance(identifier, Estimator):
+        estimator = identifier
+    else:
+        name = auto_name(info) if identifier in (None, "auto") else identifier
+        if name not in ESTIMATORS:
+            raise ValueError(
+                f"Unknown estimator {identifier!r} for node {info.name!r}. Choose one "
+                f"of {sorted(ESTIMATORS)} or 'auto'."
+            )
+        estimator = ESTIMATORS[name]()
+    estimator.check(info)
+    return estimator

@@ -1,0 +1,258 @@
+"""Discovery of the stochastic computation graph (SCG) behind a model's forward pass.
+
+A `Recorder` is opened around a forward pass. Every stochastic node layer appends
+what it sampled (`NodeRecord`), and `keras_bpq.add_cost` appends named per-example
+costs. Traced once into a graph, the recorded tensors are walked backwards through
+`tensor.op.inputs` to find, for every cost, the samples it depends on. Those walks
+give the structure that the estimators need (DESIGN.md §2, §5):
+
+* `C_X`, the costs a node `X` influences (through any path);
+* the node's stochastic parents (samples reached from its parameters without
+  passing through another sample) and ancestors;
+* for every cost, its stochastic ancestors in execution order;
+* the node's context: the model inputs plus the earlier samples that are
+  ancestors of the costs in `C_X`. That context determines the node's parents
+  (R1) and every later value (R2), so a critic on it is exact by construction.
+
+The structure is plain Python (names and shapes), cached per input signature.
+"""
+
+import dataclasses
+import threading
+
+import tensorflow as tf
+
+_STACK = threading.local()
+
+
+@dataclasses.dataclass
+class NodeRecord:
+    """What one call of a stochastic node produced inside a `Recorder`."""
+
+    name: str
+    layer: object
+    sample: tf.Tensor
+    params: tf.Tensor
+    mask: object = None
+    raw_sample: object = None  # the sample before any stop-gradient
+
+    def log_prob(self):
+        """Per-example `log p(sample | params)`, summed over the event axes."""
+        return self.layer.log_prob(self.sample, self.params, self.mask)
+
+
+class Recorder:
+    """Collects node samples and named costs of one forward pass.
+
+    Args:
+      forced: `{node_name: tensor}` samples to use instead of drawing (the node
+        then reports the forced value, without gradient).
+      keep_gradient: names of nodes whose samples keep their reparameterisation
+        gradient. Every other sample is a stop-gradient.
+    """
+
+    def __init__(self, forced=None, keep_gradient=()):
+        self.forced = dict(forced or {})
+        self.keep_gradient = frozenset(keep_gradient)
+        self.nodes = []
+        self.costs = {}
+        self._calls = {}
+
+    def __enter__(self):
+        stack = getattr(_STACK, "recorders", None)
+        if stack is None:
+            stack = _STACK.recorders = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _STACK.recorders.pop()
+        return False
+
+    def next_node_name(self, layer):
+        """Unique name of this call of `layer`: its name, then `name@2`, ...."""
+        count = self._calls.get(layer.name, 0) + 1
+        self._calls[layer.name] = count
+        return layer.name if count == 1 else f"{layer.name}@{count}"
+
+    def add_node(self, record):
+        self.nodes.append(record)
+
+    def add_cost(self, name, value):
+        if name in self.costs:
+            raise ValueError(
+                f"Cost {name!r} was added twice in one forward pass. Give every "
+                "keras_bpq.add_cost call its own name."
+            )
+        self.costs[name] = value
+
+
+def current_recorder():
+    """The innermost open `Recorder`, or None outside any."""
+    stack = getattr(_STACK, "recorders", None)
+    return stack[-1] if stack else None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """Static description of one stochastic node of the SCG."""
+
+    name: str
+    layer_name: str
+    distribution: str
+    event_shape: tuple
+    reparameterized: bool
+    support_size: object  # int for finite supports, None otherwise
+    factorized_units: int  # independent units in a sample (1 for a categorical)
+    local_kind: object  # "binary", "categorical" or None (see nodes.StochasticNode)
+    parents: tuple
+    ancestors: tuple
+    costs: tuple  # C_X, in cost order
+    context: tuple  # "inputs" and names of earlier samples
+
+
+@dataclasses.dataclass(frozen=True)
+class SCG:
+    """The stochastic computation graph of a model, in execution order."""
+
+    nodes: tuple
+    costs: tuple
+    cost_ancestors: dict  # cost name -> node names in execution order
+
+    def node(self, name):
+        for info in self.nodes:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    @property
+    def node_names(self):
+        return tuple(info.name for info in self.nodes)
+
+
+def _graph_ancestors(tensor, stop_refs=frozenset()):
+    """Refs of every tensor `tensor` depends on, walking `op.inputs`.
+
+    The walk does not continue past tensors in `stop_refs` (they are still
+    reported).
+    """
+    seen = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        ref = t.ref()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        if ref in stop_refs and t is not tensor:
+            continue
+        stack.extend(t.op.inputs)
+    return seen
+
+
+def structure_from_records(nodes, costs):
+    """Builds the `SCG` from the records of one traced forward pass.
+
+    Args:
+      nodes: list of `NodeRecord` in execution order (graph tensors).
+      costs: `{name: per-example cost tensor}` (graph tensors).
+    """
+    sample_refs = {rec.sample.ref(): rec.name for rec in nodes}
+    order = {rec.name: i for i, rec in enumerate(nodes)}
+
+    def samples_in(refs):
+        found = {sample_refs[r] for r in refs if r in sample_refs}
+        return tuple(sorted(found, key=order.get))
+
+    cost_ancestors = {
+        name: samples_in(_graph_ancestors(value)) for name, value in costs.items()
+    }
+    infos = []
+    for rec in nodes:
+        param_refs = set()
+        parent_refs = set()
+        for t in [rec.params] + ([rec.mask] if rec.mask is not None else []):
+            param_refs |= _graph_ancestors(t)
+            parent_refs |= _graph_ancestors(t, stop_refs=frozenset(sample_refs))
+        ancestors = samples_in(param_refs)
+        parents = samples_in(parent_refs)
+        influenced = tuple(c for c, anc in cost_ancestors.items() if rec.name in anc)
+        earlier = {
+            a
+            for c in influenced
+            for a in cost_ancestors[c]
+            if order[a] < order[rec.name]
+        }
+        context = ("inputs",) + tuple(sorted(earlier, key=order.get))
+        layer = rec.layer
+        infos.append(
+            NodeInfo(
+                name=rec.name,
+                layer_name=layer.name,
+                distribution=layer.distribution_name,
+                event_shape=tuple(rec.sample.shape[1:]),
+                reparameterized=layer.is_reparameterized(rec.params, rec.mask),
+                support_size=layer.support_size(tuple(rec.sample.shape[1:])),
+                factorized_units=layer.factorized_units(tuple(rec.sample.shape[1:])),
+                local_kind=layer.local_kind,
+                parents=parents,
+                ancestors=ancestors,
+                costs=influenced,
+                context=context,
+            )
+        )
+    return SCG(nodes=tuple(infos), costs=tuple(costs), cost_ancestors=cost_ancestors)
+
+
+def discover(forward, input_signature):
+    """Traces `forward` once and returns its `SCG`.
+
+    Args:
+      forward: a function of the model inputs that runs the forward pass and
+        returns `{cost_name: per-example cost}` for costs computed outside the
+        model (compiled losses); costs added with `add_cost` are recorded.
+      input_signature: a structure of `tf.TensorSpec` for the inputs.
+    """
+    result = {}
+
+    def traced(inputs):
+        with Recorder() as rec:
+            extra = forward(inputs)
+        costs = dict(rec.costs)
+        for name, value in extra.items():
+            costs[name] = value
+        result["scg"] = structure_from_records(rec.nodes, costs)
+        result["cost_shapes"] = {n: tuple(v.shape) for n, v in costs.items()}
+        return 0
+
+    tf.function(traced, autograph=False).get_concrete_function(input_signature)
+    return result["scg"], result["cost_shapes"]
+
+
+def format_scg(scg, estimators=None, critics=None):
+    """A table of the SCG, one row per node, as `model.summary()` prints layers."""
+    estimators = estimators or {}
+    critics = critics or {}
+    header = ("node", "distribution", "context", "costs influenced", "estimator", "critic")
+    rows = [
+        (
+            info.name,
+            f"{info.distribution}{list(info.event_shape)}",
+            ", ".join(info.context),
+            ", ".join(info.costs) or "(none)",
+            estimators.get(info.name, "-"),
+            critics.get(info.name, "-"),
+        )
+        for info in scg.nodes
+    ]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
+
+    rule = "-" * len(line(header))
+    out = [rule, line(header), rule] + [line(r) for r in rows] + [rule]
+    for cost in scg.costs:
+        chain = " -> ".join(scg.cost_ancestors[cost]) or "(deterministic)"
+        out.append(f"cost {cost}: stochastic ancestors {chain}")
+    return "\n".join(out)

@@ -1,0 +1,740 @@
+"""`BackpropQModel`: a `keras.Model` that trains stochastic computation graphs.
+
+The model's objective is `J(theta) = E[sum_c c]`, the batch mean of every
+example's total cost. One `train_step` samples every stochastic node, evaluates
+the costs, and minimises the surrogate `L = sum_X L_X + sum_c c`, where each
+node's local surrogate `L_X` comes from its estimator (`keras_bpq.estimators`)
+and the costs carry ordinary gradients along deterministic paths.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_bpq import costs as costs_lib
+from keras_bpq import critics as critics_lib
+from keras_bpq import estimators as estimators_lib
+from keras_bpq import graph
+from keras_bpq import targets as targets_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class ScgState(keras.layers.Layer):
+    """Tracked home of the training machinery: estimator state, critics and
+    their target copies, and the cost and critic metrics.
+
+    Created unbuilt with the model and filled once the SCG is known, so its
+    variables checkpoint, restore and distribute with the model.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.node_state = {}
+        self.critics = {}
+        self.cost_metrics = []
+        self.critic_metrics = {}
+        self.status = self.add_weight(
+            name="status", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+        self.steps = self.add_weight(
+            name="steps", shape=(), dtype="int64", initializer="zeros", trainable=False
+        )
+
+    def setup(self, scg, estimators, critic_heads, feature_dims, critic_models, hidden_units):
+        """Creates every node's estimator state and the critics of `critic_heads`."""
+        for info in scg.nodes:
+            self.node_state[info.name] = estimators[info.name].create_state(
+                info, self._add_state
+            )
+        for name, heads in critic_heads.items():
+            given = critic_models.get(name)
+            if isinstance(given, critics_lib.Critic) and not isinstance(given, keras.layers.Layer):
+                self.critics[name] = given
+                continue
+            self.critics[name] = critics_lib.NodeCritic(
+                heads,
+                feature_dims[name],
+                network=given,
+                hidden_units=hidden_units,
+                name=f"{name.replace('@', '_')}_critic",
+            )
+            self.critic_metrics[name] = [
+                keras.metrics.Mean(name=f"{name}_{kind}") for kind in ("critic_loss", "td_error", "q")
+            ]
+        self.cost_metrics = [keras.metrics.Mean(name=name) for name in scg.costs]
+        self.built = True
+
+    @property
+    def learned_critics(self):
+        return {n: c for n, c in self.critics.items() if isinstance(c, critics_lib.NodeCritic)}
+
+    def _add_state(self, name, shape, dtype, initializer="zeros"):
+        return self.add_weight(
+            name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False
+        )
+
+    def call(self, inputs):
+        return inputs
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stops `fit` with a clear error after a step whose cost or gradient was not finite.
+
+    The step itself already skipped its update, so the weights hold their last
+    finite values.
+    """
+
+    def on_train_begin(self, logs=None):
+        self.model.machinery.status.assign(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.raise_if_nonfinite()
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class BackpropQModel(keras.Model):
+    """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
+
+    Functional use:
+
+    ```python
+    x = keras.Input((64,))
+    z = keras_bpq.Bernoulli(name="z")(keras.layers.Dense(16)(x))
+    logits = keras.layers.Dense(64)(z)
+    recon = ...  # per-example cost, shape [batch]
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=logits, costs={"recon": recon})
+    model.compile(optimizer="adam")
+    model.fit(data, epochs=10)
+    ```
+
+    Subclassed use: override `call()` and call `keras_bpq.add_cost(name, tensor)`
+    for each per-example cost. Compiled losses (`compile(loss=...)`) are costs
+    too, reduced per example.
+    """
+
+    def __init__(self, inputs=None, outputs=None, costs=None, *, network=None, **kwargs):
+        super().__init__(**kwargs)
+        if inputs is not None:
+            if outputs is None:
+                raise ValueError("BackpropQModel(inputs=...) also needs outputs=.")
+            structure = {"outputs": outputs}
+            if costs:
+                structure["costs"] = dict(costs)
+            network = keras.Model(inputs=inputs, outputs=structure, name=f"{self.name}_network")
+        elif costs:
+            raise ValueError("BackpropQModel(costs=...) needs inputs= and outputs= too.")
+        self.network = network
+        self.machinery = ScgState(name="scg_state")
+        self._scg_cache = {}
+        self._scg = None
+        self._node_estimators = None
+        self._estimator_option = "auto"
+        self._compiled_losses = costs_lib.CompiledLosses(None)
+        self._critic_options = _critic_options()
+        self.critic_optimizer = None
+
+    # -- forward -----------------------------------------------------------
+    def call(self, inputs, training=None):
+        if self.network is None:
+            raise NotImplementedError(
+                "Subclass BackpropQModel and define call(), or pass inputs=, outputs= "
+                "and costs= to the constructor."
+            )
+        result = self.network(inputs, training=training)
+        for name, value in result.get("costs", {}).items():
+            costs_lib.add_cost(name, value)
+        return result["outputs"]
+
+    def build(self, input_shape=None):
+        if self.network is None:
+            super().build(input_shape)
+        self.built = True
+
+    def get_layer(self, name=None, index=None):
+        if self.network is not None and name is not None:
+            try:
+                return self.network.get_layer(name)
+            except ValueError:
+                pass
+        return super().get_layer(name=name, index=index)
+
+    # -- compile -----------------------------------------------------------
+    def compile(
+        self,
+        optimizer="adam",
+        loss=None,
+        estimator="auto",
+        critic_optimizer=None,
+        critic_target="td",
+        critic_lambda=0.9,
+        tau=0.01,
+        target_update_period=None,
+        critic_steps=1,
+        critic_warmup_steps=0,
+        critic_hidden_units=(64, 64),
+        critics=None,
+        actor_reads="target",
+        **kwargs,
+    ):
+        """Configures training.
+
+        Args:
+          optimizer: the actor's optimizer (all non-critic trainable variables).
+          loss: optional Keras loss(es) on the outputs; each becomes a
+            per-example cost (`"output_loss"`, or `"<key>_loss"` per output).
+          estimator: `"auto"`, an estimator name for every node, or a dict
+            `{node_name: name}`; a node's own `estimator=` argument wins over a
+            global name. See `keras_bpq.estimators`.
+          critic_optimizer: optimizer of the critics (default: a fresh Adam).
+          critic_target: `"mc"`, `"td"`, `"expected"` or `"lambda"` (see
+            `keras_bpq.targets`); `critic_lambda` is the lambda of `"lambda"`.
+          tau: Polyak rate of the critics' target copies, `Qbar <- (1-tau) Qbar + tau Q`.
+          target_update_period: if set, copy the critics into their target
+            copies every this many steps instead of Polyak averaging.
+          critic_steps: critic updates per actor update (on the same batch).
+          critic_warmup_steps: steps at the start that train only the critics.
+          critic_hidden_units: hidden sizes of the default MLP critics.
+          critics: `{node_name: keras.Model}` to replace a node's default critic
+            (`[batch, features] -> [batch, heads]`), or a `critics.Critic`.
+          actor_reads: `"target"` (the Polyak copies, default) or `"online"`:
+            the critic copy that the actor's estimators evaluate.
+          **kwargs: passed on to `keras.Model.compile` (`metrics`,
+            `steps_per_execution`, `jit_compile`, `run_eagerly`, ...).
+        """
+        if "loss_weights" in kwargs and kwargs["loss_weights"] is not None:
+            raise ValueError(
+                "BackpropQModel does not take loss_weights: scale a cost where it "
+                "is computed instead."
+            )
+        targets_lib.check_kind(critic_target, critic_lambda)
+        if actor_reads not in ("target", "online"):
+            raise ValueError(f"actor_reads must be 'target' or 'online'; got {actor_reads!r}.")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1]; got {tau}.")
+        if int(critic_steps) < 1:
+            raise ValueError(f"critic_steps must be at least 1; got {critic_steps}.")
+        super().compile(optimizer=optimizer, **kwargs)
+        self.critic_optimizer = keras.optimizers.get(critic_optimizer or keras.optimizers.Adam(1e-3))
+        self._critic_options = _critic_options(
+            critic_target, critic_lambda, tau, target_update_period, critic_steps,
+            critic_warmup_steps, critic_hidden_units, critics, actor_reads,
+        )
+        self._compiled_losses = costs_lib.CompiledLosses(loss)
+        self._estimator_option = estimator
+        self._scg_cache = {}
+        if self._scg is not None:
+            self._resolve_estimators(self._scg)
+        elif self.network is not None:
+            self.scg(self._input_spec_from_network())
+
+    def _input_spec_from_network(self):
+        def spec(t):
+            return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
+
+        return tf.nest.map_structure(spec, self.network._inputs_struct)
+
+    # -- structure ---------------------------------------------------------
+    def scg(self, x=None):
+        """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
+
+        `x` is a batch of inputs or a structure of `tf.TensorSpec`; it may be
+        omitted once the structure is known. Discovery traces the forward pass
+        once per input signature.
+        """
+        if x is None:
+            if self._scg is None:
+                if self.network is None:
+                    raise ValueError(
+                        f"The SCG of {self.name!r} is not known yet: pass a batch of "
+                        "inputs, or train or evaluate first."
+                    )
+                return self.scg(self._input_spec_from_network())
+            return self._scg
+        spec = tf.nest.map_structure(_batchless_spec, x)
+        key = tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(spec))
+        if key not in self._scg_cache:
+            self._scg_cache[key] = self._discover(spec)
+        return self._scg_cache[key]
+
+    def _discover(self, spec):
+        compiled = self._compiled_losses
+        if not self.built:
+            # Build once outside any recorder: Keras may run call() to build.
+            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+
+        def forward(inputs):
+            return compiled.dependencies(self(inputs, training=True))
+
+        scg, cost_shapes = graph.discover(forward, spec)
+        if not scg.nodes:
+            raise ValueError(
+                f"Model {self.name!r} has no stochastic node: its forward pass never "
+                "called a keras_bpq node layer (Bernoulli, Categorical, Normal, "
+                "StochasticNode). Use keras.Model for deterministic models."
+            )
+        if not scg.costs:
+            raise ValueError(
+                f"Model {self.name!r} has no cost: pass costs={{...}} to the "
+                "constructor, call keras_bpq.add_cost() in call(), or compile(loss=...)."
+            )
+        for name, shape in cost_shapes.items():
+            if name not in compiled.names:
+                costs_lib.check_per_example(name, shape)
+        if self._scg is None:
+            self._resolve_estimators(scg)
+            self._setup_machinery(scg, spec)
+            self._scg = scg
+        elif scg.node_names != self._scg.node_names or scg.costs != self._scg.costs:
+            raise ValueError(
+                f"Model {self.name!r} built a different SCG for inputs {spec}: nodes "
+                f"{scg.node_names} and costs {scg.costs}, where earlier inputs gave "
+                f"nodes {self._scg.node_names} and costs {self._scg.costs}."
+            )
+        return scg
+
+    def _setup_machinery(self, scg, spec):
+        options = self._critic_options
+        heads = {}
+        if any(e.needs_critic for e in self._node_estimators.values()):
+            # Every learned head gets a critic, so bootstrapped targets always
+            # find their successor's critic.
+            heads = {n: h for n, h in targets_lib.learned_heads(scg).items() if h}
+        unknown = set(options["models"]) - set(scg.node_names)
+        if unknown:
+            raise ValueError(
+                f"compile(critics=...) names unknown nodes {sorted(unknown)}; the "
+                f"model's nodes are {list(scg.node_names)}."
+            )
+        if options["target"] == "expected":
+            for name in {c for h in heads.values() for c in h}:
+                for node in scg.cost_ancestors[name][1:]:
+                    size = scg.node(node).support_size
+                    if size is None or size > 256:
+                        raise ValueError(
+                            f"critic_target='expected' needs the full support of node "
+                            f"{node!r} (a successor on cost {name!r}'s chain), which has "
+                            f"{size or 'no finite'} outcomes (at most 256 allowed). Use 'td'."
+                        )
+        input_dim = sum(int(np.prod(s.shape[1:])) for s in tf.nest.flatten(spec))
+        feature_dims = {}
+        for info in scg.nodes:
+            dims = [int(np.prod(scg.node(n).event_shape)) for n in info.context if n != "inputs"]
+            feature_dims[info.name] = input_dim + sum(dims) + int(np.prod(info.event_shape))
+        self.machinery.setup(
+            scg, self._node_estimators, heads, feature_dims, options["models"], options["hidden_units"]
+        )
+        critic_variables = self.critic_variables
+        if critic_variables:
+            if self.critic_optimizer is None:
+                self.critic_optimizer = keras.optimizers.Adam(1e-3)
+            self.critic_optimizer.build(critic_variables)
+
+    def _resolve_estimators(self, scg):
+        option = self._estimator_option
+        if isinstance(option, dict):
+            unknown = set(option) - set(scg.node_names) - {i.layer_name for i in scg.nodes}
+            if unknown:
+                raise ValueError(
+                    f"compile(estimator=...) names unknown nodes {sorted(unknown)}; the "
+                    f"model's nodes are {list(scg.node_names)}."
+                )
+        resolved = {}
+        for info in scg.nodes:
+            layer = self._node_layer(info)
+            if isinstance(option, dict):
+                choice = option.get(info.name, option.get(info.layer_name))
+                choice = choice or layer.estimator or "auto"
+            else:
+                choice = layer.estimator or option
+            resolved[info.name] = estimators_lib.get(choice, info)
+        if self._node_estimators is not None:
+            for name, est in resolved.items():
+                if est.name != self._node_estimators[name].name:
+                    raise ValueError(
+                        f"Node {name!r} was set up for estimator "
+                        f"{self._node_estimators[name].name!r}; changing it to {est.name!r} "
+                        "after the first step is not supported. Build a new model."
+                    )
+        self._node_estimators = resolved
+
+    def _node_layer(self, info):
+        for layer in self._flatten_layers(include_self=False):
+            if layer.name == info.layer_name:
+                return layer
+        raise KeyError(info.layer_name)
+
+    def scg_summary(self, x=None, print_fn=print):
+        """Prints the SCG: node, distribution, context, costs, estimator, critic."""
+        scg = self.scg(x)
+        estimators = {n: e.name for n, e in self._node_estimators.items()}
+        critics = {}
+        for info in scg.nodes:
+            if not self._node_estimators[info.name].needs_critic:
+                continue
+            critic = self.machinery.critics.get(info.name)
+            learned = list(critic.heads) if critic is not None else []
+            exact = [c for c in info.costs if c not in learned]
+            parts = ([f"learned[{', '.join(learned)}]"] if learned else []) + (
+                [f"exact[{', '.join(exact)}]"] if exact else []
+            )
+            critics[info.name] = " ".join(parts)
+        text = graph.format_scg(scg, estimators=estimators, critics=critics)
+        print_fn(text)
+        return text
+
+    # -- variables ---------------------------------------------------------
+    @property
+    def critic_variables(self):
+        """Trainable variables of the critics (none for critic-free estimators)."""
+        return list(self.machinery.trainable_variables)
+
+    @property
+    def actor_variables(self):
+        """Trainable variables other than critics, in `trainable_variables` order."""
+        excluded = {id(v) for v in self.critic_variables}
+        return [v for v in self.trainable_variables if id(v) not in excluded]
+
+    # -- the step ----------------------------------------------------------
+    def record_forward(self, x, y=None, training=True, forced=None, keep_gradient=None):
+        """One recorded forward pass.
+
+        Returns `(y_pred, costs, total, records)`: `costs` maps every cost name to
+        its per-example value `[batch]`, `total` is their sum (with gradients
+        along deterministic paths) and `records` maps node names to
+        `graph.NodeRecord`s. `forced` fixes node samples by name; `keep_gradient`
+        names the nodes whose samples keep their gradient (by default those whose
+        estimator asks for it).
+        """
+        scg = self.scg(x)
+        if keep_gradient is None:
+            keep_gradient = {
+                i.name for i in scg.nodes if self._node_estimators[i.name].keeps_gradient
+            }
+        with graph.Recorder(forced=forced, keep_gradient=keep_gradient) as rec:
+            y_pred = self(x, training=training)
+        costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
+        if self._compiled_losses.entries:
+            costs.update(self._compiled_losses(y, y_pred))
+        total = tf.add_n([costs[name] for name in scg.costs])
+        return y_pred, costs, total, {r.name: r for r in rec.nodes}
+
+    def run_forward(self, x, y=None, training=True):
+        """A recorded forward pass and its surrogate loss.
+
+        Returns a dict with `y_pred`, `costs`, `total` (see `record_forward`),
+        `records`, `surrogate` (`[batch]`: `total + sum_X L_X`, whose gradient
+        estimates `grad J`) and `steps`, the per-node `estimators.NodeStep`s.
+        """
+        scg = self.scg(x)
+        y_pred, costs, total, records = self.record_forward(x, y, training=training)
+        steps = {}
+        surrogate = total
+        reads_target = self._critic_options["actor_reads_target"]
+        for info in scg.nodes:
+            estimator = self._node_estimators[info.name]
+            downstream = tf.add_n([costs[c] for c in info.costs]) if info.costs else tf.zeros_like(total)
+            q = None
+            if estimator.needs_critic and info.costs:
+                q = self._critic_fn(info, x, y, records, costs, reads_target)
+            step = estimators_lib.NodeStep(
+                info=info,
+                record=records[info.name],
+                downstream=downstream,
+                state=self.machinery.node_state[info.name],
+                mean=_batch_mean,
+                q=q,
+            )
+            steps[info.name] = step
+            if info.costs:
+                surrogate = surrogate + estimator.surrogate(step)
+        return {
+            "y_pred": y_pred,
+            "costs": costs,
+            "total": total,
+            "records": records,
+            "surrogate": surrogate,
+            "steps": steps,
+        }
+
+    # -- critics -----------------------------------------------------------
+    def _context(self, info, x, records):
+        context = {"inputs": x}
+        for name in info.context[1:]:
+            context[name] = tf.stop_gradient(records[name].sample)
+        return context
+
+    def q_heads(self, info, x, y, records, values, target=True):
+        """`{cost: [batch, A]}`: every head `Q^c_X` of node `info` at `values`
+        (`[batch, A, *event]`), given the recorded context of this pass.
+
+        Learned heads come from the node's critic (`target` selects the target
+        copy); exact heads (the node is the cost's last stochastic ancestor)
+        re-run the forward pass with the context and the node forced.
+        """
+        scg = self._scg
+        num = values.shape[1]
+        batch = tf.shape(values)[0]
+        rows = tf.reshape(values, [-1] + list(values.shape[2:]))
+        context = self._context(info, x, records)
+        heads = {}
+        critic = self.machinery.critics.get(info.name)
+        if critic is not None:
+            tiled = tf.nest.map_structure(lambda t: tf.repeat(t, num, axis=0), context)
+            learned = tf.reshape(critic.q(tiled, rows, target=target), [batch, num, len(critic.heads)])
+            heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
+        exact = [c for c in info.costs if scg.cost_ancestors[c][-1] == info.name]
+        if exact:
+            forced = {n: tf.repeat(context[n], num, axis=0) for n in info.context[1:]}
+            forced[info.name] = rows
+            keep = {info.name}
+            repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
+            _, rerun, _, _ = self.record_forward(
+                tf.nest.map_structure(repeat, x),
+                None if y is None else tf.nest.map_structure(repeat, y),
+                training=True,
+                forced=forced,
+                keep_gradient=keep,
+            )
+            heads.update({c: tf.reshape(rerun[c], [batch, num]) for c in exact})
+        missing = [c for c in info.costs if c not in heads]
+        if missing:
+            raise ValueError(f"Node {info.name!r} has no critic for costs {missing}.")
+        return heads
+
+    def _critic_fn(self, info, x, y, records, costs, target):
+        def q(values):
+            heads = self.q_heads(info, x, y, records, values, target=target)
+            return tf.add_n([heads[c] for c in info.costs])
+
+        return q
+
+    def _critic_targets(self, out, x, y):
+        """Targets for every learned head, and each node's Q at its sample."""
+        scg, options = self._scg, self._critic_options
+        records, costs = out["records"], out["costs"]
+        q_at_sample, value = {}, {}
+        for info in scg.nodes:
+            heads = {c: costs[c] for c in info.costs if scg.cost_ancestors[c][-1] == info.name}
+            critic = self.machinery.critics.get(info.name)
+            if critic is not None:
+                learned = critic.q(self._context(info, x, records), records[info.name].sample, target=True)
+                heads.update({c: learned[:, i] for i, c in enumerate(critic.heads)})
+            q_at_sample[info.name] = heads
+        if options["target"] == "expected":
+            successors = {n for c in scg.costs for n in scg.cost_ancestors[c][1:]}
+            for name in successors:
+                info = scg.node(name)
+                record = records[name]
+                support = tf.constant(self._node_layer(info).support(info.event_shape))
+                batch = tf.shape(record.sample)[0]
+                num = support.shape[0]
+                values = tf.tile(support[None], [batch] + [1] * len(support.shape))
+                repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
+                log_p = record.layer.log_prob(
+                    tf.reshape(values, [-1] + list(info.event_shape)),
+                    repeat(record.params),
+                    None if record.mask is None else repeat(record.mask),
+                )
+                probs = tf.reshape(tf.exp(log_p), [batch, num])
+                heads = self.q_heads(info, x, y, records, values, target=True)
+                value[name] = {c: tf.reduce_sum(probs * v, axis=1) for c, v in heads.items()}
+        targets = targets_lib.critic_targets(
+            options["target"], scg, costs, q_at_sample, value, options["lambda"]
+        )
+        return targets, q_at_sample
+
+    def _critic_loss(self, out, x, targets):
+        """Squared error of every learned head, summed over heads and nodes."""
+        records = out["records"]
+        total = 0.0
+        per_node = {}
+        for name, critic in self.machinery.learned_critics.items():
+            info = self._scg.node(name)
+            pred = critic.q(self._context(info, x, records), records[name].sample, target=False)
+            wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
+            loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1))
+            per_node[name] = (loss, tf.reduce_mean(tf.abs(wanted - pred)))
+            total += loss
+        return total, per_node
+
+    def _update_critics(self, out, x, y):
+        """Fits the learned critics on this step's targets."""
+        if not self.machinery.learned_critics:
+            return
+        targets, _ = self._critic_targets(out, x, y)
+        variables = self.critic_variables
+        for _ in range(self._critic_options["steps"]):
+            with tf.GradientTape() as tape:
+                loss, _ = self._critic_loss(out, x, targets)
+            self.critic_optimizer.apply(tape.gradient(loss, variables), variables)
+
+    def _update_target_copies(self):
+        options = self._critic_options
+        critics = self.machinery.learned_critics.values()
+        if options["period"]:
+            def copy():
+                for critic in critics:
+                    critic.update_target(1.0)
+                return tf.constant(0)
+
+            steps = self.machinery.steps
+            tf.cond(tf.equal(steps % int(options["period"]), 0), copy, lambda: tf.constant(0))
+        else:
+            for critic in critics:
+                critic.update_target(options["tau"])
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        scg = self.scg(x)
+        actor_variables = self.actor_variables
+        if not self.optimizer.built:
+            self.optimizer.build(actor_variables)
+        with tf.GradientTape() as tape:
+            out = self.run_forward(x, y, training=True)
+            surrogate = _weighted_mean(out["surrogate"], sample_weight)
+        grads = tape.gradient(surrogate, actor_variables)
+        status = self._step_status(scg, out["costs"], grads)
+        warmup = self._critic_options["warmup"]
+
+        def apply():
+            self._update_critics(out, x, y)
+
+            def actor():
+                self.optimizer.apply(grads, actor_variables)
+                return tf.constant(0)
+
+            if warmup:
+                tf.cond(self.machinery.steps >= warmup, actor, lambda: tf.constant(0))
+            else:
+                actor()
+            for name, step in out["steps"].items():
+                self._node_estimators[name].update(step)
+            self.machinery.steps.assign_add(1)
+            self._update_target_copies()
+            return tf.constant(0)
+
+        tf.cond(tf.equal(status, 0), apply, lambda: tf.constant(0))
+        previous = self.machinery.status
+        previous.assign(tf.where(tf.equal(previous, 0), status, previous))
+        return self._update_metrics(x, y, out, sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        out = self.run_forward(x, y, training=False)
+        return self._update_metrics(x, y, out, sample_weight)
+
+    def _step_status(self, scg, costs, grads):
+        """0 when every cost and gradient is finite, else the 1-based index of the
+        first non-finite cost, or -1 for a non-finite gradient."""
+        status = tf.constant(0)
+        for index in reversed(range(len(scg.costs))):
+            finite = tf.reduce_all(tf.math.is_finite(costs[scg.costs[index]]))
+            status = tf.where(finite, status, index + 1)
+        grads_finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None] or [True]
+        )
+        return tf.where(tf.logical_and(tf.equal(status, 0), tf.logical_not(grads_finite)), -1, status)
+
+    def raise_if_nonfinite(self):
+        """Raises `FloatingPointError` if a training step met a non-finite value."""
+        code = int(self.machinery.status.numpy())
+        if code == 0:
+            return
+        self.machinery.status.assign(0)
+        if code > 0:
+            cause = f"cost {self._scg.costs[code - 1]!r} was not finite (NaN or inf)"
+            fix = f"Check the layers that compute {self._scg.costs[code - 1]!r} (log of 0, division by 0, overflow)."
+        else:
+            cause = "the gradient was not finite although every cost was"
+            fix = "Lower the learning rate or clip the parameters feeding the stochastic nodes."
+        raise FloatingPointError(
+            f"Model {self.name!r}: {cause} in a training step. The step's update was "
+            f"skipped, so the weights hold their last finite values. {fix}"
+        )
+
+    def _update_metrics(self, x, y, out, sample_weight):
+        total = out["total"]
+        self._loss_tracker.update_state(
+            _weighted_mean(total, sample_weight), sample_weight=tf.shape(total)[0]
+        )
+        for metric in self.machinery.cost_metrics:
+            metric.update_state(out["costs"][metric.name], sample_weight=sample_weight)
+        if self.machinery.critic_metrics:
+            per_node, q_at_sample = self._critic_diagnostics(out, x, y)
+            for name, (loss_metric, td_metric, q_metric) in self.machinery.critic_metrics.items():
+                loss, td_error = per_node[name]
+                loss_metric.update_state(loss)
+                td_metric.update_state(td_error)
+                q_metric.update_state(tf.add_n(list(q_at_sample[name].values())))
+        return self.compute_metrics(x, y, out["y_pred"], sample_weight)
+
+    def _critic_diagnostics(self, out, x, y):
+        targets, q_at_sample = self._critic_targets(out, x, y)
+        _, per_node = self._critic_loss(out, x, targets)
+        return per_node, q_at_sample
+
+    # -- fit ---------------------------------------------------------------
+    def fit(self, *args, **kwargs):
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks.append(NonFiniteGuard())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        logs = super().train_on_batch(*args, **kwargs)
+        self.raise_if_nonfinite()
+        return logs
+
+    # -- config ------------------------------------------------------------
+    def get_config(self):
+        if self.network is None:
+            return super().get_config()
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "network": keras.saving.serialize_keras_object(self.network),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        if "network" in config:
+            config = dict(config)
+            network = keras.saving.deserialize_keras_object(
+                config.pop("network"), custom_objects=custom_objects
+            )
+            return cls(network=network, **config)
+        return super().from_config(config)
+
+
+def _critic_options(
+    target="td", lam=0.9, tau=0.01, period=None, steps=1, warmup=0,
+    hidden_units=(64, 64), models=None, actor_reads="target",
+):
+    return {
+        "target": target,
+        "lambda": float(lam),
+        "tau": float(tau),
+        "period": period,
+        "steps": int(steps),
+        "warmup": int(warmup),
+        "hidden_units": tuple(hidden_units),
+        "models": dict(models or {}),
+        "actor_reads_target": actor_reads == "target",
+    }
+
+
+def _batchless_spec(value):
+    if isinstance(value, tf.TensorSpec):
+        return tf.TensorSpec((None,) + tuple(value.shape[1:]), value.dtype)
+    value = tf.convert_to_tensor(value) if not hasattr(value, "shape") else value
+    return tf.TensorSpec((None,) + tuple(value.shape[1:]), tf.as_dtype(value.dtype))
+
+
+def _batch_mean(value):
+    return tf.reduce_mean(value)
+
+
+def _weighted_mean(value, sample_weight):
+    if sample_weight is None:
+        return tf.reduce_mean(value)
+    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
+    return tf.reduce_sum(value * weight) / tf.cast(tf.shape(value)[0], value.dtype)

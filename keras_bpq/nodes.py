@@ -1,0 +1,301 @@
+"""Stochastic node layers: Keras 3 layers that wrap a TFP distribution.
+
+A node takes the distribution's parameter tensor and returns a sample as a
+float tensor, so ordinary layers consume it. Inside a `BackpropQModel` the node
+also reports what it sampled to the model's recorder; outside one it is an
+ordinary layer. With `training=False` a node returns its most likely value
+(the mode for discrete nodes, the mean for continuous ones).
+
+Samples are drawn with stateless seeds from a `keras.random.SeedGenerator`, so
+sampling compiles under XLA, checkpoints with the model and resumes exactly.
+"""
+
+import itertools
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from keras_bpq import graph
+
+tfd = tfp.distributions
+
+# Logit given to outcomes a mask forbids: exp(_MASKED_LOGIT) is exactly 0 in
+# float32, yet every value stays finite, so no NaN reaches a gradient.
+_MASKED_LOGIT = -1e9
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class StochasticNode(keras.layers.Layer):
+    """A stochastic node `X ~ p(x | params)` for any TFP distribution.
+
+    Args:
+      distribution_fn: a function `params -> tfp.distributions.Distribution`,
+        whose batch shape starts with the batch axis. It must be serialisable
+        (a registered function, not a lambda) to save the model.
+      estimator: optional name of the gradient estimator for this node (see
+        `keras_bpq.estimators`); overrides `compile(estimator=...)`.
+      seed: optional int seed of the node's `SeedGenerator`.
+      name: the node's name, used in the SCG summary, metrics and errors.
+
+    The sample `x` is returned as a float tensor; `log p(x)` is summed over every
+    axis but the batch axis, so a node with several units is one node whose
+    units share the node's downstream costs.
+    """
+
+    distribution_name = "Distribution"
+    # How critics sum over a sample's outcomes: "binary" (flip one unit at a
+    # time), "categorical" (every outcome), or None (not supported).
+    local_kind = None
+    # Only Categorical takes a mask; other nodes ignore the mask Keras passes on
+    # from upstream masking layers.
+    accepts_mask = False
+
+    def __init__(self, distribution_fn=None, estimator=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if distribution_fn is None and type(self) is StochasticNode:
+            raise ValueError(
+                f"StochasticNode {self.name!r} needs a distribution_fn: a function "
+                "from the parameter tensor to a tfp.distributions.Distribution."
+            )
+        self.distribution_fn = distribution_fn
+        self.estimator = estimator
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+
+    # -- distribution ------------------------------------------------------
+    def distribution(self, params, mask=None):
+        """The TFP distribution for a parameter tensor."""
+        dist = self.distribution_fn(params)
+        if self.distribution_name == "Distribution":
+            self.distribution_name = type(dist).__name__
+        return dist
+
+    def log_prob(self, sample, params, mask=None):
+        """`log p(sample | params)` per example, summed over the event axes."""
+        dist = self.distribution(params, mask)
+        value = tf.cast(sample, dist.dtype)
+        lp = tf.cast(dist.log_prob(value), tf.float32)
+        return tf.reduce_sum(tf.reshape(lp, [tf.shape(lp)[0], -1]), axis=1)
+
+    def most_likely(self, dist):
+        """Mode for discrete distributions, mean for continuous ones."""
+        if dist.dtype.is_floating and dist.reparameterization_type == tfd.FULLY_REPARAMETERIZED:
+            return dist.mean()
+        return dist.mode()
+
+    def is_reparameterized(self, params, mask=None):
+        dist = self.distribution(params, mask)
+        return dist.reparameterization_type == tfd.FULLY_REPARAMETERIZED
+
+    def support(self, event_shape):
+        """All values of one example's sample, shape `[S, *event_shape]`, or None."""
+        return None
+
+    def support_size(self, event_shape):
+        support = self.support(event_shape)
+        return None if support is None else int(support.shape[0])
+
+    def factorized_units(self, event_shape):
+        """How many independent units one example's sample has."""
+        return 1
+
+    # -- layer -------------------------------------------------------------
+    def call(self, params, mask=None, training=None):
+        if not self.accepts_mask:
+            mask = None
+        dist = self.distribution(params, mask)
+        recorder = graph.current_recorder()
+        name = recorder.next_node_name(self) if recorder is not None else self.name
+        if recorder is not None and name in recorder.forced:
+            sample = tf.cast(recorder.forced[name], self.compute_dtype)
+        else:
+            if training is False and recorder is None:
+                value = self.most_likely(dist)
+            else:
+                seed = tf.cast(self.seed_generator.next(), tf.int32)
+                value = dist.sample(seed=seed)
+            sample = tf.cast(value, self.compute_dtype)
+        raw_sample = sample
+        if recorder is not None and name not in recorder.keep_gradient:
+            sample = tf.stop_gradient(sample)
+        if recorder is not None:
+            recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample))
+        return sample
+
+    def compute_output_shape(self, params_shape):
+        probe = tf.zeros([1 if d is None else d for d in params_shape], self.compute_dtype)
+        dist = self.distribution(probe)
+        shape = tuple(dist.batch_shape) + tuple(dist.event_shape)
+        return tuple(None if p is None else d for p, d in zip(params_shape, shape)) + shape[
+            len(params_shape) :
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"estimator": self.estimator, "seed": self.seed})
+        if type(self) is StochasticNode:
+            config["distribution_fn"] = keras.saving.serialize_keras_object(
+                self.distribution_fn
+            )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "distribution_fn" in config:
+            config["distribution_fn"] = keras.saving.deserialize_keras_object(
+                config["distribution_fn"]
+            )
+        return cls(**config)
+
+
+def _check_rank(layer, shape, what, min_rank=2):
+    if len(shape) < min_rank:
+        raise ValueError(
+            f"{type(layer).__name__} node {layer.name!r} expects {what} of shape "
+            f"[batch, ...] with rank >= {min_rank}; got shape {tuple(shape)}."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class Bernoulli(StochasticNode):
+    """Independent binary units: `x_u ~ Bernoulli(sigmoid(logits_u))`.
+
+    Input: logits `[batch, units]` (any rank >= 2). Output: a 0/1 float sample of
+    the same shape. `log p(x) = sum_u x_u * logits_u - softplus(logits_u)`.
+    """
+
+    distribution_name = "Bernoulli"
+    local_kind = "binary"
+
+    def build(self, input_shape):
+        _check_rank(self, input_shape, "logits")
+
+    def distribution(self, params, mask=None):
+        return tfd.Bernoulli(logits=tf.cast(params, tf.float32), dtype=tf.float32)
+
+    def most_likely(self, dist):
+        return tf.cast(dist.logits > 0, tf.float32)
+
+    def support(self, event_shape):
+        units = int(np.prod(event_shape))
+        if units > 20:
+            return None
+        values = np.array(list(itertools.product([0.0, 1.0], repeat=units)), np.float32)
+        return values.reshape((-1,) + tuple(event_shape))
+
+    def factorized_units(self, event_shape):
+        return int(np.prod(event_shape))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class Categorical(StochasticNode):
+    """One of `K` outcomes, returned one-hot: `x ~ OneHotCategorical(softmax(logits))`.
+
+    Call as `node(logits)` or `node(logits, mask=allowed)` with a boolean
+    `[batch, K]` mask (like `keras.layers.Softmax`): outcomes where the mask is
+    False get probability zero and are never sampled. Every row of the mask
+    must allow at least one outcome.
+    """
+
+    distribution_name = "Categorical"
+    local_kind = "categorical"
+    accepts_mask = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True  # takes `mask=`; passes no mask on
+
+    def build(self, params_shape, mask_shape=None):
+        _check_rank(self, params_shape, "logits")
+        if params_shape[-1] is not None and params_shape[-1] < 2:
+            raise ValueError(
+                f"Categorical node {self.name!r} needs at least 2 outcomes on the "
+                f"last axis of its logits; got shape {tuple(params_shape)}."
+            )
+        if mask_shape is not None and tuple(mask_shape)[1:] != tuple(params_shape)[1:]:
+            raise ValueError(
+                f"Categorical node {self.name!r}: mask shape {tuple(mask_shape)} does "
+                f"not match logits shape {tuple(params_shape)}."
+            )
+
+    def _masked_logits(self, params, mask):
+        logits = tf.cast(params, tf.float32)
+        if mask is None:
+            return logits
+        mask = tf.convert_to_tensor(mask)
+        if mask.shape.rank is not None and logits.shape.rank is not None:
+            if mask.shape.rank != logits.shape.rank or not mask.shape[1:].is_compatible_with(
+                logits.shape[1:]
+            ):
+                raise ValueError(
+                    f"Categorical node {self.name!r}: mask shape {tuple(mask.shape)} "
+                    f"does not match logits shape {tuple(logits.shape)}."
+                )
+        return tf.where(tf.cast(mask, tf.bool), logits, _MASKED_LOGIT)
+
+    def distribution(self, params, mask=None):
+        return tfd.OneHotCategorical(logits=self._masked_logits(params, mask), dtype=tf.float32)
+
+    def most_likely(self, dist):
+        return tf.one_hot(tf.argmax(dist.logits, axis=-1), tf.shape(dist.logits)[-1])
+
+    def support(self, event_shape):
+        if len(event_shape) != 1:
+            return None
+        return np.eye(event_shape[0], dtype=np.float32)
+
+    def compute_output_shape(self, params_shape, mask_shape=None):
+        return tuple(params_shape)
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return None
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class Normal(StochasticNode):
+    """Gaussian units: `x = loc + scale * eps`, `eps ~ N(0, 1)`, reparameterised.
+
+    Args:
+      scale: a fixed standard deviation. When None (the default) the input's last
+        axis holds `[loc, raw_scale]` halves and `scale = softplus(raw_scale) + 1e-5`;
+        otherwise the input is `loc` alone.
+    """
+
+    distribution_name = "Normal"
+
+    def __init__(self, scale=None, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def build(self, input_shape):
+        _check_rank(self, input_shape, "parameters")
+        if self.scale is None and input_shape[-1] is not None and input_shape[-1] % 2:
+            raise ValueError(
+                f"Normal node {self.name!r} expects its last axis to hold [loc, raw_scale] "
+                f"halves (an even size); got shape {tuple(input_shape)}. Pass "
+                "Normal(scale=...) to feed loc alone."
+            )
+
+    def distribution(self, params, mask=None):
+        params = tf.cast(params, tf.float32)
+        if self.scale is not None:
+            return tfd.Normal(loc=params, scale=tf.cast(self.scale, tf.float32))
+        loc, raw_scale = tf.split(params, 2, axis=-1)
+        return tfd.Normal(loc=loc, scale=tf.math.softplus(raw_scale) + 1e-5)
+
+    def compute_output_shape(self, input_shape):
+        if self.scale is not None:
+            return tuple(input_shape)
+        last = input_shape[-1]
+        return tuple(input_shape[:-1]) + (None if last is None else last // 2,)
+
+    def get_config(self):
+        config = super().get_config()
+        config["scale"] = self.scale
+        return config

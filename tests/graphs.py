@@ -1,0 +1,96 @@
+"""Small stochastic computation graphs shared by the tests.
+
+Each builder returns `(model, x)`: an uncompiled `BackpropQModel` and a batch of
+inputs. The graphs are tiny so that exact enumeration and XLA compiles stay fast,
+and every cost depends on its samples non-linearly and on the inputs, so both
+score-function and deterministic-path gradients are exercised.
+"""
+
+import keras
+import numpy as np
+
+import keras_bpq
+
+INPUT_DIM = 3
+BATCH = 3
+
+
+def _dense(units, name, seed):
+    return keras.layers.Dense(
+        units,
+        name=name,
+        kernel_initializer=keras.initializers.RandomNormal(stddev=1.0, seed=seed),
+        bias_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=seed + 100),
+    )
+
+
+def _square_cost(h, x):
+    return keras.ops.sum(keras.ops.square(h - x[:, : h.shape[-1]]), axis=-1)
+
+
+def inputs():
+    return np.random.RandomState(1).normal(size=(BATCH, INPUT_DIM)).astype("float32")
+
+
+def chain():
+    """x -> z1 (2 bits) -> z2 (2 bits) -> z3 (1 bit) -> cost."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(2, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(_dense(2, "d2", 2)(z1))
+    z3 = keras_bpq.Bernoulli(name="z3", seed=3)(_dense(1, "d3", 3)(z2))
+    cost = _square_cost(_dense(2, "dec", 4)(z3), x)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=z3, costs={"cost": cost}, name="chain"), inputs()
+
+
+def tree():
+    """x -> z1; z1 -> a (2 bits) -> cost_a; z1 -> b (3-way categorical) -> cost_b."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(1, "d1", 1)(x))
+    h = keras.layers.Concatenate()([z1, x])
+    a = keras_bpq.Bernoulli(name="a", seed=2)(_dense(2, "da", 2)(h))
+    b = keras_bpq.Categorical(name="b", seed=3)(_dense(3, "db", 3)(h))
+    cost_a = _square_cost(_dense(2, "dec_a", 4)(a), x)
+    cost_b = _square_cost(_dense(1, "dec_b", 5)(b), x)
+    model = keras_bpq.BackpropQModel(
+        inputs=x, outputs=[a, b], costs={"cost_a": cost_a, "cost_b": cost_b}, name="tree"
+    )
+    return model, inputs()
+
+
+def dag():
+    """z1 feeds z2 and z3, which both feed the shared descendant z4 -> cost."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(1, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(_dense(1, "d2", 2)(z1))
+    z3 = keras_bpq.Categorical(name="z3", seed=3)(_dense(2, "d3", 3)(z1))
+    z4 = keras_bpq.Bernoulli(name="z4", seed=4)(
+        _dense(1, "d4", 4)(keras.layers.Concatenate()([z2, z3]))
+    )
+    cost = _square_cost(_dense(2, "dec", 5)(keras.layers.Concatenate()([z4, z2])), x)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=z4, costs={"cost": cost}, name="dag"), inputs()
+
+
+def two_costs():
+    """z1 -> near (cost at depth 1); z1 -> z2 -> far (cost at depth 2)."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(2, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(_dense(2, "d2", 2)(z1))
+    near = _square_cost(_dense(1, "dec1", 3)(z1), x)
+    far = _square_cost(_dense(2, "dec2", 4)(z2), x)
+    model = keras_bpq.BackpropQModel(
+        inputs=x, outputs=z2, costs={"near": near, "far": far}, name="two_costs"
+    )
+    return model, inputs()
+
+
+def mixed():
+    """A Normal node between discrete ones: z1 -> n (Normal, 1 unit) -> z2 -> cost."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(1, "d1", 1)(x))
+    n = keras_bpq.Normal(name="n", seed=2)(_dense(2, "dn", 2)(keras.layers.Concatenate()([z1, x])))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(_dense(1, "d2", 3)(n))
+    cost = _square_cost(_dense(1, "dec", 4)(keras.layers.Concatenate()([z2, n])), x)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=z2, costs={"cost": cost}, name="mixed"), inputs()
+
+
+ALL = {"chain": chain, "tree": tree, "dag": dag, "two_costs": two_costs, "mixed": mixed}

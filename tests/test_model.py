@@ -1,0 +1,102 @@
+"""BackpropQModel: compile/fit/evaluate/predict, costs, metrics, variables."""
+
+import keras
+import numpy as np
+import pytest
+
+import graphs
+import keras_bpq
+from keras_bpq import diagnostics
+
+
+def test_fit_reduces_the_exact_objective():
+    model, x = graphs.two_costs()
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    _, before = diagnostics.exact_gradients(model, x, return_objective=True)
+    data = np.repeat(x, 32, axis=0)
+    history = model.fit(data, batch_size=32, epochs=30, verbose=0)
+    _, after = diagnostics.exact_gradients(model, x, return_objective=True)
+    assert after < before - 0.2, (before, after)
+    assert {"loss", "near", "far"} <= set(history.history)
+
+
+def test_cost_only_layers_are_actor_variables_and_train():
+    model, x = graphs.two_costs()
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    paths = [v.path for v in model.actor_variables]
+    assert any("dec1" in p for p in paths), paths  # feeds only the cost "near"
+    dec1 = model.get_layer("dec1")
+    before = dec1.kernel.numpy().copy()
+    model.fit(np.repeat(x, 8, axis=0), batch_size=8, epochs=2, verbose=0)
+    assert not np.allclose(before, dec1.kernel.numpy())
+    critic_ids = {id(v) for v in model.critic_variables}
+    assert critic_ids and not critic_ids & {id(v) for v in model.actor_variables}
+    assert {id(v) for v in model.trainable_variables} == critic_ids | {id(v) for v in model.actor_variables}
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_steps_per_execution_matches_single_steps(jit_compile):
+    data = np.repeat(graphs.inputs(), 4, axis=0)
+    weights = []
+    for steps in (1, 3):
+        keras.utils.set_random_seed(7)
+        model, _ = graphs.chain()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=steps,
+                      jit_compile=jit_compile)
+        model.fit(data, batch_size=2, epochs=1, shuffle=False, verbose=0)
+        weights.append([w.numpy() for w in model.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_loss_is_a_per_example_cost():
+    x_in = keras.Input((3,))
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(x_in))
+    out = keras.layers.Dense(3, name="out")(z)
+    model = keras_bpq.BackpropQModel(inputs=x_in, outputs=out)
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    x = graphs.inputs()
+    scg = model.scg(x)
+    assert scg.costs == ("output_loss",)
+    history = model.fit(x, x, epochs=2, verbose=0)
+    assert {"loss", "output_loss", "mae"} <= set(history.history)
+    result = model.evaluate(x, x, verbose=0, return_dict=True)
+    assert set(result) >= {"loss", "output_loss", "mae"}
+    grads = diagnostics.exact_gradients(model, x, x)
+    assert len(grads) == len(model.actor_variables)
+
+
+def test_predict_returns_the_mode_and_evaluate_samples():
+    model, x = graphs.chain()
+    model.compile()
+    first = model.predict(x, verbose=0)
+    second = model.predict(x, verbose=0)
+    np.testing.assert_array_equal(first, second)
+    result = model.evaluate(np.repeat(x, 10, axis=0), verbose=0, return_dict=True)
+    assert np.isfinite(result["loss"]) and "cost" in result
+
+
+def test_sample_weight_scales_examples():
+    model, x = graphs.chain()
+    model.compile()
+    weights = np.array([1.0, 0.0, 2.0], "float32")
+    grads = diagnostics.exact_gradients(model, x, sample_weight=weights)
+    parts = [diagnostics.exact_gradients(model, x[i : i + 1]) for i in range(3)]
+    for k, g in enumerate(grads):
+        expected = (parts[0][k] + 2 * parts[2][k]) / 3
+        np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_estimator_dict_and_layer_argument():
+    x_in = keras.Input((3,))
+    n = keras_bpq.Normal(name="n", estimator="reinforce")(keras.layers.Dense(2)(x_in))
+    z = keras_bpq.Bernoulli(name="z")(keras.layers.Dense(1)(n))
+    cost = keras.ops.sum(keras.ops.square(z - 0.3) + n, axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=x_in, outputs=z, costs={"c": cost})
+    model.compile()
+    text = model.scg_summary(print_fn=lambda s: None)
+    assert "reinforce" in text and "reparam" not in text
+    model, _ = graphs.mixed()
+    model.compile(estimator={"n": "reinforce"})
+    assert model._node_estimators["n"].name == "reinforce"
+    assert model._node_estimators["z1"].name == "critic_cv"
