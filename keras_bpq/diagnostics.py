@@ -17,7 +17,9 @@ compiled estimators (state frozen), vectorised over draws.
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import critics as critics_lib
 from keras_bpq import model as model_lib
+from keras_bpq import targets as targets_lib
 
 
 def _tile_rows(value, repeats, interleave):
@@ -49,7 +51,7 @@ def _as_numpy(grads, variables):
     ]
 
 
-def enumeration_plan(model, x, max_configurations=65536):
+def enumeration_plan(model, x, max_configurations=65536, only=None):
     """Which nodes are enumerated, and the forced samples for every configuration.
 
     Returns `(names, forced, num_configurations)`: the enumerated node names and,
@@ -61,6 +63,8 @@ def enumeration_plan(model, x, max_configurations=65536):
     scg = model.scg(x)
     names, supports = [], []
     for info in scg.nodes:
+        if only is not None and info.name not in only:
+            continue
         layer = model._node_layer(info)
         support = layer.support(info.event_shape)
         if support is not None:
@@ -179,3 +183,60 @@ def gradient_variance(draws):
     """Total variance of an estimator: the sum over all entries of the per-entry
     variance across draws, for a list of `[num_draws, ...]` arrays."""
     return float(sum(np.var(d, axis=0, ddof=1).sum() for d in draws))
+
+
+class ExactCritic(critics_lib.Critic):
+    """An "oracle" critic: `Q^c_X(x, s) = E[c | X = x, s]` by enumeration.
+
+    Re-runs the model with the context and `X` forced, summing over every joint
+    configuration of the later discrete nodes (weighted by their probabilities)
+    and averaging over `num_continuous_draws` draws of later continuous nodes.
+    Inject it with `model.compile(critics={node: ExactCritic(model, node)})` to
+    test estimators that are unbiased when their critic is exact.
+    """
+
+    def __init__(self, model, node, num_continuous_draws=64, max_configurations=4096):
+        self.model = model
+        self.node = node
+        self.num_continuous_draws = num_continuous_draws
+        self.max_configurations = max_configurations
+
+    @property
+    def heads(self):
+        return targets_lib.learned_heads(self.model._scg)[self.node]
+
+    def q(self, context, values, target=True):
+        model, scg = self.model, self.model._scg
+        info = scg.node(self.node)
+        position = scg.node_names.index(self.node)
+        later = {
+            n
+            for c in self.heads
+            for n in scg.cost_ancestors[c]
+            if scg.node_names.index(n) > position
+        }
+        x = context["inputs"]
+        names, forced, num_configs = enumeration_plan(
+            model, x, self.max_configurations, only=later
+        )
+        draws = self.num_continuous_draws if len(names) < len(later) else 1
+        per_row = num_configs * draws
+        rows = tf.shape(values)[0]
+        repeat = lambda t: tf.repeat(t, per_row, axis=0)  # noqa: E731
+        forced_rows = {n: repeat(context[n]) for n in info.context[1:]}
+        forced_rows[self.node] = repeat(values)
+        for n, v in forced.items():
+            v = np.repeat(v, draws, axis=0)
+            forced_rows[n] = tf.tile(tf.constant(v), [rows] + [1] * (v.ndim - 1))
+        keep = {self.node} | (later - set(names))
+        _, costs, _, records = model.record_forward(
+            tf.nest.map_structure(repeat, x), None, training=True, forced=forced_rows, keep_gradient=keep
+        )
+        log_p = 0.0
+        for n in names:
+            log_p += records[n].log_prob()
+        weight = tf.exp(log_p) / float(draws)
+        heads = [
+            tf.reduce_sum(tf.reshape(weight * costs[c], [rows, per_row]), axis=1) for c in self.heads
+        ]
+        return tf.stack(heads, axis=1)

@@ -252,8 +252,8 @@ class Pathwise(Estimator):
         x = tf.stop_gradient(record.raw_sample)
         with tf.GradientTape() as tape:
             tape.watch(x)
-            q = step.q(x[:, None])[:, 0]
-        slope = tf.stop_gradient(tape.gradient(tf.reduce_sum(q), x))
+            q = tf.reduce_sum(step.q(x[:, None]))
+        slope = tf.stop_gradient(tape.gradient(q, x))
         return tf.reduce_sum(_flat(slope * record.raw_sample), axis=1)
 
 

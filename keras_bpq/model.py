@@ -7,6 +7,8 @@ node's local surrogate `L_X` comes from its estimator (`keras_bpq.estimators`)
 and the costs carry ordinary gradients along deterministic paths.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -127,6 +129,7 @@ class BackpropQModel(keras.Model):
         self.machinery = ScgState(name="scg_state")
         self._scg_cache = {}
         self._scg = None
+        self._scg_spec = None
         self._node_estimators = None
         self._estimator_option = "auto"
         self._compiled_losses = costs_lib.CompiledLosses(None)
@@ -282,8 +285,8 @@ class BackpropQModel(keras.Model):
                 costs_lib.check_per_example(name, shape)
         if self._scg is None:
             self._resolve_estimators(scg)
-            self._setup_machinery(scg, spec)
             self._scg = scg
+            self._scg_spec = spec
         elif scg.node_names != self._scg.node_names or scg.costs != self._scg.costs:
             raise ValueError(
                 f"Model {self.name!r} built a different SCG for inputs {spec}: nodes "
@@ -292,6 +295,12 @@ class BackpropQModel(keras.Model):
             )
         return scg
 
+    def _ensure_machinery(self):
+        """Creates estimator state and critics on first use (after the last
+        `compile()`, so recompiling before training may change estimators)."""
+        if not self.machinery.built:
+            self._setup_machinery(self._scg, self._scg_spec)
+
     def _setup_machinery(self, scg, spec):
         options = self._critic_options
         heads = {}
@@ -299,13 +308,13 @@ class BackpropQModel(keras.Model):
             # Every learned head gets a critic, so bootstrapped targets always
             # find their successor's critic.
             heads = {n: h for n, h in targets_lib.learned_heads(scg).items() if h}
-        unknown = set(options["models"]) - set(scg.node_names)
+        unknown = set(options.models) - set(scg.node_names)
         if unknown:
             raise ValueError(
                 f"compile(critics=...) names unknown nodes {sorted(unknown)}; the "
                 f"model's nodes are {list(scg.node_names)}."
             )
-        if options["target"] == "expected":
+        if options.target == "expected":
             for name in {c for h in heads.values() for c in h}:
                 for node in scg.cost_ancestors[name][1:]:
                     size = scg.node(node).support_size
@@ -321,7 +330,7 @@ class BackpropQModel(keras.Model):
             dims = [int(np.prod(scg.node(n).event_shape)) for n in info.context if n != "inputs"]
             feature_dims[info.name] = input_dim + sum(dims) + int(np.prod(info.event_shape))
         self.machinery.setup(
-            scg, self._node_estimators, heads, feature_dims, options["models"], options["hidden_units"]
+            scg, self._node_estimators, heads, feature_dims, options.models, options.hidden_units
         )
         critic_variables = self.critic_variables
         if critic_variables:
@@ -347,13 +356,13 @@ class BackpropQModel(keras.Model):
             else:
                 choice = layer.estimator or option
             resolved[info.name] = estimators_lib.get(choice, info)
-        if self._node_estimators is not None:
+        if self._node_estimators is not None and self.machinery.built:
             for name, est in resolved.items():
                 if est.name != self._node_estimators[name].name:
                     raise ValueError(
                         f"Node {name!r} was set up for estimator "
-                        f"{self._node_estimators[name].name!r}; changing it to {est.name!r} "
-                        "after the first step is not supported. Build a new model."
+                        f"{self._node_estimators[name].name!r} when it first ran; changing "
+                        f"it to {est.name!r} afterwards is not supported. Build a new model."
                     )
         self._node_estimators = resolved
 
@@ -366,6 +375,7 @@ class BackpropQModel(keras.Model):
     def scg_summary(self, x=None, print_fn=print):
         """Prints the SCG: node, distribution, context, costs, estimator, critic."""
         scg = self.scg(x)
+        self._ensure_machinery()
         estimators = {n: e.name for n, e in self._node_estimators.items()}
         critics = {}
         for info in scg.nodes:
@@ -386,6 +396,8 @@ class BackpropQModel(keras.Model):
     @property
     def critic_variables(self):
         """Trainable variables of the critics (none for critic-free estimators)."""
+        if self._scg is not None:
+            self._ensure_machinery()
         return list(self.machinery.trainable_variables)
 
     @property
@@ -406,6 +418,7 @@ class BackpropQModel(keras.Model):
         estimator asks for it).
         """
         scg = self.scg(x)
+        self._ensure_machinery()
         if keep_gradient is None:
             keep_gradient = {
                 i.name for i in scg.nodes if self._node_estimators[i.name].keeps_gradient
@@ -429,7 +442,7 @@ class BackpropQModel(keras.Model):
         y_pred, costs, total, records = self.record_forward(x, y, training=training)
         steps = {}
         surrogate = total
-        reads_target = self._critic_options["actor_reads_target"]
+        reads_target = self._critic_options.actor_reads_target
         for info in scg.nodes:
             estimator = self._node_estimators[info.name]
             downstream = tf.add_n([costs[c] for c in info.costs]) if info.costs else tf.zeros_like(total)
@@ -520,7 +533,7 @@ class BackpropQModel(keras.Model):
                 learned = critic.q(self._context(info, x, records), records[info.name].sample, target=True)
                 heads.update({c: learned[:, i] for i, c in enumerate(critic.heads)})
             q_at_sample[info.name] = heads
-        if options["target"] == "expected":
+        if options.target == "expected":
             successors = {n for c in scg.costs for n in scg.cost_ancestors[c][1:]}
             for name in successors:
                 info = scg.node(name)
@@ -539,7 +552,7 @@ class BackpropQModel(keras.Model):
                 heads = self.q_heads(info, x, y, records, values, target=True)
                 value[name] = {c: tf.reduce_sum(probs * v, axis=1) for c, v in heads.items()}
         targets = targets_lib.critic_targets(
-            options["target"], scg, costs, q_at_sample, value, options["lambda"]
+            options.target, scg, costs, q_at_sample, value, options.lam
         )
         return targets, q_at_sample
 
@@ -563,7 +576,7 @@ class BackpropQModel(keras.Model):
             return
         targets, _ = self._critic_targets(out, x, y)
         variables = self.critic_variables
-        for _ in range(self._critic_options["steps"]):
+        for _ in range(self._critic_options.steps):
             with tf.GradientTape() as tape:
                 loss, _ = self._critic_loss(out, x, targets)
             self.critic_optimizer.apply(tape.gradient(loss, variables), variables)
@@ -571,17 +584,17 @@ class BackpropQModel(keras.Model):
     def _update_target_copies(self):
         options = self._critic_options
         critics = self.machinery.learned_critics.values()
-        if options["period"]:
+        if options.period:
             def copy():
                 for critic in critics:
                     critic.update_target(1.0)
                 return tf.constant(0)
 
             steps = self.machinery.steps
-            tf.cond(tf.equal(steps % int(options["period"]), 0), copy, lambda: tf.constant(0))
+            tf.cond(tf.equal(steps % int(options.period), 0), copy, lambda: tf.constant(0))
         else:
             for critic in critics:
-                critic.update_target(options["tau"])
+                critic.update_target(options.tau)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -594,7 +607,7 @@ class BackpropQModel(keras.Model):
             surrogate = _weighted_mean(out["surrogate"], sample_weight)
         grads = tape.gradient(surrogate, actor_variables)
         status = self._step_status(scg, out["costs"], grads)
-        warmup = self._critic_options["warmup"]
+        warmup = self._critic_options.warmup
 
         def apply():
             self._update_critics(out, x, y)
@@ -705,21 +718,36 @@ class BackpropQModel(keras.Model):
         return super().from_config(config)
 
 
+@dataclasses.dataclass(frozen=True)
+class CriticOptions:
+    """The critic settings of `compile()` (a plain object: Keras does not track it)."""
+
+    target: str = "td"
+    lam: float = 0.9
+    tau: float = 0.01
+    period: object = None
+    steps: int = 1
+    warmup: int = 0
+    hidden_units: tuple = (64, 64)
+    models: dict = dataclasses.field(default_factory=dict)
+    actor_reads_target: bool = True
+
+
 def _critic_options(
     target="td", lam=0.9, tau=0.01, period=None, steps=1, warmup=0,
     hidden_units=(64, 64), models=None, actor_reads="target",
 ):
-    return {
-        "target": target,
-        "lambda": float(lam),
-        "tau": float(tau),
-        "period": period,
-        "steps": int(steps),
-        "warmup": int(warmup),
-        "hidden_units": tuple(hidden_units),
-        "models": dict(models or {}),
-        "actor_reads_target": actor_reads == "target",
-    }
+    return CriticOptions(
+        target=target,
+        lam=float(lam),
+        tau=float(tau),
+        period=period,
+        steps=int(steps),
+        warmup=int(warmup),
+        hidden_units=tuple(hidden_units),
+        models=dict(models or {}),
+        actor_reads_target=actor_reads == "target",
+    )
 
 
 def _batchless_spec(value):

@@ -94,3 +94,44 @@ def mixed():
 
 
 ALL = {"chain": chain, "tree": tree, "dag": dag, "two_costs": two_costs, "mixed": mixed}
+
+
+def walk_adjacency(seed, num_entities=10, out_degree=3):
+    """A random graph: every entity links to itself and `out_degree` others."""
+    rng = np.random.RandomState(seed)
+    adjacency = np.eye(num_entities, dtype="float32")
+    for e in range(num_entities):
+        others = [o for o in range(num_entities) if o != e]
+        adjacency[e, rng.choice(others, out_degree, replace=False)] = 1.0
+    return adjacency
+
+
+def walk_task(num_entities=10, out_degree=3, seed=0):
+    """A goal-conditioned 2-hop walk over a random graph (the shape of
+    knowledge-graph reasoning): each hop is a masked Categorical over the current
+    entity's neighbours (itself included, as a "stay" action); the cost is 1
+    unless the walk ends at the goal.
+
+    Returns `(model, queries)`: queries are `[one_hot(start), one_hot(goal)]`
+    rows for every goal reachable in at most two hops.
+    """
+    adjacency = walk_adjacency(seed, num_entities, out_degree)
+    reach = ((adjacency @ adjacency) > 0)
+    eye = np.eye(num_entities, dtype="float32")
+    queries = np.array(
+        [np.concatenate([eye[s], eye[g]]) for s in range(num_entities) for g in range(num_entities)
+         if reach[s, g] and g != s],
+        "float32",
+    )
+    x = keras.Input((2 * num_entities,))
+    start, goal = x[:, :num_entities], x[:, num_entities:]
+    allowed1 = keras.ops.matmul(start, adjacency) > 0
+    hop1 = keras_bpq.Categorical(name="hop1", seed=1)(_dense(num_entities, "policy1", 1)(x), mask=allowed1)
+    allowed2 = keras.ops.matmul(hop1, adjacency) > 0
+    features = keras.layers.Concatenate()([hop1, goal])
+    hop2 = keras_bpq.Categorical(name="hop2", seed=2)(
+        _dense(num_entities, "policy2", 2)(features), mask=allowed2
+    )
+    miss = 1.0 - keras.ops.sum(hop2 * goal, axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=hop2, costs={"miss": miss}, name="walk")
+    return model, queries

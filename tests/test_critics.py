@@ -1,0 +1,227 @@
+"""Backprop-Q critics: oracle-exact estimators, critic learning, cost routing."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphs
+import keras_bpq
+from keras_bpq import diagnostics
+from keras_bpq import targets as targets_lib
+from test_gradients import assert_unbiased
+
+
+def oracle_critics(model):
+    """An exact critic for every node that has learned heads."""
+    scg = model.scg()
+    heads = targets_lib.learned_heads(scg)
+    return {n: diagnostics.ExactCritic(model, n) for n in scg.node_names if heads[n]}
+
+
+@pytest.mark.parametrize("name", sorted(graphs.ALL))
+def test_critic_estimator_with_oracle_critics_is_unbiased(name):
+    model, x = graphs.ALL[name]()
+    model.compile(estimator="reinforce")  # discover the graph, then inject oracles
+    estimator = {n: "critic" for n in model.scg().node_names if n != "n"}
+    model.compile(estimator=estimator, critics=oracle_critics(model))
+    assert_unbiased(model, x, num_draws=1000)
+
+
+def test_critic_estimator_with_oracle_critics_is_unbiased_under_xla():
+    model, x = graphs.dag()
+    model.compile(estimator="reinforce")
+    model.compile(estimator="critic", critics=oracle_critics(model), jit_compile=True)
+    assert_unbiased(model, x, num_draws=1000)
+
+
+def test_pathwise_with_oracle_critic_is_unbiased():
+    model, x = graphs.mixed()
+    model.compile(estimator="reinforce")
+    model.compile(estimator={"n": "pathwise"}, critics=oracle_critics(model))
+    assert model._node_estimators["n"].name == "pathwise"
+    assert_unbiased(model, x, num_draws=1000)
+
+
+def test_critic_estimator_with_a_wrong_critic_is_biased_and_critic_cv_is_not():
+    """The reason critic_cv is the default: a wrong critic steers `critic` wrong."""
+    model, x = graphs.chain()
+    model.compile(estimator="critic")
+    exact = diagnostics.exact_gradients(model, x)
+    draws = diagnostics.estimate_gradients(model, x, num_draws=1000)
+    z = [np.abs(d.mean(0) - e) / (d.std(0, ddof=1) / np.sqrt(len(d)) + 1e-7) for d, e in zip(draws, exact)]
+    assert max(v.max() for v in z) > 8  # untrained critic: clearly biased
+    model2, _ = graphs.chain()
+    model2.compile(estimator="critic_cv")
+    assert_unbiased(model2, x, num_draws=1000)
+
+
+def learned_vs_exact(model, x, rows=400):
+    """Relative MSE of each learned critic against the exact Q on fresh samples."""
+    oracles = oracle_critics(model)
+    data = tf.constant(np.repeat(x, rows // len(x), axis=0))
+    out = model.run_forward(data)
+    errors = {}
+    for name, critic in model.machinery.learned_critics.items():
+        info = model.scg().node(name)
+        context = model._context(info, data, out["records"])
+        sample = out["records"][name].sample
+        learned = critic.q(context, sample, target=False).numpy()
+        exact = oracles[name].q(context, sample).numpy()
+        errors[name] = float(np.mean((learned - exact) ** 2) / np.var(exact))
+    return errors
+
+
+@pytest.mark.parametrize("target", ["mc", "td", "lambda", "expected"])
+@pytest.mark.parametrize("name", ["chain", "dag"])
+def test_learned_critics_converge_to_exact_q(name, target):
+    model, x = graphs.ALL[name]()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),  # hold the policy fixed
+        critic_optimizer=keras.optimizers.Adam(3e-3),
+        critic_target=target,
+        critic_hidden_units=(32,),
+        tau=0.05,
+        steps_per_execution=50,
+    )
+    model.fit(np.repeat(x, 64, axis=0), batch_size=96, epochs=300, verbose=0)
+    errors = learned_vs_exact(model, x)
+    assert errors and max(errors.values()) < 0.05, errors
+
+
+def test_per_cost_routing_is_unbiased_where_summing_successors_double_counts():
+    model, x = graphs.dag()
+    model.compile(estimator="critic_cv")
+    oracles = oracle_critics(model)
+    data = tf.constant(np.repeat(x, 3000, axis=0))
+    out = model.run_forward(data)
+    records = out["records"]
+    scg = model.scg()
+
+    def exact_q(name):
+        info = scg.node(name)
+        heads = model.q_heads(info, data, None, records, records[name].sample[:, None], target=True)
+        return heads["cost"][:, 0].numpy()
+
+    model.machinery.critics.update(oracles)  # q_heads reads the oracles
+    q1, q2, q3 = exact_q("z1"), exact_q("z2"), exact_q("z3")
+    q_at_sample = {
+        "z2": {"cost": tf.constant(q2)},
+        "z3": {"cost": tf.constant(q3)},
+        "z4": {"cost": out["costs"]["cost"]},
+    }
+    targets = targets_lib.critic_targets("td", scg, out["costs"], q_at_sample)
+    ours = targets[("z1", "cost")].numpy()  # routed along the chain z1 -> z2 -> z3 -> z4
+    naive = q2 + q3  # "sum the successors' Q": z1's successors are z2 and z3
+    z1 = records["z1"].sample.numpy()[:, 0]
+    example = np.repeat(np.arange(len(x)), 3000)
+    for e in range(len(x)):
+        for value in (0.0, 1.0):
+            rows = (example == e) & (z1 == value)
+            if rows.sum() < 100:
+                continue
+            truth = q1[rows][0]
+            se = ours[rows].std() / np.sqrt(rows.sum()) + 1e-6
+            assert abs(ours[rows].mean() - truth) < 4 * se + 1e-4
+            assert abs(naive[rows].mean() - truth) > 10 * se
+
+
+def test_every_critic_trains_under_xla():
+    model, x = graphs.dag()
+    model.compile(jit_compile=True, critic_optimizer=keras.optimizers.Adam(1e-2))
+    before = [v.numpy().copy() for v in model.critic_variables]
+    assert len(model.machinery.learned_critics) == 3  # z1, z2, z3 have learned heads
+    model.fit(np.repeat(x, 8, axis=0), batch_size=8, epochs=3, verbose=0)
+    for old, var in zip(before, model.critic_variables):
+        assert not np.allclose(old, var.numpy()), var.path
+
+
+def test_warmup_trains_only_critics_and_period_copies_targets():
+    model, x = graphs.chain()
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.05),
+        critic_warmup_steps=3,
+        target_update_period=2,
+        critic_steps=2,
+    )
+    actor = [v.numpy().copy() for v in model.actor_variables]
+    model.fit(np.repeat(x, 2, axis=0), batch_size=6, epochs=3, verbose=0)
+    for old, var in zip(actor, model.actor_variables):
+        np.testing.assert_array_equal(old, var.numpy())
+    for critic in model.machinery.learned_critics.values():
+        # 3 steps: copies after steps 2 (steps counter 2): target == online after step 2,
+        # the online copy moved again at step 3.
+        assert not all(
+            np.allclose(t.numpy(), o.numpy())
+            for t, o in zip(critic.target_network.weights, critic.online.weights)
+        )
+    model.fit(np.repeat(x, 2, axis=0), batch_size=6, epochs=1, verbose=0)
+    assert not np.allclose(actor[0], model.actor_variables[0].numpy())
+
+
+def test_summary_shows_learned_and_exact_heads():
+    model, x = graphs.two_costs()
+    model.compile()
+    text = model.scg_summary(print_fn=lambda s: None)
+    assert "learned[far]" in text and "exact[near]" in text and "exact[far]" in text
+
+
+def test_estimator_node_mismatch_fails_at_compile():
+    model, _ = graphs.mixed()
+    with pytest.raises(ValueError, match="'critic_cv' cannot serve node 'n'"):
+        model.compile(estimator={"n": "critic_cv"})
+    model, _ = graphs.chain()
+    with pytest.raises(ValueError, match="'pathwise' cannot serve node 'z1'"):
+        model.compile(estimator="pathwise")
+    with pytest.raises(ValueError, match="unknown nodes"):
+        model.compile(critics={"nope": keras.Sequential([keras.layers.Dense(1)])})
+        model.critic_variables  # critics are created on first use
+
+
+def test_user_critic_model_must_match_heads():
+    model, x = graphs.two_costs()
+    model.compile(critics={"z1": keras.Sequential([keras.layers.Dense(3)])})
+    with pytest.raises(ValueError, match="must output 1 heads"):
+        model.critic_variables
+
+
+def learning_curve(estimator, seed, checkpoints=6, steps_each=25):
+    keras.utils.set_random_seed(seed)
+    model, queries = graphs.walk_task(seed=seed)
+    model.compile(optimizer=keras.optimizers.Adam(0.03), estimator=estimator, steps_per_execution=25)
+    curve = []
+    for _ in range(checkpoints):
+        model.fit(queries, batch_size=len(queries), epochs=steps_each, verbose=0)
+        curve.append(diagnostics.exact_gradients(model, queries, return_objective=True)[1])
+    return np.array(curve)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_estimator_learns_a_masked_walk_at_least_as_fast_as_reinforce(seed):
+    default = learning_curve("auto", seed)
+    reinforce = learning_curve("reinforce", seed)
+    # Exact expected miss rate at 25, 50, ..., 150 steps: lower area = faster.
+    assert default[-1] < 0.25 and reinforce[-1] < 0.35, (default, reinforce)
+    assert default.sum() <= reinforce.sum(), (default, reinforce)
+
+
+def test_masked_actions_are_never_sampled_and_get_no_gradient():
+    model, queries = graphs.walk_task()
+    model.compile()
+    out = model.run_forward(np.repeat(queries, 20, axis=0))
+    for name in ("hop1", "hop2"):
+        record = out["records"][name]
+        allowed = record.mask.numpy()
+        assert np.all(allowed[record.sample.numpy() > 0])
+    # Queries from one start entity: its non-neighbours' logits get no gradient.
+    start = queries[0, :10]
+    same_start = queries[(queries[:, :10] == start).all(axis=1)]
+    masked = (start @ graphs.walk_adjacency(0)) == 0
+    assert masked.any()
+    for grads in (
+        diagnostics.estimate_gradients(model, same_start, num_draws=50),
+        [g[None] for g in diagnostics.exact_gradients(model, same_start)],
+    ):
+        bias = [g for g, v in zip(grads, model.actor_variables) if v.path == "policy1/bias"][0]
+        assert np.abs(bias[:, ~masked]).max() > 0
+        np.testing.assert_array_equal(bias[:, masked], 0.0)
