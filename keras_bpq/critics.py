@@ -31,7 +31,7 @@ def flatten_rows(value):
 
 def context_features(context):
     """Concatenated flat features of a context `{"inputs": structure, name: sample}`."""
-    parts = [flatten_rows(t) for t in tf.nest.flatten(context["inputs"])]
+    parts = [flatten_rows(t) for t in tf.nest.flatten(context.get("inputs", []))]
     parts += [flatten_rows(context[name]) for name in sorted(k for k in context if k != "inputs")]
     return tf.concat(parts, axis=-1)
 

@@ -223,7 +223,7 @@ class ExactCritic(critics_lib.Critic):
         per_row = num_configs * draws
         rows = tf.shape(values)[0]
         repeat = lambda t: tf.repeat(t, per_row, axis=0)  # noqa: E731
-        forced_rows = {n: repeat(context[n]) for n in info.context[1:]}
+        forced_rows = {n: repeat(context[n]) for n in info.context if n != "inputs"}
         forced_rows[self.node] = repeat(values)
         for n, v in forced.items():
             v = np.repeat(v, draws, axis=0)

@@ -118,6 +118,7 @@ class SCG:
     nodes: tuple
     costs: tuple
     cost_ancestors: dict  # cost name -> node names in execution order
+    costs_using_inputs: tuple = ()  # costs that depend on the model inputs
 
     def node(self, name):
         for info in self.nodes:
@@ -150,23 +151,25 @@ def _graph_ancestors(tensor, stop_refs=frozenset()):
     return seen
 
 
-def structure_from_records(nodes, costs):
+def structure_from_records(nodes, costs, inputs=()):
     """Builds the `SCG` from the records of one traced forward pass.
 
     Args:
       nodes: list of `NodeRecord` in execution order (graph tensors).
       costs: `{name: per-example cost tensor}` (graph tensors).
+      inputs: the model's input tensors (graph placeholders).
     """
     sample_refs = {rec.sample.ref(): rec.name for rec in nodes}
     order = {rec.name: i for i, rec in enumerate(nodes)}
+    input_refs = {t.ref() for t in tf.nest.flatten(inputs)}
 
     def samples_in(refs):
         found = {sample_refs[r] for r in refs if r in sample_refs}
         return tuple(sorted(found, key=order.get))
 
-    cost_ancestors = {
-        name: samples_in(_graph_ancestors(value)) for name, value in costs.items()
-    }
+    cost_refs = {name: _graph_ancestors(value) for name, value in costs.items()}
+    cost_ancestors = {name: samples_in(refs) for name, refs in cost_refs.items()}
+    costs_using_inputs = tuple(name for name, refs in cost_refs.items() if refs & input_refs)
     infos = []
     for rec in nodes:
         param_refs = set()
@@ -201,7 +204,60 @@ def structure_from_records(nodes, costs):
                 context=context,
             )
         )
-    return SCG(nodes=tuple(infos), costs=tuple(costs), cost_ancestors=cost_ancestors)
+    return SCG(
+        nodes=tuple(infos),
+        costs=tuple(costs),
+        cost_ancestors=cost_ancestors,
+        costs_using_inputs=costs_using_inputs,
+    )
+
+
+def with_contexts(scg, overrides):
+    """The SCG with user-chosen critic contexts, checked against R1 and R2.
+
+    `overrides` maps node names to context entries: `"inputs"` and names of
+    earlier samples. The default context (DESIGN.md §5) holds the inputs and
+    every earlier sample that a cost in `C_X` depends on. Leaving out one of
+    those breaks R1 (the critic cannot be exact: the node's costs vary with a
+    value it does not see) and R2 (a critic that bootstraps from this one would
+    see a target that depends on its own context beyond `(x, s_X)`), so it is
+    an error that names the missing values.
+    """
+    if not overrides:
+        return scg
+    names = scg.node_names
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ValueError(
+            f"contexts= names unknown nodes {sorted(unknown)}; the model's nodes are {list(names)}."
+        )
+    infos = []
+    for info in scg.nodes:
+        if info.name not in overrides:
+            infos.append(info)
+            continue
+        chosen = tuple(overrides[info.name])
+        earlier = names[: names.index(info.name)]
+        bad = [n for n in chosen if n != "inputs" and n not in earlier]
+        if bad:
+            raise ValueError(
+                f"Context of node {info.name!r} names {bad}: a context holds only "
+                f"'inputs' and samples computed before the node ({list(earlier)})."
+            )
+        required = set(info.context) - {"inputs"}
+        if any(c in scg.costs_using_inputs for c in info.costs):
+            required.add("inputs")
+        missing = sorted(required - set(chosen), key=lambda n: (n != "inputs", n))
+        if missing:
+            raise ValueError(
+                f"Context {list(chosen)} of node {info.name!r} breaks R1/R2: the costs "
+                f"{list(info.costs)} it influences also depend on {missing}, so its "
+                "critic cannot be exact and critics bootstrapping from it would be "
+                f"biased. Add {missing} to the context (or drop the override)."
+            )
+        ordered = tuple(n for n in ("inputs",) + earlier if n in chosen)
+        infos.append(dataclasses.replace(info, context=ordered))
+    return dataclasses.replace(scg, nodes=tuple(infos))
 
 
 def discover(forward, input_signature):
@@ -221,7 +277,7 @@ def discover(forward, input_signature):
         costs = dict(rec.costs)
         for name, value in extra.items():
             costs[name] = value
-        result["scg"] = structure_from_records(rec.nodes, costs)
+        result["scg"] = structure_from_records(rec.nodes, costs, inputs)
         result["cost_shapes"] = {n: tuple(v.shape) for n, v in costs.items()}
         return 0
 

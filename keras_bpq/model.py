@@ -130,6 +130,7 @@ class BackpropQModel(keras.Model):
         self._scg_cache = {}
         self._scg = None
         self._scg_spec = None
+        self._contexts = {}
         self._node_estimators = None
         self._estimator_option = "auto"
         self._compiled_losses = costs_lib.CompiledLosses(None)
@@ -176,6 +177,7 @@ class BackpropQModel(keras.Model):
         critic_warmup_steps=0,
         critic_hidden_units=(64, 64),
         critics=None,
+        contexts=None,
         actor_reads="target",
         **kwargs,
     ):
@@ -199,6 +201,9 @@ class BackpropQModel(keras.Model):
           critic_hidden_units: hidden sizes of the default MLP critics.
           critics: `{node_name: keras.Model}` to replace a node's default critic
             (`[batch, features] -> [batch, heads]`), or a `critics.Critic`.
+          contexts: `{node_name: ["inputs", "z1", ...]}` to choose what a
+            node's critic sees; an override that breaks R1/R2 (leaves out a
+            value the node's costs depend on) is an error here.
           actor_reads: `"target"` (the Polyak copies, default) or `"online"`:
             the critic copy that the actor's estimators evaluate.
           **kwargs: passed on to `keras.Model.compile` (`metrics`,
@@ -224,11 +229,23 @@ class BackpropQModel(keras.Model):
         )
         self._compiled_losses = costs_lib.CompiledLosses(loss)
         self._estimator_option = estimator
-        self._scg_cache = {}
-        if self._scg is not None:
-            self._resolve_estimators(self._scg)
+        contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
+        if self.machinery.built and contexts != self._contexts:
+            raise ValueError(
+                "contexts= cannot change after the model's critics exist; build a new model."
+            )
+        self._contexts = contexts
+        spec = self._scg_spec
+        if not self.machinery.built:
+            # Nothing is built from the structure yet: rediscover it with the
+            # new options, so every error shows here.
+            self._scg, self._scg_cache = None, {}
+        if spec is not None:
+            self.scg(spec)
         elif self.network is not None:
             self.scg(self._input_spec_from_network())
+        if self.machinery.built:
+            self._resolve_estimators(self._scg)
 
     def _input_spec_from_network(self):
         def spec(t):
@@ -283,6 +300,7 @@ class BackpropQModel(keras.Model):
         for name, shape in cost_shapes.items():
             if name not in compiled.names:
                 costs_lib.check_per_example(name, shape)
+        scg = graph.with_contexts(scg, self._contexts)
         if self._scg is None:
             self._resolve_estimators(scg)
             self._scg = scg
@@ -327,8 +345,11 @@ class BackpropQModel(keras.Model):
         input_dim = sum(int(np.prod(s.shape[1:])) for s in tf.nest.flatten(spec))
         feature_dims = {}
         for info in scg.nodes:
-            dims = [int(np.prod(scg.node(n).event_shape)) for n in info.context if n != "inputs"]
-            feature_dims[info.name] = input_dim + sum(dims) + int(np.prod(info.event_shape))
+            dims = [
+                input_dim if n == "inputs" else int(np.prod(scg.node(n).event_shape))
+                for n in info.context
+            ]
+            feature_dims[info.name] = sum(dims) + int(np.prod(info.event_shape))
         self.machinery.setup(
             scg, self._node_estimators, heads, feature_dims, options.models, options.hidden_units
         )
@@ -471,9 +492,11 @@ class BackpropQModel(keras.Model):
 
     # -- critics -----------------------------------------------------------
     def _context(self, info, x, records):
-        context = {"inputs": x}
-        for name in info.context[1:]:
-            context[name] = tf.stop_gradient(records[name].sample)
+        """`{"inputs": x, name: sample}` for the entries of the node's context."""
+        context = {"inputs": x} if "inputs" in info.context else {}
+        for name in info.context:
+            if name != "inputs":
+                context[name] = tf.stop_gradient(records[name].sample)
         return context
 
     def q_heads(self, info, x, y, records, values, target=True):
@@ -497,7 +520,7 @@ class BackpropQModel(keras.Model):
             heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
         exact = [c for c in info.costs if scg.cost_ancestors[c][-1] == info.name]
         if exact:
-            forced = {n: tf.repeat(context[n], num, axis=0) for n in info.context[1:]}
+            forced = {n: tf.repeat(context[n], num, axis=0) for n in info.context if n != "inputs"}
             forced[info.name] = rows
             keep = {info.name}
             repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
@@ -570,15 +593,25 @@ class BackpropQModel(keras.Model):
             total += loss
         return total, per_node
 
-    def _update_critics(self, out, x, y):
-        """Fits the learned critics on this step's targets."""
+    def _evaluate_critics(self, out, x, y, with_gradient):
+        """This step's critic targets, Q-values at the samples and losses (with
+        their gradient), computed once for the update and the metrics."""
         if not self.machinery.learned_critics:
-            return
-        targets, _ = self._critic_targets(out, x, y)
+            return None
+        targets, q_at_sample = self._critic_targets(out, x, y)
         variables = self.critic_variables
-        for _ in range(self._critic_options.steps):
+        with tf.GradientTape() as tape:
+            loss, per_node = self._critic_loss(out, x, targets)
+        grads = tape.gradient(loss, variables) if with_gradient else None
+        return {"targets": targets, "q_at_sample": q_at_sample, "per_node": per_node, "grads": grads}
+
+    def _update_critics(self, evaluation, out, x):
+        """Fits the learned critics on this step's targets (`critic_steps` times)."""
+        variables = self.critic_variables
+        self.critic_optimizer.apply(evaluation["grads"], variables)
+        for _ in range(self._critic_options.steps - 1):
             with tf.GradientTape() as tape:
-                loss, _ = self._critic_loss(out, x, targets)
+                loss, _ = self._critic_loss(out, x, evaluation["targets"])
             self.critic_optimizer.apply(tape.gradient(loss, variables), variables)
 
     def _update_target_copies(self):
@@ -608,9 +641,11 @@ class BackpropQModel(keras.Model):
         grads = tape.gradient(surrogate, actor_variables)
         status = self._step_status(scg, out["costs"], grads)
         warmup = self._critic_options.warmup
+        critics = self._evaluate_critics(out, x, y, with_gradient=True)
 
         def apply():
-            self._update_critics(out, x, y)
+            if critics is not None:
+                self._update_critics(critics, out, x)
 
             def actor():
                 self.optimizer.apply(grads, actor_variables)
@@ -629,12 +664,13 @@ class BackpropQModel(keras.Model):
         tf.cond(tf.equal(status, 0), apply, lambda: tf.constant(0))
         previous = self.machinery.status
         previous.assign(tf.where(tf.equal(previous, 0), status, previous))
-        return self._update_metrics(x, y, out, sample_weight)
+        return self._update_metrics(x, y, out, sample_weight, critics)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         out = self.run_forward(x, y, training=False)
-        return self._update_metrics(x, y, out, sample_weight)
+        critics = self._evaluate_critics(out, x, y, with_gradient=False)
+        return self._update_metrics(x, y, out, sample_weight, critics)
 
     def _step_status(self, scg, costs, grads):
         """0 when every cost and gradient is finite, else the 1-based index of the
@@ -665,26 +701,20 @@ class BackpropQModel(keras.Model):
             f"skipped, so the weights hold their last finite values. {fix}"
         )
 
-    def _update_metrics(self, x, y, out, sample_weight):
+    def _update_metrics(self, x, y, out, sample_weight, critics=None):
         total = out["total"]
         self._loss_tracker.update_state(
             _weighted_mean(total, sample_weight), sample_weight=tf.shape(total)[0]
         )
         for metric in self.machinery.cost_metrics:
             metric.update_state(out["costs"][metric.name], sample_weight=sample_weight)
-        if self.machinery.critic_metrics:
-            per_node, q_at_sample = self._critic_diagnostics(out, x, y)
+        if critics is not None:
             for name, (loss_metric, td_metric, q_metric) in self.machinery.critic_metrics.items():
-                loss, td_error = per_node[name]
+                loss, td_error = critics["per_node"][name]
                 loss_metric.update_state(loss)
                 td_metric.update_state(td_error)
-                q_metric.update_state(tf.add_n(list(q_at_sample[name].values())))
+                q_metric.update_state(tf.add_n(list(critics["q_at_sample"][name].values())))
         return self.compute_metrics(x, y, out["y_pred"], sample_weight)
-
-    def _critic_diagnostics(self, out, x, y):
-        targets, q_at_sample = self._critic_targets(out, x, y)
-        _, per_node = self._critic_loss(out, x, targets)
-        return per_node, q_at_sample
 
     # -- fit ---------------------------------------------------------------
     def fit(self, *args, **kwargs):

@@ -225,3 +225,17 @@ def test_masked_actions_are_never_sampled_and_get_no_gradient():
         bias = [g for g, v in zip(grads, model.actor_variables) if v.path == "policy1/bias"][0]
         assert np.abs(bias[:, ~masked]).max() > 0
         np.testing.assert_array_equal(bias[:, masked], 0.0)
+
+
+def test_context_override_that_breaks_r2_is_reported_at_compile():
+    model, x = graphs.dag()
+    # z4's cost depends on z2 (directly and through z4): leaving it out breaks R1/R2.
+    with pytest.raises(ValueError, match=r"node 'z4' breaks R1/R2.*\['z2'\]"):
+        model.compile(contexts={"z4": ["inputs", "z1", "z3"]})
+    with pytest.raises(ValueError, match="only 'inputs' and samples computed before"):
+        model.compile(contexts={"z2": ["inputs", "z4"]})
+    # Adding a value is safe; the critic then sees it.
+    model, x = graphs.two_costs()
+    model.compile(contexts={"z1": ["inputs"], "z2": ["inputs", "z1"]})
+    assert model.scg(x).node("z2").context == ("inputs", "z1")
+    model.fit(x, epochs=1, verbose=0)

@@ -1,0 +1,633 @@
+"""Encoder gradient variance of the two-layer SBN (examples/sbn.py) on digits.
+
+The claim under test: on the sigmoid belief net of `examples/sbn.py`, the
+default estimator (`"auto"` = `critic_cv` with learned per-node critics) gives
+encoder gradients of much lower variance than `reinforce` (score function with
+an EMA baseline), at a bounded cost per step, while the pure-advantage
+`critic` estimator is biased wherever its critic is learned.
+
+Protocol:
+
+1. Train one model with the default estimator for --steps steps (batch
+   --batch_size, Adam --learning_rate, --steps_per_execution), on scikit-learn
+   digits dynamically binarised by the example's own pipeline.
+2. At every step count in --checkpoints, on one fixed binarised batch of
+   --batch_size training images, draw --num_draws independent gradient
+   estimates of the ENCODER variables (q_z1, q_z2 kernels and biases) with
+   `keras_bpq.diagnostics.estimate_gradients`, for three estimators at the SAME
+   weights:
+   * `critic_cv`: the trained model itself (its current critics);
+   * `reinforce`: a second model with the actor weights copied by position;
+     its EMA baselines (zero when built) are first warmed up on
+     --baseline_warmup_steps training batches by `fit` with `SGD(0.0)`, which
+     runs the baseline update but leaves the weights unchanged (checked);
+   * `critic`: a third model with the actor weights AND every critic weight
+     (online and target copies, `model.machinery.weights` by position) copied.
+   Draws are taken in chunks of --chunk (see "memory" below) and concatenated.
+3. Per checkpoint and estimator: total variance (sum over encoder entries of
+   the per-entry variance across draws, `diagnostics.gradient_variance`), its
+   log10 ratio to reinforce with a bootstrap 95% interval, and the squared
+   distance of the mean estimate to the critic_cv mean, next to the value that
+   Monte-Carlo noise alone gives two unbiased estimators, (V_a + V_cv) / N.
+4. Speed: training steps/s of each estimator (fresh models, `fit` of
+   --timing_steps steps after a compile/warm-up fit, --timing_repeats repeats
+   interleaved across estimators, median reported); the time per gradient
+   estimate is 1 / (steps/s) of that fit (one step = one estimate for a batch,
+   plus the critic update where there is one). The wall time of the
+   `estimate_gradients` calls is recorded too (secondary: it includes a
+   retrace per call).
+
+Memory: `estimate_gradients` forms a Jacobian over the draws with pfor, whose
+intermediates grow with num_draws^2 (every draw's backward pass is vectorised
+over the whole tiled batch). At 500 draws in one call the critic_cv SBN asks
+for >1.5 GB single buffers and crashed a 23 GB machine, hence --chunk.
+
+    python benchmarks/sbn_variance.py   # writes benchmarks/results/sbn_variance.{json,md}
+    python benchmarks/sbn_variance.py --steps=200 --checkpoints=0,200 --num_draws=100 \
+        --timing_steps=100 --out_dir=/tmp/sbn_variance
+"""
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_ROOT, "examples"))
+
+import keras_bpq  # noqa: E402
+from keras_bpq import diagnostics  # noqa: E402
+from sbn import binarised  # noqa: E402
+from sbn import build_sbn  # noqa: E402
+from sbn import load_digits  # noqa: E402
+
+FLAGS = flags.FLAGS
+# Importing examples/sbn.py defines its flags, which this script reuses: --steps
+# (default lowered to 3000 here), --batch_size, --learning_rate,
+# --steps_per_execution, --z1, --z2, --seed and --jit_compile. Its --estimator
+# is not used: this script compares the estimators itself.
+FLAGS.set_default("steps", 3000)
+flags.DEFINE_list("checkpoints", ["0", "1000", "3000"], "Step counts at which variance is measured.")
+flags.DEFINE_integer("num_draws", 500, "Gradient draws per estimator and checkpoint.")
+flags.DEFINE_integer("chunk", 50, "Draws per estimate_gradients call (memory grows as chunk^2).")
+flags.DEFINE_integer("baseline_warmup_steps", 50, "Batches that warm up reinforce's EMA baseline.")
+flags.DEFINE_integer("timing_steps", 1000, "Training steps per timed fit.")
+flags.DEFINE_integer("timing_repeats", 5, "Timed fits per estimator (median reported).")
+flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples for the variance-ratio intervals.")
+flags.DEFINE_string("out_dir", os.path.join(_ROOT, "benchmarks", "results"), "Output directory.")
+
+ESTIMATORS = ("critic_cv", "reinforce", "critic")
+GROUPS = ("q_z1", "q_z2")
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def new_model(estimator, optimizer=None):
+    """A fresh SBN compiled like the example, with its machinery created."""
+    model = build_sbn(64, FLAGS.z1, FLAGS.z2)
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(FLAGS.learning_rate),
+        estimator=estimator,
+        steps_per_execution=FLAGS.steps_per_execution,
+        jit_compile=FLAGS.jit_compile,
+    )
+    model.scg_summary(print_fn=lambda s: None)  # creates estimator state and critics
+    return model
+
+
+def encoder_indices(model):
+    """Positions in `model.actor_variables` of the encoder (q_z1, q_z2) variables."""
+    return [i for i, v in enumerate(model.actor_variables) if v.path.split("/")[0] in GROUPS]
+
+
+def copy_by_position(dst, src, what):
+    if len(dst) != len(src):
+        raise ValueError(f"{what}: {len(dst)} variables vs {len(src)}")
+    for a, b in zip(dst, src):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"{what}: {a.path} {a.shape} vs {b.path} {b.shape}")
+        a.assign(b)
+
+
+def draw_encoder_gradients(model, x, num_draws):
+    """`[num_draws, entries]` encoder gradients, in chunks; and the seconds spent."""
+    index = encoder_indices(model)
+    chunks, left = [], num_draws
+    start = time.perf_counter()
+    while left > 0:
+        n = min(FLAGS.chunk, left)
+        grads = diagnostics.estimate_gradients(model, x, num_draws=n)
+        chunks.append(np.concatenate([grads[i].reshape(n, -1) for i in index], axis=1))
+        left -= n
+    seconds = time.perf_counter() - start
+    return np.concatenate(chunks, axis=0), seconds
+
+
+def group_slices(model):
+    """`{group: slice}` of the flattened encoder vector."""
+    slices, offset = {}, 0
+    for i in encoder_indices(model):
+        v = model.actor_variables[i]
+        size = int(np.prod(v.shape))
+        group = v.path.split("/")[0]
+        lo = slices[group].start if group in slices else offset
+        slices[group] = slice(lo, offset + size)
+        offset += size
+    return slices
+
+
+def total_variance(draws):
+    return diagnostics.gradient_variance([draws])
+
+
+def bootstrap_log_ratio(a, b, rng, resamples):
+    """95% interval of log10(V(a) / V(b)), resampling the draws of each."""
+    if resamples <= 0:
+        return None
+    values = []
+    for _ in range(resamples):
+        ia = rng.integers(0, len(a), len(a))
+        ib = rng.integers(0, len(b), len(b))
+        values.append(np.log10(np.var(a[ia], 0, ddof=1).sum() / np.var(b[ib], 0, ddof=1).sum()))
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def mean_distance(a, ref):
+    """Squared distance of the means, the same expected from noise alone if both
+    are unbiased, and how many entries differ by more than 4 standard errors."""
+    n_a, n_r = len(a), len(ref)
+    diff = a.mean(0) - ref.mean(0)
+    se2 = np.var(a, 0, ddof=1) / n_a + np.var(ref, 0, ddof=1) / n_r
+    sq = float(np.sum(diff**2))
+    floor = float(np.sum(se2))
+    z = np.abs(diff) / np.sqrt(se2 + 1e-30)
+    return {
+        "sq_dist_to_cv_mean": sq,
+        "noise_floor": floor,
+        "ratio_to_floor": sq / floor if floor > 0 else float("nan"),
+        "entries_beyond_4se": int(np.sum(z > 4)),
+        "entries": int(diff.size),
+    }
+
+
+def reinforce_at(model, train, checkpoint):
+    """A reinforce model at `model`'s actor weights, EMA baselines warmed up."""
+    rf = new_model("reinforce", optimizer=keras.optimizers.SGD(0.0))
+    copy_by_position(rf.actor_variables, model.actor_variables, "actor")
+    before = [v.numpy().copy() for v in rf.actor_variables]
+    warm = FLAGS.baseline_warmup_steps
+    if warm > 0:
+        data = binarised(train, FLAGS.batch_size, FLAGS.seed + 10_000 + checkpoint, repeat=True)
+        rf.fit(data, epochs=1, steps_per_epoch=warm, verbose=0)
+    for old, v in zip(before, rf.actor_variables):
+        if not np.array_equal(old, v.numpy()):
+            raise RuntimeError(f"SGD(0.0) warm-up changed {v.path}")
+    baselines = {
+        w.path.split("/")[-1]: float(w.numpy())
+        for w in rf.machinery.weights
+        if w.path.endswith("_baseline") or w.path.endswith("_baseline_steps")
+    }
+    decay = 0.99
+    corrected = {
+        node: baselines[f"{node}_baseline"] / (1 - decay ** baselines[f"{node}_baseline_steps"])
+        for node in ("z1", "z2")
+        if baselines.get(f"{node}_baseline_steps", 0) > 0
+    }
+    return rf, {"raw": baselines, "bias_corrected": corrected}
+
+
+def critic_at(model):
+    """A `critic`-estimator model at `model`'s actor and critic weights."""
+    cr = new_model("critic")
+    copy_by_position(cr.actor_variables, model.actor_variables, "actor")
+    # machinery.weights holds the online critics, their target copies (which
+    # the actor reads by default) and the step counters; critic_variables
+    # holds the online copies only.
+    copy_by_position(cr.machinery.weights, model.machinery.weights, "machinery")
+    return cr
+
+
+def negative_elbo(model, images):
+    data = binarised(np.tile(images, (10, 1)), 500, FLAGS.seed + 1, repeat=False)
+    return float(model.evaluate(data, verbose=0, return_dict=True)["loss"])
+
+
+def measure_checkpoint(model, train, test, x, checkpoint, rng):
+    log(f"[step {checkpoint}] measuring {FLAGS.num_draws} draws per estimator")
+    models = {"critic_cv": model}
+    models["reinforce"], baselines = reinforce_at(model, train, checkpoint)
+    models["critic"] = critic_at(model)
+    draws, seconds = {}, {}
+    for name in ESTIMATORS:
+        draws[name], seconds[name] = draw_encoder_gradients(models[name], x, FLAGS.num_draws)
+    slices = group_slices(model)
+    result = {
+        "step": checkpoint,
+        "test_negative_elbo": negative_elbo(model, test),
+        "reinforce_baselines": baselines,
+        "estimators": {},
+    }
+    ref = draws["critic_cv"]
+    for name in ESTIMATORS:
+        d = draws[name]
+        entry = {
+            "total_variance": total_variance(d),
+            "variance_by_layer": {g: total_variance(d[:, s]) for g, s in slices.items()},
+            "log10_ratio_to_reinforce": float(
+                np.log10(total_variance(d) / total_variance(draws["reinforce"]))
+            ),
+            "log10_ratio_to_reinforce_by_layer": {
+                g: float(np.log10(total_variance(d[:, s]) / total_variance(draws["reinforce"][:, s])))
+                for g, s in slices.items()
+            },
+            "log10_ratio_ci95": None
+            if name == "reinforce"
+            else bootstrap_log_ratio(d, draws["reinforce"], rng, FLAGS.bootstrap),
+            "mean_sq_norm": float(np.sum(d.mean(0) ** 2)),
+            "estimate_gradients_seconds": seconds[name],
+            "estimate_gradients_ms_per_draw": 1000 * seconds[name] / FLAGS.num_draws,
+        }
+        if name != "critic_cv":
+            entry["vs_critic_cv_mean"] = mean_distance(d, ref)
+            entry["vs_critic_cv_mean_by_layer"] = {
+                g: mean_distance(d[:, s], ref[:, s]) for g, s in slices.items()
+            }
+        result["estimators"][name] = entry
+        log(
+            f"  {name:10s} var {entry['total_variance']:.4g}  log10/reinforce "
+            f"{entry['log10_ratio_to_reinforce']:+.2f}  ({seconds[name]:.1f}s)"
+        )
+    for name in ("reinforce", "critic"):
+        m = result["estimators"][name]["vs_critic_cv_mean_by_layer"]
+        log(f"  {name} vs cv mean: " + ", ".join(
+            f"{g} {v['sq_dist_to_cv_mean']:.3g} (noise {v['noise_floor']:.3g}, >4se {v['entries_beyond_4se']})"
+            for g, v in m.items()))
+    return result
+
+
+def time_training(train):
+    """Training steps/s per estimator: fresh models, warm-up fit, timed fits."""
+    names = {"auto (critic_cv)": "auto", "reinforce": "reinforce", "critic": "critic"}
+    models, runs = {}, {k: [] for k in names}
+    for label, est in names.items():
+        keras.utils.set_random_seed(FLAGS.seed)
+        models[label] = new_model(est)
+        data = binarised(train, FLAGS.batch_size, FLAGS.seed, repeat=True)
+        models[label].fit(data, epochs=1, steps_per_epoch=2 * FLAGS.steps_per_execution, verbose=0)
+    for r in range(FLAGS.timing_repeats):
+        for label in names:
+            data = binarised(train, FLAGS.batch_size, FLAGS.seed + 100 + r, repeat=True)
+            start = time.perf_counter()
+            models[label].fit(data, epochs=1, steps_per_epoch=FLAGS.timing_steps, verbose=0)
+            runs[label].append(FLAGS.timing_steps / (time.perf_counter() - start))
+    out = {}
+    for label, rates in runs.items():
+        median = float(np.median(rates))
+        out[label] = {"steps_per_s": rates, "median_steps_per_s": median, "ms_per_step": 1000 / median}
+        log(f"  {label:16s} {median:.1f} steps/s  ({1000 / median:.2f} ms/step)  runs {np.round(rates, 1)}")
+    return out
+
+
+def machine_info():
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_bpq": keras_bpq.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import sklearn
+        import tensorflow_probability as tfp
+
+        info["tensorflow_probability"] = tfp.__version__
+        info["scikit_learn"] = sklearn.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "keras_bpq"], cwd=_ROOT, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        info["git_commit"] = commit
+        info["keras_bpq_dirty"] = bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def fmt_ci(ci):
+    return "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def write_markdown(path, report):
+    cfg, checkpoints, timing = report["config"], report["checkpoints"], report["timing"]
+    lines = [
+        "# SBN encoder gradient variance (digits)",
+        "",
+        "Generated by `benchmarks/sbn_variance.py`. Command:",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        f"Machine: {report['machine'].get('cpu_model', report['machine']['processor'])}, "
+        f"{report['machine']['cpu_count']} cores; TensorFlow {report['machine']['tensorflow']}, "
+        f"Keras {report['machine']['keras']}, TFP {report['machine'].get('tensorflow_probability')}, "
+        f"keras_bpq {report['machine']['keras_bpq']} (commit "
+        f"{report['machine'].get('git_commit', '?')[:10]}"
+        f"{', working tree modified' if report['machine'].get('keras_bpq_dirty') else ''}). "
+        f"Total runtime {report['runtime_s']:.0f} s.",
+        "",
+        "## Setup",
+        "",
+        f"* Model: `examples/sbn.py` two-layer SBN, 64 -> z1[{cfg['z1']}] -> z2[{cfg['z2']}] "
+        "Bernoulli, costs recon, kl1, kl2 (negative ELBO).",
+        f"* One model trained with the default estimator (`auto` = `critic_cv` for both "
+        f"nodes, learned critics, TD targets, actor reads the Polyak target copies) for "
+        f"{cfg['steps']} steps: batch {cfg['batch_size']}, Adam {cfg['learning_rate']}, "
+        f"steps_per_execution {cfg['steps_per_execution']}, seed {cfg['seed']}.",
+        f"* At each checkpoint, {cfg['num_draws']} independent draws of the gradient of the "
+        f"encoder variables (q_z1, q_z2 kernel and bias: "
+        f"{report['encoder_entries']} entries) on one fixed binarised batch of "
+        f"{cfg['batch_size']} training images, by `diagnostics.estimate_gradients` "
+        f"(in chunks of {cfg['chunk']} draws), for three estimators at the same weights:",
+        "  * `critic_cv`: the trained model itself, with its current critics;",
+        "  * `reinforce`: a copy of the actor weights in a reinforce-compiled model whose "
+        f"EMA baselines were warmed up on {cfg['baseline_warmup_steps']} training batches "
+        "(fit with `SGD(0.0)`: baseline updated, weights unchanged, checked);",
+        "  * `critic`: a copy of the actor weights and of every critic weight (online and "
+        "target copies) in a `critic`-compiled model.",
+        "* Total variance = sum over encoder entries of the per-entry variance across draws "
+        "(`diagnostics.gradient_variance`). The interval is a bootstrap 95% interval "
+        f"({cfg['bootstrap']} resamples of the draws).",
+        "* Bias indication: squared distance between an estimator's mean over the draws and "
+        "the critic_cv mean, next to the noise floor `(V_a + V_cv) / N` expected for two "
+        "unbiased estimators (ratio ~1 = no detectable bias), and the number of encoder "
+        "entries whose means differ by more than 4 standard errors (about 0.2 expected by "
+        "chance over all entries). `critic_cv` is unbiased for any critic, so its mean is the "
+        "reference; `reinforce`, also unbiased, is the control.",
+        "",
+        "## Encoder gradient variance",
+        "",
+        "| step | test -ELBO | estimator | total variance | log10 ratio to reinforce [95%] "
+        "| q_z1 log10 ratio | q_z2 log10 ratio |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for cp in checkpoints:
+        for name in ESTIMATORS:
+            e = cp["estimators"][name]
+            by = e["log10_ratio_to_reinforce_by_layer"]
+            lines.append(
+                f"| {cp['step']} | {cp['test_negative_elbo']:.2f} | {name} | "
+                f"{e['total_variance']:.4g} | {e['log10_ratio_to_reinforce']:+.2f}"
+                f"{fmt_ci(e['log10_ratio_ci95'])} | {by['q_z1']:+.2f} | {by['q_z2']:+.2f} |"
+            )
+    lines += [
+        "",
+        "## Distance of the mean to the critic_cv mean (bias indication)",
+        "",
+        "| step | estimator | layer | squared distance | noise floor | ratio | entries > 4 SE |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for cp in checkpoints:
+        for name in ("reinforce", "critic"):
+            e = cp["estimators"][name]
+            rows = [("all", e["vs_critic_cv_mean"])] + list(e["vs_critic_cv_mean_by_layer"].items())
+            for layer, m in rows:
+                lines.append(
+                    f"| {cp['step']} | {name} | {layer} | {m['sq_dist_to_cv_mean']:.4g} | "
+                    f"{m['noise_floor']:.4g} | {m['ratio_to_floor']:.1f} | "
+                    f"{m['entries_beyond_4se']}/{m['entries']} |"
+                )
+    lines += [
+        "",
+        "Squared norm of the critic_cv mean gradient (scale): "
+        + ", ".join(
+            f"step {cp['step']}: {cp['estimators']['critic_cv']['mean_sq_norm']:.4g}"
+            for cp in checkpoints
+        )
+        + ".",
+        "",
+        "## Time per gradient estimate",
+        "",
+        f"Training throughput, fresh models, batch {cfg['batch_size']}, steps_per_execution "
+        f"{cfg['steps_per_execution']}: `fit` of {cfg['timing_steps']} steps after a warm-up "
+        f"fit that compiles the step; median of {cfg['timing_repeats']} repeats interleaved "
+        "across estimators. One step is one gradient estimate for the batch plus, for the "
+        "critic estimators, one critic update. The binarising tf.data pipeline is included. "
+        "1-min load average before / after the timing: "
+        f"{report['load_average_1_5_15min']['before_timing'][0]:.2f} / "
+        f"{report['load_average_1_5_15min']['after_timing'][0]:.2f} "
+        f"(on {report['machine']['cpu_count']} cores).",
+        "",
+        "| estimator | steps/s (median) | ms per step | runs (steps/s) | time vs reinforce |",
+        "|---|---:|---:|---|---:|",
+    ]
+    ref = timing["reinforce"]["ms_per_step"]
+    for label, t in timing.items():
+        lines.append(
+            f"| {label} | {t['median_steps_per_s']:.1f} | {t['ms_per_step']:.2f} | "
+            f"{', '.join(f'{r:.1f}' for r in t['steps_per_s'])} | {t['ms_per_step'] / ref:.2f}x |"
+        )
+    lines += [
+        "",
+        "Secondary: wall time of the `estimate_gradients` calls (vectorised draws, one "
+        "retrace per call), ms per draw: "
+        + "; ".join(
+            f"step {cp['step']}: "
+            + ", ".join(
+                f"{n} {cp['estimators'][n]['estimate_gradients_ms_per_draw']:.1f}" for n in ESTIMATORS
+            )
+            for cp in checkpoints
+        )
+        + ".",
+        "",
+        "## Reading",
+        "",
+    ]
+    lines += report["reading"]
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def fold(log10_ratio):
+    """`-1.3` -> "20x lower", `+0.4` -> "2.5x higher"."""
+    factor = 10 ** abs(log10_ratio)
+    text = f"{factor:.0f}x" if factor >= 10 else f"{factor:.1f}x"
+    return f"{text} {'lower' if log10_ratio < 0 else 'higher'}"
+
+
+def reading(report):
+    """A short reading of the numbers, computed from them (not assumed)."""
+    cps, timing = report["checkpoints"], report["timing"]
+    out = []
+    ratios = [cp["estimators"]["critic_cv"]["log10_ratio_to_reinforce"] for cp in cps]
+    parts = []
+    for cp, r in zip(cps, ratios):
+        by = cp["estimators"]["critic_cv"]["log10_ratio_to_reinforce_by_layer"]
+        parts.append(
+            f"step {cp['step']}: {fold(r)} (log10 {r:+.2f}; q_z1 {by['q_z1']:+.2f}, "
+            f"q_z2 {by['q_z2']:+.2f})"
+        )
+    out.append(
+        "* Variance: the default (critic_cv) encoder gradient variance relative to "
+        "reinforce's at the same weights: " + "; ".join(parts) + "."
+    )
+    t_cv = timing["auto (critic_cv)"]["ms_per_step"]
+    t_rf = timing["reinforce"]["ms_per_step"]
+    t_cr = timing["critic"]["ms_per_step"]
+    work = [r + np.log10(t_cv / t_rf) for r in ratios]
+    out.append(
+        f"* Time: a default training step costs {t_cv:.2f} ms vs {t_rf:.2f} ms for reinforce "
+        f"({t_cv / t_rf:.1f}x; `critic` {t_cr / t_rf:.1f}x). Variance x time per estimate "
+        "(equal-compute comparison: reinforce could average that many more draws in the "
+        "same time) for the default: "
+        + ", ".join(f"step {cp['step']}: {fold(w)}" for cp, w in zip(cps, work))
+        + "."
+    )
+    crit = []
+    for cp in cps:
+        by = cp["estimators"]["critic"]["vs_critic_cv_mean_by_layer"]
+        crit.append(
+            f"step {cp['step']}: q_z1 {by['q_z1']['ratio_to_floor']:.1f}x the noise floor "
+            f"({by['q_z1']['entries_beyond_4se']} entries > 4 SE), q_z2 "
+            f"{by['q_z2']['ratio_to_floor']:.1f}x ({by['q_z2']['entries_beyond_4se']})"
+        )
+    rf = [cp["estimators"]["reinforce"]["vs_critic_cv_mean"]["ratio_to_floor"] for cp in cps]
+    biased = [
+        g for g in GROUPS
+        if any(cp["estimators"]["critic"]["vs_critic_cv_mean_by_layer"][g]["entries_beyond_4se"] > 2
+               for cp in cps)
+    ]
+    out.append(
+        "* Bias of `critic`: its mean sits away from the unbiased critic_cv mean by "
+        + "; ".join(crit)
+        + ". The control (reinforce vs critic_cv, both unbiased) gives "
+        + ", ".join(f"{r:.1f}x" for r in rf)
+        + ". Layers with more than 2 entries beyond 4 SE at some checkpoint: "
+        + (", ".join(biased) if biased else "none")
+        + ". In this SBN only z1's kl1/kl2 heads are learned (z1's recon head and all of "
+        "z2's heads are exact re-evaluations of the cost with the node forced), so "
+        "`critic` can only be biased through q_z1's gradient (q_z2's comes from an exact Q)."
+    )
+    cr = [cp["estimators"]["critic"]["log10_ratio_to_reinforce"] for cp in cps]
+    out.append(
+        "* `critic` variance vs reinforce (log10): " + ", ".join(f"{r:+.2f}" for r in cr)
+        + "; its low variance comes with the bias above."
+    )
+    return out
+
+
+def main(argv):
+    del argv
+    start_all = time.perf_counter()
+    if FLAGS.estimator != "auto":
+        raise app.UsageError("--estimator (from examples/sbn.py) is not used: the model is "
+                             "trained with 'auto' and compared with reinforce and critic.")
+    checkpoints = sorted({int(c) for c in FLAGS.checkpoints})
+    if checkpoints[-1] > FLAGS.steps:
+        raise app.UsageError(f"checkpoint {checkpoints[-1]} > --steps={FLAGS.steps}")
+    keras.utils.set_random_seed(FLAGS.seed)
+    rng = np.random.default_rng(FLAGS.seed)
+    train, test = load_digits(FLAGS.seed)
+    # One fixed binarisation of the first batch of training images.
+    probs = train[: FLAGS.batch_size]
+    x = (np.random.RandomState(FLAGS.seed + 1).uniform(size=probs.shape) < probs).astype("float32")
+
+    model = new_model("auto")
+    summary = model.scg_summary(print_fn=lambda s: None)
+    log(summary)
+
+    results, done, train_seconds = [], 0, 0.0
+    for index, checkpoint in enumerate(checkpoints):
+        if checkpoint > done:
+            data = binarised(train, FLAGS.batch_size, FLAGS.seed + index, repeat=True)
+            t = time.perf_counter()
+            model.fit(data, epochs=1, steps_per_epoch=checkpoint - done, verbose=0)
+            train_seconds += time.perf_counter() - t
+            done = checkpoint
+            log(f"[step {done}] trained ({train_seconds:.0f}s so far)")
+        results.append(measure_checkpoint(model, train, test, x, checkpoint, rng))
+    if done < FLAGS.steps:
+        data = binarised(train, FLAGS.batch_size, FLAGS.seed + len(checkpoints), repeat=True)
+        model.fit(data, epochs=1, steps_per_epoch=FLAGS.steps - done, verbose=0)
+
+    log("timing training steps")
+    load_before = os.getloadavg()
+    timing = time_training(train)
+    load_after = os.getloadavg()
+
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:]
+    )
+    report = {
+        "title": "SBN encoder gradient variance (digits)",
+        "command": command,
+        "machine": machine_info(),
+        "config": {
+            "steps": FLAGS.steps,
+            "checkpoints": checkpoints,
+            "num_draws": FLAGS.num_draws,
+            "chunk": FLAGS.chunk,
+            "batch_size": FLAGS.batch_size,
+            "learning_rate": FLAGS.learning_rate,
+            "steps_per_execution": FLAGS.steps_per_execution,
+            "z1": FLAGS.z1,
+            "z2": FLAGS.z2,
+            "baseline_warmup_steps": FLAGS.baseline_warmup_steps,
+            "timing_steps": FLAGS.timing_steps,
+            "timing_repeats": FLAGS.timing_repeats,
+            "bootstrap": FLAGS.bootstrap,
+            "seed": FLAGS.seed,
+            "jit_compile": FLAGS.jit_compile,
+        },
+        "scg_summary": summary,
+        "encoder_variables": [model.actor_variables[i].path for i in encoder_indices(model)],
+        "encoder_entries": int(
+            sum(np.prod(model.actor_variables[i].shape) for i in encoder_indices(model))
+        ),
+        "train_seconds_default_model": train_seconds,
+        "checkpoints": results,
+        "timing": timing,
+        "load_average_1_5_15min": {"before_timing": load_before, "after_timing": load_after},
+    }
+    report["reading"] = reading(report)
+    report["runtime_s"] = time.perf_counter() - start_all
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.out_dir, "sbn_variance.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    write_markdown(os.path.join(FLAGS.out_dir, "sbn_variance.md"), report)
+    log("\n".join(report["reading"]))
+    log(f"wrote {FLAGS.out_dir}/sbn_variance.{{json,md}} in {report['runtime_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    app.run(main)
