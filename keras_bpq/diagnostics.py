@@ -157,18 +157,17 @@ def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100):
     """
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
     model.scg(x)
-    batch = int(tf.nest.flatten(x)[0].shape[0])
     variables = model.actor_variables
 
     def compute(x, y, sample_weight):
         x_rows = _tile_rows(x, num_draws, interleave=False)
         y_rows = _tile_rows(y, num_draws, interleave=False)
+        w_rows = _tile_rows(sample_weight, num_draws, interleave=False)
         with tf.GradientTape() as tape:
-            out = model.run_forward(x_rows, y_rows, training=True)
-            per_row = tf.reshape(out["surrogate"], [num_draws, batch])
-            if sample_weight is not None:
-                weight = tf.reshape(tf.cast(sample_weight, per_row.dtype), [1, batch])
-                per_row = per_row * weight
+            out = model.run_forward(x_rows, y_rows, training=True, sample_weight=w_rows)
+            per_row = tf.reshape(out["surrogate"], [num_draws, -1])
+            if out["weights"] is not None:
+                per_row *= tf.reshape(tf.cast(out["weights"], per_row.dtype), [num_draws, -1])
             per_draw = tf.reduce_mean(per_row, axis=1)
         return tape.jacobian(per_draw, variables, experimental_use_pfor=True)
 

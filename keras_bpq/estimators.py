@@ -15,6 +15,7 @@ interface:
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -31,6 +32,13 @@ class NodeStep:
     # Critic Q_X = sum_c Q^c_X: values [batch, A, *event] -> [batch, A]. Not
     # stop-gradient (estimators add it). None for critic-free estimators.
     q: object = None
+    num_samples: int = 1  # consecutive rows that are draws for one example
+    # values [batch, A, *event] -> [batch, A]: realised c_X with the node forced.
+    rerun: object = None
+
+    def seed(self):
+        """A fresh int32 stateless seed from the node's seed generator."""
+        return tf.cast(self.record.layer.seed_generator.next(), tf.int32)
 
 
 class Estimator:
@@ -40,7 +48,7 @@ class Estimator:
     keeps_gradient = False
     needs_critic = False
 
-    def check(self, info):
+    def check(self, info, num_samples=1):
         """Raises a ValueError naming the node if this estimator cannot serve it."""
 
     def create_state(self, info, add_weight):
@@ -109,7 +117,7 @@ class Reparam(Estimator):
     name = "reparam"
     keeps_gradient = True
 
-    def check(self, info):
+    def check(self, info, num_samples=1):
         if not info.reparameterized:
             raise ValueError(
                 f"Estimator 'reparam' cannot serve node {info.name!r}: its "
@@ -186,7 +194,7 @@ class CriticCV(Estimator):
     name = "critic_cv"
     needs_critic = True
 
-    def check(self, info):
+    def check(self, info, num_samples=1):
         _check_local(self.name, info)
 
     def surrogate(self, step):
@@ -211,7 +219,7 @@ class CriticAdvantage(Estimator):
     name = "critic"
     needs_critic = True
 
-    def check(self, info):
+    def check(self, info, num_samples=1):
         _check_local(self.name, info)
 
     def surrogate(self, step):
@@ -239,7 +247,7 @@ class Pathwise(Estimator):
     name = "pathwise"
     needs_critic = True
 
-    def check(self, info):
+    def check(self, info, num_samples=1):
         if not info.reparameterized:
             raise ValueError(
                 f"Estimator 'pathwise' cannot serve node {info.name!r}: its "
@@ -257,31 +265,285 @@ class Pathwise(Estimator):
         return tf.reduce_sum(_flat(slope * record.raw_sample), axis=1)
 
 
+def _slope_surrogate(step, value):
+    """`sg[dQ/dv](v) . v`: the gradient of `Q(v, sg[s])` through `v` only, so the
+    critic's (or an exact head's re-run) own parameters get no gradient."""
+    point = tf.stop_gradient(value)
+    with tf.GradientTape() as tape:
+        tape.watch(point)
+        q = tf.reduce_sum(step.q(point[:, None]))
+    slope = tf.stop_gradient(tape.gradient(q, point))
+    return tf.reduce_sum(_flat(slope * value), axis=1)
+
+
+def _unit_probability(step):
+    """`p = sigmoid(logits)`, flattened to `[batch, units]` (with gradient)."""
+    return tf.sigmoid(_flat(tf.cast(step.record.params, tf.float32)))
+
+
+def _uniform_given_sample(step, sample, p):
+    """Uniform noise `u` consistent with a Bernoulli sample `b = 1[u > 1 - p]`:
+    `u ~ U(1 - p, 1)` where `b = 1`, `U(0, 1 - p)` where `b = 0`."""
+    v = tf.random.stateless_uniform(tf.shape(sample), seed=step.seed())
+    return sample * (1.0 - p + v * p) + (1.0 - sample) * v * (1.0 - p)
+
+
+class LocalExpectation(Estimator):
+    """Exact local expectation under the critic (Titsias and Lazaro-Gredilla).
+
+    `L_X = sum_u sum_{x'_u} p_u(x'_u) sg[Q(x'_u, x_-u, s)]`: for each unit, the
+    sum over its outcomes with the other units held at their sampled values
+    (one categorical unit sums every outcome). Unbiased when `Q` is exact; no
+    score-function term, so its variance is only that of the other units.
+    """
+
+    name = "local_expectation"
+    needs_critic = True
+
+    def check(self, info, num_samples=1):
+        _check_local(self.name, info)
+
+    def surrogate(self, step):
+        q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
+        return current * tf.stop_gradient(q_x) + tf.reduce_sum(
+            tf.where(weights > 0, weights * tf.stop_gradient(q_alt), 0.0), axis=1
+        )
+
+
+class Expected(LocalExpectation):
+    """The whole support of a small categorical node: `L_X = sum_k p_k sg[Q(e_k, s)]`.
+    Unbiased when `Q` is exact."""
+
+    name = "expected"
+
+    def check(self, info, num_samples=1):
+        if info.local_kind != "categorical":
+            raise ValueError(
+                f"Estimator 'expected' cannot serve node {info.name!r}: it sums a "
+                f"Categorical node's outcomes, not a {info.distribution} node's. Use "
+                "'local_expectation' or 'critic_cv'."
+            )
+        if info.event_shape[-1] > MAX_SUPPORT:
+            raise ValueError(
+                f"Estimator 'expected' cannot serve node {info.name!r}: its "
+                f"{info.event_shape[-1]} outcomes exceed {MAX_SUPPORT} critic "
+                "evaluations per example. Use 'rloo' or 'reinforce'."
+            )
+
+
+class RLOO(Estimator):
+    """Leave-one-out over `K = num_samples` draws per example (Kool et al. 2019).
+
+    `L_X = log p(x_k) * sg[c_X,k - mean_{j != k} c_X,j]` for each draw `k`;
+    the baseline uses only the other draws, so it is unbiased.
+    """
+
+    name = "rloo"
+
+    def check(self, info, num_samples=1):
+        if num_samples < 2:
+            raise ValueError(
+                f"Estimator 'rloo' for node {info.name!r} needs several draws per "
+                "example: compile(num_samples=K) with K >= 2."
+            )
+
+    def surrogate(self, step):
+        k = step.num_samples
+        costs = tf.reshape(step.downstream, [-1, k])
+        others = (tf.reduce_sum(costs, axis=1, keepdims=True) - costs) / (k - 1.0)
+        advantage = tf.reshape(tf.stop_gradient(costs - others), [-1])
+        return step.record.log_prob() * advantage
+
+
+class DisARM(Estimator):
+    """DisARM for binary nodes (Dong, Mnih and Tucker 2020).
+
+    With `u` the uniform noise behind the sample `b = 1[u > 1 - p]` and the
+    antithetic `b~ = 1[u < p]`, the gradient with respect to the logits is
+    `1/2 (f(b) - f(b~)) (-1)^{b~} 1[b != b~] sigmoid(|logits|)` per unit, where
+    `f` is the realised downstream cost; `f(b~)` re-runs the downstream graph
+    with the node forced to `b~`. Unbiased.
+    """
+
+    name = "disarm"
+
+    def check(self, info, num_samples=1):
+        if info.local_kind != "binary":
+            raise ValueError(
+                f"Estimator 'disarm' cannot serve node {info.name!r}: it needs a "
+                f"Bernoulli node, not {info.distribution}."
+            )
+
+    def surrogate(self, step):
+        record = step.record
+        b = _flat(record.sample)
+        logits = _flat(tf.cast(record.params, tf.float32))
+        p = tf.stop_gradient(tf.sigmoid(logits))
+        u = _uniform_given_sample(step, b, p)
+        b_anti = tf.cast(u < p, b.dtype)
+        f_anti = step.rerun(tf.reshape(b_anti, tf.shape(record.sample))[:, None])[:, 0]
+        weight = (
+            tf.where(tf.equal(b_anti, 1.0), -1.0, 1.0)
+            * tf.cast(tf.not_equal(b, b_anti), b.dtype)
+            * tf.sigmoid(tf.abs(logits))
+        )
+        grad = tf.stop_gradient(0.5 * (step.downstream - f_anti)[:, None] * weight)
+        return tf.reduce_sum(grad * logits, axis=1)
+
+
+class Gumbel(Estimator):
+    """Concrete / Gumbel-softmax relaxation through the critic (biased by design).
+
+    `L_X = sg[dQ/dv](v) . v` with `v = softmax((logits + g) / t)` (a categorical
+    node, Gumbel noise `g`) or `sigmoid((logits + logistic noise) / t)` (a
+    Bernoulli node); `straight_through=True` evaluates `Q` at the hard value
+    `h = onehot(argmax v)` (or `v > 1/2`) and passes the gradient of `v`. The
+    temperature `t` is a variable annealed as `t <- max(min_temperature,
+    t * anneal_rate)` after every step.
+    """
+
+    name = "gumbel"
+    needs_critic = True
+
+    def __init__(self, temperature=0.5, straight_through=False, anneal_rate=1.0, min_temperature=0.1):
+        self.temperature = float(temperature)
+        self.straight_through = bool(straight_through)
+        self.anneal_rate = float(anneal_rate)
+        self.min_temperature = float(min_temperature)
+
+    def check(self, info, num_samples=1):
+        _check_local(self.name, info)
+
+    def create_state(self, info, add_weight):
+        return {
+            "temperature": add_weight(
+                f"{info.name}_temperature", (), "float32",
+                initializer=keras.initializers.Constant(self.temperature),
+            )
+        }
+
+    def relaxed(self, step):
+        record = step.record
+        t = step.state["temperature"]
+        if step.info.local_kind == "binary":
+            logits = tf.cast(record.params, tf.float32)
+            u = tf.random.stateless_uniform(tf.shape(logits), seed=step.seed(), minval=1e-6, maxval=1 - 1e-6)
+            soft = tf.sigmoid((logits + tf.math.log(u) - tf.math.log1p(-u)) / t)
+            hard = tf.cast(soft > 0.5, soft.dtype)
+        else:
+            logits = record.layer.distribution(record.params, record.mask).logits
+            g = -tf.math.log(-tf.math.log(
+                tf.random.stateless_uniform(tf.shape(logits), seed=step.seed(), minval=1e-6, maxval=1 - 1e-6)))
+            soft = tf.nn.softmax((logits + g) / t)
+            hard = tf.one_hot(tf.argmax(soft, axis=-1), tf.shape(soft)[-1])
+        if self.straight_through:
+            return hard + soft - tf.stop_gradient(soft)
+        return soft
+
+    def surrogate(self, step):
+        return _slope_surrogate(step, self.relaxed(step))
+
+    def update(self, step):
+        t = step.state["temperature"]
+        t.assign(tf.maximum(self.min_temperature, t * self.anneal_rate))
+
+    def get_config(self):
+        return {
+            "temperature": self.temperature,
+            "straight_through": self.straight_through,
+            "anneal_rate": self.anneal_rate,
+            "min_temperature": self.min_temperature,
+        }
+
+
+class Relax(Estimator):
+    """RELAX for binary nodes (Grathwohl et al. 2018), with the critic on relaxed
+    inputs as the control variate `c(z) = Q(sigmoid(z / t), s)`:
+
+    `g = [f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)`, where `z = logits +
+    logit(u)` is the relaxed sample behind `b = H(z)` and `z~ ~ p(z | b)` is
+    reparameterised given `b` (REBAR). The realised downstream cost `f(b)` is
+    the signal, so it is unbiased whatever the critic's state.
+    """
+
+    name = "relax"
+    needs_critic = True
+
+    def __init__(self, temperature=0.5):
+        self.temperature = float(temperature)
+
+    def check(self, info, num_samples=1):
+        if info.local_kind != "binary":
+            raise ValueError(
+                f"Estimator 'relax' cannot serve node {info.name!r}: it needs a "
+                f"Bernoulli node, not {info.distribution}."
+            )
+
+    def surrogate(self, step):
+        record = step.record
+        b = _flat(record.sample)
+        logits = _flat(tf.cast(record.params, tf.float32))
+        p = tf.sigmoid(logits)
+        shape = tf.shape(record.sample)
+        eps = 1e-6
+        u = tf.clip_by_value(tf.stop_gradient(_uniform_given_sample(step, b, p)), eps, 1 - eps)
+        z = logits + tf.math.log(u) - tf.math.log1p(-u)
+        u_cond = tf.clip_by_value(_uniform_given_sample(step, b, p), eps, 1 - eps)
+        z_cond = logits + tf.math.log(u_cond) - tf.math.log1p(-u_cond)
+
+        def relaxed(value):
+            return tf.reshape(tf.sigmoid(value / self.temperature), shape)
+
+        c_cond = tf.stop_gradient(step.q(relaxed(z_cond)[:, None])[:, 0])
+        score = record.log_prob() * tf.stop_gradient(step.downstream - c_cond)
+        return score + _slope_surrogate(step, relaxed(z)) - _slope_surrogate(step, relaxed(z_cond))
+
+    def get_config(self):
+        return {"temperature": self.temperature}
+
+
 ESTIMATORS = {
-    cls.name: cls for cls in (Reinforce, Reparam, CriticCV, CriticAdvantage, Pathwise)
+    cls.name: cls
+    for cls in (
+        Reinforce, Reparam, CriticCV, CriticAdvantage, Pathwise, LocalExpectation,
+        Expected, RLOO, DisARM, Gumbel, Relax,
+    )
 }
 
+# The largest categorical support that estimators summing over every outcome
+# accept (they evaluate the critic once per outcome).
+MAX_SUPPORT = 1024
 
-def auto_name(info):
-    """The default estimator for a node (DESIGN.md §2): `reparam` for
-    reparameterised nodes, `critic_cv` for Bernoulli and Categorical nodes
-    (unbiased whatever the critic's state), `reinforce` otherwise."""
+
+def auto_name(info, num_samples=1):
+    """The default estimator for a node (DESIGN.md §2). Only estimators that
+    stay unbiased whatever the critic's state are chosen:
+
+    * `reparam` for reparameterised nodes;
+    * `critic_cv` for Bernoulli nodes and Categorical nodes with at most
+      `MAX_SUPPORT` outcomes (exact sums over each unit's outcomes);
+    * otherwise `rloo` when `num_samples >= 2`, else `reinforce`.
+    """
     if info.reparameterized:
         return "reparam"
-    return "critic_cv" if info.local_kind is not None else "reinforce"
+    if info.local_kind == "binary" or (
+        info.local_kind == "categorical" and info.event_shape[-1] <= MAX_SUPPORT
+    ):
+        return "critic_cv"
+    return "rloo" if num_samples >= 2 else "reinforce"
 
 
-def get(identifier, info):
+def get(identifier, info, num_samples=1):
     """Resolves a name, `"auto"` or an `Estimator` instance for one node."""
     if isinstance(identifier, Estimator):
         estimator = identifier
     else:
-        name = auto_name(info) if identifier in (None, "auto") else identifier
+        name = auto_name(info, num_samples) if identifier in (None, "auto") else identifier
         if name not in ESTIMATORS:
             raise ValueError(
                 f"Unknown estimator {identifier!r} for node {info.name!r}. Choose one "
                 f"of {sorted(ESTIMATORS)} or 'auto'."
             )
         estimator = ESTIMATORS[name]()
-    estimator.check(info)
+    estimator.check(info, num_samples)
     return estimator

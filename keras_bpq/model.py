@@ -131,6 +131,7 @@ class BackpropQModel(keras.Model):
         self._scg = None
         self._scg_spec = None
         self._contexts = {}
+        self._num_samples = 1
         self._node_estimators = None
         self._estimator_option = "auto"
         self._compiled_losses = costs_lib.CompiledLosses(None)
@@ -179,6 +180,7 @@ class BackpropQModel(keras.Model):
         critics=None,
         contexts=None,
         actor_reads="target",
+        num_samples=1,
         **kwargs,
     ):
         """Configures training.
@@ -206,6 +208,8 @@ class BackpropQModel(keras.Model):
             value the node's costs depend on) is an error here.
           actor_reads: `"target"` (the Polyak copies, default) or `"online"`:
             the critic copy that the actor's estimators evaluate.
+          num_samples: draws per example in every step (`rloo` needs >= 2;
+            other estimators see a `num_samples` times larger batch).
           **kwargs: passed on to `keras.Model.compile` (`metrics`,
             `steps_per_execution`, `jit_compile`, `run_eagerly`, ...).
         """
@@ -227,6 +231,9 @@ class BackpropQModel(keras.Model):
             critic_target, critic_lambda, tau, target_update_period, critic_steps,
             critic_warmup_steps, critic_hidden_units, critics, actor_reads,
         )
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be at least 1; got {num_samples}.")
+        self._num_samples = int(num_samples)
         self._compiled_losses = costs_lib.CompiledLosses(loss)
         self._estimator_option = estimator
         contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
@@ -376,7 +383,7 @@ class BackpropQModel(keras.Model):
                 choice = choice or layer.estimator or "auto"
             else:
                 choice = layer.estimator or option
-            resolved[info.name] = estimators_lib.get(choice, info)
+            resolved[info.name] = estimators_lib.get(choice, info, self._num_samples)
         if self._node_estimators is not None and self.machinery.built:
             for name, est in resolved.items():
                 if est.name != self._node_estimators[name].name:
@@ -452,14 +459,24 @@ class BackpropQModel(keras.Model):
         total = tf.add_n([costs[name] for name in scg.costs])
         return y_pred, costs, total, {r.name: r for r in rec.nodes}
 
-    def run_forward(self, x, y=None, training=True):
+    def run_forward(self, x, y=None, training=True, sample_weight=None):
         """A recorded forward pass and its surrogate loss.
 
+        With `compile(num_samples=K)` every example is repeated `K` times
+        (consecutive rows), so every row below is one (example, draw) pair.
         Returns a dict with `y_pred`, `costs`, `total` (see `record_forward`),
-        `records`, `surrogate` (`[batch]`: `total + sum_X L_X`, whose gradient
-        estimates `grad J`) and `steps`, the per-node `estimators.NodeStep`s.
+        `records`, `surrogate` (`[rows]`: `total + sum_X L_X`, whose gradient
+        estimates `grad J`), `weights` (the per-row sample weights or None),
+        `x`, `y` (the repeated inputs) and `steps`, the per-node
+        `estimators.NodeStep`s.
         """
         scg = self.scg(x)
+        num_samples = self._num_samples
+        if num_samples > 1:
+            repeat = lambda t: tf.repeat(t, num_samples, axis=0)  # noqa: E731
+            x = tf.nest.map_structure(repeat, x)
+            y = None if y is None else tf.nest.map_structure(repeat, y)
+            sample_weight = None if sample_weight is None else repeat(sample_weight)
         y_pred, costs, total, records = self.record_forward(x, y, training=training)
         steps = {}
         surrogate = total
@@ -477,6 +494,8 @@ class BackpropQModel(keras.Model):
                 state=self.machinery.node_state[info.name],
                 mean=_batch_mean,
                 q=q,
+                num_samples=num_samples,
+                rerun=self._rerun_fn(info, x, y, records),
             )
             steps[info.name] = step
             if info.costs:
@@ -487,6 +506,9 @@ class BackpropQModel(keras.Model):
             "total": total,
             "records": records,
             "surrogate": surrogate,
+            "weights": sample_weight,
+            "x": x,
+            "y": y,
             "steps": steps,
         }
 
@@ -536,6 +558,29 @@ class BackpropQModel(keras.Model):
         if missing:
             raise ValueError(f"Node {info.name!r} has no critic for costs {missing}.")
         return heads
+
+    def _rerun_fn(self, info, x, y, records):
+        """`values [rows, A, *event] -> [rows, A]`: the node's realised downstream
+        cost `c_X` with the node forced to each value, the earlier samples held
+        and the later nodes sampled afresh (one batched forward pass)."""
+
+        def rerun(values):
+            num = values.shape[1]
+            repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
+            position = self._scg.node_names.index(info.name)
+            forced = {n: repeat(records[n].sample) for n in self._scg.node_names[:position]}
+            forced[info.name] = tf.reshape(values, [-1] + list(values.shape[2:]))
+            _, costs, _, _ = self.record_forward(
+                tf.nest.map_structure(repeat, x),
+                None if y is None else tf.nest.map_structure(repeat, y),
+                training=True,
+                forced=forced,
+                keep_gradient=(),
+            )
+            downstream = tf.add_n([costs[c] for c in info.costs])
+            return tf.reshape(downstream, [tf.shape(values)[0], num])
+
+        return rerun
 
     def _critic_fn(self, info, x, y, records, costs, target):
         def q(values):
@@ -636,16 +681,16 @@ class BackpropQModel(keras.Model):
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
         with tf.GradientTape() as tape:
-            out = self.run_forward(x, y, training=True)
-            surrogate = _weighted_mean(out["surrogate"], sample_weight)
+            out = self.run_forward(x, y, training=True, sample_weight=sample_weight)
+            surrogate = _weighted_mean(out["surrogate"], out["weights"])
         grads = tape.gradient(surrogate, actor_variables)
         status = self._step_status(scg, out["costs"], grads)
         warmup = self._critic_options.warmup
-        critics = self._evaluate_critics(out, x, y, with_gradient=True)
+        critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
 
         def apply():
             if critics is not None:
-                self._update_critics(critics, out, x)
+                self._update_critics(critics, out, out["x"])
 
             def actor():
                 self.optimizer.apply(grads, actor_variables)
@@ -664,13 +709,13 @@ class BackpropQModel(keras.Model):
         tf.cond(tf.equal(status, 0), apply, lambda: tf.constant(0))
         previous = self.machinery.status
         previous.assign(tf.where(tf.equal(previous, 0), status, previous))
-        return self._update_metrics(x, y, out, sample_weight, critics)
+        return self._update_metrics(out, critics)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        out = self.run_forward(x, y, training=False)
-        critics = self._evaluate_critics(out, x, y, with_gradient=False)
-        return self._update_metrics(x, y, out, sample_weight, critics)
+        out = self.run_forward(x, y, training=False, sample_weight=sample_weight)
+        critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=False)
+        return self._update_metrics(out, critics)
 
     def _step_status(self, scg, costs, grads):
         """0 when every cost and gradient is finite, else the 1-based index of the
@@ -701,7 +746,8 @@ class BackpropQModel(keras.Model):
             f"skipped, so the weights hold their last finite values. {fix}"
         )
 
-    def _update_metrics(self, x, y, out, sample_weight, critics=None):
+    def _update_metrics(self, out, critics=None):
+        x, y, sample_weight = out["x"], out["y"], out["weights"]
         total = out["total"]
         self._loss_tracker.update_state(
             _weighted_mean(total, sample_weight), sample_weight=tf.shape(total)[0]
