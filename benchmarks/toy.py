@@ -23,9 +23,11 @@ Measured per t and estimator (reinforce, critic, critic_cv):
    with the baseline set to the exact E[cost], the value its EMA tracks.
 2. Training with Adam from theta = 0 until p(b=1) < --threshold, checked every
    --check_every steps (also the compiled steps_per_execution), capped at
-   --max_steps; several seeds.
-3. Speed: wall time of each `estimate_gradients` call, and training steps/s
-   over a fixed --throughput_steps run after training.
+   --max_steps; several seeds. Two reinforce references are trained too
+   (--reinforce_references): a preset ("warm") EMA baseline, and no baseline.
+3. Speed: wall time of each `estimate_gradients` call (and its growth with
+   num_draws, --scaling_draws), and training steps/s from interleaved timed
+   runs of --throughput_steps steps after training.
 
     python benchmarks/toy.py                 # writes benchmarks/results/toy.{json,md}
     python benchmarks/toy.py --seeds=0,1 --max_steps=5000 --out_dir=/tmp/toy
@@ -73,7 +75,16 @@ flags.DEFINE_float("learning_rate", 0.01, "Adam learning rate.")
 flags.DEFINE_integer("batch_size", 1, "Training batch size.")
 flags.DEFINE_integer("check_every", 25, "Check p(b=1) every this many steps (= steps_per_execution).")
 flags.DEFINE_float("threshold", 0.05, "Training stops once p(b=1) falls below this.")
-flags.DEFINE_integer("throughput_steps", 10000, "Steps of the timed throughput run per estimator.")
+flags.DEFINE_integer("throughput_steps", 3000, "Steps of each timed throughput run.")
+flags.DEFINE_integer(
+    "throughput_repeats", 5,
+    "Interleaved rounds of throughput runs (one per estimator and t each); the best is reported.",
+)
+flags.DEFINE_list(
+    "scaling_draws", ["20", "2000", "8000", "32000"],
+    "num_draws values at which one estimate_gradients call is timed (reinforce, t = first "
+    "target, theta = 0); empty to skip.",
+)
 flags.DEFINE_integer("variance_seed", 1234, "Seed of the gradient-variance draws.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where toy.json, toy.md and plots go.")
 flags.DEFINE_bool("plots", True, "Write PNG plots (skipped if matplotlib is missing).")
@@ -114,12 +125,15 @@ def closed_form_draws(estimator, t, theta, baseline=0.0):
     if estimator == "critic_cv":
         g = p * (1.0 - p) * (c1 - c0)
         return g, g
-    raise ValueError(estimator)
+    return None  # no closed form here for other estimators
 
 
 def closed_form_variance(estimator, t, theta, baseline=0.0):
     p = sigmoid(theta)
-    g1, g0 = closed_form_draws(estimator, t, theta, baseline)
+    draws = closed_form_draws(estimator, t, theta, baseline)
+    if draws is None:
+        return None
+    g1, g0 = draws
     mean = p * g1 + (1.0 - p) * g0
     return max(0.0, p * g1**2 + (1.0 - p) * g0**2 - mean**2)
 
@@ -215,10 +229,11 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
             mean, std = float(g.mean()), float(g.std(ddof=1))
             exact = exact_gradient(t32, theta)
             se = std / math.sqrt(len(g))
-            # float32 rounding: the draws of a zero-variance estimator differ from
-            # the exact value (and from each other) by ~1e-7 relative.
-            rounding = 1e-5 * abs(exact) + 1e-9
+            # float32 rounding: costs near 0.25 carry ~3e-8 absolute error, and the
+            # gap c1 - c0 = 0.002 (t = 0.499) loses ~4 digits to cancellation.
+            rounding = 1e-5 * abs(exact) + 1e-7
             zero_variance = std <= rounding
+            variance_cf = closed_form_variance(estimator, t32, theta, baseline)
             rows.append(
                 {
                     "t": t,
@@ -231,7 +246,7 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
                     "mean": mean,
                     "std": std,
                     "variance": std**2,
-                    "variance_closed_form": closed_form_variance(estimator, t32, theta, baseline),
+                    "variance_closed_form": variance_cf,
                     "gradient_variance_diagnostic": diagnostics.gradient_variance([draws]),
                     "exact": exact,
                     "exact_decimal_t": exact_gradient(t, theta),
@@ -242,11 +257,28 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
                     "within_4_se": bool(abs(mean - exact) <= 4.0 * se + rounding),
                     "zero_variance": bool(zero_variance),
                     "snr": None if zero_variance else abs(mean) / std,
+                    "snr_closed_form": (
+                        None if variance_cf is None or variance_cf <= (1e-6 * abs(exact)) ** 2
+                        else abs(exact) / math.sqrt(variance_cf)
+                    ),
                     "estimate_seconds": seconds,
                     "distinct_values": int(len(np.unique(draws))),
                 }
             )
     return rows, summary_text(model)
+
+
+def measure_scaling(t, draws_list, seed):
+    """Wall time of one estimate_gradients call (trace included) against num_draws."""
+    model = build_model(t, "reinforce", seed, 0.01, 1)
+    x = np.ones((1, 1), np.float32)
+    rows = []
+    for num_draws in draws_list:
+        start = time.perf_counter()
+        diagnostics.estimate_gradients(model, x, num_draws=num_draws)
+        rows.append({"num_draws": num_draws, "seconds": time.perf_counter() - start})
+        print(f"estimate_gradients, {num_draws} draws: {rows[-1]['seconds']:.2f}s", flush=True)
+    return rows
 
 
 # -- 2./3. training --------------------------------------------------------------
@@ -289,12 +321,38 @@ def train(t, config, seed, args):
     return result, model, data
 
 
-def throughput(model, data, steps, k):
+def throughput(models, steps, k, repeats):
+    """Steps/s of already-traced models: `repeats` rounds, each timing one `fit` of
+    `steps` steps per model in turn, so that load from other jobs hits every model
+    alike; the best round per model is reported."""
     steps = int(math.ceil(steps / k) * k)
-    start = time.perf_counter()
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-    seconds = time.perf_counter() - start
-    return {"steps": steps, "seconds": seconds, "steps_per_second": steps / seconds}
+    seconds = {key: [] for key in models}
+    cpu = {key: [] for key in models}
+    for _ in range(repeats):
+        for key, (model, data) in models.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+            seconds[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+    out = {}
+    for key, times in seconds.items():
+        rates = [steps / x for x in times]
+        out[key] = {
+            "steps": steps,
+            "seconds": times,
+            "cpu_seconds": cpu[key],
+            "steps_per_second_each": rates,
+            "steps_per_second": max(rates),
+            "steps_per_second_median": float(np.median(rates)),
+            "microseconds_per_step": 1e6 / max(rates),
+            "cpu_microseconds_per_step": 1e6 * min(cpu[key]) / steps,
+        }
+        print(
+            f"{key:28s} {max(rates):.0f} steps/s (best of {repeats}), "
+            f"{out[key]['cpu_microseconds_per_step']:.0f} CPU us/step",
+            flush=True,
+        )
+    return out
 
 
 # -- reporting -------------------------------------------------------------------
@@ -328,16 +386,19 @@ def row_name(row):
 def variance_table(rows):
     lines = [
         "| estimator | theta | p(b=1) | mean | std | variance | variance (closed form) | exact "
-        "| SNR | z | within 4 SE | estimate time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SNR | SNR (closed form) | z | within 4 SE | estimate time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         snr = "inf (zero variance)" if r["snr"] is None else fmt(r["snr"])
+        snr_cf = fmt(r["snr_closed_form"])
+        if r["snr_closed_form"] is None and r["variance_closed_form"] is not None:
+            snr_cf = "inf"
         z = "-" if r["z"] is None else f"{r['z']:.2f}"
         lines.append(
             f"| {row_name(r)} | {r['theta']:g} | {r['p']:.3f} | {fmt(r['mean'], 4)} | {fmt(r['std'])} "
             f"| {fmt(r['variance'])} | {fmt(r['variance_closed_form'])} | {fmt(r['exact'], 4)} | {snr} "
-            f"| {z} | {'yes' if r['within_4_se'] else 'NO'} | {r['estimate_seconds']:.2f} |"
+            f"| {snr_cf} | {z} | {'yes' if r['within_4_se'] else 'NO'} | {r['estimate_seconds']:.2f} |"
         )
     return lines
 
@@ -348,11 +409,17 @@ def speed_text(speed, config):
     return "(as reinforce)"
 
 
+def cpu_text(speed, config):
+    if config in speed:
+        return f"{speed[config]['cpu_microseconds_per_step']:.0f}"
+    return "(as reinforce)"
+
+
 def training_table(runs_by_config, speed, max_steps):
     lines = [
         "| estimator | median steps | steps per seed | final p(b=1) per seed | steps/s "
-        "| wall time per seed (s) |",
-        "|---|---|---|---|---|---|",
+        "| CPU us/step | wall time per seed (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for config, runs in runs_by_config.items():
         per_seed = ", ".join(str(r["steps"]) if r["reached"] else f">{r['steps_run']}" for r in runs)
@@ -361,7 +428,7 @@ def training_table(runs_by_config, speed, max_steps):
         name = config if config not in REFERENCES else f"{config} (reference)"
         lines.append(
             f"| {name} | {steps_text(median_steps(runs), max_steps)} | {per_seed} | {finals} "
-            f"| {speed_text(speed, config)} | {times} |"
+            f"| {speed_text(speed, config)} | {cpu_text(speed, config)} | {times} |"
         )
     return lines
 
@@ -480,6 +547,24 @@ def write_markdown(results, path):
     max_steps = s["max_steps"]
     m = results["machine"]
     v = results["versions"]
+    enum_error = max(
+        (abs(r["exact"] - r["exact_enumeration"]) / abs(r["exact"]) for r in results["variance"]),
+        default=0.0,
+    )
+    load = ""
+    if "load_average_at_start" in m:
+        start_load, end_load = m["load_average_at_start"][0], m.get("load_average_at_end", [0])[0]
+        load = (
+            f" 1-minute load average {start_load:g} at the start and {end_load:g} at the end on "
+            f"{m['cpu_count']} cores"
+        )
+        if max(start_load, end_load) > 0.75 * (m["cpu_count"] or 1):
+            load += (
+                ": the machine was shared with other jobs, so wall times and steps/s are noisy "
+                "(the best of the repeated throughput runs is shown)."
+            )
+        else:
+            load += "."
     lines = [
         "## REBAR toy",
         "",
@@ -498,19 +583,20 @@ def write_markdown(results, path):
         f"TFP {v['tensorflow_probability']}, keras_bpq {v['keras_bpq']}"
         + (f" (commit {v['git_commit']})" if "git_commit" in v else "")
         + f". Total run time {results['total_seconds']:.0f} s (plus about "
-        f"{results['import_seconds']:.0f} s of imports).",
+        f"{results['import_seconds']:.0f} s of imports)." + load,
         "",
         "Settings:",
         f"* Gradient variance: `keras_bpq.diagnostics.estimate_gradients(model, x, "
         f"num_draws={s['num_draws']})` with `x` a single row (batch size 1), at theta in "
         f"{{{', '.join(f'{x:g}' for x in s['thetas'])}}}. SNR = |mean| / std of the per-draw "
-        "gradient; z = |mean - exact| / standard error; \"within 4 SE\" also allows 1e-5 "
-        "relative + 1e-9 absolute for float32 rounding, and an estimator whose std is below that "
-        "is reported as zero variance. The exact gradient is computed for the float32 value of t "
-        "that the graph holds (0.499 is stored as 0.49900001, which moves the exact gradient by "
-        "1.3e-5 relative); it matches `diagnostics.exact_gradients` (enumeration) in every row "
-        "(see `toy.json`). The closed-form variances follow from the per-draw values given b = 1 "
-        "and b = 0. Estimate time: one `estimate_gradients` call of all draws, including its "
+        "gradient; SNR (closed form) = |exact| / closed-form std; z = |mean - exact| / standard "
+        "error; \"within 4 SE\" also allows 1e-5 relative + 1e-7 absolute for float32 rounding, "
+        "and an estimator whose std is below that is reported as zero variance. The exact "
+        "gradient is the closed form for the float32 value of t that the graph holds (0.499 is "
+        "stored as 0.49900001, which moves the exact gradient by 1.3e-5 relative); "
+        f"`diagnostics.exact_gradients` (enumeration, float32) agrees with it to {enum_error:.1e} "
+        "relative or better in every row. The closed-form variances follow from the per-draw "
+        "values given b = 1 and b = 0. Estimate time: one `estimate_gradients` call of all draws, including its "
         "tf.function trace (it builds a new tf.function on every call).",
         "* `reinforce` is the package's score function with an EMA baseline (decay 0.99, bias "
         "corrected; the baseline never sees the current batch, so step 1 uses baseline 0). A "
@@ -527,9 +613,13 @@ def write_markdown(results, path):
         "`reinforce` with its EMA state preset to E[c] at theta = 0 (as if the baseline had "
         "been warmed up), `reinforce_no_baseline` holds the baseline at 0 (a subclass of "
         "`keras_bpq.estimators.Reinforce`).",
-        f"* Steps/s: a separate timed `fit` of {s['throughput_steps']} steps per estimator and t, "
-        "right after the seed-0 run (tracing excluded; one `fit` call, callbacks included). "
-        "Wall time per seed includes the first trace of the training step.",
+        f"* Steps/s: after all training, {s['throughput_repeats']} interleaved rounds in which "
+        f"each estimator's seed-0 model (one per t, already traced) runs a timed `fit` of "
+        f"{s['throughput_steps']} more steps; the best round is shown (callbacks included; every "
+        "round is in `toy.json`). Interleaving spreads load from other jobs over all "
+        "estimators alike. CPU us/step is the process CPU time (all threads) per step, the "
+        "least of the rounds: less sensitive to other jobs than wall time. The wall time per "
+        "seed includes the first trace of the training step.",
         "* **Q is exact here, not learned.** `b` is the cost's last stochastic ancestor, so "
         "`critic` and `critic_cv` use the cost itself, re-evaluated with `b` forced to 0 and to "
         "1, as Q (`scg_summary` shows `exact[cost]`); no critic network exists and the critic "
@@ -554,6 +644,18 @@ def write_markdown(results, path):
             *training_table(runs, speed, max_steps),
             "",
         ]
+    if results.get("estimate_scaling"):
+        lines += [
+            "### Cost of `estimate_gradients` against num_draws",
+            "",
+            f"One call each, `reinforce`, t = {s['targets'][0]}, theta = 0, batch of one row, "
+            "trace included (each call traces afresh):",
+            "",
+            "| num_draws | seconds |",
+            "|---|---|",
+            *[f"| {r['num_draws']} | {r['seconds']:.2f} |" for r in results["estimate_scaling"]],
+            "",
+        ]
     lines += ["### Reading", ""]
     lines += reading(results)
     for plot in results.get("plots", []):
@@ -565,14 +667,79 @@ def write_markdown(results, path):
 def reading(results):
     """The measured ranking per t; the interpretation is written in NOTES below."""
     s = results["settings"]
-    out = []
+    out = [
+        "The ranking lines are computed by the script; the notes after them were written "
+        "from the default run (`python benchmarks/toy.py`) and quote its numbers.",
+        "",
+    ]
     for t in s["targets"]:
         _, runs, _ = grouped(results, t)
         medians = {config: median_steps(r) for config, r in runs.items()}
         order = sorted(medians, key=lambda c: medians[c])
         ranking = "; ".join(f"{c} {steps_text(medians[c], s['max_steps'])}" for c in order)
         out.append(f"* Median steps to p(b=1) < {s['threshold']:g} at **t = {t}**: {ranking}.")
-    return out + NOTES
+    return out + NOTES[:-1] + cost_notes(results) + NOTES[-1:]
+
+
+def cost_notes(results):
+    """The timing notes, computed from this run's numbers."""
+    s = results["settings"]
+    speed = results.get("throughput", {})
+    parts = []
+    ratios = []
+    for t in s["targets"]:
+        base = speed.get(f"{t}/reinforce")
+        for config in ("critic", "critic_cv"):
+            other = speed.get(f"{t}/{config}")
+            if base and other:
+                ratios.append(
+                    other["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
+                )
+    if ratios:
+        rates = [v["steps_per_second"] for v in speed.values()]
+        text = (
+            "* **Cost per step.** The critic estimators re-run the forward pass with b forced to "
+            f"both outcomes. In this run a step of `critic` or `critic_cv` took "
+            f"{min(ratios):.2f}-{max(ratios):.2f} times the CPU time of a `reinforce` step "
+            f"(batch {s['batch_size']}, `steps_per_execution={s['steps_per_execution']}`); wall "
+            f"clock, all estimators ran at {min(rates):,.0f}-{max(rates):,.0f} steps/s. CPU "
+            "time to the threshold, median steps x CPU us/step:"
+        )
+        for t in s["targets"]:
+            _, runs, _ = grouped(results, t)
+            items = []
+            for config, config_runs in runs.items():
+                key = f"{t}/{package_name(config)}"
+                steps = median_steps(config_runs)
+                if key in speed and math.isfinite(steps):
+                    cpu = steps * speed[key]["cpu_microseconds_per_step"] * 1e-6
+                    items.append(f"{config} {cpu:.2f} s")
+                elif key in speed:
+                    items.append(f"{config} not reached")
+            text += f" t = {t}: " + ", ".join(items) + ";"
+        parts.append(text.rstrip(";") + " (the references at `reinforce`'s cost per step).")
+    times = [r["estimate_seconds"] for r in results["variance"]]
+    if times:
+        text = (
+            f"* **estimate_gradients.** One vectorised call of {s['num_draws']} draws took "
+            f"{min(times):.2f}-{max(times):.2f} s wall time, for every estimator, trace included."
+        )
+        scaling = results.get("estimate_scaling") or []
+        if len(scaling) >= 3:
+            (n1, t1), (n2, t2) = [(r["num_draws"], r["seconds"]) for r in scaling[-2:]]
+            exponent = math.log(t2 / t1) / math.log(n2 / n1)
+            text += (
+                f" In the scaling table {scaling[0]['num_draws']} draws cost "
+                f"{scaling[0]['seconds']:.2f} s (mostly tracing), and from {n1} to {n2} draws "
+                f"the time grew like num_draws^{exponent:.1f}."
+            )
+        parts.append(text)
+    return parts
+
+
+def package_name(config):
+    """The package estimator whose steps/s a training configuration shares."""
+    return "reinforce" if config in REFERENCES else config
 
 
 NOTES = [
@@ -582,19 +749,25 @@ NOTES = [
     "same for every seed. `critic` (the advantage `Q(b) - V`, V the exact expectation) gives "
     "(1-p)^2 (c1-c0) when b = 1 and p^2 (c1-c0) when b = 0: the same distribution as reinforce "
     "with the exact mean as baseline, zero variance at theta = 0 only, and never the wrong "
-    "sign. Measured variances match these closed forms, and every mean is within 4 standard "
-    "errors of the exact gradient.",
+    "sign. Measured variances agree with these closed forms within sampling error (a few "
+    "per cent at 2000 draws), and every mean is within 4 standard errors of the exact "
+    "gradient.",
     "* **t = 0.499.** The signal is (1 - 2t) p (1-p) = 5e-4 at theta = 0, against a per-draw "
-    "std of about 0.125 for reinforce without a baseline (SNR about 0.004, versus 0.2 at "
-    "t = 0.45): single estimates are almost pure noise and `reinforce_no_baseline` needs far "
-    "more steps (or does not get there in the budget). Every baselined estimator here removes "
-    "the part of the noise that does not scale with the cost gap, after which the problem is "
-    "the same at both t.",
-    "* **Adam hides the gradient's scale.** Adam divides by the running RMS of the gradient, "
-    "so with a constant baseline the whole training path is invariant to the cost gap: "
-    "`critic_cv`, `critic` and `reinforce_warm_baseline` take the same step counts at "
-    "t = 0.45 and t = 0.499 although the gradient is 50 times smaller. What matters is the "
-    "SNR, not the magnitude.",
+    "std of 0.125 for reinforce without a baseline: a true SNR of 0.004 (0.2 at t = 0.45). "
+    "The measured SNR of that row is mostly sampling noise: 2000 draws cannot resolve the "
+    "mean (standard error 0.0028, more than five times the signal), so read the closed-form "
+    "column there. Single estimates are almost pure noise, and "
+    "`reinforce_no_baseline` does not reach the threshold within the budget at t = 0.499 "
+    "(it needs several times more steps than the baselined estimators even at t = 0.45). "
+    "Every baselined estimator here removes the part of the noise that does not scale with "
+    "the cost gap, after which the problem is the same at both t.",
+    "* **Adam hides the gradient's scale.** For `critic_cv`, `critic` and "
+    "`reinforce_warm_baseline` every per-step gradient is exactly (1 - 2t) times a function "
+    "of theta and the draws (c = t^2 + b (1 - 2t), and the baselines move with it). Adam "
+    "divides by the running RMS of the gradient, so for a given seed it follows the same "
+    "path at both t (up to its epsilon and float32 rounding): the per-seed step counts are "
+    "identical at t = 0.45 and t = 0.499 although the gradient is 50 times smaller. What "
+    "matters is the SNR, not the magnitude.",
     "* **Why package `reinforce` is slower at t = 0.499.** On the first step its EMA baseline "
     "is still empty and reads 0, so that step's gradient is (b - p) c with c about 0.25: some "
     "250 times the later, baselined per-step gradients (about (b - p)(c1 - c0)/2). Adam's "
@@ -608,9 +781,7 @@ NOTES = [
     "constant baseline for one binary node is (1-p) c1 + p c0, which would even give zero "
     "variance; as p falls the EMA baseline lags above the current mean E[c], towards that "
     "value, which plausibly explains why warm `reinforce` can match or beat `critic`, whose "
-    "V is exactly E[c].) The extra cost of the critic estimators (one re-run of the forward "
-    "pass with b forced) is small next to the per-step overhead at this size; compare the "
-    "steps/s columns.",
+    "V is exactly E[c].) `reinforce_no_baseline` is last by far.",
     "* **Caveat.** This toy is the best case for the critic estimators: Q is the exact cost, "
     "not a learned network. It checks the estimators' algebra and their variance when Q is "
     "right; it says nothing about how fast a learned critic becomes right.",
@@ -628,7 +799,7 @@ def print_report(results):
             snr = "inf" if r["snr"] is None else f"{r['snr']:.3g}"
             z = "-" if r["z"] is None else f"{r['z']:.2f}"
             print(f"{row_name(r):32s} {r['theta']:6g} {r['mean']:11.4e} {r['std']:10.3e} "
-                  f"{r['variance']:10.3e} {r['variance_closed_form']:10.3e} {r['exact']:11.4e} "
+                  f"{r['variance']:10.3e} {fmt(r['variance_closed_form']):>10s} {r['exact']:11.4e} "
                   f"{snr:>9s} {z:>6s} {'ok' if r['within_4_se'] else 'NO':>4s} "
                   f"{r['estimate_seconds']:6.2f}")
         print(f"\n{'training':24s} {'median':>22s}  steps per seed | final p | steps/s")
@@ -665,6 +836,7 @@ def main(argv):
         "steps_per_execution": k,
         "threshold": FLAGS.threshold,
         "throughput_steps": FLAGS.throughput_steps,
+        "throughput_repeats": FLAGS.throughput_repeats,
         "variance_seed": FLAGS.variance_seed,
         "reinforce_baseline_decay": estimators_lib.Reinforce().decay,
     }
@@ -687,6 +859,7 @@ def main(argv):
         "batch_size": FLAGS.batch_size,
         "threshold": FLAGS.threshold,
     }
+    timed = {}
     for t in targets:
         for config in configs:
             if config not in REFERENCES:
@@ -701,10 +874,16 @@ def main(argv):
                     else f"not reached, p={run['final_p']:.3f}"
                 )
                 print(f"t={t} {config:24s} seed {seed}: {status} ({run['seconds']:.1f}s)", flush=True)
-                if seed == seeds[0] and config not in REFERENCES and FLAGS.throughput_steps > 0:
-                    speed = throughput(model, data, FLAGS.throughput_steps, k)
-                    results["throughput"][f"{t}/{config}"] = speed
-                    print(f"t={t} {config:24s} {speed['steps_per_second']:.0f} steps/s", flush=True)
+                if seed == seeds[0] and config not in REFERENCES:
+                    timed[f"{t}/{config}"] = (model, data)
+    if FLAGS.throughput_steps > 0 and FLAGS.throughput_repeats > 0:
+        results["throughput"] = throughput(
+            timed, FLAGS.throughput_steps, k, FLAGS.throughput_repeats
+        )
+    del timed
+    scaling_draws = [int(n) for n in FLAGS.scaling_draws]
+    if scaling_draws:
+        results["estimate_scaling"] = measure_scaling(targets[0], scaling_draws, FLAGS.variance_seed)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     if FLAGS.plots:
         results["plots"] = make_plots(results, FLAGS.out_dir)

@@ -12,6 +12,7 @@ Data: scikit-learn's 8x8 digits (shipped with the wheel, no download),
 dynamically binarised in the tf.data pipeline.
 
     python examples/sbn.py --steps=10000 --estimator=auto
+    python examples/sbn.py --export_dir=serving/sbn/1  # then serve it (README)
 """
 
 import time
@@ -34,6 +35,10 @@ flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("steps_per_execution", 50, "Steps per compiled call.")
 flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA (slower on small CPU models).")
+flags.DEFINE_string(
+    "export_dir", "", "If set, export the trained model there as a SavedModel for TF Serving "
+    "(a version folder, e.g. serving/sbn/1)."
+)
 
 
 def load_digits(seed):
@@ -46,15 +51,20 @@ def load_digits(seed):
 
 
 def binarised(images, batch_size, seed, repeat):
-    """A tf.data pipeline drawing a fresh binarisation of every image each epoch."""
+    """A tf.data pipeline drawing a fresh binarisation of every image each epoch.
+
+    Batch `i` is binarised with the stateless seed `(seed, i)`, so the pipeline
+    is reproducible even with parallel map calls."""
     ds = tf.data.Dataset.from_tensor_slices(images)
     if repeat:
-        ds = ds.shuffle(len(images), seed=seed).repeat()
-    ds = ds.batch(batch_size)
-    ds = ds.map(
-        lambda p: tf.cast(tf.random.uniform(tf.shape(p), seed=seed) < p, tf.float32),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size).enumerate()
+
+    def binarise(index, p):
+        noise = tf.random.stateless_uniform(tf.shape(p), seed=tf.stack([tf.cast(seed, tf.int64), index]))
+        return tf.cast(noise < p, tf.float32)
+
+    ds = ds.map(binarise, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -128,6 +138,8 @@ def main(argv):
     print(f"trained {FLAGS.steps} steps in {seconds:.1f}s ({FLAGS.steps / seconds:.0f} steps/s)")
     print(f"train negative ELBO: {results['train']:.3f} nats")
     print(f"test negative ELBO:  {results['test']:.3f} nats")
+    if FLAGS.export_dir:
+        model.export(FLAGS.export_dir)
 
 
 if __name__ == "__main__":

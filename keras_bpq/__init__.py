@@ -7,7 +7,9 @@ Stochastic nodes wrap TensorFlow Probability distributions as Keras 3 layers;
 
 from keras_bpq import diagnostics
 from keras_bpq import estimators
+from keras_bpq import export
 from keras_bpq import graph
+from keras_bpq import saving
 from keras_bpq.costs import add_cost
 from keras_bpq.model import BackpropQModel
 from keras_bpq.nodes import Bernoulli
@@ -26,5 +28,7 @@ __all__ = [
     "add_cost",
     "diagnostics",
     "estimators",
+    "export",
     "graph",
+    "saving",
 ]

@@ -43,6 +43,17 @@ def default_critic_model(num_heads, hidden_units=(64, 64), name="critic"):
     return keras.Sequential(layers, name=name)
 
 
+def _copy_architecture(network, name):
+    """A fresh, unbuilt model with `network`'s architecture under a new name
+    (so its variable paths differ from the original's)."""
+    try:
+        config = network.get_config()
+        config["name"] = name
+        return network.__class__.from_config(config)
+    except (NotImplementedError, TypeError, KeyError):
+        return keras.models.clone_model(network)
+
+
 class Critic:
     """Interface: Q-values of one node's learned heads."""
 
@@ -72,9 +83,9 @@ class NodeCritic(keras.layers.Layer, Critic):
         self.feature_dim = int(feature_dim)
         self.hidden_units = tuple(hidden_units)
         if network is None:
-            network = default_critic_model(len(self.heads), self.hidden_units, name="online")
+            network = default_critic_model(len(self.heads), self.hidden_units, name=f"{self.name}_online")
         self.online = network
-        self.target_network = keras.models.clone_model(network)
+        self.target_network = _copy_architecture(network, f"{self.name}_target")
         self.online.build((None, self.feature_dim))
         self.target_network.build((None, self.feature_dim))
         self.target_network.trainable = False
@@ -100,3 +111,19 @@ class NodeCritic(keras.layers.Layer, Critic):
 
     def call(self, features):
         return self.online(features)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            heads=list(self.heads),
+            feature_dim=self.feature_dim,
+            hidden_units=list(self.hidden_units),
+            network=keras.saving.serialize_keras_object(self.online),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(config["network"])
+        return cls(**config)

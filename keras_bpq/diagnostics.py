@@ -14,6 +14,8 @@ with ordinary backprop gives `grad J`, against which every estimator is tested.
 compiled estimators (state frozen), vectorised over draws.
 """
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
@@ -36,12 +38,16 @@ def _tile_rows(value, repeats, interleave):
     return tf.nest.map_structure(tile, value)
 
 
-def _run(model, fn, *args):
-    """Runs `fn` as the model's compiled steps run: eagerly, traced, or under XLA."""
+# Compiled estimate functions per model, so repeated calls do not retrace.
+_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, fn):
+    """`fn` as the model's compiled steps run: eagerly, traced, or under XLA."""
     if getattr(model, "run_eagerly", False):
-        return fn(*args)
+        return fn
     jit = bool(getattr(model, "jit_compile", False))
-    return tf.function(fn, jit_compile=jit, autograph=False)(*args)
+    return tf.function(fn, jit_compile=jit, autograph=False)
 
 
 def _as_numpy(grads, variables):
@@ -139,17 +145,18 @@ def exact_gradients(
             objective = model_lib._weighted_mean(per_example, sample_weight)
         return objective, tape.gradient(objective, variables)
 
-    objective, grads = _run(model, compute, x, y, sample_weight)
+    objective, grads = _compiled(model, compute)(x, y, sample_weight)
     grads = _as_numpy(grads, variables)
     return (grads, float(objective)) if return_objective else grads
 
 
-def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100):
+def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100, chunk_size=25):
     """`num_draws` independent gradient estimates with the compiled estimators.
 
     Every draw resamples the whole batch and evaluates the surrogate loss of
     `model.compile(estimator=...)`, with estimator state (baselines, critics)
-    frozen. All draws run in one vectorised pass.
+    frozen. Draws are vectorised `chunk_size` at a time (the per-draw Jacobian
+    needs memory growing with the square of the draws in one pass).
 
     Returns:
       One numpy array per variable of `model.actor_variables`, of shape
@@ -159,23 +166,38 @@ def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100):
     model.scg(x)
     variables = model.actor_variables
 
-    def compute(x, y, sample_weight):
-        x_rows = _tile_rows(x, num_draws, interleave=False)
-        y_rows = _tile_rows(y, num_draws, interleave=False)
-        w_rows = _tile_rows(sample_weight, num_draws, interleave=False)
+    def compute(x, y, sample_weight, draws):
+        x_rows = _tile_rows(x, draws, interleave=False)
+        y_rows = _tile_rows(y, draws, interleave=False)
+        w_rows = _tile_rows(sample_weight, draws, interleave=False)
         with tf.GradientTape() as tape:
             out = model.run_forward(x_rows, y_rows, training=True, sample_weight=w_rows)
-            per_row = tf.reshape(out["surrogate"], [num_draws, -1])
+            per_row = tf.reshape(out["surrogate"], [draws, -1])
             if out["weights"] is not None:
-                per_row *= tf.reshape(tf.cast(out["weights"], per_row.dtype), [num_draws, -1])
+                per_row *= tf.reshape(tf.cast(out["weights"], per_row.dtype), [draws, -1])
             per_draw = tf.reduce_mean(per_row, axis=1)
         return tape.jacobian(per_draw, variables, experimental_use_pfor=True)
 
-    grads = _run(model, compute, x, y, sample_weight)
-    return [
-        np.zeros((num_draws,) + tuple(v.shape), np.float32) if g is None else np.asarray(g)
-        for g, v in zip(grads, variables)
-    ]
+    chunks = []
+    key = (
+        bool(getattr(model, "jit_compile", False)),
+        bool(getattr(model, "run_eagerly", False)),
+        tuple((n, id(e)) for n, e in model._node_estimators.items()),
+    )
+    cache = _FUNCTIONS.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _compiled(model, compute)
+    function = cache[key]
+    for start in range(0, num_draws, chunk_size):
+        draws = min(chunk_size, num_draws - start)
+        grads = function(x, y, sample_weight, draws)
+        chunks.append(
+            [
+                np.zeros((draws,) + tuple(v.shape), np.float32) if g is None else np.asarray(g)
+                for g, v in zip(grads, variables)
+            ]
+        )
+    return [np.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
 
 def gradient_variance(draws):

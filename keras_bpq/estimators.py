@@ -28,7 +28,6 @@ class NodeStep:
     record: object  # graph.NodeRecord
     downstream: tf.Tensor  # c_X: realised sum of the costs in C_X, [batch]
     state: dict  # name -> variable, from create_state
-    mean: object = None  # batch-mean function (global under tf.distribute)
     # Critic Q_X = sum_c Q^c_X: values [batch, A, *event] -> [batch, A]. Not
     # stop-gradient (estimators add it). None for critic-free estimators.
     q: object = None
@@ -57,8 +56,9 @@ class Estimator:
     def surrogate(self, step):
         raise NotImplementedError
 
-    def update(self, step):
-        """Updates state after a finite training step."""
+    def update(self, state, downstream_mean):
+        """Updates `state` after a finite training step; `downstream_mean` is
+        the mean of `c_X` over the (global) batch."""
 
     def get_config(self):
         return {}
@@ -70,7 +70,9 @@ class Reinforce(Estimator):
     `L_X = log p(x | pa) * sg[c_X - b]`, where `c_X` sums only the costs the node
     influences and `b` is a bias-corrected EMA of past batches' mean `c_X`
     (`b_t = m_t / (1 - decay^t)`, `m_t = decay * m_{t-1} + (1 - decay) * mean c_X`).
-    The baseline never sees the current sample, so the estimator is unbiased.
+    Before the first update, each row's baseline is the mean `c_X` of the other
+    rows of its batch. Neither baseline sees the row's own sample, so the
+    estimator is unbiased.
     """
 
     name = "reinforce"
@@ -86,18 +88,21 @@ class Reinforce(Estimator):
             "baseline_steps": add_weight(f"{info.name}_baseline_steps", (), "float32"),
         }
 
-    def baseline(self, state):
+    def baseline(self, state, downstream):
+        """Per-row baseline: the EMA, or leave-one-out over the batch at first."""
         steps = state["baseline_steps"]
         correction = 1.0 - tf.pow(self.decay, steps)
-        return tf.where(steps > 0, state["baseline"] / tf.maximum(correction, 1e-12), 0.0)
+        ema = state["baseline"] / tf.maximum(correction, 1e-12)
+        rows = tf.cast(tf.shape(downstream)[0], downstream.dtype)
+        others = (tf.reduce_sum(downstream) - downstream) / tf.maximum(rows - 1.0, 1.0)
+        return tf.where(steps > 0, ema, tf.where(rows > 1, others, 0.0))
 
     def surrogate(self, step):
-        advantage = tf.stop_gradient(step.downstream - self.baseline(step.state))
+        advantage = tf.stop_gradient(step.downstream - self.baseline(step.state, step.downstream))
         return step.record.log_prob() * advantage
 
-    def update(self, step):
-        state = step.state
-        mean = step.mean(step.downstream)
+    def update(self, state, downstream_mean):
+        mean = downstream_mean
         state["baseline"].assign(self.decay * state["baseline"] + (1.0 - self.decay) * mean)
         state["baseline_steps"].assign_add(1.0)
 
@@ -443,8 +448,8 @@ class Gumbel(Estimator):
     def surrogate(self, step):
         return _slope_surrogate(step, self.relaxed(step))
 
-    def update(self, step):
-        t = step.state["temperature"]
+    def update(self, state, downstream_mean):
+        t = state["temperature"]
         t.assign(tf.maximum(self.min_temperature, t * self.anneal_rate))
 
     def get_config(self):

@@ -49,11 +49,20 @@ class Recorder:
         then reports the forced value, without gradient).
       keep_gradient: names of nodes whose samples keep their reparameterisation
         gradient. Every other sample is a stop-gradient.
+      seeds: optional integer seeds, one per example (`[batch]`). Nodes then
+        draw each example's sample with a stateless seed derived from that
+        example's seed and the node call's position in the pass, instead of
+        from their `SeedGenerator`: the same inputs and seeds give the same
+        samples, whatever else is in the batch.
+      most_likely: nodes return their most likely value (mode or mean, as
+        outside a recorder with `training=False`) instead of sampling.
     """
 
-    def __init__(self, forced=None, keep_gradient=()):
+    def __init__(self, forced=None, keep_gradient=(), seeds=None, most_likely=False):
         self.forced = dict(forced or {})
         self.keep_gradient = frozenset(keep_gradient)
+        self.seeds = seeds
+        self.most_likely = bool(most_likely)
         self.nodes = []
         self.costs = {}
         self._calls = {}

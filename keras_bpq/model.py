@@ -16,7 +16,9 @@ import tensorflow as tf
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import estimators as estimators_lib
+from keras_bpq import export as export_lib
 from keras_bpq import graph
+from keras_bpq import saving as saving_lib
 from keras_bpq import targets as targets_lib
 
 
@@ -35,11 +37,25 @@ class ScgState(keras.layers.Layer):
         self.critics = {}
         self.cost_metrics = []
         self.critic_metrics = {}
+        # State is updated identically on every replica: keep the first's.
         self.status = self.add_weight(
-            name="status", shape=(), dtype="int32", initializer="zeros", trainable=False
+            name="status", shape=(), dtype="int32", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
         )
         self.steps = self.add_weight(
-            name="steps", shape=(), dtype="int64", initializer="zeros", trainable=False
+            name="steps", shape=(), dtype="int64", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Where `fit` stands (epoch, batches of it done; -1 outside fit), saved
+        # with every checkpoint so a restart resumes mid-epoch exactly
+        # (keras_bpq.saving.FitPosition).
+        self.fit_epoch = self.add_weight(
+            name="fit_epoch", shape=(), dtype="int64", initializer=keras.initializers.Constant(-1),
+            trainable=False, aggregation="only_first_replica",
+        )
+        self.fit_batch = self.add_weight(
+            name="fit_batch", shape=(), dtype="int64", initializer=keras.initializers.Constant(-1),
+            trainable=False, aggregation="only_first_replica",
         )
 
     def setup(self, scg, estimators, critic_heads, feature_dims, critic_models, hidden_units):
@@ -71,8 +87,12 @@ class ScgState(keras.layers.Layer):
         return {n: c for n, c in self.critics.items() if isinstance(c, critics_lib.NodeCritic)}
 
     def _add_state(self, name, shape, dtype, initializer="zeros"):
+        # A layer called twice names its second node "<layer>@2"; "@" is not
+        # allowed in a variable name.
         return self.add_weight(
-            name=name, shape=shape, dtype=dtype, initializer=initializer, trainable=False
+            name=name.replace("@", "_"), shape=shape, dtype=dtype, initializer=initializer,
+            trainable=False,
+            aggregation="only_first_replica",
         )
 
     def call(self, inputs):
@@ -213,6 +233,8 @@ class BackpropQModel(keras.Model):
           **kwargs: passed on to `keras.Model.compile` (`metrics`,
             `steps_per_execution`, `jit_compile`, `run_eagerly`, ...).
         """
+        # Every argument, for get_compile_config() (saving).
+        arguments = saving_lib.CompileArguments(locals())
         if "loss_weights" in kwargs and kwargs["loss_weights"] is not None:
             raise ValueError(
                 "BackpropQModel does not take loss_weights: scale a cost where it "
@@ -253,6 +275,7 @@ class BackpropQModel(keras.Model):
             self.scg(self._input_spec_from_network())
         if self.machinery.built:
             self._resolve_estimators(self._scg)
+        self._compile_arguments = arguments
 
     def _input_spec_from_network(self):
         def spec(t):
@@ -323,7 +346,16 @@ class BackpropQModel(keras.Model):
     def _ensure_machinery(self):
         """Creates estimator state and critics on first use (after the last
         `compile()`, so recompiling before training may change estimators)."""
-        if not self.machinery.built:
+        if self.machinery.built:
+            return
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            raise RuntimeError(
+                f"Model {self.name!r}: its critics and estimator state must be created "
+                "before a distributed step runs. Call model.scg(example_batch) under "
+                "strategy.scope() before fit(), or use a functional BackpropQModel."
+            )
+        with self.distribute_strategy.scope():
             self._setup_machinery(self._scg, self._scg_spec)
 
     def _setup_machinery(self, scg, spec):
@@ -492,7 +524,6 @@ class BackpropQModel(keras.Model):
                 record=records[info.name],
                 downstream=downstream,
                 state=self.machinery.node_state[info.name],
-                mean=_batch_mean,
                 q=q,
                 num_samples=num_samples,
                 rerun=self._rerun_fn(info, x, y, records),
@@ -647,16 +678,17 @@ class BackpropQModel(keras.Model):
         variables = self.critic_variables
         with tf.GradientTape() as tape:
             loss, per_node = self._critic_loss(out, x, targets)
-        grads = tape.gradient(loss, variables) if with_gradient else None
+            scaled = loss / _num_replicas()
+        grads = tape.gradient(scaled, variables) if with_gradient else None
         return {"targets": targets, "q_at_sample": q_at_sample, "per_node": per_node, "grads": grads}
 
-    def _update_critics(self, evaluation, out, x):
+    def _update_critics(self, grads, evaluation, out):
         """Fits the learned critics on this step's targets (`critic_steps` times)."""
         variables = self.critic_variables
-        self.critic_optimizer.apply(evaluation["grads"], variables)
+        self.critic_optimizer.apply(grads, variables)
         for _ in range(self._critic_options.steps - 1):
             with tf.GradientTape() as tape:
-                loss, _ = self._critic_loss(out, x, evaluation["targets"])
+                loss, _ = self._critic_loss(out, out["x"], evaluation["targets"])
             self.critic_optimizer.apply(tape.gradient(loss, variables), variables)
 
     def _update_target_copies(self):
@@ -680,36 +712,93 @@ class BackpropQModel(keras.Model):
         actor_variables = self.actor_variables
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
+        replicas = _num_replicas()
         with tf.GradientTape() as tape:
             out = self.run_forward(x, y, training=True, sample_weight=sample_weight)
-            surrogate = _weighted_mean(out["surrogate"], out["weights"])
+            # Optimizers sum gradients over replicas: this makes the global mean.
+            surrogate = _weighted_mean(out["surrogate"], out["weights"]) / replicas
         grads = tape.gradient(surrogate, actor_variables)
         status = self._step_status(scg, out["costs"], grads)
-        warmup = self._critic_options.warmup
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
-
-        def apply():
-            if critics is not None:
-                self._update_critics(critics, out, out["x"])
-
-            def actor():
-                self.optimizer.apply(grads, actor_variables)
-                return tf.constant(0)
-
-            if warmup:
-                tf.cond(self.machinery.steps >= warmup, actor, lambda: tf.constant(0))
-            else:
-                actor()
-            for name, step in out["steps"].items():
-                self._node_estimators[name].update(step)
-            self.machinery.steps.assign_add(1)
-            self._update_target_copies()
-            return tf.constant(0)
-
-        tf.cond(tf.equal(status, 0), apply, lambda: tf.constant(0))
+        critic_grads = [] if critics is None else critics["grads"]
+        means = [_global_mean(out["steps"][info.name].downstream) for info in scg.nodes]
+        skip = _global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
+        self._apply_updates(skip, grads, critic_grads, means, critics, out)
         previous = self.machinery.status
         previous.assign(tf.where(tf.equal(previous, 0), status, previous))
         return self._update_metrics(out, critics)
+
+    def _apply_updates(self, skip, grads, critic_grads, means, critics, out):
+        """Critics, then actor (after warm-up), then estimator state and target
+        copies; nothing at all when `skip` (a non-finite cost or gradient on any
+        replica). Under a `tf.distribute` strategy that synchronises through
+        `merge_call`, the decision runs in cross-replica context and every
+        update on each replica, as Keras' `LossScaleOptimizer` does."""
+        warmup = self._critic_options.warmup
+        actor_variables = self.actor_variables
+        nodes = self._scg.nodes
+
+        def update_critics(critic_grads):
+            if critics is not None:
+                self._update_critics(critic_grads, critics, out)
+
+        def update_actor(grads):
+            self.optimizer.apply(grads, actor_variables)
+
+        def update_state(means):
+            for info, mean in zip(nodes, means):
+                self._node_estimators[info.name].update(self.machinery.node_state[info.name], mean)
+            self.machinery.steps.assign_add(1)
+
+        def noop():
+            return tf.constant(0)
+
+        context = tf.distribute.get_replica_context()
+        if (
+            context is None
+            or context.num_replicas_in_sync == 1
+            or tf.__internal__.distribute.strategy_supports_no_merge_call()
+        ):
+
+            def apply():
+                update_critics(critic_grads)
+                ready = self.machinery.steps >= warmup
+
+                def actor():
+                    update_actor(grads)
+                    return noop()
+
+                tf.cond(ready, actor, noop) if warmup else actor()
+                update_state(means)
+                self._update_target_copies()
+                return noop()
+
+            tf.cond(skip, noop, apply)
+            return
+
+        if self._critic_options.steps > 1:
+            raise NotImplementedError(
+                "critic_steps > 1 is not supported under a tf.distribute strategy yet."
+            )
+
+        def cross_replica(strategy, skip, grads, critic_grads, means):
+            each = strategy.extended.call_for_each_replica
+            # Every replica holds the same all-reduced flag; take the first's.
+            skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
+
+            def apply():
+                each(update_critics, args=(critic_grads,))
+                tf.cond(
+                    self.machinery.steps >= warmup,
+                    lambda: each(update_actor, args=(grads,)),
+                    lambda: None,
+                )
+                each(update_state, args=(means,))
+                self._update_target_copies()
+
+            tf.cond(skip, lambda: None, apply)
+
+        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means))
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -763,12 +852,35 @@ class BackpropQModel(keras.Model):
         return self.compute_metrics(x, y, out["y_pred"], sample_weight)
 
     # -- fit ---------------------------------------------------------------
+    def _prepare(self):
+        """Creates the machinery before Keras traces a step, when the SCG is known."""
+        if self._scg is not None:
+            self._ensure_machinery()
+
+    def evaluate(self, *args, **kwargs):
+        self._prepare()
+        return super().evaluate(*args, **kwargs)
+
     def fit(self, *args, **kwargs):
+        self._prepare()
+        # Optimizer slots too, before BackupAndRestore restores a checkpoint.
+        self.build_training_state()
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks.append(NonFiniteGuard())
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        # The guard and the position run first, so that no checkpointing
+        # callback saves after a failed step, and every checkpoint knows where
+        # fit stands; the resume runs after BackupAndRestore has restored.
+        callbacks = (
+            [NonFiniteGuard(), saving_lib.FitPosition(callbacks)]
+            + callbacks
+            + [saving_lib.ResumeAtPosition()]
+        )
+        try:
+            return super().fit(*args, callbacks=callbacks, **kwargs)
+        finally:
+            saving_lib.FitPosition.clear(self)
 
     def train_on_batch(self, *args, **kwargs):
+        self._prepare()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_nonfinite()
         return logs
@@ -792,6 +904,142 @@ class BackpropQModel(keras.Model):
             )
             return cls(network=network, **config)
         return super().from_config(config)
+
+    # -- saving and export -------------------------------------------------
+    def input_signature(self):
+        """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
+        batch dimension, or None while they are unknown (a subclassed model
+        never called)."""
+        if self._scg_spec is not None:
+            return self._scg_spec
+        if self.network is not None:
+            return self._input_spec_from_network()
+        return getattr(self, "_call_input_spec", None)
+
+    def __call__(self, *args, **kwargs):
+        # A subclassed model's input signature, for its build config and for
+        # creating the training state before a checkpoint is restored.
+        if args and self.network is None and getattr(self, "_call_input_spec", None) is None:
+            try:
+                self._call_input_spec = tf.nest.map_structure(_batchless_spec, args[0])
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return super().__call__(*args, **kwargs)
+
+    def build_training_state(self):
+        """Creates now what training creates on first use: the critics, their
+        target copies, estimator state and both optimizers' slots.
+
+        Saving, loading and `fit` call it, so every checkpoint has the layout
+        of a model that has trained. Returns False (doing nothing) while the
+        model is not compiled or its inputs are unknown.
+        """
+        spec = self.input_signature()
+        if not self.compiled or spec is None:
+            return False
+        self.scg(spec)
+        self._ensure_machinery()
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.actor_variables)
+            critic_variables = self.critic_variables
+            if critic_variables and not self.critic_optimizer.built:
+                self.critic_optimizer.build(critic_variables)
+        return True
+
+    def get_build_config(self):
+        config = dict(super().get_build_config() or {})
+        spec = self.input_signature()
+        if spec is not None:
+            config["input_spec"] = saving_lib.serialize_spec(spec)
+        return config or None
+
+    def build_from_config(self, config):
+        spec = saving_lib.deserialize_spec((config or {}).get("input_spec"))
+        if spec is None:
+            return super().build_from_config(config)
+        self._call_input_spec = spec
+        if self.network is None and not self.built:
+            # Subclassed: run call() once to create the layers' variables.
+            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+        self.built = True
+
+    def get_compile_config(self):
+        arguments = getattr(self, "_compile_arguments", None)
+        if not self.compiled or arguments is None:
+            return super().get_compile_config()
+        return saving_lib.serialize_compile_config(arguments, self.optimizer, self.critic_optimizer)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model and recreates its training state (critics,
+        target copies, estimator state, optimizer slots) for the weights."""
+        self.compile(**saving_lib.deserialize_compile_config(config))
+        self.build_training_state()
+
+    def _check_savable(self, what):
+        self.build_training_state()
+        variables = list(self.variables)
+        for optimizer in (getattr(self, "optimizer", None), self.critic_optimizer):
+            if optimizer is not None:
+                variables += list(optimizer.variables)
+        saving_lib.check_finite(variables, f"{what} of {self.name!r}")
+
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """`keras.Model.save`, written atomically (a temporary file renamed over
+        `filepath`), with the training state; refuses non-finite values."""
+        self._check_savable("the model")
+        if zipped is False or not saving_lib.atomic_target(filepath, ".keras", overwrite):
+            return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+        with saving_lib.atomic_write(filepath) as temporary:
+            super().save(temporary, overwrite=True, zipped=zipped, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """`keras.Model.save_weights`, written atomically, with the training
+        state (critics, target copies, estimator state, seed generators, both
+        optimizers, the fit position); refuses non-finite values."""
+        self._check_savable("the weights")
+        if max_shard_size is not None or not saving_lib.atomic_target(filepath, ".weights.h5", overwrite):
+            return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
+        with saving_lib.atomic_write(filepath) as temporary:
+            super().save_weights(temporary, overwrite=True)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """`keras.Model.load_weights`, after creating the training state the
+        file holds (compile the model first, with the options it was saved with)."""
+        ready = self.build_training_state()
+        try:
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        except ValueError as error:
+            if "scg_state" not in str(error):
+                raise
+            hint = (
+                "compile() it first, with the options it was saved with"
+                if not ready
+                else "compile it with the options it was saved with (estimators and critics decide which state exists)"
+            )
+            raise ValueError(
+                f"The training state in {str(filepath)!r} does not fit model {self.name!r}: "
+                f"{hint}. {error}"
+            ) from error
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Exports the stochastic forward pass as a SavedModel for TF Serving.
+
+        Signatures `serving_default` (samples), `mode` (most likely values) and
+        `seeded` (samples fixed by an int64 `seed` input per example); no
+        critics, target copies, estimator state or optimizer state. See
+        `keras_bpq.export.export`.
+        """
+        if format != "tf_saved_model":
+            raise ValueError(
+                f"BackpropQModel.export supports format='tf_saved_model' only; got "
+                f"{format!r}. Stochastic nodes need TF's stateless random ops."
+            )
+        if kwargs:
+            raise TypeError(f"Unexpected export arguments {sorted(kwargs)}.")
+        return export_lib.export(
+            self, filepath, input_signature=input_signature, verbose=verbose is None or verbose
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -833,8 +1081,22 @@ def _batchless_spec(value):
     return tf.TensorSpec((None,) + tuple(value.shape[1:]), tf.as_dtype(value.dtype))
 
 
-def _batch_mean(value):
-    return tf.reduce_mean(value)
+def _num_replicas():
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def _global_sum(value):
+    """Sum over replicas (the value itself outside tf.distribute)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _global_mean(value):
+    """Mean of a per-example tensor over the global batch (equal replica batches)."""
+    return _global_sum(tf.reduce_mean(value)) / _num_replicas()
 
 
 def _weighted_mean(value, sample_weight):

@@ -111,10 +111,21 @@ class StochasticNode(keras.layers.Layer):
         if recorder is not None and name in recorder.forced:
             sample = tf.cast(recorder.forced[name], self.compute_dtype)
         else:
-            if training is False and recorder is None:
+            if (training is False and recorder is None) or (
+                recorder is not None and recorder.most_likely
+            ):
                 value = self.most_likely(dist)
+            elif recorder is not None and recorder.seeds is not None:
+                value = self.sample_per_example(params, mask, recorder.seeds, len(recorder.nodes))
             else:
                 seed = tf.cast(self.seed_generator.next(), tf.int32)
+                context = tf.distribute.get_replica_context()
+                if context is not None and context.num_replicas_in_sync > 1:
+                    # Replicas share the generator's state: fold in the replica
+                    # id so that each draws different samples.
+                    seed = tf.random.experimental.stateless_fold_in(
+                        seed, context.replica_id_in_sync_group
+                    )
                 value = dist.sample(seed=seed)
             sample = tf.cast(value, self.compute_dtype)
         raw_sample = sample
@@ -123,6 +134,48 @@ class StochasticNode(keras.layers.Layer):
         if recorder is not None:
             recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample))
         return sample
+
+    def sample_per_example(self, params, mask, seeds, index):
+        """One sample per example, each drawn with its own stateless seed.
+
+        Example `i` uses the seed `fold_in([seeds[i], 0], index)`, so its sample
+        depends only on its parameters, its seed and `index` (the position of
+        this node call in the forward pass), never on the rest of the batch.
+        Standard TF ops only (a `tf.map_fn` over the examples).
+        """
+        seeds = tf.cast(tf.reshape(seeds, [-1]), tf.int64)
+        elems = (params, seeds) if mask is None else (params, seeds, mask)
+        full = self.distribution(params, mask)
+        row_shape = tf.TensorShape(full.batch_shape).concatenate(full.event_shape)[1:]
+
+        def one(args):
+            row_params, seed = args[0], args[1]
+            row_mask = None if mask is None else args[2][tf.newaxis]
+            key = tf.random.experimental.stateless_fold_in(
+                tf.stack([seed, tf.zeros_like(seed)]), index
+            )
+            dist = self.distribution(row_params[tf.newaxis], row_mask)
+            return tf.cast(dist.sample(seed=tf.cast(key, tf.int32)), self.compute_dtype)[0]
+
+        return tf.map_fn(
+            one, elems, fn_output_signature=tf.TensorSpec(row_shape, self.compute_dtype)
+        )
+
+    def save_own_variables(self, store):
+        """Saves the layer's variables and then its seed generator's state, so a
+        restored model draws the samples the saved one would have drawn next."""
+        super().save_own_variables(store)
+        store[str(len(self._own_variables()))] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        own = self._own_variables()
+        if len(store.keys()) == len(own) + 1:
+            self.seed_generator.state.assign(store[str(len(own))])
+            store = {str(i): store[str(i)] for i in range(len(own))}
+        super().load_own_variables(store)
+
+    def _own_variables(self):
+        return self._trainable_variables + self._non_trainable_variables
 
     def compute_output_shape(self, params_shape):
         probe = tf.zeros([1 if d is None else d for d in params_shape], self.compute_dtype)

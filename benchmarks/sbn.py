@@ -1,0 +1,624 @@
+"""Sigmoid belief nets: keras_bpq estimators side by side with Pyro and Storchastic.
+
+Models (as in the discrete gradient-estimator literature, 200 units per layer):
+
+* `linear`:    x -> z1[200] Bernoulli (one linear map), learned prior p(z1).
+* `two_layer`: x -> z1[200] -> z2[200], linear maps both ways, learned prior p(z2).
+* `nonlinear`: x -> 200 tanh -> 200 tanh -> z1[200], decoder mirrored, learned prior.
+
+Costs follow `examples/sbn.py`: `recon = -log p(x | z1)` and per layer
+`kl<i> = log q(z<i> | .) - log p(z<i> | .)`, so the total is the negative ELBO.
+
+Data: scikit-learn digits (64 pixels, 1500 train / 297 test) or Fashion-MNIST
+(784 pixels, the Debian package `dataset-fashion-mnist`), dynamically
+binarised (a fresh Bernoulli draw of every training image at every use). The
+test NELBO is measured every --eval_every steps on one FIXED binarisation of a
+--test_size subset (one latent draw per image), the same array for every
+library; the train NELBO on a fixed binarised subset of training images.
+
+Per keras_bpq estimator and seed:
+  * learning curve (test/train NELBO against steps and training wall-clock),
+    trained with `fit` in chunks of --eval_every steps (steps_per_execution 50,
+    jit_compile off: the faster mode on this CPU, see the timing table);
+  * encoder gradient variance at --variance_checkpoints (sum over encoder
+    entries of the per-entry variance of --num_draws draws of
+    `keras_bpq.diagnostics.estimate_gradients` on one fixed binarised batch of
+    --batch_size training images), at the estimator's own weights, and for the
+    default estimator also of `reinforce` at the SAME weights (a reinforce copy
+    whose EMA baselines are warmed up by `fit` with SGD(0.0) on 50 batches);
+  * steps/s with jit_compile on and off: fresh models, a warm-up fit, then
+    --timing_repeats timed fits of --timing_steps steps (best reported), next to
+    a plain deterministic Keras autoencoder of the same layer sizes (sigmoid
+    units instead of Bernoulli samples, BCE loss) timed the same way.
+
+With --peers, the peer scripts in benchmarks/peers/ run as subprocesses on the
+same data file, architecture, batch, Adam learning rate, step budget and
+evaluation schedule.
+
+    python benchmarks/sbn.py --dataset=fashion_mnist --arch=two_layer --steps=2000 \
+        --estimators=reinforce,auto --peers=pyro_decaying,pyro_neural,storch_sf
+
+Results are merged into --out_dir/sbn.json (one entry per dataset/arch) and
+--out_dir/sbn.md is rewritten from it, with PNG curves sbn_<dataset>_<arch>.png.
+"""
+
+import gzip
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_bpq  # noqa: E402
+from keras_bpq import diagnostics  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+H = 200
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "digits", ["digits", "fashion_mnist"], "Data set.")
+flags.DEFINE_enum("arch", "two_layer", ["linear", "two_layer", "nonlinear"], "SBN architecture.")
+flags.DEFINE_list("estimators", ["reinforce", "auto"], "keras_bpq estimators ('rloo' uses num_samples=--rloo_k).")
+flags.DEFINE_integer("rloo_k", 2, "Draws per example for rloo.")
+flags.DEFINE_integer("steps", 2000, "Training steps.")
+flags.DEFINE_integer("batch_size", 50, "Batch size.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (every library).")
+flags.DEFINE_list("seeds", ["0"], "Seeds.")
+flags.DEFINE_integer("eval_every", 250, "Steps between evaluations.")
+flags.DEFINE_integer("test_size", 1000, "Test images in the fixed evaluation subset.")
+flags.DEFINE_enum("jit_compile", "both", ["both", "on", "off"], "jit_compile settings timed.")
+flags.DEFINE_integer("timing_steps", 500, "Steps per timed fit.")
+flags.DEFINE_integer("timing_repeats", 2, "Timed fits per setting (best reported).")
+flags.DEFINE_list("variance_checkpoints", ["0", "end"], "Steps at which gradient variance is measured.")
+flags.DEFINE_integer("num_draws", 100, "Gradient draws per variance measurement.")
+flags.DEFINE_integer("chunk", 25, "Draws per estimate_gradients pass.")
+flags.DEFINE_list("peers", [], "Peers to run: pyro_decaying, pyro_neural, storch_sf, storch_relax.")
+flags.DEFINE_integer("peer_steps", 0, "Steps for the peers (0: --steps).")
+flags.DEFINE_list("peer_steps_override", [], "name=steps pairs for very slow peers (e.g. storch_relax=200).")
+flags.DEFINE_bool("skip_timing", False, "Skip the steps/s table.")
+flags.DEFINE_bool("skip_variance", False, "Skip the gradient variance.")
+flags.DEFINE_string("out_dir", os.path.join(_ROOT, "benchmarks", "results"), "Output directory.")
+
+PEERS = {
+    "pyro_decaying": ("pyro_sbn.py", ["--baseline=decaying"]),
+    "pyro_neural": ("pyro_sbn.py", ["--baseline=neural"]),
+    "storch_sf": ("storchastic_sbn.py", ["--method=sf"]),
+    "storch_relax": ("storchastic_sbn.py", ["--method=relax"]),
+}
+
+
+def log(message):
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+def _read_idx(path):
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    count, rows, cols = np.frombuffer(raw[4:16], ">u4")
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows * cols)
+
+
+def load_data(dataset, seed):
+    """`(train, test)` pixel probabilities in [0, 1]."""
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        images = load_digits().data.astype("float32") / 16.0
+        order = np.random.RandomState(seed).permutation(len(images))
+        return images[order[:1500]], images[order[1500:]]
+    files = [os.path.join(FASHION_DIR, f"{s}-images-idx3-ubyte.gz") for s in ("train", "t10k")]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        sys.exit(
+            f"Fashion-MNIST not found ({', '.join(missing)}). Install the Debian package:\n"
+            "    sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist\n"
+            f"(IDX files under {FASHION_DIR}/)."
+        )
+    train, test = (_read_idx(f).astype("float32") / 255.0 for f in files)
+    return train, test
+
+
+def binarised(images, batch_size, seed):
+    """Shuffled, repeated batches, each binarised afresh with seed `(seed, index)`."""
+    ds = tf.data.Dataset.from_tensor_slices(images)
+    ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True).enumerate()
+
+    def binarise(index, p):
+        noise = tf.random.stateless_uniform(tf.shape(p), seed=tf.stack([tf.cast(seed, tf.int64), index]))
+        return tf.cast(noise < p, tf.float32)
+
+    return ds.map(binarise, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def fixed_binarisation(images, seed):
+    return (np.random.RandomState(seed).uniform(size=images.shape) < images).astype("float32")
+
+
+# ----------------------------------------------------------------------------- models
+def bernoulli_log_prob(sample, logits):
+    return keras.ops.sum(sample * logits - keras.ops.softplus(logits), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="benchmarks")
+class PriorLogits(keras.layers.Layer):
+    """Learned logits of the top prior, broadcast to the batch."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.logits = self.add_weight(shape=(self.units,), initializer="zeros", name="logits")
+
+    def call(self, x):
+        return keras.ops.zeros((keras.ops.shape(x)[0], self.units)) + self.logits
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def _encoder(x, arch):
+    if arch == "nonlinear":
+        h = keras.layers.Dense(H, activation="tanh", name="q_h1")(x)
+        h = keras.layers.Dense(H, activation="tanh", name="q_h2")(h)
+        return keras.layers.Dense(H, name="q_z1")(h)
+    return keras.layers.Dense(H, name="q_z1")(x)
+
+
+def _decoder(z1, arch, pixels):
+    if arch == "nonlinear":
+        h = keras.layers.Dense(H, activation="tanh", name="p_h1")(z1)
+        h = keras.layers.Dense(H, activation="tanh", name="p_h2")(h)
+        return keras.layers.Dense(pixels, name="p_x")(h)
+    return keras.layers.Dense(pixels, name="p_x")(z1)
+
+
+def build_sbn(pixels, arch):
+    x = keras.Input((pixels,), name="x")
+    q1 = _encoder(x, arch)
+    z1 = keras_bpq.Bernoulli(name="z1")(q1)
+    px = _decoder(z1, arch, pixels)
+    costs = {"recon": -bernoulli_log_prob(x, px)}
+    if arch == "two_layer":
+        q2 = keras.layers.Dense(H, name="q_z2")(z1)
+        z2 = keras_bpq.Bernoulli(name="z2")(q2)
+        p2 = PriorLogits(H, name="p_z2")(x)
+        p1 = keras.layers.Dense(H, name="p_z1")(z2)
+        costs["kl1"] = bernoulli_log_prob(z1, q1) - bernoulli_log_prob(z1, p1)
+        costs["kl2"] = bernoulli_log_prob(z2, q2) - bernoulli_log_prob(z2, p2)
+    else:
+        p1 = PriorLogits(H, name="p_z1")(x)
+        costs["kl1"] = bernoulli_log_prob(z1, q1) - bernoulli_log_prob(z1, p1)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=px, costs=costs, name="sbn")
+
+
+def build_autoencoder(pixels, arch):
+    """The same layer sizes, deterministic: sigmoid units where the SBN samples."""
+    x = keras.Input((pixels,), name="x")
+    h = keras.layers.Activation("sigmoid")(_encoder(x, arch))
+    if arch == "two_layer":
+        h2 = keras.layers.Activation("sigmoid")(keras.layers.Dense(H, name="q_z2")(h))
+        keras.layers.Dense(H, name="p_z1")(h2)  # same parameter count; unused output
+    px = _decoder(h, arch, pixels)
+    return keras.Model(x, px, name="autoencoder")
+
+
+def compile_sbn(model, estimator, jit):
+    num_samples = FLAGS.rloo_k if estimator == "rloo" else 1
+    model.compile(
+        optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
+        estimator=estimator,
+        num_samples=num_samples,
+        steps_per_execution=50,
+        jit_compile=jit,
+    )
+    model.scg_summary(print_fn=lambda s: None)
+    return model
+
+
+def encoder_indices(model):
+    return [i for i, v in enumerate(model.actor_variables) if v.path.split("/")[0].startswith("q_")]
+
+
+def encoder_variance(model, x):
+    index = encoder_indices(model)
+    start = time.perf_counter()
+    grads = diagnostics.estimate_gradients(model, x, num_draws=FLAGS.num_draws, chunk_size=FLAGS.chunk)
+    seconds = time.perf_counter() - start
+    draws = [grads[i].reshape(FLAGS.num_draws, -1) for i in index]
+    return diagnostics.gradient_variance(draws), seconds
+
+
+def reinforce_copy(model, train, seed):
+    rf = compile_sbn(build_sbn(train.shape[1], FLAGS.arch), "reinforce", False)
+    rf.compile(optimizer=keras.optimizers.SGD(0.0), estimator="reinforce", steps_per_execution=50)
+    rf.scg_summary(print_fn=lambda s: None)
+    for a, b in zip(rf.actor_variables, model.actor_variables):
+        a.assign(b)
+    before = [v.numpy().copy() for v in rf.actor_variables]
+    rf.fit(binarised(train, FLAGS.batch_size, seed + 777), epochs=1, steps_per_epoch=50, verbose=0)
+    if any(not np.array_equal(b, v.numpy()) for b, v in zip(before, rf.actor_variables)):
+        raise RuntimeError("SGD(0.0) warm-up changed the weights")
+    return rf
+
+
+# ----------------------------------------------------------------------------- runs
+def run_keras(estimator, seed, train, data, checkpoints):
+    keras.utils.set_random_seed(seed)
+    model = compile_sbn(build_sbn(train.shape[1], FLAGS.arch), estimator, False)
+    test, train_eval, xvar = data["test"], data["train_eval"], data["var_batch"]
+
+    def evaluate(step, seconds):
+        row = {"step": step, "train_seconds": seconds}
+        for key, images in (("test_nelbo", test), ("train_nelbo", train_eval)):
+            row[key] = float(model.evaluate(images, batch_size=len(images), verbose=0, return_dict=True)["loss"])
+        if not FLAGS.skip_variance and step in checkpoints:
+            v, s = encoder_variance(model, xvar)
+            row["encoder_variance"], row["variance_seconds"] = v, s
+            if estimator == "auto":
+                rf = reinforce_copy(model, train, seed * 100 + step)
+                row["reinforce_same_weights_variance"], _ = encoder_variance(rf, xvar)
+        curve.append(row)
+        log(f"  [{estimator} seed {seed}] " + json.dumps(row))
+
+    curve, seconds, step, chunk_index = [], 0.0, 0, 0
+    evaluate(0, 0.0)
+    while step < FLAGS.steps:
+        n = min(FLAGS.eval_every, FLAGS.steps - step)
+        ds = binarised(train, FLAGS.batch_size, seed * 100_000 + chunk_index)
+        start = time.perf_counter()
+        model.fit(ds, epochs=1, steps_per_epoch=n, verbose=0)
+        seconds += time.perf_counter() - start
+        step += n
+        chunk_index += 1
+        evaluate(step, seconds)
+    return {"curve": curve, "train_seconds": seconds, "steps_per_s": FLAGS.steps / seconds}
+
+
+def time_fits(make, train):
+    """Best steps/s of --timing_repeats fits of --timing_steps after a warm-up fit."""
+    model = make()
+    ds = binarised(train, FLAGS.batch_size, 12345)
+    if isinstance(model, keras_bpq.BackpropQModel):
+        fit_ds = ds
+    else:
+        fit_ds = ds.map(lambda x: (x, x))
+    model.fit(fit_ds, epochs=1, steps_per_epoch=100, verbose=0)
+    rates = []
+    for _ in range(FLAGS.timing_repeats):
+        start = time.perf_counter()
+        model.fit(fit_ds, epochs=1, steps_per_epoch=FLAGS.timing_steps, verbose=0)
+        rates.append(FLAGS.timing_steps / (time.perf_counter() - start))
+    return {"best_steps_per_s": max(rates), "all_steps_per_s": rates}
+
+
+def timing(train):
+    settings = {"both": [False, True], "on": [True], "off": [False]}[FLAGS.jit_compile]
+    pixels = train.shape[1]
+    out = {}
+    for jit in settings:
+        key = "jit_on" if jit else "jit_off"
+        out[key] = {}
+        for estimator in FLAGS.estimators:
+            def make(estimator=estimator):
+                return compile_sbn(build_sbn(pixels, FLAGS.arch), estimator, jit)
+
+            try:
+                out[key][estimator] = time_fits(make, train)
+            except Exception as error:  # noqa: BLE001  recorded, not hidden
+                out[key][estimator] = {"error": f"{type(error).__name__}: {error}"}
+            log(f"  timing {key} {estimator}: {out[key][estimator]}")
+
+        def make_ae():
+            m = build_autoencoder(pixels, FLAGS.arch)
+            m.compile(
+                optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
+                loss=lambda x, logits: keras.ops.sum(keras.ops.softplus(logits) - x * logits, axis=-1),
+                steps_per_execution=50,
+                jit_compile=jit,
+            )
+            return m
+
+        out[key]["autoencoder"] = time_fits(make_ae, train)
+        log(f"  timing {key} autoencoder: {out[key]['autoencoder']}")
+    return out
+
+
+def run_peer(name, seed, data_path):
+    script, extra = PEERS[name]
+    steps = FLAGS.peer_steps or FLAGS.steps
+    for item in FLAGS.peer_steps_override:
+        k, v = item.split("=")
+        if k == name:
+            steps = int(v)
+    cmd = [
+        sys.executable, os.path.join(_ROOT, "benchmarks", "peers", script), f"--data={data_path}",
+        f"--arch={FLAGS.arch}", f"--steps={steps}", f"--eval_every={FLAGS.eval_every}",
+        f"--batch_size={FLAGS.batch_size}", f"--learning_rate={FLAGS.learning_rate}", f"--seed={seed}",
+    ] + extra
+    log(f"  peer: {' '.join(shlex.quote(c) for c in cmd)}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-3000:]}", "command": cmd}
+    result = json.loads(lines[-1])
+    result["command"] = " ".join(shlex.quote(os.path.relpath(c, _ROOT) if c.startswith(_ROOT) else c)
+                                 for c in cmd[1:])
+    return result
+
+
+def machine_info():
+    import importlib.metadata as md
+
+    def version(p):
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", _ROOT, "rev-parse", "--short=10", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "tensorflow": tf.__version__, "keras": keras.__version__,
+        "tfp": version("tensorflow-probability"), "keras_bpq": version("keras-bpq"),
+        "torch": version("torch"), "pyro": version("pyro-ppl"), "storchastic": version("storchastic"),
+        "commit": commit, "load_average": os.getloadavg(),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def _median(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def summarise(entry):
+    """Per method: medians over seeds of the final test/train NELBO and steps/s."""
+    rows = {}
+    for name, runs in entry["methods"].items():
+        ok = [r for r in runs if "curve" in r]
+        if not ok:
+            rows[name] = {"error": runs[0].get("error", "?")[:500]}
+            continue
+        last = [r["curve"][-1] for r in ok]
+        rows[name] = {
+            "steps": last[0]["step"],
+            "test_nelbo": _median([c["test_nelbo"] for c in last]),
+            "train_nelbo": _median([c["train_nelbo"] for c in last]),
+            "best_test_nelbo": _median([min(c["test_nelbo"] for c in r["curve"]) for r in ok]),
+            "steps_per_s": _median([r["steps_per_s"] for r in ok]),
+            "seeds": len(ok),
+        }
+    return rows
+
+
+def plot(entry, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in entry["methods"].items():
+        for i, r in enumerate(r for r in runs if "curve" in r):
+            steps = [c["step"] for c in r["curve"]]
+            secs = [c["train_seconds"] for c in r["curve"]]
+            nelbo = [c["test_nelbo"] for c in r["curve"]]
+            label = name if i == 0 else None
+            axes[0].plot(steps, nelbo, label=label, alpha=0.8)
+            axes[1].plot(secs, nelbo, label=label, alpha=0.8)
+    for ax, xl in zip(axes, ("training steps", "training wall-clock (s)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("test negative ELBO (nats)")
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    lo = min(c["test_nelbo"] for runs in entry["methods"].values() for r in runs if "curve" in r
+             for c in r["curve"])
+    first = [r["curve"][1]["test_nelbo"] for runs in entry["methods"].values() for r in runs
+             if "curve" in r and len(r["curve"]) > 1]
+    if first:
+        for ax in axes:
+            ax.set_ylim(lo - 2, max(first) + 5)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def markdown(report):
+    out = ["# Sigmoid belief nets: keras_bpq vs Pyro vs Storchastic", "",
+           "Generated by `benchmarks/sbn.py` (see its docstring for the protocol). One section per "
+           "comparison; numbers are medians over seeds. Test -ELBO: one latent draw per image on a "
+           "fixed binarised test subset (the same array for every library); lower is better.", ""]
+    for tag, entry in sorted(report.items()):
+        m = entry["machine"]
+        out += [f"## {entry['dataset']}, {entry['arch']}", "", "Command:", "", "```",
+                entry["command"], "```", "",
+                f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs; 1/5/15-min load "
+                f"at start {', '.join(f'{x:.1f}' for x in m['load_average'])}); TF {m['tensorflow']}, "
+                f"Keras {m['keras']}, TFP {m['tfp']}, keras_bpq {m['keras_bpq']} (commit {m['commit']}), "
+                f"torch {m['torch']}, Pyro {m['pyro']}, Storchastic {m['storchastic']}. "
+                f"Batch {entry['config']['batch_size']}, Adam {entry['config']['learning_rate']}, "
+                f"seeds {entry['config']['seeds']}, runtime {entry['runtime_s']:.0f} s.", ""]
+        out += ["| method | steps | test -ELBO (final) | best test -ELBO | train -ELBO (final) | "
+                "training steps/s (in the curve run) |", "|---|---:|---:|---:|---:|---:|"]
+        for name, row in entry["summary"].items():
+            if "error" in row:
+                out.append(f"| {name} | failed: `{row['error'][:300]}` | | | | |")
+                continue
+            out.append(f"| {name} | {row['steps']} | {row['test_nelbo']:.2f} | {row['best_test_nelbo']:.2f} | "
+                       f"{row['train_nelbo']:.2f} | {row['steps_per_s']:.1f} |")
+        out.append("")
+        curve_steps = None
+        for name, runs in entry["methods"].items():
+            ok = [r for r in runs if "curve" in r]
+            if ok and curve_steps is None:
+                curve_steps = [c["step"] for c in ok[0]["curve"]]
+        if curve_steps:
+            out += ["Test -ELBO at each checkpoint (median over seeds):", "",
+                    "| method | " + " | ".join(str(s) for s in curve_steps) + " |",
+                    "|---|" + "---:|" * len(curve_steps)]
+            for name, runs in entry["methods"].items():
+                ok = [r for r in runs if "curve" in r]
+                if not ok:
+                    continue
+                vals = []
+                for s in curve_steps:
+                    v = _median([next((c["test_nelbo"] for c in r["curve"] if c["step"] == s), None) for r in ok])
+                    vals.append("" if v is None else f"{v:.2f}")
+                out.append(f"| {name} | " + " | ".join(vals) + " |")
+            out.append("")
+        if entry.get("plot"):
+            out += [f"![test -ELBO]({entry['plot']})", ""]
+        var_rows = []
+        for name, runs in entry["methods"].items():
+            for r in runs:
+                for c in r.get("curve", []):
+                    if "encoder_variance" in c:
+                        var_rows.append((name, r.get("seed"), c))
+        if var_rows:
+            out += [f"Encoder gradient variance ({entry['config']['num_draws']} draws of "
+                    "`diagnostics.estimate_gradients` on one fixed binarised batch; total = sum of "
+                    "per-entry variances over the q_* variables):", "",
+                    "| estimator | seed | step | total variance | log10 vs reinforce at the same weights | "
+                    "reinforce at the same weights |", "|---|---:|---:|---:|---:|---:|"]
+            for name, seed, c in var_rows:
+                same = c.get("reinforce_same_weights_variance")
+                ratio = f"{np.log10(c['encoder_variance'] / same):+.2f}" if same else ""
+                out.append(f"| {name} | {seed} | {c['step']} | {c['encoder_variance']:.4g} | {ratio} | "
+                           f"{'' if same is None else f'{same:.4g}'} |")
+            out.append("")
+        if entry.get("timing"):
+            out += ["Throughput (fresh model, warm-up fit of 100 steps, then "
+                    f"{entry['config']['timing_repeats']} fits of {entry['config']['timing_steps']} "
+                    "steps, best; steps_per_execution 50; the tf.data binarising pipeline included). "
+                    "`autoencoder`: plain `keras.Model`, same layer sizes, sigmoid units, no sampling.", "",
+                    "| model | jit_compile off: steps/s | jit_compile on: steps/s | time/step vs autoencoder (off / on) |",
+                    "|---|---:|---:|---:|"]
+            t = entry["timing"]
+            names = list(next(iter(t.values())).keys())
+            for name in names:
+                cells, ratios = [], []
+                for key in ("jit_off", "jit_on"):
+                    r = t.get(key, {}).get(name)
+                    ae = t.get(key, {}).get("autoencoder", {}).get("best_steps_per_s")
+                    if r is None:
+                        cells.append("")
+                        ratios.append("")
+                    elif "error" in r:
+                        cells.append(f"error: `{r['error'][:200]}`")
+                        ratios.append("")
+                    else:
+                        cells.append(f"{r['best_steps_per_s']:.0f}")
+                        ratios.append(f"{ae / r['best_steps_per_s']:.1f}x" if ae else "")
+                out.append(f"| {name} | {cells[0]} | {cells[1]} | {' / '.join(ratios)} |")
+            out.append("")
+        for name, runs in entry["methods"].items():
+            for r in runs:
+                if "command" in r and isinstance(r["command"], str):
+                    out.append(f"* peer `{name}` seed {r.get('seed')}: `python {r['command']}`")
+        out.append("")
+        if entry.get("notes"):
+            out += ["Reading:", ""] + [f"* {n}" for n in entry["notes"]] + [""]
+    return "\n".join(out)
+
+
+def main(argv):
+    del argv
+    start_all = time.perf_counter()
+    machine = machine_info()
+    seeds = [int(s) for s in FLAGS.seeds]
+    checkpoints = {FLAGS.steps if c == "end" else int(c) for c in FLAGS.variance_checkpoints}
+    tag = f"{FLAGS.dataset}_{FLAGS.arch}"
+    methods = {}
+    tmp = tempfile.mkdtemp(prefix="sbn_bench_")
+    timing_result = None
+    for seed in seeds:
+        train, test = load_data(FLAGS.dataset, seed)
+        data = {
+            "train": train,
+            "test": fixed_binarisation(test[: FLAGS.test_size], seed + 1),
+            "train_eval": fixed_binarisation(train[: FLAGS.test_size], seed + 2),
+            "var_batch": fixed_binarisation(train[: FLAGS.batch_size], seed + 3),
+        }
+        data_path = os.path.join(tmp, f"data_{seed}.npz")
+        np.savez(data_path, **data)
+        for estimator in FLAGS.estimators:
+            name = {"auto": "keras_bpq auto (critic_cv)", "rloo": f"keras_bpq rloo K={FLAGS.rloo_k}"}.get(
+                estimator, f"keras_bpq {estimator}")
+            log(f"{name}, seed {seed}")
+            result = run_keras(estimator, seed, train, data, checkpoints)
+            result["seed"] = seed
+            methods.setdefault(name, []).append(result)
+        for peer in FLAGS.peers:
+            log(f"{peer}, seed {seed}")
+            result = run_peer(peer, seed, data_path)
+            result.setdefault("seed", seed)
+            log(f"  -> {json.dumps({k: v for k, v in result.items() if k != 'curve'})[:600]}")
+            methods.setdefault(peer, []).append(result)
+        if timing_result is None and not FLAGS.skip_timing:
+            log("timing")
+            timing_result = timing(train)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:])
+    entry = {
+        "dataset": FLAGS.dataset, "arch": FLAGS.arch, "command": command, "machine": machine,
+        "config": {
+            "steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
+            "seeds": seeds, "eval_every": FLAGS.eval_every, "test_size": FLAGS.test_size,
+            "num_draws": FLAGS.num_draws, "variance_checkpoints": sorted(checkpoints),
+            "timing_steps": FLAGS.timing_steps, "timing_repeats": FLAGS.timing_repeats,
+            "estimators": FLAGS.estimators, "peers": FLAGS.peers, "rloo_k": FLAGS.rloo_k,
+        },
+        "methods": methods,
+        "timing": timing_result,
+        "runtime_s": time.perf_counter() - start_all,
+    }
+    entry["summary"] = summarise(entry)
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    entry["plot"] = plot(entry, os.path.join(FLAGS.out_dir, f"sbn_{tag}.png"))
+    json_path = os.path.join(FLAGS.out_dir, "sbn.json")
+    report = {}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            report = json.load(f)
+    if tag in report and report[tag].get("notes"):
+        entry["notes"] = report[tag]["notes"]
+    report[tag] = entry
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(FLAGS.out_dir, "sbn.md"), "w") as f:
+        f.write(markdown(report))
+    log(json.dumps(entry["summary"], indent=1))
+    log(f"wrote {json_path} and sbn.md in {entry['runtime_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    app.run(main)

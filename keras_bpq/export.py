@@ -1,0 +1,223 @@
+"""SavedModel export of a `BackpropQModel`'s stochastic forward pass, for TF Serving.
+
+The export holds the forward pass only: the layers' weights and the nodes' seed
+generator states, never the training machinery (critics, their target copies,
+estimator baselines, metrics) nor optimizer state. It uses standard TF ops
+only, so it loads with `tf.saved_model.load` (or TF Serving, or
+`saved_model_cli`) without `keras_bpq`, Keras or TFP installed. Every signature
+takes the model's inputs with a dynamic batch dimension:
+
+| signature         | inputs             | nodes return                                         |
+|-------------------|--------------------|------------------------------------------------------|
+| `serving_default` | the model inputs   | fresh samples (from the nodes' seed generators)      |
+| `mode`            | the model inputs   | their most likely values: mode (discrete), mean (continuous) |
+| `seeded`          | the model inputs and `seed`, int64 `[batch]` | samples determined by each example's inputs and seed |
+
+Inputs are named after their `keras.Input(name=...)` (or the keys of a dict
+of inputs); unnamed ones are `inputs` (`inputs_<index>` for several).
+
+A SavedModel signature has no optional inputs, hence the separate `seeded`
+signature. In `seeded`, example `i` draws from stateless seeds derived from
+`seed[i]` and the node call's position in the pass: the same inputs and seed
+always give the same sample, whatever else is in the batch (so server-side
+batching keeps responses reproducible). Give examples different seeds for
+independent draws.
+
+Every signature returns a dict of `[batch, ...]` tensors:
+
+* `output`: the model's output (for several outputs, `output_<key>` per dict
+  key or `output_<index>` per list entry);
+* one entry per stochastic node call, keyed by the node's name (a layer called
+  twice also gives `<name>_2`): the float sample, one-hot for `Categorical`.
+
+Layers run in inference mode (`training=False`) in every signature; only the
+nodes sample.
+"""
+
+import re
+
+import keras
+import tensorflow as tf
+
+from keras_bpq import graph
+
+SIGNATURES = ("serving_default", "mode", "seeded")
+SEED_KEY = "seed"
+_AUTO_INPUT_NAME = re.compile(r"input_layer(_\d+)?")
+
+
+def export(model, filepath, input_signature=None, verbose=True):
+    """Writes `model`'s stochastic forward pass as a SavedModel at `filepath`.
+
+    Args:
+      model: a `BackpropQModel`.
+      filepath: the SavedModel directory (for TF Serving, a numbered version
+        folder: `<model_base_path>/1`).
+      input_signature: optional structure of `tf.TensorSpec` (or arrays) for the
+        model's inputs; the batch dimension is made dynamic. Defaults to the
+        inputs the model was built or trained with.
+      verbose: print the signatures written.
+
+    Returns:
+      `{signature_name: {"inputs": {...}, "outputs": {...}}}` with the
+      `tf.TensorSpec` of every input and output.
+    """
+    spec = _input_spec(model, input_signature)
+    flat_spec = tf.nest.flatten(spec)
+    input_names = _input_names(model, spec)
+    if SEED_KEY in input_names:
+        raise ValueError(
+            f"Model {model.name!r} has an input named {SEED_KEY!r}, which the 'seeded' "
+            "signature reserves for its seeds. Rename the input."
+        )
+    named = [tf.TensorSpec(s.shape, s.dtype, name=n) for s, n in zip(flat_spec, input_names)]
+    seed_spec = tf.TensorSpec([None], tf.int64, name=SEED_KEY)
+
+    def forward(flat_inputs, seeds=None, most_likely=False):
+        inputs = tf.nest.pack_sequence_as(spec, list(flat_inputs))
+        with graph.Recorder(seeds=seeds, most_likely=most_likely) as rec:
+            outputs = model(inputs, training=False)
+        return _output_dict(model, outputs, rec.nodes)
+
+    def sample(*inputs):
+        return forward(inputs)
+
+    def mode(*inputs):
+        return forward(inputs, most_likely=True)
+
+    def seeded(*inputs_and_seed):
+        return forward(inputs_and_seed[:-1], seeds=inputs_and_seed[-1])
+
+    functions = {
+        "serving_default": tf.function(sample, input_signature=named, autograph=False),
+        "mode": tf.function(mode, input_signature=named, autograph=False),
+        "seeded": tf.function(seeded, input_signature=named + [seed_spec], autograph=False),
+    }
+    concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
+
+    machinery = {id(v) for v in model.machinery.variables}
+    forward_variables = [v for v in model.variables if id(v) not in machinery]
+    tracked = {id(_tf_variable(v)) for v in forward_variables}
+    for name, fn in concrete.items():
+        extra = [v.name for v in fn.variables if id(v) not in tracked]
+        if extra:
+            raise ValueError(
+                f"Export of {model.name!r}: signature {name!r} reads variables outside "
+                f"the forward pass ({extra}); the forward pass must not use critics, "
+                "target copies or estimator state."
+            )
+
+    module = tf.Module()
+    module.forward_variables = [_tf_variable(v) for v in forward_variables]
+    module.sample = functions["serving_default"]
+    module.mode = functions["mode"]
+    module.seeded = functions["seeded"]
+    tf.saved_model.save(module, str(filepath), signatures=concrete)
+
+    summary = {}
+    for name, fn in concrete.items():
+        inputs = {s.name: tf.TensorSpec(s.shape, s.dtype) for s in tf.nest.flatten(fn.structured_input_signature)}
+        outputs = {k: tf.TensorSpec(v.shape, v.dtype) for k, v in fn.structured_outputs.items()}
+        summary[name] = {"inputs": inputs, "outputs": outputs}
+    if verbose:
+        lines = [f"Saved the stochastic forward pass of {model.name!r} at {str(filepath)!r}:"]
+        for name, parts in summary.items():
+            ins = ", ".join(f"{k}: {_fmt(s)}" for k, s in parts["inputs"].items())
+            outs = ", ".join(f"{k}: {_fmt(s)}" for k, s in parts["outputs"].items())
+            lines.append(f"  {name}({ins}) -> {{{outs}}}")
+        print("\n".join(lines))
+    return summary
+
+
+def _fmt(spec):
+    dims = ", ".join("None" if d is None else str(d) for d in spec.shape)
+    return f"{spec.dtype.name}[{dims}]"
+
+
+def _tf_variable(variable):
+    """The `tf.Variable` behind a Keras variable (or the variable itself)."""
+    value = getattr(variable, "value", None)
+    return value if isinstance(value, tf.Variable) else variable
+
+
+def _batchless(value):
+    if isinstance(value, tf.TensorSpec):
+        shape, dtype = value.shape, value.dtype
+    else:
+        shape, dtype = tf.TensorShape(value.shape), tf.as_dtype(value.dtype)
+    if shape.rank is None or shape.rank == 0:
+        raise ValueError(f"An exported input needs a batch dimension; got shape {shape}.")
+    return tf.TensorSpec([None] + shape[1:].as_list(), dtype)
+
+
+def _plain(structure):
+    """Plain lists, tuples and dicts (Keras wraps the ones a layer holds)."""
+    if isinstance(structure, dict):
+        return {k: _plain(v) for k, v in structure.items()}
+    if isinstance(structure, tuple):
+        return tuple(_plain(v) for v in structure)
+    if isinstance(structure, list):
+        return [_plain(v) for v in structure]
+    return _batchless(structure)
+
+
+def _input_spec(model, input_signature):
+    spec = input_signature if input_signature is not None else model.input_signature()
+    if spec is None:
+        raise ValueError(
+            f"Model {model.name!r} does not know its inputs yet: call it on a batch, "
+            "train it, or pass export(..., input_signature=...)."
+        )
+    return _plain(spec)
+
+
+def _clean(name):
+    name = re.sub(r"[^A-Za-z0-9_]", "_", str(name)).strip("_")
+    return name or "input"
+
+
+def _input_layer_name(tensor):
+    """The name of the `keras.Input` layer that made a functional input."""
+    history = getattr(tensor, "_keras_history", None)
+    operation = getattr(history, "operation", None)
+    return getattr(operation, "name", None) or tensor.name
+
+
+def _path(path):
+    return "_".join(str(p) for p in path)
+
+
+def _input_names(model, spec):
+    flat = tf.nest.flatten(spec)
+    paths = [_path(p) for p, _ in keras.tree.flatten_with_path(spec)]
+    network = getattr(model, "network", None)
+    if isinstance(spec, dict):
+        names = [_clean(p) for p in paths]
+    else:
+        names = ["inputs"] if len(flat) == 1 else [f"inputs_{_clean(p)}" for p in paths]
+        if network is not None and len(network.inputs) == len(flat):
+            given = [_clean(_input_layer_name(t)) for t in network.inputs]
+            # Unnamed keras.Input layers get "input_layer_<n>": keep the default.
+            names = [d if _AUTO_INPUT_NAME.fullmatch(g) else g for g, d in zip(given, names)]
+    if len(set(names)) != len(names):
+        names = [f"inputs_{i}" for i in range(len(flat))]
+    return names
+
+
+def _output_dict(model, outputs, records):
+    result = {}
+    flat = [(_path(p), v) for p, v in keras.tree.flatten_with_path(outputs)]
+    if len(flat) == 1 and not flat[0][0]:
+        result["output"] = tf.identity(flat[0][1])
+    else:
+        for path, value in flat:
+            result[f"output_{_clean(path)}"] = tf.identity(value)
+    for record in records:
+        key = _clean(record.name)
+        if key in result:
+            raise ValueError(
+                f"Export of {model.name!r}: node {record.name!r} and another output both "
+                f"map to the key {key!r}. Rename the node."
+            )
+        result[key] = tf.identity(record.sample)
+    return result

@@ -1,0 +1,335 @@
+"""SavedModel export: the serving contract, checked without keras_bpq.
+
+The export is loaded in a fresh Python process that never imports keras_bpq,
+and with `saved_model_cli`, the tool that ships with TensorFlow (TF Serving
+itself cannot be installed here; it reads the same SavedModel signatures).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphs
+import keras_bpq
+
+ROWS = 3000  # draws per input row in the frequency checks
+
+
+def served_model():
+    """x -> z (2 bits) -> c (3-way) -> n (Normal) -> output; a cost on the output."""
+    x = keras.Input((3,), name="features")
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2, name="dz")(x))
+    c = keras_bpq.Categorical(name="c", seed=2)(
+        keras.layers.Dense(3, name="dc")(keras.layers.Concatenate()([z, x]))
+    )
+    n = keras_bpq.Normal(name="n", seed=3)(
+        keras.layers.Dense(2, name="dn")(keras.layers.Concatenate()([c, x]))
+    )
+    out = keras.layers.Dense(2, name="out")(keras.layers.Concatenate()([c, n]))
+    cost = keras.ops.sum(keras.ops.square(out - x[:, :2]), axis=-1)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=out, costs={"cost": cost}, name="served")
+
+
+def reference(model, x):
+    """The trained model's own probabilities and most likely values, from its layers."""
+    layer = model.get_layer
+    p_z = keras.ops.convert_to_numpy(keras.ops.sigmoid(layer("dz")(x)))
+    p_c = np.zeros((len(x), 3))
+    for bits in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        z = np.tile(np.array(bits, "float32"), (len(x), 1))
+        weight = np.prod(np.where(z > 0, p_z, 1.0 - p_z), axis=1, keepdims=True)
+        logits = layer("dc")(np.concatenate([z, x], axis=1))
+        p_c += weight * keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+
+    def normal(c):
+        params = keras.ops.convert_to_numpy(layer("dn")(np.concatenate([c, x], axis=1)))
+        return params[:, 0], np.log1p(np.exp(params[:, 1])) + 1e-5
+
+    z_mode = (keras.ops.convert_to_numpy(layer("dz")(x)) > 0).astype("float32")
+    c_logits = keras.ops.convert_to_numpy(layer("dc")(np.concatenate([z_mode, x], axis=1)))
+    c_mode = np.eye(3, dtype="float32")[np.argmax(c_logits, axis=1)]
+    n_mode = normal(c_mode)[0][:, None]
+    return {"p_z": p_z, "p_c": p_c, "normal": normal, "z": z_mode, "c": c_mode, "n": n_mode}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = served_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    data = np.random.RandomState(0).normal(size=(32, 3)).astype("float32")
+    model.fit(data, batch_size=8, epochs=2, verbose=0)
+    base = tmp_path_factory.mktemp("export")
+    path = base / "served" / "1"  # TF Serving's <model_base_path>/<version>
+    summary = model.export(str(path), verbose=False)
+    return model, data[:2], path, summary
+
+
+def test_export_holds_only_the_forward_pass(served):
+    model, _, path, summary = served
+    assert set(summary) == {"serving_default", "mode", "seeded"}
+    machinery = {id(v) for v in model.machinery.variables}
+    forward = [v for v in model.variables if id(v) not in machinery]
+    assert len(forward) < len(model.variables)  # critics exist and are left out
+    keys = [k for k, _ in tf.train.list_variables(str(path / "variables" / "variables"))]
+    values = [k for k in keys if k.endswith("VARIABLE_VALUE")]
+    assert len(values) == len(forward), values
+    assert not any("optimizer" in k or "critic" in k for k in keys), keys
+    shapes = sorted(tuple(s) for k, s in tf.train.list_variables(str(path / "variables" / "variables"))
+                    if k.endswith("VARIABLE_VALUE"))
+    assert shapes == sorted(tuple(v.shape) for v in forward)
+    for name in ("serving_default", "mode"):
+        assert set(summary[name]["inputs"]) == {"features"}
+    assert set(summary["seeded"]["inputs"]) == {"features", "seed"}
+    assert summary["seeded"]["inputs"]["seed"] == tf.TensorSpec([None], tf.int64)
+    outputs = summary["serving_default"]["outputs"]
+    assert set(outputs) == {"output", "z", "c", "n"}
+    assert outputs["c"] == tf.TensorSpec([None, 3], tf.float32)
+    assert outputs["output"] == tf.TensorSpec([None, 2], tf.float32)
+
+
+CHILD = r'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+path, inputs, out = sys.argv[1:4]
+loaded = tf.saved_model.load(path)
+data = np.load(inputs)
+x, seeds = tf.constant(data["x"]), tf.constant(data["seeds"])
+signatures = loaded.signatures
+report = {"signatures": sorted(signatures)}
+specs = {}
+for name, fn in signatures.items():
+    inputs_spec = fn.structured_input_signature[1]
+    specs[name] = {
+        "inputs": {k: [s.shape.as_list(), s.dtype.name] for k, s in inputs_spec.items()},
+        "outputs": {k: [s.shape.as_list(), s.dtype.name] for k, s in fn.structured_outputs.items()},
+    }
+report["specs"] = specs
+arrays = {}
+def keep(prefix, result):
+    for key, value in result.items():
+        arrays[f"{prefix}/{key}"] = value.numpy()
+keep("sample", signatures["serving_default"](features=x))
+keep("sample_again", signatures["serving_default"](features=x))
+keep("mode", signatures["mode"](features=x))
+keep("seeded", signatures["seeded"](features=x, seed=seeds))
+keep("seeded_again", signatures["seeded"](features=x, seed=seeds))
+order = np.random.RandomState(0).permutation(len(data["x"]))[:50]
+keep("seeded_subset", signatures["seeded"](features=tf.gather(x, order), seed=tf.gather(seeds, order)))
+arrays["subset_order"] = order
+
+proto = saved_model_pb2.SavedModel()
+proto.ParseFromString(open(path + "/saved_model.pb", "rb").read())
+ops = set()
+for graph in proto.meta_graphs:
+    ops.update(node.op for node in graph.graph_def.node)
+    for function in graph.graph_def.library.function:
+        ops.update(node.op for node in function.node_def)
+report["ops"] = sorted(ops)
+report["unregistered_ops"] = sorted(op for op in ops if not hasattr(tf.raw_ops, op))
+report["modules"] = sorted(m for m in ("keras_bpq", "tensorflow_probability") if m in sys.modules)
+np.savez(out + ".npz", **arrays)
+with open(out + ".json", "w") as f:
+    json.dump(report, f)
+'''
+
+
+def _child_env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def test_fresh_process_serving_contract(served, tmp_path):
+    model, x, path, _ = served
+    inputs = np.repeat(x, ROWS, axis=0)
+    seeds = np.arange(len(inputs), dtype=np.int64) * 7919 + 11
+    np.savez(tmp_path / "inputs.npz", x=inputs, seeds=seeds)
+    script = tmp_path / "serve.py"
+    script.write_text(CHILD)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"), str(tmp_path / "out")],
+        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    arrays = np.load(tmp_path / "out.npz")
+
+    # Never needed keras_bpq or TFP; only core TF ops.
+    assert report["modules"] == []
+    assert report["unregistered_ops"] == [], report["unregistered_ops"]
+    assert not {"PyFunc", "EagerPyFunc", "PyFuncStateless"} & set(report["ops"])
+
+    # Signatures, shapes and dtypes.
+    assert report["signatures"] == ["mode", "seeded", "serving_default"]
+    specs = report["specs"]
+    assert specs["serving_default"]["inputs"] == {"features": [[None, 3], "float32"]}
+    assert specs["seeded"]["inputs"] == {"features": [[None, 3], "float32"], "seed": [[None], "int64"]}
+    expected = {"output": [None, 2], "z": [None, 2], "c": [None, 3], "n": [None, 1]}
+    for name in report["signatures"]:
+        assert specs[name]["outputs"] == {k: [v, "float32"] for k, v in expected.items()}, name
+    for prefix in ("sample", "mode", "seeded"):
+        for key, shape in expected.items():
+            value = arrays[f"{prefix}/{key}"]
+            assert value.shape == (len(inputs), shape[1]) and value.dtype == np.float32
+
+    ref = reference(model, x)
+    row = np.repeat([0, 1], ROWS)
+
+    # mode: the most likely value of every node, and the model's prediction.
+    for key in ("z", "c", "n"):
+        np.testing.assert_allclose(arrays[f"mode/{key}"], ref[key][row], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        arrays["mode/output"], np.repeat(model.predict(x, verbose=0), ROWS, axis=0), rtol=1e-5, atol=1e-5
+    )
+
+    # seeded: the same seed gives the same sample, whatever else is in the batch.
+    order = arrays["subset_order"]
+    for key in expected:
+        np.testing.assert_array_equal(arrays[f"seeded/{key}"], arrays[f"seeded_again/{key}"])
+        np.testing.assert_array_equal(arrays[f"seeded_subset/{key}"], arrays[f"seeded/{key}"][order])
+    # serving_default draws afresh on every call.
+    assert not np.array_equal(arrays["sample/z"], arrays["sample_again/z"])
+
+    # Sample frequencies match the trained model's probabilities.
+    for prefix in ("sample", "seeded"):
+        z, c, n = (arrays[f"{prefix}/{k}"] for k in ("z", "c", "n"))
+        assert set(np.unique(z)) <= {0.0, 1.0} and np.all(c.sum(axis=1) == 1.0)
+        for r in (0, 1):
+            rows = row == r
+            for freq, p in ((z[rows].mean(0), ref["p_z"][r]), (c[rows].mean(0), ref["p_c"][r])):
+                tol = 5 * np.sqrt(p * (1 - p) / ROWS) + 2e-3
+                assert np.all(np.abs(freq - p) <= tol), (prefix, r, freq, p)
+            for k in range(3):
+                group = rows & (c[:, k] == 1)
+                if group.sum() < 30:
+                    continue
+                onehot = np.tile(np.eye(3, dtype="float32")[k], (2, 1))
+                loc, scale = (v[r] for v in ref["normal"](onehot))
+                mean = n[group, 0].mean()
+                assert abs(mean - loc) <= 5 * scale / np.sqrt(group.sum()), (prefix, r, k, mean, loc)
+                if group.sum() >= 200:  # the std's relative error is then about 5%
+                    assert abs(n[group, 0].std() / scale - 1) < 0.25, (prefix, r, k)
+
+
+def _cli(*args):
+    exe = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or shutil.which(
+        "saved_model_cli"
+    )
+    assert exe, "saved_model_cli is installed with tensorflow"
+    return subprocess.Popen(
+        [exe, *args], env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_saved_model_cli_show_and_run(served, tmp_path):
+    model, x, path, _ = served
+    seed = np.array([3, 4], np.int64)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "seed.npy", seed)
+    runs = {"show": _cli("show", "--dir", str(path), "--all")}
+    for signature, inputs in [
+        ("seeded", f"features={tmp_path / 'x.npy'};seed={tmp_path / 'seed.npy'}"),
+        ("mode", f"features={tmp_path / 'x.npy'}"),
+    ]:
+        runs[signature] = _cli("run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
+                               signature, "--inputs", inputs, "--outdir", str(tmp_path / signature))
+    outputs = {name: proc.communicate(timeout=300) for name, proc in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, outputs[name][1][-3000:])
+
+    shown = outputs["show"][0]
+    for signature in ("serving_default", "mode", "seeded"):
+        assert f"signature_def['{signature}']" in shown
+    assert "inputs['seed'] tensor_info:\n        dtype: DT_INT64\n        shape: (-1)" in shown
+    assert "inputs['features'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 3)" in shown
+    for key in ("output", "z", "c", "n"):
+        assert f"outputs['{key}'] tensor_info" in shown
+
+    # The CLI (a TF1 session) and TF2's loader give the same seeded sample.
+    loaded = tf.saved_model.load(str(path))
+    seeded = loaded.signatures["seeded"](features=x, seed=seed)
+    for key, width in (("output", 2), ("z", 2), ("c", 3), ("n", 1)):
+        for name in ("seeded", "mode"):
+            value = np.load(tmp_path / name / f"{key}.npy")
+            assert value.shape == (2, width) and value.dtype == np.float32, (name, key)
+        np.testing.assert_allclose(np.load(tmp_path / "seeded" / f"{key}.npy"), seeded[key].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "mode" / "output.npy"), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_samples_respect_masks(tmp_path):
+    """A masked Categorical: seeded draws never pick a forbidden outcome."""
+    model, queries = graphs.walk_task()
+    model.compile()
+    model.export(str(tmp_path / "walk"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "walk"))
+    x = np.repeat(queries[:4], 50, axis=0)
+    seeds = np.arange(len(x), dtype=np.int64)
+    result = loaded.signatures["seeded"](inputs=x, seed=seeds)
+    adjacency = graphs.walk_adjacency(0)
+    start = np.argmax(x[:, :10], axis=1)
+    hop1 = np.argmax(result["hop1"].numpy(), axis=1)
+    assert np.all(adjacency[start, hop1] > 0)
+    assert np.all(adjacency[hop1, np.argmax(result["hop2"].numpy(), axis=1)] > 0)
+    assert len(np.unique(hop1)) > 1
+    mode = loaded.signatures["mode"](inputs=x)
+    np.testing.assert_array_equal(mode["output"].numpy(), model.predict(x, verbose=0))
+
+
+class Looping(keras_bpq.BackpropQModel):
+    """A subclassed model calling one node layer twice."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hop = keras_bpq.Categorical(name="hop", seed=3)
+        self.d1 = keras.layers.Dense(3)
+        self.d2 = keras.layers.Dense(3)
+
+    def call(self, x, training=None):
+        h2 = self.hop(self.d2(self.hop(self.d1(x))))
+        keras_bpq.add_cost("cost", keras.ops.sum(h2 * x, axis=-1))
+        return h2
+
+
+def test_subclassed_export_and_errors(tmp_path):
+    model = Looping()
+    with pytest.raises(ValueError, match="does not know its inputs"):
+        model.export(str(tmp_path / "none"), verbose=False)
+    x = np.ones((2, 3), "float32")
+    model(x)
+    summary = model.export(str(tmp_path / "looping"), verbose=False)
+    assert set(summary["mode"]["outputs"]) == {"output", "hop", "hop_2"}
+    assert set(summary["seeded"]["inputs"]) == {"inputs", "seed"}
+    with pytest.raises(ValueError, match="tf_saved_model"):
+        model.export(str(tmp_path / "onnx"), format="onnx")
+    assert pathlib.Path(tmp_path / "looping" / "saved_model.pb").exists()
+
+
+def test_several_named_inputs_and_outputs(tmp_path):
+    a, b = keras.Input((2,), name="query"), keras.Input((3,), name="context")
+    h = keras.layers.Concatenate()([a, b])
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(h))
+    out = {"score": keras.layers.Dense(1)(z), "bits": z}
+    cost = keras.ops.sum(keras.ops.square(z - b[:, :2]), axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=[a, b], outputs=out, costs={"cost": cost})
+    summary = model.export(str(tmp_path / "two"), verbose=False)
+    assert set(summary["seeded"]["inputs"]) == {"query", "context", "seed"}
+    assert set(summary["mode"]["outputs"]) == {"output_score", "output_bits", "z"}
+    loaded = tf.saved_model.load(str(tmp_path / "two"))
+    x = {"query": np.ones((4, 2), "float32"), "context": np.zeros((4, 3), "float32")}
+    result = loaded.signatures["seeded"](**x, seed=np.arange(4, dtype=np.int64))
+    np.testing.assert_array_equal(result["z"].numpy(), result["output_bits"].numpy())
+    assert result["output_score"].shape == (4, 1)
