@@ -171,7 +171,15 @@ def local_outcomes(step):
     raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")
 
 
-def _check_local(name, info, needs_critic=True):
+def _check_binary(name, info):
+    if info.local_kind != "binary":
+        raise ValueError(
+            f"Estimator {name!r} cannot serve node {info.name!r}: it needs a "
+            f"Bernoulli node, not {info.distribution}."
+        )
+
+
+def _check_local(name, info):
     if info.local_kind is None:
         raise ValueError(
             f"Estimator {name!r} cannot serve node {info.name!r}: it needs a Bernoulli "
@@ -281,11 +289,6 @@ def _slope_surrogate(step, value):
     return tf.reduce_sum(_flat(slope * value), axis=1)
 
 
-def _unit_probability(step):
-    """`p = sigmoid(logits)`, flattened to `[batch, units]` (with gradient)."""
-    return tf.sigmoid(_flat(tf.cast(step.record.params, tf.float32)))
-
-
 def _uniform_given_sample(step, sample, p):
     """Uniform noise `u` consistent with a Bernoulli sample `b = 1[u > 1 - p]`:
     `u ~ U(1 - p, 1)` where `b = 1`, `U(0, 1 - p)` where `b = 0`."""
@@ -373,11 +376,7 @@ class DisARM(Estimator):
     name = "disarm"
 
     def check(self, info, num_samples=1):
-        if info.local_kind != "binary":
-            raise ValueError(
-                f"Estimator 'disarm' cannot serve node {info.name!r}: it needs a "
-                f"Bernoulli node, not {info.distribution}."
-            )
+        _check_binary(self.name, info)
 
     def surrogate(self, step):
         record = step.record
@@ -478,11 +477,7 @@ class Relax(Estimator):
         self.temperature = float(temperature)
 
     def check(self, info, num_samples=1):
-        if info.local_kind != "binary":
-            raise ValueError(
-                f"Estimator 'relax' cannot serve node {info.name!r}: it needs a "
-                f"Bernoulli node, not {info.distribution}."
-            )
+        _check_binary(self.name, info)
 
     def surrogate(self, step):
         record = step.record

@@ -45,8 +45,8 @@ class Recorder:
     """Collects node samples and named costs of one forward pass.
 
     Args:
-      forced: `{node_name: tensor}` samples to use instead of drawing (the node
-        then reports the forced value, without gradient).
+      forced: `{node_name: tensor}` samples to use instead of drawing (without
+        gradient unless the node is named in `keep_gradient`).
       keep_gradient: names of nodes whose samples keep their reparameterisation
         gradient. Every other sample is a stop-gradient.
       seeds: optional integer seeds, one per example (`[batch]`). Nodes then

@@ -518,7 +518,7 @@ class BackpropQModel(keras.Model):
             downstream = tf.add_n([costs[c] for c in info.costs]) if info.costs else tf.zeros_like(total)
             q = None
             if estimator.needs_critic and info.costs:
-                q = self._critic_fn(info, x, y, records, costs, reads_target)
+                q = self._critic_fn(info, x, y, records, reads_target)
             step = estimators_lib.NodeStep(
                 info=info,
                 record=records[info.name],
@@ -613,7 +613,7 @@ class BackpropQModel(keras.Model):
 
         return rerun
 
-    def _critic_fn(self, info, x, y, records, costs, target):
+    def _critic_fn(self, info, x, y, records, target):
         def q(values):
             heads = self.q_heads(info, x, y, records, values, target=target)
             return tf.add_n([heads[c] for c in info.costs])
