@@ -852,18 +852,13 @@ class BackpropQModel(keras.Model):
         return self.compute_metrics(x, y, out["y_pred"], sample_weight)
 
     # -- fit ---------------------------------------------------------------
-    def _prepare(self):
-        """Creates the machinery before Keras traces a step, when the SCG is known."""
-        if self._scg is not None:
-            self._ensure_machinery()
-
     def evaluate(self, *args, **kwargs):
-        self._prepare()
+        # Training state is created before Keras traces a (distributed) step.
+        self.build_training_state()
         return super().evaluate(*args, **kwargs)
 
     def fit(self, *args, **kwargs):
-        self._prepare()
-        # Optimizer slots too, before BackupAndRestore restores a checkpoint.
+        # Before tracing, and optimizer slots before BackupAndRestore restores.
         self.build_training_state()
         callbacks = list(kwargs.pop("callbacks", None) or [])
         # The guard and the position run first, so that no checkpointing
@@ -880,7 +875,7 @@ class BackpropQModel(keras.Model):
             saving_lib.FitPosition.clear(self)
 
     def train_on_batch(self, *args, **kwargs):
-        self._prepare()
+        self.build_training_state()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_nonfinite()
         return logs
