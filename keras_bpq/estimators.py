@@ -69,10 +69,9 @@ class Reinforce(Estimator):
 
     `L_X = log p(x | pa) * sg[c_X - b]`, where `c_X` sums only the costs the node
     influences and `b` is a bias-corrected EMA of past batches' mean `c_X`
-    (`b_t = m_t / (1 - decay^t)`, `m_t = decay * m_{t-1} + (1 - decay) * mean c_X`).
-    Before the first update, each row's baseline is the mean `c_X` of the other
-    rows of its batch. Neither baseline sees the row's own sample, so the
-    estimator is unbiased.
+    (`b_t = m_t / (1 - decay^t)`, `m_t = decay * m_{t-1} + (1 - decay) * mean c_X`;
+    0 before the first update). The baseline never sees the current sample, so
+    the estimator is unbiased.
     """
 
     name = "reinforce"
@@ -88,17 +87,13 @@ class Reinforce(Estimator):
             "baseline_steps": add_weight(f"{info.name}_baseline_steps", (), "float32"),
         }
 
-    def baseline(self, state, downstream):
-        """Per-row baseline: the EMA, or leave-one-out over the batch at first."""
+    def baseline(self, state):
         steps = state["baseline_steps"]
         correction = 1.0 - tf.pow(self.decay, steps)
-        ema = state["baseline"] / tf.maximum(correction, 1e-12)
-        rows = tf.cast(tf.shape(downstream)[0], downstream.dtype)
-        others = (tf.reduce_sum(downstream) - downstream) / tf.maximum(rows - 1.0, 1.0)
-        return tf.where(steps > 0, ema, tf.where(rows > 1, others, 0.0))
+        return tf.where(steps > 0, state["baseline"] / tf.maximum(correction, 1e-12), 0.0)
 
     def surrogate(self, step):
-        advantage = tf.stop_gradient(step.downstream - self.baseline(step.state, step.downstream))
+        advantage = tf.stop_gradient(step.downstream - self.baseline(step.state))
         return step.record.log_prob() * advantage
 
     def update(self, state, downstream_mean):
