@@ -182,6 +182,14 @@ def _check_local(name, info):
         )
 
 
+def _local_expectation(q_x, q_alt, weights, current):
+    """`E_loc = current * Q(x) + sum_a weights_a * Q(values_a)` (see
+    `local_outcomes`), with the critic's values held fixed. Outcomes of
+    probability zero (masked) contribute nothing, whatever their `Q`."""
+    q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
+    return current * q_x + tf.reduce_sum(tf.where(weights > 0, weights * q_alt, 0.0), axis=1)
+
+
 def _q_at_sample_and_outcomes(step):
     values, weights, current = local_outcomes(step)
     sample = step.record.sample[:, None]
@@ -207,12 +215,8 @@ class CriticCV(Estimator):
 
     def surrogate(self, step):
         q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
-        q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
-        expectation = current * q_x + tf.reduce_sum(
-            tf.where(weights > 0, weights * q_alt, 0.0), axis=1
-        )
         residual = tf.stop_gradient(step.downstream - q_x)
-        return expectation + step.record.log_prob() * residual
+        return _local_expectation(q_x, q_alt, weights, current) + step.record.log_prob() * residual
 
 
 class CriticAdvantage(Estimator):
@@ -235,7 +239,7 @@ class CriticAdvantage(Estimator):
         q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
         record = step.record
         if step.info.local_kind == "categorical":
-            value = tf.reduce_sum(tf.where(weights > 0, weights * q_alt, 0.0), axis=1)
+            value = _local_expectation(q_x, q_alt, weights, current)
             return record.log_prob() * tf.stop_gradient(q_x - value)
         flat = _flat(record.sample)
         logits = _flat(tf.cast(record.params, tf.float32))
@@ -307,10 +311,7 @@ class LocalExpectation(Estimator):
         _check_local(self.name, info)
 
     def surrogate(self, step):
-        q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
-        return current * tf.stop_gradient(q_x) + tf.reduce_sum(
-            tf.where(weights > 0, weights * tf.stop_gradient(q_alt), 0.0), axis=1
-        )
+        return _local_expectation(*_q_at_sample_and_outcomes(step))
 
 
 class Expected(LocalExpectation):
