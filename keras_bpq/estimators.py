@@ -72,14 +72,20 @@ class Reinforce(Estimator):
     (`b_t = m_t / (1 - decay^t)`, `m_t = decay * m_{t-1} + (1 - decay) * mean c_X`;
     0 before the first update). The baseline never sees the current sample, so
     the estimator is unbiased.
+
+    `normalize=True` standardises the advantage `c_X - b` over the global batch,
+    `(a - mean a) / (std a + epsilon)`, as MINERVA (Das et al. 2018) does; that
+    rescales the step and couples the batch's draws (no longer unbiased).
     """
 
     name = "reinforce"
 
-    def __init__(self, decay=0.99):
+    def __init__(self, decay=0.99, normalize=False, epsilon=1e-6):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"reinforce: decay must be in [0, 1); got {decay}.")
         self.decay = float(decay)
+        self.normalize = bool(normalize)
+        self.epsilon = float(epsilon)
 
     def create_state(self, info, add_weight):
         return {
@@ -93,8 +99,10 @@ class Reinforce(Estimator):
         return tf.where(steps > 0, state["baseline"] / tf.maximum(correction, 1e-12), 0.0)
 
     def surrogate(self, step):
-        advantage = tf.stop_gradient(step.downstream - self.baseline(step.state))
-        return step.record.log_prob() * advantage
+        advantage = step.downstream - self.baseline(step.state)
+        if self.normalize:
+            advantage = self.standardize(advantage, self.epsilon)
+        return step.record.log_prob() * tf.stop_gradient(advantage)
 
     def update(self, state, downstream_mean):
         mean = downstream_mean
@@ -102,7 +110,20 @@ class Reinforce(Estimator):
         state["baseline_steps"].assign_add(1.0)
 
     def get_config(self):
-        return {"decay": self.decay}
+        return {"decay": self.decay, "normalize": self.normalize, "epsilon": self.epsilon}
+
+    @staticmethod
+    def standardize(value, epsilon):
+        """`(value - mean) / (std + epsilon)` with moments over the global batch
+        (all replicas under a `tf.distribute` strategy)."""
+        stats = tf.stack([tf.reduce_sum(value), tf.reduce_sum(tf.square(value)),
+                          tf.cast(tf.size(value), value.dtype)])
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            stats = context.all_reduce(tf.distribute.ReduceOp.SUM, stats)
+        mean = stats[0] / stats[2]
+        variance = tf.maximum(stats[1] / stats[2] - tf.square(mean), 0.0)
+        return (value - mean) / (tf.sqrt(variance) + epsilon)
 
 
 class Reparam(Estimator):

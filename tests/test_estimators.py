@@ -95,3 +95,36 @@ def test_estimator_and_node_mismatches_fail_at_compile():
     assert model._node_estimators["big"].name == "reinforce"
     model.compile(estimator="auto", num_samples=2)
     assert model._node_estimators["big"].name == "rloo"
+
+
+def test_reinforce_normalize_standardises_the_advantage_and_round_trips():
+    import tensorflow as tf
+
+    from keras_bpq import estimators
+
+    plain = estimators.Reinforce(decay=0.95)
+    assert plain.normalize is False
+    est = estimators.Reinforce(decay=0.95, normalize=True, epsilon=1e-6)
+    config = est.get_config()
+    assert config == {"decay": 0.95, "normalize": True, "epsilon": 1e-6}
+    again = estimators.Reinforce(**config)
+    assert (again.decay, again.normalize, again.epsilon) == (0.95, True, 1e-6)
+
+    class Record:
+        def log_prob(self):
+            return log_p
+
+    log_p = tf.Variable([0.1, -0.4, 0.3, -1.2])
+    costs = tf.constant([1.0, 0.0, 3.0, 2.0])
+    state = {"baseline": tf.Variable(0.5), "baseline_steps": tf.Variable(1.0)}
+    step = estimators.NodeStep(info=None, record=Record(), downstream=costs, state=state)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(est.surrogate(step))
+    advantage = tape.gradient(loss, log_p).numpy()
+    raw = costs.numpy() - 0.5 / (1.0 - 0.95)  # bias-corrected EMA baseline after one step
+    expected = (raw - raw.mean()) / (raw.std() + 1e-6)
+    np.testing.assert_allclose(advantage, expected, rtol=1e-5)
+    np.testing.assert_allclose([advantage.mean(), advantage.std()], [0.0, 1.0], atol=1e-5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(plain.surrogate(step))
+    np.testing.assert_allclose(tape.gradient(loss, log_p).numpy(), costs.numpy() - 0.5 / 0.05, rtol=1e-5)
