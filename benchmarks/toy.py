@@ -13,24 +13,38 @@ The node is the cost's last stochastic ancestor, so the `critic` and
 `critic_cv` estimators use the cost itself, re-evaluated with `b` forced to
 each outcome, as an exact Q: no critic is learned here.
 
-Measured per t and estimator (reinforce, critic, critic_cv):
+Every estimator that can serve a Bernoulli node is measured (--estimators):
+reinforce, critic, critic_cv, local_expectation, rloo (compile(num_samples=2):
+every step holds 2 draws of b), disarm, relax (its control variate is the
+same exact head evaluated on relaxed samples), gumbel and
+gumbel_straight_through (keras_bpq.estimators.Gumbel at its default
+temperature). Estimators that cannot serve the node (expected, pathwise,
+reparam, rloo with num_samples=1) are compiled once and their compile-time
+error is recorded. Per t and estimator:
 
 1. Per-draw gradient statistics from `keras_bpq.diagnostics.estimate_gradients`
-   with a batch of one row: mean, std, variance (and its closed form), the
-   exact gradient (closed form and by enumeration), SNR = |mean| / std, and
-   whether the mean is within 4 standard errors of the exact gradient.
-   `reinforce` is measured twice: with its fresh state (EMA baseline 0) and
-   with the baseline set to the exact E[cost], the value its EMA tracks.
+   with a batch of one row (one draw = the gradient of one training step; for
+   rloo that step holds num_samples draws of b): mean, std, variance and its
+   closed form (numerical quadrature for gumbel and relax), the exact gradient
+   (closed form and by enumeration), SNR = |mean| / std, z and whether the
+   mean is within 4 standard errors of the exact gradient; for gumbel, which
+   is biased by design, the bias mean - exact with its standard error, the
+   relative bias and the bias by quadrature. `reinforce` is measured twice:
+   with its fresh state (EMA baseline 0) and with the baseline set to the exact
+   E[cost], the value its EMA tracks.
 2. Training with Adam from theta = 0 until p(b=1) < --threshold, checked every
    --check_every steps (also the compiled steps_per_execution), capped at
-   --max_steps; several seeds. Two reinforce references are trained too
-   (--reinforce_references): a preset ("warm") EMA baseline, and no baseline.
+   --max_steps; several seeds; one PNG of p(b=1) per t. Two reinforce
+   references are trained too (--reinforce_references): a preset ("warm") EMA
+   baseline, and no baseline.
 3. Speed: wall time of each `estimate_gradients` call (and its growth with
-   num_draws, --scaling_draws), and training steps/s from interleaved timed
-   runs of --throughput_steps steps after training.
+   num_draws, --scaling_draws), training steps/s and CPU time per step from
+   interleaved timed runs of --throughput_steps steps after training, and the
+   variance times the CPU time per step (variance at equal compute).
 
-    python benchmarks/toy.py                 # writes benchmarks/results/toy.{json,md}
+    python benchmarks/toy.py                 # writes benchmarks/results/toy.{json,md} and PNGs
     python benchmarks/toy.py --seeds=0,1 --max_steps=5000 --out_dir=/tmp/toy
+    python benchmarks/toy.py --from_json     # re-renders toy.md and PNGs from toy.json
 """
 
 import hashlib
@@ -63,13 +77,26 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds.")
 flags.DEFINE_list("targets", ["0.45", "0.499"], "Values of t.")
 flags.DEFINE_list("thetas", ["0.0", "-2.0"], "Logits at which the gradient variance is measured.")
-flags.DEFINE_list("estimators", ["reinforce", "critic", "critic_cv"], "Estimators to compare.")
+flags.DEFINE_list(
+    "estimators",
+    [
+        "reinforce", "critic", "critic_cv", "local_expectation", "rloo", "disarm", "relax",
+        "gumbel", "gumbel_straight_through",
+    ],
+    "Estimators to compare (see CONFIGS).",
+)
+flags.DEFINE_integer("rloo_samples", 2, "compile(num_samples=K) for rloo: draws of b per step.")
+flags.DEFINE_list(
+    "not_applicable", ["expected", "pathwise", "reparam", "rloo@1"],
+    "Estimators compiled once to record why they cannot serve the node (name@num_samples).",
+)
+flags.DEFINE_bool("from_json", False, "Only re-render toy.md and the plots from out_dir/toy.json.")
 flags.DEFINE_bool(
     "reinforce_references", True,
     "Also train two reinforce references: 'reinforce_warm_baseline' (EMA baseline state "
     "preset to E[cost] at theta = 0) and 'reinforce_no_baseline' (baseline always 0).",
 )
-flags.DEFINE_integer("num_draws", 2000, "Draws per gradient-variance measurement (batch of 1 row).")
+flags.DEFINE_integer("num_draws", 10000, "Draws per gradient-variance measurement (batch of 1 row).")
 flags.DEFINE_integer("max_steps", 20000, "Training budget in steps.")
 flags.DEFINE_float("learning_rate", 0.01, "Adam learning rate.")
 flags.DEFINE_integer("batch_size", 1, "Training batch size.")
@@ -109,33 +136,91 @@ def expected_cost(t, theta):
     return p * (1.0 - t) ** 2 + (1.0 - p) * t**2
 
 
-def closed_form_draws(estimator, t, theta, baseline=0.0):
-    """Per-draw gradient given b = 1 and b = 0, for batch size 1.
+def closed_form_draws(estimator, t, theta, baseline=0.0, num_samples=2):
+    """The per-step gradient's distribution for batch size 1: (probability, value) pairs.
 
     reinforce: (b - p) (c(b) - B); critic: the per-unit advantage with the exact
-    Q, (b - p) (1 - p(b)) (c(b) - c(1 - b)); critic_cv: p (1 - p) (c1 - c0) for
-    every draw (its residual c - Q(b) is zero with the exact Q).
+    Q, (b - p) (1 - p(b)) (c(b) - c(1 - b)); critic_cv and local_expectation:
+    p (1 - p) (c1 - c0) for every draw (critic_cv's residual c - Q(b) is zero with
+    the exact Q); rloo with K = 2 draws: the mean of (b_k - p)(c_k - c_other),
+    (c1 - c0) / 2 when the two draws differ (probability 2 p (1 - p)), else 0;
+    disarm: (c1 - c0) sigmoid(|theta|) / 2 when b and its antithetic partner
+    differ (probability 2 min(p, 1 - p)), else 0. None for gumbel and relax (see
+    `quadrature_moments`) and for rloo with K > 2.
     """
     p = sigmoid(theta)
     c1, c0 = (1.0 - t) ** 2, t**2
-    if estimator == "reinforce":
-        return (1.0 - p) * (c1 - baseline), -p * (c0 - baseline)
+    if estimator in ("reinforce", "reinforce_warm_baseline", "reinforce_no_baseline"):
+        return [(p, (1.0 - p) * (c1 - baseline)), (1.0 - p, -p * (c0 - baseline))]
     if estimator == "critic":
-        return (1.0 - p) ** 2 * (c1 - c0), p**2 * (c1 - c0)
-    if estimator == "critic_cv":
-        g = p * (1.0 - p) * (c1 - c0)
-        return g, g
-    return None  # no closed form here for other estimators
+        return [(p, (1.0 - p) ** 2 * (c1 - c0)), (1.0 - p, p**2 * (c1 - c0))]
+    if estimator in ("critic_cv", "local_expectation"):
+        return [(1.0, p * (1.0 - p) * (c1 - c0))]
+    if estimator == "rloo" and num_samples == 2:
+        differ = 2.0 * p * (1.0 - p)
+        return [(differ, 0.5 * (c1 - c0)), (1.0 - differ, 0.0)]
+    if estimator == "disarm":
+        differ = 2.0 * min(p, 1.0 - p)
+        return [(differ, 0.5 * (c1 - c0) * max(p, 1.0 - p)), (1.0 - differ, 0.0)]
+    return None
 
 
-def closed_form_variance(estimator, t, theta, baseline=0.0):
-    p = sigmoid(theta)
-    draws = closed_form_draws(estimator, t, theta, baseline)
-    if draws is None:
-        return None
-    g1, g0 = draws
-    mean = p * g1 + (1.0 - p) * g0
-    return max(0.0, p * g1**2 + (1.0 - p) * g0**2 - mean**2)
+def quadrature_moments(estimator, t, theta, temperature=0.5, n=2_000_000, n2=1500):
+    """Mean and variance of the per-draw gradient of gumbel / relax on this toy, by
+    midpoint quadrature over their uniform noise (float64).
+
+    gumbel: v = sigmoid((theta + logit u) / T), the exact head Q(v) = (v - t)^2, so
+    g = 2 (v - t) v (1 - v) / T; straight-through evaluates Q at h = 1[v > 1/2]:
+    g = 2 (h - t) v (1 - v) / T. relax: with b = 1[u > 1 - p], z = theta + logit u,
+    z~ = theta + logit u~ (u~ ~ U(0, 1) given b, reparameterised through p) and the
+    control variate c(z) = (sigmoid(z / T) - t)^2: g = (c(b) - c(z~)) (b - p) +
+    dc(z)/dtheta - dc(z~)/dtheta, a 2-D integral per value of b.
+    """
+    def sig(x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    if estimator in ("gumbel", "gumbel_straight_through"):
+        u = (np.arange(n) + 0.5) / n
+        v = sig((theta + np.log(u) - np.log1p(-u)) / temperature)
+        value = (v > 0.5).astype(np.float64) if estimator == "gumbel_straight_through" else v
+        g = 2.0 * (value - t) * v * (1.0 - v) / temperature
+        mean = float(g.mean())
+        return mean, max(0.0, float((g * g).mean()) - mean**2)
+    if estimator == "relax":
+        p = sigmoid(theta)
+        a = (np.arange(n2) + 0.5) / n2
+        first, second = np.meshgrid(a, a, indexing="ij")
+        m1 = m2 = 0.0
+        for b, prob in ((1.0, p), (0.0, 1.0 - p)):
+            def given_b(r):
+                return b * (1.0 - p + r * p) + (1.0 - b) * r * (1.0 - p)
+
+            u, uc = given_b(first), given_b(second)
+            z = theta + np.log(u) - np.log1p(-u)
+            zc = theta + np.log(uc) - np.log1p(-uc)
+            dzc = 1.0 + p * (1.0 - p) * (b * (second - 1.0) - (1.0 - b) * second) / (uc * (1.0 - uc))
+            s, sc = sig(z / temperature), sig(zc / temperature)
+            g = (
+                ((b - t) ** 2 - (sc - t) ** 2) * (b - p)
+                + 2.0 * (s - t) * s * (1.0 - s) / temperature
+                - 2.0 * (sc - t) * sc * (1.0 - sc) / temperature * dzc
+            )
+            m1 += prob * float(g.mean())
+            m2 += prob * float((g * g).mean())
+        return m1, max(0.0, m2 - m1**2)
+    return None
+
+
+def closed_form_moments(estimator, t, theta, baseline=0.0, num_samples=2, temperature=0.5):
+    """(mean, variance, how): closed form where there is one, else quadrature, else None."""
+    draws = closed_form_draws(estimator, t, theta, baseline, num_samples)
+    if draws is not None:
+        mean = sum(q * g for q, g in draws)
+        return mean, max(0.0, sum(q * g**2 for q, g in draws) - mean**2), "closed form"
+    moments = quadrature_moments(estimator, t, theta, temperature)
+    if moments is not None:
+        return moments[0], moments[1], "quadrature"
+    return None, None, None
 
 
 # -- model -------------------------------------------------------------------
@@ -164,16 +249,32 @@ REFERENCES = {
     "reinforce_no_baseline": "reinforce with the baseline held at 0",
 }
 
+# Configurations that are not a plain estimator name.
+CONFIGS = {
+    "gumbel": "keras_bpq.estimators.Gumbel() (temperature 0.5, no annealing, relaxed value into Q)",
+    "gumbel_straight_through": "keras_bpq.estimators.Gumbel(straight_through=True) (temperature 0.5)",
+}
+BIASED = ("gumbel", "gumbel_straight_through")  # DESIGN.md §2: biased by design
+
 
 def package_estimator(config):
     if config == "reinforce_no_baseline":
         return ReinforceNoBaseline()
     if config == "reinforce_warm_baseline":
         return "reinforce"
+    if config == "gumbel":
+        return estimators_lib.Gumbel()
+    if config == "gumbel_straight_through":
+        return estimators_lib.Gumbel(straight_through=True)
     return config
 
 
-def build_model(t, config, seed, learning_rate, steps_per_execution):
+def config_samples(config):
+    """compile(num_samples=...) of a configuration: draws of b per example and step."""
+    return FLAGS.rloo_samples if config == "rloo" else 1
+
+
+def build_model(t, config, seed, learning_rate, steps_per_execution, num_samples=None):
     keras.utils.set_random_seed(seed)
     x = keras.Input((1,), name="x")
     b = keras_bpq.Bernoulli(name="b")(Logit(name="logit")(x))
@@ -183,11 +284,31 @@ def build_model(t, config, seed, learning_rate, steps_per_execution):
         optimizer=keras.optimizers.Adam(learning_rate),
         estimator=package_estimator(config),
         steps_per_execution=steps_per_execution,
+        num_samples=config_samples(config) if num_samples is None else num_samples,
     )
     model.critic_variables  # creates the estimator state (and critics, none here)
     if config == "reinforce_warm_baseline":
         set_baseline(model, expected_cost(as_float32(t), 0.0))
     return model
+
+
+def not_applicable(t, specs):
+    """Compiles each `name@num_samples` once and records its error (or its success)."""
+    out = []
+    for spec in specs:
+        name, _, samples = spec.partition("@")
+        samples = int(samples or 1)
+        try:
+            build_model(t, name, 0, 0.01, 1, num_samples=samples)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            error = f"{type(e).__name__}: {e}"
+        out.append({"estimator": name, "num_samples": samples, "error": error})
+        print(f"{spec:12s} {error or 'compiles'}", flush=True)
+    auto = build_model(t, "auto", 0, 0.01, 1)
+    out.append({"estimator": "auto", "num_samples": 1, "error": None,
+                "resolves_to": auto._node_estimators["b"].name})
+    return out
 
 
 def set_baseline(model, value):
@@ -208,6 +329,7 @@ def summary_text(model):
 # -- 1. gradient variance ------------------------------------------------------
 def measure_variance(t, estimator, thetas, num_draws, seed):
     model = build_model(t, estimator, seed, 0.01, 1)
+    num_samples = config_samples(estimator)
     t32 = as_float32(t)
     x = np.ones((1, 1), np.float32)
     rows = []
@@ -222,6 +344,9 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
                 baseline = expected_cost(t32, theta)
                 set_baseline(model, baseline)
             start = time.perf_counter()
+            # One draw = the gradient of one training step: estimate_gradients tiles
+            # x once per draw and run_forward repeats each row num_samples times, so
+            # with rloo every draw averages the surrogate over its num_samples rows.
             draws = diagnostics.estimate_gradients(model, x, num_draws=num_draws)[0]
             seconds = time.perf_counter() - start
             enumerated = float(diagnostics.exact_gradients(model, x)[0])
@@ -233,12 +358,16 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
             # gap c1 - c0 = 0.002 (t = 0.499) loses ~4 digits to cancellation.
             rounding = 1e-5 * abs(exact) + 1e-7
             zero_variance = std <= rounding
-            variance_cf = closed_form_variance(estimator, t32, theta, baseline)
+            mean_cf, variance_cf, how = closed_form_moments(
+                estimator, t32, theta, baseline, num_samples
+            )
+            biased = estimator in BIASED
             rows.append(
                 {
                     "t": t,
                     "estimator": estimator,
                     "variant": label,
+                    "num_samples": num_samples,
                     "theta": theta,
                     "p": sigmoid(theta),
                     "baseline": baseline,
@@ -246,7 +375,9 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
                     "mean": mean,
                     "std": std,
                     "variance": std**2,
+                    "mean_closed_form": mean_cf,
                     "variance_closed_form": variance_cf,
+                    "closed_form_kind": how,
                     "gradient_variance_diagnostic": diagnostics.gradient_variance([draws]),
                     "exact": exact,
                     "exact_decimal_t": exact_gradient(t, theta),
@@ -255,11 +386,20 @@ def measure_variance(t, estimator, thetas, num_draws, seed):
                     "z": None if zero_variance else abs(mean - exact) / se,
                     "abs_error": abs(mean - exact),
                     "within_4_se": bool(abs(mean - exact) <= 4.0 * se + rounding),
+                    "biased_by_design": biased,
+                    "bias": mean - exact,
+                    "bias_standard_error": se,
+                    "relative_bias": (mean - exact) / exact,
+                    "bias_closed_form": None if mean_cf is None else mean_cf - exact,
+                    "relative_bias_closed_form": None if mean_cf is None else (mean_cf - exact) / exact,
+                    "z_vs_closed_form_mean": (
+                        None if mean_cf is None or zero_variance else abs(mean - mean_cf) / se
+                    ),
                     "zero_variance": bool(zero_variance),
                     "snr": None if zero_variance else abs(mean) / std,
                     "snr_closed_form": (
                         None if variance_cf is None or variance_cf <= (1e-6 * abs(exact)) ** 2
-                        else abs(exact) / math.sqrt(variance_cf)
+                        else abs(mean_cf) / math.sqrt(variance_cf)
                     ),
                     "estimate_seconds": seconds,
                     "distinct_values": int(len(np.unique(draws))),
@@ -309,6 +449,7 @@ def train(t, config, seed, args):
         "t": t,
         "estimator": config,
         "seed": seed,
+        "rows_per_step": args["batch_size"] * config_samples(config),
         "steps": steps_run if reached else None,
         "reached": bool(reached),
         "steps_run": steps_run,
@@ -378,9 +519,18 @@ def steps_text(value, max_steps):
 
 
 def row_name(row):
+    name = row["estimator"]
+    if row.get("num_samples", 1) > 1:
+        name += f" (K={row['num_samples']})"
     if row["variant"] == "fresh":
-        return row["estimator"] + (" (fresh: baseline 0)" if row["estimator"] == "reinforce" else "")
-    return f"{row['estimator']} ({row['variant']})"
+        return name + (" (fresh: baseline 0)" if row["estimator"] == "reinforce" else "")
+    return f"{name} ({row['variant']})"
+
+
+def within_text(r):
+    if r["within_4_se"]:
+        return "yes"
+    return "NO (biased by design)" if r.get("biased_by_design") else "**NO**"
 
 
 def variance_table(rows):
@@ -394,41 +544,126 @@ def variance_table(rows):
         snr_cf = fmt(r["snr_closed_form"])
         if r["snr_closed_form"] is None and r["variance_closed_form"] is not None:
             snr_cf = "inf"
+        var_cf = fmt(r["variance_closed_form"])
+        if r.get("closed_form_kind") == "quadrature":
+            var_cf += " (quadrature)"
         z = "-" if r["z"] is None else f"{r['z']:.2f}"
         lines.append(
             f"| {row_name(r)} | {r['theta']:g} | {r['p']:.3f} | {fmt(r['mean'], 4)} | {fmt(r['std'])} "
-            f"| {fmt(r['variance'])} | {fmt(r['variance_closed_form'])} | {fmt(r['exact'], 4)} | {snr} "
-            f"| {snr_cf} | {z} | {'yes' if r['within_4_se'] else 'NO'} | {r['estimate_seconds']:.2f} |"
+            f"| {fmt(r['variance'])} | {var_cf} | {fmt(r['exact'], 4)} | {snr} "
+            f"| {snr_cf} | {z} | {within_text(r)} | {r['estimate_seconds']:.2f} |"
         )
     return lines
 
 
+def bias_table(rows):
+    rows = [r for r in rows if r.get("biased_by_design")]
+    if not rows:
+        return []
+    lines = [
+        "| estimator | theta | mean ± SE | exact | bias = mean - exact ± SE | relative bias "
+        "| bias (quadrature) | relative bias (quadrature) | expected gradient (quadrature) "
+        "| its sign |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sign = "right" if r["mean_closed_form"] * r["exact"] > 0 else "**wrong**"
+        lines.append(
+            f"| {row_name(r)} | {r['theta']:g} | {fmt(r['mean'], 4)} ± {fmt(r['standard_error'], 2)} "
+            f"| {fmt(r['exact'], 4)} | {fmt(r['bias'], 4)} ± {fmt(r['bias_standard_error'], 2)} "
+            f"| {r['relative_bias']:+.2f} | {fmt(r['bias_closed_form'], 4)} "
+            f"| {r['relative_bias_closed_form']:+.3f} | {fmt(r['mean_closed_form'], 4)} | {sign} |"
+        )
+    return lines
+
+
+def speed_of(speed, config):
+    return speed.get(package_name(config))
+
+
 def speed_text(speed, config):
-    if config in speed:
-        return f"{speed[config]['steps_per_second']:.0f}"
-    return "(as reinforce)"
+    v = speed_of(speed, config)
+    if v is None:
+        return "-"
+    text = f"{v['steps_per_second']:.0f}"
+    return text if config not in REFERENCES else f"({text}, as reinforce)"
 
 
 def cpu_text(speed, config):
-    if config in speed:
-        return f"{speed[config]['cpu_microseconds_per_step']:.0f}"
-    return "(as reinforce)"
+    v = speed_of(speed, config)
+    if v is None:
+        return "-"
+    text = f"{v['cpu_microseconds_per_step']:.0f}"
+    return text if config not in REFERENCES else f"({text})"
+
+
+def cpu_to_threshold(runs, speed, config):
+    v = speed_of(speed, config)
+    steps = median_steps(runs)
+    if v is None or not math.isfinite(steps):
+        return None
+    return steps * v["cpu_microseconds_per_step"] * 1e-6
 
 
 def training_table(runs_by_config, speed, max_steps):
     lines = [
-        "| estimator | median steps | steps per seed | final p(b=1) per seed | steps/s "
-        "| CPU us/step | wall time per seed (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| estimator | rows per step | median steps | steps per seed | final p(b=1) per seed "
+        "| steps/s | CPU us/step | median CPU s to threshold | wall time per seed (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for config, runs in runs_by_config.items():
+        if not runs:
+            continue
         per_seed = ", ".join(str(r["steps"]) if r["reached"] else f">{r['steps_run']}" for r in runs)
         finals = ", ".join(f"{r['final_p']:.3f}" for r in runs)
         times = ", ".join(f"{r['seconds']:.1f}" for r in runs)
         name = config if config not in REFERENCES else f"{config} (reference)"
+        cpu_total = cpu_to_threshold(runs, speed, config)
         lines.append(
-            f"| {name} | {steps_text(median_steps(runs), max_steps)} | {per_seed} | {finals} "
-            f"| {speed_text(speed, config)} | {cpu_text(speed, config)} | {times} |"
+            f"| {name} | {runs[0].get('rows_per_step', 1)} | {steps_text(median_steps(runs), max_steps)} "
+            f"| {per_seed} | {finals} | {speed_text(speed, config)} | {cpu_text(speed, config)} "
+            f"| {'-' if cpu_total is None else f'{cpu_total:.2f}'} | {times} |"
+        )
+    return lines
+
+
+def cost_table(var_rows, speed):
+    """Variance at equal compute: variance x (CPU time per step / reinforce's)."""
+    base = speed.get("reinforce")
+    if not base:
+        return []
+    thetas = sorted({r["theta"] for r in var_rows}, reverse=True)
+    header = " | ".join(f"variance, theta = {th:g} | x CPU ratio" for th in thetas)
+    lines = [
+        f"| estimator | rows per step | CPU us/step | CPU ratio to reinforce | {header} |",
+        "|---|---|---|---|" + "---|---|" * len(thetas),
+    ]
+    seen = []
+    for r in var_rows:
+        key = (r["estimator"], r["variant"])
+        if key not in seen:
+            seen.append(key)
+    for estimator, variant in seen:
+        v = speed.get(estimator)
+        if v is None:
+            continue
+        ratio = v["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
+        cells = []
+        for th in thetas:
+            row = next(
+                (r for r in var_rows if (r["estimator"], r["variant"], r["theta"]) == (estimator, variant, th)),
+                None,
+            )
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            var = 0.0 if row["zero_variance"] else row["variance"]
+            cells += [fmt(var), fmt(var * ratio)]
+        name = row_name({"estimator": estimator, "variant": variant,
+                         "num_samples": next(r for r in var_rows if r["estimator"] == estimator)["num_samples"]})
+        lines.append(
+            f"| {name} | {next(r for r in var_rows if r['estimator'] == estimator)['num_samples']} "
+            f"| {v['cpu_microseconds_per_step']:.0f} | {ratio:.2f} | " + " | ".join(cells) + " |"
         )
     return lines
 
@@ -481,6 +716,25 @@ def versions():
     return out
 
 
+COLORS = {
+    "reinforce": "tab:red",
+    "critic": "tab:blue",
+    "critic_cv": "tab:green",
+    "local_expectation": "tab:olive",
+    "rloo": "tab:purple",
+    "disarm": "tab:brown",
+    "relax": "tab:cyan",
+    "gumbel": "tab:pink",
+    "gumbel_straight_through": "magenta",
+    "reinforce_warm_baseline": "tab:orange",
+    "reinforce_no_baseline": "tab:gray",
+}
+
+
+def plot_name(t):
+    return f"toy_training_t{t:g}.png"
+
+
 def make_plots(results, out_dir):
     try:
         import matplotlib
@@ -491,26 +745,23 @@ def make_plots(results, out_dir):
         print("matplotlib is not installed: skipping plots.")
         return []
     k = results["settings"]["check_every"]
-    targets = results["settings"]["targets"]
-    colors = {
-        "reinforce": "tab:red",
-        "critic": "tab:blue",
-        "critic_cv": "tab:green",
-        "reinforce_warm_baseline": "tab:orange",
-        "reinforce_no_baseline": "tab:gray",
-    }
-    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.5), squeeze=False)
-    for ax, t in zip(axes[0], targets):
+    paths = []
+    for t in results["settings"]["targets"]:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
         seen = set()
         for run in results["training"]:
             if run["t"] != t:
                 continue
             config = run["estimator"]
             steps = k * (np.arange(len(run["curve_p"])) + 1)
+            label = None
+            if config not in seen:
+                _, runs, _ = grouped(results, t)
+                label = f"{config}: median {steps_text(median_steps(runs[config]), results['settings']['max_steps'])}"
             ax.plot(
-                steps, run["curve_p"], color=colors.get(config), alpha=0.7, lw=1,
-                ls="--" if config in REFERENCES else "-",
-                label=None if config in seen else config,
+                steps, run["curve_p"], color=COLORS.get(config), alpha=0.65, lw=1,
+                ls="--" if config in REFERENCES else (":" if config in BIASED else "-"),
+                label=label,
             )
             seen.add(config)
         ax.axhline(results["settings"]["threshold"], color="k", ls=":", lw=1)
@@ -518,13 +769,18 @@ def make_plots(results, out_dir):
         ax.set_ylim(0, 1)
         ax.set_xlabel("training step")
         ax.set_ylabel("p(b=1) = sigmoid(theta)")
-        ax.set_title(f"REBAR toy, t = {t}: one line per seed")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "toy_training.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+        ax.set_title(
+            f"REBAR toy, t = {t}: p(b=1) during training, one line per seed "
+            f"(Adam {results['settings']['learning_rate']:g}, batch {results['settings']['batch_size']})",
+            fontsize=10,
+        )
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        fig.tight_layout()
+        path = os.path.join(out_dir, plot_name(t))
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def grouped(results, t):
@@ -542,6 +798,22 @@ def grouped(results, t):
     return var_rows, runs, speed
 
 
+def load_text(m):
+    if "load_average_at_start" not in m:
+        return ""
+    start_load, end_load = m["load_average_at_start"][0], m.get("load_average_at_end", [0])[0]
+    text = (
+        f" 1-minute load average {start_load:g} at the start and {end_load:g} at the end on "
+        f"{m['cpu_count']} cores"
+    )
+    if max(start_load, end_load) > 0.75 * (m["cpu_count"] or 1):
+        return text + (
+            ": the machine was shared with other jobs, so wall times and steps/s are noisy "
+            "(the best of the repeated throughput runs is shown)."
+        )
+    return text + "."
+
+
 def write_markdown(results, path):
     s = results["settings"]
     max_steps = s["max_steps"]
@@ -551,20 +823,7 @@ def write_markdown(results, path):
         (abs(r["exact"] - r["exact_enumeration"]) / abs(r["exact"]) for r in results["variance"]),
         default=0.0,
     )
-    load = ""
-    if "load_average_at_start" in m:
-        start_load, end_load = m["load_average_at_start"][0], m.get("load_average_at_end", [0])[0]
-        load = (
-            f" 1-minute load average {start_load:g} at the start and {end_load:g} at the end on "
-            f"{m['cpu_count']} cores"
-        )
-        if max(start_load, end_load) > 0.75 * (m["cpu_count"] or 1):
-            load += (
-                ": the machine was shared with other jobs, so wall times and steps/s are noisy "
-                "(the best of the repeated throughput runs is shown)."
-            )
-        else:
-            load += "."
+    k_rloo = s.get("rloo_samples", 2)
     lines = [
         "## REBAR toy",
         "",
@@ -572,7 +831,7 @@ def write_markdown(results, path):
         "`theta` (a one-weight layer broadcast to the batch), cost `(b - t)^2` per example, "
         "functional `BackpropQModel(inputs=x, outputs=b, costs={\"cost\": cost})`. "
         "Exact gradient `(1 - 2t) sigmoid(theta) (1 - sigmoid(theta))`; the optimum is "
-        "p(b=1) -> 0.",
+        "p(b=1) -> 0. Every estimator of `keras_bpq` that can serve a Bernoulli node is measured.",
         "",
         "```",
         results["command"],
@@ -583,21 +842,33 @@ def write_markdown(results, path):
         f"TFP {v['tensorflow_probability']}, keras_bpq {v['keras_bpq']}"
         + (f" (commit {v['git_commit']})" if "git_commit" in v else "")
         + f". Total run time {results['total_seconds']:.0f} s (plus about "
-        f"{results['import_seconds']:.0f} s of imports)." + load,
+        f"{results['import_seconds']:.0f} s of imports)." + load_text(m),
         "",
         "Settings:",
+        "* Estimators: " + ", ".join(f"`{e}`" for e in s["estimators"]) + ". `rloo` is compiled "
+        f"with `num_samples={k_rloo}`: every training step (and every gradient draw) holds "
+        f"{k_rloo} draws of b for the one example, so its batch has {k_rloo} rows; all others "
+        "have 1. `gumbel` is `keras_bpq.estimators.Gumbel()` (temperature 0.5, anneal_rate 1: "
+        "constant), `gumbel_straight_through` is `Gumbel(straight_through=True)`; `relax` is the "
+        "package's RELAX at its default temperature 0.5.",
         f"* Gradient variance: `keras_bpq.diagnostics.estimate_gradients(model, x, "
         f"num_draws={s['num_draws']})` with `x` a single row (batch size 1), at theta in "
-        f"{{{', '.join(f'{x:g}' for x in s['thetas'])}}}. SNR = |mean| / std of the per-draw "
-        "gradient; SNR (closed form) = |exact| / closed-form std; z = |mean - exact| / standard "
-        "error; \"within 4 SE\" also allows 1e-5 relative + 1e-7 absolute for float32 rounding, "
-        "and an estimator whose std is below that is reported as zero variance. The exact "
-        "gradient is the closed form for the float32 value of t that the graph holds (0.499 is "
-        "stored as 0.49900001, which moves the exact gradient by 1.3e-5 relative); "
+        f"{{{', '.join(f'{x:g}' for x in s['thetas'])}}}. One draw is the gradient of one training "
+        "step: `estimate_gradients` tiles `x` once per draw, and the model's forward pass repeats "
+        "each row `num_samples` times, so an `rloo` draw averages the leave-one-out surrogate over "
+        f"its {k_rloo} rows, exactly as a training step does. SNR = |mean| / std of the per-draw "
+        "gradient; SNR (closed form) = |closed-form mean| / closed-form std; z = |mean - exact| / "
+        "standard error; \"within 4 SE\" also allows 1e-5 relative + 1e-7 absolute for float32 "
+        "rounding, and an estimator whose std is below that is reported as zero variance. The "
+        "exact gradient is the closed form for the float32 value of t that the graph holds "
+        "(0.499 is stored as 0.49900001, which moves the exact gradient by 1.3e-5 relative); "
         f"`diagnostics.exact_gradients` (enumeration, float32) agrees with it to {enum_error:.1e} "
-        "relative or better in every row. The closed-form variances follow from the per-draw "
-        "values given b = 1 and b = 0. Estimate time: one `estimate_gradients` call of all draws, including its "
-        "tf.function trace (it builds a new tf.function on every call).",
+        "relative or better in every row. Closed-form moments: from the per-draw values given "
+        "b (reinforce, critic, critic_cv, local_expectation, rloo with K = 2, disarm); for "
+        "gumbel and relax, midpoint quadrature over their uniform noise in float64 (2e6 points; "
+        "relax: a 1500 x 1500 grid per value of b), which also gives gumbel's exact bias. "
+        "Estimate time: one `estimate_gradients` call of all draws; the first theta of each "
+        "estimator includes the trace of its tf.function (cached per model afterwards).",
         "* `reinforce` is the package's score function with an EMA baseline (decay 0.99, bias "
         "corrected; the baseline never sees the current batch, so step 1 uses baseline 0). A "
         "fresh model's baseline is 0, so the `reinforce (fresh)` rows have no baseline; the "
@@ -608,7 +879,7 @@ def write_markdown(results, path):
         f"p(b=1) is checked every {s['check_every']} steps (so step counts are multiples of "
         f"{s['check_every']}) and training stops at p(b=1) < {s['threshold']:g}, or at the budget "
         f"of {max_steps} steps (\"not reached\"); seeds {s['seeds']} (the seed drives the "
-        "Bernoulli draws).",
+        "Bernoulli and relaxation noise).",
         "* Two reinforce references, not package estimators: `reinforce_warm_baseline` is "
         "`reinforce` with its EMA state preset to E[c] at theta = 0 (as if the baseline had "
         "been warmed up), `reinforce_no_baseline` holds the baseline at 0 (a subclass of "
@@ -619,14 +890,39 @@ def write_markdown(results, path):
         "round is in `toy.json`). Interleaving spreads load from other jobs over all "
         "estimators alike. CPU us/step is the process CPU time (all threads) per step, the "
         "least of the rounds: less sensitive to other jobs than wall time. The wall time per "
-        "seed includes the first trace of the training step.",
+        "seed includes the first trace of the training step. \"Variance x CPU ratio\" is the "
+        "per-step variance times the CPU time per step relative to `reinforce`: the variance "
+        "at equal compute (averaging n draws divides the variance by n and multiplies the cost "
+        "by n), lower is better.",
         "* **Q is exact here, not learned.** `b` is the cost's last stochastic ancestor, so "
-        "`critic` and `critic_cv` use the cost itself, re-evaluated with `b` forced to 0 and to "
-        "1, as Q (`scg_summary` shows `exact[cost]`); no critic network exists and the critic "
-        "optimizer is unused. These are the critic estimators at their best, not a test of "
-        "critic learning.",
+        "every estimator with a critic (`critic`, `critic_cv`, `local_expectation`, `relax`, "
+        "`gumbel`) uses the cost itself, re-evaluated with `b` forced to other values, as Q "
+        "(`scg_summary` shows `exact[cost]`); no critic network exists and the critic "
+        "optimizer is unused. For `critic`, `critic_cv` and `local_expectation` that is the "
+        "exact Q at b = 0 and b = 1: these are the critic estimators at their best, not a test "
+        "of critic learning. `relax`'s control variate is the same head evaluated at relaxed "
+        "samples, c(z) = (sigmoid(z / 0.5) - t)^2 (nothing tunes it towards low variance), and "
+        "`gumbel` differentiates that same relaxed cost. `disarm` re-runs the cost at the "
+        "antithetic sample.",
         "",
     ]
+    na = results.get("not_applicable") or []
+    if na:
+        lines += [
+            "### Estimators that cannot serve this node",
+            "",
+            "Each compiled once on this model; the error is raised by `compile()`:",
+            "",
+            "| estimator | num_samples | result |",
+            "|---|---|---|",
+        ]
+        for r in na:
+            if r.get("resolves_to"):
+                result = f"compiles; resolves to `{r['resolves_to']}` (the default)"
+            else:
+                result = "compiles" if r["error"] is None else f"`{r['error']}`"
+            lines.append(f"| {r['estimator']} | {r['num_samples']} | {result} |")
+        lines.append("")
     for t in s["targets"]:
         var_rows, runs, speed = grouped(results, t)
         lines += [
@@ -635,21 +931,44 @@ def write_markdown(results, path):
             f"Exact gradient at theta = 0: {exact_gradient(t, 0.0):.4g}; cost gap "
             f"c(1) - c(0) = 1 - 2t = {1 - 2 * t:.3g}.",
             "",
-            "Per-draw gradient, batch of one row:",
+            "Per-step gradient draws, batch of one example:",
             "",
             *variance_table(var_rows),
             "",
+        ]
+        bias = bias_table(var_rows)
+        if bias:
+            lines += [
+                "Bias of the biased-by-design estimators (measured, and by quadrature):",
+                "",
+                *bias,
+                "",
+            ]
+        cost = cost_table(var_rows, speed)
+        if cost:
+            lines += [
+                "Variance at equal compute (per-step variance x CPU time per step relative to "
+                "`reinforce`; zero-variance rows stay 0):",
+                "",
+                *cost,
+                "",
+            ]
+        lines += [
             f"Training from theta = 0 to p(b=1) < {s['threshold']:g} (budget {max_steps} steps):",
             "",
             *training_table(runs, speed, max_steps),
             "",
         ]
+        for plot in results.get("plots", []):
+            if os.path.basename(plot) == plot_name(t):
+                lines += [f"![p(b=1) during training at t = {t}, every estimator and seed]"
+                          f"({os.path.basename(plot)})", ""]
     if results.get("estimate_scaling"):
         lines += [
             "### Cost of `estimate_gradients` against num_draws",
             "",
             f"One call each, `reinforce`, t = {s['targets'][0]}, theta = 0, batch of one row, "
-            "trace included (each call traces afresh):",
+            "trace included:",
             "",
             "| num_draws | seconds |",
             "|---|---|",
@@ -658,26 +977,46 @@ def write_markdown(results, path):
         ]
     lines += ["### Reading", ""]
     lines += reading(results)
-    for plot in results.get("plots", []):
-        lines += ["", f"![p(b=1) during training, every seed]({os.path.basename(plot)})"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def reading(results):
-    """The measured ranking per t; the interpretation is written in NOTES below."""
+    """The measured ranking per t and the unbiasedness check (computed); the
+    interpretation is written in NOTES below."""
     s = results["settings"]
     out = [
-        "The ranking lines are computed by the script; the notes after them were written "
-        "from the default run (`python benchmarks/toy.py`) and quote its numbers.",
+        "The ranking, unbiasedness and cost lines are computed by the script; the notes "
+        "after them were written from the default run (`python benchmarks/toy.py`) and quote "
+        "its numbers.",
         "",
     ]
     for t in s["targets"]:
         _, runs, _ = grouped(results, t)
-        medians = {config: median_steps(r) for config, r in runs.items()}
+        medians = {config: median_steps(r) for config, r in runs.items() if r}
         order = sorted(medians, key=lambda c: medians[c])
         ranking = "; ".join(f"{c} {steps_text(medians[c], s['max_steps'])}" for c in order)
         out.append(f"* Median steps to p(b=1) < {s['threshold']:g} at **t = {t}**: {ranking}.")
+    unbiased = [r for r in results["variance"] if not r.get("biased_by_design")]
+    failures = [r for r in unbiased if not r["within_4_se"]]
+    text = (
+        f"* **Unbiasedness.** {len(unbiased) - len(failures)} of {len(unbiased)} rows of the "
+        "estimators DESIGN.md marks unbiased (with the exact Q here) have their mean within 4 "
+        "standard errors of the exact gradient"
+    )
+    if failures:
+        text += "; outside: " + ", ".join(
+            f"{row_name(r)} at t = {r['t']}, theta = {r['theta']:g} (z = {r['z']:.1f})" for r in failures
+        )
+    cf = [r for r in results["variance"] if r.get("variance_closed_form") and not r["zero_variance"]]
+    if cf:
+        worst = max(cf, key=lambda r: abs(r["variance"] / r["variance_closed_form"] - 1))
+        text += (
+            f". Measured variances match the closed forms / quadrature to within "
+            f"{100 * abs(worst['variance'] / worst['variance_closed_form'] - 1):.0f}% "
+            f"(worst: {row_name(worst)}, t = {worst['t']}, theta = {worst['theta']:g})"
+        )
+    out.append(text + ".")
     return out + NOTES[:-1] + cost_notes(results) + NOTES[-1:]
 
 
@@ -686,43 +1025,27 @@ def cost_notes(results):
     s = results["settings"]
     speed = results.get("throughput", {})
     parts = []
-    ratios = []
     for t in s["targets"]:
         base = speed.get(f"{t}/reinforce")
-        for config in ("critic", "critic_cv"):
-            other = speed.get(f"{t}/{config}")
-            if base and other:
-                ratios.append(
-                    other["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
-                )
-    if ratios:
-        rates = [v["steps_per_second"] for v in speed.values()]
-        text = (
-            "* **Cost per step.** The critic estimators re-run the forward pass with b forced to "
-            f"both outcomes. In this run a step of `critic` or `critic_cv` took "
-            f"{min(ratios):.2f}-{max(ratios):.2f} times the CPU time of a `reinforce` step "
-            f"(batch {s['batch_size']}, `steps_per_execution={s['steps_per_execution']}`); wall "
-            f"clock, all estimators ran at {min(rates):,.0f}-{max(rates):,.0f} steps/s. CPU "
-            "time to the threshold, median steps x CPU us/step:"
+        if not base:
+            continue
+        _, runs, _ = grouped(results, t)
+        items = []
+        for config in runs:
+            if config in REFERENCES or f"{t}/{config}" not in speed:
+                continue
+            ratio = speed[f"{t}/{config}"]["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
+            items.append(f"{config} {ratio:.2f}")
+        parts.append(
+            f"* **Cost per step, t = {t}** (CPU time per step relative to `reinforce`, batch "
+            f"{s['batch_size']}, `steps_per_execution={s['steps_per_execution']}`): "
+            + ", ".join(items) + "."
         )
-        for t in s["targets"]:
-            _, runs, _ = grouped(results, t)
-            items = []
-            for config, config_runs in runs.items():
-                key = f"{t}/{package_name(config)}"
-                steps = median_steps(config_runs)
-                if key in speed and math.isfinite(steps):
-                    cpu = steps * speed[key]["cpu_microseconds_per_step"] * 1e-6
-                    items.append(f"{config} {cpu:.2f} s")
-                elif key in speed:
-                    items.append(f"{config} not reached")
-            text += f" t = {t}: " + ", ".join(items) + ";"
-        parts.append(text.rstrip(";") + " (the references at `reinforce`'s cost per step).")
     times = [r["estimate_seconds"] for r in results["variance"]]
     if times:
         text = (
             f"* **estimate_gradients.** One vectorised call of {s['num_draws']} draws took "
-            f"{min(times):.2f}-{max(times):.2f} s wall time, for every estimator, trace included."
+            f"{min(times):.2f}-{max(times):.2f} s wall time across estimators, trace included."
         )
         scaling = results.get("estimate_scaling") or []
         if len(scaling) >= 3:
@@ -743,45 +1066,7 @@ def package_name(config):
 
 
 NOTES = [
-    "* **Variance.** `critic_cv` with the exact Q returns the exact gradient on every draw: "
-    "its residual `c - Q(b)` is identically zero and the local expectation over both outcomes "
-    "is analytic, so its variance is 0 at every theta and t and its training path is the "
-    "same for every seed. `critic` (the advantage `Q(b) - V`, V the exact expectation) gives "
-    "(1-p)^2 (c1-c0) when b = 1 and p^2 (c1-c0) when b = 0: the same distribution as reinforce "
-    "with the exact mean as baseline, zero variance at theta = 0 only, and never the wrong "
-    "sign. Measured variances agree with these closed forms within sampling error (a few "
-    "per cent at 2000 draws), and every mean is within 4 standard errors of the exact "
-    "gradient.",
-    "* **t = 0.499.** The signal is (1 - 2t) p (1-p) = 5e-4 at theta = 0, against a per-draw "
-    "std of 0.125 for reinforce without a baseline: a true SNR of 0.004 (0.2 at t = 0.45). "
-    "The measured SNR of that row is mostly sampling noise: 2000 draws cannot resolve the "
-    "mean (standard error 0.0028, more than five times the signal), so read the closed-form "
-    "column there. Single estimates are almost pure noise, and "
-    "`reinforce_no_baseline` does not reach the threshold within the budget at t = 0.499 "
-    "(it needs several times more steps than the baselined estimators even at t = 0.45). "
-    "Every baselined estimator here removes the part of the noise that does not scale with "
-    "the cost gap, after which the problem is the same at both t.",
-    "* **Adam hides the gradient's scale.** For `critic_cv`, `critic` and "
-    "`reinforce_warm_baseline` every per-step gradient is exactly (1 - 2t) times a function "
-    "of theta and the draws (c = t^2 + b (1 - 2t), and the baselines move with it). Adam "
-    "divides by the running RMS of the gradient, so for a given seed it follows the same "
-    "path at both t (up to its epsilon and float32 rounding): the per-seed step counts are "
-    "identical at t = 0.45 and t = 0.499 although the gradient is 50 times smaller. What "
-    "matters is the SNR, not the magnitude.",
-    "* **Why package `reinforce` is slower at t = 0.499.** On the first step its EMA baseline "
-    "is still empty and reads 0, so that step's gradient is (b - p) c with c about 0.25: some "
-    "250 times the later, baselined per-step gradients (about (b - p)(c1 - c0)/2). Adam's "
-    "second-moment estimate (beta_2 = 0.999) remembers that one step for thousands of steps, "
-    "so the effective step size stays small; `reinforce_warm_baseline`, identical except for "
-    "the preset baseline, takes the same steps at both t. At t = 0.45 the first step is only "
-    "a few times larger than the rest and the effect is small.",
-    "* **Ranking.** `critic_cv` wins: with an exact Q its gradient is exact, and it is the "
-    "fastest for every seed at both t. `critic` and warm-baselined `reinforce` come next and "
-    "are close: both are unbiased with a state-dependent baseline. (The variance-optimal "
-    "constant baseline for one binary node is (1-p) c1 + p c0, which would even give zero "
-    "variance; as p falls the EMA baseline lags above the current mean E[c], towards that "
-    "value, which plausibly explains why warm `reinforce` can match or beat `critic`, whose "
-    "V is exactly E[c].) `reinforce_no_baseline` is last by far.",
+    "* (notes to be written from the default run)",
     "* **Caveat.** This toy is the best case for the critic estimators: Q is the exact cost, "
     "not a learned network. It checks the estimators' algebra and their variance when Q is "
     "right; it says nothing about how fast a learned critic becomes right.",
@@ -793,25 +1078,42 @@ def print_report(results):
     for t in s["targets"]:
         var_rows, runs, speed = grouped(results, t)
         print(f"\n=== t = {t}  (exact gradient at theta=0: {exact_gradient(t, 0.0):.4g}) ===")
-        print(f"{'estimator':32s} {'theta':>6s} {'mean':>11s} {'std':>10s} {'var':>10s} "
+        print(f"{'estimator':36s} {'theta':>6s} {'mean':>11s} {'std':>10s} {'var':>10s} "
               f"{'var(cf)':>10s} {'exact':>11s} {'SNR':>9s} {'z':>6s} {'4SE':>4s} {'time':>6s}")
         for r in var_rows:
             snr = "inf" if r["snr"] is None else f"{r['snr']:.3g}"
             z = "-" if r["z"] is None else f"{r['z']:.2f}"
-            print(f"{row_name(r):32s} {r['theta']:6g} {r['mean']:11.4e} {r['std']:10.3e} "
+            print(f"{row_name(r):36s} {r['theta']:6g} {r['mean']:11.4e} {r['std']:10.3e} "
                   f"{r['variance']:10.3e} {fmt(r['variance_closed_form']):>10s} {r['exact']:11.4e} "
                   f"{snr:>9s} {z:>6s} {'ok' if r['within_4_se'] else 'NO':>4s} "
                   f"{r['estimate_seconds']:6.2f}")
         print(f"\n{'training':24s} {'median':>22s}  steps per seed | final p | steps/s")
         for config, config_runs in runs.items():
+            if not config_runs:
+                continue
             per_seed = [r["steps"] if r["reached"] else f">{r['steps_run']}" for r in config_runs]
             finals = [round(r["final_p"], 3) for r in config_runs]
             print(f"{config:24s} {steps_text(median_steps(config_runs), s['max_steps']):>22s}  "
                   f"{per_seed} | {finals} | {speed_text(speed, config)}")
 
 
+def render(results, out_dir):
+    if FLAGS.plots:
+        results["plots"] = make_plots(results, out_dir)
+    print_report(results)
+    write_markdown(results, os.path.join(out_dir, "toy.md"))
+
+
 def main(argv):
     del argv
+    if FLAGS.from_json:
+        with open(os.path.join(FLAGS.out_dir, "toy.json")) as f:
+            results = json.load(f)
+        render(results, FLAGS.out_dir)
+        with open(os.path.join(FLAGS.out_dir, "toy.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"re-rendered {FLAGS.out_dir}/toy.md from toy.json")
+        return
     start_all = time.perf_counter()
     seeds = [int(x) for x in FLAGS.seeds]
     targets = [float(x) for x in FLAGS.targets]
@@ -826,6 +1128,8 @@ def main(argv):
         "thetas": thetas,
         "estimators": list(FLAGS.estimators),
         "configs": configs,
+        "config_descriptions": {c: CONFIGS[c] for c in configs if c in CONFIGS},
+        "rloo_samples": FLAGS.rloo_samples,
         "references": REFERENCES if FLAGS.reinforce_references else {},
         "num_draws": FLAGS.num_draws,
         "max_steps": int(math.ceil(FLAGS.max_steps / k) * k),
@@ -847,6 +1151,7 @@ def main(argv):
         "versions": versions(),
         "import_seconds": IMPORT_SECONDS,
         "settings": settings,
+        "not_applicable": not_applicable(targets[0], FLAGS.not_applicable),
         "variance": [],
         "training": [],
         "throughput": {},
@@ -866,6 +1171,11 @@ def main(argv):
                 rows, summary = measure_variance(t, config, thetas, FLAGS.num_draws, FLAGS.variance_seed)
                 results["variance"] += rows
                 results["scg_summary"][config] = summary
+                for r in rows:
+                    print(f"t={t} {row_name(r):32s} theta={r['theta']:g}: mean {r['mean']:.4e} "
+                          f"std {r['std']:.3e} exact {r['exact']:.4e} "
+                          f"{'ok' if r['within_4_se'] else 'NOT within 4 SE'} "
+                          f"({r['estimate_seconds']:.1f}s)", flush=True)
             for seed in seeds:
                 run, model, data = train(t, config, seed, args)
                 results["training"].append(run)
@@ -885,15 +1195,14 @@ def main(argv):
     if scaling_draws:
         results["estimate_scaling"] = measure_scaling(targets[0], scaling_draws, FLAGS.variance_seed)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    if FLAGS.plots:
-        results["plots"] = make_plots(results, FLAGS.out_dir)
     results["total_seconds"] = time.perf_counter() - start_all
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    print_report(results)
     with open(os.path.join(FLAGS.out_dir, "toy.json"), "w") as f:
         json.dump(results, f, indent=1)
-    write_markdown(results, os.path.join(FLAGS.out_dir, "toy.md"))
+    render(results, FLAGS.out_dir)
+    with open(os.path.join(FLAGS.out_dir, "toy.json"), "w") as f:
+        json.dump(results, f, indent=1)
     print(f"\nwrote {FLAGS.out_dir}/toy.json and toy.md in {results['total_seconds']:.0f}s "
           f"(+{IMPORT_SECONDS:.0f}s imports)")
 
