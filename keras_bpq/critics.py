@@ -22,6 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import outcomes as outcomes_lib
+
 
 def flatten_rows(value):
     """`[rows, ...]` -> `[rows, prod(...)]` float32."""
@@ -65,6 +67,18 @@ class Critic:
         target copy."""
         raise NotImplementedError
 
+    def q_outcomes(self, context, values, target=True):
+        """`[batch, A, len(heads)]` Q-values at every outcome of `values`
+        (`[batch, A, *event]`, a tensor or `outcomes.UnitEdits`) given the
+        context (`[batch]` rows): `q` on `batch x A` rows."""
+        if isinstance(values, outcomes_lib.UnitEdits):
+            values = values.dense()
+        num = values.shape[1]
+        tiled = tf.nest.map_structure(lambda t: tf.repeat(t, num, axis=0), context)
+        rows = tf.reshape(values, [-1] + list(values.shape[2:]))
+        q = self.q(tiled, rows, target=target)
+        return tf.reshape(q, [-1, num, len(self.heads)])
+
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class NodeCritic(keras.layers.Layer, Critic):
@@ -103,6 +117,36 @@ class NodeCritic(keras.layers.Layer, Critic):
         features = tf.concat([context_features(context), flatten_rows(values)], axis=-1)
         network = self.target_network if target else self.online
         return tf.cast(network(features), tf.float32)
+
+    def q_outcomes(self, context, values, target=True):
+        """As `Critic.q_outcomes`; for `UnitEdits` and a network that starts with
+        a plain `Dense` layer, that layer is evaluated once per example and
+        updated by rank one per outcome (`outcomes.UnitEdits.linear`)."""
+        network = self.target_network if target else self.online
+        layers = getattr(network, "layers", [])
+        if not (
+            isinstance(values, outcomes_lib.UnitEdits)
+            and isinstance(network, keras.Sequential)
+            and layers
+            and outcomes_lib.plain_dense(layers[0])
+        ):
+            return super().q_outcomes(context, values, target=target)
+        first = layers[0]
+        dtype = first.compute_dtype
+        kernel = tf.cast(first.kernel, dtype)
+        context_part = context_features(context)
+        split = context_part.shape[-1]
+        offset = tf.matmul(tf.cast(context_part, dtype), kernel[:split])
+        offset += tf.matmul(tf.cast(values.base, dtype), kernel[split:])
+        if first.bias is not None:
+            offset += tf.cast(first.bias, dtype)
+        hidden = values.linear(kernel[split:], offset)
+        if first.activation is not None:
+            hidden = first.activation(hidden)
+        rows = tf.reshape(hidden, [-1, hidden.shape[-1]])
+        for layer in layers[1:]:
+            rows = layer(rows)
+        return tf.reshape(tf.cast(rows, tf.float32), [-1, values.num_outcomes, len(self.heads)])
 
     def update_target(self, tau):
         """`Qbar <- (1 - tau) Qbar + tau Q` (tau = 1 copies)."""

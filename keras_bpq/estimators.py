@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import outcomes
+
 
 @dataclasses.dataclass
 class NodeStep:
@@ -28,8 +30,9 @@ class NodeStep:
     record: object  # graph.NodeRecord
     downstream: tf.Tensor  # c_X: realised sum of the costs in C_X, [batch]
     state: dict  # name -> variable, from create_state
-    # Critic Q_X = sum_c Q^c_X: values [batch, A, *event] -> [batch, A]. Not
-    # stop-gradient (estimators add it). None for critic-free estimators.
+    # Critic Q_X = sum_c Q^c_X: values [batch, A, *event] (a tensor or
+    # outcomes.UnitEdits) -> [batch, A]. Not stop-gradient (estimators add it).
+    # None for critic-free estimators.
     q: object = None
     num_samples: int = 1  # consecutive rows that are draws for one example
     # values [batch, A, *event] -> [batch, A]: realised c_X with the node forced.
@@ -159,7 +162,8 @@ def local_outcomes(step):
     """The outcomes a critic is summed over, and their weights.
 
     Returns `(values, weights, current)`:
-    * `values`: `[batch, A, *event]` outcomes at which `Q` is evaluated;
+    * `values`: `outcomes.UnitEdits`, `[batch, A, *event]` outcomes at which `Q`
+      is evaluated;
     * `weights`: `[batch, A]`, differentiable, such that the local expectation
       is `E_loc = current * Q(x) + sum_a weights_a * Q(values_a)`;
     * `current`: `[batch]` weight of the realised sample `x`.
@@ -171,17 +175,18 @@ def local_outcomes(step):
     record, info = step.record, step.info
     x = record.sample
     if info.local_kind == "binary":
-        flat = _flat(x)
+        flat = tf.cast(_flat(x), tf.float32)
         units = flat.shape[1]
-        eye = tf.eye(units, dtype=flat.dtype)
-        flipped = flat[:, None, :] * (1.0 - eye) + (1.0 - flat[:, None, :]) * eye
-        values = tf.reshape(flipped, [-1, units] + list(x.shape[1:]))
+        unit = tf.tile(tf.range(units)[None], [tf.shape(flat)[0], 1])
+        values = outcomes.UnitEdits(flat, unit, 1.0 - 2.0 * flat, x.shape[1:])
         p_one = tf.sigmoid(_flat(tf.cast(record.params, tf.float32)))
         p_current = flat * p_one + (1.0 - flat) * (1.0 - p_one)
         return values, 1.0 - p_current, tf.reduce_sum(p_current, axis=1)
     if info.local_kind == "categorical":
         k = x.shape[-1]
-        values = tf.tile(tf.eye(k, dtype=x.dtype)[None], [tf.shape(x)[0], 1, 1])
+        batch = tf.shape(x)[0]
+        unit = tf.tile(tf.range(k)[None], [batch, 1])
+        values = outcomes.UnitEdits(tf.zeros([batch, k]), unit, tf.ones([batch, k]), x.shape[1:])
         probs = tf.nn.softmax(record.layer.distribution(record.params, record.mask).logits)
         return values, probs, tf.zeros_like(probs[:, 0])
     raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")
@@ -213,8 +218,7 @@ def _local_expectation(q_x, q_alt, weights, current):
 
 def _q_at_sample_and_outcomes(step):
     values, weights, current = local_outcomes(step)
-    sample = step.record.sample[:, None]
-    q_values = step.q(tf.concat([sample, values], axis=1))
+    q_values = step.q(values.with_first(step.record.sample))
     return q_values[:, 0], q_values[:, 1:], weights, current
 
 

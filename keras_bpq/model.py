@@ -18,6 +18,8 @@ from keras_bpq import critics as critics_lib
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import export as export_lib
 from keras_bpq import graph
+from keras_bpq import nodes as nodes_lib
+from keras_bpq import outcomes as outcomes_lib
 from keras_bpq import saving as saving_lib
 from keras_bpq import targets as targets_lib
 
@@ -148,6 +150,7 @@ class BackpropQModel(keras.Model):
         self.network = network
         self.machinery = ScgState(name="scg_state")
         self._scg_cache = {}
+        self._evaluators = {}
         self._scg = None
         self._scg_spec = None
         self._contexts = {}
@@ -554,41 +557,69 @@ class BackpropQModel(keras.Model):
 
     def q_heads(self, info, x, y, records, values, target=True):
         """`{cost: [batch, A]}`: every head `Q^c_X` of node `info` at `values`
-        (`[batch, A, *event]`), given the recorded context of this pass.
+        (`[batch, A, *event]`, a tensor or `outcomes.UnitEdits`), given the
+        recorded context of this pass.
 
         Learned heads come from the node's critic (`target` selects the target
         copy); exact heads (the node is the cost's last stochastic ancestor)
-        re-run the forward pass with the context and the node forced.
+        re-evaluate the costs with the context and the node forced: on a
+        functional model only the operations downstream of the node, with
+        rank-one updates through `Dense` layers (`outcomes`); otherwise by
+        re-running the whole forward pass on `batch x A` rows.
         """
         scg = self._scg
         num = values.shape[1]
-        batch = tf.shape(values)[0]
-        rows = tf.reshape(values, [-1] + list(values.shape[2:]))
         context = self._context(info, x, records)
         heads = {}
         critic = self.machinery.critics.get(info.name)
         if critic is not None:
-            tiled = tf.nest.map_structure(lambda t: tf.repeat(t, num, axis=0), context)
-            learned = tf.reshape(critic.q(tiled, rows, target=target), [batch, num, len(critic.heads)])
+            learned = critic.q_outcomes(context, values, target=target)
             heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
-        exact = [c for c in info.costs if scg.cost_ancestors[c][-1] == info.name]
+        exact = tuple(c for c in info.costs if scg.cost_ancestors[c][-1] == info.name)
         if exact:
-            forced = {n: tf.repeat(context[n], num, axis=0) for n in info.context if n != "inputs"}
-            forced[info.name] = rows
-            keep = {info.name}
-            repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
-            _, rerun, _, _ = self.record_forward(
-                tf.nest.map_structure(repeat, x),
-                None if y is None else tf.nest.map_structure(repeat, y),
-                training=True,
-                forced=forced,
-                keep_gradient=keep,
-            )
-            heads.update({c: tf.reshape(rerun[c], [batch, num]) for c in exact})
+            evaluator = self._downstream_evaluator(info, exact)
+            if evaluator is not None:
+                forced = {n: context[n] for n in info.context if n != "inputs"}
+                heads.update(evaluator(x, forced, values, training=True))
+            else:
+                heads.update(self._rerun_heads(info, x, y, context, values, exact))
         missing = [c for c in info.costs if c not in heads]
         if missing:
             raise ValueError(f"Node {info.name!r} has no critic for costs {missing}.")
         return heads
+
+    def _downstream_evaluator(self, info, costs):
+        """The cached `outcomes.DownstreamEvaluator` of `costs` at node `info`,
+        or None where the model is not functional or the graph needs a re-run."""
+        key = (info.name, costs)
+        if key not in self._evaluators:
+            try:
+                evaluator = outcomes_lib.DownstreamEvaluator(
+                    self.network, nodes_lib.StochasticNode, info.name,
+                    [n for n in info.context if n != "inputs"], costs,
+                )
+            except outcomes_lib.Unsupported:
+                evaluator = None
+            self._evaluators[key] = evaluator
+        return self._evaluators[key]
+
+    def _rerun_heads(self, info, x, y, context, values, costs):
+        """Exact heads by a forward pass on `batch x A` rows with the context and
+        the node forced."""
+        if isinstance(values, outcomes_lib.UnitEdits):
+            values = values.dense()
+        num = values.shape[1]
+        repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
+        forced = {n: repeat(context[n]) for n in info.context if n != "inputs"}
+        forced[info.name] = tf.reshape(values, [-1] + list(values.shape[2:]))
+        _, rerun, _, _ = self.record_forward(
+            tf.nest.map_structure(repeat, x),
+            None if y is None else tf.nest.map_structure(repeat, y),
+            training=True,
+            forced=forced,
+            keep_gradient={info.name},
+        )
+        return {c: tf.reshape(rerun[c], [-1, num]) for c in costs}
 
     def _rerun_fn(self, info, x, y, records):
         """`values [rows, A, *event] -> [rows, A]`: the node's realised downstream

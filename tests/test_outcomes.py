@@ -1,0 +1,100 @@
+"""Outcomes as one-unit edits, and costs re-evaluated only downstream of a node."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_bpq
+from keras_bpq import critics as critics_lib
+from keras_bpq import estimators
+from keras_bpq import outcomes
+
+
+def test_unit_edits_dense_and_with_first():
+    base = tf.constant([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    unit = tf.constant([[0, 1, 2], [2, 0, 1]])
+    edits = outcomes.UnitEdits(base, unit, 1.0 - 2.0 * tf.gather(base, unit, batch_dims=1), (3,))
+    want = np.array(
+        [[[0, 0, 1], [1, 1, 1], [1, 0, 0]], [[0, 0, 1], [1, 0, 0], [0, 1, 0]]], "float32"
+    )
+    np.testing.assert_array_equal(edits.dense(), want)
+    sample = tf.constant([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    first = edits.with_first(sample)
+    assert first.shape.as_list() == [2, 4, 3]
+    np.testing.assert_array_equal(first.dense()[:, 0], sample)
+    np.testing.assert_array_equal(first.dense()[:, 1:], want)
+    np.testing.assert_array_equal(first.unit[:, 0], [-1, 1])
+
+
+def _model(activation=None):
+    """x -> z1 (Bernoulli) -> Dense(activation) -> z2 (Categorical) with costs
+    that reach each node through a Dense, a nonlinear op and a second input."""
+    x = keras.Input((6,), name="x")
+    w = keras.Input((4,), name="w")
+    z1 = keras_bpq.Bernoulli(name="z1")(keras.layers.Dense(5, name="enc")(x))
+    h = keras.layers.Dense(4, activation=activation, name="mid")(z1)
+    z2 = keras_bpq.Categorical(name="z2")(keras.layers.Dense(3, name="logits")(h))
+    out = keras.layers.Dense(6, name="dec")(z1)
+    recon = keras.ops.sum(keras.ops.square(out - x), axis=-1)
+    mixed = keras.ops.sum(keras.ops.tanh(z1 * 2.0), axis=-1) + keras.ops.sum(h * w, axis=-1)
+    pick = keras.ops.sum(keras.layers.Dense(2, name="readout")(z2), axis=-1) * keras.ops.sum(z1, axis=-1)
+    costs = {"recon": recon, "mixed": mixed, "pick": pick}
+    return keras_bpq.BackpropQModel(inputs={"x": x, "w": w}, outputs=out, costs=costs)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_downstream_heads_equal_a_full_rerun(activation):
+    keras.utils.set_random_seed(0)
+    model = _model(activation)
+    model.compile(optimizer="sgd", estimator="critic_cv")
+    rng = np.random.RandomState(1)
+    data = {"x": tf.constant(rng.randn(7, 6), tf.float32), "w": tf.constant(rng.randn(7, 4), tf.float32)}
+    out = model.run_forward(data)
+    checked = 0
+    for info in model.scg(data).nodes:
+        step = out["steps"][info.name]
+        values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
+        exact = tuple(c for c in info.costs if model._scg.cost_ancestors[c][-1] == info.name)
+        assert model._downstream_evaluator(info, exact) is not None
+        fast = model.q_heads(info, data, None, out["records"], values)
+        context = model._context(info, data, out["records"])
+        slow = model._rerun_heads(info, data, None, context, values, exact)
+        for cost in exact:
+            np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == 3  # recon and mixed at z1, pick at z2
+
+
+def test_evaluator_skips_what_the_outcomes_do_not_change():
+    model = _model()
+    model.compile(optimizer="sgd")
+    data = {"x": tf.zeros((2, 6)), "w": tf.zeros((2, 4))}
+    info = model.scg(data).node("z1")
+    evaluator = model._downstream_evaluator(info, ("recon",))
+    ops = {node.operation.name for node in evaluator._plan}
+    assert "dec" in ops and "enc" not in ops and "mid" not in ops
+
+
+def test_evaluator_refuses_costs_that_need_an_unforced_node():
+    model = _model()
+    model.compile(optimizer="sgd")
+    data = {"x": tf.zeros((2, 6)), "w": tf.zeros((2, 4))}
+    model.scg(data)
+    with pytest.raises(outcomes.Unsupported, match="z2"):
+        outcomes.DownstreamEvaluator(
+            model.network, keras_bpq.StochasticNode, "z1", [], ("pick",)
+        )
+
+
+def test_critic_first_layer_rank_one_matches_tiled_rows():
+    critic = critics_lib.NodeCritic(("a", "b"), feature_dim=3 + 5, hidden_units=(8, 8), name="c")
+    rng = np.random.RandomState(0)
+    context = {"inputs": tf.constant(rng.randn(4, 3), tf.float32)}
+    sample = tf.constant(rng.rand(4, 5) < 0.5, tf.float32)
+    unit = tf.tile(tf.range(5)[None], [4, 1])
+    edits = outcomes.UnitEdits(sample, unit, 1.0 - 2.0 * sample, (5,)).with_first(sample)
+    fast = critic.q_outcomes(context, edits, target=False)
+    slow = critics_lib.Critic.q_outcomes(critic, context, edits, target=False)
+    assert fast.shape == (4, 6, 2)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
