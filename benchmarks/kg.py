@@ -1,0 +1,236 @@
+"""Knowledge-graph reasoning (UMLS, Kinship): estimators side by side.
+
+Drives `examples/kg_reasoning.py`'s model-building and training functions for
+three estimators of the same agent, same data, batch, rollouts, optimizer and
+seeds:
+
+* `minerva`: MINERVA's own estimator, REINFORCE with a moving-average baseline
+  (`keras_bpq.estimators.Reinforce(decay=0.95, normalize=True)`: the advantage
+  standardised over the batch) and an entropy bonus 0.05 decayed x0.9 every
+  200 steps (a per-example cost `-beta * H(pi)`);
+* `rloo`: leave-one-out over the rollouts of each query;
+* `auto`: the package's default (critic_cv for categorical nodes), with a
+  KG-aware critic network for the first hop (`kg_reasoning.critics_for`); the
+  last hop's Q is exact.
+
+Every run evaluates dev (beam search, filtered) every --eval_every steps and
+test at the end. Results go to `<out_dir>/kg.json` after every run (a cut-off
+benchmark keeps what it finished), then `kg.md` and `kg_<dataset>.png` (dev
+Hits@1 against steps and against training wall-clock).
+
+    python benchmarks/kg.py                       # the full benchmark
+    python benchmarks/kg.py --from_json           # re-renders kg.md / PNGs from kg.json
+"""
+
+import json
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+import kg_reasoning  # noqa: E402
+
+# Shared with the example (defined there): --steps, --batch_size, --rollouts,
+# --eval_every, --beam, --learning_rate, --steps_per_execution.
+FLAGS = flags.FLAGS
+flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
+flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Estimators (kg_reasoning --estimator values).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds for UMLS.")
+flags.DEFINE_list("kinship_seeds", ["0"], "Seeds for Kinship.")
+flags.DEFINE_string("out_dir", str(ROOT / "benchmarks" / "results"), "Where kg.json, kg.md and PNGs go.")
+flags.DEFINE_bool("from_json", False, "Only re-render the report from <out_dir>/kg.json.")
+
+LABELS = {"minerva": "MINERVA (reinforce + EMA 0.95, std. advantage, entropy)", "rloo": "rloo", "auto": "Backprop-Q default (critic_cv)"}
+
+
+def machine_info():
+    """Platform, CPU model, cores and the load average at start."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    try:
+        model = [line for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        info["cpu_model"] = model[0].split(":", 1)[1].strip() if model else None
+    except OSError:
+        pass
+    info["gpus"] = len(tf.config.list_physical_devices("GPU"))
+    return info
+
+
+def schedule():
+    """(dataset, seed, estimator) runs, ordered so that a cut-off benchmark
+    still has every estimator on every dataset for the first seed."""
+    runs = []
+    first = {"umls": FLAGS.seeds[:1], "kinship": FLAGS.kinship_seeds[:1]}
+    rest = {"umls": FLAGS.seeds[1:], "kinship": FLAGS.kinship_seeds[1:]}
+    for seeds in (first, rest):
+        for dataset in FLAGS.datasets:
+            for seed in seeds[dataset]:
+                runs += [(dataset, int(seed), e) for e in FLAGS.estimators]
+    return runs
+
+
+def run_all(path):
+    """Trains every scheduled run (skipping those already in the json)."""
+    results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    results.update(command=" ".join(shlex.quote(a) for a in sys.argv), machine=machine_info(),
+                   settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
+                                                        "learning_rate", "steps_per_execution")})
+    done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
+    for dataset, seed, estimator in schedule():
+        if (dataset, seed, estimator) in done:
+            continue
+        keras.backend.clear_session()
+        print(f"== {dataset} seed {seed} {estimator}", flush=True)
+        _, result = kg_reasoning.run(
+            dataset, estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, beam=FLAGS.beam, seed=seed,
+            learning_rate=FLAGS.learning_rate, eval_every=FLAGS.eval_every,
+            steps_per_execution=FLAGS.steps_per_execution, verbose=2,
+        )
+        print(f"   test {result['test']}  {result['steps_per_second']:.2f} steps/s", flush=True)
+        results["runs"].append(result)
+        path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def steps_to_reach(curve, level):
+    """First evaluated step whose dev Hits@1 >= level (None if never)."""
+    return next((p["step"] for p in curve if p["hits@1"] >= level - 1e-12), None)
+
+
+def summarise(results, dataset):
+    """Per-estimator medians over seeds, and per-seed comparisons to MINERVA."""
+    runs = [r for r in results["runs"] if r["dataset"] == dataset]
+    minerva = {r["seed"]: r for r in runs if r["estimator"] == "minerva"}
+    rows = {}
+    for estimator in dict.fromkeys(r["estimator"] for r in runs):
+        mine = [r for r in runs if r["estimator"] == estimator]
+        reach = []
+        for r in mine:
+            if r["seed"] in minerva:
+                target = minerva[r["seed"]]["curve"][-1]["hits@1"]
+                reach.append(steps_to_reach(r["curve"], target))
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        rows[estimator] = {
+            "seeds": sorted(r["seed"] for r in mine),
+            "steps": mine[0]["steps"],
+            **{k: med([r["test"][k] for r in mine]) for k in ("hits@1", "hits@3", "hits@10", "mrr")},
+            "dev_hits@1": med([r["curve"][-1]["hits@1"] for r in mine]),
+            "steps_per_second": med([r["steps_per_second"] for r in mine]),
+            "steps_to_minerva_final_dev": reach,
+        }
+    return rows
+
+
+def plot(results, dataset, path):
+    """Dev Hits@1 against steps and against training seconds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"minerva": "tab:orange", "rloo": "tab:green", "auto": "tab:blue"}
+    for r in results["runs"]:
+        if r["dataset"] != dataset:
+            continue
+        steps = [0] + [p["step"] for p in r["curve"]]
+        seconds = [0] + [p["seconds"] for p in r["curve"]]
+        hits = [r["curve"][0].get("initial_hits@1", np.nan)] + [p["hits@1"] for p in r["curve"]]
+        label = f"{r['estimator']} seed {r['seed']}"
+        for ax, xs in zip(axes, (steps, seconds)):
+            ax.plot(xs[1:], hits[1:], color=colors.get(r["estimator"]), alpha=0.8, label=label, marker=".")
+    axes[0].set_xlabel("training steps")
+    axes[1].set_xlabel("training wall-clock (s, evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("dev Hits@1 (beam, filtered)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{dataset}: dev Hits@1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def verdict(rows):
+    """Lines answering the issue's questions, from the numbers."""
+    if "auto" not in rows or "minerva" not in rows:
+        return ["(auto or minerva missing: no comparison)"]
+    a, m = rows["auto"], rows["minerva"]
+    yes = lambda b: "**yes**" if b else "**no**"  # noqa: E731
+    reach = a["steps_to_minerva_final_dev"]
+    return [
+        f"- Backprop-Q test Hits@1 >= MINERVA's at equal steps: {yes(a['hits@1'] >= m['hits@1'])} "
+        f"({a['hits@1']:.3f} vs {m['hits@1']:.3f}, medians)",
+        f"- Backprop-Q test MRR >= MINERVA's at equal steps: {yes(a['mrr'] >= m['mrr'])} "
+        f"({a['mrr']:.3f} vs {m['mrr']:.3f})",
+        f"- Backprop-Q reaches MINERVA's final dev Hits@1 in fewer steps, per seed: {reach} "
+        f"(evaluated every {a.get('eval_every', '?')} steps; None = never; MINERVA ran {m['steps']})",
+        f"- Speed: Backprop-Q {a['steps_per_second']:.2f} steps/s against MINERVA's "
+        f"{m['steps_per_second']:.2f} ({m['steps_per_second'] / max(a['steps_per_second'], 1e-9):.1f}x)",
+    ]
+
+
+def write_markdown(results, out_dir):
+    """kg.md: settings, command, machine, a table per dataset and the verdicts."""
+    s = results["settings"]
+    lines = [
+        "# Knowledge-graph reasoning: estimators side by side",
+        "",
+        "Agent, data and protocol: `examples/kg_reasoning.py` (T = 2 hops, masked Categorical per hop, "
+        "GRU path state, query edge hidden, other true tails masked at the last hop; beam search, "
+        "filtered, tail only). Generated by `benchmarks/kg.py` from `kg.json`.",
+        "",
+        f"- Command: `{results['command']}`",
+        f"- Machine: {json.dumps(results['machine'])}",
+        f"- Settings: {json.dumps(s)} (every estimator the same: Adam, clipnorm 5)",
+        "",
+    ]
+    for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
+        rows = summarise(results, dataset)
+        for row in rows.values():
+            row["eval_every"] = s["eval_every"]
+        lines += [f"## {dataset}", "", f"![dev Hits@1](kg_{dataset}.png)", "",
+                  "| estimator | seeds | steps | test Hits@1 | Hits@3 | Hits@10 | MRR | final dev Hits@1 | steps/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            lines.append(
+                f"| {LABELS.get(name, name)} | {row['seeds']} | {row['steps']} | {row['hits@1']:.3f} | "
+                f"{row['hits@3']:.3f} | {row['hits@10']:.3f} | {row['mrr']:.3f} | {row['dev_hits@1']:.3f} | "
+                f"{row['steps_per_second']:.2f} |"
+            )
+        lines += ["", "Medians over the seeds listed. Per run:", "",
+                  "| estimator | seed | test Hits@1 | MRR | final dev Hits@1 | steps/s |", "|---|---|---|---|---|---|"]
+        for r in results["runs"]:
+            if r["dataset"] == dataset:
+                lines.append(f"| {r['estimator']} | {r['seed']} | {r['test']['hits@1']:.3f} | "
+                             f"{r['test']['mrr']:.3f} | {r['curve'][-1]['hits@1']:.3f} | {r['steps_per_second']:.2f} |")
+        lines += ["", *verdict(rows), ""]
+    (out_dir / "kg.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv):
+    del argv
+    out_dir = pathlib.Path(FLAGS.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "kg.json"
+    results = json.loads(path.read_text()) if FLAGS.from_json else run_all(path)
+    for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
+        plot(results, dataset, out_dir / f"kg_{dataset}.png")
+    write_markdown(results, out_dir)
+    print((out_dir / "kg.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main)

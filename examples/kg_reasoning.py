@@ -1,0 +1,686 @@
+"""A multi-hop knowledge-graph reasoning agent (MINERVA-style) trained with keras_bpq.
+
+A query is `(head, relation, ?)`. The agent starts at `head`; at each of `T`
+hops it picks one outgoing edge `(relation, next entity)` of its current
+entity, or the self-loop `NO_OP` edge every entity has ("stay"); its answer is
+where it ends, at cost 0 on the true tail and 1 elsewhere. Every hop is a
+masked `keras_bpq.Categorical` over the entity's padded action list, so the
+model is a chain of `T` categorical nodes. The policy reads embeddings of the
+query relation, the current entity and the path so far (a GRU cell over the
+`(relation, entity)` edges taken).
+
+Masks (MINERVA's protocol): padded actions; the query's own edge `(head, r,
+tail)` and its inverse `(tail, r_inv, head)`; and at the last hop, edges into
+the query's *other* known true tails (over all splits), in training and in
+beam search alike. Evaluation is beam search over the policy's
+log-probabilities, answers ranked by their best path, filtered, on the tail
+only: Hits@1/3/10 and MRR.
+
+Data: UMLS and Kinship in their standard splits, vendored under
+`examples/data/` (see its README); inverse edges are added to the graph.
+
+    python examples/kg_reasoning.py --dataset=umls --estimator=auto --steps=2000
+    python examples/kg_reasoning.py --estimator=minerva --export_dir=serving/kg/1
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+
+from absl import app
+from absl import flags
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_bpq
+from keras_bpq import graph as graph_lib
+
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+NEG_INF = float("-inf")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "umls", ["umls", "kinship"], "Dataset under examples/data/.")
+flags.DEFINE_integer("hops", 2, "Hops per walk (T).")
+flags.DEFINE_integer("rollouts", 20, "Rollouts per query (compile(num_samples=...)).")
+flags.DEFINE_string(
+    "estimator", "auto", "'minerva' (reinforce, EMA baseline 0.95, standardised advantage, "
+    "entropy bonus), or any keras_bpq estimator name ('auto', 'rloo', 'reinforce', ...).",
+)
+flags.DEFINE_integer("steps", 2000, "Training steps.")
+flags.DEFINE_integer("beam", 100, "Beam width of the evaluation.")
+flags.DEFINE_integer("batch_size", 256, "Queries per step (each gives `rollouts` rows).")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
+flags.DEFINE_integer("dim", 32, "Embedding size.")
+flags.DEFINE_integer("hidden", 64, "Policy (GRU and MLP) width.")
+flags.DEFINE_float("entropy_beta", None, "Entropy bonus (default 0.05 for 'minerva', else 0).")
+flags.DEFINE_integer("eval_every", 100, "Evaluate on the dev split every this many steps.")
+flags.DEFINE_integer("steps_per_execution", 10, "Steps per compiled call.")
+flags.DEFINE_string("out_json", "", "If set, write the run's curve and test metrics there.")
+flags.DEFINE_string("export_dir", "", "If set, export the trained agent there (a SavedModel).")
+
+
+# -- data ------------------------------------------------------------------
+@dataclasses.dataclass
+class KnowledgeGraph:
+    """Entities, relations (originals, then `<r>_inv`, then NO_OP and PAD),
+    id triples per split, and the padded action table of the training graph."""
+
+    entities: list
+    relations: list
+    splits: dict  # split name -> int32 [N, 3] (head, relation, tail)
+    action_rel: np.ndarray  # [E, A] int32
+    action_ent: np.ndarray  # [E, A] int32
+    action_mask: np.ndarray  # [E, A] bool
+    known_tails: dict  # (head, relation) -> set of tails, over all splits
+
+    @property
+    def num_entities(self):
+        return len(self.entities)
+
+    @property
+    def num_base_relations(self):
+        return (len(self.relations) - 2) // 2
+
+    @property
+    def no_op(self):
+        return len(self.relations) - 2
+
+    @property
+    def max_actions(self):
+        return self.action_rel.shape[1]
+
+
+def read_triples(path):
+    """`head<TAB>relation<TAB>tail` lines as a list of string triples."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [tuple(line.split("\t")) for line in lines if line.strip()]
+
+
+def build_graph(splits):
+    """A `KnowledgeGraph` from `{split: [(h, r, t), ...]}`; the graph holds the
+    "train" triples and their inverses, plus a NO_OP self-loop per entity."""
+    entities = sorted({e for triples in splits.values() for h, _, t in triples for e in (h, t)})
+    base = sorted({r for triples in splits.values() for _, r, _ in triples})
+    relations = base + [f"{r}_inv" for r in base] + ["NO_OP", "PAD"]
+    e_id = {e: i for i, e in enumerate(entities)}
+    r_id = {r: i for i, r in enumerate(relations)}
+    ids = {
+        name: np.array([[e_id[h], r_id[r], e_id[t]] for h, r, t in triples], np.int32).reshape(-1, 3)
+        for name, triples in splits.items()
+    }
+    num_base = len(base)
+    edges = [set() for _ in entities]
+    for h, r, t in ids.get("train", np.zeros((0, 3), np.int32)):
+        edges[h].add((r, t))
+        edges[t].add((r + num_base, h))
+    width = 1 + max(len(e) for e in edges)
+    no_op, pad = r_id["NO_OP"], r_id["PAD"]
+    action_rel = np.full((len(entities), width), pad, np.int32)
+    action_ent = np.tile(np.arange(len(entities), dtype=np.int32)[:, None], [1, width])
+    action_mask = np.zeros((len(entities), width), bool)
+    for e, out in enumerate(edges):
+        row = [(no_op, e)] + sorted(out)
+        action_rel[e, : len(row)] = [r for r, _ in row]
+        action_ent[e, : len(row)] = [t for _, t in row]
+        action_mask[e, : len(row)] = True
+    known = {}
+    for triples in ids.values():
+        for h, r, t in triples:
+            known.setdefault((int(h), int(r)), set()).add(int(t))
+    return KnowledgeGraph(entities, relations, ids, action_rel, action_ent, action_mask, known)
+
+
+def load_graph(name, data_dir=DATA_DIR):
+    """UMLS or Kinship from `examples/data/<name>/{train,valid,test}.txt`."""
+    folder = pathlib.Path(data_dir) / name
+    return build_graph({s: read_triples(folder / f"{s}.txt") for s in ("train", "valid", "test")})
+
+
+def queries(kg, split):
+    """Model inputs for every triple of a split: head, relation, tail ids and the
+    multi-hot `exclude` of the query's other known true tails."""
+    triples = kg.splits[split]
+    exclude = np.zeros((len(triples), kg.num_entities), np.float32)
+    for i, (h, r, t) in enumerate(triples):
+        others = kg.known_tails[(int(h), int(r))] - {int(t)}
+        exclude[i, sorted(others)] = 1.0
+    return {
+        "head": triples[:, 0].copy(),
+        "relation": triples[:, 1].copy(),
+        "tail": triples[:, 2].copy(),
+        "exclude": exclude,
+    }
+
+
+# -- the agent ---------------------------------------------------------------
+class KGPolicy(keras.layers.Layer):
+    """Embeddings, a GRU cell over the path and an MLP scoring a current
+    entity's actions; the adjacency is held as constant tensors.
+
+    The functional model calls it through `Start`, `HopLogits` and `Advance`;
+    beam search and the walk call its methods directly."""
+
+    def __init__(self, kg, dim=32, hidden=64, **kwargs):
+        super().__init__(**kwargs)
+        self.num_entities = kg.num_entities
+        self.num_base = kg.num_base_relations
+        self.no_op = kg.no_op
+        self.action_rel = tf.constant(kg.action_rel)
+        self.action_ent = tf.constant(kg.action_ent)
+        self.action_mask = tf.constant(kg.action_mask)
+        init = keras.initializers.GlorotUniform()
+        self.entity_emb = keras.layers.Embedding(kg.num_entities, dim, embeddings_initializer=init, name="entity_emb")
+        self.relation_emb = keras.layers.Embedding(len(kg.relations), dim, embeddings_initializer=init,
+                                                   name="relation_emb")
+        self.cell = keras.layers.GRUCell(hidden, name="path_cell")
+        self.mlp = keras.layers.Dense(hidden, activation="relu", name="policy_hidden")
+        self.query = keras.layers.Dense(2 * dim, name="policy_query")
+        self.dim, self.hidden = dim, hidden
+
+    def build(self, input_shape=None):
+        self.entity_emb.build((None,))
+        self.relation_emb.build((None,))
+        self.cell.build((None, 2 * self.dim))
+        self.mlp.build((None, self.hidden + 2 * self.dim))
+        self.query.build((None, self.hidden))
+        self.built = True
+
+    def edge_input(self, relation, entity):
+        return tf.concat([self.relation_emb(relation), self.entity_emb(entity)], axis=-1)
+
+    def start(self, head, relation):
+        """The path state after reading the query: (query relation, head entity)."""
+        h0 = tf.zeros([tf.shape(head)[0], self.hidden])
+        out, _ = self.cell(self.edge_input(relation, head), [h0])
+        return out
+
+    def logits(self, h, entity, relation):
+        """`[B, A]` scores of the current entity's actions: the query vector
+        dotted with each action's (relation, entity) embedding."""
+        z = self.mlp(tf.concat([h, self.entity_emb(entity), self.relation_emb(relation)], axis=-1))
+        q_rel, q_ent = tf.split(self.query(z), 2, axis=-1)
+        s_rel = tf.matmul(q_rel, self.relation_emb.embeddings, transpose_b=True)
+        s_ent = tf.matmul(q_ent, self.entity_emb.embeddings, transpose_b=True)
+        rel, ent = tf.gather(self.action_rel, entity), tf.gather(self.action_ent, entity)
+        return tf.gather(s_rel, rel, batch_dims=1) + tf.gather(s_ent, ent, batch_dims=1)
+
+    def mask(self, entity, head, relation, tail, exclude, last):
+        """`[B, A]` allowed actions: real edges, not the query edge (or its
+        inverse), and at the last hop none into `exclude` (other true tails).
+        A row left with nothing allows NO_OP (its answer is then wrong)."""
+        rel, ent = tf.gather(self.action_rel, entity), tf.gather(self.action_ent, entity)
+        allowed = tf.gather(self.action_mask, entity)
+        col = lambda t: t[:, None]  # noqa: E731
+        inverse = tf.where(relation < self.num_base, relation + self.num_base, relation - self.num_base)
+        own = (col(entity) == col(head)) & (rel == col(relation)) & (ent == col(tail))
+        own |= (col(entity) == col(tail)) & (rel == col(inverse)) & (ent == col(head))
+        allowed &= ~own
+        if last:
+            allowed &= tf.gather(exclude, ent, batch_dims=1) <= 0.0
+        stuck = ~tf.reduce_any(allowed, axis=1, keepdims=True)
+        first = tf.range(tf.shape(allowed)[1])[None] == 0
+        return allowed | (stuck & first)
+
+    def advance(self, h, entity, action):
+        """Takes action index `action` `[B]`: the new path state, entity and relation."""
+        rel = tf.gather(tf.gather(self.action_rel, entity), action[:, None], batch_dims=1)[:, 0]
+        ent = tf.gather(tf.gather(self.action_ent, entity), action[:, None], batch_dims=1)[:, 0]
+        out, _ = self.cell(self.edge_input(rel, ent), [h])
+        return out, ent, rel
+
+    def call(self, inputs):
+        return inputs
+
+
+class Start(keras.layers.Layer):
+    """`[head, relation] -> h`: the policy's initial path state."""
+
+    def __init__(self, policy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+
+    def call(self, inputs):
+        head, relation = inputs
+        return self.policy.start(head, relation)
+
+
+class HopLogits(keras.layers.Layer):
+    """`[h, entity, head, relation, tail, exclude] -> (logits, mask)` of one hop."""
+
+    def __init__(self, policy, last, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+        self.last = last
+
+    def call(self, inputs):
+        h, entity, head, relation, tail, exclude = inputs
+        logits = self.policy.logits(h, entity, relation)
+        return logits, self.policy.mask(entity, head, relation, tail, exclude, self.last)
+
+
+class Advance(keras.layers.Layer):
+    """`[h, entity, one_hot_action] -> (h, next_entity)`."""
+
+    def __init__(self, policy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+
+    def call(self, inputs):
+        h, entity, action = inputs
+        h, entity, _ = self.policy.advance(h, entity, tf.argmax(action, axis=-1, output_type=tf.int32))
+        return h, entity
+
+
+class Outcome(keras.layers.Layer):
+    """`[entity, tail] -> (one_hot(entity), miss)`, miss = 1 unless at the tail."""
+
+    def __init__(self, num_entities, **kwargs):
+        super().__init__(**kwargs)
+        self.num_entities = num_entities
+
+    def call(self, inputs):
+        entity, tail = inputs
+        miss = 1.0 - tf.cast(tf.equal(entity, tail), tf.float32)
+        return tf.one_hot(entity, self.num_entities), miss
+
+
+def masked_entropy(logits, mask):
+    """Entropy of the masked softmax, per row (masked actions add nothing)."""
+    log_p = tf.nn.log_softmax(tf.where(mask, logits, -1e9))
+    return -tf.reduce_sum(tf.where(mask, tf.exp(log_p) * log_p, 0.0), axis=-1)
+
+
+class EntropyBonus(keras.layers.Layer):
+    """`[logits_1, mask_1, ...] -> -beta * sum_t H(pi_t)`, a per-example cost;
+    `beta` is a non-trainable variable (`EntropyDecay` anneals it)."""
+
+    def __init__(self, beta, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_beta = float(beta)
+        self.beta = self.add_weight(
+            name="beta", shape=(), initializer=keras.initializers.Constant(beta), trainable=False
+        )
+
+    def call(self, inputs):
+        pairs = zip(inputs[0::2], inputs[1::2])
+        return -self.beta * tf.add_n([masked_entropy(l, m) for l, m in pairs])
+
+
+@dataclasses.dataclass
+class Agent:
+    """The trainable model and the pieces beam search and export reuse."""
+
+    model: object  # keras_bpq.BackpropQModel
+    policy: KGPolicy
+    kg: KnowledgeGraph
+    hops: int
+    entropy: object = None  # EntropyBonus or None
+
+
+def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
+    """The agent as a functional `BackpropQModel`: a chain of `hops` masked
+    Categorical nodes `hop_1..hop_T`, cost `miss` (and `entropy` if beta > 0);
+    its output is the one-hot answer entity."""
+    keras.utils.set_random_seed(seed)
+    inputs = {
+        "head": keras.Input((), dtype="int32", name="head"),
+        "relation": keras.Input((), dtype="int32", name="relation"),
+        "tail": keras.Input((), dtype="int32", name="tail"),
+        "exclude": keras.Input((kg.num_entities,), name="exclude"),
+    }
+    head, relation, tail, exclude = (inputs[k] for k in ("head", "relation", "tail", "exclude"))
+    policy = KGPolicy(kg, dim, hidden, name="policy")
+    policy.build()
+    h, entity = Start(policy, name="start")([head, relation]), head
+    scores = []
+    for t in range(1, hops + 1):
+        logits, mask = HopLogits(policy, t == hops, name=f"policy_{t}")([h, entity, head, relation, tail, exclude])
+        action = keras_bpq.Categorical(name=f"hop_{t}", seed=seed * 1000 + t)(logits, mask=mask)
+        h, entity = Advance(policy, name=f"move_{t}")([h, entity, action])
+        scores += [logits, mask]
+    answer, miss = Outcome(kg.num_entities, name="outcome")([entity, tail])
+    costs = {"miss": miss}
+    entropy = None
+    if entropy_beta:
+        entropy = EntropyBonus(entropy_beta, name="entropy_bonus")
+        costs["entropy"] = entropy(scores)
+    model = keras_bpq.BackpropQModel(inputs=inputs, outputs=answer, costs=costs, name="kg_agent")
+    return Agent(model, policy, kg, hops, entropy)
+
+
+@keras.saving.register_keras_serializable(package="kg_reasoning")
+class KGCritic(keras.layers.Layer):
+    """A critic network for the first hops: `[features] -> [1]` where features
+    are the critic's flat context (inputs `exclude, head, relation, tail`, in
+    `tf.nest` order) and the one-hot action; it scores `(next entity, query
+    relation, tail, next entity excluded?)` with its own embeddings."""
+
+    def __init__(self, action_ent, num_relations, dim=32, hidden=64, **kwargs):
+        super().__init__(**kwargs)
+        self.table = np.asarray(action_ent, np.int32)
+        self.num_entities = self.table.shape[0]
+        self.num_relations = int(num_relations)
+        self.dim, self.hidden = int(dim), int(hidden)
+        self.entity_emb = keras.layers.Embedding(self.num_entities, self.dim)
+        self.relation_emb = keras.layers.Embedding(self.num_relations, self.dim)
+        self.mlp = keras.layers.Dense(self.hidden, activation="relu")
+        self.out = keras.layers.Dense(1)
+
+    def build(self, input_shape):
+        self.entity_emb.build((None,))
+        self.relation_emb.build((None,))
+        self.mlp.build((None, 3 * self.dim + 1))
+        self.out.build((None, self.hidden))
+        self.built = True
+
+    def call(self, features):
+        e = self.num_entities
+        ids = tf.cast(tf.round(features[:, e : e + 3]), tf.int32)
+        action = tf.argmax(features[:, e + 3 :], axis=-1, output_type=tf.int32)
+        nxt = tf.gather_nd(tf.constant(self.table), tf.stack([ids[:, 0], action], axis=1))
+        excluded = tf.gather(features[:, :e], nxt[:, None], batch_dims=1)
+        x = tf.concat(
+            [self.entity_emb(nxt), self.relation_emb(ids[:, 1]), self.entity_emb(ids[:, 2]), excluded], axis=-1
+        )
+        return self.out(self.mlp(x))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(action_ent=self.table.tolist(), num_relations=self.num_relations, dim=self.dim, hidden=self.hidden)
+        return config
+
+
+def critics_for(agent, dim=32, hidden=64):
+    """`{hop_t: keras.Model}` KG-aware critics for every hop but the last (whose
+    Q-values are exact: the cost re-evaluated)."""
+    kg = agent.kg
+    return {
+        f"hop_{t}": keras.Sequential(
+            [KGCritic(kg.action_ent, len(kg.relations), dim, hidden, name=f"kg_critic_{t}")], name=f"critic_{t}"
+        )
+        for t in range(1, agent.hops)
+    }
+
+
+def estimator_option(name):
+    """The `compile(estimator=...)` value of a flag value ('minerva' is
+    reinforce with MINERVA's baseline decay and advantage standardisation)."""
+    if name == "minerva":
+        return keras_bpq.estimators.Reinforce(decay=0.95, normalize=True)
+    return name
+
+
+def needs_critic(agent, estimator):
+    option = estimator_option(estimator)
+    return any(
+        keras_bpq.estimators.get(option, info, 2).needs_critic for info in agent.model.scg().nodes
+    )
+
+
+def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, steps_per_execution=1, **kwargs):
+    """Compiles with Adam (clipnorm 5, as MINERVA), `num_samples=rollouts` and a
+    Hits@1 metric (the fraction of rollouts ending at the tail)."""
+    extra = {"critics": critics_for(agent)} if needs_critic(agent, estimator) else {}
+    extra.update(kwargs)
+    agent.model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0),
+        estimator=estimator_option(estimator),
+        num_samples=rollouts,
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="hits_at_1")],
+        steps_per_execution=steps_per_execution,
+        **extra,
+    )
+
+
+def train_dataset(kg, batch_size, seed, split="train"):
+    """Shuffled, repeated `(inputs, tail)` batches of the split's queries."""
+    data = queries(kg, split)
+    ds = tf.data.Dataset.from_tensor_slices((data, data["tail"]))
+    ds = ds.shuffle(len(data["tail"]), seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+# -- beam search ---------------------------------------------------------------
+def beam_search(policy, hops, beam, head, relation, tail=None, exclude=None):
+    """In-graph beam search over the policy's log-probabilities.
+
+    Args: `head`, `relation` (and optionally `tail`, whose query edge is hidden,
+    and `exclude` `[Q, E]`, other true tails: masked at the last hop and
+    removed from the ranking) per query. Returns a dict: `answers` `[Q, E]`
+    entity ids ranked by their best path's log-probability, `scores` `[Q, E]`
+    (-inf for entities no beam reached), `path_relations` and `path_entities`
+    `[Q, E, T]` (the best path to each ranked answer; -1 where unreached).
+    """
+    head, relation = tf.cast(head, tf.int32), tf.cast(relation, tf.int32)
+    num_q, num_e = tf.shape(head)[0], policy.num_entities
+    tail = tf.fill([num_q], -1) if tail is None else tf.cast(tail, tf.int32)
+    exclude = tf.zeros([num_q, num_e]) if exclude is None else tf.cast(exclude, tf.float32)
+    rep = lambda t: tf.repeat(t, beam, axis=0)  # noqa: E731
+    q_head, q_rel, q_tail, q_excl = rep(head), rep(relation), rep(tail), rep(exclude)
+    h, entity = policy.start(q_head, q_rel), q_head
+    score = tf.tile(tf.concat([[0.0], tf.fill([beam - 1], NEG_INF)], 0)[None], [num_q, 1])
+    path_rel = tf.zeros([num_q * beam, 0], tf.int32)
+    path_ent = tf.zeros([num_q * beam, 0], tf.int32)
+    for t in range(1, hops + 1):
+        mask = policy.mask(entity, q_head, q_rel, q_tail, q_excl, t == hops)
+        log_p = tf.nn.log_softmax(tf.where(mask, policy.logits(h, entity, q_rel), -1e9))
+        log_p = tf.reshape(tf.where(mask, log_p, NEG_INF), [num_q, beam, -1])
+        total = tf.reshape(score[:, :, None] + log_p, [num_q, -1])
+        score, index = tf.math.top_k(total, k=beam)
+        num_a = tf.shape(log_p)[2]
+        parent = tf.reshape(index // num_a + tf.range(num_q)[:, None] * beam, [-1])
+        action = tf.reshape(index % num_a, [-1])
+        h, entity, rel = policy.advance(tf.gather(h, parent), tf.gather(entity, parent), action)
+        path_rel = tf.concat([tf.gather(path_rel, parent), rel[:, None]], axis=1)
+        path_ent = tf.concat([tf.gather(path_ent, parent), entity[:, None]], axis=1)
+    return rank_answers(score, entity, path_rel, path_ent, exclude, num_e, beam)
+
+
+def rank_answers(score, entity, path_rel, path_ent, exclude, num_e, beam):
+    """Ranks entities by their best beam's score (beams arrive sorted by score)."""
+    num_q = tf.shape(score)[0]
+    flat_score = tf.reshape(score, [-1])
+    segment = tf.reshape(tf.range(num_q)[:, None] * num_e + tf.reshape(entity, [num_q, beam]), [-1])
+    alive = tf.math.is_finite(flat_score)
+    position = tf.where(alive, tf.tile(tf.range(beam), [num_q]), beam)
+    best = tf.reshape(tf.math.unsorted_segment_min(position, segment, num_q * num_e), [num_q, num_e])
+    reached = best < beam
+    best = tf.minimum(best, beam - 1) + tf.range(num_q)[:, None] * beam
+    entity_score = tf.where(reached & (exclude <= 0.0), tf.gather(flat_score, best), NEG_INF)
+    order = tf.argsort(entity_score, axis=1, direction="DESCENDING", stable=True)
+    ranked_score = tf.gather(entity_score, order, batch_dims=1)
+    found = tf.math.is_finite(ranked_score)[:, :, None]
+    ranked_best = tf.gather(best, order, batch_dims=1)
+    return {
+        "answers": order,
+        "scores": ranked_score,
+        "path_relations": tf.where(found, tf.gather(path_rel, ranked_best), -1),
+        "path_entities": tf.where(found, tf.gather(path_ent, ranked_best), -1),
+        "entity_scores": entity_score,
+    }
+
+
+def evaluate(agent, split, beam=100, chunk=128, limit=None):
+    """Filtered tail-only Hits@1/3/10 and MRR of beam search on a split (an
+    answer no beam reached ranks nowhere: reciprocal rank 0)."""
+    data = queries(agent.kg, split)
+    if limit:
+        data = {k: v[:limit] for k, v in data.items()}
+    search = beam_function(agent, beam)
+    ranks = []
+    for start in range(0, len(data["head"]), chunk):
+        part = {k: tf.constant(v[start : start + chunk]) for k, v in data.items()}
+        scores = search(part["head"], part["relation"], part["tail"], part["exclude"]).numpy()
+        tails = data["tail"][start : start + chunk]
+        own = scores[np.arange(len(tails)), tails]
+        rank = 1.0 + np.sum(scores > own[:, None], axis=1)
+        ranks.append(np.where(np.isfinite(own), rank, np.inf))
+    ranks = np.concatenate(ranks)
+    metrics = {f"hits@{k}": float(np.mean(ranks <= k)) for k in (1, 3, 10)}
+    metrics["mrr"] = float(np.mean(1.0 / ranks))
+    return metrics
+
+
+def beam_function(agent, beam):
+    """A cached `tf.function` `(head, relation, tail, exclude) -> entity scores [Q, E]`."""
+    cache = agent.__dict__.setdefault("_beam_functions", {})
+    if beam not in cache:
+        cache[beam] = tf.function(
+            lambda h, r, t, x: beam_search(agent.policy, agent.hops, beam, h, r, t, x)["entity_scores"]
+        )
+    return cache[beam]
+
+
+# -- training -------------------------------------------------------------------
+class EntropyDecay(keras.callbacks.Callback):
+    """`beta = beta_0 * rate ** (steps // period)` after every batch, from the
+    model's own step counter (MINERVA: x0.9 every 200 steps)."""
+
+    def __init__(self, bonus, period=200, rate=0.9):
+        super().__init__()
+        self.bonus, self.period, self.rate = bonus, period, rate
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = int(self.model.machinery.steps.numpy())
+        self.bonus.beta.assign(self.bonus.initial_beta * self.rate ** (steps // self.period))
+
+
+class DevEvaluation(keras.callbacks.Callback):
+    """Beam-search dev metrics every epoch (= `eval_every` steps), with the
+    training steps and training wall-clock (evaluation excluded) so far."""
+
+    def __init__(self, agent, beam, steps_per_epoch, split="valid", verbose=True):
+        super().__init__()
+        self.agent, self.beam, self.steps_per_epoch = agent, beam, steps_per_epoch
+        self.split, self.verbose = split, verbose
+        self.curve, self.train_seconds = [], 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.train_seconds += time.perf_counter() - self.started
+        metrics = evaluate(self.agent, self.split, self.beam)
+        point = {"step": (epoch + 1) * self.steps_per_epoch, "seconds": self.train_seconds, **metrics}
+        point.update({f"train_{k}": float(v) for k, v in (logs or {}).items()})
+        self.curve.append(point)
+        if self.verbose:
+            print(f"  dev@{point['step']}: hits@1 {metrics['hits@1']:.3f} mrr {metrics['mrr']:.3f}")
+
+
+def train(agent, steps, batch_size, estimator, rollouts=20, learning_rate=1e-3, seed=0,
+          eval_every=100, beam=100, steps_per_execution=10, verbose=1):
+    """Compiles and fits the agent, evaluating on dev every `eval_every` steps;
+    returns the `DevEvaluation` callback (its `curve`)."""
+    compile_agent(agent, estimator, rollouts, learning_rate, steps_per_execution)
+    dev = DevEvaluation(agent, beam, eval_every, verbose=bool(verbose))
+    callbacks = [dev]
+    if agent.entropy is not None:
+        callbacks.append(EntropyDecay(agent.entropy))
+    agent.model.fit(
+        train_dataset(agent.kg, batch_size, seed), epochs=max(1, steps // eval_every),
+        steps_per_epoch=eval_every, callbacks=callbacks, verbose=verbose,
+    )
+    return dev
+
+
+# -- serving ----------------------------------------------------------------------
+class ServedAgent(tf.Module):
+    """The exported agent: `beam(head, relation)` and `walk(head, relation, seed)`."""
+
+    def __init__(self, agent, beam):
+        super().__init__()
+        self.policy_variables = [v.value for v in agent.policy.weights]
+        self._agent, self._beam = agent, beam
+        ids = tf.TensorSpec([None], tf.int32)
+        self.beam = tf.function(self._beam_search, input_signature=[ids, ids])
+        self.walk = tf.function(self._walk, input_signature=[ids, ids, tf.TensorSpec([None], tf.int64)])
+
+    def _beam_search(self, head, relation):
+        out = beam_search(self._agent.policy, self._agent.hops, self._beam, head, relation)
+        return {k: v for k, v in out.items() if k != "entity_scores"}
+
+    def _walk(self, head, relation, seed):
+        return sample_walk(self._agent, head, relation, seed)
+
+
+def sample_walk(agent, head, relation, seed):
+    """One walk per query drawn by the model's own nodes with per-example stateless
+    seeds (`keras_bpq.graph.Recorder(seeds=...)`): relations and entities `[B, T]`,
+    the answer `[B]` and the walk's log-probability `[B]`."""
+    head, relation = tf.cast(head, tf.int32), tf.cast(relation, tf.int32)
+    inputs = {
+        "head": head, "relation": relation, "tail": tf.fill(tf.shape(head), -1),
+        "exclude": tf.zeros([tf.shape(head)[0], agent.kg.num_entities]),
+    }
+    with graph_lib.Recorder(seeds=seed) as rec:
+        agent.model(inputs, training=False)
+    entity, rels, ents, log_p = head, [], [], 0.0
+    for record in rec.nodes:
+        log_p += record.log_prob()
+        action = tf.argmax(record.sample, axis=-1, output_type=tf.int32)
+        rel = tf.gather(tf.gather(agent.policy.action_rel, entity), action[:, None], batch_dims=1)[:, 0]
+        entity = tf.gather(tf.gather(agent.policy.action_ent, entity), action[:, None], batch_dims=1)[:, 0]
+        rels.append(rel)
+        ents.append(entity)
+    return {"relations": tf.stack(rels, 1), "entities": tf.stack(ents, 1), "answer": entity, "log_prob": log_p}
+
+
+def export_agent(agent, path, beam=100):
+    """Writes the agent as a SavedModel with signatures `beam` and `walk` (the
+    adjacency is baked in as constants; no keras_bpq needed to serve it)."""
+    module = ServedAgent(agent, beam)
+    signatures = {"beam": module.beam.get_concrete_function(), "walk": module.walk.get_concrete_function()}
+    tf.saved_model.save(module, str(path), signatures=signatures)
+    return module
+
+
+# -- main ---------------------------------------------------------------------------
+def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
+        learning_rate=1e-3, dim=32, hidden=64, entropy_beta=None, eval_every=100,
+        steps_per_execution=10, verbose=1):
+    """Trains one agent and evaluates it on test; returns `(agent, result)`."""
+    kg = load_graph(dataset)
+    if entropy_beta is None:
+        entropy_beta = 0.05 if estimator == "minerva" else 0.0
+    agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta)
+    start = time.perf_counter()
+    dev = train(agent, steps, batch_size, estimator, rollouts, learning_rate, seed, eval_every, beam,
+                steps_per_execution, verbose)
+    result = {
+        "dataset": dataset, "estimator": estimator, "seed": seed, "steps": steps, "batch_size": batch_size,
+        "rollouts": rollouts, "hops": hops, "beam": beam, "entropy_beta": entropy_beta,
+        "wall_seconds": time.perf_counter() - start, "train_seconds": dev.train_seconds,
+        "steps_per_second": steps / max(dev.train_seconds, 1e-9),
+        "curve": dev.curve, "test": evaluate(agent, "test", beam),
+    }
+    return agent, result
+
+
+def main(argv):
+    del argv
+    agent, result = run(
+        FLAGS.dataset, FLAGS.estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, FLAGS.hops,
+        FLAGS.beam, FLAGS.seed, FLAGS.learning_rate, FLAGS.dim, FLAGS.hidden, FLAGS.entropy_beta,
+        FLAGS.eval_every, FLAGS.steps_per_execution,
+    )
+    test = result["test"]
+    print(
+        f"{FLAGS.dataset} {FLAGS.estimator}: {result['steps_per_second']:.2f} steps/s; test "
+        + " ".join(f"{k} {v:.3f}" for k, v in test.items())
+    )
+    if FLAGS.out_json:
+        pathlib.Path(FLAGS.out_json).write_text(json.dumps(result, indent=1))
+    if FLAGS.export_dir:
+        export_agent(agent, FLAGS.export_dir, FLAGS.beam)
+        print(f"Exported the agent (signatures 'beam', 'walk') to {FLAGS.export_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,195 @@
+"""The knowledge-graph reasoning example on a tiny synthetic graph: training,
+masking (never sampled, never ranked, no gradient), beam search and serving."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+import kg_reasoning  # noqa: E402
+
+NUM_ENTITIES = 24
+
+
+def synthetic_graph(seed=0):
+    """Two random functions `f`, `g` over 24 entities, and two composed query
+    relations `fg(e) = g(f(e))` and `gf(e) = f(g(e))`: answering a query needs
+    two hops chosen by the query relation (its own edge is hidden)."""
+    rng = np.random.RandomState(seed)
+    f, g = rng.permutation(NUM_ENTITIES), rng.permutation(NUM_ENTITIES)
+    name = lambda e: f"e{e}"  # noqa: E731
+    triples = [(name(e), "f", name(f[e])) for e in range(NUM_ENTITIES)]
+    triples += [(name(e), "g", name(g[e])) for e in range(NUM_ENTITIES)]
+    composed = [(name(e), "fg", name(g[f[e]])) for e in range(NUM_ENTITIES)]
+    composed += [(name(e), "gf", name(f[g[e]])) for e in range(NUM_ENTITIES)]
+    return kg_reasoning.build_graph({"train": triples + composed, "valid": composed[:8], "test": composed})
+
+
+@pytest.fixture(scope="module")
+def trained():
+    kg = synthetic_graph()
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=16, hidden=32, seed=0)
+    kg_reasoning.compile_agent(agent, "rloo", rollouts=8, learning_rate=0.003, steps_per_execution=25)
+    data = kg_reasoning.queries(kg, "test")
+    agent.model.fit(kg_reasoning.train_dataset(kg, 24, 0, "test"), steps_per_epoch=300, epochs=1, verbose=0)
+    return agent, data
+
+
+def test_data_loads_with_standard_split_sizes_and_inverse_edges():
+    kg = kg_reasoning.load_graph("umls")
+    assert (kg.num_entities, kg.num_base_relations) == (135, 46)
+    assert [len(kg.splits[s]) for s in ("train", "valid", "test")] == [5216, 652, 661]
+    assert kg.relations[46] == kg.relations[0] + "_inv" and kg.relations[kg.no_op] == "NO_OP"
+    h, r, t = kg.splits["train"][0]
+    row = kg.action_rel[t][kg.action_mask[t]], kg.action_ent[t][kg.action_mask[t]]
+    assert any(rr == r + 46 and ee == h for rr, ee in zip(*row))  # the inverse edge
+    assert np.all(kg.action_rel[:, 0] == kg.no_op) and np.all(kg.action_ent[:, 0] == np.arange(135))
+    kinship = kg_reasoning.load_graph("kinship")
+    assert [len(kinship.splits[s]) for s in ("train", "valid", "test")] == [8544, 1068, 1074]
+
+
+def test_agent_learns_to_answer_its_queries(trained):
+    agent, _ = trained
+    metrics = kg_reasoning.evaluate(agent, "test", beam=8)
+    assert metrics["hits@1"] >= 0.9, metrics
+    history = agent.model.evaluate(kg_reasoning.train_dataset(agent.kg, 24, 1, "test"), steps=5,
+                                   return_dict=True, verbose=0)
+    assert "hits_at_1" in history and "miss" in history
+
+
+def allowed_numpy(kg, entity, head, relation, tail, exclude, last):
+    """The masks of `KGPolicy.mask`, recomputed in numpy from the graph."""
+    allowed = kg.action_mask[entity].copy()
+    rel, ent = kg.action_rel[entity], kg.action_ent[entity]
+    nb = kg.num_base_relations
+    inverse = np.where(relation < nb, relation + nb, relation - nb)
+    allowed &= ~((entity == head)[:, None] & (rel == relation[:, None]) & (ent == tail[:, None]))
+    allowed &= ~((entity == tail)[:, None] & (rel == inverse[:, None]) & (ent == head[:, None]))
+    if last:
+        allowed &= np.take_along_axis(exclude, ent, axis=1) <= 0
+    stuck = ~allowed.any(axis=1)
+    allowed[stuck, 0] = True
+    return allowed
+
+
+def test_masked_actions_are_never_sampled(trained):
+    agent, data = trained
+    kg = agent.kg
+    rows = {k: np.repeat(v, 50, axis=0) for k, v in data.items()}
+    # Hide some targets' siblings: every query's other tails include 3 random entities.
+    rows["exclude"] = rows["exclude"].copy()
+    rng = np.random.RandomState(0)
+    for i in range(len(rows["head"])):
+        rows["exclude"][i, rng.choice(NUM_ENTITIES, 3, replace=False)] = 1.0
+        rows["exclude"][i, rows["tail"][i]] = 0.0
+    _, _, _, records = agent.model.record_forward({k: tf.constant(v) for k, v in rows.items()})
+    entity = rows["head"]
+    for t in (1, 2):
+        action = np.argmax(records[f"hop_{t}"].sample.numpy(), axis=1)
+        allowed = allowed_numpy(kg, entity, rows["head"], rows["relation"], rows["tail"], rows["exclude"], t == 2)
+        np.testing.assert_array_equal(records[f"hop_{t}"].mask.numpy(), allowed)
+        assert allowed[np.arange(len(action)), action].all()
+        assert (kg.action_rel[entity, action] != kg.relations.index("PAD")).all()
+        entity = kg.action_ent[entity, action]
+
+
+def test_masked_actions_get_exactly_zero_gradient():
+    kg = synthetic_graph()
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=8, hidden=16, seed=1, entropy_beta=0.05)
+    kg_reasoning.compile_agent(agent, "minerva", rollouts=4)
+    agent.model.build_training_state()
+    data = {k: tf.constant(v) for k, v in kg_reasoning.queries(kg, "test").items()}
+    with tf.GradientTape(persistent=True) as tape:
+        out = agent.model.run_forward(data)
+        surrogate = tf.reduce_mean(out["surrogate"])
+        direct = tf.reduce_mean(out["costs"]["entropy"])
+    for t in (1, 2):
+        record = out["records"][f"hop_{t}"]
+        grad = tape.gradient(surrogate, record.params).numpy()
+        mask = record.mask.numpy()
+        assert (~mask).any() and np.all(grad[~mask] == 0.0)
+        assert np.abs(grad[mask]).max() > 0.0
+    # The entropy cost's direct (deterministic-path) gradient reaches the policy.
+    grads = tape.gradient(direct, agent.policy.trainable_variables)
+    assert any(g is not None and float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in grads)
+
+
+def test_beam_search_never_ranks_masked_answers_and_its_paths_are_real(trained):
+    agent, data = trained
+    kg = agent.kg
+    exclude = data["exclude"].copy()
+    exclude[:, 5] = np.where(data["tail"] == 5, 0.0, 1.0)  # entity 5 is an "other true tail" everywhere
+    out = kg_reasoning.beam_search(agent.policy, 2, 16, data["head"], data["relation"], data["tail"], exclude)
+    answers, scores = out["answers"].numpy(), out["scores"].numpy()
+    rels, ents = out["path_relations"].numpy(), out["path_entities"].numpy()
+    edges = {(e, r, n) for e in range(kg.num_entities) for r, n, m in
+             zip(kg.action_rel[e], kg.action_ent[e], kg.action_mask[e]) if m}
+    for q in range(len(answers)):
+        head, rel, tail = data["head"][q], data["relation"][q], data["tail"][q]
+        for a in np.flatnonzero(np.isfinite(scores[q])):
+            answer = answers[q, a]
+            assert exclude[q, answer] == 0.0  # excluded entities are never ranked
+            assert ents[q, a, -1] == answer
+            here = head
+            for r, n in zip(rels[q, a], ents[q, a]):
+                assert (here, r, n) in edges
+                assert (here, r, n) != (head, rel, tail)  # the query edge stays hidden
+                here = n
+        assert np.all(np.diff(scores[q][np.isfinite(scores[q])]) <= 0)
+    reached = np.isfinite(scores)
+    assert np.all(rels[~reached] == -1)
+
+
+CHILD = r'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+path, inputs, out = sys.argv[1:4]
+loaded = tf.saved_model.load(path)
+data = np.load(inputs)
+beam = loaded.signatures["beam"](head=tf.constant(data["head"]), relation=tf.constant(data["relation"]))
+walk = loaded.signatures["walk"](head=tf.constant(data["head"]), relation=tf.constant(data["relation"]),
+                                 seed=tf.constant(data["seed"]))
+arrays = {f"beam/{k}": v.numpy() for k, v in beam.items()}
+arrays.update({f"walk/{k}": v.numpy() for k, v in walk.items()})
+np.savez(out + ".npz", **arrays)
+mods = sorted(m for m in ("keras_bpq", "kg_reasoning", "tensorflow_probability") if m in sys.modules)
+json.dump({"modules": mods, "signatures": sorted(loaded.signatures)}, open(out + ".json", "w"))
+'''
+
+
+def test_exported_agent_serves_the_same_answers_in_a_fresh_process(trained, tmp_path):
+    agent, data = trained
+    path = tmp_path / "agent"
+    kg_reasoning.export_agent(agent, path, beam=8)
+    head, relation = data["head"][:10], data["relation"][:10]
+    seeds = np.arange(10, dtype=np.int64) * 31 + 7
+    np.savez(tmp_path / "inputs.npz", head=head, relation=relation, seed=seeds)
+    script = tmp_path / "serve.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"),
+                             str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report == {"modules": [], "signatures": ["beam", "walk"]}
+    served = np.load(tmp_path / "out.npz")
+    local = kg_reasoning.beam_search(agent.policy, 2, 8, head, relation)
+    for key in ("answers", "path_relations", "path_entities"):
+        np.testing.assert_array_equal(served[f"beam/{key}"], local[key].numpy())
+    np.testing.assert_allclose(served["beam/scores"], local["scores"].numpy(), rtol=1e-5)
+    walk = kg_reasoning.sample_walk(agent, head, relation, tf.constant(seeds))
+    for key in ("relations", "entities", "answer"):
+        np.testing.assert_array_equal(served[f"walk/{key}"], walk[key].numpy())
+    np.testing.assert_allclose(served["walk/log_prob"], walk["log_prob"].numpy(), rtol=1e-5)
+    assert np.all(served["walk/log_prob"] <= 0.0) and np.all(served["walk/entities"][:, -1] == served["walk/answer"])
