@@ -89,6 +89,10 @@ def _multi_step_function(model, step_function, multi_worker):
         return outputs
 
     def function(iterator):
+        if not isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            for _, data in zip(range(steps), iterator):  # train_on_batch: a list
+                outputs = one_step(data)
+            return outputs
         try:
             return multi_step(iterator)
         except tf.errors.OutOfRangeError:

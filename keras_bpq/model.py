@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
+from keras_bpq import distribute as distribute_lib
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import export as export_lib
 from keras_bpq import graph
@@ -713,14 +714,31 @@ class BackpropQModel(keras.Model):
         grads = tape.gradient(scaled, variables) if with_gradient else None
         return {"targets": targets, "q_at_sample": q_at_sample, "per_node": per_node, "grads": grads}
 
-    def _update_critics(self, grads, evaluation, out):
-        """Fits the learned critics on this step's targets (`critic_steps` times)."""
+    def _update_critics(self, grads, evaluation, out, inputs=None):
+        """Fits the learned critics on this step's targets (`critic_steps` times).
+
+        `inputs` (`_critic_inputs`) are this replica's own when the update runs
+        from a cross-replica `merge_call`, where `out` is the first replica's.
+        """
         variables = self.critic_variables
         self.critic_optimizer.apply(grads, variables)
+        if self._critic_options.steps == 1:
+            return
+        x, samples, targets = inputs or self._critic_inputs(out, evaluation)
+        records = {n: dataclasses.replace(r, sample=samples[n]) for n, r in out["records"].items()}
         for _ in range(self._critic_options.steps - 1):
             with tf.GradientTape() as tape:
-                loss, _ = self._critic_loss(out, out["x"], evaluation["targets"])
-            self.critic_optimizer.apply(tape.gradient(loss, variables), variables)
+                loss, _ = self._critic_loss({"records": records}, x, targets)
+                scaled = loss / _num_replicas()  # the optimizer sums over replicas
+            self.critic_optimizer.apply(tape.gradient(scaled, variables), variables)
+
+    @staticmethod
+    def _critic_inputs(out, evaluation):
+        """What the critic loss reads: `(x, {node: sample}, targets)`."""
+        if evaluation is None:
+            return None
+        samples = {n: r.sample for n, r in out["records"].items()}
+        return out["x"], samples, evaluation["targets"]
 
     def _update_target_copies(self):
         options = self._critic_options
@@ -769,9 +787,9 @@ class BackpropQModel(keras.Model):
         actor_variables = self.actor_variables
         nodes = self._scg.nodes
 
-        def update_critics(critic_grads):
+        def update_critics(critic_grads, inputs=None):
             if critics is not None:
-                self._update_critics(critic_grads, critics, out)
+                self._update_critics(critic_grads, critics, out, inputs)
 
         def update_actor(grads):
             self.optimizer.apply(grads, actor_variables)
@@ -807,18 +825,13 @@ class BackpropQModel(keras.Model):
             tf.cond(skip, noop, apply)
             return
 
-        if self._critic_options.steps > 1:
-            raise NotImplementedError(
-                "critic_steps > 1 is not supported under a tf.distribute strategy yet."
-            )
-
-        def cross_replica(strategy, skip, grads, critic_grads, means):
+        def cross_replica(strategy, skip, grads, critic_grads, means, critic_inputs):
             each = strategy.extended.call_for_each_replica
             # Every replica holds the same all-reduced flag; take the first's.
             skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
 
             def apply():
-                each(update_critics, args=(critic_grads,))
+                each(update_critics, args=(critic_grads, critic_inputs))
                 tf.cond(
                     self.machinery.steps >= warmup,
                     lambda: each(update_actor, args=(grads,)),
@@ -829,7 +842,8 @@ class BackpropQModel(keras.Model):
 
             tf.cond(skip, lambda: None, apply)
 
-        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means))
+        critic_inputs = self._critic_inputs(out, critics) if self._critic_options.steps > 1 else None
+        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means, critic_inputs))
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -904,6 +918,10 @@ class BackpropQModel(keras.Model):
             return super().fit(*args, callbacks=callbacks, **kwargs)
         finally:
             saving_lib.FitPosition.clear(self)
+
+    def _make_function(self, step_function):
+        # Works around two Keras bugs under tf.distribute (keras_bpq.distribute).
+        return distribute_lib.make_function(self, step_function, super()._make_function)
 
     def train_on_batch(self, *args, **kwargs):
         self.build_training_state()

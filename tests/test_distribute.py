@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 TESTS = pathlib.Path(__file__).resolve().parent
 
 PRELUDE = textwrap.dedent(
@@ -47,7 +49,7 @@ def test_distributed_step_applies_an_unbiased_global_mean_gradient():
             model, x = graphs.chain()
             model.compile(optimizer=keras.optimizers.SGD(1.0), estimator="critic_cv",
                           critic_optimizer=keras.optimizers.SGD(0.0))
-        data = np.repeat(x, 2, axis=0)  # 6 rows: 3 per replica
+        data = np.repeat(x, 2, axis=0)  # train_on_batch gives each replica all 6 rows
         exact = diagnostics.exact_gradients(model, data)
         start = [v.numpy() for v in model.actor_variables]
         updates = []
@@ -103,3 +105,82 @@ def test_replicas_draw_different_samples_and_keep_state_in_sync():
     assert not result["same"]
     assert result["baselines"][0] == result["baselines"][1] != 0.0
     assert result["steps"] == [2, 2]
+
+
+DETERMINISTIC = """
+import keras_bpq
+
+def build():
+    # Logits of +-50: every sample is certain, so two replicas and one device
+    # see the same samples and must make the same updates.
+    fixed = lambda units, name: keras.layers.Dense(
+        units, name=name, kernel_initializer="zeros",
+        bias_initializer=keras.initializers.Constant([50.0, -50.0][:units]))
+    inp = keras.Input((3,))
+    z1 = keras_bpq.Bernoulli(name="z1")(fixed(2, "d1")(inp))
+    z2 = keras_bpq.Bernoulli(name="z2")(fixed(1, "d2")(keras.layers.Concatenate()([z1, inp])))
+    out = keras.layers.Dense(2, name="dec", kernel_initializer="ones")(z2)
+    cost = keras.ops.sum(keras.ops.square(out - inp[:, :2]), axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=inp, outputs=out, costs={"cost": cost})
+    model.compile(optimizer=keras.optimizers.SGD(0.1), critic_optimizer=keras.optimizers.SGD(0.05),
+                  critic_steps=3, critic_target="mc", tau=0.5)
+    return model
+
+# Replica 0 gets the first two rows of a batch, replica 1 the last two: their
+# critic losses differ.
+data = np.random.RandomState(0).normal(size=(8, 3)).astype("float32")
+"""
+
+
+def test_critic_steps_under_merge_call_average_each_replica_own_loss():
+    """critic_steps=3 on two replicas: every extra critic step averages the two
+    replicas' own gradients, as one device on the whole batch does."""
+    result = run(
+        DETERMINISTIC
+        + textwrap.dedent(
+            """
+        results = []
+        for scope in (strategy.scope(), tf.distribute.get_strategy().scope()):
+            keras.utils.set_random_seed(0)  # the same critic initialisation
+            with scope:
+                model = build()
+            # fit splits each batch of 4 between the replicas (train_on_batch would not).
+            model.fit(data, batch_size=4, epochs=1, shuffle=False, verbose=0)
+            critic = model.machinery.critics["z1"]
+            results.append([v.numpy() for v in critic.online.weights + critic.target_network.weights])
+        print(json.dumps({
+            "gap": max(float(np.abs(a - b).max()) for a, b in zip(*results)),
+            "moved": max(float(np.abs(a - b).max()) for a, b in zip(results[0], results[0][len(results[0]) // 2:])),
+        }))
+        """
+        )
+    )
+    assert result["gap"] < 1e-5, result
+    assert result["moved"] > 1e-3, result  # the online critic trained away from its copy
+
+
+def test_steps_per_execution_matches_one_step_per_call_on_two_replicas():
+    """The same seeds give the same weights, critics, target copies, baselines
+    and optimizer state with 4 steps per call as with 1 (6 steps: calls of 4 and 2)."""
+    result = run(
+        """
+        states = []
+        for steps in (1, 4):
+            keras.utils.set_random_seed(0)
+            with strategy.scope():
+                model, x = graphs.chain()
+                model.compile(optimizer="adam", estimator={"z1": "reinforce"}, steps_per_execution=steps)
+            history = model.fit(np.tile(x, (8, 1)), batch_size=4, epochs=1, shuffle=False, verbose=0)
+            variables = model.weights + model.optimizer.variables + model.critic_optimizer.variables
+            states.append([v.numpy() for v in variables])
+            counter = int(model.machinery.steps.numpy())
+        print(json.dumps({
+            "gap": max(float(np.abs(a - b).max()) for a, b in zip(*states)),
+            "moved": max(float(np.abs(a - b).max()) for a, b in zip(states[0], [v.numpy() for v in graphs.chain()[0].weights])),
+            "steps": counter, "loss": history.history["loss"][-1],
+        }))
+        """
+    )
+    assert result["steps"] == 6, result
+    assert result["gap"] < 1e-5, result
+    assert result["moved"] > 1e-3 and np.isfinite(result["loss"]), result
