@@ -10,7 +10,10 @@ interface:
 * `keeps_gradient`: whether the node's sample keeps its pathwise gradient;
 * `create_state(info, add_weight)`: the node's persistent state (Keras variables);
 * `surrogate(step)`: the per-example surrogate `L_X`, shape `[batch]`;
-* `update(step)`: state updates after a finite training step.
+* `update(state, downstream_mean)`: state updates after a finite training step;
+* `tuning_gradients(step)` / `apply_tuning(state, gradients)`: optional
+  parameters of the estimator itself (a tuned control variate), fitted after
+  every finite step on the replica-mean gradient the model computes.
 """
 
 import dataclasses
@@ -37,6 +40,9 @@ class NodeStep:
     num_samples: int = 1  # consecutive rows that are draws for one example
     # values [batch, A, *event] -> [batch, A]: realised c_X with the node forced.
     rerun: object = None
+    # Values an estimator computes once per pass and reuses (the same noise in
+    # `surrogate` and `tuning_gradients`).
+    cache: dict = dataclasses.field(default_factory=dict)
 
     def seed(self):
         """A fresh int32 stateless seed from the node's seed generator."""
@@ -62,6 +68,16 @@ class Estimator:
     def update(self, state, downstream_mean):
         """Updates `state` after a finite training step; `downstream_mean` is
         the mean of `c_X` over the (global) batch."""
+
+    def tuning_gradients(self, step):
+        """Gradients (this replica's batch) of the estimator's own tuning
+        objective with respect to its tuned state, in `apply_tuning`'s order;
+        `[]` when it tunes nothing. The model averages them over replicas."""
+        return []
+
+    def apply_tuning(self, state, gradients):
+        """Steps the tuned state with the replica-mean `gradients` (only after
+        a finite training step)."""
 
     def get_config(self):
         return {}
@@ -483,44 +499,148 @@ class Gumbel(Estimator):
 
 class Relax(Estimator):
     """RELAX for binary nodes (Grathwohl et al. 2018), with the critic on relaxed
-    inputs as the control variate `c(z) = Q(sigmoid(z / t), s)`:
+    inputs as the control variate `c(z) = eta * Q(sigmoid(z / t), s)`:
 
     `g = [f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)`, where `z = logits +
     logit(u)` is the relaxed sample behind `b = H(z)` and `z~ ~ p(z | b)` is
     reparameterised given `b` (REBAR). The realised downstream cost `f(b)` is
-    the signal, so it is unbiased whatever the critic's state.
+    the signal, so it is unbiased whatever the critic's state and whatever
+    `(t, eta)`.
+
+    `tune=False`: fixed `t = temperature`, `eta = 1`. `tune=True` (REBAR's
+    tuning): `log t` and `eta` are node state (`<node>_log_temperature`,
+    `<node>_eta`, initially `log(temperature)` and 1), and after every finite
+    training step they take an Adam step (`tune_learning_rate`; moments in
+    `<node>_tune_moments`) down the single-sample variance estimate
+    `d/d(log t, eta) mean_rows sum_u g_u^2`, `g` the gradient with respect to
+    the node's logits. Since `E[g]` does not depend on `(t, eta)`,
+    `d Var[g] = d E[g^2]`: the step lowers the estimator's variance.
     """
 
     name = "relax"
     needs_critic = True
 
-    def __init__(self, temperature=0.5):
+    def __init__(self, temperature=0.5, tune=False, tune_learning_rate=0.01):
+        if temperature <= 0:
+            raise ValueError(f"relax: temperature must be positive; got {temperature}.")
         self.temperature = float(temperature)
+        self.tune = bool(tune)
+        self.tune_learning_rate = float(tune_learning_rate)
 
     def check(self, info, num_samples=1):
         _check_binary(self.name, info)
 
+    def create_state(self, info, add_weight):
+        if not self.tune:
+            return {}
+        return {
+            "log_temperature": add_weight(
+                f"{info.name}_log_temperature", (), "float32",
+                initializer=keras.initializers.Constant(np.log(self.temperature)),
+            ),
+            "eta": add_weight(
+                f"{info.name}_eta", (), "float32", initializer=keras.initializers.Constant(1.0)
+            ),
+            # Adam's first and second moments (rows) of (log t, eta) (columns).
+            "tune_moments": add_weight(f"{info.name}_tune_moments", (2, 2), "float32"),
+            "tune_steps": add_weight(f"{info.name}_tune_steps", (), "float32"),
+        }
+
+    def control(self, state):
+        """`(t, eta)`: the temperature and scale of the control variate."""
+        if self.tune:
+            return tf.exp(state["log_temperature"]), state["eta"]
+        return tf.constant(self.temperature), tf.constant(1.0)
+
+    def _relaxed_inputs(self, step, logits):
+        """`(z, z~)` for `logits` (`[batch, units]`), with this pass's noise:
+        `z = logits + logit(u)` (`u` held fixed) and `z~` reparameterised given `b`."""
+        b = _flat(step.record.sample)
+        if "relax_noise" not in step.cache:
+            step.cache["relax_noise"] = tuple(
+                tf.random.stateless_uniform(tf.shape(b), seed=step.seed()) for _ in range(2)
+            )
+        noise, noise_cond = step.cache["relax_noise"]
+        p = tf.sigmoid(logits)
+        eps = 1e-6
+
+        def given_sample(v):  # u consistent with b = 1[u > 1 - p]
+            return tf.clip_by_value(b * (1.0 - p + v * p) + (1.0 - b) * v * (1.0 - p), eps, 1 - eps)
+
+        u = tf.stop_gradient(given_sample(noise))
+        u_cond = given_sample(noise_cond)
+        z = logits + tf.math.log(u) - tf.math.log1p(-u)
+        z_cond = logits + tf.math.log(u_cond) - tf.math.log1p(-u_cond)
+        return z, z_cond
+
+    def _relaxed(self, step, value, t):
+        return tf.reshape(tf.sigmoid(value / t), tf.shape(step.record.sample))
+
     def surrogate(self, step):
         record = step.record
-        b = _flat(record.sample)
         logits = _flat(tf.cast(record.params, tf.float32))
-        p = tf.sigmoid(logits)
-        shape = tf.shape(record.sample)
-        eps = 1e-6
-        u = tf.clip_by_value(tf.stop_gradient(_uniform_given_sample(step, b, p)), eps, 1 - eps)
-        z = logits + tf.math.log(u) - tf.math.log1p(-u)
-        u_cond = tf.clip_by_value(_uniform_given_sample(step, b, p), eps, 1 - eps)
-        z_cond = logits + tf.math.log(u_cond) - tf.math.log1p(-u_cond)
-
-        def relaxed(value):
-            return tf.reshape(tf.sigmoid(value / self.temperature), shape)
-
-        c_cond = tf.stop_gradient(step.q(relaxed(z_cond)[:, None])[:, 0])
+        t, eta = (tf.stop_gradient(v) for v in self.control(step.state))
+        z, z_cond = self._relaxed_inputs(step, logits)
+        c_cond = tf.stop_gradient(eta * step.q(self._relaxed(step, z_cond, t)[:, None])[:, 0])
         score = record.log_prob() * tf.stop_gradient(step.downstream - c_cond)
-        return score + _slope_surrogate(step, relaxed(z)) - _slope_surrogate(step, relaxed(z_cond))
+        return score + eta * (
+            _slope_surrogate(step, self._relaxed(step, z, t))
+            - _slope_surrogate(step, self._relaxed(step, z_cond, t))
+        )
+
+    def logit_gradient(self, step, t, eta):
+        """`g`, `[batch, units]`: this pass's estimate (the same noise as
+        `surrogate`) of the gradient with respect to the node's logits, as a
+        differentiable function of `(t, eta)`:
+        `g = (b - sigmoid(logits)) [f(b) - c(z~)] + d/dlogits [c(z) - c(z~)]`
+        (the second term by a nested tape)."""
+        logits = tf.stop_gradient(_flat(tf.cast(step.record.params, tf.float32)))
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            z, z_cond = self._relaxed_inputs(step, logits)
+            q = step.q(tf.stack([self._relaxed(step, z, t), self._relaxed(step, z_cond, t)], axis=1))
+            difference = eta * tf.reduce_sum(q[:, 0] - q[:, 1])
+        pathwise = tape.gradient(difference, logits)
+        b = _flat(step.record.sample)
+        return (b - tf.sigmoid(logits)) * (step.downstream - eta * q[:, 1])[:, None] + pathwise
+
+    def tuning_gradients(self, step):
+        """`d/d(log t, eta) mean_rows sum_u g_u^2` (`logit_gradient`): the
+        single-sample gradient of `E[|g|^2]`, hence of `Var[g]`."""
+        if not self.tune or not step.info.costs:
+            return []
+        phi = [tf.convert_to_tensor(step.state[n]) for n in ("log_temperature", "eta")]
+        with tf.GradientTape() as tape:
+            tape.watch(phi)
+            g = self.logit_gradient(step, tf.exp(phi[0]), phi[1])
+            variance = tf.reduce_mean(tf.reduce_sum(tf.square(g), axis=1))
+        return tape.gradient(variance, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def apply_tuning(self, state, gradients, beta_1=0.9, beta_2=0.999, epsilon=1e-8):
+        """One Adam step on `(log t, eta)`; a non-finite gradient changes nothing."""
+        if not self.tune:
+            return
+        grad = tf.stack([tf.convert_to_tensor(g, tf.float32) for g in gradients])
+        finite = tf.reduce_all(tf.math.is_finite(grad))
+        grad = tf.where(finite, grad, 0.0)
+        moments, steps = state["tune_moments"], state["tune_steps"]
+        new_steps = steps + 1.0
+        m = beta_1 * moments[0] + (1.0 - beta_1) * grad
+        v = beta_2 * moments[1] + (1.0 - beta_2) * tf.square(grad)
+        m_hat = m / (1.0 - tf.pow(beta_1, new_steps))
+        v_hat = v / (1.0 - tf.pow(beta_2, new_steps))
+        delta = tf.where(finite, self.tune_learning_rate * m_hat / (tf.sqrt(v_hat) + epsilon), 0.0)
+        state["log_temperature"].assign_sub(delta[0])
+        state["eta"].assign_sub(delta[1])
+        moments.assign(tf.where(finite, tf.stack([m, v]), moments))
+        steps.assign(tf.where(finite, new_steps, steps))
 
     def get_config(self):
-        return {"temperature": self.temperature}
+        return {
+            "temperature": self.temperature,
+            "tune": self.tune,
+            "tune_learning_rate": self.tune_learning_rate,
+        }
 
 
 ESTIMATORS = {

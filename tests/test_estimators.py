@@ -128,3 +128,133 @@ def test_reinforce_normalize_standardises_the_advantage_and_round_trips():
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(plain.surrogate(step))
     np.testing.assert_allclose(tape.gradient(loss, log_p).numpy(), costs.numpy() - 0.5 / 0.05, rtol=1e-5)
+
+
+# -- relax with a tuned control variate ----------------------------------------
+def relax_state(model):
+    """`{node: {name: value}}` of every relax node's tuned state."""
+    return {
+        name: {k: v.numpy().copy() for k, v in state.items()}
+        for name, state in model.machinery.node_state.items()
+        if "eta" in state
+    }
+
+
+@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", False), ("two_costs", True)])
+def test_tuned_relax_is_unbiased_at_any_control_variate(name, jit_compile):
+    model, x = graphs.ALL[name]()
+    tuned = keras_bpq.estimators.Relax(temperature=0.8, tune=True)
+    choice = {n: tuned if e == "relax" else e for n, e in per_node(model, "relax").items()}
+    model.compile(estimator=choice, jit_compile=jit_compile)
+    model.critic_variables  # creates the node state
+    tuned_nodes = [n for n, s in model.machinery.node_state.items() if "eta" in s]
+    assert tuned_nodes
+    for i, n in enumerate(tuned_nodes):  # away from the defaults, different per node
+        model.machinery.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
+        model.machinery.node_state[n]["eta"].assign(0.4 - 0.9 * i)
+    assert_unbiased(model, x, num_draws=1000)
+
+
+class _Logit(keras.layers.Layer):
+    """The REBAR toy's single learnable logit, broadcast to the batch."""
+
+    def build(self, input_shape):
+        self.theta = self.add_weight(shape=(), initializer="zeros", name="theta")
+
+    def call(self, x):
+        return keras.ops.zeros_like(x[:, :1]) + self.theta
+
+
+def rebar_toy(estimator, t=0.45, aux=False):
+    """`b ~ Bernoulli(sigmoid(theta))`, cost `(b - t)^2` (benchmarks/toy.py), the
+    actor frozen (SGD at rate 0); `aux` adds a cost `log x[:, 1]` that `b` does
+    not influence, non-finite where `x[:, 1] < 0`."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((2,))
+    b = keras_bpq.Bernoulli(name="b", seed=1)(_Logit(name="logit")(x))
+    costs = {"cost": keras.ops.square(b[:, 0] - t)}
+    if aux:
+        costs["aux"] = keras.ops.log(x[:, 1])
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=b, costs=costs, name="toy")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), estimator=estimator)
+    model.critic_variables  # creates the node state
+    return model
+
+
+def test_relax_logit_gradient_is_the_surrogates_gradient():
+    import tensorflow as tf
+
+    est = keras_bpq.estimators.Relax(tune=True)
+    model = rebar_toy(est)
+    x = np.ones((64, 2), "float32")
+    with tf.GradientTape() as tape:
+        out = model.run_forward(x)
+        loss = tf.reduce_sum(out["surrogate"])
+    step = out["steps"]["b"]
+    expected = tape.gradient(loss, step.record.params).numpy()
+    got = est.logit_gradient(step, *est.control(step.state)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert np.std(got) > 1e-3  # not a constant: the draws differ
+
+
+def test_relax_tuning_lowers_the_variance_and_skips_nonfinite_steps():
+    initial = {"log_temperature": np.log(0.5), "eta": 1.0}
+    model = rebar_toy(keras_bpq.estimators.Relax(tune=True, tune_learning_rate=0.05), aux=True)
+    state = model.machinery.node_state["b"]
+    x = np.ones((16, 2), "float32")
+    probe = x[:1]
+
+    def variance():
+        return diagnostics.gradient_variance(
+            diagnostics.estimate_gradients(model, probe, num_draws=4000, chunk_size=500)
+        )
+
+    untuned = variance()
+    for _ in range(100):
+        model.train_on_batch(x)
+    tuned_values = relax_state(model)["b"]
+    assert abs(tuned_values["log_temperature"] - initial["log_temperature"]) > 0.2
+    assert abs(tuned_values["eta"] - initial["eta"]) > 0.2
+    assert tuned_values["tune_steps"] == 100
+    tuned = variance()
+    assert tuned < 0.8 * untuned, (tuned, untuned)
+    # Same actor weights, back at the untuned control variate: the variance returns.
+    for k, v in initial.items():
+        state[k].assign(v)
+    assert variance() > 0.9 * untuned
+    for k in initial:
+        state[k].assign(tuned_values[k])
+
+    bad = x.copy()
+    bad[0, 1] = -1.0  # cost "aux" is NaN: the step is skipped
+    with pytest.raises(FloatingPointError, match="'aux' was not finite"):
+        model.train_on_batch(bad)
+    after = relax_state(model)["b"]
+    for k, v in tuned_values.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+
+
+def test_tuned_relax_config_and_keras_file_round_trip(tmp_path):
+    est = keras_bpq.estimators.Relax(temperature=0.8, tune=True, tune_learning_rate=0.02)
+    config = est.get_config()
+    assert config == {"temperature": 0.8, "tune": True, "tune_learning_rate": 0.02}
+    again = keras_bpq.estimators.Relax(**config)
+    assert again.get_config() == config
+    assert keras_bpq.estimators.Relax().get_config()["tune"] is False
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        keras_bpq.estimators.Relax(temperature=0.0)
+
+    keras.utils.set_random_seed(3)
+    model, x = graphs.chain()
+    model.compile(optimizer=keras.optimizers.Adam(0.03), estimator=est, critic_hidden_units=(4,))
+    model.fit(np.repeat(x, 4, axis=0), batch_size=6, epochs=2, verbose=0)
+    values = relax_state(model)
+    assert set(values) == {"z1", "z2", "z3"}
+    assert all(v["tune_steps"] == 4 and v["eta"] != 1.0 for v in values.values())
+    model.save(tmp_path / "relax.keras")
+    loaded = keras.saving.load_model(tmp_path / "relax.keras", safe_mode=True)
+    assert loaded._node_estimators["z2"].get_config() == config
+    loaded_values = relax_state(loaded)
+    for node, state in values.items():
+        for k, v in state.items():
+            np.testing.assert_array_equal(loaded_values[node][k], v, err_msg=f"{node} {k}")
