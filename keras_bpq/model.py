@@ -771,21 +771,29 @@ class BackpropQModel(keras.Model):
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
         critic_grads = [] if critics is None else critics["grads"]
         means = [_global_mean(out["steps"][info.name].downstream) for info in scg.nodes]
+        # Estimators' own tuned parameters (relax's control variate): replica means.
+        tuning = [
+            [_global_sum(g) / replicas for g in self._node_estimators[n].tuning_gradients(out["steps"][n])]
+            for n in scg.node_names
+        ]
         skip = _global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
-        self._apply_updates(skip, grads, critic_grads, means, critics, out)
+        self._apply_updates(skip, grads, critic_grads, means, critics, out, tuning)
         previous = self.machinery.status
         previous.assign(tf.where(tf.equal(previous, 0), status, previous))
         return self._update_metrics(out, critics)
 
-    def _apply_updates(self, skip, grads, critic_grads, means, critics, out):
-        """Critics, then actor (after warm-up), then estimator state and target
-        copies; nothing at all when `skip` (a non-finite cost or gradient on any
-        replica). Under a `tf.distribute` strategy that synchronises through
-        `merge_call`, the decision runs in cross-replica context and every
-        update on each replica, as Keras' `LossScaleOptimizer` does."""
+    def _apply_updates(self, skip, grads, critic_grads, means, critics, out, tuning=None):
+        """Critics, then actor (after warm-up), then estimator state (and the
+        estimators' tuning steps, `tuning`: per node, replica-mean gradients)
+        and target copies; nothing at all when `skip` (a non-finite cost or
+        gradient on any replica). Under a `tf.distribute` strategy that
+        synchronises through `merge_call`, the decision runs in cross-replica
+        context and every update on each replica, as Keras' `LossScaleOptimizer`
+        does."""
         warmup = self._critic_options.warmup
         actor_variables = self.actor_variables
         nodes = self._scg.nodes
+        tuning = tuning or [[] for _ in nodes]
 
         def update_critics(critic_grads, inputs=None):
             if critics is not None:
@@ -794,9 +802,12 @@ class BackpropQModel(keras.Model):
         def update_actor(grads):
             self.optimizer.apply(grads, actor_variables)
 
-        def update_state(means):
-            for info, mean in zip(nodes, means):
-                self._node_estimators[info.name].update(self.machinery.node_state[info.name], mean)
+        def update_state(means, tuning):
+            for info, mean, gradients in zip(nodes, means, tuning):
+                estimator, state = self._node_estimators[info.name], self.machinery.node_state[info.name]
+                estimator.update(state, mean)
+                if gradients:
+                    estimator.apply_tuning(state, gradients)
             self.machinery.steps.assign_add(1)
 
         def noop():
@@ -818,14 +829,14 @@ class BackpropQModel(keras.Model):
                     return noop()
 
                 tf.cond(ready, actor, noop) if warmup else actor()
-                update_state(means)
+                update_state(means, tuning)
                 self._update_target_copies()
                 return noop()
 
             tf.cond(skip, noop, apply)
             return
 
-        def cross_replica(strategy, skip, grads, critic_grads, means, critic_inputs):
+        def cross_replica(strategy, skip, grads, critic_grads, means, tuning, critic_inputs):
             each = strategy.extended.call_for_each_replica
             # Every replica holds the same all-reduced flag; take the first's.
             skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
@@ -837,13 +848,13 @@ class BackpropQModel(keras.Model):
                     lambda: each(update_actor, args=(grads,)),
                     lambda: None,
                 )
-                each(update_state, args=(means,))
+                each(update_state, args=(means, tuning))
                 self._update_target_copies()
 
             tf.cond(skip, lambda: None, apply)
 
         critic_inputs = self._critic_inputs(out, critics) if self._critic_options.steps > 1 else None
-        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means, critic_inputs))
+        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means, tuning, critic_inputs))
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
