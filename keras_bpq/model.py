@@ -766,8 +766,14 @@ class BackpropQModel(keras.Model):
             out = self.run_forward(x, y, training=True, sample_weight=sample_weight)
             # Optimizers sum gradients over replicas: this makes the global mean.
             surrogate = _weighted_mean(out["surrogate"], out["weights"]) / replicas
-        grads = tape.gradient(surrogate, actor_variables)
-        status = self._step_status(scg, out["costs"], grads)
+            # Loss scaling (mixed_float16 wraps the optimizer in a
+            # LossScaleOptimizer; or loss_scale_factor=): apply() unscales.
+            scaled = self.optimizer.scale_loss(surrogate)
+        grads = tape.gradient(scaled, actor_variables)
+        # A LossScaleOptimizer skips steps whose scaled gradient overflows, and
+        # lowers its scale: only the costs decide here then.
+        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        status = self._step_status(scg, out["costs"], [] if loss_scaled else grads)
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
         critic_grads = [] if critics is None else critics["grads"]
         means = [_global_mean(out["steps"][info.name].downstream) for info in scg.nodes]
@@ -814,9 +820,11 @@ class BackpropQModel(keras.Model):
             return tf.constant(0)
 
         context = tf.distribute.get_replica_context()
+        # Not `num_replicas_in_sync == 1`: a one-device MirroredStrategy still
+        # synchronises through merge_call, which cannot run inside a tf.cond.
         if (
             context is None
-            or context.num_replicas_in_sync == 1
+            or not tf.distribute.has_strategy()
             or tf.__internal__.distribute.strategy_supports_no_merge_call()
         ):
 

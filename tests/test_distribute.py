@@ -184,3 +184,19 @@ def test_steps_per_execution_matches_one_step_per_call_on_two_replicas():
     assert result["steps"] == 6, result
     assert result["gap"] < 1e-5, result
     assert result["moved"] > 1e-3 and np.isfinite(result["loss"]), result
+
+
+def test_one_device_mirrored_strategy_trains():
+    """MirroredStrategy() on a machine with one device: one replica, which still
+    synchronises through merge_call (no update may run inside a tf.cond)."""
+    result = run(
+        """
+        with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+            model, x = graphs.chain()
+            model.compile(optimizer="adam", estimator={"z1": "reinforce"}, critic_steps=2)
+        history = model.fit(np.tile(x, (4, 1)), batch_size=3, epochs=2, verbose=0)
+        print(json.dumps({"steps": int(model.machinery.steps.numpy()),
+                          "loss": history.history["loss"][-1]}))
+        """
+    )
+    assert result["steps"] == 8 and np.isfinite(result["loss"]), result
