@@ -62,6 +62,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_bpq  # noqa: E402
 from keras_bpq import diagnostics  # noqa: E402
+from keras_bpq import estimators  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -70,12 +71,15 @@ H = 200
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "digits", ["digits", "fashion_mnist"], "Data set.")
 flags.DEFINE_enum("arch", "two_layer", ["linear", "two_layer", "nonlinear"], "SBN architecture.")
-flags.DEFINE_list("estimators", ["reinforce", "auto"], "keras_bpq estimators ('rloo' uses num_samples=--rloo_k).")
+flags.DEFINE_list(
+    "estimators", ["reinforce", "auto"],
+    "keras_bpq estimators ('rloo' uses num_samples=--rloo_k; 'relax_tuned' is Relax(tune=True)).")
 flags.DEFINE_integer("rloo_k", 2, "Draws per example for rloo.")
 flags.DEFINE_integer("steps", 2000, "Training steps.")
 flags.DEFINE_integer("batch_size", 50, "Batch size.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (every library).")
 flags.DEFINE_list("seeds", ["0"], "Seeds.")
+flags.DEFINE_list("first_seed_only", [], "Estimators and peers run on the first seed only (slow ones).")
 flags.DEFINE_integer("eval_every", 250, "Steps between evaluations.")
 flags.DEFINE_integer("test_size", 1000, "Test images in the fixed evaluation subset.")
 flags.DEFINE_enum("jit_compile", "both", ["both", "on", "off"], "jit_compile settings timed.")
@@ -217,11 +221,20 @@ def build_autoencoder(pixels, arch):
     return keras.Model(x, px, name="autoencoder")
 
 
+def estimator_option(name):
+    """`compile(estimator=...)` for a benchmark estimator name: a registered
+    name, or `relax_tuned` (RELAX with its control variate trained to
+    minimise the gradient variance)."""
+    if name == "relax_tuned":
+        return estimators.Relax(tune=True)
+    return name
+
+
 def compile_sbn(model, estimator, jit):
     num_samples = FLAGS.rloo_k if estimator == "rloo" else 1
     model.compile(
         optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
-        estimator=estimator,
+        estimator=estimator_option(estimator),
         num_samples=num_samples,
         steps_per_execution=50,
         jit_compile=jit,
@@ -571,7 +584,10 @@ def main(argv):
         }
         data_path = os.path.join(tmp, f"data_{seed}.npz")
         np.savez(data_path, **data)
+        first = seed == seeds[0]
         for estimator in FLAGS.estimators:
+            if not first and estimator in FLAGS.first_seed_only:
+                continue
             name = {"auto": "keras_bpq auto (critic_cv)", "rloo": f"keras_bpq rloo K={FLAGS.rloo_k}"}.get(
                 estimator, f"keras_bpq {estimator}")
             log(f"{name}, seed {seed}")
@@ -579,6 +595,8 @@ def main(argv):
             result["seed"] = seed
             methods.setdefault(name, []).append(result)
         for peer in FLAGS.peers:
+            if not first and peer in FLAGS.first_seed_only:
+                continue
             log(f"{peer}, seed {seed}")
             result = run_peer(peer, seed, data_path)
             result.setdefault("seed", seed)
@@ -596,6 +614,7 @@ def main(argv):
             "num_draws": FLAGS.num_draws, "variance_checkpoints": sorted(checkpoints),
             "timing_steps": FLAGS.timing_steps, "timing_repeats": FLAGS.timing_repeats,
             "estimators": FLAGS.estimators, "peers": FLAGS.peers, "rloo_k": FLAGS.rloo_k,
+            "first_seed_only": FLAGS.first_seed_only,
         },
         "methods": methods,
         "timing": timing_result,
