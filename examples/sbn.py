@@ -26,19 +26,24 @@ import tensorflow as tf
 import keras_bpq
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 10000, "Training steps.")
-flags.DEFINE_integer("batch_size", 50, "Batch size.")
-flags.DEFINE_integer("z1", 32, "Units of the first latent layer.")
-flags.DEFINE_integer("z2", 16, "Units of the second latent layer.")
-flags.DEFINE_string("estimator", "auto", "Estimator for every node (see keras_bpq.estimators).")
-flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("steps_per_execution", 50, "Steps per compiled call.")
-flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA (slower on small CPU models).")
-flags.DEFINE_string(
-    "export_dir", "", "If set, export the trained model there as a SavedModel for TF Serving "
-    "(a version folder, e.g. serving/sbn/1)."
-)
+
+
+def define_flags():
+    """Command-line flags, defined only when run as a script (so that importing
+    this module next to another example does not redefine `--steps`)."""
+    flags.DEFINE_integer("steps", 10000, "Training steps.")
+    flags.DEFINE_integer("batch_size", 50, "Batch size.")
+    flags.DEFINE_integer("z1", 32, "Units of the first latent layer.")
+    flags.DEFINE_integer("z2", 16, "Units of the second latent layer.")
+    flags.DEFINE_string("estimator", "auto", "Estimator for every node (see keras_bpq.estimators).")
+    flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("steps_per_execution", 50, "Steps per compiled call.")
+    flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA (slower on small CPU models).")
+    flags.DEFINE_string(
+        "export_dir", "", "If set, export the trained model there as a SavedModel for TF Serving "
+        "(a version folder, e.g. serving/sbn/1)."
+    )
 
 
 def load_digits(seed):
@@ -143,4 +148,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
