@@ -38,8 +38,9 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sbn import binarised  # noqa: E402  (also defines --steps, --batch_size, ...)
+from sbn import binarised  # noqa: E402
 from sbn import build_sbn  # noqa: E402
+from sbn import define_flags  # noqa: E402  (--steps, --batch_size, ... of examples/sbn.py)
 from sbn import load_digits  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -124,6 +125,7 @@ def train():
         binarised(train_images, FLAGS.batch_size, FLAGS.seed, repeat=True),
         epochs=max(1, FLAGS.steps // steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
+        shuffle=False,  # the pipeline shuffles
         verbose=2 if is_chief else 0,
     )
     # Every worker saves (saving may need every worker); only the chief's stays.
@@ -138,6 +140,11 @@ def train():
         f"{history.history['loss'][-1]:.4f}, weights {fingerprint(model)}",
         flush=True,
     )
+    # The chief hosts the cluster's coordination service: let the others
+    # disconnect first (a worker still connected to a gone chief logs an error).
+    strategy.reduce(tf.distribute.ReduceOp.SUM, tf.constant(1.0), axis=None)  # a barrier
+    if is_chief:
+        time.sleep(2.0)
 
 
 def main(argv):
@@ -153,4 +160,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
