@@ -274,17 +274,34 @@ class Advance(keras.layers.Layer):
         return h, entity
 
 
-class Outcome(keras.layers.Layer):
-    """`[entity, tail] -> (one_hot(entity), miss)`, miss = 1 unless at the tail."""
+class TailHits(keras.layers.Layer):
+    """`[entity, tail] -> [B, A]`: 1 for the entity's actions that lead to `tail`."""
+
+    def __init__(self, policy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+
+    def call(self, inputs):
+        entity, tail = inputs
+        return tf.cast(tf.equal(tf.gather(self.policy.action_ent, entity), tail[:, None]), tf.float32)
+
+
+class Miss(keras.layers.Layer):
+    """`[B, 1] hit -> [B]` cost `1 - hit`."""
+
+    def call(self, hit):
+        return 1.0 - hit[:, 0]
+
+
+class Answer(keras.layers.Layer):
+    """`entity -> one_hot(entity)`, the model's output."""
 
     def __init__(self, num_entities, **kwargs):
         super().__init__(**kwargs)
         self.num_entities = num_entities
 
-    def call(self, inputs):
-        entity, tail = inputs
-        miss = 1.0 - tf.cast(tf.equal(entity, tail), tf.float32)
-        return tf.one_hot(entity, self.num_entities), miss
+    def call(self, entity):
+        return tf.one_hot(entity, self.num_entities)
 
 
 def masked_entropy(logits, mask):
@@ -323,7 +340,11 @@ class Agent:
 def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
     """The agent as a functional `BackpropQModel`: a chain of `hops` masked
     Categorical nodes `hop_1..hop_T`, cost `miss` (and `entropy` if beta > 0);
-    its output is the one-hot answer entity."""
+    its output is the one-hot answer entity.
+
+    `miss` is `1 - <last action, actions into the tail>` (a `Dot`), so the last
+    hop's exact Q at all its actions is one gather per query
+    (`keras_bpq.outcomes.DownstreamEvaluator`) rather than a pass per action."""
     keras.utils.set_random_seed(seed)
     inputs = {
         "head": keras.Input((), dtype="int32", name="head"),
@@ -339,9 +360,12 @@ def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
     for t in range(1, hops + 1):
         logits, mask = HopLogits(policy, t == hops, name=f"policy_{t}")([h, entity, head, relation, tail, exclude])
         action = keras_bpq.Categorical(name=f"hop_{t}", seed=seed * 1000 + t)(logits, mask=mask)
+        if t == hops:
+            hits = TailHits(policy, name="tail_hits")([entity, tail])
+            miss = Miss(name="miss")(keras.layers.Dot(axes=-1, name="hit")([action, hits]))
         h, entity = Advance(policy, name=f"move_{t}")([h, entity, action])
         scores += [logits, mask]
-    answer, miss = Outcome(kg.num_entities, name="outcome")([entity, tail])
+    answer = Answer(kg.num_entities, name="answer")(entity)
     costs = {"miss": miss}
     entropy = None
     if entropy_beta:
@@ -353,42 +377,53 @@ def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
 
 @keras.saving.register_keras_serializable(package="kg_reasoning")
 class KGCritic(keras.layers.Layer):
-    """A critic network for the first hops: `[features] -> [1]` where features
-    are the critic's flat context (inputs `exclude, head, relation, tail`, in
-    `tf.nest` order) and the one-hot action; it scores `(next entity, query
-    relation, tail, next entity excluded?)` with its own embeddings."""
+    """An all-outcomes critic network for the hops before the last
+    (`keras_bpq.critics.AllOutcomes`): the critic's flat context (inputs
+    `exclude, head, relation, tail` in `tf.nest` order, then the earlier hops'
+    one-hot actions) -> `[B, A]`, the Q-value of every action of the current
+    entity. Each action is scored by an MLP on `(next entity, query relation,
+    tail, next entity excluded?)`; its first layer is split so that the
+    next-entity part is computed once per entity, not once per action."""
 
     def __init__(self, action_ent, num_relations, dim=32, hidden=64, **kwargs):
         super().__init__(**kwargs)
         self.table = np.asarray(action_ent, np.int32)
-        self.num_entities = self.table.shape[0]
+        self.num_entities, self.num_actions = self.table.shape
         self.num_relations = int(num_relations)
         self.dim, self.hidden = int(dim), int(hidden)
-        self.entity_emb = keras.layers.Embedding(self.num_entities, self.dim)
-        self.relation_emb = keras.layers.Embedding(self.num_relations, self.dim)
-        self.mlp = keras.layers.Dense(self.hidden, activation="relu")
-        self.out = keras.layers.Dense(1)
+        self.entity_emb = keras.layers.Embedding(self.num_entities, self.dim, name="entity_emb")
+        self.relation_emb = keras.layers.Embedding(self.num_relations, self.dim, name="relation_emb")
+        self.next_part = keras.layers.Dense(self.hidden, use_bias=False, name="next_part")
+        self.query_part = keras.layers.Dense(self.hidden, name="query_part")
+        self.out = keras.layers.Dense(1, name="out")
 
     def build(self, input_shape):
         self.entity_emb.build((None,))
         self.relation_emb.build((None,))
-        self.mlp.build((None, 3 * self.dim + 1))
+        self.next_part.build((None, self.dim))
+        self.query_part.build((None, 2 * self.dim))
+        self.excluded_part = self.add_weight(shape=(self.hidden,), initializer="glorot_uniform", name="excluded_part")
         self.out.build((None, self.hidden))
         self.built = True
 
     def call(self, features):
-        e = self.num_entities
+        e, a = self.num_entities, self.num_actions
+        table = tf.constant(self.table)
         ids = tf.cast(tf.round(features[:, e : e + 3]), tf.int32)
-        action = tf.argmax(features[:, e + 3 :], axis=-1, output_type=tf.int32)
-        nxt = tf.gather_nd(tf.constant(self.table), tf.stack([ids[:, 0], action], axis=1))
-        excluded = tf.gather(features[:, :e], nxt[:, None], batch_dims=1)
-        x = tf.concat(
-            [self.entity_emb(nxt), self.relation_emb(ids[:, 1]), self.entity_emb(ids[:, 2]), excluded], axis=-1
-        )
-        return self.out(self.mlp(x))
+        entity = ids[:, 0]
+        earlier = features[:, e + 3 :]
+        for i in range(earlier.shape[-1] // a):
+            action = tf.argmax(earlier[:, i * a : (i + 1) * a], axis=-1, output_type=tf.int32)
+            entity = tf.gather(tf.gather(table, entity), action[:, None], batch_dims=1)[:, 0]
+        nxt = tf.gather(table, entity)  # [B, A]
+        excluded = tf.gather(features[:, :e], nxt, batch_dims=1)
+        per_entity = self.next_part(self.entity_emb.embeddings)  # [E, hidden]
+        query = self.query_part(tf.concat([self.relation_emb(ids[:, 1]), self.entity_emb(ids[:, 2])], axis=-1))
+        hidden = tf.nn.relu(tf.gather(per_entity, nxt) + query[:, None] + excluded[..., None] * self.excluded_part)
+        return self.out(hidden)[..., 0]
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], 1)
+        return (input_shape[0], self.num_actions)
 
     def get_config(self):
         config = super().get_config()
@@ -397,12 +432,15 @@ class KGCritic(keras.layers.Layer):
 
 
 def critics_for(agent, dim=32, hidden=64):
-    """`{hop_t: keras.Model}` KG-aware critics for every hop but the last (whose
-    Q-values are exact: the cost re-evaluated)."""
+    """`{hop_t: critic network}` KG-aware critics for every hop but the last
+    (whose Q-values are exact: the cost re-evaluated). Each scores all of a
+    hop's actions in one pass (`keras_bpq.critics.AllOutcomes`), once per
+    distinct context (the rollouts of a query share hop 1's)."""
     kg = agent.kg
     return {
-        f"hop_{t}": keras.Sequential(
-            [KGCritic(kg.action_ent, len(kg.relations), dim, hidden, name=f"kg_critic_{t}")], name=f"critic_{t}"
+        f"hop_{t}": keras_bpq.critics.AllOutcomes(
+            KGCritic(kg.action_ent, len(kg.relations), dim, hidden, name=f"kg_critic_{t}"),
+            kg.max_actions, distinct=True, name=f"critic_{t}",
         )
         for t in range(1, agent.hops)
     }

@@ -14,8 +14,11 @@ DAG whose costs are shared by several paths never double counts:
   `keras_bpq.targets`. Its target copy `Qbar` follows it by Polyak averaging
   (`tau`) or a periodic copy, and is what the actor reads by default.
 
-A critic can also be any object with the `q(context, values, target)` method of
-`Critic` (tests inject exact "oracle" critics this way).
+A critic network can also score every outcome of a categorical node in one
+pass from the context alone (`AllOutcomes`, DQN-style), so that the local
+expectations over all `K` outcomes cost one evaluation per example instead of
+`K`. A critic can also be any object with the `q(context, values, target)`
+method of `Critic` (tests inject exact "oracle" critics this way).
 """
 
 import keras
@@ -54,6 +57,70 @@ def _copy_architecture(network, name):
         return network.__class__.from_config(config)
     except (NotImplementedError, TypeError, KeyError):
         return keras.models.clone_model(network)
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class AllOutcomes(keras.layers.Layer):
+    """A critic network that scores all `K` outcomes of a categorical node at once.
+
+    `network` maps the context features `[batch, F]` to `[batch, K, heads]` (or
+    `[batch, K * heads]`): row `k` is `Q(e_k, s)`. As a critic network this layer
+    takes the usual `[batch, F + K]` features (context, then the node's value
+    `v`) and returns `sum_k v_k Q(e_k, s)`, the sample's row for one-hot `v`;
+    `NodeCritic.q_outcomes` reads `scores` once per example for every outcome.
+
+    Args:
+      network: a Keras layer or model `[batch, F] -> [batch, K(, heads)]`.
+      num_outcomes: `K`, the node's number of categories.
+      distinct: evaluate `network` once per distinct context row (e.g. once per
+        example, not per draw, under `compile(num_samples=...)`) and gather;
+        not under XLA (`jit_compile`).
+    """
+
+    def __init__(self, network, num_outcomes, distinct=False, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.num_outcomes = int(num_outcomes)
+        self.distinct = bool(distinct)
+
+    def build(self, input_shape):
+        self.network.build((None, input_shape[-1] - self.num_outcomes))
+        self.built = True
+
+    def scores(self, context_features):
+        """`[batch, K, heads]` Q-values of every outcome."""
+        if self.distinct:
+            rows, index = tf.raw_ops.UniqueV2(x=context_features, axis=[0])
+            rows = tf.ensure_shape(rows, [None] + context_features.shape[1:].as_list())
+            out = tf.gather(tf.cast(self.network(rows), tf.float32), index)
+        else:
+            out = tf.cast(self.network(context_features), tf.float32)
+        return tf.reshape(out, [tf.shape(out)[0], self.num_outcomes, -1])
+
+    def call(self, features):
+        k = self.num_outcomes
+        values = tf.cast(features[:, -k:], tf.float32)
+        return tf.einsum("bk,bkh->bh", values, self.scores(features[:, :-k]))
+
+    def compute_output_shape(self, input_shape):
+        out = self.network.compute_output_shape((input_shape[0], input_shape[-1] - self.num_outcomes))
+        heads = out[-1] if len(out) == 3 else out[-1] // self.num_outcomes
+        return (input_shape[0], heads)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            network=keras.saving.serialize_keras_object(self.network),
+            num_outcomes=self.num_outcomes,
+            distinct=self.distinct,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(config["network"])
+        return cls(**config)
 
 
 class Critic:
@@ -119,10 +186,17 @@ class NodeCritic(keras.layers.Layer, Critic):
         return tf.cast(network(features), tf.float32)
 
     def q_outcomes(self, context, values, target=True):
-        """As `Critic.q_outcomes`; for `UnitEdits` and a network that starts with
-        a plain `Dense` layer, that layer is evaluated once per example and
-        updated by rank one per outcome (`outcomes.UnitEdits.linear`)."""
+        """As `Critic.q_outcomes`; an `AllOutcomes` network is evaluated once per
+        example; for `UnitEdits` and a network that starts with a plain `Dense`
+        layer, that layer is evaluated once per example and updated by rank one
+        per outcome (`outcomes.UnitEdits.linear`)."""
         network = self.target_network if target else self.online
+        if isinstance(network, AllOutcomes):
+            scores = network.scores(context_features(context))
+            if isinstance(values, outcomes_lib.UnitEdits):
+                return values.contract(scores)
+            flat = tf.reshape(tf.cast(values, tf.float32), [-1, values.shape[1], network.num_outcomes])
+            return tf.einsum("bak,bkh->bah", flat, scores)
         layers = getattr(network, "layers", [])
         if not (
             isinstance(values, outcomes_lib.UnitEdits)

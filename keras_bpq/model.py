@@ -226,7 +226,9 @@ class BackpropQModel(keras.Model):
           critic_warmup_steps: steps at the start that train only the critics.
           critic_hidden_units: hidden sizes of the default MLP critics.
           critics: `{node_name: keras.Model}` to replace a node's default critic
-            (`[batch, features] -> [batch, heads]`), or a `critics.Critic`.
+            (`[batch, features] -> [batch, heads]`; a `critics.AllOutcomes`
+            scores all of a categorical node's outcomes from the context in one
+            pass), or a `critics.Critic`.
           contexts: `{node_name: ["inputs", "z1", ...]}` to choose what a
             node's critic sees; an override that breaks R1/R2 (leaves out a
             value the node's costs depend on) is an error here.

@@ -13,8 +13,9 @@ operations the requested costs need: those that do not depend on the node run
 once on the `batch` rows, those that do run on `batch x A` rows, and a `Dense`
 layer applied to the outcomes themselves is a rank-one update of its
 pre-activation, `a[b] + change[b, a] * W[unit[b, a]]` with `a = base W + bias`
-(DESIGN.md §2). The learned critics use the same update for their first layer
-(`critics.NodeCritic`).
+(DESIGN.md §2); a `Dot` of the outcomes with a per-example vector is one
+gather per outcome. The learned critics use the same update for their first
+layer (`critics.NodeCritic`).
 
 This module reads the Keras functional graph (`_keras_history`, inbound
 nodes); it is the only one that does.
@@ -79,6 +80,15 @@ class UnitEdits:
         change = tf.cast(self.change, rows.dtype)
         return offset[:, None, :] + change[..., None] * rows
 
+    def contract(self, table):
+        """`[batch, A, out]` values of `x -> sum_u x_u table[b, u]` at the outcomes,
+        for a per-example `table` `[batch, units, out]`: one gather per outcome."""
+        table = tf.convert_to_tensor(table)
+        offset = tf.einsum("bu,buo->bo", tf.cast(self.base, table.dtype), table)
+        rows = tf.gather(table, tf.maximum(self.unit, 0), batch_dims=1)
+        change = tf.cast(self.change, table.dtype)
+        return offset[:, None, :] + change[..., None] * rows
+
 
 def plain_dense(layer):
     """True for a `keras.layers.Dense` whose call is `activation(x W + bias)`."""
@@ -87,6 +97,14 @@ def plain_dense(layer):
         and getattr(layer, "quantization_mode", None) is None
         and layer.built
     )
+
+
+def plain_dot(layer):
+    """True for a `keras.layers.Dot` of two `[batch, units]` inputs over `units`."""
+    if type(layer) is not keras.layers.Dot or layer.normalize:
+        return False
+    axes = layer.axes if isinstance(layer.axes, (list, tuple)) else [layer.axes] * 2
+    return all(a in (1, -1) for a in axes)
 
 
 def dense_at(layer, edits):
@@ -132,7 +150,7 @@ class DownstreamEvaluator:
 
     Raises `Unsupported` when the costs need a node that is not forced, an
     operation that holds stochastic nodes inside it, or a cost that is not a
-    network output.
+    network output. Operations may have several outputs.
     """
 
     def __init__(self, network, node_class, node, forced, costs):
@@ -185,8 +203,6 @@ class DownstreamEvaluator:
                 isinstance(layer, self._node_class) for layer in op._flatten_layers(include_self=False)
             ):
                 raise Unsupported(f"layer {op.name!r} holds stochastic nodes")
-            if len(node.outputs) != 1:
-                raise Unsupported(f"operation {op.name!r} has several outputs")
             needed.add(id(node))
             stack.extend(node.input_tensors)
         return [n for n in self._ordered_nodes() if id(n) in needed]
@@ -210,11 +226,16 @@ class DownstreamEvaluator:
             args = [values[id(t)] for t in node.input_tensors]
             op = node.operation
             if len(args) == 1 and isinstance(args[0], UnitEdits) and _rank_one_ok(op, args[0]):
-                values[id(node.outputs[0])] = _Expanded(dense_at(op, args[0]))
+                results = [_Expanded(dense_at(op, args[0]))]
+            elif _dot_ok(op, args):
+                edits, other = args if isinstance(args[0], UnitEdits) else args[::-1]
+                results = [_Expanded(edits.contract(tf.cast(other, edits.base.dtype)[..., None]))]
             elif any(isinstance(a, (UnitEdits, _Expanded)) for a in args):
-                values[id(node.outputs[0])] = _call_on_rows(node, values, num, training)
+                results = _call_on_rows(node, values, num, training)
             else:
-                values[id(node.outputs[0])] = _call(node, values, training)
+                results = tf.nest.flatten(_call(node, values, training))
+            for tensor, value in zip(node.outputs, results):
+                values[id(tensor)] = value
         return {c: self._per_example(values[id(t)], num) for c, t in self._cost_tensors.items()}
 
     @staticmethod
@@ -232,6 +253,15 @@ def _rank_one_ok(op, edits):
     return plain_dense(op) and len(edits.event_shape) == 1
 
 
+def _dot_ok(op, args):
+    """A `Dot` of the outcomes with a per-example vector: a gather per outcome."""
+    if len(args) != 2 or not plain_dot(op):
+        return False
+    kinds = [isinstance(a, UnitEdits) and len(a.event_shape) == 1 for a in args]
+    plain = [not isinstance(a, (UnitEdits, _Expanded)) for a in args]
+    return (kinds[0] and plain[1]) or (kinds[1] and plain[0])
+
+
 def _call(node, values, training):
     """Runs one functional graph node on `values` (`{id(symbolic): tensor}`)."""
     args, kwargs = node.arguments.fill_in(values)
@@ -242,15 +272,15 @@ def _call(node, values, training):
 
 def _call_on_rows(node, values, num, training):
     """Runs `node` on `batch x A` rows: values with an outcome axis are
-    flattened, the others repeated once per outcome."""
+    flattened, the others repeated once per outcome. Returns its flat outputs."""
     rows = {}
     for t in node.input_tensors:
         value = values[id(t)]
         if isinstance(value, UnitEdits):
             value = _Expanded(value.dense())
         rows[id(t)] = value.rows() if isinstance(value, _Expanded) else tf.repeat(value, num, axis=0)
-    out = _call(node, rows, training)
-    return _Expanded(tf.reshape(out, _split_shape(out, num)))
+    outputs = tf.nest.flatten(_call(node, rows, training))
+    return [_Expanded(tf.reshape(out, _split_shape(out, num))) for out in outputs]
 
 
 def _split_shape(tensor, num):

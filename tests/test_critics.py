@@ -239,3 +239,47 @@ def test_context_override_that_breaks_r2_is_reported_at_compile():
     model.compile(contexts={"z1": ["inputs"], "z2": ["inputs", "z1"]})
     assert model.scg(x).node("z2").context == ("inputs", "z1")
     model.fit(x, epochs=1, verbose=0)
+
+
+def all_outcomes_critic(num_entities=10, distinct=False):
+    """A DQN-style critic for the walk's first hop: context -> Q of every entity."""
+    scores = keras.Sequential(
+        [keras.layers.Dense(32, activation="relu"), keras.layers.Dense(num_entities)], name="scores"
+    )
+    return keras_bpq.critics.AllOutcomes(scores, num_entities, distinct=distinct, name="hop1_q")
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_critic_cv_with_an_all_outcomes_critic_is_unbiased(distinct):
+    model, queries = graphs.walk_task()
+    model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=distinct)}, num_samples=2)
+    model.build_training_state()
+    critic = model.machinery.critics["hop1"]
+    assert isinstance(critic.target_network, keras_bpq.critics.AllOutcomes)
+    # A critic far from the exact Q (the control variate must not bias the gradient).
+    for variable in critic.target_network.weights:
+        variable.assign(tf.random.normal(variable.shape, stddev=1.0, seed=7))
+    assert_unbiased(model, queries[::7], num_draws=1000)
+
+
+def test_all_outcomes_critic_learns_exact_q_and_round_trips():
+    model, queries = graphs.walk_task()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),  # hold the policy fixed
+        critic_optimizer=keras.optimizers.Adam(3e-3),
+        critics={"hop1": all_outcomes_critic(distinct=True)},
+        tau=0.05,
+        steps_per_execution=50,
+    )
+    before = learned_vs_exact(model, queries)["hop1"]
+    data = np.repeat(queries, 4, axis=0)  # repeated contexts: `distinct` evaluates each once
+    model.fit(data, batch_size=len(data), epochs=400, verbose=0)
+    after = learned_vs_exact(model, queries)["hop1"]
+    assert after < 0.1 and after < before / 5, (before, after)
+    critic = model.machinery.critics["hop1"]
+    clone = keras_bpq.critics.NodeCritic.from_config(critic.get_config())
+    clone.online.set_weights(critic.online.get_weights())
+    context = {"inputs": tf.constant(queries)}
+    sample = tf.one_hot(np.arange(len(queries)) % 10, 10)
+    np.testing.assert_allclose(clone.q(context, sample, target=False), critic.q(context, sample, target=False))
+    assert clone.online.distinct and clone.online.num_outcomes == 10

@@ -193,3 +193,36 @@ def test_exported_agent_serves_the_same_answers_in_a_fresh_process(trained, tmp_
         np.testing.assert_array_equal(served[f"walk/{key}"], walk[key].numpy())
     np.testing.assert_allclose(served["walk/log_prob"], walk["log_prob"].numpy(), rtol=1e-5)
     assert np.all(served["walk/log_prob"] <= 0.0) and np.all(served["walk/entities"][:, -1] == served["walk/answer"])
+
+
+def test_default_estimator_evaluates_hops_once_per_query_not_per_action():
+    """hop 2's exact Q runs only the ops downstream of it (a `Dot` with the
+    actions into the tail); hop 1's critic scores every action in one pass;
+    both equal the evaluations on `batch x actions` rows."""
+    from keras_bpq import critics as critics_lib
+    from keras_bpq import estimators
+
+    kg = synthetic_graph()
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=8, hidden=16, seed=0)
+    kg_reasoning.compile_agent(agent, "auto", rollouts=3)
+    model = agent.model
+    data = {k: tf.constant(v[:5]) for k, v in kg_reasoning.queries(kg, "test").items()}
+    out = model.run_forward(data)
+    x = out["x"]
+    hop1, hop2 = model.scg(data).nodes
+    evaluator = model._downstream_evaluator(hop2, ("miss",))
+    assert evaluator is not None
+    assert "move_2" not in {node.operation.name for node in evaluator._plan}
+    for info in (hop1, hop2):
+        step = out["steps"][info.name]
+        values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
+        fast = model.q_heads(info, x, None, out["records"], values)["miss"]
+        context = model._context(info, x, out["records"])
+        if info is hop2:
+            slow = model._rerun_heads(info, x, None, context, values, ("miss",))["miss"]
+        else:
+            critic = model.machinery.critics["hop_1"]
+            assert isinstance(critic.target_network, critics_lib.AllOutcomes)
+            slow = critics_lib.Critic.q_outcomes(critic, context, values)[:, :, 0]
+        assert fast.shape == (15, kg.max_actions + 1)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)

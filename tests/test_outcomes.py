@@ -98,3 +98,66 @@ def test_critic_first_layer_rank_one_matches_tiled_rows():
     slow = critics_lib.Critic.q_outcomes(critic, context, edits, target=False)
     assert fast.shape == (4, 6, 2)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+class _TwoOutputs(keras.layers.Layer):
+    """`x -> (tanh(x W), x W)`: an operation with several outputs."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 4), initializer="glorot_uniform")
+
+    def call(self, x):
+        h = keras.ops.matmul(x, self.w)
+        return keras.ops.tanh(h), h
+
+
+def test_dot_with_the_outcomes_and_multi_output_layers_run_downstream(monkeypatch):
+    keras.utils.set_random_seed(3)
+    x = keras.Input((5,), name="x")
+    z1 = keras_bpq.Categorical(name="z1")(keras.layers.Dense(3, name="l1")(x))
+    vector, pre = _TwoOutputs(name="two")(keras.layers.Concatenate()([x[:, :2], z1]))
+    z2 = keras_bpq.Categorical(name="z2")(keras.layers.Dense(4, name="l2")(pre))
+    hit = keras.layers.Dot(axes=-1, name="dot")([z2, vector])
+    cost = keras.ops.square(hit[:, 0] - 0.3) + keras.ops.sum(vector, axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=z2, costs={"cost": cost})
+    model.compile(optimizer="sgd", estimator="critic_cv")
+    data = tf.constant(np.random.RandomState(0).randn(6, 5), tf.float32)
+    out = model.run_forward(data)
+    info = model.scg(data).node("z2")
+    evaluator = model._downstream_evaluator(info, ("cost",))
+    assert evaluator is not None
+    assert {"two", "dot"} <= {node.operation.name for node in evaluator._plan}
+    step = out["steps"]["z2"]
+    values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
+    with monkeypatch.context() as patch:  # the Dot is one gather: no [batch, A, K] outcomes
+        patch.setattr(outcomes.UnitEdits, "dense", lambda self: pytest.fail("outcomes densified"))
+        fast = model.q_heads(info, data, None, out["records"], values)["cost"]
+    context = model._context(info, data, out["records"])
+    slow = model._rerun_heads(info, data, None, context, values, ("cost",))["cost"]
+    assert fast.shape == (6, 5)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    # The sample's own row is the realised cost.
+    np.testing.assert_allclose(fast[:, 0], out["costs"]["cost"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_all_outcomes_critic_matches_tiled_rows(distinct):
+    keras.utils.set_random_seed(0)
+    k, heads = 5, ("a", "b")
+    scores = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(k * len(heads))])
+    network = critics_lib.AllOutcomes(scores, k, distinct=distinct)
+    critic = critics_lib.NodeCritic(heads, feature_dim=3 + k, network=network, name="c")
+    rng = np.random.RandomState(0)
+    context = {"inputs": tf.constant(np.repeat(rng.randn(3, 3), 2, axis=0), tf.float32)}
+    sample = tf.one_hot(rng.randint(k, size=6), k)
+    unit = tf.tile(tf.range(k)[None], [6, 1])
+    edits = outcomes.UnitEdits(tf.zeros([6, k]), unit, tf.ones([6, k]), (k,)).with_first(sample)
+    fast = critic.q_outcomes(context, edits, target=False)
+    slow = critics_lib.Critic.q_outcomes(critic, context, edits, target=False)
+    assert fast.shape == (6, k + 1, 2)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(critic.q_outcomes(context, edits.dense(), target=False), slow, rtol=1e-5, atol=1e-6)
+    # Row k of the network's output is Q(e_k); the sample's row is q(context, sample).
+    table = scores(context["inputs"]).numpy().reshape(6, k, 2)
+    np.testing.assert_allclose(fast[:, 1:], table, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast[:, 0], critic.q(context, sample, target=False), rtol=1e-5, atol=1e-6)
