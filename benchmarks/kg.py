@@ -10,8 +10,10 @@ seeds:
   200 steps (a per-example cost `-beta * H(pi)`);
 * `rloo`: leave-one-out over the rollouts of each query;
 * `auto`: the package's default (critic_cv for categorical nodes), with a
-  KG-aware critic network for the first hop (`kg_reasoning.critics_for`); the
-  last hop's Q is exact.
+  KG-aware critic network for the first hop that scores all its actions per
+  query in one pass (`kg_reasoning.critics_for`, `keras_bpq.critics.AllOutcomes`);
+  the last hop's Q is exact, evaluated only downstream of the hop
+  (`keras_bpq.outcomes.DownstreamEvaluator`).
 
 Every run evaluates dev (beam search, filtered) every --eval_every steps and
 test at the end. Results go to `<out_dir>/kg.json` after every run (a cut-off
