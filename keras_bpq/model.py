@@ -611,16 +611,24 @@ class BackpropQModel(keras.Model):
         the node forced."""
         if isinstance(values, outcomes_lib.UnitEdits):
             values = values.dense()
+        held = {n: context[n] for n in info.context if n != "inputs"}
+        return self._forced_rerun(info, x, y, held, values, keep_gradient={info.name}, costs=costs)
+
+    def _forced_rerun(self, info, x, y, held, values, keep_gradient, costs):
+        """`{cost: [batch, A]}`: one forward pass on `batch x A` rows with the
+        samples `held` (`{name: [batch, *event]}`) repeated per outcome, node
+        `info` forced to `values` (`[batch, A, *event]`) and the other nodes
+        sampled afresh."""
         num = values.shape[1]
         repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
-        forced = {n: repeat(context[n]) for n in info.context if n != "inputs"}
+        forced = {n: repeat(v) for n, v in held.items()}
         forced[info.name] = tf.reshape(values, [-1] + list(values.shape[2:]))
         _, rerun, _, _ = self.record_forward(
             tf.nest.map_structure(repeat, x),
             None if y is None else tf.nest.map_structure(repeat, y),
             training=True,
             forced=forced,
-            keep_gradient={info.name},
+            keep_gradient=keep_gradient,
         )
         return {c: tf.reshape(rerun[c], [-1, num]) for c in costs}
 
@@ -630,20 +638,10 @@ class BackpropQModel(keras.Model):
         and the later nodes sampled afresh (one batched forward pass)."""
 
         def rerun(values):
-            num = values.shape[1]
-            repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
             position = self._scg.node_names.index(info.name)
-            forced = {n: repeat(records[n].sample) for n in self._scg.node_names[:position]}
-            forced[info.name] = tf.reshape(values, [-1] + list(values.shape[2:]))
-            _, costs, _, _ = self.record_forward(
-                tf.nest.map_structure(repeat, x),
-                None if y is None else tf.nest.map_structure(repeat, y),
-                training=True,
-                forced=forced,
-                keep_gradient=(),
-            )
-            downstream = tf.add_n([costs[c] for c in info.costs])
-            return tf.reshape(downstream, [tf.shape(values)[0], num])
+            held = {n: records[n].sample for n in self._scg.node_names[:position]}
+            costs = self._forced_rerun(info, x, y, held, values, keep_gradient=(), costs=info.costs)
+            return tf.add_n([costs[c] for c in info.costs])
 
         return rerun
 
