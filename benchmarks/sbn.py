@@ -65,6 +65,12 @@ from keras_bpq import diagnostics  # noqa: E402
 from keras_bpq import estimators  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# examples/sbn.py's pieces (this script runs as __main__, so the name `sbn` is the example's).
+sys.path.insert(0, os.path.join(_ROOT, "examples"))
+from sbn import PriorLogits  # noqa: E402
+from sbn import bernoulli_log_prob  # noqa: E402
+from sbn import load_digits  # noqa: E402
+
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 H = 200
 
@@ -118,11 +124,7 @@ def _read_idx(path):
 def load_data(dataset, seed):
     """`(train, test)` pixel probabilities in [0, 1]."""
     if dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        images = load_digits().data.astype("float32") / 16.0
-        order = np.random.RandomState(seed).permutation(len(images))
-        return images[order[:1500]], images[order[1500:]]
+        return load_digits(seed)  # examples/sbn.py: 1500 train / 297 test
     files = [os.path.join(FASHION_DIR, f"{s}-images-idx3-ubyte.gz") for s in ("train", "t10k")]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
@@ -153,28 +155,6 @@ def fixed_binarisation(images, seed):
 
 
 # ----------------------------------------------------------------------------- models
-def bernoulli_log_prob(sample, logits):
-    return keras.ops.sum(sample * logits - keras.ops.softplus(logits), axis=-1)
-
-
-@keras.saving.register_keras_serializable(package="benchmarks")
-class PriorLogits(keras.layers.Layer):
-    """Learned logits of the top prior, broadcast to the batch."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-
-    def build(self, input_shape):
-        self.logits = self.add_weight(shape=(self.units,), initializer="zeros", name="logits")
-
-    def call(self, x):
-        return keras.ops.zeros((keras.ops.shape(x)[0], self.units)) + self.logits
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
-
 def _encoder(x, arch):
     if arch == "nonlinear":
         h = keras.layers.Dense(H, activation="tanh", name="q_h1")(x)
