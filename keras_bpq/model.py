@@ -2,9 +2,12 @@
 
 The model's objective is `J(theta) = E[sum_c c]`, the batch mean of every
 example's total cost. One `train_step` samples every stochastic node, evaluates
-the costs, and minimises the surrogate `L = sum_X L_X + sum_c c`, where each
+the costs, and minimises the surrogate `L = sum_X L_X + sum_c c + R`, where each
 node's local surrogate `L_X` comes from its estimator (`keras_bpq.estimators`)
-and the costs carry ordinary gradients along deterministic paths.
+and the costs carry ordinary gradients along deterministic paths. `R` sums the
+actor's Keras regularisation losses (`add_loss`, `kernel_regularizer`, ...):
+penalties differentiated directly, as `keras.Model` does, whose dependence on
+the samples is not estimated (make such a term a cost if it should be).
 """
 
 import dataclasses
@@ -505,8 +508,9 @@ class BackpropQModel(keras.Model):
         Returns a dict with `y_pred`, `costs`, `total` (see `record_forward`),
         `records`, `surrogate` (`[rows]`: `total + sum_X L_X`, whose gradient
         estimates `grad J`), `weights` (the per-row sample weights or None),
-        `x`, `y` (the repeated inputs) and `steps`, the per-node
-        `estimators.NodeStep`s.
+        `x`, `y` (the repeated inputs), `steps`, the per-node
+        `estimators.NodeStep`s, and `regularization` (`regularization_loss()`
+        of this pass, a scalar).
         """
         scg = self.scg(x)
         num_samples = self._num_samples
@@ -516,6 +520,8 @@ class BackpropQModel(keras.Model):
             y = None if y is None else tf.nest.map_structure(repeat, y)
             sample_weight = None if sample_weight is None else repeat(sample_weight)
         y_pred, costs, total, records = self.record_forward(x, y, training=training)
+        # Read before any re-run of the model's layers replaces their losses.
+        regularization = self.regularization_loss()
         steps = {}
         surrogate = total
         reads_target = self._critic_options.actor_reads_target
@@ -543,11 +549,25 @@ class BackpropQModel(keras.Model):
             "total": total,
             "records": records,
             "surrogate": surrogate,
+            "regularization": regularization,
             "weights": sample_weight,
             "x": x,
             "y": y,
             "steps": steps,
         }
+
+    def regularization_loss(self):
+        """The scalar sum of the actor's Keras regularisation losses: `add_loss`
+        terms of the model's layers from the last call (the critics' excluded)
+        and the weight regularisers of `actor_variables`."""
+        critic_layers = {id(layer) for layer in self.machinery._flatten_layers()}
+        losses = [
+            loss
+            for layer in self._flatten_layers()
+            if id(layer) not in critic_layers
+            for loss in layer._get_own_losses()
+        ]
+        return _sum_losses(losses + _weight_penalties(self.actor_variables))
 
     # -- critics -----------------------------------------------------------
     def _context(self, info, x, records):
@@ -688,7 +708,8 @@ class BackpropQModel(keras.Model):
         return targets, q_at_sample
 
     def _critic_loss(self, out, x, targets):
-        """Squared error of every learned head, summed over heads and nodes."""
+        """Squared error of every learned head, summed over heads and nodes,
+        plus the critics' weight regularisers."""
         records = out["records"]
         total = 0.0
         per_node = {}
@@ -698,7 +719,7 @@ class BackpropQModel(keras.Model):
             wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
             loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1))
             per_node[name] = (loss, tf.reduce_mean(tf.abs(wanted - pred)))
-            total += loss
+            total += loss + _sum_losses(_weight_penalties(getattr(critic, "trainable_variables", [])))
         return total, per_node
 
     def _evaluate_critics(self, out, x, y, with_gradient):
@@ -765,7 +786,7 @@ class BackpropQModel(keras.Model):
         with tf.GradientTape() as tape:
             out = self.run_forward(x, y, training=True, sample_weight=sample_weight)
             # Optimizers sum gradients over replicas: this makes the global mean.
-            surrogate = _weighted_mean(out["surrogate"], out["weights"]) / replicas
+            surrogate = (_weighted_mean(out["surrogate"], out["weights"]) + out["regularization"]) / replicas
             # Loss scaling (mixed_float16 wraps the optimizer in a
             # LossScaleOptimizer; or loss_scale_factor=): apply() unscales.
             scaled = self.optimizer.scale_loss(surrogate)
@@ -903,7 +924,7 @@ class BackpropQModel(keras.Model):
         x, y, sample_weight = out["x"], out["y"], out["weights"]
         total = out["total"]
         self._loss_tracker.update_state(
-            _weighted_mean(total, sample_weight), sample_weight=tf.shape(total)[0]
+            _weighted_mean(total, sample_weight) + out["regularization"], sample_weight=tf.shape(total)[0]
         )
         for metric in self.machinery.cost_metrics:
             metric.update_state(out["costs"][metric.name], sample_weight=sample_weight)
@@ -1160,6 +1181,17 @@ def _global_sum(value):
 def _global_mean(value):
     """Mean of a per-example tensor over the global batch (equal replica batches)."""
     return _global_sum(tf.reduce_mean(value)) / _num_replicas()
+
+
+def _weight_penalties(variables):
+    """The penalties of the variables' Keras weight regularisers."""
+    return [v.regularizer(v) for v in variables if getattr(v, "regularizer", None) is not None]
+
+
+def _sum_losses(losses):
+    if not losses:
+        return tf.constant(0.0)
+    return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
 
 
 def _weighted_mean(value, sample_weight):

@@ -110,15 +110,17 @@ def test_masked_actions_get_exactly_zero_gradient():
     with tf.GradientTape(persistent=True) as tape:
         out = agent.model.run_forward(data)
         surrogate = tf.reduce_mean(out["surrogate"])
-        direct = tf.reduce_mean(out["costs"]["entropy"])
+        bonus = out["regularization"]
     for t in (1, 2):
         record = out["records"][f"hop_{t}"]
         grad = tape.gradient(surrogate, record.params).numpy()
         mask = record.mask.numpy()
         assert (~mask).any() and np.all(grad[~mask] == 0.0)
         assert np.abs(grad[mask]).max() > 0.0
-    # The entropy cost's direct (deterministic-path) gradient reaches the policy.
-    grads = tape.gradient(direct, agent.policy.trainable_variables)
+    # The entropy bonus is a regularisation loss, not a cost routed to the hops,
+    # and its direct gradient reaches the policy.
+    assert set(out["costs"]) == {"miss"} and float(bonus) < 0.0
+    grads = tape.gradient(bonus, agent.policy.trainable_variables)
     assert any(g is not None and float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in grads)
 
 

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import graphs
 import keras_bpq
@@ -105,3 +106,67 @@ def test_estimator_dict_and_layer_argument():
     model.compile(estimator={"n": "reinforce"})
     assert model._node_estimators["n"].name == "reinforce"
     assert model._node_estimators["z1"].name == "critic_cv"
+
+
+class _ActivityPenalty(keras.layers.Layer):
+    """Passes its input through, adding `rate * mean(x^2)` with `add_loss`."""
+
+    def __init__(self, rate, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+
+    def call(self, x):
+        self.add_loss(self.rate * keras.ops.mean(keras.ops.square(x)))
+        return x
+
+
+def _regularized_model(rate):
+    """Actor penalties `rate * |W_enc|^2 + rate * mean(pre^2)`; the critic's
+    first layer `L2(10 * rate)`."""
+    x_in = keras.Input((graphs.INPUT_DIM,))
+    regularizer = keras.regularizers.L2(rate) if rate else None
+    pre = keras.layers.Dense(2, name="enc", kernel_regularizer=regularizer)(x_in)
+    z1 = keras_bpq.Bernoulli(name="z1", seed=3)(_ActivityPenalty(rate, name="penalty")(pre))
+    z = keras_bpq.Bernoulli(name="z2", seed=4)(keras.layers.Dense(2, name="mid")(z1))
+    cost = keras.ops.sum(keras.ops.square(keras.layers.Dense(2, name="dec")(z) - x_in[:, :2]), axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=x_in, outputs=z, costs={"cost": cost})
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0), critic_optimizer=keras.optimizers.SGD(0.1), estimator="critic_cv",
+        critics={"z1": keras.Sequential([
+            keras.layers.Dense(4, name="critic_in", kernel_regularizer=keras.regularizers.L2(10 * rate) if rate else None),
+            keras.layers.Dense(1),
+        ])},
+    )
+    model.build_training_state()
+    return model
+
+
+def test_regularization_losses_join_the_actor_loss_and_are_differentiated_directly():
+    x = graphs.inputs()
+    weights, critic_weights, logs = [], [], []
+    for rate in (0.0, 0.1):
+        keras.utils.set_random_seed(4)
+        model = _regularized_model(rate)
+        model(x)
+        penalty = model.regularization_loss()
+        with tf.GradientTape() as tape:
+            model(x)
+            regularization = model.regularization_loss()
+        kernel, bias = model.get_layer("enc").kernel, model.get_layer("enc").bias
+        expected_gradient = tape.gradient(regularization, kernel)
+        pre = x @ kernel.numpy() + bias.numpy()
+        by_hand = rate * np.sum(kernel.numpy() ** 2) + rate * np.mean(pre**2)
+        critic_kernel = model.machinery.critics["z1"].online.get_layer("critic_in").kernel
+        critic_before = critic_kernel.numpy()
+        logs.append(model.train_on_batch(x, return_dict=True))
+        weights.append(kernel.numpy())
+        critic_weights.append(critic_kernel.numpy())
+    # The actor's penalties only: the critic's L2 is not part of it.
+    np.testing.assert_allclose(float(penalty), by_hand, rtol=1e-5)
+    # Same seeds, same samples: the two SGD(1.0) updates differ by -grad R.
+    np.testing.assert_allclose(weights[1] - weights[0], -expected_gradient.numpy(), rtol=1e-4, atol=1e-6)
+    # The critic's own L2(1.0) joins the critic loss: SGD(0.1) adds -0.1 * 2 * W.
+    np.testing.assert_allclose(critic_weights[1] - critic_weights[0], -0.2 * critic_before, rtol=1e-4, atol=1e-6)
+    # The reported loss is the mean cost plus the penalty, as in keras.Model.
+    np.testing.assert_allclose(logs[1]["loss"] - logs[1]["cost"], float(penalty), rtol=1e-4)
+    np.testing.assert_allclose(logs[0]["loss"], logs[0]["cost"], rtol=1e-6)
