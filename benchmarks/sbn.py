@@ -19,17 +19,21 @@ library; the train NELBO on a fixed binarised subset of training images.
 Per keras_bpq estimator and seed:
   * learning curve (test/train NELBO against steps and training wall-clock),
     trained with `fit` in chunks of --eval_every steps (steps_per_execution 50,
-    jit_compile off: the faster mode on this CPU, see the timing table);
+    jit_compile off: the faster mode on this CPU, see the timing table) on the
+    dynamically binarising tf.data pipeline, autotuning off (see
+    `without_autotuning`); the wall-clock includes the pipeline;
   * encoder gradient variance at --variance_checkpoints (sum over encoder
     entries of the per-entry variance of --num_draws draws of
     `keras_bpq.diagnostics.estimate_gradients` on one fixed binarised batch of
     --batch_size training images), at the estimator's own weights, and for the
     default estimator also of `reinforce` at the SAME weights (a reinforce copy
     whose EMA baselines are warmed up by `fit` with SGD(0.0) on 50 batches);
-  * steps/s with jit_compile on and off: fresh models, a warm-up fit, then
-    --timing_repeats timed fits of --timing_steps steps (best reported), next to
-    a plain deterministic Keras autoencoder of the same layer sizes (sigmoid
-    units instead of Bernoulli samples, BCE loss) timed the same way.
+  * steps/s of the training step with jit_compile on and off: fresh models, a
+    warm-up fit, then --timing_repeats timed fits of --timing_steps steps (best
+    reported) on batches binarised once and held in memory (`timing_data`: no
+    input pipeline in the figure), next to a plain deterministic Keras
+    autoencoder of the same layer sizes (sigmoid units instead of Bernoulli
+    samples, BCE loss) timed the same way.
 
 With --peers, the peer scripts in benchmarks/peers/ run as subprocesses on the
 same data file, architecture, batch, Adam learning rate, step budget and
@@ -137,8 +141,26 @@ def load_data(dataset, seed):
     return train, test
 
 
+def without_autotuning(ds):
+    """`ds` with tf.data autotuning off.
+
+    With autotuning on, the end of every `fit` (the teardown of its tf.data
+    iterator) waited for the autotuning thread's next wake-up, and that thread
+    wakes 10 ms, 20 ms, 40 ms, ... apart from the iterator's creation: a fit's
+    wall time was rounded up to 10 ms x (2^k - 1), e.g. 1.27 s or 2.55 s, which
+    made 200-step fits read ~156 or ~78 steps/s whatever the model
+    (benchmarks/results/sbn.md, the throughput notes). The batches are the same
+    either way (stateless seeds, ordered map)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def binarised(images, batch_size, seed):
-    """Shuffled, repeated batches, each binarised afresh with seed `(seed, index)`."""
+    """Shuffled, repeated batches, each binarised afresh with seed `(seed, index)`.
+
+    examples/sbn.py's pipeline with a static batch size (drop_remainder) and
+    tf.data autotuning off (`without_autotuning`: it distorted the timings)."""
     ds = tf.data.Dataset.from_tensor_slices(images)
     ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=True).enumerate()
@@ -147,7 +169,8 @@ def binarised(images, batch_size, seed):
         noise = tf.random.stateless_uniform(tf.shape(p), seed=tf.stack([tf.cast(seed, tf.int64), index]))
         return tf.cast(noise < p, tf.float32)
 
-    return ds.map(binarise, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(binarise, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return without_autotuning(ds)
 
 
 def fixed_binarisation(images, seed):
@@ -282,14 +305,25 @@ def run_keras(estimator, seed, train, data, checkpoints):
     return {"curve": curve, "train_seconds": seconds, "steps_per_s": FLAGS.steps / seconds}
 
 
+TIMING_BATCHES = 100
+
+
+def timing_data(train, autoencoder):
+    """TIMING_BATCHES batches of training images binarised once, held in memory
+    and repeated (no shuffle, no map, tf.data autotuning off): the timed fits
+    measure the training step and Keras's loop around it, not the input
+    pipeline. `(x, x)` pairs for the autoencoder."""
+    rng = np.random.RandomState(12345)
+    x = fixed_binarisation(train[rng.randint(len(train), size=TIMING_BATCHES * FLAGS.batch_size)], 12345)
+    ds = tf.data.Dataset.from_tensor_slices((x, x) if autoencoder else x)
+    return without_autotuning(ds.batch(FLAGS.batch_size, drop_remainder=True).repeat())
+
+
 def time_fits(make, train):
-    """Best steps/s of --timing_repeats fits of --timing_steps after a warm-up fit."""
+    """Best steps/s of --timing_repeats fits of --timing_steps after a warm-up
+    fit of 100 steps, on `timing_data`."""
     model = make()
-    ds = binarised(train, FLAGS.batch_size, 12345)
-    if isinstance(model, keras_bpq.BackpropQModel):
-        fit_ds = ds
-    else:
-        fit_ds = ds.map(lambda x: (x, x))
+    fit_ds = timing_data(train, autoencoder=not isinstance(model, keras_bpq.BackpropQModel))
     model.fit(fit_ds, epochs=1, steps_per_epoch=100, verbose=0)
     rates = []
     for _ in range(FLAGS.timing_repeats):
@@ -510,9 +544,15 @@ def markdown(report):
                            f"{'' if same is None else f'{same:.4g}'} |")
             out.append("")
         if entry.get("timing"):
+            if entry["config"].get("timing_data") == "in_memory":
+                data_note = (f"on {TIMING_BATCHES} batches binarised once and held in memory, "
+                             "tf.data autotuning off: the training step, not the input pipeline")
+            else:  # runs before the in-memory timing data
+                data_note = ("the tf.data binarising pipeline included, autotuning on: fit times "
+                             "rounded up to 10 ms x (2^k - 1), see the notes")
             out += ["Throughput (fresh model, warm-up fit of 100 steps, then "
                     f"{entry['config']['timing_repeats']} fits of {entry['config']['timing_steps']} "
-                    "steps, best; steps_per_execution 50; the tf.data binarising pipeline included). "
+                    f"steps, best; steps_per_execution 50; {data_note}). "
                     "`autoencoder`: plain `keras.Model`, same layer sizes, sigmoid units, no sampling.", "",
                     "| model | jit_compile off: steps/s | jit_compile on: steps/s | time/step vs autoencoder (off / on) |",
                     "|---|---:|---:|---:|"]
@@ -595,6 +635,7 @@ def main(argv):
             "timing_steps": FLAGS.timing_steps, "timing_repeats": FLAGS.timing_repeats,
             "estimators": FLAGS.estimators, "peers": FLAGS.peers, "rloo_k": FLAGS.rloo_k,
             "first_seed_only": FLAGS.first_seed_only,
+            "timing_data": "in_memory", "tf_data_autotune": False,
         },
         "methods": methods,
         "timing": timing_result,
