@@ -189,7 +189,7 @@ class NodeCritic(keras.layers.Layer, Critic):
         """As `Critic.q_outcomes`; an `AllOutcomes` network is evaluated once per
         example; for `UnitEdits` and a network that starts with a plain `Dense`
         layer, that layer is evaluated once per example and updated by rank one
-        per outcome (`outcomes.UnitEdits.linear`)."""
+        per outcome (`outcomes.dense_at`)."""
         network = self.target_network if target else self.online
         if isinstance(network, AllOutcomes):
             scores = network.scores(context_features(context))
@@ -205,18 +205,7 @@ class NodeCritic(keras.layers.Layer, Critic):
             and outcomes_lib.plain_dense(layers[0])
         ):
             return super().q_outcomes(context, values, target=target)
-        first = layers[0]
-        dtype = first.compute_dtype
-        kernel = tf.cast(first.kernel, dtype)
-        context_part = context_features(context)
-        split = context_part.shape[-1]
-        offset = tf.matmul(tf.cast(context_part, dtype), kernel[:split])
-        offset += tf.matmul(tf.cast(values.base, dtype), kernel[split:])
-        if first.bias is not None:
-            offset += tf.cast(first.bias, dtype)
-        hidden = values.linear(kernel[split:], offset)
-        if first.activation is not None:
-            hidden = first.activation(hidden)
+        hidden = outcomes_lib.dense_at(layers[0], values, context=context_features(context))
         rows = tf.reshape(hidden, [-1, hidden.shape[-1]])
         for layer in layers[1:]:
             rows = layer(rows)

@@ -15,7 +15,18 @@ layer applied to the outcomes themselves is a rank-one update of its
 pre-activation, `a[b] + change[b, a] * W[unit[b, a]]` with `a = base W + bias`
 (DESIGN.md §2); a `Dot` of the outcomes with a per-example vector is one
 gather per outcome. The learned critics use the same update for their first
-layer (`critics.NodeCritic`).
+layer (`critics.NodeCritic`, `dense_at`).
+
+Values downstream stay in that form (`_Affine`) through linear operations (a
+product with or sum of a per-example tensor, a difference of two such values)
+up to a sum over their last axis, which then costs `O(batch x A)`:
+
+    sum_j (offset[b, j] + change[b, a] * s[b, j] K[u, j]) = sum_j offset[b, j] + change[b, a] (s K^T)[b, u].
+
+A softplus in such a sum is evaluated on the `[batch, A, out]` rows once,
+with one logarithm per chunk of entries (`softplus_sum`). So a Bernoulli
+log-likelihood `sum_j x_j l_j - softplus(l_j)` of a `Dense` decoder's logits
+`l` costs one fused softplus pass over `[batch, A, pixels]` and a matmul.
 
 This module reads the Keras functional graph (`_keras_history`, inbound
 nodes); it is the only one that does.
@@ -107,15 +118,170 @@ def plain_dot(layer):
     return all(a in (1, -1) for a in axes)
 
 
-def dense_at(layer, edits):
-    """`[batch, A, units]`: the `Dense` layer applied to every outcome of `edits`."""
+def _kernel_and_bias(layer):
     dtype = layer.compute_dtype
-    kernel = tf.cast(layer.kernel, dtype)
-    offset = tf.matmul(tf.cast(edits.base, dtype), kernel)
-    if layer.bias is not None:
-        offset = offset + tf.cast(layer.bias, dtype)
-    pre = edits.linear(kernel, offset)
-    return pre if layer.activation is None else layer.activation(pre)
+    bias = None if layer.bias is None else tf.cast(layer.bias, dtype)
+    return tf.cast(layer.kernel, dtype), bias
+
+
+def dense_at(layer, edits, context=None):
+    """`[batch, A, units]`: the `Dense` layer applied to every outcome of
+    `edits`, preceded in its input by the per-example `context` features
+    (`[batch, F]`, or None): `act(context W_c + base W_x + bias + change W_x[unit])`."""
+    kernel, bias = _kernel_and_bias(layer)
+    offset = tf.matmul(tf.cast(edits.base, kernel.dtype), kernel[-edits.base.shape[1]:])
+    if context is not None:
+        offset += tf.matmul(tf.cast(context, kernel.dtype), kernel[: context.shape[-1]])
+    if bias is not None:
+        offset += bias
+    pre = edits.linear(kernel[-edits.base.shape[1]:], offset)
+    return pre if layer.activation in (None, keras.activations.linear) else layer.activation(pre)
+
+
+def softplus_sum(pre):
+    """`sum_j softplus(pre[..., j])` over the last axis, as
+
+        sum_j max(pre_j, 0) + sum_chunks log prod_{j in chunk} (1 + exp(-|pre_j|)):
+
+    one logarithm per chunk of up to 16 entries instead of one per entry (each
+    factor lies in [1, 2], so a product stays below 2**16); the same value to
+    float32 rounding. 16-bit inputs are summed entry by entry."""
+    width = pre.shape[-1]
+    if pre.dtype not in (tf.float32, tf.float64) or width is None:
+        return tf.reduce_sum(tf.nn.softplus(pre), axis=-1)
+    chunk = max(d for d in range(1, 17) if width % d == 0)
+    factors = 1.0 + tf.exp(-tf.abs(pre))
+    shape = tf.concat([tf.shape(pre)[:-1], [width // chunk, chunk]], axis=0)
+    logs = tf.math.log(tf.reduce_prod(tf.reshape(factors, shape), axis=-1))
+    return tf.reduce_sum(tf.nn.relu(pre), axis=-1) + tf.reduce_sum(logs, axis=-1)
+
+
+def _per_row(tensor):
+    """A per-example `[batch, out]` tensor broadcast over the outcome axis."""
+    return tensor[:, None] if getattr(tensor, "shape", tf.TensorShape([])).rank == 2 else tensor
+
+
+class _Affine:
+    """`[batch, A, out]` values affine in the outcomes' one-unit edits, unmaterialised:
+
+        value[b, a] = offset[b] + change[b, a] sum_t s_t[b] K_t[unit[b, a]]
+                      + sum_i sign_i softplus(pre_i[b, a]) + dense[b, a]
+
+    `terms` holds the `(K_t, s_t)` (`K_t` None: the identity, the outcomes
+    themselves; `s_t` None: 1), `softplus` the `(sign_i, pre_i)`; `offset` is
+    `[batch, out]`.
+    """
+
+    def __init__(self, edits, offset, terms=(), softplus=(), dense=None):
+        self.edits = edits
+        self.offset = offset
+        self.terms = tuple(terms)
+        self.softplus = tuple(softplus)
+        self.dense = dense
+
+    @classmethod
+    def of(cls, value):
+        """`value` as an `_Affine`, None if it is not one (or a flat `UnitEdits`)."""
+        if isinstance(value, UnitEdits) and len(value.event_shape) == 1:
+            return cls(value, value.base, [(None, None)])
+        return value if isinstance(value, _Affine) else None
+
+    @property
+    def dtype(self):
+        return self.offset.dtype
+
+    def dense_layer(self, layer):
+        """`layer` (a plain `Dense`) at these values: `K_t -> K_t W` while the
+        values are linear in the edits; else on the materialised values."""
+        kernel, bias = _kernel_and_bias(layer)
+        cast = lambda t: tf.cast(t, kernel.dtype)  # noqa: E731
+        if self.softplus or self.dense is not None or any(s is not None for _, s in self.terms):
+            value = _Expanded(tf.matmul(cast(self.materialize()), kernel) + (0 if bias is None else bias))
+        else:
+            offset = tf.matmul(cast(self.offset), kernel)
+            if bias is not None:
+                offset += bias
+            terms = [(kernel if k is None else tf.matmul(cast(k), kernel), None) for k, _ in self.terms]
+            value = _Affine(self.edits, offset, terms)
+        if layer.activation in (None, keras.activations.linear):
+            return value
+        return _Expanded(layer.activation(value.materialize() if isinstance(value, _Affine) else value.tensor))
+
+    def scaled(self, factor):
+        """These values times a per-example tensor or a number."""
+        number = isinstance(factor, (int, float))
+        lazy = self if number else self._without_softplus()
+        terms = [(k, factor if s is None else s * factor) for k, s in lazy.terms]
+        softplus = [(sign * factor, pre) for sign, pre in lazy.softplus]
+        dense = None if lazy.dense is None else lazy.dense * _per_row(factor)
+        return _Affine(lazy.edits, lazy.offset * factor, terms, softplus, dense)
+
+    def plus(self, other, sign=1.0):
+        """These values plus `sign` times `other`: an `_Affine` of the same
+        edits, an `_Expanded` `[batch, A, out]` or a per-example tensor."""
+        other_affine = _Affine.of(other)
+        if other_affine is not None:
+            negated = other_affine if sign == 1.0 else other_affine.scaled(sign)
+            dense = [d for d in (self.dense, negated.dense) if d is not None]
+            return _Affine(
+                self.edits,
+                self.offset + negated.offset,
+                self.terms + negated.terms,
+                self.softplus + negated.softplus,
+                tf.add_n(dense) if dense else None,
+            )
+        if isinstance(other, _Expanded):
+            dense = sign * other.tensor if self.dense is None else self.dense + sign * other.tensor
+            return _Affine(self.edits, self.offset, self.terms, self.softplus, dense)
+        return _Affine(self.edits, self.offset + sign * other, self.terms, self.softplus, self.dense)
+
+    def with_softplus(self):
+        """`softplus` of these values, kept for a later sum."""
+        pre = self.materialize()
+        return _Affine(self.edits, tf.zeros_like(self.offset), (), [(1.0, pre)])
+
+    def _without_softplus(self):
+        if not self.softplus:
+            return self
+        dense = tf.add_n([sign * tf.nn.softplus(pre) for sign, pre in self.softplus])
+        dense = dense if self.dense is None else dense + self.dense
+        return _Affine(self.edits, self.offset, self.terms, (), dense)
+
+    def materialize(self):
+        """The `[batch, A, out]` tensor."""
+        edits, dtype = self.edits, self.dtype
+        value = self.offset[:, None]
+        change = tf.cast(edits.change, dtype)[..., None]
+        for kernel, scale in self.terms:
+            if kernel is None:
+                rows = tf.one_hot(edits.unit, edits.base.shape[1], dtype=dtype)
+            else:
+                rows = tf.gather(kernel, tf.maximum(edits.unit, 0))
+            value = value + change * (rows if scale is None else rows * _per_row(scale))
+        lazy = self._without_softplus()
+        return value if lazy.dense is None else value + lazy.dense
+
+    def sum(self):
+        """`[batch, A]`: the sum over the last axis."""
+        edits = self.edits
+        unit = tf.maximum(edits.unit, 0)
+        total = tf.reduce_sum(self.offset, axis=-1)[:, None]
+        change = tf.cast(edits.change, self.dtype)
+        for kernel, scale in self.terms:
+            if scale is not None:
+                scale = tf.broadcast_to(tf.cast(scale, self.dtype), tf.shape(self.offset))
+            if kernel is None:
+                picked = 1.0 if scale is None else tf.gather(scale, unit, batch_dims=1)
+            elif scale is None:
+                picked = tf.gather(tf.reduce_sum(kernel, axis=-1), unit)
+            else:
+                picked = tf.gather(tf.matmul(scale, kernel, transpose_b=True), unit, batch_dims=1)
+            total += change * picked
+        for sign, pre in self.softplus:
+            total += sign * softplus_sum(pre)
+        if self.dense is not None:
+            total += tf.reduce_sum(self.dense, axis=-1)
+        return total
 
 
 class _Expanded:
@@ -225,13 +391,12 @@ class DownstreamEvaluator:
         for node in self._plan:
             args = [values[id(t)] for t in node.input_tensors]
             op = node.operation
-            if len(args) == 1 and isinstance(args[0], UnitEdits) and _rank_one_ok(op, args[0]):
-                results = [_Expanded(dense_at(op, args[0]))]
-            elif _dot_ok(op, args):
+            if _dot_ok(op, args):
                 edits, other = args if isinstance(args[0], UnitEdits) else args[::-1]
                 results = [_Expanded(edits.contract(tf.cast(other, edits.base.dtype)[..., None]))]
-            elif any(isinstance(a, (UnitEdits, _Expanded)) for a in args):
-                results = _call_on_rows(node, values, num, training)
+            elif any(isinstance(a, (UnitEdits, _Affine, _Expanded)) for a in args):
+                result = _affine_op(node, values)
+                results = [result] if result is not None else _call_on_rows(node, values, num, training)
             else:
                 results = tf.nest.flatten(_call(node, values, training))
             for tensor, value in zip(node.outputs, results):
@@ -240,8 +405,7 @@ class DownstreamEvaluator:
 
     @staticmethod
     def _per_example(value, num):
-        if isinstance(value, UnitEdits):
-            value = _Expanded(value.dense())
+        value = _as_tensor(value)
         if isinstance(value, _Expanded):
             rows = costs_lib.as_per_example(value.rows())
             return tf.reshape(rows, [-1, num])
@@ -249,8 +413,80 @@ class DownstreamEvaluator:
         return tf.repeat(per[:, None], num, axis=1)
 
 
-def _rank_one_ok(op, edits):
-    return plain_dense(op) and len(edits.event_shape) == 1
+# Keras operations kept affine by `_affine_op` (their classes are not public).
+_AFFINE_OPS = {
+    "keras.src.ops.numpy.Add": "add",
+    "keras.src.ops.numpy.Subtract": "subtract",
+    "keras.src.ops.numpy.Multiply": "multiply",
+    "keras.src.ops.numpy.Negative": "negative",
+    "keras.src.ops.numpy.Sum": "sum",
+    "keras.src.ops.nn.Softplus": "softplus",
+}
+
+
+def _affine_op(node, values):
+    """`node`'s output from `_Affine` inputs without materialising them: a plain
+    `Dense`, a sum over the last axis, a softplus, a product with a per-example
+    tensor or a number, sums and differences. None where none of these applies
+    (the caller runs the node on `batch x A` rows)."""
+    op = node.operation
+    args, kwargs = node.arguments.fill_in(values)
+    symbolic = node.arguments.args
+    lazy = [_Affine.of(a) for a in args]
+    if kwargs or len(node.outputs) != 1 or all(a is None for a in lazy):
+        return None
+    if plain_dense(op):
+        return lazy[0].dense_layer(op) if len(args) == 1 else None
+    kind = _AFFINE_OPS.get(f"{type(op).__module__}.{type(op).__name__}")
+    if kind in ("negative", "softplus", "sum") and len(args) != 1:
+        return None
+    if kind == "negative":
+        return lazy[0].scaled(-1.0)
+    if kind == "softplus":
+        return lazy[0].with_softplus()
+    if kind == "sum":
+        if len(node.input_tensors[0].shape) != 2 or tuple(op.axis or ()) not in ((-1,), (1,)):
+            return None
+        total = lazy[0].sum()
+        return _Expanded(total[..., None] if op.keepdims else total)
+    if kind is None or len(args) != 2 or len(node.outputs[0].shape) != 2:
+        return None
+    dtype = next(a for a in lazy if a is not None).dtype
+    if not all(a is not None or _operand_ok(s, v, dtype, kind) for a, s, v in zip(lazy, symbolic, args)):
+        return None
+    (first, second), (value_1, value_2) = lazy, args
+    if kind == "multiply":
+        if first is not None and second is not None:
+            return None
+        return first.scaled(value_2) if first is not None else second.scaled(value_1)
+    sign = 1.0 if kind == "add" else -1.0
+    if first is not None:
+        return first.plus(value_2, sign)
+    return (second if sign == 1.0 else second.scaled(-1.0)).plus(value_1)
+
+
+def _operand_ok(symbolic, value, dtype, kind):
+    """Whether `value` (not an `_Affine`) combines with `[batch, out]` affine
+    values by broadcasting as its symbolic tensor does: a number, a
+    `[batch or 1, out or 1]` or a static `[out]` tensor of `dtype`, or (for a
+    sum or difference) an `_Expanded` `[batch, A, out]`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if isinstance(value, _Expanded):
+        return kind != "multiply" and value.tensor.shape.rank == 3 and value.tensor.dtype == dtype
+    if not tf.is_tensor(value) or value.dtype != dtype:
+        return False
+    shape = symbolic.shape
+    return len(shape) == 2 or len(shape) == 0 or (len(shape) == 1 and shape[0] is not None)
+
+
+def _as_tensor(value):
+    """`UnitEdits` and `_Affine` values as `_Expanded`; others unchanged."""
+    if isinstance(value, UnitEdits):
+        return _Expanded(value.dense())
+    if isinstance(value, _Affine):
+        return _Expanded(value.materialize())
+    return value
 
 
 def _dot_ok(op, args):
@@ -275,9 +511,7 @@ def _call_on_rows(node, values, num, training):
     flattened, the others repeated once per outcome. Returns its flat outputs."""
     rows = {}
     for t in node.input_tensors:
-        value = values[id(t)]
-        if isinstance(value, UnitEdits):
-            value = _Expanded(value.dense())
+        value = _as_tensor(values[id(t)])
         rows[id(t)] = value.rows() if isinstance(value, _Expanded) else tf.repeat(value, num, axis=0)
     outputs = tf.nest.flatten(_call(node, rows, training))
     return [_Expanded(tf.reshape(out, _split_shape(out, num))) for out in outputs]

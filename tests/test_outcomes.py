@@ -161,3 +161,62 @@ def test_all_outcomes_critic_matches_tiled_rows(distinct):
     table = scores(context["inputs"]).numpy().reshape(6, k, 2)
     np.testing.assert_allclose(fast[:, 1:], table, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fast[:, 0], critic.q(context, sample, target=False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("width", [784, 200, 7, 17])
+def test_softplus_sum_equals_a_sum_of_softplus(width, dtype):
+    rng = np.random.RandomState(width)
+    pre = rng.randn(3, 5, width) * 10.0
+    pre[0, 0, :4] = [np.inf, -np.inf, 100.0, -100.0]
+    want = np.sum(np.logaddexp(0.0, pre), axis=-1)
+    got = outcomes.softplus_sum(tf.constant(pre, dtype))
+    assert got.dtype == dtype and got.shape == (3, 5)
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-6)
+    assert np.isinf(got[0, 0]) and np.isfinite(got[1:]).all()
+
+
+def _likelihood_model():
+    """A Bernoulli node whose costs reach it through linear operations, softplus
+    and sums: a Bernoulli log-likelihood of a Dense decoder, a linear chain of
+    Dense layers, the node's own log-probability, and a max (not affine)."""
+    x = keras.Input((6,), name="x")
+    q = keras.layers.Dense(5, name="enc")(x)
+    z = keras_bpq.Bernoulli(name="z")(q)
+    logits = keras.layers.Dense(6, name="dec")(z)
+    h = keras.layers.Dense(3, name="h2")(keras.layers.Dense(4, name="h1")(z))
+    costs = {
+        "recon": -keras.ops.sum(x * logits - keras.ops.softplus(logits), axis=-1),
+        "chain": keras.ops.sum(2.0 * h + h - keras.ops.softplus(0.5 - h), axis=-1, keepdims=True),
+        "prior": keras.ops.sum(z * q - keras.ops.softplus(q), axis=-1),
+        "peak": keras.ops.max(logits, axis=-1),
+    }
+    return keras_bpq.BackpropQModel(inputs=x, outputs=logits, costs=costs)
+
+
+def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
+    keras.utils.set_random_seed(1)
+    model = _likelihood_model()
+    model.compile(optimizer="sgd", estimator="critic_cv")
+    data = tf.constant(np.random.RandomState(2).rand(7, 6) < 0.5, tf.float32)
+    out = model.run_forward(data)
+    info = model.scg(data).node("z")
+    step = out["steps"]["z"]
+    values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
+    affine = ("recon", "chain", "prior")
+    run_on_rows = outcomes._call_on_rows
+
+    def per_example_rows_only(node, values_, num, training):
+        # Only [batch, A] scalars (the sums) reach a re-run on rows.
+        assert all(len(t.shape) <= 1 for t in node.input_tensors), node.operation.name
+        return run_on_rows(node, values_, num, training)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes, "_call_on_rows", per_example_rows_only)
+        fast = model._downstream_evaluator(info, affine)(data, {}, values)
+    fast.update(model._downstream_evaluator(info, ("peak",))(data, {}, values))
+    slow = model._rerun_heads(info, data, None, {"inputs": data}, values, affine + ("peak",))
+    for cost in affine + ("peak",):
+        assert fast[cost].shape == (7, 6)
+        np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fast[cost][:, 0], out["costs"][cost], rtol=1e-5, atol=1e-5)
