@@ -271,10 +271,28 @@ class Categorical(StochasticNode):
                 f"Categorical node {self.name!r} needs at least 2 outcomes on the "
                 f"last axis of its logits; got shape {tuple(params_shape)}."
             )
-        if mask_shape is not None and tuple(mask_shape)[1:] != tuple(params_shape)[1:]:
+        if mask_shape is not None:
+            self._check_mask_shape(params_shape, mask_shape)
+
+    def __call__(self, *args, **kwargs):
+        # Keras passes no mask shape to build(): check it here, when the node is
+        # called on symbolic tensors, before any graph is made of it.
+        params = args[0] if args else kwargs.get("params")
+        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+        if mask is not None and getattr(params, "shape", None) is not None and hasattr(mask, "shape"):
+            self._check_mask_shape(params.shape, mask.shape)
+        return super().__call__(*args, **kwargs)
+
+    def _check_mask_shape(self, params_shape, mask_shape):
+        """Raises unless the mask has the logits' rank and (known) sizes."""
+        params_shape, mask_shape = tf.TensorShape(params_shape), tf.TensorShape(mask_shape)
+        if params_shape.rank is None or mask_shape.rank is None:
+            return
+        if mask_shape.rank != params_shape.rank or not mask_shape[1:].is_compatible_with(params_shape[1:]):
             raise ValueError(
-                f"Categorical node {self.name!r}: mask shape {tuple(mask_shape)} does "
-                f"not match logits shape {tuple(params_shape)}."
+                f"Categorical node {self.name!r}: mask shape {tuple(mask_shape.as_list())} does "
+                f"not match logits shape {tuple(params_shape.as_list())}; pass a boolean mask "
+                "with one entry per logit."
             )
 
     def _masked_logits(self, params, mask):
@@ -282,14 +300,7 @@ class Categorical(StochasticNode):
         if mask is None:
             return logits
         mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank is not None and logits.shape.rank is not None:
-            if mask.shape.rank != logits.shape.rank or not mask.shape[1:].is_compatible_with(
-                logits.shape[1:]
-            ):
-                raise ValueError(
-                    f"Categorical node {self.name!r}: mask shape {tuple(mask.shape)} "
-                    f"does not match logits shape {tuple(logits.shape)}."
-                )
+        self._check_mask_shape(logits.shape, mask.shape)
         return tf.where(tf.cast(mask, tf.bool), logits, _MASKED_LOGIT)
 
     def distribution(self, params, mask=None):
