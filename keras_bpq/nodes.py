@@ -126,7 +126,7 @@ class StochasticNode(keras.layers.Layer):
                     seed = tf.random.experimental.stateless_fold_in(
                         seed, context.replica_id_in_sync_group
                     )
-                value = dist.sample(seed=seed)
+                value = self.draw(dist, seed)
             sample = tf.cast(value, self.compute_dtype)
         raw_sample = sample
         if recorder is not None and name not in recorder.keep_gradient:
@@ -134,6 +134,10 @@ class StochasticNode(keras.layers.Layer):
         if recorder is not None:
             recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample))
         return sample
+
+    def draw(self, dist, seed):
+        """A sample of `dist` from an int32 stateless `seed` (`[2]`)."""
+        return dist.sample(seed=seed)
 
     def sample_per_example(self, params, mask, seeds, index):
         """One sample per example, each drawn with its own stateless seed.
@@ -155,7 +159,7 @@ class StochasticNode(keras.layers.Layer):
                 tf.stack([seed, tf.zeros_like(seed)]), index
             )
             dist = self.distribution(row_params[tf.newaxis], row_mask)
-            return tf.cast(dist.sample(seed=tf.cast(key, tf.int32)), self.compute_dtype)[0]
+            return tf.cast(self.draw(dist, tf.cast(key, tf.int32)), self.compute_dtype)[0]
 
         return tf.map_fn(
             one, elems, fn_output_signature=tf.TensorSpec(row_shape, self.compute_dtype)
@@ -228,6 +232,14 @@ class Bernoulli(StochasticNode):
 
     def distribution(self, params, mask=None):
         return tfd.Bernoulli(logits=tf.cast(params, tf.float32), dtype=tf.float32)
+
+    def draw(self, dist, seed):
+        """`x_u = [u_u < sigmoid(logits_u)]`, `u ~ U(0, 1)` drawn with Philox:
+        TFP's default algorithm (`auto_select`) compiles under XLA on CPU into a
+        fusion about 15x slower than Philox (50 x 200 draws: 7-18 ms vs 0.5 ms)."""
+        logits = dist.logits
+        uniform = tf.random.stateless_uniform(tf.shape(logits), seed=seed, alg="philox")
+        return tf.cast(uniform < tf.sigmoid(logits), tf.float32)
 
     def most_likely(self, dist):
         return tf.cast(dist.logits > 0, tf.float32)
