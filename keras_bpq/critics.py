@@ -73,8 +73,8 @@ class AllOutcomes(keras.layers.Layer):
       network: a Keras layer or model `[batch, F] -> [batch, K(, heads)]`.
       num_outcomes: `K`, the node's number of categories.
       distinct: evaluate `network` once per distinct context row (e.g. once per
-        example, not per draw, under `compile(num_samples=...)`) and gather;
-        not under XLA (`jit_compile`).
+        example, not per draw, under `compile(num_samples=...)`) and gather
+        (a `tf.unique` over the rows; XLA compiles it too).
     """
 
     def __init__(self, network, num_outcomes, distinct=False, **kwargs):

@@ -283,3 +283,18 @@ def test_all_outcomes_critic_learns_exact_q_and_round_trips():
     sample = tf.one_hot(np.arange(len(queries)) % 10, 10)
     np.testing.assert_allclose(clone.q(context, sample, target=False), critic.q(context, sample, target=False))
     assert clone.online.distinct and clone.online.num_outcomes == 10
+
+
+def test_distinct_all_outcomes_critic_trains_alike_under_xla():
+    """`distinct=True` (one evaluation per distinct context, a `tf.unique`)
+    compiles with XLA and trains exactly like `distinct=False`."""
+    weights = {}
+    for distinct in (False, True):
+        keras.utils.set_random_seed(0)
+        model, queries = graphs.walk_task()
+        model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=distinct)},
+                      num_samples=4, jit_compile=True)
+        model.fit(np.repeat(queries, 4, axis=0), batch_size=8, epochs=2, verbose=0, shuffle=False)
+        weights[distinct] = [w.numpy() for w in model.weights]
+    for a, b in zip(weights[False], weights[True]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
