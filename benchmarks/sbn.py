@@ -42,8 +42,12 @@ evaluation schedule.
     python benchmarks/sbn.py --dataset=fashion_mnist --arch=two_layer --steps=2000 \
         --estimators=reinforce,auto --peers=pyro_decaying,pyro_neural,storch_sf
 
-Results are merged into --out_dir/sbn.json (one entry per dataset/arch) and
---out_dir/sbn.md is rewritten from it, with PNG curves sbn_<dataset>_<arch>.png.
+Results are merged into --out_dir/sbn.json (one entry per dataset/arch: a rerun
+replaces its section whole, reading notes kept) and --out_dir/sbn.md is
+rewritten from it, with PNG curves sbn_<dataset>_<arch>.png. An entry's
+"title" overrides its heading (an older section kept under another tag); the
+"_appendix" string of sbn.json (hand-written text) ends the page.
+`--merge_from=other/sbn.json` merges runs written with another --out_dir.
 """
 
 import gzip
@@ -104,6 +108,10 @@ flags.DEFINE_list("peer_steps_override", [], "name=steps pairs for very slow pee
 flags.DEFINE_bool("skip_timing", False, "Skip the steps/s table.")
 flags.DEFINE_bool("skip_variance", False, "Skip the gradient variance.")
 flags.DEFINE_string("out_dir", os.path.join(_ROOT, "benchmarks", "results"), "Output directory.")
+flags.DEFINE_list(
+    "merge_from", [],
+    "Run nothing: merge the sections of these sbn.json files (runs written with another --out_dir) "
+    "into --out_dir/sbn.json, copying their PNGs, and rewrite sbn.md.")
 
 PEERS = {
     "pyro_decaying": ("pyro_sbn.py", ["--baseline=decaying"]),
@@ -486,8 +494,11 @@ def markdown(report):
            "comparison; numbers are medians over seeds. Test -ELBO: one latent draw per image on a "
            "fixed binarised test subset (the same array for every library); lower is better.", ""]
     for tag, entry in sorted(report.items()):
+        if tag.startswith("_"):  # "_appendix": hand-written text kept at the end of the page
+            continue
         m = entry["machine"]
-        out += [f"## {entry['dataset']}, {entry['arch']}", "", "Command:", "", "```",
+        title = entry.get("title") or f"{entry['dataset']}, {entry['arch']}"
+        out += [f"## {title}", "", "Command:", "", "```",
                 entry["command"], "```", "",
                 f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs; 1/5/15-min load "
                 f"at start {', '.join(f'{x:.1f}' for x in m['load_average'])}); TF {m['tensorflow']}, "
@@ -581,11 +592,53 @@ def markdown(report):
         out.append("")
         if entry.get("notes"):
             out += ["Reading:", ""] + [f"* {n}" for n in entry["notes"]] + [""]
+    if report.get("_appendix"):
+        out += [report["_appendix"].rstrip("\n"), ""]
     return "\n".join(out)
+
+
+def write_report(report):
+    with open(os.path.join(FLAGS.out_dir, "sbn.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(FLAGS.out_dir, "sbn.md"), "w") as f:
+        f.write(markdown(report))
+
+
+def load_report():
+    json_path = os.path.join(FLAGS.out_dir, "sbn.json")
+    if not os.path.exists(json_path):
+        return {}
+    with open(json_path) as f:
+        return json.load(f)
+
+
+def merge(paths):
+    """--merge_from: each section of each file replaces the section of the same
+    tag (its reading notes kept when the new one has none), PNGs copied."""
+    import shutil
+
+    report = load_report()
+    for path in paths:
+        with open(path) as f:
+            other = json.load(f)
+        for tag, entry in other.items():
+            if tag.startswith("_"):
+                continue
+            if not entry.get("notes") and report.get(tag, {}).get("notes"):
+                entry["notes"] = report[tag]["notes"]
+            if entry.get("plot"):
+                shutil.copy(os.path.join(os.path.dirname(os.path.abspath(path)), entry["plot"]),
+                            os.path.join(FLAGS.out_dir, entry["plot"]))
+            report[tag] = entry
+            log(f"merged {tag} from {path}")
+    write_report(report)
 
 
 def main(argv):
     del argv
+    if FLAGS.merge_from:
+        merge(FLAGS.merge_from)
+        return
     start_all = time.perf_counter()
     machine = machine_info()
     seeds = [int(s) for s in FLAGS.seeds]
@@ -644,20 +697,13 @@ def main(argv):
     entry["summary"] = summarise(entry)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     entry["plot"] = plot(entry, os.path.join(FLAGS.out_dir, f"sbn_{tag}.png"))
-    json_path = os.path.join(FLAGS.out_dir, "sbn.json")
-    report = {}
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            report = json.load(f)
+    report = load_report()  # other sections and the "_appendix" are kept
     if tag in report and report[tag].get("notes"):
         entry["notes"] = report[tag]["notes"]
     report[tag] = entry
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(FLAGS.out_dir, "sbn.md"), "w") as f:
-        f.write(markdown(report))
+    write_report(report)
     log(json.dumps(entry["summary"], indent=1))
-    log(f"wrote {json_path} and sbn.md in {entry['runtime_s']:.0f}s")
+    log(f"wrote {FLAGS.out_dir}/sbn.json and sbn.md in {entry['runtime_s']:.0f}s")
 
 
 if __name__ == "__main__":
