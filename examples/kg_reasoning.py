@@ -46,7 +46,8 @@ flags.DEFINE_integer("hops", 2, "Hops per walk (T).")
 flags.DEFINE_integer("rollouts", 20, "Rollouts per query (compile(num_samples=...)).")
 flags.DEFINE_string(
     "estimator", "auto", "'minerva' (reinforce, EMA baseline 0.95, standardised advantage), "
-    "or any keras_bpq estimator name ('auto', 'rloo', 'reinforce', ...).",
+    "any keras_bpq estimator name ('auto', 'rloo', 'reinforce', ...), or one per hop: "
+    "'hop_1=critic_cv+hop_2=minerva'.",
 )
 flags.DEFINE_integer("steps", 2000, "Training steps.")
 flags.DEFINE_integer("beam", 100, "Beam width of the evaluation.")
@@ -449,24 +450,34 @@ def critics_for(agent, dim=32, hidden=64):
 
 
 def estimator_option(name):
-    """The `compile(estimator=...)` value of a flag value ('minerva' is
-    reinforce with MINERVA's baseline decay and advantage standardisation)."""
+    """The `compile(estimator=...)` value of a flag value: 'minerva' is
+    reinforce with MINERVA's baseline decay and advantage standardisation;
+    'hop_1=critic_cv+hop_2=minerva' gives each hop its own."""
+    if "=" in name:
+        return dict((hop, estimator_option(value)) for hop, value in (p.split("=") for p in name.split("+")))
     if name == "minerva":
         return keras_bpq.estimators.Reinforce(decay=0.95, normalize=True)
     return name
 
 
-def needs_critic(agent, estimator):
+def critic_hops(agent, estimator):
+    """The hops whose estimator (for this flag value) reads a critic."""
     option = estimator_option(estimator)
-    return any(
-        keras_bpq.estimators.get(option, info, 2).needs_critic for info in agent.model.scg().nodes
-    )
+    return {
+        info.name
+        for info in agent.model.scg().nodes
+        if keras_bpq.estimators.get(
+            option.get(info.name, "auto") if isinstance(option, dict) else option, info, 2
+        ).needs_critic
+    }
 
 
 def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, steps_per_execution=1, **kwargs):
     """Compiles with Adam (clipnorm 5, as MINERVA), `num_samples=rollouts` and a
     Hits@1 metric (the fraction of rollouts ending at the tail)."""
-    extra = {"critics": critics_for(agent)} if needs_critic(agent, estimator) else {}
+    hops = critic_hops(agent, estimator)
+    critics = {name: critic for name, critic in critics_for(agent).items() if name in hops}
+    extra = {"critics": critics} if critics else {}
     extra.update(kwargs)
     agent.model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, clipnorm=5.0),
