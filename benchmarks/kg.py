@@ -51,7 +51,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Estimators (kg_reasoning --estimator values).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds for UMLS.")
-flags.DEFINE_list("kinship_seeds", ["0"], "Seeds for Kinship.")
+flags.DEFINE_list("kinship_seeds", ["0", "1", "2"], "Seeds for Kinship.")
 flags.DEFINE_string("out_dir", str(ROOT / "benchmarks" / "results"), "Where kg.json, kg.md and PNGs go.")
 flags.DEFINE_bool("from_json", False, "Only re-render the report from <out_dir>/kg.json.")
 
