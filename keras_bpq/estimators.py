@@ -238,6 +238,14 @@ def _q_at_sample_and_outcomes(step):
     return q_values[:, 0], q_values[:, 1:], weights, current
 
 
+def _leave_one_out_mean(values, k):
+    """`[rows]` -> for each row, the mean of the other `k - 1` rows of its
+    example (rows come in consecutive groups of `k` draws per example)."""
+    grouped = tf.reshape(values, [-1, k])
+    others = (tf.reduce_sum(grouped, axis=1, keepdims=True) - grouped) / (k - 1.0)
+    return tf.reshape(others, [-1])
+
+
 class CriticCV(Estimator):
     """The critic as a control variate (unbiased whatever the critic's state).
 
@@ -246,6 +254,12 @@ class CriticCV(Estimator):
     held at their sampled values) for a factorised Bernoulli node. Its
     expectation is the score-function gradient for any `Q` independent of the
     node's own parameters; a good `Q` removes most of its variance.
+
+    With `compile(num_samples=K)`, `K >= 2`, the residual `c_X - Q(x, s)` also
+    gets a leave-one-out baseline, the mean residual of the example's other
+    draws: independent of this draw, so still unbiased, and it removes a
+    learned `Q`'s per-example offset, which makes the residual noisy while
+    the critic is untrained (on the KG agent, 9x `rloo`'s gradient noise).
     """
 
     name = "critic_cv"
@@ -256,8 +270,10 @@ class CriticCV(Estimator):
 
     def surrogate(self, step):
         q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
-        residual = tf.stop_gradient(step.downstream - q_x)
-        return _local_expectation(q_x, q_alt, weights, current) + step.record.log_prob() * residual
+        residual = step.downstream - q_x
+        if step.num_samples > 1:
+            residual -= _leave_one_out_mean(residual, step.num_samples)
+        return _local_expectation(q_x, q_alt, weights, current) + step.record.log_prob() * tf.stop_gradient(residual)
 
 
 class CriticAdvantage(Estimator):
@@ -393,11 +409,9 @@ class RLOO(Estimator):
             )
 
     def surrogate(self, step):
-        k = step.num_samples
-        costs = tf.reshape(step.downstream, [-1, k])
-        others = (tf.reduce_sum(costs, axis=1, keepdims=True) - costs) / (k - 1.0)
-        advantage = tf.reshape(tf.stop_gradient(costs - others), [-1])
-        return step.record.log_prob() * advantage
+        advantage = step.downstream - _leave_one_out_mean(step.downstream, step.num_samples)
+        return step.record.log_prob() * tf.stop_gradient(advantage)
+
 
 
 class DisARM(Estimator):

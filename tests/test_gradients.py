@@ -74,3 +74,11 @@ def test_exact_gradient_refuses_huge_supports():
     model.compile(optimizer="adam")
     with pytest.raises(ValueError, match="max_configurations"):
         diagnostics.exact_gradients(model, x, max_configurations=8)
+
+
+@pytest.mark.parametrize("name", ["chain", "mixed"])
+def test_critic_cv_with_several_draws_matches_exact_gradient(name):
+    """With `num_samples=3` critic_cv's residual gets a leave-one-out baseline."""
+    model, x = graphs.ALL[name]()
+    model.compile(optimizer="adam", num_samples=3)
+    assert_unbiased(model, x)

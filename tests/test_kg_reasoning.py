@@ -230,14 +230,16 @@ def test_default_estimator_evaluates_hops_once_per_query_not_per_action():
         np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
 
 
-def test_default_estimator_on_the_agent_matches_the_exact_gradient():
+@pytest.mark.parametrize("rollouts", [1, 3])
+def test_default_estimator_on_the_agent_matches_the_exact_gradient(rollouts):
     """critic_cv on both hops (hop 1: the learned all-outcomes critic, hop 2:
-    the exact downstream Q) against enumeration of every masked 2-hop walk."""
+    the exact downstream Q; with several rollouts, a leave-one-out baseline
+    on the residual) against enumeration of every masked 2-hop walk."""
     from test_gradients import assert_unbiased
 
     kg = synthetic_graph()
     agent = kg_reasoning.build_agent(kg, hops=2, dim=4, hidden=8, seed=2)
-    kg_reasoning.compile_agent(agent, "auto", rollouts=1)
+    kg_reasoning.compile_agent(agent, "auto", rollouts=rollouts)
     data = {k: v[:3] for k, v in kg_reasoning.queries(kg, "test").items()}
     exact, _ = assert_unbiased(agent.model, data, num_draws=2000)
     assert max(float(np.abs(g).max()) for g in exact) > 1e-3
