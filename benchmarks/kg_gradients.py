@@ -81,7 +81,7 @@ def main(argv):
     out = pathlib.Path(FLAGS.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"kg_gradients_{FLAGS.dataset}.json").write_text(json.dumps(result, indent=1))
-    print(f"| estimator | hop | gradient norm per draw | mean cosine between draws |\n|---|---|---|---|")
+    print("| estimator | hop | gradient norm per draw | mean cosine between draws |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['estimator']} | {r['hop']} | {r['norm']:.2e} | {r['cosine']:.2f} |")
 

@@ -413,7 +413,6 @@ class RLOO(Estimator):
         return step.record.log_prob() * tf.stop_gradient(advantage)
 
 
-
 class DisARM(Estimator):
     """DisARM for binary nodes (Dong, Mnih and Tucker 2020).
 
