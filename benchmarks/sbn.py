@@ -44,7 +44,8 @@ evaluation schedule.
 
 Results are merged into --out_dir/sbn.json (one entry per dataset/arch: a rerun
 replaces its section whole, reading notes kept) and --out_dir/sbn.md is
-rewritten from it, with PNG curves sbn_<dataset>_<arch>.png. An entry's
+rewritten from it, with PNG curves sbn_<dataset>_<arch>.png (all redrawn from the JSON
+on every write: one colour per method, seeds thin, their median bold). An entry's
 "title" overrides its heading (an older section kept under another tag); the
 "_appendix" string of sbn.json (hand-written text) ends the page.
 `--merge_from=other/sbn.json` merges runs written with another --out_dir.
@@ -111,7 +112,7 @@ flags.DEFINE_string("out_dir", os.path.join(_ROOT, "benchmarks", "results"), "Ou
 flags.DEFINE_list(
     "merge_from", [],
     "Run nothing: merge the sections of these sbn.json files (runs written with another --out_dir) "
-    "into --out_dir/sbn.json, copying their PNGs, and rewrite sbn.md.")
+    "into --out_dir/sbn.json and rewrite sbn.md and the PNGs.")
 
 PEERS = {
     "pyro_decaying": ("pyro_sbn.py", ["--baseline=decaying"]),
@@ -457,22 +458,32 @@ def plot(entry, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in entry["methods"].items():
-        for i, r in enumerate(r for r in runs if "curve" in r):
-            steps = [c["step"] for c in r["curve"]]
-            secs = [c["train_seconds"] for c in r["curve"]]
-            nelbo = [c["test_nelbo"] for c in r["curve"]]
-            label = name if i == 0 else None
-            axes[0].plot(steps, nelbo, label=label, alpha=0.8)
-            axes[1].plot(secs, nelbo, label=label, alpha=0.8)
+    for k, (name, runs) in enumerate(entry["methods"].items()):
+        # One colour per method: each seed thin, the median over seeds at each checkpoint bold.
+        curves = [r["curve"] for r in runs if "curve" in r]
+        if not curves:
+            continue
+        color = f"C{k % 10}"
+        for curve in curves:
+            nelbo = [c["test_nelbo"] for c in curve]
+            axes[0].plot([c["step"] for c in curve], nelbo, color=color, alpha=0.3, linewidth=0.8)
+            axes[1].plot([c["train_seconds"] for c in curve], nelbo, color=color, alpha=0.3, linewidth=0.8)
+        points = min(len(c) for c in curves)
+        median = [float(np.median([c[i]["test_nelbo"] for c in curves])) for i in range(points)]
+        seconds = [float(np.median([c[i]["train_seconds"] for c in curves])) for i in range(points)]
+        label = name if len(curves) == 1 else f"{name} (median of {len(curves)})"
+        axes[0].plot([c["step"] for c in curves[0][:points]], median, color=color, linewidth=2, label=label)
+        axes[1].plot(seconds, median, color=color, linewidth=2)
     for ax, xl in zip(axes, ("training steps", "training wall-clock (s)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("test negative ELBO (nats)")
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
     lo = min(c["test_nelbo"] for runs in entry["methods"].values() for r in runs if "curve" in r
              for c in r["curve"])
     first = [r["curve"][1]["test_nelbo"] for runs in entry["methods"].values() for r in runs
@@ -598,6 +609,10 @@ def markdown(report):
 
 
 def write_report(report):
+    """sbn.json, sbn.md and every section's PNG, redrawn from the JSON."""
+    for tag, entry in report.items():
+        if not tag.startswith("_") and entry.get("plot"):
+            plot(entry, os.path.join(FLAGS.out_dir, entry["plot"]))
     with open(os.path.join(FLAGS.out_dir, "sbn.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(FLAGS.out_dir, "sbn.md"), "w") as f:
@@ -614,9 +629,7 @@ def load_report():
 
 def merge(paths):
     """--merge_from: each section of each file replaces the section of the same
-    tag (its reading notes kept when the new one has none), PNGs copied."""
-    import shutil
-
+    tag (its reading notes kept when the new one has none)."""
     report = load_report()
     for path in paths:
         with open(path) as f:
@@ -626,9 +639,6 @@ def merge(paths):
                 continue
             if not entry.get("notes") and report.get(tag, {}).get("notes"):
                 entry["notes"] = report[tag]["notes"]
-            if entry.get("plot"):
-                shutil.copy(os.path.join(os.path.dirname(os.path.abspath(path)), entry["plot"]),
-                            os.path.join(FLAGS.out_dir, entry["plot"]))
             report[tag] = entry
             log(f"merged {tag} from {path}")
     write_report(report)
