@@ -24,9 +24,11 @@ up to a sum over their last axis, which then costs `O(batch x A)`:
     sum_j (offset[b, j] + change[b, a] * s[b, j] K[u, j]) = sum_j offset[b, j] + change[b, a] (s K^T)[b, u].
 
 A softplus in such a sum is evaluated on the `[batch, A, out]` rows once,
-with one logarithm per chunk of entries (`softplus_sum`). So a Bernoulli
-log-likelihood `sum_j x_j l_j - softplus(l_j)` of a `Dense` decoder's logits
-`l` costs one fused softplus pass over `[batch, A, pixels]` and a matmul.
+with one logarithm per chunk of entries (`softplus_sum`); for values that are
+one rank-one update and flips of +-1, the exponentials come from tables of
+`exp(+-K)` (`_Affine._softplus_sum_of_steps`). So a Bernoulli log-likelihood
+`sum_j x_j l_j - softplus(l_j)` of a `Dense` decoder's logits `l` costs one
+gather, a multiply-add and a product over `[batch, A, pixels]`, and a matmul.
 
 This module reads the Keras functional graph (`_keras_history`, inbound
 nodes); it is the only one that does.
@@ -138,6 +140,19 @@ def dense_at(layer, edits, context=None):
     return pre if layer.activation in (None, keras.activations.linear) else layer.activation(pre)
 
 
+def _chunk(width):
+    """The largest divisor of `width` up to 16: entries per logarithm."""
+    return max(d for d in range(1, 17) if width % d == 0)
+
+
+def _sum_of_logs(factors, chunk):
+    """`sum_j log(factors[..., j])` over the last axis with one logarithm per
+    `chunk` entries: `sum_chunks log prod_{j in chunk} factors_j`."""
+    width = factors.shape[-1]
+    shape = tf.concat([tf.shape(factors)[:-1], [width // chunk, chunk]], axis=0)
+    return tf.reduce_sum(tf.math.log(tf.reduce_prod(tf.reshape(factors, shape), axis=-1)), axis=-1)
+
+
 def softplus_sum(pre):
     """`sum_j softplus(pre[..., j])` over the last axis, as
 
@@ -149,11 +164,18 @@ def softplus_sum(pre):
     width = pre.shape[-1]
     if pre.dtype not in (tf.float32, tf.float64) or width is None:
         return tf.reduce_sum(tf.nn.softplus(pre), axis=-1)
-    chunk = max(d for d in range(1, 17) if width % d == 0)
     factors = 1.0 + tf.exp(-tf.abs(pre))
-    shape = tf.concat([tf.shape(pre)[:-1], [width // chunk, chunk]], axis=0)
-    logs = tf.math.log(tf.reduce_prod(tf.reshape(factors, shape), axis=-1))
-    return tf.reduce_sum(tf.nn.relu(pre), axis=-1) + tf.reduce_sum(logs, axis=-1)
+    return tf.reduce_sum(tf.nn.relu(pre), axis=-1) + _sum_of_logs(factors, _chunk(width))
+
+
+# A chunk's product of factors within exp(+-|K|) each stays a normal float32
+# while chunk * max|K| <= this.
+_MAX_CHUNK_EXPONENT = 80.0
+
+
+def _dense_values(value):
+    """An `_Affine` materialised; a tensor unchanged."""
+    return value.materialize() if isinstance(value, _Affine) else value
 
 
 def _per_row(tensor):
@@ -236,14 +258,56 @@ class _Affine:
         return _Affine(self.edits, self.offset + sign * other, self.terms, self.softplus, self.dense)
 
     def with_softplus(self):
-        """`softplus` of these values, kept for a later sum."""
-        pre = self.materialize()
+        """`softplus` of these values, kept for a later sum (unmaterialised
+        while they are one rank-one update, see `_softplus_sum_of_steps`)."""
+        pre = self if self._rank_one_kernel() is not None else self.materialize()
         return _Affine(self.edits, tf.zeros_like(self.offset), (), [(1.0, pre)])
+
+    def _rank_one_kernel(self):
+        """`K` where these values are `offset[b] + change[b, a] K[unit[b, a]]`
+        (one term with a constant scale, float32 or float64), else None."""
+        if self.softplus or self.dense is not None or len(self.terms) != 1:
+            return None
+        kernel, scale = self.terms[0]
+        if kernel is None or not (scale is None or isinstance(scale, (int, float))):
+            return None
+        if self.dtype not in (tf.float32, tf.float64) or not kernel.shape.is_fully_defined():
+            return None
+        return kernel if scale is None else kernel * scale
+
+    def _softplus_sum_of_steps(self):
+        """`[batch, A]`: `sum_j softplus(pre[b, a, j])` of these values
+        `pre = l[b] + change[b, a] K[unit[b, a]]`, as
+
+            sum_j softplus(l_j) + sum_j log(sigmoid(-l_j) + sigmoid(l_j) exp(change K[u, j])).
+
+        With every change -1, 0 or +1 (one-unit flips of a binary sample, one-hot
+        outcomes) the exponentials come from the tables `exp(+-K)`: no
+        exponential per entry. Each factor lies between 1 and `exp(change K[u, j])`,
+        so with one logarithm per chunk of entries the products stay finite while
+        `chunk * max|K| <= 80`. Other changes or larger weights take
+        `softplus_sum` on the materialised values (a `tf.cond`)."""
+        edits, kernel = self.edits, self._rank_one_kernel()
+        units, width = kernel.shape
+        chunk = _chunk(width)
+        change = tf.cast(edits.change, self.dtype)
+        steps_only = tf.reduce_all((change == 0.0) | (tf.abs(change) == 1.0))
+        bounded = tf.reduce_max(tf.abs(kernel)) * chunk <= _MAX_CHUNK_EXPONENT
+
+        def from_tables():
+            logits = self.offset
+            tables = tf.concat([tf.exp(kernel), tf.exp(-kernel), tf.ones([1, width], self.dtype)], axis=0)
+            row = tf.where(change > 0, edits.unit, tf.where(change < 0, edits.unit + units, 2 * units))
+            factors = tf.sigmoid(-logits)[:, None] + tf.sigmoid(logits)[:, None] * tf.gather(tables, row)
+            base = tf.reduce_sum(tf.nn.softplus(logits), axis=-1)
+            return base[:, None] + _sum_of_logs(factors, chunk)
+
+        return tf.cond(steps_only & bounded, from_tables, lambda: softplus_sum(self.materialize()))
 
     def _without_softplus(self):
         if not self.softplus:
             return self
-        dense = tf.add_n([sign * tf.nn.softplus(pre) for sign, pre in self.softplus])
+        dense = tf.add_n([sign * tf.nn.softplus(_dense_values(pre)) for sign, pre in self.softplus])
         dense = dense if self.dense is None else dense + self.dense
         return _Affine(self.edits, self.offset, self.terms, (), dense)
 
@@ -278,7 +342,7 @@ class _Affine:
                 picked = tf.gather(tf.matmul(scale, kernel, transpose_b=True), unit, batch_dims=1)
             total += change * picked
         for sign, pre in self.softplus:
-            total += sign * softplus_sum(pre)
+            total += sign * (pre._softplus_sum_of_steps() if isinstance(pre, _Affine) else softplus_sum(pre))
         if self.dense is not None:
             total += tf.reduce_sum(self.dense, axis=-1)
         return total

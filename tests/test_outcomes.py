@@ -176,6 +176,36 @@ def test_softplus_sum_equals_a_sum_of_softplus(width, dtype):
     assert np.isinf(got[0, 0]) and np.isfinite(got[1:]).all()
 
 
+@pytest.mark.parametrize("scale", [0.5, 20.0])
+@pytest.mark.parametrize("steps", [True, False])
+def test_softplus_of_a_rank_one_update_sums_like_its_values(scale, steps, monkeypatch):
+    """Flips of +-1 with moderate weights take the tables of exp(+-K); larger
+    weights or other changes take `softplus_sum` of the values; both equal
+    the sum of softplus entry by entry."""
+    rng = np.random.RandomState(3)
+    base = (rng.rand(4, 5) < 0.5).astype(np.float32)
+    unit = np.tile(np.arange(-1, 5), [4, 1]).astype(np.int32)
+    change = np.concatenate([np.zeros([4, 1]), 1.0 - 2.0 * base], axis=1).astype(np.float32)
+    if not steps:
+        change[:, 1:] *= 1.5
+    edits = outcomes.UnitEdits(tf.constant(base), tf.constant(unit), tf.constant(change), (5,))
+    dense = keras.layers.Dense(48)
+    dense.build((None, 5))
+    dense.kernel.assign(rng.randn(5, 48).astype(np.float32) * scale)
+    dense.bias.assign(rng.randn(48).astype(np.float32))
+    lazy = outcomes._Affine.of(edits).dense_layer(dense).scaled(-1.0).with_softplus()
+    assert isinstance(lazy.softplus[0][1], outcomes._Affine)  # not materialised
+    values = base[:, None, :] + change[..., None] * np.eye(5, dtype=np.float32)[np.maximum(unit, 0)]
+    pre = -(values @ dense.kernel.numpy() + dense.bias.numpy())
+    want = np.sum(np.logaddexp(0.0, pre), axis=-1)
+    entrywise, softplus_sum = [], outcomes.softplus_sum
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes, "softplus_sum", lambda p: entrywise.append(p) or softplus_sum(p))
+        np.testing.assert_allclose(lazy.sum(), want, rtol=1e-5)  # eagerly: only the branch taken runs
+    assert bool(entrywise) == (not steps or scale > 1.0)
+    np.testing.assert_allclose(tf.function(lambda: lazy.sum(), jit_compile=True)(), want, rtol=1e-5)
+
+
 def _likelihood_model():
     """A Bernoulli node whose costs reach it through linear operations, softplus
     and sums: a Bernoulli log-likelihood of a Dense decoder, a linear chain of
