@@ -45,7 +45,8 @@ evaluation schedule.
 Results are merged into --out_dir/sbn.json (one entry per dataset/arch: a rerun
 replaces its section whole, reading notes kept) and --out_dir/sbn.md is
 rewritten from it, with PNG curves sbn_<dataset>_<arch>.png (all redrawn from the JSON
-on every write: one colour per method, seeds thin, their median bold). An entry's
+on every write: -ELBO against steps and time, one colour per method, seeds thin,
+their median bold; encoder gradient variance per checkpoint). An entry's
 "title" overrides its heading (an older section kept under another tag); the
 "_appendix" string of sbn.json (hand-written text) ends the page.
 `--merge_from=other/sbn.json` merges runs written with another --out_dir.
@@ -461,7 +462,7 @@ def plot(entry, path):
         from matplotlib import ticker
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     for k, (name, runs) in enumerate(entry["methods"].items()):
         # One colour per method: each seed thin, the median over seeds at each checkpoint bold.
         curves = [r["curve"] for r in runs if "curve" in r]
@@ -478,6 +479,7 @@ def plot(entry, path):
         label = name if len(curves) == 1 else f"{name} (median of {len(curves)})"
         axes[0].plot([c["step"] for c in curves[0][:points]], median, color=color, linewidth=2, label=label)
         axes[1].plot(seconds, median, color=color, linewidth=2)
+    plot_variance(axes[2], entry)
     for ax, xl in zip(axes, ("training steps", "training wall-clock (s)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("test negative ELBO (nats)")
@@ -489,14 +491,47 @@ def plot(entry, path):
     first = [r["curve"][1]["test_nelbo"] for runs in entry["methods"].values() for r in runs
              if "curve" in r and len(r["curve"]) > 1]
     if first:
-        for ax in axes:
+        for ax in axes[:2]:
             ax.set_ylim(lo - 2, max(first) + 5)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO")
+    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO; encoder gradient variance")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return os.path.basename(path)
+
+
+def plot_variance(ax, entry):
+    """Bars of the total encoder gradient variance at each checkpoint (median
+    over seeds, log scale), per keras_bpq estimator, with `reinforce` at the
+    same weights (hatched) where it was measured."""
+    bars = []  # (label, colour, hatch, {step: [variances]})
+    for k, (name, runs) in enumerate(entry["methods"].items()):
+        own, same = {}, {}
+        for r in runs:
+            for c in r.get("curve", []):
+                if "encoder_variance" in c:
+                    own.setdefault(c["step"], []).append(c["encoder_variance"])
+                if c.get("reinforce_same_weights_variance"):
+                    same.setdefault(c["step"], []).append(c["reinforce_same_weights_variance"])
+        if own:
+            bars.append((name.replace("keras_bpq ", ""), f"C{k % 10}", None, own))
+        if same:
+            bars.append((f"reinforce at {name.replace('keras_bpq ', '')}'s weights", f"C{k % 10}", "//", same))
+    if not bars:
+        ax.set_axis_off()
+        return
+    steps = sorted({s for _, _, _, v in bars for s in v})
+    width = 0.8 / len(bars)
+    for i, (label, color, hatch, values) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j, s in enumerate(steps) if s in values]
+        ys = [float(np.median(values[s])) for s in steps if s in values]
+        ax.bar(xs, ys, width, color="white" if hatch else color, edgecolor=color, hatch=hatch, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(steps)), [f"step {s}" for s in steps])
+    ax.set_ylabel("encoder gradient variance (total, median of seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
 
 
 def markdown(report):
@@ -546,7 +581,7 @@ def markdown(report):
                 out.append(f"| {name} | " + " | ".join(vals) + " |")
             out.append("")
         if entry.get("plot"):
-            out += [f"![test -ELBO]({entry['plot']})", ""]
+            out += [f"![test -ELBO and encoder gradient variance]({entry['plot']})", ""]
         var_rows = []
         for name, runs in entry["methods"].items():
             for r in runs:
