@@ -104,7 +104,7 @@ flags.DEFINE_integer("timing_repeats", 2, "Timed fits per setting (best reported
 flags.DEFINE_list("variance_checkpoints", ["0", "end"], "Steps at which gradient variance is measured.")
 flags.DEFINE_integer("num_draws", 100, "Gradient draws per variance measurement.")
 flags.DEFINE_integer("chunk", 25, "Draws per estimate_gradients pass.")
-flags.DEFINE_list("peers", [], "Peers to run: pyro_decaying, pyro_neural, storch_sf, storch_relax.")
+flags.DEFINE_list("peers", [], "Peers to run: pyro_decaying, pyro_neural, storch_sf, storch_relax, storch_disarm.")
 flags.DEFINE_integer("peer_steps", 0, "Steps for the peers (0: --steps).")
 flags.DEFINE_list("peer_steps_override", [], "name=steps pairs for very slow peers (e.g. storch_relax=200).")
 flags.DEFINE_bool("skip_timing", False, "Skip the steps/s table.")
@@ -120,6 +120,7 @@ PEERS = {
     "pyro_neural": ("pyro_sbn.py", ["--baseline=neural"]),
     "storch_sf": ("storchastic_sbn.py", ["--method=sf"]),
     "storch_relax": ("storchastic_sbn.py", ["--method=relax"]),
+    "storch_disarm": ("storchastic_sbn.py", ["--method=disarm"]),
 }
 
 

@@ -1,4 +1,4 @@
-"""Peer: a sigmoid belief net trained with Storchastic (score function + baseline, RELAX).
+"""Peer: a sigmoid belief net trained with Storchastic (score function + baseline, RELAX, DisARM).
 
 Run by `benchmarks/sbn.py --peers` as a subprocess (same data file, architecture,
 batch, Adam learning rate and step budget as keras_bpq); usable on its own:
@@ -12,7 +12,10 @@ per-example costs recon / kl per layer, `storch.backward()` builds the surrogate
   * `sf`: `ScoreFunction(plate, n_samples=1, baseline_factory="moving_average")`
     (Storchastic's exponential moving-average baseline, its default decay 0.95);
   * `relax`: `RELAX(plate, in_dim=200)` (Storchastic's default control-variate
-    network and learned temperature).
+    network and learned temperature);
+  * `disarm`: `DisARM(plate)`. Its samples are bool, cast to float for the next
+    layer; it then fails inside Storchastic's estimator on torch 2.13 (the
+    error is on benchmarks/results/sbn.md).
 The data batch is `storch.denote_independent(x, 0, "data")`. An error is
 recorded verbatim in the JSON (`error`) instead of patching the peer.
 
@@ -28,7 +31,7 @@ import traceback
 import torch
 
 import storch
-from storch.method import RELAX, ScoreFunction
+from storch.method import RELAX, DisARM, ScoreFunction
 from torch.distributions import Bernoulli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, when run from anywhere
@@ -37,7 +40,7 @@ from common import H, SBN, arg_parser, bernoulli_log_prob, emit, load, setup, tr
 
 def main():
     p = arg_parser(__doc__)
-    p.add_argument("--method", choices=["sf", "relax"], default="sf")
+    p.add_argument("--method", choices=["sf", "relax", "disarm"], default="sf")
     args = p.parse_args()
     setup(args)
     data = load(args.data)
@@ -47,8 +50,10 @@ def main():
     if args.method == "sf":
         methods = [ScoreFunction(f"z{i + 1}", n_samples=1, baseline_factory="moving_average")
                    for i in range(layers)]
-    else:
+    elif args.method == "relax":
         methods = [RELAX(f"z{i + 1}", in_dim=H) for i in range(layers)]
+    else:
+        methods = [DisARM(f"z{i + 1}") for i in range(layers)]
     params = list(net.parameters()) + [q for m in methods for q in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
 
@@ -58,7 +63,7 @@ def main():
         inp, zs, qs = x, [], []
         for i in range(layers):
             logits = net.q[i](inp)
-            z = methods[i](Bernoulli(logits=logits))
+            z = methods[i](Bernoulli(logits=logits)).float()  # DisARM samples are bool
             zs.append(z)
             qs.append(logits)
             inp = z
@@ -70,7 +75,7 @@ def main():
         storch.backward()
         optimizer.step()
 
-    variant = {"sf": "ScoreFunction, moving_average baseline", "relax": "RELAX"}[args.method]
+    variant = {"sf": "ScoreFunction, moving_average baseline", "relax": "RELAX", "disarm": "DisARM"}[args.method]
     try:
         result = train_and_evaluate(args, data, net, train_step)
     except Exception as error:  # recorded verbatim, not patched
