@@ -475,7 +475,12 @@ def plot(entry, path):
         from matplotlib import ticker
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+    with_variance = any("encoder_variance" in c for runs in entry["methods"].values() for r in runs
+                        for c in r.get("curve", []))
+    if with_variance:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k, (name, runs) in enumerate(entry["methods"].items()):
         # One colour per method: each seed thin, the median over seeds at each checkpoint bold.
         curves = [r["curve"] for r in runs if "curve" in r]
@@ -492,7 +497,8 @@ def plot(entry, path):
         label = name if len(curves) == 1 else f"{name} (median of {len(curves)})"
         axes[0].plot([c["step"] for c in curves[0][:points]], median, color=color, linewidth=2, label=label)
         axes[1].plot(seconds, median, color=color, linewidth=2)
-    plot_variance(axes[2], entry)
+    if with_variance:
+        plot_variance(axes[2], entry)
     for ax, xl in zip(axes, ("training steps", "training wall-clock (s)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("test negative ELBO (nats)")
@@ -507,7 +513,8 @@ def plot(entry, path):
         for ax in axes[:2]:
             ax.set_ylim(lo - 2, max(first) + 5)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO; encoder gradient variance")
+    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO"
+                 + ("; encoder gradient variance" if with_variance else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -531,9 +538,6 @@ def plot_variance(ax, entry):
             bars.append((name.replace("keras_bpq ", ""), f"C{k % 10}", None, own))
         if same:
             bars.append((f"reinforce at {name.replace('keras_bpq ', '')}'s weights", f"C{k % 10}", "//", same))
-    if not bars:
-        ax.set_axis_off()
-        return
     steps = sorted({s for _, _, _, v in bars for s in v})
     width = 0.8 / len(bars)
     for i, (label, color, hatch, values) in enumerate(bars):
