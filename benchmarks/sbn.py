@@ -243,10 +243,13 @@ def build_autoencoder(pixels, arch):
 
 def estimator_option(name):
     """`compile(estimator=...)` for a benchmark estimator name: a registered
-    name, or `relax_tuned` (RELAX with its control variate trained to
-    minimise the gradient variance)."""
+    name, `relax_tuned` (RELAX with its control variate trained to minimise
+    the gradient variance) or `critic_cv_units<S>` (critic_cv summing the
+    flips of S random units per example, `estimators.CriticCV(units=S)`)."""
     if name == "relax_tuned":
         return estimators.Relax(tune=True)
+    if name.startswith("critic_cv_units"):
+        return estimators.CriticCV(units=int(name[len("critic_cv_units"):]))
     return name
 
 

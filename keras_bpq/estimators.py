@@ -174,7 +174,7 @@ def _flat(value):
     return tf.reshape(value, [tf.shape(value)[0], int(np.prod(value.shape[1:]))])
 
 
-def local_outcomes(step):
+def local_outcomes(step, units=None):
     """The outcomes a critic is summed over, and their weights.
 
     Returns `(values, weights, current)`:
@@ -186,18 +186,26 @@ def local_outcomes(step):
 
     Binary (factorised) nodes: one unit at a time, the others held at their
     sampled values: `E_loc = sum_u [p_u(x_u) Q(x) + p_u(1 - x_u) Q(x with u flipped)]`.
+    With `units = S` below the node's `U` units, the sum runs over a uniform
+    random subset of `S` units per example, scaled by `U / S`: its gradient is
+    still unbiased, at `S + 1` outcomes instead of `U + 1`.
     Categorical nodes: every outcome, `E_loc = sum_k p_k Q(e_k)`.
     """
     record, info = step.record, step.info
     x = record.sample
     if info.local_kind == "binary":
         flat = tf.cast(_flat(x), tf.float32)
-        units = flat.shape[1]
-        unit = tf.tile(tf.range(units)[None], [tf.shape(flat)[0], 1])
-        values = outcomes.UnitEdits(flat, unit, 1.0 - 2.0 * flat, x.shape[1:])
         p_one = tf.sigmoid(_flat(tf.cast(record.params, tf.float32)))
         p_current = flat * p_one + (1.0 - flat) * (1.0 - p_one)
-        return values, 1.0 - p_current, tf.reduce_sum(p_current, axis=1)
+        total = flat.shape[1]
+        if units is None or units >= total:
+            unit, scale = tf.tile(tf.range(total)[None], [tf.shape(flat)[0], 1]), 1.0
+        else:  # the top `units` of iid uniform scores: a uniform subset without replacement
+            unit = tf.math.top_k(tf.random.stateless_uniform(tf.shape(flat), seed=step.seed()), k=units).indices
+            p_current, scale = tf.gather(p_current, unit, batch_dims=1), total / units
+        change = 1.0 - 2.0 * tf.gather(flat, unit, batch_dims=1)
+        values = outcomes.UnitEdits(flat, unit, change, x.shape[1:])
+        return values, scale * (1.0 - p_current), scale * tf.reduce_sum(p_current, axis=1)
     if info.local_kind == "categorical":
         k = x.shape[-1]
         batch = tf.shape(x)[0]
@@ -232,8 +240,8 @@ def _local_expectation(q_x, q_alt, weights, current):
     return current * q_x + tf.reduce_sum(tf.where(weights > 0, weights * q_alt, 0.0), axis=1)
 
 
-def _q_at_sample_and_outcomes(step):
-    values, weights, current = local_outcomes(step)
+def _q_at_sample_and_outcomes(step, units=None):
+    values, weights, current = local_outcomes(step, units)
     q_values = step.q(values.with_first(step.record.sample))
     return q_values[:, 0], q_values[:, 1:], weights, current
 
@@ -260,20 +268,40 @@ class CriticCV(Estimator):
     draws: independent of this draw, so still unbiased, and it removes a
     learned `Q`'s per-example offset, which makes the residual noisy while
     the critic is untrained (on the KG agent, 9x `rloo`'s gradient noise).
+
+    Args:
+      units: for Bernoulli nodes, sum the flips of a random subset of this many
+        units per example (scaled by `U / units`; unbiased), not of all `U`:
+        the critic is evaluated at `units + 1` outcomes instead of `U + 1`.
+        None: every unit.
     """
 
     name = "critic_cv"
     needs_critic = True
 
+    def __init__(self, units=None):
+        if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
+            raise ValueError(f"CriticCV(units={units!r}): units must be a positive int or None.")
+        self.units = units
+
     def check(self, info, num_samples=1):
         _check_local(self.name, info)
+        if self.units is not None and info.local_kind != "binary":
+            raise ValueError(
+                f"Estimator 'critic_cv' with units={self.units} cannot serve node {info.name!r}: "
+                f"a random subset of units needs a Bernoulli node, not {info.distribution}. "
+                "Leave units=None for it (a per-node dict of estimators)."
+            )
 
     def surrogate(self, step):
-        q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
+        q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step, self.units)
         residual = step.downstream - q_x
         if step.num_samples > 1:
             residual -= _leave_one_out_mean(residual, step.num_samples)
         return _local_expectation(q_x, q_alt, weights, current) + step.record.log_prob() * tf.stop_gradient(residual)
+
+    def get_config(self):
+        return {"units": self.units}
 
 
 class CriticAdvantage(Estimator):

@@ -5,6 +5,8 @@ import pytest
 
 import graphs
 from keras_bpq import diagnostics
+from keras_bpq import estimators
+from keras_bpq import saving
 
 NUM_DRAWS = 2000
 
@@ -82,3 +84,30 @@ def test_critic_cv_with_several_draws_matches_exact_gradient(name):
     model, x = graphs.ALL[name]()
     model.compile(optimizer="adam", num_samples=3)
     assert_unbiased(model, x)
+
+
+def _unit_subsets(model, units):
+    """`CriticCV(units)` on every Bernoulli node, 'auto' on the others."""
+    model.compile(estimator="reinforce")
+    return {
+        info.name: estimators.CriticCV(units=units) if info.local_kind == "binary" else "auto"
+        for info in model.scg().nodes
+    }
+
+
+@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", False), ("two_costs", True)])
+def test_critic_cv_on_a_random_subset_of_units_matches_exact_gradient(name, jit_compile):
+    """One flipped unit per example, scaled by the node's unit count: unbiased."""
+    model, x = graphs.ALL[name]()
+    model.compile(optimizer="adam", estimator=_unit_subsets(model, 1), jit_compile=jit_compile)
+    assert_unbiased(model, x)
+
+
+def test_critic_cv_units_are_checked_and_saved():
+    model, x = graphs.dag()  # z3 is Categorical
+    with pytest.raises(ValueError, match="units=1 cannot serve node 'z3'"):
+        model.compile(estimator=estimators.CriticCV(units=1))
+    with pytest.raises(ValueError, match="positive int"):
+        estimators.CriticCV(units=0)
+    estimator = saving._decode_estimator(saving._encode_estimator(estimators.CriticCV(units=3), "estimator"))
+    assert isinstance(estimator, estimators.CriticCV) and estimator.units == 3
