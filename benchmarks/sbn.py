@@ -19,7 +19,8 @@ library; the train NELBO on a fixed binarised subset of training images.
 Per keras_bpq estimator and seed:
   * learning curve (test/train NELBO against steps and training wall-clock),
     trained with `fit` in chunks of --eval_every steps (steps_per_execution 50,
-    jit_compile off: the faster mode on this CPU, see the timing table) on the
+    jit_compile off unless --curve_jit; the timing table says which mode is
+    faster) on the
     dynamically binarising tf.data pipeline, autotuning off (see
     `without_autotuning`); the wall-clock includes the pipeline;
   * encoder gradient variance at --variance_checkpoints (sum over encoder
@@ -113,6 +114,7 @@ flags.DEFINE_list(
     "(e.g. rloo=4000, to compare at equal wall-clock).")
 flags.DEFINE_string("tag", "", "Section tag in sbn.json (default <dataset>_<arch>): another tag adds a section.")
 flags.DEFINE_string("title", "", "Heading of the section (default '<dataset>, <arch>').")
+flags.DEFINE_bool("curve_jit", False, "Train the learning-curve runs with jit_compile=True.")
 flags.DEFINE_bool("skip_timing", False, "Skip the steps/s table.")
 flags.DEFINE_bool("skip_variance", False, "Skip the gradient variance.")
 flags.DEFINE_string("out_dir", os.path.join(_ROOT, "benchmarks", "results"), "Output directory.")
@@ -304,7 +306,7 @@ def _steps_for(name, default, overrides):
 
 def run_keras(estimator, seed, train, data, checkpoints):
     keras.utils.set_random_seed(seed)
-    model = compile_sbn(build_sbn(train.shape[1], FLAGS.arch), estimator, False)
+    model = compile_sbn(build_sbn(train.shape[1], FLAGS.arch), estimator, FLAGS.curve_jit)
     test, train_eval, xvar = data["test"], data["train_eval"], data["var_batch"]
 
     def evaluate(step, seconds):
@@ -778,6 +780,7 @@ def main(argv):
             "estimators": FLAGS.estimators, "peers": FLAGS.peers, "rloo_k": FLAGS.rloo_k,
             "first_seed_only": FLAGS.first_seed_only,
             "estimator_steps_override": FLAGS.estimator_steps_override,
+            "curve_jit_compile": FLAGS.curve_jit,
             "timing_data": "in_memory", "tf_data_autotune": False,
         },
         "methods": methods,
