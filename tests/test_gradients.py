@@ -104,7 +104,7 @@ def test_critic_cv_on_a_random_subset_of_units_matches_exact_gradient(name, jit_
 
 
 def test_critic_cv_units_are_checked_and_saved():
-    model, x = graphs.dag()  # z3 is Categorical
+    model, _ = graphs.dag()  # z3 is Categorical
     with pytest.raises(ValueError, match="units=1 cannot serve node 'z3'"):
         model.compile(estimator=estimators.CriticCV(units=1))
     with pytest.raises(ValueError, match="positive int"):
