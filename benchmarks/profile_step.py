@@ -19,6 +19,9 @@ Pieces of the default's step (`--breakdown`), each timed alone:
   heads) and the actor's gradient.
 
     python benchmarks/profile_step.py --dataset=fashion_mnist --arch=two_layer
+
+`--breakdown_of=critic_cv_units<S>` (with it in --compare) breaks down
+`estimators.CriticCV(units=S)`'s step instead, its heads at S + 1 outcomes.
 """
 
 import importlib.util
@@ -48,6 +51,10 @@ flags.DEFINE_integer("fit_steps", 200, "Steps per timed fit (whole steps).")
 flags.DEFINE_integer("iterations", 20, "Calls per timed loop (pieces).")
 flags.DEFINE_integer("repeats", 3, "Timed rounds (best reported).")
 flags.DEFINE_bool("breakdown", True, "Also time the pieces of the default's step.")
+flags.DEFINE_string(
+    "breakdown_of", "auto",
+    "The --compare estimator whose step is broken down: 'auto', or 'critic_cv_units<S>' (its local "
+    "sums over S random units per node).")
 
 
 def batches(train, count, seed):
@@ -88,8 +95,9 @@ def loop(fn, jit):
     return timed
 
 
-def pieces(model, x):
-    """`{name: x -> tensors}` for the pieces of one default step."""
+def pieces(model, x, units=None):
+    """`{name: x -> tensors}` for the pieces of one critic_cv step (local sums
+    over `units` random units per node, None: all)."""
     scg = model.scg(x)
 
     def forward(x):
@@ -100,7 +108,7 @@ def pieces(model, x):
             _, _, _, records = model.record_forward(x)
             record = records[info.name]
             step = estimators.NodeStep(info=info, record=record, downstream=None, state={})
-            values = estimators.local_outcomes(step)[0].with_first(record.sample)
+            values = estimators.local_outcomes(step, units)[0].with_first(record.sample)
             context = model._context(info, x, records)
             if kind == "learned":
                 return model.machinery.critics[info.name].q_outcomes(context, values, target=True)
@@ -149,12 +157,14 @@ def main(argv):
         print(f"\njit_compile={jit}: whole training step (fit, steps_per_execution 50)")
         for name, seconds in best.items():
             print(f"  {name:<12} {1e3 * seconds:8.2f} ms/step  {seconds / base:5.1f}x {FLAGS.compare[0]}")
-        if not FLAGS.breakdown or "auto" not in models:
+        if not FLAGS.breakdown or FLAGS.breakdown_of not in models:
             continue
-        model = models["auto"]
+        model = models[FLAGS.breakdown_of]
+        prefix = "critic_cv_units"
+        units = int(FLAGS.breakdown_of[len(prefix):]) if FLAGS.breakdown_of.startswith(prefix) else None
         x = tf.constant(data[0])
-        print(f"  pieces of the auto step (each alone, {FLAGS.iterations} calls per loop):")
-        for name, fn in pieces(model, x).items():
+        print(f"  pieces of the {FLAGS.breakdown_of} step (each alone, {FLAGS.iterations} calls per loop):")
+        for name, fn in pieces(model, x, units).items():
             seconds = loop(fn, jit)(x)
             print(f"    {name:<32} {1e3 * seconds:8.2f} ms")
 
