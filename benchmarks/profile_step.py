@@ -160,8 +160,7 @@ def main(argv):
         if not FLAGS.breakdown or FLAGS.breakdown_of not in models:
             continue
         model = models[FLAGS.breakdown_of]
-        prefix = "critic_cv_units"
-        units = int(FLAGS.breakdown_of[len(prefix):]) if FLAGS.breakdown_of.startswith(prefix) else None
+        units = getattr(sbn.estimator_option(FLAGS.breakdown_of), "units", None)  # CriticCV(units=S)
         x = tf.constant(data[0])
         print(f"  pieces of the {FLAGS.breakdown_of} step (each alone, {FLAGS.iterations} calls per loop):")
         for name, fn in pieces(model, x, units).items():

@@ -690,10 +690,11 @@ def markdown(report):
 
 
 def write_report(report):
-    """sbn.json, sbn.md and every section's PNG, redrawn from the JSON."""
+    """sbn.json, sbn.md and every section's PNG (`sbn_<tag>.png` unless the
+    entry names another), redrawn from the JSON."""
     for tag, entry in report.items():
-        if not tag.startswith("_") and entry.get("plot"):
-            plot(entry, os.path.join(FLAGS.out_dir, entry["plot"]))
+        if not tag.startswith("_"):
+            entry["plot"] = plot(entry, os.path.join(FLAGS.out_dir, entry.get("plot") or f"sbn_{tag}.png"))
     with open(os.path.join(FLAGS.out_dir, "sbn.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(FLAGS.out_dir, "sbn.md"), "w") as f:
@@ -791,7 +792,6 @@ def main(argv):
         entry["title"] = FLAGS.title
     entry["summary"] = summarise(entry)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    entry["plot"] = plot(entry, os.path.join(FLAGS.out_dir, f"sbn_{tag}.png"))
     report = load_report()  # other sections and the "_appendix" are kept
     if tag in report and report[tag].get("notes"):
         entry["notes"] = report[tag]["notes"]
