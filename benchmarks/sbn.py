@@ -246,12 +246,16 @@ def build_autoencoder(pixels, arch):
 def estimator_option(name):
     """`compile(estimator=...)` for a benchmark estimator name: a registered
     name, `relax_tuned` (RELAX with its control variate trained to minimise
-    the gradient variance) or `critic_cv_units<S>` (critic_cv summing the
-    flips of S random units per example, `estimators.CriticCV(units=S)`)."""
+    the gradient variance), `critic_cv_units<S>` (critic_cv summing the
+    flips of S random units per example, `estimators.CriticCV(units=S)`) or
+    `critic_cv_linear<S>` (every unit's flip to first order, corrected by S
+    exact ones, `estimators.CriticCV(units=S, linearize=True)`)."""
     if name == "relax_tuned":
         return estimators.Relax(tune=True)
     if name.startswith("critic_cv_units"):
         return estimators.CriticCV(units=int(name[len("critic_cv_units"):]))
+    if name.startswith("critic_cv_linear"):
+        return estimators.CriticCV(units=int(name[len("critic_cv_linear"):]), linearize=True)
     return name
 
 

@@ -111,3 +111,21 @@ def test_critic_cv_units_are_checked_and_saved():
         estimators.CriticCV(units=0)
     estimator = saving._decode_estimator(saving._encode_estimator(estimators.CriticCV(units=3), "estimator"))
     assert isinstance(estimator, estimators.CriticCV) and estimator.units == 3
+
+
+def _linearised_subsets(model, units):
+    """`CriticCV(units, linearize=True)` on every Bernoulli node, 'auto' on the others."""
+    model.compile(estimator="reinforce")
+    return {
+        info.name: estimators.CriticCV(units=units, linearize=True) if info.local_kind == "binary" else "auto"
+        for info in model.scg().nodes
+    }
+
+
+@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", True), ("two_costs", True), ("mixed", False)])
+def test_critic_cv_with_a_first_order_expansion_matches_exact_gradient(name, jit_compile):
+    """Every unit's flip expanded to first order, one exact flip per example
+    correcting it: unbiased whatever the expansion's error."""
+    model, x = graphs.ALL[name]()
+    model.compile(optimizer="adam", estimator=_linearised_subsets(model, 1), jit_compile=jit_compile)
+    assert_unbiased(model, x)
