@@ -88,6 +88,13 @@ class Estimator:
     def get_config(self):
         return {}
 
+    def describe(self):
+        """The name and the options that differ from the defaults, e.g.
+        `critic_cv(units=4, linearize=True)`."""
+        defaults = type(self)().get_config()
+        changed = {k: v for k, v in self.get_config().items() if defaults.get(k) != v}
+        return self.name + (f"({', '.join(f'{k}={v!r}' for k, v in changed.items())})" if changed else "")
+
 
 class Reinforce(Estimator):
     """Score function with an exponential-moving-average baseline.
@@ -764,35 +771,50 @@ ESTIMATORS = {
 MAX_SUPPORT = 1024
 
 
-def auto_name(info, num_samples=1):
-    """The default estimator for a node (DESIGN.md §2). Only estimators that
-    stay unbiased whatever the critic's state are chosen:
+# Bernoulli nodes with more units than this get `auto`'s first-order expansion
+# of every flip, corrected by this many exact flips per example
+# (`CriticCV(units=AUTO_EXACT_FLIPS, linearize=True)`); the choice is measured
+# on benchmarks/results/variance_per_second.md.
+AUTO_EXACT_FLIPS = 4
 
-    * `reparam` for reparameterised nodes;
-    * `critic_cv` for Bernoulli nodes and Categorical nodes with at most
-      `MAX_SUPPORT` outcomes (exact sums over each unit's outcomes);
-    * otherwise `rloo` when `num_samples >= 2`, else `reinforce`.
+
+def auto(info, num_samples=1):
+    """The default estimator for a node. Only estimators that stay unbiased
+    whatever the critic's state are chosen:
+
+    * `Reparam` for reparameterised nodes;
+    * for Bernoulli nodes `CriticCV`: with at most `AUTO_EXACT_FLIPS` units,
+      every unit's flip exact; with more, every flip expanded to first order
+      and `AUTO_EXACT_FLIPS` random exact flips per example correcting it
+      (`linearize=True`), which keeps most of the full sum's variance
+      reduction at a small fraction of its cost on wide layers;
+    * `CriticCV` for Categorical nodes with at most `MAX_SUPPORT` outcomes
+      (exact sums over every outcome);
+    * otherwise `RLOO` when `num_samples >= 2`, else `Reinforce`.
     """
     if info.reparameterized:
-        return "reparam"
-    if info.local_kind == "binary" or (
-        info.local_kind == "categorical" and info.event_shape[-1] <= MAX_SUPPORT
-    ):
-        return "critic_cv"
-    return "rloo" if num_samples >= 2 else "reinforce"
+        return Reparam()
+    if info.local_kind == "binary":
+        if int(np.prod(info.event_shape)) > AUTO_EXACT_FLIPS:
+            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True)
+        return CriticCV()
+    if info.local_kind == "categorical" and info.event_shape[-1] <= MAX_SUPPORT:
+        return CriticCV()
+    return RLOO() if num_samples >= 2 else Reinforce()
 
 
 def get(identifier, info, num_samples=1):
     """Resolves a name, `"auto"` or an `Estimator` instance for one node."""
     if isinstance(identifier, Estimator):
         estimator = identifier
+    elif identifier in (None, "auto"):
+        estimator = auto(info, num_samples)
+    elif identifier in ESTIMATORS:
+        estimator = ESTIMATORS[identifier]()
     else:
-        name = auto_name(info, num_samples) if identifier in (None, "auto") else identifier
-        if name not in ESTIMATORS:
-            raise ValueError(
-                f"Unknown estimator {identifier!r} for node {info.name!r}. Choose one "
-                f"of {sorted(ESTIMATORS)} or 'auto'."
-            )
-        estimator = ESTIMATORS[name]()
+        raise ValueError(
+            f"Unknown estimator {identifier!r} for node {info.name!r}. Choose one "
+            f"of {sorted(ESTIMATORS)} or 'auto'."
+        )
     estimator.check(info, num_samples)
     return estimator

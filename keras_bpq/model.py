@@ -445,7 +445,7 @@ class BackpropQModel(keras.Model):
         """Prints the SCG: node, distribution, context, costs, estimator, critic."""
         scg = self.scg(x)
         self._ensure_machinery()
-        estimators = {n: e.name for n, e in self._node_estimators.items()}
+        estimators = {n: e.describe() for n, e in self._node_estimators.items()}
         critics = {}
         for info in scg.nodes:
             if not self._node_estimators[info.name].needs_critic:

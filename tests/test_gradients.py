@@ -1,9 +1,11 @@
 """Every estimator's mean agrees with the exact gradient computed by enumeration."""
 
+import keras
 import numpy as np
 import pytest
 
 import graphs
+import keras_bpq
 from keras_bpq import diagnostics
 from keras_bpq import estimators
 from keras_bpq import saving
@@ -129,3 +131,47 @@ def test_critic_cv_with_a_first_order_expansion_matches_exact_gradient(name, jit
     model, x = graphs.ALL[name]()
     model.compile(optimizer="adam", estimator=_linearised_subsets(model, 1), jit_compile=jit_compile)
     assert_unbiased(model, x)
+
+
+def _wide():
+    """x -> z1 (6 bits, wider than auto's exact flips) -> z2 (6 bits) -> a
+    softplus-sum cost, and a cost on z1 alone: auto expands both nodes' flips."""
+    x = keras.Input((graphs.INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(graphs._dense(6, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(graphs._dense(6, "d2", 2)(z1))
+    logits = graphs._dense(3, "dec", 3)(z2)
+    far = keras.ops.sum(keras.ops.softplus(logits) - x * logits, axis=-1)
+    near = graphs._square_cost(graphs._dense(2, "dec1", 4)(z1), x)
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=z2, costs={"far": far, "near": near}, name="wide")
+    return model, graphs.inputs()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_auto_expands_wide_bernoulli_nodes_and_stays_unbiased(jit_compile):
+    model, x = _wide()
+    model.compile(optimizer="adam", jit_compile=jit_compile)
+    chosen = {n: (e.name, e.units, e.linearize) for n, e in model.node_estimators.items()}
+    flips = estimators.AUTO_EXACT_FLIPS
+    assert chosen == {"z1": ("critic_cv", flips, True), "z2": ("critic_cv", flips, True)}
+    assert_unbiased(model, x, num_draws=1500)
+
+
+def test_auto_sums_every_flip_of_narrow_bernoulli_nodes():
+    model, _ = graphs.chain()
+    model.compile(optimizer="adam")
+    assert all(e.units is None for e in model.node_estimators.values())
+
+
+def test_linearize_needs_units():
+    with pytest.raises(ValueError, match="needs units"):
+        estimators.CriticCV(linearize=True)
+    estimator = saving._decode_estimator(
+        saving._encode_estimator(estimators.CriticCV(units=3, linearize=True), "estimator"))
+    assert estimator.units == 3 and estimator.linearize
+
+
+def test_summary_names_the_expansion():
+    model, x = _wide()
+    model.compile(optimizer="adam")
+    text = model.scg_summary(x, print_fn=lambda s: None)
+    assert f"critic_cv(units={estimators.AUTO_EXACT_FLIPS}, linearize=True)" in text
