@@ -246,9 +246,18 @@ def test_saved_model_cli_show_and_run(served, tmp_path):
     ]:
         runs[signature] = _cli("run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
                                signature, "--inputs", inputs, "--outdir", str(tmp_path / signature))
+    # A TF1 session (as TF Serving runs a SavedModel) checks the inputs too.
+    np.save(tmp_path / "three_seeds.npy", np.arange(3, dtype=np.int64))
+    bad = _cli("run", "--dir", str(path), "--tag_set", "serve", "--signature_def", "seeded", "--inputs",
+               f"features={tmp_path / 'x.npy'};seed={tmp_path / 'three_seeds.npy'}",
+               "--outdir", str(tmp_path / "bad"))
     outputs = {name: proc.communicate(timeout=300) for name, proc in runs.items()}
     for name, proc in runs.items():
         assert proc.returncode == 0, (name, outputs[name][1][-3000:])
+    bad_stderr = bad.communicate(timeout=300)[1]
+    assert bad.returncode != 0
+    assert ("Signature seeded: input `seed` must hold one int64 seed per example; got 3 seeds for 2 "
+            "rows of input `features`.") in bad_stderr, bad_stderr[-3000:]
 
     shown = outputs["show"][0]
     for signature in ("serving_default", "mode", "seeded"):
