@@ -132,7 +132,7 @@ class StochasticNode(keras.layers.Layer):
                         seed, context.replica_id_in_sync_group
                     )
                 value = self.draw(dist, seed)
-            sample = tf.cast(self.finish_sample(value, params, mask), self.compute_dtype)
+            sample = tf.cast(self.finish_sample(value, mask), self.compute_dtype)
         raw_sample = sample
         if recorder is not None and name not in recorder.keep_gradient:
             sample = tf.stop_gradient(sample)
@@ -140,7 +140,7 @@ class StochasticNode(keras.layers.Layer):
             recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample))
         return sample
 
-    def finish_sample(self, value, params, mask=None):
+    def finish_sample(self, value, mask=None):
         """The sample (or most likely value) `value` as the node returns it."""
         return value
 
@@ -307,8 +307,9 @@ class Categorical(StochasticNode):
     none raises `tf.errors.InvalidArgumentError` naming the node and the row
     (eagerly, in a traced step, in `predict` and in an exported SavedModel).
     Under XLA (`jit_compile=True`), which drops assertions, such a row's
-    sample is NaN instead, so no forbidden outcome is ever returned and the
-    training step that meets it is skipped as non-finite.
+    sample (or mode) is NaN instead, so no forbidden outcome is ever returned;
+    a `BackpropQModel` training step then meets a non-finite cost or gradient
+    and is skipped.
     """
 
     distribution_name = "Categorical"
@@ -381,9 +382,9 @@ class Categorical(StochasticNode):
     @staticmethod
     def empty_rows(mask):
         """Boolean `mask.shape[:-1]`: the rows of `mask` that allow no outcome."""
-        return tf.logical_not(tf.reduce_any(tf.cast(mask, tf.bool), axis=-1))
+        return tf.logical_not(tf.reduce_any(mask, axis=-1))
 
-    def finish_sample(self, value, params, mask=None):
+    def finish_sample(self, value, mask=None):
         """NaN for the rows that allow no outcome (reached under XLA only, where
         the assertion of `checked_mask` is dropped), so that no forbidden outcome
         is ever returned."""
