@@ -400,8 +400,8 @@ class CriticAdvantage(Estimator):
         if step.info.local_kind == "categorical":
             value = _local_expectation(q_x, q_alt, weights, current)
             return record.log_prob() * tf.stop_gradient(q_x - value)
-        flat = _flat(record.sample)
-        logits = _flat(tf.cast(record.params, tf.float32))
+        flat = _flat(_float32(record.sample))
+        logits = _flat(_float32(record.params))
         unit_log_p = flat * logits - tf.math.softplus(logits)
         advantage = tf.stop_gradient(weights * (q_x[:, None] - q_alt))
         return tf.reduce_sum(unit_log_p * advantage, axis=1)
@@ -432,26 +432,37 @@ class Pathwise(Estimator):
         with tf.GradientTape() as tape:
             tape.watch(x)
             q = tf.reduce_sum(step.q(x[:, None]))
-        slope = tf.stop_gradient(tape.gradient(q, x))
-        return tf.reduce_sum(_flat(slope * record.raw_sample), axis=1)
+        slope = _float32(tf.stop_gradient(tape.gradient(q, x)))
+        return tf.reduce_sum(_flat(slope * _float32(record.raw_sample)), axis=1)
+
+
+def _float32(value):
+    """`value` as float32. A node's parameters and samples are in its compute
+    dtype (float16 or bfloat16 under a mixed-precision policy); estimators do
+    their own arithmetic in float32 and return a float32 surrogate."""
+    return tf.cast(value, tf.float32)
 
 
 def _slope_surrogate(step, value):
     """`sg[dQ/dv](v) . v`: the gradient of `Q(v, sg[s])` through `v` only, so the
-    critic's (or an exact head's re-run) own parameters get no gradient."""
+    critic's (or an exact head's re-run) own parameters get no gradient.
+    `value` is float32; the slope comes back in float32 whatever dtype `Q`
+    computes in."""
     point = tf.stop_gradient(value)
     with tf.GradientTape() as tape:
         tape.watch(point)
         q = tf.reduce_sum(step.q(point[:, None]))
-    slope = tf.stop_gradient(tape.gradient(q, point))
+    slope = _float32(tf.stop_gradient(tape.gradient(q, point)))
     return tf.reduce_sum(_flat(slope * value), axis=1)
 
 
 def _uniform_given_sample(step, sample, p):
     """Uniform noise `u` consistent with a Bernoulli sample `b = 1[u > 1 - p]`:
-    `u ~ U(1 - p, 1)` where `b = 1`, `U(0, 1 - p)` where `b = 0`."""
-    v = step.uniform(tf.shape(sample))
-    return sample * (1.0 - p + v * p) + (1.0 - sample) * v * (1.0 - p)
+    `u ~ U(1 - p, 1)` where `b = 1`, `U(0, 1 - p)` where `b = 0` (float32, the
+    sample cast from the node's compute dtype)."""
+    b = _float32(sample)
+    v = step.uniform(tf.shape(b))
+    return b * (1.0 - p + v * p) + (1.0 - b) * v * (1.0 - p)
 
 
 class LocalExpectation(Estimator):
@@ -532,8 +543,8 @@ class DisARM(Estimator):
 
     def surrogate(self, step):
         record = step.record
-        b = _flat(record.sample)
-        logits = _flat(tf.cast(record.params, tf.float32))
+        b = _flat(_float32(record.sample))
+        logits = _flat(_float32(record.params))
         p = tf.stop_gradient(tf.sigmoid(logits))
         u = _uniform_given_sample(step, b, p)
         b_anti = tf.cast(u < p, b.dtype)
@@ -550,18 +561,35 @@ class DisARM(Estimator):
 class Gumbel(Estimator):
     """Concrete / Gumbel-softmax relaxation through the critic (biased by design).
 
-    `L_X = sg[dQ/dv](v) . v` with `v = softmax((logits + g) / t)` (a categorical
-    node, Gumbel noise `g`) or `sigmoid((logits + logistic noise) / t)` (a
-    Bernoulli node); `straight_through=True` evaluates `Q` at the hard value
-    `h = onehot(argmax v)` (or `v > 1/2`) and passes the gradient of `v`. The
+    `L_X = sg[dQ/dv](v) . v`, the gradient of `Q(v, sg[s])` through the relaxed
+    sample `v` only, with
+    * Categorical nodes: `v = softmax((logits + g) / t)`, `g_k = -log(-log u_k)`
+      iid Gumbel noise (Maddison et al. 2017; Jang et al. 2017); a masked
+      outcome's logit is about `-1e9`, so `v_k = 0` there, it is never the
+      argmax, and its logit gets no gradient;
+    * Bernoulli nodes: `v = sigmoid((logits + log u - log(1 - u)) / t)` per unit
+      (logistic noise).
+    `straight_through=True` evaluates `Q` at the hard value `h = onehot(argmax v)`
+    (or `v > 1/2`) and passes the gradient of `v`: `h + v - sg[v]`. The
     temperature `t` is a variable annealed as `t <- max(min_temperature,
     t * anneal_rate)` after every step.
+
+    `E[L_X]`'s gradient is that of `E[Q(v)]`, not of `E[Q(x)]`: the estimator
+    is biased whenever `Q` is not linear in `x` (even with an exact critic),
+    less so as `t -> 0`, where its variance grows.
     """
 
     name = "gumbel"
     needs_critic = True
 
     def __init__(self, temperature=0.5, straight_through=False, anneal_rate=1.0, min_temperature=0.1):
+        if temperature <= 0 or min_temperature <= 0:
+            raise ValueError(
+                f"gumbel: temperature and min_temperature must be positive; got "
+                f"temperature={temperature}, min_temperature={min_temperature}."
+            )
+        if anneal_rate <= 0:
+            raise ValueError(f"gumbel: anneal_rate must be positive; got {anneal_rate}.")
         self.temperature = float(temperature)
         self.straight_through = bool(straight_through)
         self.anneal_rate = float(anneal_rate)
@@ -579,10 +607,12 @@ class Gumbel(Estimator):
         }
 
     def relaxed(self, step):
+        """The relaxed sample `v` (or its straight-through value), float32,
+        shaped like the node's sample."""
         record = step.record
         t = step.state["temperature"]
         if step.info.local_kind == "binary":
-            logits = tf.cast(record.params, tf.float32)
+            logits = _float32(record.params)
             u = step.uniform(tf.shape(logits), minval=1e-6, maxval=1 - 1e-6)
             soft = tf.sigmoid((logits + tf.math.log(u) - tf.math.log1p(-u)) / t)
             hard = tf.cast(soft > 0.5, soft.dtype)
@@ -612,15 +642,57 @@ class Gumbel(Estimator):
         }
 
 
-class Relax(Estimator):
-    """RELAX for binary nodes (Grathwohl et al. 2018), with the critic on relaxed
-    inputs as the control variate `c(z) = eta * Q(sigmoid(z / t), s)`:
+def _conditional_gumbel(log_p, sample, v):
+    """`z ~ p(z | argmax z = b)` for `z_k = log_p_k + G_k`, `G_k` iid Gumbel(0, 1)
+    and `b` the one-hot `sample`, from uniform noise `v` (RELAX, Grathwohl et al.
+    2018, appendix; REBAR, Tucker et al. 2017), all along the last axis:
 
-    `g = [f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)`, where `z = logits +
-    logit(u)` is the relaxed sample behind `b = H(z)` and `z~ ~ p(z | b)` is
-    reparameterised given `b` (REBAR). The realised downstream cost `f(b)` is
-    the signal, so it is unbiased whatever the critic's state and whatever
-    `(t, eta)`.
+    `z_b = -log(-log v_b)` (the maximum of the `z_k` is a standard Gumbel,
+    independent of the argmax, when `log_p` is normalised), and for `k != b`
+    the Gumbel of location `log_p_k` truncated below `z_b`,
+    `z_k = -log(-log(v_b) - log(v_k) / p_k)
+         = -logaddexp(log(-log v_b), log(-log v_k) - log_p_k)`,
+    the second form finite and differentiable even where `p_k = 0` (a masked
+    outcome, `log_p_k` about `-1e9`, gets `z_k` about `-1e9`).
+    Differentiable in `log_p` with `v` held fixed."""
+    e = tf.math.log(-tf.math.log(v))  # log E_k, E_k = -log v_k ~ Exp(1)
+    e_b = tf.reduce_sum(sample * e, axis=-1, keepdims=True)
+    a = e - log_p
+    other = -(tf.maximum(a, e_b) + tf.math.softplus(-tf.abs(a - e_b)))
+    return tf.where(sample > 0, -e_b, other)
+
+
+class Relax(Estimator):
+    """RELAX (Grathwohl et al. 2018) for Bernoulli and Categorical nodes, with
+    the critic on relaxed inputs as the control variate
+    `c(z) = eta * Q(sigma_t(z), s)`:
+
+    `g = [f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)`,
+
+    where `z` is the relaxed sample behind the node's sample `b = H(z)`,
+    `z~ ~ p(z | b)` is reparameterised given `b` (REBAR), and `d` is the
+    derivative with respect to the node's parameters with the noise held fixed.
+    The realised downstream cost `f(b)` is the signal, so `g` is unbiased
+    whatever the critic's state and whatever `(t, eta)`, provided `c` is
+    continuous in `z` (the pathwise terms differentiate it): a learned critic
+    is; an exact head re-runs the downstream graph at the relaxed value, which
+    must then not threshold the node's value (into a mask, say).
+
+    * Bernoulli (per unit, `p = sigmoid(logits)`): `z = logits + log u -
+      log(1 - u)`, `b = 1[z > 0]`, `sigma_t(z) = sigmoid(z / t)`; `z~ = logits +
+      logit(u~)` with `u~ = 1 - p + v p` where `b = 1` and `v (1 - p)` where
+      `b = 0`, `v ~ U(0, 1)`.
+    * Categorical (`K` outcomes, `log_p = log_softmax(logits)` with a mask's
+      forbidden outcomes at about `-1e9`, so `p_k = 0`): `z_k = log_p_k + G_k`,
+      `G_k` iid Gumbel, `b = onehot(argmax z)`, `sigma_t(z) = softmax(z / t)`;
+      `z~` by truncated Gumbels (`_conditional_gumbel`): `z~_b = -log(-log v_b)`,
+      `z~_k = -log(-log(v_b) - log(v_k) / p_k)` for `k != b`. A masked outcome
+      is never the argmax, has `sigma_t(z)_k = 0` and its logit gets no gradient.
+
+    The node draws `b` itself, so `z` is drawn given `b` too (the same
+    constructions with fresh noise), and then held as `z = log_p + G` (or
+    `logits + logit(u)`) with its noise `G` (`u`) fixed: `(b, z, z~)` have
+    RELAX's joint law and `dz/dlog_p = 1`.
 
     `tune=False`: fixed `t = temperature`, `eta = 1`. `tune=True` (REBAR's
     tuning): `log t` and `eta` are node state (`<node>_log_temperature`,
@@ -628,7 +700,7 @@ class Relax(Estimator):
     training step they take an Adam step (`tune_learning_rate`; moments in
     `<node>_tune_moments`) down the single-sample variance estimate
     `d/d(log t, eta) mean_rows sum_u g_u^2`, `g` the gradient with respect to
-    the node's logits. Since `E[g]` does not depend on `(t, eta)`,
+    the node's parameters. Since `E[g]` does not depend on `(t, eta)`,
     `d Var[g] = d E[g^2]`: the step lowers the estimator's variance.
     """
 
@@ -643,7 +715,7 @@ class Relax(Estimator):
         self.tune_learning_rate = float(tune_learning_rate)
 
     def check(self, info, num_samples=1):
-        _check_binary(self.name, info)
+        _check_local(self.name, info)
 
     def create_state(self, info, add_weight):
         if not self.tune:
@@ -667,36 +739,55 @@ class Relax(Estimator):
             return tf.exp(state["log_temperature"]), state["eta"]
         return tf.constant(self.temperature), tf.constant(1.0)
 
+    def _logits(self, step, params):
+        """What the relaxation is built on, float32 and differentiable in
+        `params`: a Bernoulli node's logits, `[batch, units]`; a Categorical
+        node's normalised (masked) log-probabilities, shaped like its sample."""
+        if step.info.local_kind == "binary":
+            return _flat(_float32(params))
+        record = step.record
+        return tf.nn.log_softmax(record.layer.distribution(params, record.mask).logits)
+
     def _relaxed_inputs(self, step, logits):
-        """`(z, z~)` for `logits` (`[batch, units]`), with this pass's noise:
-        `z = logits + logit(u)` (`u` held fixed) and `z~` reparameterised given `b`."""
-        b = _flat(step.record.sample)
+        """`(z, z~)` for `logits` (`_logits`), with this pass's noise (drawn
+        once per pass, shared by `surrogate` and `tuning_gradients`)."""
+        sample = _float32(step.record.sample)
         if "relax_noise" not in step.cache:
+            # Categorical noise above float32's smallest normal, so -log v is finite.
+            low = 0.0 if step.info.local_kind == "binary" else np.finfo(np.float32).tiny
             step.cache["relax_noise"] = tuple(
-                step.uniform(tf.shape(b)) for _ in range(2)
+                step.uniform(tf.shape(logits), minval=low) for _ in range(2)
             )
         noise, noise_cond = step.cache["relax_noise"]
-        p = tf.sigmoid(logits)
-        eps = 1e-6
+        if step.info.local_kind == "binary":
+            b = _flat(sample)
+            p = tf.sigmoid(logits)
+            eps = 1e-6
 
-        def given_sample(v):  # u consistent with b = 1[u > 1 - p]
-            return tf.clip_by_value(b * (1.0 - p + v * p) + (1.0 - b) * v * (1.0 - p), eps, 1 - eps)
+            def given_sample(v):  # u consistent with b = 1[u > 1 - p]
+                return tf.clip_by_value(b * (1.0 - p + v * p) + (1.0 - b) * v * (1.0 - p), eps, 1 - eps)
 
-        u = tf.stop_gradient(given_sample(noise))
-        u_cond = given_sample(noise_cond)
-        z = logits + tf.math.log(u) - tf.math.log1p(-u)
-        z_cond = logits + tf.math.log(u_cond) - tf.math.log1p(-u_cond)
-        return z, z_cond
+            u = tf.stop_gradient(given_sample(noise))
+            u_cond = given_sample(noise_cond)
+            z = logits + tf.math.log(u) - tf.math.log1p(-u)
+            z_cond = logits + tf.math.log(u_cond) - tf.math.log1p(-u_cond)
+            return z, z_cond
+        # z = log_p + G with G = sg[z_drawn - log_p], without the cancellation.
+        z = tf.stop_gradient(_conditional_gumbel(logits, sample, noise)) + logits - tf.stop_gradient(logits)
+        return z, _conditional_gumbel(logits, sample, noise_cond)
 
     def _relaxed(self, step, value, t):
-        return tf.reshape(tf.sigmoid(value / t), tf.shape(step.record.sample))
+        """`sigma_t(value)`, shaped like the node's sample."""
+        if step.info.local_kind == "binary":
+            return tf.reshape(tf.sigmoid(value / t), tf.shape(step.record.sample))
+        return tf.nn.softmax(value / t, axis=-1)
 
     def surrogate(self, step):
         record = step.record
-        logits = _flat(tf.cast(record.params, tf.float32))
+        logits = self._logits(step, record.params)
         t, eta = (tf.stop_gradient(v) for v in self.control(step.state))
         z, z_cond = self._relaxed_inputs(step, logits)
-        c_cond = tf.stop_gradient(eta * step.q(self._relaxed(step, z_cond, t)[:, None])[:, 0])
+        c_cond = tf.stop_gradient(eta * _float32(step.q(self._relaxed(step, z_cond, t)[:, None])[:, 0]))
         score = record.log_prob() * tf.stop_gradient(step.downstream - c_cond)
         return score + eta * (
             _slope_surrogate(step, self._relaxed(step, z, t))
@@ -704,20 +795,24 @@ class Relax(Estimator):
         )
 
     def logit_gradient(self, step, t, eta):
-        """`g`, `[batch, units]`: this pass's estimate (the same noise as
-        `surrogate`) of the gradient with respect to the node's logits, as a
-        differentiable function of `(t, eta)`:
-        `g = (b - sigmoid(logits)) [f(b) - c(z~)] + d/dlogits [c(z) - c(z~)]`
-        (the second term by a nested tape)."""
-        logits = tf.stop_gradient(_flat(tf.cast(step.record.params, tf.float32)))
+        """`g`, `[batch, units]` (`units` the node's parameters per example):
+        this pass's estimate (the same noise as `surrogate`) of the gradient
+        with respect to the node's parameters, as a differentiable function of
+        `(t, eta)`:
+        `g = (b - mean) [f(b) - c(z~)] + d/dparams [c(z) - c(z~)]`, `mean =
+        sigmoid(logits)` (Bernoulli) or `softmax(logits)` (Categorical, zero at
+        masked outcomes), the second term by a nested tape."""
+        params = tf.stop_gradient(_float32(step.record.params))
         with tf.GradientTape() as tape:
-            tape.watch(logits)
+            tape.watch(params)
+            logits = self._logits(step, params)
             z, z_cond = self._relaxed_inputs(step, logits)
-            q = step.q(tf.stack([self._relaxed(step, z, t), self._relaxed(step, z_cond, t)], axis=1))
+            q = _float32(step.q(tf.stack([self._relaxed(step, z, t), self._relaxed(step, z_cond, t)], axis=1)))
             difference = eta * tf.reduce_sum(q[:, 0] - q[:, 1])
-        pathwise = tape.gradient(difference, logits)
-        b = _flat(step.record.sample)
-        return (b - tf.sigmoid(logits)) * (step.downstream - eta * q[:, 1])[:, None] + pathwise
+        pathwise = _flat(tape.gradient(difference, params))
+        b = _flat(_float32(step.record.sample))
+        mean = tf.sigmoid(logits) if step.info.local_kind == "binary" else _flat(tf.exp(logits))
+        return (b - mean) * (step.downstream - eta * q[:, 1])[:, None] + pathwise
 
     def tuning_gradients(self, step):
         """`d/d(log t, eta) mean_rows sum_u g_u^2` (`logit_gradient`): the

@@ -32,6 +32,15 @@ Every signature returns a dict of `[batch, ...]` tensors:
 
 Layers run in inference mode (`training=False`) in every signature; only the
 nodes sample.
+
+Every signature checks its inputs in the graph before it runs the model, and
+fails with `InvalidArgumentError` whose message names the signature, the input
+and what was expected: each input's shape (rank and fixed sizes), the same
+number of rows in every input, and in `seeded` one seed per row. A masked
+`Categorical` whose mask row allows no outcome fails naming the node and the
+row. These messages are part of the SavedModel: a client needs neither
+keras_bpq nor Keras to read them. Dtypes are checked by TensorFlow before the
+graph runs.
 """
 
 import re
@@ -73,20 +82,21 @@ def export(model, filepath, input_signature=None, verbose=True):
     named = [tf.TensorSpec(s.shape, s.dtype, name=n) for s, n in zip(flat_spec, input_names)]
     seed_spec = tf.TensorSpec([None], tf.int64, name=SEED_KEY)
 
-    def forward(flat_inputs, seeds=None, most_likely=False):
+    def forward(signature, flat_inputs, seeds=None, most_likely=False):
+        flat_inputs, seeds = _validated(signature, named, flat_inputs, seeds)
         inputs = tf.nest.pack_sequence_as(spec, list(flat_inputs))
         with graph.Recorder(seeds=seeds, most_likely=most_likely) as rec:
             outputs = model(inputs, training=False)
         return _output_dict(model, outputs, rec.nodes)
 
     def sample(*inputs):
-        return forward(inputs)
+        return forward("serving_default", inputs)
 
     def mode(*inputs):
-        return forward(inputs, most_likely=True)
+        return forward("mode", inputs, most_likely=True)
 
     def seeded(*inputs_and_seed):
-        return forward(inputs_and_seed[:-1], seeds=inputs_and_seed[-1])
+        return forward("seeded", inputs_and_seed[:-1], seeds=inputs_and_seed[-1])
 
     functions = {
         "serving_default": tf.function(sample, input_signature=named, autograph=False),
@@ -127,6 +137,69 @@ def export(model, filepath, input_signature=None, verbose=True):
             lines.append(f"  {name}({ins}) -> {{{outs}}}")
         print("\n".join(lines))
     return summary
+
+
+def _shape_text(tensor):
+    """The runtime shape of `tensor` as a string, e.g. `"2,3"` (`""` for a scalar)."""
+    return tf.strings.reduce_join(tf.strings.as_string(tf.shape(tensor)), separator=",")
+
+
+def _check(condition, parts, name):
+    """A `tf.debugging.Assert` whose message is `parts` (strings and int
+    scalars) joined into one string. The message avoids quotes, which an
+    assertion's message prints escaped."""
+    text = [p if isinstance(p, str) else tf.strings.as_string(p) for p in parts]
+    return tf.debugging.Assert(condition, [tf.strings.join(text)], name=name)
+
+
+def _validated(signature, specs, flat_inputs, seeds=None):
+    """The inputs (and seeds), after in-graph checks of their shapes and batch sizes.
+
+    A signature's placeholders declare `[None, ...]`, yet a served graph is
+    given whatever a client sends (TF does not check a signature input's
+    shape, and constant folding would turn checks of its rank into no-ops):
+    every input's runtime shape is matched as a string against its spec, then
+    every input must hold as many rows as the first, and `seed` one seed per
+    row. The failures are `tf.debugging.Assert`s whose messages live in the
+    graph, so a client without keras_bpq reads which input is wrong and what
+    was expected. Dtypes are checked by TF itself before the graph runs.
+    """
+    named = list(zip(specs, flat_inputs))
+    if seeds is not None:
+        named.append((tf.TensorSpec([None], tf.int64, name=SEED_KEY), seeds))
+    shape_checks = []
+    for spec, value in named:
+        dims = [None] + spec.shape[1:].as_list()
+        pattern = ",".join("[0-9]+" if d is None else str(d) for d in dims)
+        wanted = ", ".join(["batch"] + ["any" if d is None else str(d) for d in dims[1:]])
+        actual = _shape_text(value)
+        shape_checks.append(
+            _check(
+                tf.strings.regex_full_match(actual, pattern),
+                [f"Signature {signature}: input `{spec.name}` must have shape [{wanted}] "
+                 f"({spec.dtype.name}); got shape [", actual, "]."],
+                name=f"check_{spec.name}_shape",
+            )
+        )
+    with tf.control_dependencies(shape_checks):
+        values = [tf.identity(v) for _, v in named]
+    first, batch = specs[0].name, tf.shape(values[0])[0]
+    batch_checks = []
+    for (spec, _), value in zip(named[1:], values[1:]):
+        rows = tf.shape(value)[0]
+        if spec.name == SEED_KEY:
+            parts = [f"Signature {signature}: input `{SEED_KEY}` must hold one int64 seed per "
+                     "example; got ", rows, " seeds for ", batch, f" rows of input `{first}`."]
+        else:
+            parts = [f"Signature {signature}: input `{spec.name}` has ", rows,
+                     f" rows but input `{first}` has ", batch,
+                     "; every input must hold one row per example."]
+        batch_checks.append(_check(tf.equal(rows, batch), parts, name=f"check_{spec.name}_rows"))
+    with tf.control_dependencies(batch_checks):
+        values = [tf.identity(v) for v in values]
+    if seeds is None:
+        return values, None
+    return values[:-1], values[-1]
 
 
 def _fmt(spec):

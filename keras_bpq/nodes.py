@@ -59,10 +59,15 @@ class StochasticNode(keras.layers.Layer):
                 f"StochasticNode {self.name!r} needs a distribution_fn: a function "
                 "from the parameter tensor to a tfp.distributions.Distribution."
             )
+        if distribution_fn is not None and not callable(distribution_fn):
+            raise TypeError(
+                f"StochasticNode {self.name!r}: distribution_fn must be a function from the "
+                f"parameter tensor to a tfp.distributions.Distribution; got {distribution_fn!r}."
+            )
         self.distribution_fn = distribution_fn
         self.estimator = estimator
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+        self.seed = _checked_seed(self, seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed, name="seed_generator")
 
     # -- distribution ------------------------------------------------------
     def distribution(self, params, mask=None):
@@ -127,13 +132,17 @@ class StochasticNode(keras.layers.Layer):
                         seed, context.replica_id_in_sync_group
                     )
                 value = self.draw(dist, seed)
-            sample = tf.cast(value, self.compute_dtype)
+            sample = tf.cast(self.finish_sample(value, mask), self.compute_dtype)
         raw_sample = sample
         if recorder is not None and name not in recorder.keep_gradient:
             sample = tf.stop_gradient(sample)
         if recorder is not None:
             recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample))
         return sample
+
+    def finish_sample(self, value, mask=None):
+        """The sample (or most likely value) `value` as the node returns it."""
+        return value
 
     def draw(self, dist, seed):
         """A sample of `dist` from an int32 stateless `seed` (`[2]`)."""
@@ -208,6 +217,32 @@ class StochasticNode(keras.layers.Layer):
         return cls(**config)
 
 
+def _describe(layer):
+    return f"{type(layer).__name__} node {layer.name!r}"
+
+
+def _checked_seed(layer, seed):
+    """`seed` as a Python int, or None; anything else is an error naming the layer.
+
+    Samples use int32 stateless seeds, so a seed outside the int32 range would
+    silently collide with another one: it is refused.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(
+            f"{_describe(layer)}: seed must be an int (or None for a random one); got "
+            f"{seed!r} of type {type(seed).__name__}."
+        )
+    info = np.iinfo(np.int32)
+    if not info.min <= int(seed) <= info.max:
+        raise ValueError(
+            f"{_describe(layer)}: seed must lie in the int32 range [{info.min}, {info.max}] "
+            f"(samples use int32 stateless seeds); got {seed}."
+        )
+    return int(seed)
+
+
 def _check_rank(layer, shape, what, min_rank=2):
     if len(shape) < min_rank:
         raise ValueError(
@@ -265,8 +300,16 @@ class Categorical(StochasticNode):
 
     Call as `node(logits)` or `node(logits, mask=allowed)` with a boolean
     `[batch, K]` mask (like `keras.layers.Softmax`): outcomes where the mask is
-    False get probability zero and are never sampled. Every row of the mask
-    must allow at least one outcome.
+    False get probability zero and are never sampled,
+    `p(k) = m_k exp(logits_k) / sum_j m_j exp(logits_j)`.
+
+    Every row of the mask must allow at least one outcome: a row that allows
+    none raises `tf.errors.InvalidArgumentError` naming the node and the row
+    (eagerly, in a traced step, in `predict` and in an exported SavedModel).
+    Under XLA (`jit_compile=True`), which drops assertions, such a row's
+    sample (or mode) is NaN instead, so no forbidden outcome is ever returned;
+    a `BackpropQModel` training step then meets a non-finite cost or gradient
+    and is skipped.
     """
 
     distribution_name = "Categorical"
@@ -292,7 +335,71 @@ class Categorical(StochasticNode):
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
         if mask is not None and getattr(params, "shape", None) is not None and hasattr(mask, "shape"):
             self._check_mask_shape(params.shape, mask.shape)
+        if mask is not None and hasattr(mask, "dtype"):
+            self._check_mask_dtype(mask.dtype)
         return super().__call__(*args, **kwargs)
+
+    def call(self, params, mask=None, training=None):
+        if mask is not None:
+            mask = self.checked_mask(params, mask)
+        return super().call(params, mask=mask, training=training)
+
+    def checked_mask(self, params, mask):
+        """`mask` as a bool tensor that carries the check that every row allows an outcome.
+
+        Raises at once for a mask of the wrong dtype or shape; the row check is a
+        `tf.debugging.Assert` that the returned mask depends on, so it runs
+        wherever the mask is used (eagerly, in graphs and in SavedModels).
+        """
+        mask = tf.convert_to_tensor(mask)
+        self._check_mask_dtype(mask.dtype)
+        self._check_mask_shape(tf.TensorShape(params.shape), mask.shape)
+        empty = self.empty_rows(mask)
+        flat = tf.reshape(empty, [-1])
+        # The first empty row's index along each axis but the last (XLA-compatible ops).
+        first = tf.argmax(tf.cast(flat, tf.int32), output_type=tf.int64)
+        dims = tf.shape(empty, out_type=tf.int64)
+        index, rest = [], first
+        for axis in reversed(range(empty.shape.rank)):
+            index.append(rest % dims[axis])
+            rest = rest // dims[axis]
+        row = index[0] if len(index) == 1 else tf.stack(index[::-1])
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(flat)),
+            # No quotes in the message: an assertion prints them escaped.
+            [
+                f"Categorical node `{self.name}`: row",
+                row,
+                "of its mask allows no outcome (every entry is False). Every row of "
+                "the mask must allow at least one outcome: allow one (e.g. a stay "
+                "or no-op outcome) or leave such rows out of the batch.",
+            ],
+            name="check_mask_rows",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(mask)
+
+    @staticmethod
+    def empty_rows(mask):
+        """Boolean `mask.shape[:-1]`: the rows of `mask` that allow no outcome."""
+        return tf.logical_not(tf.reduce_any(mask, axis=-1))
+
+    def finish_sample(self, value, mask=None):
+        """NaN for the rows that allow no outcome (reached under XLA only, where
+        the assertion of `checked_mask` is dropped), so that no forbidden outcome
+        is ever returned."""
+        if mask is None:
+            return value
+        empty = self.empty_rows(mask)[..., tf.newaxis]
+        return tf.where(empty, tf.constant(np.nan, value.dtype), value)
+
+    def _check_mask_dtype(self, dtype):
+        if tf.as_dtype(dtype) != tf.bool:
+            raise TypeError(
+                f"Categorical node {self.name!r}: the mask must be boolean (True where an "
+                f"outcome is allowed); got dtype {tf.as_dtype(dtype).name}. Pass e.g. "
+                "`mask=values > 0`."
+            )
 
     def _check_mask_shape(self, params_shape, mask_shape):
         """Raises unless the mask has the logits' rank and (known) sizes."""
@@ -311,8 +418,9 @@ class Categorical(StochasticNode):
         if mask is None:
             return logits
         mask = tf.convert_to_tensor(mask)
+        self._check_mask_dtype(mask.dtype)
         self._check_mask_shape(logits.shape, mask.shape)
-        return tf.where(tf.cast(mask, tf.bool), logits, _MASKED_LOGIT)
+        return tf.where(mask, logits, _MASKED_LOGIT)
 
     def distribution(self, params, mask=None):
         return tfd.OneHotCategorical(logits=self._masked_logits(params, mask), dtype=tf.float32)
@@ -337,7 +445,8 @@ class Normal(StochasticNode):
     """Gaussian units: `x = loc + scale * eps`, `eps ~ N(0, 1)`, reparameterised.
 
     Args:
-      scale: a fixed standard deviation. When None (the default) the input's last
+      scale: a fixed standard deviation: a positive finite number, or a list of
+        them broadcast against `loc`. When None (the default) the input's last
         axis holds `[loc, raw_scale]` halves and `scale = softplus(raw_scale) + 1e-5`;
         otherwise the input is `loc` alone.
     """
@@ -346,7 +455,36 @@ class Normal(StochasticNode):
 
     def __init__(self, scale=None, **kwargs):
         super().__init__(**kwargs)
-        self.scale = scale
+        self.scale = self._checked_scale(scale)
+
+    def _checked_scale(self, scale):
+        """`scale` as a float (or nested list of floats); an error naming the node
+        unless every value is a finite number > 0."""
+        if scale is None:
+            return None
+        try:
+            value = np.asarray(scale)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"Normal node {self.name!r}: scale must be a positive finite number (or a "
+                f"list of them); got {scale!r}."
+            ) from error
+        if value.dtype == bool or value.dtype.kind not in "iuf":
+            raise TypeError(
+                f"Normal node {self.name!r}: scale must be a positive finite number (or a "
+                f"list of them); got {scale!r} of type {type(scale).__name__}."
+            )
+        # The node computes in float32: the scale must be finite and > 0 there too.
+        with np.errstate(over="ignore", under="ignore"):
+            as_float32 = value.astype(np.float32)
+        if value.size == 0 or not np.all(np.isfinite(as_float32)) or np.any(as_float32 <= 0):
+            raise ValueError(
+                f"Normal node {self.name!r}: scale must be finite and > 0 in float32 (a "
+                f"standard deviation); got {scale!r}. Pass scale=None to feed "
+                "[loc, raw_scale] and learn it."
+            )
+        value = value.astype(np.float64)
+        return float(value) if value.ndim == 0 else value.tolist()
 
     def build(self, input_shape):
         _check_rank(self, input_shape, "parameters")

@@ -93,6 +93,28 @@ def mixed():
     return keras_bpq.BackpropQModel(inputs=x, outputs=z2, costs={"cost": cost}, name="mixed"), inputs()
 
 
+def masked_categorical():
+    """Bernoulli and masked Categorical nodes: x -> z1 (2 bits) -> c (4-way
+    categorical: outcomes 0 and 1 always allowed, 2 only where z1[0] = 1, 3 only
+    where x[0] > 0) -> z2 (1 bit) -> cost; c also feeds a cost of its own.
+    Not in ALL: the graphs there serve every test of the catalogue."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(2, "d1", 1)(x))
+    allowed = keras.ops.concatenate(
+        [keras.ops.ones_like(z1), z1[:, :1], keras.ops.cast(x[:, :1] > 0, z1.dtype)], axis=-1
+    ) > 0.5
+    c = keras_bpq.Categorical(name="c", seed=2)(
+        _dense(4, "dc", 2)(keras.layers.Concatenate()([z1, x])), mask=allowed
+    )
+    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(_dense(1, "d2", 3)(keras.layers.Concatenate()([c, x])))
+    cost = _square_cost(_dense(2, "dec", 4)(keras.layers.Concatenate()([z2, c])), x)
+    cost_c = _square_cost(_dense(1, "dec_c", 5)(c), x)
+    model = keras_bpq.BackpropQModel(
+        inputs=x, outputs=[c, z2], costs={"cost": cost, "cost_c": cost_c}, name="masked_categorical"
+    )
+    return model, inputs()
+
+
 ALL = {"chain": chain, "tree": tree, "dag": dag, "two_costs": two_costs, "mixed": mixed}
 
 

@@ -8,6 +8,7 @@ itself cannot be installed here; it reads the same SavedModel signatures).
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -245,9 +246,18 @@ def test_saved_model_cli_show_and_run(served, tmp_path):
     ]:
         runs[signature] = _cli("run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
                                signature, "--inputs", inputs, "--outdir", str(tmp_path / signature))
+    # A TF1 session (as TF Serving runs a SavedModel) checks the inputs too.
+    np.save(tmp_path / "three_seeds.npy", np.arange(3, dtype=np.int64))
+    bad = _cli("run", "--dir", str(path), "--tag_set", "serve", "--signature_def", "seeded", "--inputs",
+               f"features={tmp_path / 'x.npy'};seed={tmp_path / 'three_seeds.npy'}",
+               "--outdir", str(tmp_path / "bad"))
     outputs = {name: proc.communicate(timeout=300) for name, proc in runs.items()}
     for name, proc in runs.items():
         assert proc.returncode == 0, (name, outputs[name][1][-3000:])
+    bad_stderr = bad.communicate(timeout=300)[1]
+    assert bad.returncode != 0
+    assert ("Signature seeded: input `seed` must hold one int64 seed per example; got 3 seeds for 2 "
+            "rows of input `features`.") in bad_stderr, bad_stderr[-3000:]
 
     shown = outputs["show"][0]
     for signature in ("serving_default", "mode", "seeded"):
@@ -333,3 +343,95 @@ def test_several_named_inputs_and_outputs(tmp_path):
     result = loaded.signatures["seeded"](**x, seed=np.arange(4, dtype=np.int64))
     np.testing.assert_array_equal(result["z"].numpy(), result["output_bits"].numpy())
     assert result["output_score"].shape == (4, 1)
+
+
+BAD_CALLS = r'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+served, two, walk, out = sys.argv[1:5]
+f32 = lambda *shape: tf.ones(shape, tf.float32)
+seeds = lambda n: tf.range(n, dtype=tf.int64)
+walk_x = np.zeros((3, 20), np.float32)
+walk_x[[0, 2], [1, 4]] = 1.0  # rows 0 and 2 start somewhere; row 1 starts nowhere
+walk_x[:, 13] = 1.0  # a goal
+calls = {
+    "rank3": (served, "serving_default", dict(features=f32(2, 3, 1))),
+    "rank1": (served, "mode", dict(features=f32(3))),
+    "scalar": (served, "seeded", dict(features=tf.constant(1.0), seed=seeds(1))),
+    "width": (served, "mode", dict(features=f32(2, 5))),
+    "seed_scalar": (served, "seeded", dict(features=f32(2, 3), seed=tf.constant(7, tf.int64))),
+    "seed_matrix": (served, "seeded", dict(features=f32(2, 3), seed=tf.zeros([2, 1], tf.int64))),
+    "one_seed_four_rows": (served, "seeded", dict(features=f32(4, 3), seed=seeds(1))),
+    "three_seeds_two_rows": (served, "seeded", dict(features=f32(2, 3), seed=seeds(3))),
+    "float64_features": (served, "serving_default", dict(features=tf.ones([2, 3], tf.float64))),
+    "int32_seed": (served, "seeded", dict(features=f32(2, 3), seed=tf.range(2))),
+    "batch_mismatch": (two, "serving_default", dict(query=f32(4, 2), context=f32(3, 3))),
+    "batch_mismatch_seeded": (two, "seeded", dict(query=f32(4, 2), context=f32(4, 3), seed=seeds(2))),
+    "empty_mask_sample": (walk, "serving_default", dict(inputs=walk_x)),
+    "empty_mask_mode": (walk, "mode", dict(inputs=walk_x)),
+    "empty_mask_seeded": (walk, "seeded", dict(inputs=walk_x, seed=seeds(3))),
+    "good": (served, "seeded", dict(features=f32(2, 3), seed=seeds(2))),
+}
+loaded = {path: tf.saved_model.load(path) for path in {served, two, walk}}
+report = {}
+for case, (path, signature, kwargs) in calls.items():
+    try:
+        loaded[path].signatures[signature](**kwargs)
+        report[case] = None
+    except tf.errors.InvalidArgumentError as error:
+        lines = error.message.splitlines()
+        found = [l for l in lines if "assertion failed" in l] or lines[:1]
+        report[case] = found[0]
+report["modules"] = sorted(m for m in ("keras_bpq", "tensorflow_probability") if m in sys.modules)
+with open(out, "w") as f:
+    json.dump(report, f)
+'''
+
+
+def test_fresh_process_rejects_bad_inputs_naming_them(served, tmp_path):
+    """Every signature checks its inputs' shapes, batch sizes and seeds, and a
+    mask row with no allowed outcome, with messages readable without keras_bpq."""
+    _, _, path, _ = served
+    walk, _ = graphs.walk_task()
+    walk.compile()
+    walk.export(str(tmp_path / "walk"), verbose=False)
+    a, b = keras.Input((2,), name="query"), keras.Input((3,), name="context")
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
+    two = keras_bpq.BackpropQModel(inputs=[a, b], outputs=z, costs={"cost": keras.ops.sum(z, axis=-1)})
+    two.export(str(tmp_path / "two"), verbose=False)
+    script = tmp_path / "bad_calls.py"
+    script.write_text(BAD_CALLS)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), str(tmp_path / "two"), str(tmp_path / "walk"),
+         str(tmp_path / "out.json")],
+        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report.pop("modules") == []
+    assert report.pop("good") is None
+    shape = r"Signature {}: input `{}` must have shape \[{}\] \({}\); got shape \[{}\]\."
+    seeds = r"Signature {}: input `seed` must hold one int64 seed per example; got {} seeds for {} rows of input `{}`\."
+    expected = {
+        "rank3": shape.format("serving_default", "features", "batch, 3", "float32", "2,3,1"),
+        "rank1": shape.format("mode", "features", "batch, 3", "float32", "3"),
+        "scalar": shape.format("seeded", "features", "batch, 3", "float32", ""),
+        "width": shape.format("mode", "features", "batch, 3", "float32", "2,5"),
+        "seed_scalar": shape.format("seeded", "seed", "batch", "int64", ""),
+        "seed_matrix": shape.format("seeded", "seed", "batch", "int64", "2,1"),
+        "one_seed_four_rows": seeds.format("seeded", 1, 4, "features"),
+        "three_seeds_two_rows": seeds.format("seeded", 3, 2, "features"),
+        "batch_mismatch": r"Signature serving_default: input `context` has 3 rows but input `query` has 4; "
+                          r"every input must hold one row per example\.",
+        "batch_mismatch_seeded": seeds.format("seeded", 2, 4, "query"),
+        # Dtypes: TF's own check, before the graph runs.
+        "float64_features": r"input #0\(zero-based\) was expected to be a float tensor but is a double tensor",
+        "int32_seed": r"input #1\(zero-based\) was expected to be a int64 tensor but is a int32 tensor",
+    }
+    for case in ("empty_mask_sample", "empty_mask_mode", "empty_mask_seeded"):
+        expected[case] = r"Categorical node `hop1`: row\] \[1\] \[of its mask allows no outcome"
+    assert set(report) == set(expected)
+    for case, pattern in expected.items():
+        assert report[case] is not None and re.search(pattern, report[case]), (case, report[case])

@@ -10,8 +10,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_probability as tfp
 
+import graphs
 import keras_bpq
 
 tfd = tfp.distributions
@@ -192,6 +194,73 @@ def test_masked_categorical_warns_nothing():
     assert not messages, messages
 
 
+EMPTY_ROW_MASK = np.array([[True, False, True, True], [False, False, False, False]])
+
+
+def test_categorical_mask_row_without_outcome_is_an_error_naming_node_and_row():
+    layer = keras_bpq.Categorical(name="picky", seed=5)
+    message = r"(?s)Categorical node `picky`: row.*\b1\b.*of its mask allows no outcome"
+    for training in (True, False):  # a sample, and the mode
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            layer(MASK_LOGITS, mask=EMPTY_ROW_MASK, training=training)
+        traced = tf.function(lambda logits, mask: layer(logits, mask=mask, training=training))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            traced(MASK_LOGITS, EMPTY_ROW_MASK)
+    # Rank 3: the row is given along every axis but the outcomes'.
+    mask = np.ones((2, 3, 4), bool)
+    mask[1, 2] = False
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)`picky`: row.*1,? 2.*allows no outcome"):
+        layer(np.zeros((2, 3, 4), np.float32), mask=mask)
+
+
+def test_categorical_mask_row_without_outcome_is_nan_under_xla():
+    """XLA drops assertions: such a row then comes back NaN, never a forbidden outcome."""
+    layer = keras_bpq.Categorical(name="picky_xla", seed=5)
+    for training in (True, False):
+        fn = tf.function(lambda logits, mask: layer(logits, mask=mask, training=training), jit_compile=True)
+        sample = np.asarray(fn(MASK_LOGITS, EMPTY_ROW_MASK))
+        assert np.all(np.isnan(sample[1])), sample
+        assert sample[0].sum() == 1.0 and not np.any(sample[0][~EMPTY_ROW_MASK[0]]), sample
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_model_with_a_mask_row_without_outcome_never_trains_on_it(jit_compile):
+    """fit stops before any update; predict raises naming the node and row (under
+    XLA: the step is skipped as non-finite and predict returns NaN for the row)."""
+    model, queries = graphs.walk_task()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile)
+    x = queries[:8].copy()
+    x[5, :10] = 0.0  # this walk starts nowhere: hop1 may go nowhere
+    before = [v.numpy().copy() for v in model.weights]
+    if jit_compile:
+        with pytest.raises(FloatingPointError, match="'miss' was not finite"):
+            model.fit(x, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"Categorical node `hop1`: row\] \[5\]"):
+            model.fit(x, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for variable, value in zip(model.weights, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+    if jit_compile:
+        prediction = model.predict(x, batch_size=8, verbose=0)
+        assert np.all(np.isnan(prediction[5])) and np.all(np.isfinite(np.delete(prediction, 5, axis=0)))
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"Categorical node `hop1`: row\] \[5\]"):
+            model.predict(x, batch_size=8, verbose=0)
+    # The rows that allow an outcome still train and predict.
+    good = np.delete(x, 5, axis=0)
+    model.fit(good, batch_size=7, epochs=1, verbose=0)
+    assert np.all(np.isfinite(model.predict(good, verbose=0)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_categorical_mask_must_be_boolean(dtype):
+    mask = MASK.astype(dtype) * 2  # 0/2: a cast would quietly read "allowed"
+    with pytest.raises(TypeError, match=r"'mask_dtype'.*must be boolean.*got dtype " + dtype):
+        keras_bpq.Categorical(name="mask_dtype")(MASK_LOGITS, mask=mask)
+    with pytest.raises(TypeError, match=r"'mask_dtype_symbolic'.*must be boolean"):
+        keras_bpq.Categorical(name="mask_dtype_symbolic")(keras.Input((4,)), mask=keras.Input((4,), dtype=dtype))
+
+
 # -- Normal -----------------------------------------------------------------
 def test_normal_loc_and_softplus_scale():
     loc = np.array([1.0, -2.0], np.float32)
@@ -216,6 +285,53 @@ def test_normal_fixed_scale_takes_loc_alone():
     assert sample.shape == (ROWS, 3)
     assert np.all(np.abs(sample.mean(axis=0) - loc) <= 4 * 0.5 / np.sqrt(ROWS))
     assert np.all(np.abs(sample.std(axis=0, ddof=1) - 0.5) <= 4 * 0.5 / np.sqrt(2 * ROWS))
+
+
+@pytest.mark.parametrize(
+    "scale, error",
+    [
+        (0.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+        (1e300, ValueError), (1e-50, ValueError), ([0.5, -1.0], ValueError), ([], ValueError),
+        ("0.5", TypeError), (True, TypeError), ({"scale": 1.0}, TypeError),
+    ],
+    ids=["zero", "negative", "nan", "inf", "inf_in_float32", "zero_in_float32", "one_negative",
+         "empty", "string", "bool", "dict"],
+)
+def test_normal_refuses_an_invalid_fixed_scale_naming_the_node(scale, error):
+    with pytest.raises(error, match=r"Normal node 'fixed': scale must be"):
+        keras_bpq.Normal(scale=scale, name="fixed")
+
+
+def test_normal_fixed_scale_per_unit():
+    layer = keras_bpq.Normal(scale=np.array([0.5, 2.0], np.float32), seed=3, name="per_unit")
+    assert layer.scale == [0.5, 2.0]
+    loc = params(6, 2, seed=1)
+    sample = np.asarray(layer(loc))
+    expected = tfd.Normal(loc, [0.5, 2.0]).log_prob(sample).numpy().sum(axis=1)
+    np.testing.assert_allclose(layer.log_prob(sample, loc), expected, rtol=1e-5)
+    assert keras_bpq.Normal.from_config(layer.get_config()).scale == [0.5, 2.0]
+
+
+@pytest.mark.parametrize(
+    "seed, error",
+    [("7", TypeError), (1.0, TypeError), (True, TypeError), (2**31, ValueError), (-(2**31) - 1, ValueError)],
+    ids=["string", "float", "bool", "above_int32", "below_int32"],
+)
+def test_bad_seed_is_an_error_naming_the_node(seed, error):
+    with pytest.raises(error, match=r"Bernoulli node 'seeded': seed must"):
+        keras_bpq.Bernoulli(seed=seed, name="seeded")
+
+
+def test_numpy_integer_seed_is_the_same_seed():
+    inputs = params(8, 3, seed=2)
+    first = np.asarray(keras_bpq.Bernoulli(seed=np.int64(11))(inputs))
+    np.testing.assert_array_equal(first, keras_bpq.Bernoulli(seed=11)(inputs))
+    assert keras_bpq.Bernoulli(seed=np.int64(11)).get_config()["seed"] == 11
+
+
+def test_distribution_fn_must_be_callable():
+    with pytest.raises(TypeError, match=r"StochasticNode 'counts': distribution_fn must be a function"):
+        keras_bpq.StochasticNode("poisson", name="counts")
 
 
 # -- seeds ------------------------------------------------------------------
