@@ -46,6 +46,7 @@ flags.DEFINE_list("arms", ["reinforce", "rloo", "disarm", "auto", "critic_cv_uni
 flags.DEFINE_integer("rounds", 3, "Timing rounds (arms interleaved; best round).")
 flags.DEFINE_integer("fit_steps", 200, "Steps per timed fit.")
 flags.DEFINE_string("out_tag", "", "Section name in the JSON (default <dataset>_<arch>).")
+flags.DEFINE_bool("render_only", False, "Only rewrite the page from the JSON.")
 
 
 def steady_fit(model, data, steps):
@@ -77,6 +78,11 @@ def arm_model(name, trained, pixels, train):
 
 def main(argv):
     del argv
+    if FLAGS.render_only:
+        path = os.path.join(FLAGS.out_dir, "variance_per_second.json")
+        with open(path) as f:
+            write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
+        return
     keras.utils.set_random_seed(0)
     train, _ = sbn.load_data(FLAGS.dataset, 0)
     pixels = train.shape[1]
@@ -150,7 +156,8 @@ def markdown(report):
         load = ", ".join(f"{v:.1f}" for v in entry["load"])
         out += [f"## {tag}", "",
                 f"Weights after {entry['train_steps']} `{entry['train_estimator']}` steps; "
-                f"{entry['num_draws']} draws per arm; 1/5/15-min load at the end {load}.", "",
+                f"{entry['num_draws']} draws per arm; 1/5/15-min load at the end {load}; "
+                f"commit {entry['machine']['commit']}." + (f" Note: {entry['note']}." if "note" in entry else ""), "",
                 "| arm | variance | variance / reinforce's | ms per step | step / reinforce's | "
                 "var x step / reinforce's |",
                 "|---|---:|---:|---:|---:|---:|"]
