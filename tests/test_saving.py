@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -611,3 +612,183 @@ def test_sigkill_during_repeated_saves_always_leaves_a_loadable_file(tmp_path):
     marked_model(4.0).save(path)
     assert os.listdir(path.parent) == ["model.keras"]
     assert read_mark(path) == 4.0
+
+
+# -- loading errors that say what is wrong ------------------------------------------
+def test_truncated_or_corrupt_keras_file_is_named(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.keras"
+    model = marked_model(1.0)
+    model.save(path)
+    data = path.read_bytes()
+    offset = data.index(b'"class_name"')  # stored uncompressed: a byte of config.json
+    with zipfile.ZipFile(path) as archive:
+        without_config = {n: archive.read(n) for n in archive.namelist() if n != "config.json"}
+    variants = {
+        "empty": b"",
+        "cut": data[:100],
+        "half": data[: len(data) // 2],
+        "last_byte_missing": data[:-1],
+        "flipped": data[:offset] + b"X" + data[offset + 1:],
+        "text": b"not a model\n",
+    }
+    for name, content in variants.items():
+        (tmp_path / f"{name}.keras").write_bytes(content)
+    with zipfile.ZipFile(tmp_path / "no_config.keras", "w") as archive:
+        for member, content in without_config.items():
+            archive.writestr(member, content)
+    for name in list(variants) + ["no_config"]:
+        bad = str(tmp_path / f"{name}.keras")
+        pattern = rf"{re.escape(repr(bad))} is not a (valid|complete|valid or complete) \.keras archive"
+        with pytest.raises(ValueError, match=pattern):
+            keras_bpq.saving.load_model(bad)
+        with pytest.raises(ValueError, match=pattern):
+            model.load_weights(bad)
+    assert read_mark(path) == 1.0 and keras_bpq.saving.load_model(path).name == model.name
+
+
+class Scale(keras.layers.Layer):
+    """Not registered: a `.keras` file holding it needs custom_objects."""
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def unregistered_distribution(params):
+    return tfp.distributions.Bernoulli(logits=params, dtype=tf.float32)
+
+
+class Unregistered(keras_bpq.BackpropQModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.node = keras_bpq.Bernoulli(name="bits", seed=1)
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x, training=None):
+        bits = self.node(self.dense(x))
+        keras_bpq.add_cost("cost", keras.ops.sum(bits, axis=-1))
+        return bits
+
+
+def test_unknown_class_in_a_keras_file_is_named(tmp_path):
+    x = keras.Input((graphs.INPUT_DIM,))
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(Scale(name="scale")(x)))
+    s = keras_bpq.StochasticNode(unregistered_distribution, name="s", seed=2)(keras.layers.Dense(2)(z))
+    network = keras_bpq.BackpropQModel(inputs=x, outputs=s, costs={"c": keras.ops.sum(z + s, axis=-1)})
+    subclassed = Unregistered()
+    subclassed(data(2))
+    for model in (network, subclassed):
+        model.compile(estimator="reinforce")
+        model.fit(data(), batch_size=6, verbose=0)
+    network.save(tmp_path / "network.keras")
+    subclassed.save(tmp_path / "subclassed.keras")
+
+    network_names = ["Scale", "unregistered_distribution"]
+    for load in (keras.saving.load_model, keras_bpq.saving.load_model):
+        with pytest.raises(ValueError) as error:
+            load(tmp_path / "network.keras")
+        message = str(error.value)
+        assert len(message) < 1000
+        assert str(network_names) in message
+        assert "custom_objects=" in message and "register_keras_serializable" in message
+    with pytest.raises(ValueError, match=r"\['Unregistered'\].*custom_objects=\{'Unregistered': Unregistered\}"):
+        keras_bpq.saving.load_model(tmp_path / "subclassed.keras")
+
+    objects = {"Scale": Scale, "unregistered_distribution": unregistered_distribution}
+    loaded = keras.saving.load_model(tmp_path / "network.keras", custom_objects=objects)
+    assert_same(state(loaded), state(network))
+    with keras.saving.custom_object_scope(objects):
+        keras_bpq.saving.load_model(tmp_path / "network.keras")
+    loaded = keras_bpq.saving.load_model(tmp_path / "subclassed.keras", custom_objects={"Unregistered": Unregistered})
+    assert_same(state(loaded), state(subclassed))
+
+
+def test_stale_backup_from_another_model_says_so(tmp_path):
+    backup = tmp_path / "backup"
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("interrupted")
+
+    def chain(**options):
+        model, _ = graphs.chain()
+        model.compile(optimizer=keras.optimizers.Adam(0.05), **{"critic_hidden_units": (8,), **options})
+        return model
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        chain().fit(data(), batch_size=6, epochs=2, verbose=0,
+                    callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1), Stop()])
+    written = sorted(os.listdir(backup))
+    tree, _ = graphs.tree()
+    tree.compile(critic_hidden_units=(8,))
+    others = {
+        "other layers": tree,
+        "other critic widths": chain(critic_hidden_units=(16,)),
+        "other estimators": chain(estimator="reinforce"),
+    }
+    for what, model in others.items():
+        with pytest.raises(ValueError) as error:
+            model.fit(data(), batch_size=6, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+        message = str(error.value)
+        assert f"The backup in {str(backup)!r}" in message, what
+        assert f"written by a different model than {model.name!r}" in message, what
+        assert f"Delete {str(backup)!r}" in message and "another backup_dir" in message, what
+        assert len(message) < 1200, what
+        assert sorted(os.listdir(backup)) == written  # nothing removed
+    # The same model resumes from it.
+    chain().fit(data(), batch_size=6, epochs=2, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert not backup.exists()
+
+    # A weights file that is not a backup: said plainly too.
+    chain().save_weights(tmp_path / "chain.weights.h5")
+    with pytest.raises(ValueError, match=rf"The weights in .*chain\.weights\.h5' do not fit model 'tree'"):
+        tree.load_weights(tmp_path / "chain.weights.h5")
+
+
+# -- safe_mode ------------------------------------------------------------------------
+def test_safe_mode_refuses_code_execution_payloads(tmp_path):
+    """A `.keras` file that would run code when loaded (a Python lambda, a
+    reference to a function that runs commands) is refused in safe mode
+    (the default), by Keras' loader and by `keras_bpq.saving.load_model`,
+    and runs nothing."""
+    import zipfile
+
+    sentinel = tmp_path / "pwned"
+    payload = f"open({str(sentinel)!r}, 'w').write('ran')"
+    x = keras.Input((graphs.INPUT_DIM,))
+    h = keras.layers.Lambda(lambda t: (eval(payload), t)[1], name="payload")(x)  # noqa: S307
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2, name="d")(h))
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=z, costs={"c": keras.ops.sum(z, axis=-1)})
+    model.compile(estimator="reinforce")
+    model.save(tmp_path / "lambda.keras")
+    sentinel.unlink()  # building the model ran it once
+
+    # Crafted: the Dense layer's activation replaced by os.system / builtins.exec.
+    safe, _ = graphs.chain()
+    safe.compile(estimator="reinforce")
+    safe.save(tmp_path / "safe.keras")
+    with zipfile.ZipFile(tmp_path / "safe.keras") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = members["config.json"].decode()
+    assert '"activation": "linear"' in config
+    crafted = {
+        "os_system": {"module": "os", "class_name": "function", "config": "system", "registered_name": "function"},
+        "exec": {"module": "builtins", "class_name": "function", "config": "exec", "registered_name": "function"},
+        "os_class": {"module": "os", "class_name": "system", "config": {}, "registered_name": "system"},
+    }
+    for name, activation in crafted.items():
+        with zipfile.ZipFile(tmp_path / f"{name}.keras", "w") as archive:
+            for member, content in members.items():
+                if member == "config.json":
+                    content = config.replace('"activation": "linear"', '"activation": ' + json.dumps(activation))
+                archive.writestr(member, content)
+
+    for load in (keras.saving.load_model, keras_bpq.saving.load_model):
+        with pytest.raises(ValueError, match="safe_mode"):
+            load(tmp_path / "lambda.keras")
+        for name in crafted:
+            with pytest.raises((TypeError, ValueError)):
+                load(tmp_path / f"{name}.keras")
+    assert not sentinel.exists()
