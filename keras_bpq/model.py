@@ -1089,7 +1089,7 @@ class BackpropQModel(keras.Model):
         """`keras.Model.load_weights`, after creating the training state the
         file holds (compile the model first, with the options it was saved with)."""
         ready = self.build_training_state()
-        with saving_lib.explained_load_errors(self, filepath, ready):
+        with saving_lib.explained_load_errors(self, filepath, ready, strict=not skip_mismatch):
             return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):

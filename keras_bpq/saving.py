@@ -8,8 +8,13 @@
   weights are read.
 * Checkpoints are written atomically: to a temporary file beside the target,
   then renamed over it, so a process killed while saving never leaves a
-  half-written file. A checkpoint holding a NaN or inf is refused, naming the
-  variables.
+  half-written file; the next save removes what a killed one left. Otherwise
+  a save behaves as `keras.Model.save`, which writes in place: symlinks are
+  written through, read-only files are refused. A checkpoint holding a NaN or
+  inf is refused, naming the variables.
+* Loading says what is wrong: a `.keras` file cut short or corrupt, a class
+  the process does not know, a `BackupAndRestore` backup written by another
+  model.
 * Exact resume: `FitPosition` records in the model (and so in every
   checkpoint) which epoch `fit` is in and how many of its batches are done.
   After `keras.callbacks.BackupAndRestore` restores a checkpoint,
@@ -29,6 +34,7 @@ import shutil
 import stat
 import tempfile
 import uuid
+import warnings
 import weakref
 import zipfile
 import zlib
@@ -471,19 +477,53 @@ def _backup_dir(model, filepath):
     return None
 
 
+def _mismatch_error(model, path, detail, compiled):
+    """The error for weights in `path` that do not fit `model`."""
+    backup = _backup_dir(model, path)
+    if backup is not None:
+        backup = os.fspath(backup)
+        return ValueError(
+            f"The backup in {backup!r} (keras.callbacks.BackupAndRestore) was written by a "
+            f"different model than {model.name!r}: other layers, or other compile options "
+            "(optimizers, estimators and critics decide which training state exists). "
+            f"Training cannot resume from it. Delete {backup!r} to start afresh, or give "
+            "BackupAndRestore another backup_dir; to resume that run, build and compile the "
+            f"model as it was. Keras says: {detail}"
+        )
+    hint = (
+        "build and compile it as the model that saved it (optimizers, estimators and "
+        "critics decide which training state exists)"
+        if compiled
+        else "compile it with the options it was saved with, and build it (call it on a "
+        "batch), before loading"
+    )
+    return ValueError(f"The weights in {path!r} do not fit model {model.name!r}: {hint}. Keras says: {detail}")
+
+
+# Keras only warns when it leaves an optimizer's state unloaded.
+_OPTIMIZER_SKIPPED = "Skipping variable loading for optimizer"
+
+
 @contextlib.contextmanager
-def explained_load_errors(model, filepath, compiled):
+def explained_load_errors(model, filepath, compiled, strict=True):
     """Around `keras.Model.load_weights(filepath)` of `model`: a file that does
     not fit the model is a ValueError that says so, and, for a
     `BackupAndRestore` backup, which folder holds it and what to do; a `.keras`
     file cut short is a ValueError naming it; a damaged weights file an
     OSError naming it (so `BackupAndRestore` still falls back to its previous
-    copy). `compiled`: whether the model's training state was created."""
+    copy). `compiled`: whether the model's training state was created.
+
+    With `strict` (`load_weights(skip_mismatch=False)`), an optimizer whose
+    state Keras leaves unloaded (it only warns: another optimizer, or another
+    set of variables) is such an error too, not a silent fresh start."""
     path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else str(filepath)
     if _is_keras_file(filepath):
         check_archive(filepath)
+    caught, skipped = [], []
     try:
-        yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
     except ValueError as error:
         message = str(error)
         if "could not be loaded" not in message and "scg_state" not in message:
@@ -491,29 +531,19 @@ def explained_load_errors(model, filepath, compiled):
         # Keras' first example, without its list of objects or variable values.
         detail = message.split("List of objects that could not be loaded")[0]
         detail = " ".join(detail.split("Target variable:")[0].split())
-        backup = _backup_dir(model, path)
-        if backup is not None:
-            raise ValueError(
-                f"The backup in {os.fspath(backup)!r} (keras.callbacks.BackupAndRestore) was "
-                f"written by a different model than {model.name!r}: other layers, or other "
-                "compile options (estimators and critics decide which training state exists). "
-                f"Training cannot resume from it. Delete {os.fspath(backup)!r} to start afresh, "
-                "or give BackupAndRestore another backup_dir; to resume that run, build and "
-                f"compile the model as it was. Keras says: {detail}"
-            ) from error
-        hint = (
-            "build and compile it as the model that saved it (estimators and critics "
-            "decide which training state exists)"
-            if compiled
-            else "compile() it first, with the options it was saved with"
-        )
-        raise ValueError(
-            f"The weights in {path!r} do not fit model {model.name!r}: {hint}. Keras says: {detail}"
-        ) from error
+        raise _mismatch_error(model, path, detail, compiled) from error
     except OSError as error:
         if type(error) is not OSError:  # FileNotFoundError, PermissionError, ...
             raise
         raise OSError(f"{path!r} is not a valid or complete weights file: {error}") from error
+    finally:
+        for warning in caught:
+            if strict and _OPTIMIZER_SKIPPED in str(warning.message):
+                skipped.append(" ".join(str(warning.message).split()))
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if skipped:
+        raise _mismatch_error(model, path, " ".join(skipped), compiled)
 
 
 # -- exact resume ---------------------------------------------------------------

@@ -714,7 +714,7 @@ def test_stale_backup_from_another_model_says_so(tmp_path):
 
     def chain(**options):
         model, _ = graphs.chain()
-        model.compile(optimizer=keras.optimizers.Adam(0.05), **{"critic_hidden_units": (8,), **options})
+        model.compile(**{"optimizer": keras.optimizers.Adam(0.05), "critic_hidden_units": (8,), **options})
         return model
 
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -727,6 +727,7 @@ def test_stale_backup_from_another_model_says_so(tmp_path):
         "other layers": tree,
         "other critic widths": chain(critic_hidden_units=(16,)),
         "other estimators": chain(estimator="reinforce"),
+        "other optimizer": chain(optimizer=keras.optimizers.SGD(0.05)),  # Keras only warns
     }
     for what, model in others.items():
         with pytest.raises(ValueError) as error:
@@ -743,8 +744,13 @@ def test_stale_backup_from_another_model_says_so(tmp_path):
 
     # A weights file that is not a backup: said plainly too.
     chain().save_weights(tmp_path / "chain.weights.h5")
-    with pytest.raises(ValueError, match=rf"The weights in .*chain\.weights\.h5' do not fit model 'tree'"):
+    with pytest.raises(ValueError, match=r"The weights in .*chain\.weights\.h5' do not fit model 'tree'"):
         tree.load_weights(tmp_path / "chain.weights.h5")
+    other_critic_optimizer = chain(critic_optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match=r"do not fit model 'chain'.*Skipping variable loading for optimizer"):
+        other_critic_optimizer.load_weights(tmp_path / "chain.weights.h5")
+    with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+        other_critic_optimizer.load_weights(tmp_path / "chain.weights.h5", skip_mismatch=True)
 
 
 # -- safe_mode ------------------------------------------------------------------------
