@@ -647,6 +647,14 @@ def test_truncated_or_corrupt_keras_file_is_named(tmp_path):
             model.load_weights(bad)
     assert read_mark(path) == 1.0 and keras_bpq.saving.load_model(path).name == model.name
 
+    # A weights file cut short: still an OSError (BackupAndRestore falls back
+    # to its previous copy on one), naming the file.
+    model.save_weights(tmp_path / "model.weights.h5")
+    weights = (tmp_path / "model.weights.h5").read_bytes()
+    (tmp_path / "cut.weights.h5").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(OSError, match=r"cut\.weights\.h5' is not a valid or complete weights file"):
+        model.load_weights(tmp_path / "cut.weights.h5")
+
 
 class Scale(keras.layers.Layer):
     """Not registered: a `.keras` file holding it needs custom_objects."""
