@@ -377,6 +377,14 @@ import numpy as np
 import test_saving as ts
 
 root = sys.argv[2]
+probe = os.path.join(root, "probe")
+open(probe, "w").close()
+os.chmod(probe, 0o444)
+try:
+    open(probe, "w").close()
+    sys.exit(99)  # file permissions do not apply to this process
+except PermissionError:
+    os.remove(probe)
 model = ts.marked_model(1.0)
 
 
@@ -473,15 +481,16 @@ SCENARIOS = [
 ]
 
 
-def _drop_file_permission_override():
-    """In the child, before exec: root loses CAP_DAC_OVERRIDE and
-    CAP_DAC_READ_SEARCH, so file permissions apply to it as to any user."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            os._exit(99)
+# Runs a Python command line with the capabilities that let root ignore file
+# permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) dropped, so that they
+# apply to it as to any user. (The child checks that they do.)
+UNPRIVILEGED = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "for capability in (1, 2):\n"
+    "    libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+)
 
 
 def test_saving_keeps_keras_file_semantics(tmp_path):
@@ -495,14 +504,13 @@ def test_saving_keeps_keras_file_semantics(tmp_path):
     script.write_text(SEMANTICS)
     (tmp_path / "out").mkdir()
     os.chmod(tmp_path, 0o755)
-    privileged = os.geteuid() == 0
-    proc = subprocess.run(
-        [sys.executable, str(script), TESTS, str(tmp_path / "out"), json.dumps(SCENARIOS)],
-        env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900,
-        preexec_fn=_drop_file_permission_override if privileged else None,
-    )
+    command = [str(script), TESTS, str(tmp_path / "out"), json.dumps(SCENARIOS)]
+    if os.geteuid() == 0:
+        command = ["-c", UNPRIVILEGED] + command
+    proc = subprocess.run([sys.executable] + command, env=child_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode == 99:
-        pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE")
+        pytest.skip("file permissions do not apply here (root that cannot drop CAP_DAC_OVERRIDE)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
     results = json.loads(line[len("RESULTS "):])
