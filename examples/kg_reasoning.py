@@ -9,12 +9,15 @@ model is a chain of `T` categorical nodes. The policy reads embeddings of the
 query relation, the current entity and the path so far (a GRU cell over the
 `(relation, entity)` edges taken).
 
-Masks (MINERVA's protocol): padded actions; the query's own edge `(head, r,
-tail)` and its inverse `(tail, r_inv, head)`; and at the last hop, edges into
-the query's *other* known true tails (over all splits), in training and in
-beam search alike. Evaluation is beam search over the policy's
-log-probabilities, answers ranked by their best path, filtered, on the tail
-only: Hits@1/3/10 and MRR.
+Masks (MINERVA's protocol, its `create_triple_store`): padded actions; the
+query's own edge `(head, r, tail)` and its inverse `(tail, r_inv, head)`; and
+at the last hop, edges into the query's *other* true tails. For a training
+query those are the tails of `(head, r)` among the *training* triples only;
+dev and test answers are never shown to training. For a dev or test query they
+are the tails of `(head, r)` over every split, masked at the last hop of the
+beam and removed from the ranking (the filtered setting). Evaluation is beam
+search over the policy's log-probabilities, filtered, on the tail only:
+Hits@1/3/10 and MRR (see `beam_search` for how answers are pooled).
 
 Data: UMLS and Kinship in their standard splits, vendored under
 `examples/data/` (see its README); inverse edges are added to the graph.
@@ -77,7 +80,8 @@ class KnowledgeGraph:
     action_rel: np.ndarray  # [E, A] int32
     action_ent: np.ndarray  # [E, A] int32
     action_mask: np.ndarray  # [E, A] bool
-    known_tails: dict  # (head, relation) -> set of tails, over all splits
+    known_tails: dict  # (head, relation) -> set of tails, over all splits (dev/test filtering)
+    train_tails: dict  # (head, relation) -> set of tails, over the "train" split (training masks)
 
     @property
     def num_entities(self):
@@ -129,11 +133,13 @@ def build_graph(splits):
         action_rel[e, : len(row)] = [r for r, _ in row]
         action_ent[e, : len(row)] = [t for _, t in row]
         action_mask[e, : len(row)] = True
-    known = {}
-    for triples in ids.values():
+    known, train_known = {}, {}
+    for name, triples in ids.items():
         for h, r, t in triples:
             known.setdefault((int(h), int(r)), set()).add(int(t))
-    return KnowledgeGraph(entities, relations, ids, action_rel, action_ent, action_mask, known)
+            if name == "train":
+                train_known.setdefault((int(h), int(r)), set()).add(int(t))
+    return KnowledgeGraph(entities, relations, ids, action_rel, action_ent, action_mask, known, train_known)
 
 
 def load_graph(name, data_dir=DATA_DIR):
@@ -144,11 +150,14 @@ def load_graph(name, data_dir=DATA_DIR):
 
 def queries(kg, split):
     """Model inputs for every triple of a split: head, relation, tail ids and the
-    multi-hot `exclude` of the query's other known true tails."""
+    multi-hot `exclude` of the query's other true tails: for the "train" split,
+    `kg.train_tails` (the training triples only, as MINERVA's training batcher);
+    for any other split, `kg.known_tails` (every split, the filtered setting)."""
     triples = kg.splits[split]
+    known = kg.train_tails if split == "train" else kg.known_tails
     exclude = np.zeros((len(triples), kg.num_entities), np.float32)
     for i, (h, r, t) in enumerate(triples):
-        others = kg.known_tails[(int(h), int(r))] - {int(t)}
+        others = known[(int(h), int(r))] - {int(t)}
         exclude[i, sorted(others)] = 1.0
     return {
         "head": triples[:, 0].copy(),

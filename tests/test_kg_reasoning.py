@@ -56,6 +56,33 @@ def test_data_loads_with_standard_split_sizes_and_inverse_edges():
     assert [len(kinship.splits[s]) for s in ("train", "valid", "test")] == [8544, 1068, 1074]
 
 
+def test_training_masks_come_from_training_triples_only():
+    """A test answer training never shows (`(a, r, c)`, reachable as
+    a -p-> d -q-> c) is not masked at the last hop of the training query
+    `(a, r, b)`; dev/test queries are filtered over every split."""
+    kg = kg_reasoning.build_graph({
+        "train": [("a", "r", "b"), ("a", "p", "d"), ("d", "q", "c"), ("b", "q", "d")],
+        "valid": [("b", "q", "c")],
+        "test": [("a", "r", "c")],
+    })
+    e = {name: i for i, name in enumerate(kg.entities)}
+    train, test = kg_reasoning.queries(kg, "train"), kg_reasoning.queries(kg, "test")
+    row = next(i for i, (h, t) in enumerate(zip(train["head"], train["tail"])) if (h, t) == (e["a"], e["b"]))
+    assert not train["exclude"].any()  # no training (head, relation) has another training tail
+    assert test["exclude"][0, e["b"]] == 1.0 and test["exclude"][0].sum() == 1.0
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=4, hidden=8)
+    arg = lambda key: tf.constant(train[key][row : row + 1])  # noqa: E731
+    allowed = agent.policy.mask(tf.constant([e["d"]]), arg("head"), arg("relation"), arg("tail"),
+                                arg("exclude"), last=True).numpy()[0]
+    into_c = (kg.action_ent[e["d"]] == e["c"]) & kg.action_mask[e["d"]]
+    assert into_c.any() and allowed[into_c].all()
+    # On UMLS, every training query masks only tails the training triples give its (head, relation).
+    umls = kg_reasoning.load_graph("umls")
+    data = kg_reasoning.queries(umls, "train")
+    for h, r, t, excl in zip(data["head"], data["relation"], data["tail"], data["exclude"]):
+        assert set(np.flatnonzero(excl)) == umls.train_tails[(int(h), int(r))] - {int(t)}
+
+
 def test_agent_learns_to_answer_its_queries(trained):
     agent, _ = trained
     metrics = kg_reasoning.evaluate(agent, "test", beam=8)
