@@ -16,8 +16,11 @@ loss on every hop's logits that every estimator gets, differentiated directly:
   the last hop's Q is exact, evaluated only downstream of the hop
   (`keras_bpq.outcomes.DownstreamEvaluator`).
 
-Every run evaluates dev (beam search, filtered) every --eval_every steps and
-test at the end. Results go to `<out_dir>/kg.json` after every run (a cut-off
+Every run evaluates dev (beam search, filtered, ranked as --beam_pool and
+--beam_unique say) every --eval_every steps and test at the end; the trained
+agent's test split is then ranked under every beam option (paths or distinct
+entities at the last hop, x max or sum pooling), with the distinct entities
+ranked per query, so the options compare on the same agents. Results go to `<out_dir>/kg.json` after every run (a cut-off
 benchmark keeps what it finished), then `kg.md` and `kg_<dataset>.png` (dev
 Hits@1 against steps and against training wall-clock).
 
@@ -46,7 +49,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 import kg_reasoning  # noqa: E402
 
 # Shared with the example (defined there): --steps, --batch_size, --rollouts,
-# --eval_every, --beam, --learning_rate, --steps_per_execution, --entropy_beta.
+# --eval_every, --beam, --beam_pool, --beam_unique, --learning_rate,
+# --steps_per_execution, --entropy_beta.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Estimators (kg_reasoning --estimator values).")
@@ -93,22 +97,33 @@ def run_all(path):
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
     results.update(command=" ".join(shlex.quote(a) for a in sys.argv), machine=machine_info(),
                    settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
-                                                        "learning_rate", "steps_per_execution", "entropy_beta")})
+                                                        "beam_pool", "beam_unique", "learning_rate",
+                                                        "steps_per_execution", "entropy_beta")})
     done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
     for dataset, seed, estimator in schedule():
         if (dataset, seed, estimator) in done:
             continue
         keras.backend.clear_session()
         print(f"== {dataset} seed {seed} {estimator}", flush=True)
-        _, result = kg_reasoning.run(
+        agent, result = kg_reasoning.run(
             dataset, estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, beam=FLAGS.beam, seed=seed,
             learning_rate=FLAGS.learning_rate, eval_every=FLAGS.eval_every,
             steps_per_execution=FLAGS.steps_per_execution, entropy_beta=FLAGS.entropy_beta, verbose=2,
+            pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
         )
+        result["test_rankings"] = {
+            ranking_name(pool, unique): kg_reasoning.evaluate(agent, "test", FLAGS.beam, pool=pool, unique=unique)
+            for unique in (False, True) for pool in kg_reasoning.POOLS
+        }
         print(f"   test {result['test']}  {result['steps_per_second']:.2f} steps/s", flush=True)
         results["runs"].append(result)
         path.write_text(json.dumps(results, indent=1))
     return results
+
+
+def ranking_name(pool, unique):
+    """'paths/max', 'entities/sum', ...: what the last hop keeps, how an entity is scored."""
+    return f"{'entities' if unique else 'paths'}/{pool}"
 
 
 def steps_to_reach(curve, level):
