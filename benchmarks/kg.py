@@ -16,8 +16,11 @@ loss on every hop's logits that every estimator gets, differentiated directly:
   the last hop's Q is exact, evaluated only downstream of the hop
   (`keras_bpq.outcomes.DownstreamEvaluator`).
 
-Every run evaluates dev (beam search, filtered) every --eval_every steps and
-test at the end. Results go to `<out_dir>/kg.json` after every run (a cut-off
+Every run evaluates dev (beam search, filtered, ranked as --beam_pool and
+--beam_unique say) every --eval_every steps and test at the end; the trained
+agent's test split is then ranked under every beam option (paths or distinct
+entities at the last hop, x max or sum pooling), with the distinct entities
+ranked per query, so the options compare on the same agents. Results go to `<out_dir>/kg.json` after every run (a cut-off
 benchmark keeps what it finished), then `kg.md` and `kg_<dataset>.png` (dev
 Hits@1 against steps and against training wall-clock).
 
@@ -46,7 +49,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 import kg_reasoning  # noqa: E402
 
 # Shared with the example (defined there): --steps, --batch_size, --rollouts,
-# --eval_every, --beam, --learning_rate, --steps_per_execution, --entropy_beta.
+# --eval_every, --beam, --beam_pool, --beam_unique, --learning_rate,
+# --steps_per_execution, --entropy_beta.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Estimators (kg_reasoning --estimator values).")
@@ -54,6 +58,21 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds for UMLS.")
 flags.DEFINE_list("kinship_seeds", ["0", "1", "2"], "Seeds for Kinship.")
 flags.DEFINE_string("out_dir", str(ROOT / "benchmarks" / "results"), "Where kg.json, kg.md and PNGs go.")
 flags.DEFINE_bool("from_json", False, "Only re-render the report from <out_dir>/kg.json.")
+flags.DEFINE_list("merge", [], "kg.json files of runs made in separate processes (e.g. one per dataset): "
+                  "merged into <out_dir>/kg.json, then rendered.")
+
+# Published test results, filtered, tail only, on the same UMLS / Kinship splits.
+PUBLISHED = {
+    "MINERVA (Das et al. 2018)": {
+        "umls": {"hits@1": 0.728, "hits@3": 0.900, "hits@10": 0.968, "mrr": 0.825},
+        "kinship": {"hits@1": 0.605, "hits@3": 0.812, "hits@10": 0.924, "mrr": 0.720},
+    },
+    "MultiHopKG, ConvE reward shaping (Lin et al. 2018)": {
+        "umls": {"hits@1": 0.902, "hits@10": 0.992, "mrr": 0.94},
+        "kinship": {"hits@1": 0.811, "hits@10": 0.982, "mrr": 0.878},
+    },
+}
+METRICS = ("hits@1", "hits@3", "hits@10", "mrr")
 
 LABELS = {
     "minerva": "MINERVA's estimator (reinforce + EMA 0.95, std. advantage)",
@@ -93,22 +112,33 @@ def run_all(path):
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
     results.update(command=" ".join(shlex.quote(a) for a in sys.argv), machine=machine_info(),
                    settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
-                                                        "learning_rate", "steps_per_execution", "entropy_beta")})
+                                                        "beam_pool", "beam_unique", "learning_rate",
+                                                        "steps_per_execution", "entropy_beta")})
     done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
     for dataset, seed, estimator in schedule():
         if (dataset, seed, estimator) in done:
             continue
         keras.backend.clear_session()
         print(f"== {dataset} seed {seed} {estimator}", flush=True)
-        _, result = kg_reasoning.run(
+        agent, result = kg_reasoning.run(
             dataset, estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, beam=FLAGS.beam, seed=seed,
             learning_rate=FLAGS.learning_rate, eval_every=FLAGS.eval_every,
             steps_per_execution=FLAGS.steps_per_execution, entropy_beta=FLAGS.entropy_beta, verbose=2,
+            pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
         )
+        result["test_rankings"] = {
+            ranking_name(pool, unique): kg_reasoning.evaluate(agent, "test", FLAGS.beam, pool=pool, unique=unique)
+            for unique in (False, True) for pool in kg_reasoning.POOLS
+        }
         print(f"   test {result['test']}  {result['steps_per_second']:.2f} steps/s", flush=True)
         results["runs"].append(result)
         path.write_text(json.dumps(results, indent=1))
     return results
+
+
+def ranking_name(pool, unique):
+    """'paths/max', 'entities/sum', ...: what the last hop keeps, how an entity is scored."""
+    return f"{'entities' if unique else 'paths'}/{pool}"
 
 
 def steps_to_reach(curve, level):
@@ -135,6 +165,13 @@ def summarise(results, dataset):
             **{k: med([r["test"][k] for r in mine]) for k in ("hits@1", "hits@3", "hits@10", "mrr")},
             "dev_hits@1": med([r["curve"][-1]["hits@1"] for r in mine]),
             "steps_per_second": med([r["steps_per_second"] for r in mine]),
+            "train_seconds": med([r["train_seconds"] for r in mine]),
+            "wall_seconds": med([r["wall_seconds"] for r in mine]),
+            "entities": med([r["test"].get("entities", np.nan) for r in mine]),
+            "rankings": {
+                name: {k: med([r["test_rankings"][name][k] for r in mine]) for k in (*METRICS, "entities")}
+                for name in mine[0].get("test_rankings", {})
+            },
             "steps_to_minerva_final_dev": reach,
         }
     return rows
@@ -182,26 +219,37 @@ def verdict(rows):
         f"({a['hits@1']:.3f} vs {m['hits@1']:.3f}, medians)",
         f"- Backprop-Q test MRR >= MINERVA's at equal steps: {yes(a['mrr'] >= m['mrr'])} "
         f"({a['mrr']:.3f} vs {m['mrr']:.3f})",
-        f"- Backprop-Q reaches MINERVA's final dev Hits@1 in fewer steps, per seed: {reach} "
+        f"- First evaluated step at which Backprop-Q's dev Hits@1 reaches MINERVA's final one, per seed: {reach} "
         f"(evaluated every {a.get('eval_every', '?')} steps; None = never; MINERVA ran {m['steps']})",
         f"- Speed: Backprop-Q {a['steps_per_second']:.2f} steps/s against MINERVA's "
         f"{m['steps_per_second']:.2f} ({m['steps_per_second'] / max(a['steps_per_second'], 1e-9):.1f}x)",
     ]
 
 
+def fmt(value):
+    return "-" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
 def write_markdown(results, out_dir):
-    """kg.md: settings, command, machine, a table per dataset and the verdicts."""
+    """kg.md: settings, command, machine, a table per dataset (with the published
+    results), the beam options on the same agents, and the verdicts."""
     s = results["settings"]
+    commands = results.get("commands") or [results["command"]]
     lines = [
         "# Knowledge-graph reasoning: estimators side by side",
         "",
         "Agent, data and protocol: `examples/kg_reasoning.py` (T = 2 hops, masked Categorical per hop, "
-        "GRU path state, query edge hidden, other true tails masked at the last hop; beam search, "
-        "filtered, tail only). Generated by `benchmarks/kg.py` from `kg.json`.",
+        "GRU path state, query edge and its inverse hidden, inverse edges and a NO_OP self-loop in the graph). "
+        "At the last hop a training query's other true tails are masked from the *training* triples only "
+        "(MINERVA's training batcher); dev and test are filtered over every split, tail only. "
+        f"Beam {s['beam']}, last hop {'de-duplicated by entity' if s.get('beam_unique') else 'of paths'}, "
+        f"entity score: {s.get('beam_pool', 'max')} over its paths. Generated by `benchmarks/kg.py` from `kg.json`.",
         "",
-        f"- Command: `{results['command']}`",
+        *[f"- Command: `{c}`" for c in commands],
         f"- Machine: {json.dumps(results['machine'])}",
         f"- Settings: {json.dumps(s)} (every estimator the same: Adam, clipnorm 5)",
+        f"- Budget per run: {s['steps']} steps x {s['batch_size']} queries x {s['rollouts']} rollouts; "
+        "training wall-clock per run in the tables (evaluation excluded).",
         "",
     ]
     for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
@@ -209,22 +257,53 @@ def write_markdown(results, out_dir):
         for row in rows.values():
             row["eval_every"] = s["eval_every"]
         lines += [f"## {dataset}", "", f"![dev Hits@1](kg_{dataset}.png)", "",
-                  "| estimator | seeds | steps | test Hits@1 | Hits@3 | Hits@10 | MRR | final dev Hits@1 | steps/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| estimator | seeds | steps | test Hits@1 | Hits@3 | Hits@10 | MRR | final dev Hits@1 | "
+                  "entities ranked | steps/s | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
             lines.append(
-                f"| {LABELS.get(name, name)} | {row['seeds']} | {row['steps']} | {row['hits@1']:.3f} | "
-                f"{row['hits@3']:.3f} | {row['hits@10']:.3f} | {row['mrr']:.3f} | {row['dev_hits@1']:.3f} | "
-                f"{row['steps_per_second']:.2f} |"
+                f"| {LABELS.get(name, name)} | {row['seeds']} | {row['steps']} | "
+                + " | ".join(fmt(row[k]) for k in (*METRICS, "dev_hits@1"))
+                + f" | {row['entities']:.1f} | {row['steps_per_second']:.2f} | {row['train_seconds']:.0f} |"
             )
-        lines += ["", "Medians over the seeds listed. Per run:", "",
-                  "| estimator | seed | test Hits@1 | MRR | final dev Hits@1 | steps/s |", "|---|---|---|---|---|---|"]
+        for source, table in PUBLISHED.items():
+            lines.append(f"| published: {source} | | | " + " | ".join(fmt(table[dataset].get(k)) for k in METRICS)
+                         + " | | | | |")
+        if "auto" in rows:
+            minerva_paper = next(iter(PUBLISHED.values()))[dataset]
+            gap = ", ".join(f"{k} {rows['auto'][k] - minerva_paper[k]:+.3f}" for k in METRICS)
+            lines += ["", f"Default minus MINERVA's published table: {gap}."]
+        lines += ["", "Medians over the seeds listed. Test ranked under each beam option (the same trained agents; "
+                  "'paths': the last hop keeps the beam's best paths, MINERVA's beam; 'entities': it keeps the "
+                  "beam's best distinct entities, MultiHopKG's; 'max' / 'sum': an entity's score is its best "
+                  "path's log-probability / the log-sum-exp over its paths), with the mean distinct entities "
+                  "ranked per query:", "",
+                  "| estimator | beam option | Hits@1 | Hits@3 | Hits@10 | MRR | entities ranked |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            for option, m in row["rankings"].items():
+                lines.append(f"| {name} | {option} | " + " | ".join(fmt(m[k]) for k in METRICS)
+                             + f" | {m['entities']:.1f} |")
+        lines += ["", "Per run:", "",
+                  "| estimator | seed | test Hits@1 | Hits@3 | Hits@10 | MRR | final dev Hits@1 | steps/s | "
+                  "train s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in results["runs"]:
             if r["dataset"] == dataset:
-                lines.append(f"| {r['estimator']} | {r['seed']} | {r['test']['hits@1']:.3f} | "
-                             f"{r['test']['mrr']:.3f} | {r['curve'][-1]['hits@1']:.3f} | {r['steps_per_second']:.2f} |")
+                lines.append(f"| {r['estimator']} | {r['seed']} | " + " | ".join(fmt(r["test"][k]) for k in METRICS)
+                             + f" | {fmt(r['curve'][-1]['hits@1'])} | {r['steps_per_second']:.2f} | "
+                             f"{r['train_seconds']:.0f} |")
         lines += ["", *verdict(rows), ""]
     (out_dir / "kg.md").write_text("\n".join(lines) + "\n")
+
+
+def merge(paths):
+    """One results dict from several kg.json files (runs concatenated)."""
+    parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    settings = [p["settings"] for p in parts]
+    if any(x != settings[0] for x in settings):
+        raise ValueError(f"--merge: the files were run with different settings: {settings}")
+    return {"commands": [p["command"] for p in parts], "machine": [p["machine"] for p in parts],
+            "settings": settings[0], "runs": [r for p in parts for r in p["runs"]]}
 
 
 def main(argv):
@@ -232,7 +311,11 @@ def main(argv):
     out_dir = pathlib.Path(FLAGS.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "kg.json"
-    results = json.loads(path.read_text()) if FLAGS.from_json else run_all(path)
+    if FLAGS.merge:
+        results = merge(FLAGS.merge)
+        path.write_text(json.dumps(results, indent=1))
+    else:
+        results = json.loads(path.read_text()) if FLAGS.from_json else run_all(path)
     for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
         plot(results, dataset, out_dir / f"kg_{dataset}.png")
     write_markdown(results, out_dir)

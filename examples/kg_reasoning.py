@@ -9,12 +9,15 @@ model is a chain of `T` categorical nodes. The policy reads embeddings of the
 query relation, the current entity and the path so far (a GRU cell over the
 `(relation, entity)` edges taken).
 
-Masks (MINERVA's protocol): padded actions; the query's own edge `(head, r,
-tail)` and its inverse `(tail, r_inv, head)`; and at the last hop, edges into
-the query's *other* known true tails (over all splits), in training and in
-beam search alike. Evaluation is beam search over the policy's
-log-probabilities, answers ranked by their best path, filtered, on the tail
-only: Hits@1/3/10 and MRR.
+Masks (MINERVA's protocol, its `create_triple_store`): padded actions; the
+query's own edge `(head, r, tail)` and its inverse `(tail, r_inv, head)`; and
+at the last hop, edges into the query's *other* true tails. For a training
+query those are the tails of `(head, r)` among the *training* triples only;
+dev and test answers are never shown to training. For a dev or test query they
+are the tails of `(head, r)` over every split, masked at the last hop of the
+beam and removed from the ranking (the filtered setting). Evaluation is beam
+search over the policy's log-probabilities, filtered, on the tail only:
+Hits@1/3/10 and MRR (see `beam_search` for how answers are pooled).
 
 Data: UMLS and Kinship in their standard splits, vendored under
 `examples/data/` (see its README); inverse edges are added to the graph.
@@ -51,6 +54,11 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("steps", 2000, "Training steps.")
 flags.DEFINE_integer("beam", 100, "Beam width of the evaluation.")
+flags.DEFINE_enum("beam_pool", "max", ["max", "sum"], "How the beam scores an entity from the paths ending at "
+                  "it: 'max' (its most probable path; MINERVA's and MultiHopKG's default) or 'sum' (log-sum-exp "
+                  "of their log-probabilities: every path counts).")
+flags.DEFINE_bool("beam_unique", True, "At the last hop keep the `beam` best distinct entities (MultiHopKG), "
+                  "not the `beam` best paths (MINERVA's beam, which can end at one entity).")
 flags.DEFINE_integer("batch_size", 256, "Queries per step (each gives `rollouts` rows).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
@@ -77,7 +85,8 @@ class KnowledgeGraph:
     action_rel: np.ndarray  # [E, A] int32
     action_ent: np.ndarray  # [E, A] int32
     action_mask: np.ndarray  # [E, A] bool
-    known_tails: dict  # (head, relation) -> set of tails, over all splits
+    known_tails: dict  # (head, relation) -> set of tails, over all splits (dev/test filtering)
+    train_tails: dict  # (head, relation) -> set of tails, over the "train" split (training masks)
 
     @property
     def num_entities(self):
@@ -129,11 +138,13 @@ def build_graph(splits):
         action_rel[e, : len(row)] = [r for r, _ in row]
         action_ent[e, : len(row)] = [t for _, t in row]
         action_mask[e, : len(row)] = True
-    known = {}
-    for triples in ids.values():
+    known, train_known = {}, {}
+    for name, triples in ids.items():
         for h, r, t in triples:
             known.setdefault((int(h), int(r)), set()).add(int(t))
-    return KnowledgeGraph(entities, relations, ids, action_rel, action_ent, action_mask, known)
+            if name == "train":
+                train_known.setdefault((int(h), int(r)), set()).add(int(t))
+    return KnowledgeGraph(entities, relations, ids, action_rel, action_ent, action_mask, known, train_known)
 
 
 def load_graph(name, data_dir=DATA_DIR):
@@ -144,11 +155,14 @@ def load_graph(name, data_dir=DATA_DIR):
 
 def queries(kg, split):
     """Model inputs for every triple of a split: head, relation, tail ids and the
-    multi-hot `exclude` of the query's other known true tails."""
+    multi-hot `exclude` of the query's other true tails: for the "train" split,
+    `kg.train_tails` (the training triples only, as MINERVA's training batcher);
+    for any other split, `kg.known_tails` (every split, the filtered setting)."""
     triples = kg.splits[split]
+    known = kg.train_tails if split == "train" else kg.known_tails
     exclude = np.zeros((len(triples), kg.num_entities), np.float32)
     for i, (h, r, t) in enumerate(triples):
-        others = kg.known_tails[(int(h), int(r))] - {int(t)}
+        others = known[(int(h), int(r))] - {int(t)}
         exclude[i, sorted(others)] = 1.0
     return {
         "head": triples[:, 0].copy(),
@@ -498,16 +512,32 @@ def train_dataset(kg, batch_size, seed, split="train"):
 
 
 # -- beam search ---------------------------------------------------------------
-def beam_search(policy, hops, beam, head, relation, tail=None, exclude=None):
+POOLS = ("max", "sum")
+
+
+def beam_search(policy, hops, beam, head, relation, tail=None, exclude=None, pool="max", unique=True):
     """In-graph beam search over the policy's log-probabilities.
+
+    Hops `1..T-1` keep the `beam` most probable paths, `log pi(p) = sum_t log
+    pi(a_t | s_t)`. At the last hop the candidates are every one-edge
+    extension of the beam (`unique=True`, MultiHopKG's de-duplication by
+    entity: the beam keeps the `beam` best *entities*) or only the `beam` most
+    probable extensions (`unique=False`, MINERVA's beam, whose paths may all
+    end at one entity). Each entity `e` is scored over the candidate paths
+    `P(e)` ending at it: `max_{p in P(e)} log pi(p)` (`pool="max"`, MINERVA's
+    and MultiHopKG's default) or `log sum_{p in P(e)} pi(p)` (`pool="sum"`,
+    MINERVA's alternative: every path to `e` counts).
 
     Args: `head`, `relation` (and optionally `tail`, whose query edge is hidden,
     and `exclude` `[Q, E]`, other true tails: masked at the last hop and
     removed from the ranking) per query. Returns a dict: `answers` `[Q, E]`
-    entity ids ranked by their best path's log-probability, `scores` `[Q, E]`
-    (-inf for entities no beam reached), `path_relations` and `path_entities`
-    `[Q, E, T]` (the best path to each ranked answer; -1 where unreached).
+    entity ids ranked by their score, `scores` `[Q, E]` (-inf for entities no
+    beam reached), `path_relations` and `path_entities` `[Q, E, T]` (the most
+    probable path to each ranked answer; -1 where unreached), and
+    `entity_scores` `[Q, E]` in entity order.
     """
+    if pool not in POOLS:
+        raise ValueError(f"beam_search: pool must be one of {POOLS}, got {pool!r}.")
     head, relation = tf.cast(head, tf.int32), tf.cast(relation, tf.int32)
     num_q, num_e = tf.shape(head)[0], policy.num_entities
     tail = tf.fill([num_q], -1) if tail is None else tf.cast(tail, tf.int32)
@@ -522,7 +552,9 @@ def beam_search(policy, hops, beam, head, relation, tail=None, exclude=None):
         mask = policy.mask(entity, q_head, q_rel, q_tail, q_excl, t == hops)
         log_p = tf.nn.log_softmax(tf.where(mask, policy.logits(h, entity, q_rel), -1e9))
         log_p = tf.reshape(tf.where(mask, log_p, NEG_INF), [num_q, beam, -1])
-        total = tf.reshape(score[:, :, None] + log_p, [num_q, -1])
+        total = tf.reshape(score[:, :, None] + log_p, [num_q, -1])  # [Q, beam * A]
+        if t == hops:
+            break
         score, index = tf.math.top_k(total, k=beam)
         num_a = tf.shape(log_p)[2]
         parent = tf.reshape(index // num_a + tf.range(num_q)[:, None] * beam, [-1])
@@ -530,41 +562,70 @@ def beam_search(policy, hops, beam, head, relation, tail=None, exclude=None):
         h, entity, rel = policy.advance(tf.gather(h, parent), tf.gather(entity, parent), action)
         path_rel = tf.concat([tf.gather(path_rel, parent), rel[:, None]], axis=1)
         path_ent = tf.concat([tf.gather(path_ent, parent), entity[:, None]], axis=1)
-    return rank_answers(score, entity, path_rel, path_ent, exclude, num_e, beam)
+    if unique:
+        candidate = tf.tile(tf.range(tf.shape(total)[1])[None], [num_q, 1])
+        candidate_score = total
+    else:
+        candidate_score, candidate = tf.math.top_k(total, k=beam)
+    last = {
+        "rel": tf.reshape(tf.gather(policy.action_rel, entity), [num_q, -1]),
+        "ent": tf.reshape(tf.gather(policy.action_ent, entity), [num_q, -1]),
+    }
+    return rank_answers(candidate_score, candidate, last, path_rel, path_ent, exclude, num_e, beam, pool, unique)
 
 
-def rank_answers(score, entity, path_rel, path_ent, exclude, num_e, beam):
-    """Ranks entities by their best beam's score (beams arrive sorted by score)."""
-    num_q = tf.shape(score)[0]
-    flat_score = tf.reshape(score, [-1])
-    segment = tf.reshape(tf.range(num_q)[:, None] * num_e + tf.reshape(entity, [num_q, beam]), [-1])
-    alive = tf.math.is_finite(flat_score)
-    position = tf.where(alive, tf.tile(tf.range(beam), [num_q]), beam)
+def rank_answers(candidate_score, candidate, last, path_rel, path_ent, exclude, num_e, beam, pool, unique):
+    """Pools the last hop's candidate paths by entity and ranks the entities.
+
+    `candidate_score` `[Q, K]`: log-probabilities of candidate paths, each an
+    index `candidate` `[Q, K]` into the flattened `[beam * A]` extensions of
+    the beam, whose last edge is `last["rel"]`, `last["ent"]` `[Q, beam * A]`
+    and whose earlier edges are `path_rel`, `path_ent` `[Q * beam, T - 1]`."""
+    num_q, num_k = tf.shape(candidate_score)[0], tf.shape(candidate_score)[1]
+    num_a = tf.shape(last["ent"])[1] // beam
+    candidate_ent = tf.gather(last["ent"], candidate, batch_dims=1)
+    flat = tf.reshape(candidate_score, [-1])
+    segment = tf.reshape(tf.range(num_q)[:, None] * num_e + candidate_ent, [-1])
+    alive = tf.math.is_finite(flat)
+    top = tf.math.unsorted_segment_max(tf.where(alive, flat, NEG_INF), segment, num_q * num_e)
+    top_here = tf.gather(top, segment)
+    position = tf.where(alive & (flat >= top_here), tf.tile(tf.range(num_k), [num_q]), num_k)
     best = tf.reshape(tf.math.unsorted_segment_min(position, segment, num_q * num_e), [num_q, num_e])
-    reached = best < beam
-    best = tf.minimum(best, beam - 1) + tf.range(num_q)[:, None] * beam
-    entity_score = tf.where(reached & (exclude <= 0.0), tf.gather(flat_score, best), NEG_INF)
+    reached = best < num_k
+    if pool == "sum":
+        mass = tf.math.unsorted_segment_sum(tf.where(alive, tf.exp(flat - top_here), 0.0), segment, num_q * num_e)
+        top = top + tf.math.log(tf.maximum(mass, 1.0))  # mass >= 1 wherever reached (the max path counts 1)
+    entity_score = tf.where(reached & (exclude <= 0.0), tf.reshape(top, [num_q, num_e]), NEG_INF)
+    if unique:
+        _, kept = tf.math.top_k(entity_score, k=tf.minimum(beam, num_e))
+        keep = tf.reduce_any(tf.equal(kept[:, :, None], tf.range(num_e)[None, None]), axis=1)
+        entity_score = tf.where(keep, entity_score, NEG_INF)
     order = tf.argsort(entity_score, axis=1, direction="DESCENDING", stable=True)
     ranked_score = tf.gather(entity_score, order, batch_dims=1)
-    found = tf.math.is_finite(ranked_score)[:, :, None]
-    ranked_best = tf.gather(best, order, batch_dims=1)
+    found = tf.math.is_finite(ranked_score)
+    index = tf.gather(candidate, tf.minimum(tf.gather(best, order, batch_dims=1), num_k - 1), batch_dims=1)
+    parent = index // num_a + tf.range(num_q)[:, None] * beam
+    rels = tf.concat([tf.gather(path_rel, parent), tf.gather(last["rel"], index, batch_dims=1)[..., None]], -1)
+    ents = tf.concat([tf.gather(path_ent, parent), tf.gather(last["ent"], index, batch_dims=1)[..., None]], -1)
     return {
         "answers": order,
         "scores": ranked_score,
-        "path_relations": tf.where(found, tf.gather(path_rel, ranked_best), -1),
-        "path_entities": tf.where(found, tf.gather(path_ent, ranked_best), -1),
+        "path_relations": tf.where(found[..., None], rels, -1),
+        "path_entities": tf.where(found[..., None], ents, -1),
         "entity_scores": entity_score,
     }
 
 
-def evaluate(agent, split, beam=100, chunk=128, limit=None):
+def evaluate(agent, split, beam=100, chunk=128, limit=None, pool="max", unique=True):
     """Filtered tail-only Hits@1/3/10 and MRR of beam search on a split (an
-    answer no beam reached ranks nowhere: reciprocal rank 0)."""
+    answer no beam reached ranks nowhere: reciprocal rank 0; ties rank
+    first), and `entities`: the mean number of distinct entities ranked per
+    query."""
     data = queries(agent.kg, split)
     if limit:
         data = {k: v[:limit] for k, v in data.items()}
-    search = beam_function(agent, beam)
-    ranks = []
+    search = beam_function(agent, beam, pool, unique)
+    ranks, counts = [], []
     for start in range(0, len(data["head"]), chunk):
         part = {k: tf.constant(v[start : start + chunk]) for k, v in data.items()}
         scores = search(part["head"], part["relation"], part["tail"], part["exclude"]).numpy()
@@ -572,20 +633,23 @@ def evaluate(agent, split, beam=100, chunk=128, limit=None):
         own = scores[np.arange(len(tails)), tails]
         rank = 1.0 + np.sum(scores > own[:, None], axis=1)
         ranks.append(np.where(np.isfinite(own), rank, np.inf))
+        counts.append(np.isfinite(scores).sum(axis=1))
     ranks = np.concatenate(ranks)
     metrics = {f"hits@{k}": float(np.mean(ranks <= k)) for k in (1, 3, 10)}
     metrics["mrr"] = float(np.mean(1.0 / ranks))
+    metrics["entities"] = float(np.mean(np.concatenate(counts)))
     return metrics
 
 
-def beam_function(agent, beam):
+def beam_function(agent, beam, pool="max", unique=True):
     """A cached `tf.function` `(head, relation, tail, exclude) -> entity scores [Q, E]`."""
     cache = agent.__dict__.setdefault("_beam_functions", {})
-    if beam not in cache:
-        cache[beam] = tf.function(
-            lambda h, r, t, x: beam_search(agent.policy, agent.hops, beam, h, r, t, x)["entity_scores"]
+    key = (beam, pool, bool(unique))
+    if key not in cache:
+        cache[key] = tf.function(
+            lambda h, r, t, x: beam_search(agent.policy, agent.hops, beam, h, r, t, x, pool, unique)["entity_scores"]
         )
-    return cache[beam]
+    return cache[key]
 
 
 # -- training -------------------------------------------------------------------
@@ -606,9 +670,10 @@ class DevEvaluation(keras.callbacks.Callback):
     """Beam-search dev metrics every epoch (= `eval_every` steps), with the
     training steps and training wall-clock (evaluation excluded) so far."""
 
-    def __init__(self, agent, beam, steps_per_epoch, split="valid", verbose=True):
+    def __init__(self, agent, beam, steps_per_epoch, split="valid", verbose=True, pool="max", unique=True):
         super().__init__()
         self.agent, self.beam, self.steps_per_epoch = agent, beam, steps_per_epoch
+        self.pool, self.unique = pool, unique
         self.split, self.verbose = split, verbose
         self.curve, self.train_seconds = [], 0.0
 
@@ -617,7 +682,7 @@ class DevEvaluation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.train_seconds += time.perf_counter() - self.started
-        metrics = evaluate(self.agent, self.split, self.beam)
+        metrics = evaluate(self.agent, self.split, self.beam, pool=self.pool, unique=self.unique)
         point = {"step": (epoch + 1) * self.steps_per_epoch, "seconds": self.train_seconds, **metrics}
         point.update({f"train_{k}": float(v) for k, v in (logs or {}).items()})
         self.curve.append(point)
@@ -626,11 +691,11 @@ class DevEvaluation(keras.callbacks.Callback):
 
 
 def train(agent, steps, batch_size, estimator, rollouts=20, learning_rate=1e-3, seed=0,
-          eval_every=100, beam=100, steps_per_execution=10, verbose=1):
+          eval_every=100, beam=100, steps_per_execution=10, verbose=1, pool="max", unique=True):
     """Compiles and fits the agent, evaluating on dev every `eval_every` steps;
     returns the `DevEvaluation` callback (its `curve`)."""
     compile_agent(agent, estimator, rollouts, learning_rate, steps_per_execution)
-    dev = DevEvaluation(agent, beam, eval_every, verbose=bool(verbose))
+    dev = DevEvaluation(agent, beam, eval_every, verbose=bool(verbose), pool=pool, unique=unique)
     callbacks = [dev]
     if agent.entropy is not None:
         callbacks.append(EntropyDecay(agent.entropy))
@@ -645,16 +710,17 @@ def train(agent, steps, batch_size, estimator, rollouts=20, learning_rate=1e-3, 
 class ServedAgent(tf.Module):
     """The exported agent: `beam(head, relation)` and `walk(head, relation, seed)`."""
 
-    def __init__(self, agent, beam):
+    def __init__(self, agent, beam, pool="max", unique=True):
         super().__init__()
         self.policy_variables = [v.value for v in agent.policy.weights]
-        self._agent, self._beam = agent, beam
+        self._agent, self._beam, self._pool, self._unique = agent, beam, pool, unique
         ids = tf.TensorSpec([None], tf.int32)
         self.beam = tf.function(self._beam_search, input_signature=[ids, ids])
         self.walk = tf.function(self._walk, input_signature=[ids, ids, tf.TensorSpec([None], tf.int64)])
 
     def _beam_search(self, head, relation):
-        out = beam_search(self._agent.policy, self._agent.hops, self._beam, head, relation)
+        out = beam_search(self._agent.policy, self._agent.hops, self._beam, head, relation,
+                          pool=self._pool, unique=self._unique)
         return {k: v for k, v in out.items() if k != "entity_scores"}
 
     def _walk(self, head, relation, seed):
@@ -683,10 +749,10 @@ def sample_walk(agent, head, relation, seed):
     return {"relations": tf.stack(rels, 1), "entities": tf.stack(ents, 1), "answer": entity, "log_prob": log_p}
 
 
-def export_agent(agent, path, beam=100):
+def export_agent(agent, path, beam=100, pool="max", unique=True):
     """Writes the agent as a SavedModel with signatures `beam` and `walk` (the
     adjacency is baked in as constants; no keras_bpq needed to serve it)."""
-    module = ServedAgent(agent, beam)
+    module = ServedAgent(agent, beam, pool, unique)
     signatures = {"beam": module.beam.get_concrete_function(), "walk": module.walk.get_concrete_function()}
     tf.saved_model.save(module, str(path), signatures=signatures)
     return module
@@ -695,19 +761,20 @@ def export_agent(agent, path, beam=100):
 # -- main ---------------------------------------------------------------------------
 def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
         learning_rate=1e-3, dim=32, hidden=64, entropy_beta=0.05, eval_every=100,
-        steps_per_execution=10, verbose=1):
+        steps_per_execution=10, verbose=1, pool="max", unique=True):
     """Trains one agent and evaluates it on test; returns `(agent, result)`."""
     kg = load_graph(dataset)
     agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta)
     start = time.perf_counter()
     dev = train(agent, steps, batch_size, estimator, rollouts, learning_rate, seed, eval_every, beam,
-                steps_per_execution, verbose)
+                steps_per_execution, verbose, pool, unique)
     result = {
         "dataset": dataset, "estimator": estimator, "seed": seed, "steps": steps, "batch_size": batch_size,
-        "rollouts": rollouts, "hops": hops, "beam": beam, "entropy_beta": entropy_beta,
+        "rollouts": rollouts, "hops": hops, "beam": beam, "beam_pool": pool, "beam_unique": bool(unique),
+        "entropy_beta": entropy_beta,
         "wall_seconds": time.perf_counter() - start, "train_seconds": dev.train_seconds,
         "steps_per_second": steps / max(dev.train_seconds, 1e-9),
-        "curve": dev.curve, "test": evaluate(agent, "test", beam),
+        "curve": dev.curve, "test": evaluate(agent, "test", beam, pool=pool, unique=unique),
     }
     return agent, result
 
@@ -717,7 +784,7 @@ def main(argv):
     agent, result = run(
         FLAGS.dataset, FLAGS.estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, FLAGS.hops,
         FLAGS.beam, FLAGS.seed, FLAGS.learning_rate, FLAGS.dim, FLAGS.hidden, FLAGS.entropy_beta,
-        FLAGS.eval_every, FLAGS.steps_per_execution,
+        FLAGS.eval_every, FLAGS.steps_per_execution, pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
     )
     test = result["test"]
     print(
@@ -727,7 +794,7 @@ def main(argv):
     if FLAGS.out_json:
         pathlib.Path(FLAGS.out_json).write_text(json.dumps(result, indent=1))
     if FLAGS.export_dir:
-        export_agent(agent, FLAGS.export_dir, FLAGS.beam)
+        export_agent(agent, FLAGS.export_dir, FLAGS.beam, FLAGS.beam_pool, FLAGS.beam_unique)
         print(f"Exported the agent (signatures 'beam', 'walk') to {FLAGS.export_dir}")
 
 

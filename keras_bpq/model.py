@@ -983,9 +983,7 @@ class BackpropQModel(keras.Model):
     def from_config(cls, config, custom_objects=None):
         if "network" in config:
             config = dict(config)
-            network = keras.saving.deserialize_keras_object(
-                config.pop("network"), custom_objects=custom_objects
-            )
+            network = saving_lib.deserialize_network(config.pop("network"), custom_objects)
             return cls(network=network, **config)
         return super().from_config(config)
 
@@ -1091,20 +1089,8 @@ class BackpropQModel(keras.Model):
         """`keras.Model.load_weights`, after creating the training state the
         file holds (compile the model first, with the options it was saved with)."""
         ready = self.build_training_state()
-        try:
+        with saving_lib.explained_load_errors(self, filepath, ready, strict=not skip_mismatch):
             return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
-        except ValueError as error:
-            if "scg_state" not in str(error):
-                raise
-            hint = (
-                "compile() it first, with the options it was saved with"
-                if not ready
-                else "compile it with the options it was saved with (estimators and critics decide which state exists)"
-            )
-            raise ValueError(
-                f"The training state in {str(filepath)!r} does not fit model {self.name!r}: "
-                f"{hint}. {error}"
-            ) from error
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Exports the stochastic forward pass as a SavedModel for TF Serving.

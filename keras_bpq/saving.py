@@ -8,8 +8,13 @@
   weights are read.
 * Checkpoints are written atomically: to a temporary file beside the target,
   then renamed over it, so a process killed while saving never leaves a
-  half-written file. A checkpoint holding a NaN or inf is refused, naming the
-  variables.
+  half-written file; the next save removes what a killed one left. Otherwise
+  a save behaves as `keras.Model.save`, which writes in place: symlinks are
+  written through, read-only files are refused. A checkpoint holding a NaN or
+  inf is refused, naming the variables.
+* Loading says what is wrong: a `.keras` file cut short or corrupt, a class
+  the process does not know, a `BackupAndRestore` backup written by another
+  model.
 * Exact resume: `FitPosition` records in the model (and so in every
   checkpoint) which epoch `fit` is in and how many of its batches are done.
   After `keras.callbacks.BackupAndRestore` restores a checkpoint,
@@ -20,9 +25,19 @@
 """
 
 import contextlib
+import copy
+import fcntl
 import json
 import os
+import re
+import shutil
+import stat
+import tempfile
 import uuid
+import warnings
+import weakref
+import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -153,38 +168,382 @@ def check_finite(variables, what):
 
 
 def atomic_target(filepath, suffix, overwrite):
-    """Whether `filepath` is written through `atomic_write`: a local file with
-    the suffix Keras expects, that may be overwritten (otherwise Keras asks)."""
-    path = str(filepath)
-    return path.endswith(suffix) and "://" not in path and (overwrite or not os.path.exists(path))
+    """Whether `filepath` is written through `atomic_write`: a local path with
+    the suffix Keras expects, that may be overwritten (otherwise Keras asks),
+    and that names (through any symlinks) a regular file or nothing yet.
+    Anything else (a directory, a device, a remote path) is left to Keras."""
+    if not isinstance(filepath, (str, os.PathLike)):
+        return False
+    path = os.fspath(filepath)
+    if not isinstance(path, str) or not path.endswith(suffix) or "://" in path:
+        return False
+    target = os.path.realpath(path)
+    if not os.path.lexists(target):
+        return True
+    return overwrite and stat.S_ISREG(os.stat(target).st_mode)
+
+
+# A save writes into a folder of its own beside the file, named
+# `.tmp-keras_bpq-<pid>-<8 hex digits>-<file name>`, holding the file being
+# written and `lock`, which the saving process holds (flock) until it is done.
+# A folder of that name whose lock nobody holds is left by a killed save.
+_TEMPORARY = re.compile(r"\.tmp-keras_bpq-[0-9]+-[0-9a-f]{8}-(?P<base>.+)", re.DOTALL)
+_LOCK = "lock"
+
+
+def _temporary_folder(directory, base):
+    return os.path.join(directory, f".tmp-keras_bpq-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+
+
+def _remove_folder(folder, base):
+    """Removes a temporary folder of ours: only the two names we write in it,
+    then the folder if that left it empty. Returns whether it is gone."""
+    for name in (base, _LOCK):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+    try:
+        os.rmdir(folder)
+    except OSError:
+        return False
+    return True
+
+
+def remove_leftovers(filepath):
+    """Removes what killed saves to `filepath` (through symlinks) left beside
+    it: our temporary folders for that file name whose lock no live process
+    holds. A save in progress, in this process or another, holds its lock and
+    is left alone; nothing not named and locked as ours is touched. Returns the
+    paths removed."""
+    directory, base = os.path.split(os.path.realpath(os.fspath(filepath)))
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        if match is None or match.group("base") != base:
+            continue
+        folder = os.path.join(directory, name)
+        try:
+            fd = os.open(os.path.join(folder, _LOCK), os.O_RDWR)
+        except OSError:  # not ours, or a save that has not locked it yet
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a save in progress
+            os.close(fd)
+            continue
+        try:
+            if _remove_folder(folder, base):
+                removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _fsync(path, flags=os.O_RDONLY):
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # directories on some file systems
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_write(filepath):
-    """Yields a temporary path beside `filepath` (same suffix); once the block
-    has written it, renames it over `filepath` in one step. On error or
-    interruption `filepath` keeps its previous content."""
-    directory, base = os.path.split(os.path.abspath(str(filepath)))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+    """Yields a temporary path with the file name of `filepath`; once the block
+    has written it completely, puts it in place of `filepath`. On error or
+    interruption `filepath` keeps its previous content, and the temporary file
+    is removed (a killed save's is removed by the next save to `filepath`).
+
+    Keeps the semantics of `keras.Model.save`, which writes `filepath` in
+    place:
+
+    * A symlink is written through: its target is updated, the link stays.
+    * An existing file the process may not write raises `PermissionError`,
+      and a new file in a folder it may not write too.
+    * The file keeps its permission bits (and its owner where the process may
+      set it).
+    * Where the file cannot be replaced in one step (its folder is read-only,
+      or it has other hard links) the whole file is first written elsewhere,
+      then copied over `filepath` in place; only a kill during that copy can
+      leave it partial.
+    """
+    target = os.path.realpath(os.fspath(filepath))
+    directory, base = os.path.split(target)
+    existing = os.stat(target) if os.path.lexists(target) else None
+    if existing is not None:
+        os.close(os.open(target, os.O_WRONLY))  # a read-only file raises, as in Keras
+    remove_leftovers(target)
+    lock = None
+    in_place = existing is not None and existing.st_nlink > 1
+    if not in_place:
+        folder = _temporary_folder(directory, base)
+        try:
+            os.mkdir(folder, 0o700)
+        except OSError as error:
+            # Keras writes an existing file in place even in a read-only folder.
+            if existing is None or not isinstance(error, PermissionError):
+                raise type(error)(error.errno, error.strerror, target) from None
+            in_place = True
+    if in_place:
+        folder = tempfile.mkdtemp(prefix=".tmp-keras_bpq-")
+    else:
+        try:
+            lock = os.open(os.path.join(folder, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            _remove_folder(folder, base)
+            raise
+    temporary = os.path.join(folder, base)
     try:
         yield temporary
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(directory, base))
-        try:
-            fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if in_place:
+            with open(temporary, "rb") as source, open(target, "wb") as destination:
+                shutil.copyfileobj(source, destination)
+                destination.flush()
+                os.fsync(destination.fileno())
+        else:
+            _fsync(temporary, os.O_RDWR)
+            if existing is not None:
+                os.chmod(temporary, stat.S_IMODE(existing.st_mode))
+                with contextlib.suppress(OSError):
+                    os.chown(temporary, existing.st_uid, existing.st_gid)
+            os.replace(temporary, target)
+            _fsync(directory)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if in_place:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            _remove_folder(folder, base)
+            os.close(lock)
+
+
+# -- loading -------------------------------------------------------------------
+def check_archive(filepath):
+    """Raises a ValueError naming `filepath` unless it is a complete `.keras`
+    archive: a zip file that holds `config.json` and whose members all match
+    their checksums (a file cut short, overwritten or not a model fails)."""
+    path = os.fspath(filepath)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            corrupt = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"{path!r} is not a valid or complete .keras archive: it is not a whole zip "
+            f"file ({error}). It was cut short (an interrupted copy, download or save by "
+            "another tool) or is not a Keras model. Save the model again."
+        ) from error
+    if corrupt is not None:
+        raise ValueError(
+            f"{path!r} is not a valid .keras archive: its member {corrupt!r} is corrupt "
+            "(its checksum does not match). Save the model again."
+        )
+    if "config.json" not in names:
+        raise ValueError(
+            f"{path!r} is not a complete .keras archive: it holds no config.json "
+            f"(it holds {sorted(names)}). Save the model again."
+        )
+
+
+def _is_keras_file(filepath):
+    return (
+        isinstance(filepath, (str, os.PathLike))
+        and os.fspath(filepath).endswith(".keras")
+        and os.path.isfile(filepath)
+    )
+
+
+# The public modules where Keras looks up a function saved by name only
+# ({"module": "builtins", "class_name": "function", "config": "relu"}).
+_KERAS_FUNCTION_MODULES = (
+    "activations", "constraints", "initializers", "losses", "metrics", "optimizers", "regularizers",
+)
+_KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp")
+
+
+def _unresolvable(entry, custom_objects):
+    """The name under which Keras looks up the object an `entry` of a saved
+    config describes, when it cannot find it: not Keras' own, not registered
+    with `keras.saving.register_keras_serializable`, not in `custom_objects`
+    or a `keras.saving.custom_object_scope`. None when it can."""
+    module = entry.get("module") or ""
+    if entry["class_name"] == "function":
+        key = entry.get("config")
+        if not isinstance(key, str):
+            return None
+        if module == "builtins" and any(
+            getattr(getattr(keras, m), key, None) is not None for m in _KERAS_FUNCTION_MODULES
+        ):
+            return None
+    else:
+        key = entry.get("registered_name") or entry["class_name"]
+        if module.split(".", 1)[0] in _KERAS_PACKAGES:
+            return None
+    if keras.saving.get_registered_object(key, custom_objects=custom_objects) is not None:
+        return None
+    return key
+
+
+def unknown_objects(config, custom_objects=None):
+    """The names of the classes and functions a serialised Keras config uses
+    that this process cannot deserialise, in the order they appear."""
+    found = []
+
+    def visit(value):
+        if isinstance(value, dict):
+            if isinstance(value.get("class_name"), str) and "module" in value:
+                key = _unresolvable(value, custom_objects)
+                if key is not None and key not in found:
+                    found.append(key)
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(config)
+    return found
+
+
+def unknown_objects_error(what, names):
+    """The error for `what` (e.g. "the model in 'm.keras'") using the classes
+    or functions `names` that this process does not know."""
+    example = ", ".join(f"{name!r}: {name.rsplit('>', 1)[-1]}" for name in names)
+    return ValueError(
+        f"Cannot load {what}: it uses {names}, which this process does not know (custom "
+        "classes or functions that are not registered). Pass them to load_model(..., "
+        f"custom_objects={{{example}}}), or decorate them with "
+        "@keras.saving.register_keras_serializable() and import the module that defines "
+        "them before loading."
+    )
+
+
+def deserialize_network(config, custom_objects=None):
+    """`keras.saving.deserialize_keras_object(config)` for the network inside a
+    `BackpropQModel`'s config; a class or function the process does not know
+    is a ValueError naming it (Keras would bury it in a TypeError of the
+    whole config)."""
+    saved = copy.deepcopy(config)  # Keras consumes parts of the config it reads
+    try:
+        return keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
+    except TypeError as error:
+        names = unknown_objects(saved, custom_objects)
+        if not names:
+            raise
+        raise unknown_objects_error("the network of a BackpropQModel", names) from error
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """`keras.saving.load_model`, with errors that say what is wrong: a `.keras`
+    file that is cut short or corrupt is a ValueError naming it (Keras says
+    "File not found"), and a class or function the process does not know is
+    a ValueError naming it and saying how to provide it."""
+    config = None
+    if _is_keras_file(filepath):
+        check_archive(filepath)
+        with zipfile.ZipFile(filepath) as archive:
+            config = json.loads(archive.read("config.json"))
+    try:
+        return keras.saving.load_model(
+            filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
+        )
+    except TypeError as error:
+        names = unknown_objects(config, custom_objects) if config is not None else []
+        if not names:
+            raise
+        raise unknown_objects_error(f"the model in {os.fspath(filepath)!r}", names) from error
+
+
+# Backup folders of `keras.callbacks.BackupAndRestore` callbacks that `fit`
+# may restore each model from (set by `FitPosition` while `fit` runs).
+_BACKUP_DIRS = weakref.WeakKeyDictionary()
+
+
+def _backup_dir(model, filepath):
+    folder = os.path.dirname(os.path.abspath(filepath))
+    for backup_dir in _BACKUP_DIRS.get(model, ()):
+        if os.path.abspath(backup_dir) == folder:
+            return backup_dir
+    return None
+
+
+def _mismatch_error(model, path, detail, compiled):
+    """The error for weights in `path` that do not fit `model`."""
+    backup = _backup_dir(model, path)
+    if backup is not None:
+        backup = os.fspath(backup)
+        return ValueError(
+            f"The backup in {backup!r} (keras.callbacks.BackupAndRestore) was written by a "
+            f"different model than {model.name!r}: other layers, or other compile options "
+            "(optimizers, estimators and critics decide which training state exists). "
+            f"Training cannot resume from it. Delete {backup!r} to start afresh, or give "
+            "BackupAndRestore another backup_dir; to resume that run, build and compile the "
+            f"model as it was. Keras says: {detail}"
+        )
+    hint = (
+        "build and compile it as the model that saved it (optimizers, estimators and "
+        "critics decide which training state exists)"
+        if compiled
+        else "compile it with the options it was saved with, and build it (call it on a "
+        "batch), before loading"
+    )
+    return ValueError(f"The weights in {path!r} do not fit model {model.name!r}: {hint}. Keras says: {detail}")
+
+
+# Keras only warns when it leaves an optimizer's state unloaded.
+_OPTIMIZER_SKIPPED = "Skipping variable loading for optimizer"
+
+
+@contextlib.contextmanager
+def explained_load_errors(model, filepath, compiled, strict=True):
+    """Around `keras.Model.load_weights(filepath)` of `model`: a file that does
+    not fit the model is a ValueError that says so, and, for a
+    `BackupAndRestore` backup, which folder holds it and what to do; a `.keras`
+    file cut short is a ValueError naming it; a damaged weights file an
+    OSError naming it (so `BackupAndRestore` still falls back to its previous
+    copy). `compiled`: whether the model's training state was created.
+
+    With `strict` (`load_weights(skip_mismatch=False)`), an optimizer whose
+    state Keras leaves unloaded (it only warns: another optimizer, or another
+    set of variables) is such an error too, not a silent fresh start."""
+    path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else str(filepath)
+    if _is_keras_file(filepath):
+        check_archive(filepath)
+    caught, skipped = [], []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    except ValueError as error:
+        message = str(error)
+        if "could not be loaded" not in message and "scg_state" not in message:
+            raise
+        # Keras' first example, without its list of objects or variable values.
+        detail = message.split("List of objects that could not be loaded")[0]
+        detail = " ".join(detail.split("Target variable:")[0].split())
+        raise _mismatch_error(model, path, detail, compiled) from error
+    except OSError as error:
+        if type(error) is not OSError:  # FileNotFoundError, PermissionError, ...
+            raise
+        raise OSError(f"{path!r} is not a valid or complete weights file: {error}") from error
+    finally:
+        for warning in caught:
+            if strict and _OPTIMIZER_SKIPPED in str(warning.message):
+                skipped.append(" ".join(str(warning.message).split()))
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if skipped:
+        raise _mismatch_error(model, path, " ".join(skipped), compiled)
 
 
 # -- exact resume ---------------------------------------------------------------
@@ -194,7 +553,9 @@ class FitPosition(keras.callbacks.Callback):
     callback saves them (`fit` puts this callback ahead of the user's).
 
     It also drops a `BackupAndRestore` metadata file left unreadable by a
-    crash: the position inside the weights file is what resuming uses.
+    crash (the position inside the weights file is what resuming uses), and
+    notes the backup folders so that a backup written by another model is
+    reported as such (`explained_load_errors`).
     """
 
     def __init__(self, callbacks=()):
@@ -206,6 +567,7 @@ class FitPosition(keras.callbacks.Callback):
         """Marks the model as outside `fit` (position -1, -1)."""
         model.machinery.fit_epoch.assign(-1)
         model.machinery.fit_batch.assign(-1)
+        _BACKUP_DIRS.pop(model, None)
 
     def _set(self, epoch, batch):
         self.model.machinery.fit_epoch.assign(epoch)
@@ -214,6 +576,9 @@ class FitPosition(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # Anything else found after the callbacks' on_train_begin was restored.
         self.clear(self.model)
+        _BACKUP_DIRS[self.model] = [
+            c.backup_dir for c in self._callbacks if isinstance(c, keras.callbacks.BackupAndRestore)
+        ]
         for callback in self._callbacks:
             path = getattr(callback, "_training_metadata_path", None)
             if isinstance(callback, keras.callbacks.BackupAndRestore) and path and os.path.exists(path):

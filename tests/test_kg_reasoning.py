@@ -56,6 +56,33 @@ def test_data_loads_with_standard_split_sizes_and_inverse_edges():
     assert [len(kinship.splits[s]) for s in ("train", "valid", "test")] == [8544, 1068, 1074]
 
 
+def test_training_masks_come_from_training_triples_only():
+    """A test answer training never shows (`(a, r, c)`, reachable as
+    a -p-> d -q-> c) is not masked at the last hop of the training query
+    `(a, r, b)`; dev/test queries are filtered over every split."""
+    kg = kg_reasoning.build_graph({
+        "train": [("a", "r", "b"), ("a", "p", "d"), ("d", "q", "c"), ("b", "q", "d")],
+        "valid": [("b", "q", "c")],
+        "test": [("a", "r", "c")],
+    })
+    e = {name: i for i, name in enumerate(kg.entities)}
+    train, test = kg_reasoning.queries(kg, "train"), kg_reasoning.queries(kg, "test")
+    row = next(i for i, (h, t) in enumerate(zip(train["head"], train["tail"])) if (h, t) == (e["a"], e["b"]))
+    assert not train["exclude"].any()  # no training (head, relation) has another training tail
+    assert test["exclude"][0, e["b"]] == 1.0 and test["exclude"][0].sum() == 1.0
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=4, hidden=8)
+    arg = lambda key: tf.constant(train[key][row : row + 1])  # noqa: E731
+    allowed = agent.policy.mask(tf.constant([e["d"]]), arg("head"), arg("relation"), arg("tail"),
+                                arg("exclude"), last=True).numpy()[0]
+    into_c = (kg.action_ent[e["d"]] == e["c"]) & kg.action_mask[e["d"]]
+    assert into_c.any() and allowed[into_c].all()
+    # On UMLS, every training query masks only tails the training triples give its (head, relation).
+    umls = kg_reasoning.load_graph("umls")
+    data = kg_reasoning.queries(umls, "train")
+    for h, r, t, excl in zip(data["head"], data["relation"], data["tail"], data["exclude"]):
+        assert set(np.flatnonzero(excl)) == umls.train_tails[(int(h), int(r))] - {int(t)}
+
+
 def test_agent_learns_to_answer_its_queries(trained):
     agent, _ = trained
     metrics = kg_reasoning.evaluate(agent, "test", beam=8)
@@ -148,6 +175,59 @@ def test_beam_search_never_ranks_masked_answers_and_its_paths_are_real(trained):
         assert np.all(np.diff(scores[q][np.isfinite(scores[q])]) <= 0)
     reached = np.isfinite(scores)
     assert np.all(rels[~reached] == -1)
+
+
+def all_walks(agent, data):
+    """Every masked 2-hop walk of every query: `(query, answer, log pi(walk))`, by enumeration."""
+    policy, num_q = agent.policy, len(data["head"])
+    arg = {k: tf.constant(v) for k, v in data.items()}
+    h = policy.start(arg["head"], arg["relation"])
+    mask1 = policy.mask(arg["head"], arg["head"], arg["relation"], arg["tail"], arg["exclude"], False)
+    logp1 = tf.nn.log_softmax(tf.where(mask1, policy.logits(h, arg["head"], arg["relation"]), -1e9)).numpy()
+    q, a1 = np.nonzero(mask1.numpy())
+    rep = {k: tf.gather(v, q) for k, v in arg.items()}
+    h1, e1, _ = policy.advance(tf.gather(h, q), rep["head"], tf.constant(a1, tf.int32))
+    mask2 = policy.mask(e1, rep["head"], rep["relation"], rep["tail"], rep["exclude"], True).numpy()
+    logp2 = tf.nn.log_softmax(tf.where(mask2, policy.logits(h1, e1, rep["relation"]), -1e9)).numpy()
+    walks = []
+    for i, j in zip(*np.nonzero(mask2)):
+        walks.append((q[i], agent.kg.action_ent[e1.numpy()[i], j], logp1[q[i], a1[i]] + logp2[i, j]))
+    assert len({w[0] for w in walks}) == num_q
+    return walks
+
+
+@pytest.mark.parametrize("pool", ["max", "sum"])
+def test_beam_pools_every_path_of_an_entity_and_deduplicates_the_last_hop(trained, pool):
+    """With a beam wider than hop 1's actions, `unique=True` sees every walk:
+    each entity's score is the max / log-sum-exp of its walks' log-probabilities
+    (enumerated), and the beam keeps distinct entities. `unique=False` keeps the
+    `beam` best walks: with `pool="max"` every entity they reach gets its best
+    walk's score; the ranked entities are fewer."""
+    agent, data = trained
+    data = {k: v[:12] for k, v in data.items()}
+    pooled = {}
+    for q, e, lp in all_walks(agent, data):
+        pooled.setdefault((q, e), []).append(lp)
+    expect = np.full((12, agent.kg.num_entities), -np.inf)
+    for (q, e), lps in pooled.items():
+        if data["exclude"][q, e] <= 0:
+            expect[q, e] = np.max(lps) if pool == "max" else np.logaddexp.reduce(lps)
+    assert max(len(v) for v in pooled.values()) > 1  # some entity is reached by several walks
+    args = [data[k] for k in ("head", "relation", "tail", "exclude")]
+    width = agent.kg.num_entities + agent.kg.max_actions  # every hop-1 action and every entity fit
+    wide = kg_reasoning.beam_search(agent.policy, 2, width, *args, pool=pool, unique=True)
+    np.testing.assert_allclose(wide["entity_scores"].numpy(), expect, rtol=1e-4, atol=1e-4)
+    narrow = kg_reasoning.beam_search(agent.policy, 2, 4, *args, pool=pool, unique=True)["entity_scores"].numpy()
+    assert np.all(np.isfinite(narrow).sum(axis=1) == np.minimum(4, np.isfinite(expect).sum(axis=1)))
+    paths = kg_reasoning.beam_search(agent.policy, 2, 4, *args, pool=pool, unique=False)["entity_scores"].numpy()
+    reached = np.isfinite(paths)
+    assert np.all(reached.sum(axis=1) <= 4) and np.all(np.isfinite(expect[reached]))
+    if pool == "max":
+        np.testing.assert_allclose(paths[reached], expect[reached], rtol=1e-4, atol=1e-4)
+    else:
+        assert np.all(paths[reached] <= expect[reached] + 1e-4)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        kg_reasoning.beam_search(agent.policy, 2, 4, *args, pool="mean")
 
 
 CHILD = r'''

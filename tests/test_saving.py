@@ -3,9 +3,11 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -310,7 +312,7 @@ np.savez(out, *[v.numpy() for v in values])
 def test_sigkill_mid_epoch_then_restart_matches_a_straight_run(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(CHILD)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = child_env()
 
     def start(backup, out, kill=(-1, -1)):
         args = [sys.executable, str(script), TESTS, str(tmp_path / backup), str(tmp_path / out)]
@@ -333,3 +335,482 @@ def test_sigkill_mid_epoch_then_restart_matches_a_straight_run(tmp_path):
     assert a.files == b.files
     assert_same([b[k] for k in b.files], [a[k] for k in a.files], exact=False)
     assert not (tmp_path / "backup").exists()
+
+
+# -- files on disk: Keras' semantics, atomic, no temporaries left -----------------
+def marked_model(mark):
+    """A small BackpropQModel whose weights carry `mark` (a float)."""
+    model, _ = graphs.chain()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), estimator="reinforce")
+    model.build_training_state()
+    set_mark(model, mark)
+    return model
+
+
+def set_mark(model, mark):
+    kernel = model.get_layer("d1").kernel
+    kernel.assign(np.full(kernel.shape, mark, "float32"))
+
+
+_READER = []
+
+
+def read_mark(path):
+    """The mark of the model saved in `path` (a `.keras` or `.weights.h5`)."""
+    if not _READER:
+        _READER.append(marked_model(0.0))
+    _READER[0].load_weights(path)
+    return float(_READER[0].get_layer("d1").kernel.numpy()[0, 0])
+
+
+def child_env():
+    """The environment for a child Python: it imports the keras_bpq under test."""
+    paths = [os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
+SEMANTICS = r'''
+import json, os, stat, sys
+sys.path.insert(0, sys.argv[1])
+import keras
+import numpy as np
+import test_saving as ts
+
+root = sys.argv[2]
+probe = os.path.join(root, "probe")
+open(probe, "w").close()
+os.chmod(probe, 0o444)
+try:
+    open(probe, "w").close()
+    sys.exit(99)  # file permissions do not apply to this process
+except PermissionError:
+    os.remove(probe)
+model = ts.marked_model(1.0)
+
+
+def setup(folder, scenario, plain, suffix):
+    """Lays out `scenario` in `folder` (with plain Keras, mark 1); returns the path to save to."""
+    os.makedirs(folder)
+    f = os.path.join(folder, "f" + suffix)
+    if scenario == "missing parent folder":
+        return os.path.join(folder, "missing", "f" + suffix)
+    if scenario == "path is a folder":
+        os.makedirs(f)
+        return f
+    if scenario == "read-only folder, new file":
+        os.chmod(folder, 0o555)
+        return f
+    plain(model, f)
+    if scenario == "read-only file":
+        os.chmod(f, 0o444)
+    elif scenario == "file mode 0600":
+        os.chmod(f, 0o600)
+    elif scenario == "read-only folder, existing file":
+        os.chmod(folder, 0o555)
+    elif scenario == "symlink":
+        os.makedirs(os.path.join(folder, "real"))
+        os.rename(f, os.path.join(folder, "real", "target" + suffix))
+        os.symlink(os.path.join("real", "target" + suffix), f)
+    elif scenario == "symlink chain":
+        os.rename(f, os.path.join(folder, "end" + suffix))
+        os.symlink("end" + suffix, os.path.join(folder, "middle" + suffix))
+        os.symlink("middle" + suffix, f)
+    elif scenario == "dangling symlink":
+        os.remove(f)
+        os.symlink("nowhere" + suffix, f)
+    elif scenario == "hard link":
+        os.link(f, os.path.join(folder, "g" + suffix))
+    return f
+
+
+def state(folder):
+    """Every entry under `folder`: links, files (permission bits, mark), folders."""
+    entries = []
+    for directory, folders, files in os.walk(folder):
+        for name in sorted(folders + files):
+            path = os.path.join(directory, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                entries.append([rel, "link", os.readlink(path)])
+            elif os.path.isdir(path):
+                entries.append([rel, "folder", oct(stat.S_IMODE(os.stat(path).st_mode))])
+            else:
+                entries.append([rel, "file", oct(stat.S_IMODE(os.stat(path).st_mode)), ts.read_mark(path)])
+    return entries
+
+
+def outcome(scenario, suffix, who, save, plain):
+    folder = os.path.join(root, who + suffix, scenario.replace(" ", "_").replace(",", ""))
+    path = setup(folder, scenario, plain, suffix)
+    ts.set_mark(model, 2.0)
+    try:
+        save(model, path)
+        result = "saved"
+    except Exception as error:
+        result = type(error).__name__
+    ts.set_mark(model, 1.0)
+    for directory, _, _ in os.walk(folder):
+        os.chmod(directory, 0o755)  # so that the files can be read back and removed
+    return [result, state(folder)]
+
+
+results = {}
+for suffix, plain, ours in (
+    (".keras", keras.Model.save, type(model).save),
+    (".weights.h5", keras.Model.save_weights, type(model).save_weights),
+):
+    for scenario in json.loads(sys.argv[3]):
+        results[f"{suffix}: {scenario}"] = {
+            who: outcome(scenario, suffix, who, save, plain)
+            for who, save in (("keras", plain), ("keras_bpq", ours))
+        }
+print("RESULTS " + json.dumps(results))
+'''
+
+SCENARIOS = [
+    "read-only file",
+    "read-only folder, existing file",
+    "read-only folder, new file",
+    "file mode 0600",
+    "symlink",
+    "symlink chain",
+    "dangling symlink",
+    "hard link",
+    "path is a folder",
+    "missing parent folder",
+]
+
+
+# Runs a Python command line with the capabilities that let root ignore file
+# permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) dropped, so that they
+# apply to it as to any user. (The child checks that they do.)
+UNPRIVILEGED = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "for capability in (1, 2):\n"
+    "    libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+)
+
+
+def test_saving_keeps_keras_file_semantics(tmp_path):
+    """Each save (`.keras` and `.weights.h5`) has the outcome that
+    `keras.Model.save` / `save_weights`, which write in place, have: symlinks
+    written through, read-only files and folders refused with the same error,
+    permission bits and hard links kept, nothing else left behind; while the
+    file is still replaced atomically (see the SIGKILL test below). Run
+    without the right to ignore file permissions, even as root."""
+    script = tmp_path / "semantics.py"
+    script.write_text(SEMANTICS)
+    (tmp_path / "out").mkdir()
+    os.chmod(tmp_path, 0o755)
+    command = [str(script), TESTS, str(tmp_path / "out"), json.dumps(SCENARIOS)]
+    if os.geteuid() == 0:
+        command = ["-c", UNPRIVILEGED] + command
+    proc = subprocess.run([sys.executable] + command, env=child_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode == 99:
+        pytest.skip("file permissions do not apply here (root that cannot drop CAP_DAC_OVERRIDE)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
+    results = json.loads(line[len("RESULTS "):])
+    for suffix in (".keras", ".weights.h5"):
+        # The cases that matter, as plain Keras has them (checked, not assumed).
+        keras_outcome = {k.split(": ", 1)[1]: v["keras"] for k, v in results.items() if k.startswith(suffix)}
+        assert keras_outcome["read-only file"][0] == "PermissionError"
+        assert keras_outcome["read-only folder, new file"][0] == "PermissionError"
+        assert keras_outcome["read-only folder, existing file"][0] == "saved"
+        assert keras_outcome["symlink"][1][0][1:] == ["link", os.path.join("real", "target" + suffix)]
+        for scenario in SCENARIOS:
+            key = f"{suffix}: {scenario}"
+            assert results[key]["keras_bpq"] == results[key]["keras"], key
+
+
+KILLED = r'''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import keras
+import test_saving as ts
+
+path, mode = sys.argv[2], sys.argv[3]
+model = ts.marked_model(2.0)
+save = model.save if path.endswith(".keras") else model.save_weights
+if mode == "once":
+    # Killed while Keras writes the temporary file.
+    def dying(self, filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(keras.Model, save.__name__, dying)
+    save(path)
+else:  # saves again and again, marks 2 and 3, until killed
+    for i in range(10**6):
+        ts.set_mark(model, 2.0 + i % 2)
+        save(path)
+        print(i, flush=True)
+'''
+
+
+def start_killed(tmp_path, path, mode):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    return subprocess.Popen([sys.executable, str(script), TESTS, str(path), mode], env=child_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("name", ["model.keras", "model.weights.h5"])
+def test_killed_save_leftovers_are_removed_by_the_next_save_and_nothing_else(tmp_path, name):
+    import fcntl
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / name
+    model = marked_model(1.0)
+    (model.save if name.endswith(".keras") else model.save_weights)(path)
+    killed = start_killed(tmp_path, path, "once")
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, err[-3000:]
+    assert read_mark(path) == 1.0  # the file is untouched
+    leftovers = set(os.listdir(folder)) - {name}
+    assert leftovers  # what the kill left
+
+    # Not ours to remove: another file's temporary folder, a save in progress
+    # (its lock held), names that only look like ours.
+    others = [f".tmp-keras_bpq-1-0123abcd-other{name}", f".tmp-keras_bpq-2-89abcdef-{name}"]
+    for other in others:
+        (folder / other).mkdir()
+        (folder / other / "lock").write_text("")
+    (folder / f".tmp-keras_bpq-3-deadbeef-{name}").write_text("a file")
+    (folder / f".tmp-keras_bpq-4-cafebabe-{name}").mkdir()
+    (folder / f".tmp-keras_bpq-4-cafebabe-{name}" / "notes.txt").write_text("a user's")
+    (folder / ".tmp-notes").write_text("a user's")
+    in_progress = os.open(folder / others[1] / "lock", os.O_RDWR)
+    fcntl.flock(in_progress, fcntl.LOCK_EX)
+    kept = sorted(os.listdir(folder))
+    try:
+        set_mark(model, 3.0)
+        (model.save if name.endswith(".keras") else model.save_weights)(path)
+    finally:
+        os.close(in_progress)  # the save in progress "ends"
+    assert read_mark(path) == 3.0
+    assert sorted(os.listdir(folder)) == sorted(set(kept) - leftovers)
+    assert (folder / f".tmp-keras_bpq-4-cafebabe-{name}" / "notes.txt").read_text() == "a user's"
+    # Its lock released, the folder of the save that was in progress is a leftover too.
+    (model.save if name.endswith(".keras") else model.save_weights)(path)
+    assert others[1] not in os.listdir(folder)
+
+
+def test_sigkill_during_repeated_saves_always_leaves_a_loadable_file(tmp_path):
+    """A process saving `.keras` files again and again, killed at random
+    moments: the file always loads and holds one of the saved states, and the
+    next save removes what the kills left."""
+    rng = np.random.RandomState(0)
+    path = tmp_path / "models" / "model.keras"
+    path.parent.mkdir()
+    marked_model(1.0).save(path)
+    for _ in range(3):
+        proc = start_killed(tmp_path, path, "loop")
+        for _ in range(1 + rng.randint(3)):  # some saves done, then a kill at a random moment
+            assert proc.stdout.readline(), proc.communicate()[1][-3000:]
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert read_mark(path) in (1.0, 2.0, 3.0)
+    marked_model(4.0).save(path)
+    assert os.listdir(path.parent) == ["model.keras"]
+    assert read_mark(path) == 4.0
+
+
+# -- loading errors that say what is wrong ------------------------------------------
+def test_truncated_or_corrupt_keras_file_is_named(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.keras"
+    model = marked_model(1.0)
+    model.save(path)
+    data = path.read_bytes()
+    offset = data.index(b'"class_name"')  # stored uncompressed: a byte of config.json
+    with zipfile.ZipFile(path) as archive:
+        without_config = {n: archive.read(n) for n in archive.namelist() if n != "config.json"}
+    variants = {
+        "empty": b"",
+        "cut": data[:100],
+        "half": data[: len(data) // 2],
+        "last_byte_missing": data[:-1],
+        "flipped": data[:offset] + b"X" + data[offset + 1:],
+        "text": b"not a model\n",
+    }
+    for name, content in variants.items():
+        (tmp_path / f"{name}.keras").write_bytes(content)
+    with zipfile.ZipFile(tmp_path / "no_config.keras", "w") as archive:
+        for member, content in without_config.items():
+            archive.writestr(member, content)
+    for name in list(variants) + ["no_config"]:
+        bad = str(tmp_path / f"{name}.keras")
+        pattern = rf"{re.escape(repr(bad))} is not a (valid|complete|valid or complete) \.keras archive"
+        with pytest.raises(ValueError, match=pattern):
+            keras_bpq.saving.load_model(bad)
+        with pytest.raises(ValueError, match=pattern):
+            model.load_weights(bad)
+    assert read_mark(path) == 1.0 and keras_bpq.saving.load_model(path).name == model.name
+
+    # A weights file cut short: still an OSError (BackupAndRestore falls back
+    # to its previous copy on one), naming the file.
+    model.save_weights(tmp_path / "model.weights.h5")
+    weights = (tmp_path / "model.weights.h5").read_bytes()
+    (tmp_path / "cut.weights.h5").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(OSError, match=r"cut\.weights\.h5' is not a valid or complete weights file"):
+        model.load_weights(tmp_path / "cut.weights.h5")
+
+
+class Scale(keras.layers.Layer):
+    """Not registered: a `.keras` file holding it needs custom_objects."""
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def unregistered_distribution(params):
+    return tfp.distributions.Bernoulli(logits=params, dtype=tf.float32)
+
+
+class Unregistered(keras_bpq.BackpropQModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.node = keras_bpq.Bernoulli(name="bits", seed=1)
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x, training=None):
+        bits = self.node(self.dense(x))
+        keras_bpq.add_cost("cost", keras.ops.sum(bits, axis=-1))
+        return bits
+
+
+def test_unknown_class_in_a_keras_file_is_named(tmp_path):
+    x = keras.Input((graphs.INPUT_DIM,))
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(Scale(name="scale")(x)))
+    s = keras_bpq.StochasticNode(unregistered_distribution, name="s", seed=2)(keras.layers.Dense(2)(z))
+    network = keras_bpq.BackpropQModel(inputs=x, outputs=s, costs={"c": keras.ops.sum(z + s, axis=-1)})
+    subclassed = Unregistered()
+    subclassed(data(2))
+    for model in (network, subclassed):
+        model.compile(estimator="reinforce")
+        model.fit(data(), batch_size=6, verbose=0)
+    network.save(tmp_path / "network.keras")
+    subclassed.save(tmp_path / "subclassed.keras")
+
+    network_names = ["Scale", "unregistered_distribution"]
+    for load in (keras.saving.load_model, keras_bpq.saving.load_model):
+        with pytest.raises(ValueError) as error:
+            load(tmp_path / "network.keras")
+        message = str(error.value)
+        assert len(message) < 1000
+        assert str(network_names) in message
+        assert "custom_objects=" in message and "register_keras_serializable" in message
+    with pytest.raises(ValueError, match=r"\['Unregistered'\].*custom_objects=\{'Unregistered': Unregistered\}"):
+        keras_bpq.saving.load_model(tmp_path / "subclassed.keras")
+
+    objects = {"Scale": Scale, "unregistered_distribution": unregistered_distribution}
+    loaded = keras.saving.load_model(tmp_path / "network.keras", custom_objects=objects)
+    assert_same(state(loaded), state(network))
+    with keras.saving.custom_object_scope(objects):
+        keras_bpq.saving.load_model(tmp_path / "network.keras")
+    loaded = keras_bpq.saving.load_model(tmp_path / "subclassed.keras", custom_objects={"Unregistered": Unregistered})
+    assert_same(state(loaded), state(subclassed))
+
+
+def test_stale_backup_from_another_model_says_so(tmp_path):
+    backup = tmp_path / "backup"
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("interrupted")
+
+    def chain(**options):
+        model, _ = graphs.chain()
+        model.compile(**{"optimizer": keras.optimizers.Adam(0.05), "critic_hidden_units": (8,), **options})
+        return model
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        chain().fit(data(), batch_size=6, epochs=2, verbose=0,
+                    callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=1), Stop()])
+    written = sorted(os.listdir(backup))
+    tree, _ = graphs.tree()
+    tree.compile(critic_hidden_units=(8,))
+    others = {
+        "other layers": tree,
+        "other critic widths": chain(critic_hidden_units=(16,)),
+        "other estimators": chain(estimator="reinforce"),
+        "other optimizer": chain(optimizer=keras.optimizers.SGD(0.05)),  # Keras only warns
+    }
+    for what, model in others.items():
+        with pytest.raises(ValueError) as error:
+            model.fit(data(), batch_size=6, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+        message = str(error.value)
+        assert f"The backup in {str(backup)!r}" in message, what
+        assert f"written by a different model than {model.name!r}" in message, what
+        assert f"Delete {str(backup)!r}" in message and "another backup_dir" in message, what
+        assert len(message) < 1200, what
+        assert sorted(os.listdir(backup)) == written  # nothing removed
+    # The same model resumes from it.
+    chain().fit(data(), batch_size=6, epochs=2, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert not backup.exists()
+
+    # A weights file that is not a backup: said plainly too.
+    chain().save_weights(tmp_path / "chain.weights.h5")
+    with pytest.raises(ValueError, match=r"The weights in .*chain\.weights\.h5' do not fit model 'tree'"):
+        tree.load_weights(tmp_path / "chain.weights.h5")
+    other_critic_optimizer = chain(critic_optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match=r"do not fit model 'chain'.*Skipping variable loading for optimizer"):
+        other_critic_optimizer.load_weights(tmp_path / "chain.weights.h5")
+    with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+        other_critic_optimizer.load_weights(tmp_path / "chain.weights.h5", skip_mismatch=True)
+
+
+# -- safe_mode ------------------------------------------------------------------------
+def test_safe_mode_refuses_code_execution_payloads(tmp_path):
+    """A `.keras` file that would run code when loaded (a Python lambda, a
+    reference to a function that runs commands) is refused in safe mode
+    (the default), by Keras' loader and by `keras_bpq.saving.load_model`,
+    and runs nothing."""
+    import zipfile
+
+    sentinel = tmp_path / "pwned"
+    payload = f"open({str(sentinel)!r}, 'w').write('ran')"
+    x = keras.Input((graphs.INPUT_DIM,))
+    h = keras.layers.Lambda(lambda t: (eval(payload), t)[1], name="payload")(x)  # noqa: S307
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2, name="d")(h))
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=z, costs={"c": keras.ops.sum(z, axis=-1)})
+    model.compile(estimator="reinforce")
+    model.save(tmp_path / "lambda.keras")
+    sentinel.unlink()  # building the model ran it once
+
+    # Crafted: the Dense layer's activation replaced by os.system / builtins.exec.
+    safe, _ = graphs.chain()
+    safe.compile(estimator="reinforce")
+    safe.save(tmp_path / "safe.keras")
+    with zipfile.ZipFile(tmp_path / "safe.keras") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = members["config.json"].decode()
+    assert '"activation": "linear"' in config
+    crafted = {
+        "os_system": {"module": "os", "class_name": "function", "config": "system", "registered_name": "function"},
+        "exec": {"module": "builtins", "class_name": "function", "config": "exec", "registered_name": "function"},
+        "os_class": {"module": "os", "class_name": "system", "config": {}, "registered_name": "system"},
+    }
+    for name, activation in crafted.items():
+        with zipfile.ZipFile(tmp_path / f"{name}.keras", "w") as archive:
+            for member, content in members.items():
+                if member == "config.json":
+                    content = config.replace('"activation": "linear"', '"activation": ' + json.dumps(activation))
+                archive.writestr(member, content)
+
+    for load in (keras.saving.load_model, keras_bpq.saving.load_model):
+        with pytest.raises(ValueError, match="safe_mode"):
+            load(tmp_path / "lambda.keras")
+        for name in crafted:
+            with pytest.raises((TypeError, ValueError)):
+                load(tmp_path / f"{name}.keras")
+    assert not sentinel.exists()
