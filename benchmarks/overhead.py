@@ -40,6 +40,7 @@ Writes --out_dir/overhead.json and overhead.md.
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -76,6 +77,9 @@ flags.DEFINE_bool("hand_fit", True, "Also time the hand-written step inside a pl
 flags.DEFINE_integer(
     "threads", 0, "TF intra- and inter-op threads (0: TensorFlow's default, every core). 1 makes the CPU "
     "time per step nearly independent of other processes on a shared machine.")
+flags.DEFINE_bool(
+    "hlo", True, "Also compare the optimised XLA HLO of one package step and one hand-written step "
+    "(load-independent: instructions, fusions, bytes copied, finiteness checks).")
 flags.DEFINE_string("out_name", "overhead", "Output files <out_name>.json and .md in --out_dir.")
 
 # Costs each node influences (C_X) in sbn.build_sbn's networks; checked against
@@ -286,6 +290,7 @@ class PackageArm(Arm):
 class HandArm(Arm):
     def __init__(self, hand, data):
         super().__init__("hand", data)
+        self.hand = hand
         step = tf.function(hand.step, jit_compile=True)
         spe = FLAGS.steps_per_execution
 
@@ -317,6 +322,29 @@ class HandFitArm(Arm):
     run = PackageArm.run
 
 
+_COPY = re.compile(r"= (\w+)\[([\d,]*)\]\S* copy\(")
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1, "f64": 8}
+
+
+def hlo_summary(step, x):
+    """Counts in the optimised XLA HLO of `step(x)` compiled alone (its entry
+    computation): instructions, fusions, bytes copied by `copy`
+    instructions, and is-finite operations."""
+    hlo = tf.function(step, jit_compile=True, autograph=False).experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    entry = hlo[hlo.index("\nENTRY"):]
+    lines = [line for line in entry.splitlines() if " = " in line]
+    copied = sum(
+        _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        for dtype, dims in _COPY.findall(entry)
+    )
+    return {
+        "instructions": len(lines),
+        "fusions": sum(" fusion(" in line for line in lines),
+        "copied_bytes": copied,
+        "is_finite": sum("is-finite" in line for line in lines),
+    }
+
+
 def build_arms(arch, estimator, data, pixels, seed):
     keras.utils.set_random_seed(seed)
     num_samples = FLAGS.rloo_k if estimator == "rloo" else 1
@@ -343,6 +371,10 @@ def build_arms(arch, estimator, data, pixels, seed):
 
 def compare(arch, estimator, data, pixels, seed):
     arms = build_arms(arch, estimator, data, pixels, seed)
+    hlo = None
+    if FLAGS.hlo:
+        x = tf.constant(data[0])
+        hlo = {"package": hlo_summary(arms[0].model.train_step, x), "hand": hlo_summary(arms[1].hand.step, x)}
     for arm in arms:  # trace, compile, warm up
         steady, _, seconds = arm.time(2)
         arm.compile_seconds = seconds - 2 * FLAGS.steps_per_execution * steady
@@ -362,6 +394,7 @@ def compare(arch, estimator, data, pixels, seed):
         "num_samples": FLAGS.rloo_k if estimator == "rloo" else 1,
         "load_1min": {"median": float(np.median(loads)), "min": min(loads), "max": max(loads)},
         "arms": {},
+        "hlo": hlo,
     }
     for arm in arms:
         result["arms"][arm.name] = {
@@ -432,6 +465,23 @@ def markdown(report):
             f"{r['load_1min']['median']:.1f} ({r['load_1min']['min']:.1f}-{r['load_1min']['max']:.1f})",
         ]
         out.append("| " + " | ".join(row) + " |")
+    with_hlo = [r for r in report["results"] if r.get("hlo")]
+    if with_hlo:
+        out += [
+            "",
+            "Optimised XLA HLO of one step compiled alone (entry computation; package / hand-written): "
+            "instructions, fusions, bytes moved by `copy` instructions, is-finite operations.",
+            "",
+            "| net | estimator | instructions | fusions | copied bytes | is-finite |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in with_hlo:
+            p, h = r["hlo"]["package"], r["hlo"]["hand"]
+            out.append(
+                f"| {r['arch']} | {r['estimator']} | "
+                + " | ".join(f"{p[k]:,} / {h[k]:,}" for k in ("instructions", "fusions", "copied_bytes", "is_finite"))
+                + " |"
+            )
     out += [
         "",
         "Final mean training loss of the last timed run (the same estimator on the same data: package "
