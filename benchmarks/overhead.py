@@ -23,10 +23,14 @@ Arms, all in this process, on the same batches:
   plain `keras.Model` trained with `fit` (same compile settings), which
   separates Keras' `fit` machinery from the package's own step.
 
-Steady-state time per step: timestamps at the end of every execution (a
-callback's `on_train_batch_end` in `fit`; after each outer call, synchronised by
-reading its result, for `hand`), `(last - first) / steps between`, so neither
-the compile nor `fit`'s set-up and tear-down is in it. Compile time is the
+Steady-state time per step, wall-clock and this process's CPU time: clocks read
+at the end of every execution (a callback's `on_train_batch_end` in `fit`;
+after each outer call, synchronised by reading its result, for `hand`),
+`(last - first) / steps between`, so neither the compile nor `fit`'s set-up and
+tear-down is in it. On a shared machine `--threads=1` makes the CPU time the
+steadier figure. `--hlo` also compares the optimised XLA HLO of one step of
+each (instructions, fusions, bytes copied, is-finite operations), which no
+other process disturbs. Compile time is the
 first call's wall time less its steady steps, reported on its own. The arms
 alternate within each of --rounds rounds (A B C A B C ...); the report gives
 each arm's median and the median of the per-round ratios package / hand, with
@@ -94,7 +98,8 @@ class HandSBN:
     """sbn.build_sbn's network and an estimator as plain TF ops.
 
     Costs (examples/sbn.py): `recon = -log p(x | z1)`, `kl<i> = log q(z<i> | .)
-    - log p(z<i> | .)`; node `z<i>` draws `z = 1[u < sigmoid(logits)]`, `u ~ U(0, 1)`.
+    - log p(z<i> | .)`; node `z<i>` draws `z = 1[u < sigmoid(logits)]`, `u ~ U(0, 1)`
+    from a Philox `tf.random.Generator`.
     Surrogates, summed over nodes with `c_X` the node's downstream costs:
 
     * reinforce: `log q(z) sg[c_X - b]`, `b` the bias-corrected EMA of past
