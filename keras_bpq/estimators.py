@@ -533,7 +533,9 @@ class DisARM(Estimator):
     antithetic `b~ = 1[u < p]`, the gradient with respect to the logits is
     `1/2 (f(b) - f(b~)) (-1)^{b~} 1[b != b~] sigmoid(|logits|)` per unit, where
     `f` is the realised downstream cost; `f(b~)` re-runs the downstream graph
-    with the node forced to `b~`. Unbiased.
+    with the node forced to `b~`. Unbiased. `u` is the noise the node drew
+    `b` from (`graph.NodeRecord.noise`); where the node kept none (a forced
+    sample), `u` is drawn from its distribution given `b`.
     """
 
     name = "disarm"
@@ -546,7 +548,10 @@ class DisARM(Estimator):
         b = _flat(_float32(record.sample))
         logits = _flat(_float32(record.params))
         p = tf.stop_gradient(tf.sigmoid(logits))
-        u = _uniform_given_sample(step, b, p)
+        if record.noise is not None:  # b = [noise < p] = [u > 1 - p]: the noise b came from
+            u = 1.0 - _flat(_float32(record.noise))
+        else:
+            u = _uniform_given_sample(step, b, p)
         b_anti = tf.cast(u < p, b.dtype)
         f_anti = step.rerun(tf.reshape(b_anti, tf.shape(record.sample))[:, None])[:, 0]
         weight = (

@@ -35,6 +35,9 @@ class NodeRecord:
     params: tf.Tensor
     mask: object = None
     raw_sample: object = None  # the sample before any stop-gradient
+    # The uniform noise `u` of a drawn Bernoulli sample `[u < sigmoid(logits)]`
+    # (None where the sample was forced, is a mode, or the node keeps none).
+    noise: object = None
 
     def log_prob(self):
         """Per-example `log p(sample | params)`, summed over the event axes."""

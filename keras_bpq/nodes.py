@@ -113,6 +113,7 @@ class StochasticNode(keras.layers.Layer):
         dist = self.distribution(params, mask)
         recorder = graph.current_recorder()
         name = recorder.next_node_name(self) if recorder is not None else self.name
+        noise = None
         if recorder is not None and name in recorder.forced:
             sample = tf.cast(recorder.forced[name], self.compute_dtype)
         else:
@@ -131,13 +132,13 @@ class StochasticNode(keras.layers.Layer):
                     seed = tf.random.experimental.stateless_fold_in(
                         seed, context.replica_id_in_sync_group
                     )
-                value = self.draw(dist, seed)
+                value, noise = self.draw_with_noise(dist, seed)
             sample = tf.cast(self.finish_sample(value, mask), self.compute_dtype)
         raw_sample = sample
         if recorder is not None and name not in recorder.keep_gradient:
             sample = tf.stop_gradient(sample)
         if recorder is not None:
-            recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample))
+            recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample, noise))
         return sample
 
     def finish_sample(self, value, mask=None):
@@ -147,6 +148,11 @@ class StochasticNode(keras.layers.Layer):
     def draw(self, dist, seed):
         """A sample of `dist` from an int32 stateless `seed` (`[2]`)."""
         return dist.sample(seed=seed)
+
+    def draw_with_noise(self, dist, seed):
+        """`(sample, noise)`: `draw`'s sample and the uniform noise it was
+        computed from, or None where the node keeps none."""
+        return self.draw(dist, seed), None
 
     def sample_per_example(self, params, mask, seeds, index):
         """One sample per example, each drawn with its own stateless seed.
@@ -273,9 +279,14 @@ class Bernoulli(StochasticNode):
         TFP's default algorithm (`auto_select`) compiles under XLA on CPU into a
         much slower fusion (benchmarks/results/sbn.md: 50 x 200 draws took
         7.3-17.7 ms per call against 0.46-0.61 ms with Philox)."""
+        return self.draw_with_noise(dist, seed)[0]
+
+    def draw_with_noise(self, dist, seed):
+        """`(x, u)`: the sample `x = [u < sigmoid(logits)]` and its noise `u`
+        (recorded, so that `disarm` reuses it instead of drawing `u` again)."""
         logits = dist.logits
         uniform = tf.random.stateless_uniform(tf.shape(logits), seed=seed, alg="philox")
-        return tf.cast(uniform < tf.sigmoid(logits), tf.float32)
+        return tf.cast(uniform < tf.sigmoid(logits), tf.float32), uniform
 
     def most_likely(self, dist):
         return tf.cast(dist.logits > 0, tf.float32)
