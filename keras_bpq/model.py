@@ -83,7 +83,7 @@ class ScgState(keras.layers.Layer):
                 name=f"{name.replace('@', '_')}_critic",
             )
             self.critic_metrics[name] = [
-                keras.metrics.Mean(name=f"{name}_{kind}") for kind in ("critic_loss", "td_error", "q")
+                keras.metrics.Mean(name=metric) for metric in costs_lib.node_metric_names(name)
             ]
         self.cost_metrics = [keras.metrics.Mean(name=name) for name in scg.costs]
         self.built = True
@@ -106,10 +106,11 @@ class ScgState(keras.layers.Layer):
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-    """Stops `fit` with a clear error after a step whose cost or gradient was not finite.
+    """Stops `fit` with a clear error after a step that met a non-finite value:
+    a cost, an actor gradient, or a value the step would have written.
 
-    The step itself already skipped its update, so the weights hold their last
-    finite values.
+    The step itself already kept none of its updates, so every weight, critic,
+    target copy, optimizer slot and estimator state holds finite values.
     """
 
     def on_train_begin(self, logs=None):
@@ -147,6 +148,8 @@ class BackpropQModel(keras.Model):
                 raise ValueError("BackpropQModel(inputs=...) also needs outputs=.")
             structure = {"outputs": outputs}
             if costs:
+                for name in costs:
+                    costs_lib.check_name(name, "costs= of the constructor")
                 structure["costs"] = dict(costs)
             network = keras.Model(inputs=inputs, outputs=structure, name=f"{self.name}_network")
         elif costs:
@@ -173,8 +176,10 @@ class BackpropQModel(keras.Model):
                 "and costs= to the constructor."
             )
         result = self.network(inputs, training=training)
-        for name, value in result.get("costs", {}).items():
-            costs_lib.add_cost(name, value)
+        recorder = graph.current_recorder()
+        if recorder is not None:
+            for name, value in result.get("costs", {}).items():
+                recorder.add_cost(name, value, origin="costs= of the constructor")
         return result["outputs"]
 
     def build(self, input_shape=None):
@@ -324,7 +329,7 @@ class BackpropQModel(keras.Model):
         def forward(inputs):
             return compiled.dependencies(self(inputs, training=True))
 
-        scg, cost_shapes = graph.discover(forward, spec)
+        scg, cost_shapes = graph.discover(forward, spec, check_names=costs_lib.check_names)
         if not scg.nodes:
             raise ValueError(
                 f"Model {self.name!r} has no stochastic node: its forward pass never "
@@ -783,6 +788,10 @@ class BackpropQModel(keras.Model):
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
         replicas = _num_replicas()
+        # What the step may write, read before anything writes it (the forward
+        # pass too: it may update statistics such as BatchNormalization's).
+        written = self._step_variables()
+        saved = [tf.identity(v.value) for v, _ in written]
         with tf.GradientTape() as tape:
             out = self.run_forward(x, y, training=True, sample_weight=sample_weight)
             # Optimizers sum gradients over replicas: this makes the global mean.
@@ -804,23 +813,34 @@ class BackpropQModel(keras.Model):
             for n in scg.node_names
         ]
         skip = _global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
-        self._apply_updates(skip, grads, critic_grads, means, critics, out, tuning)
+        undone = self._apply_updates(
+            skip, grads, critic_grads, means, critics, out, tuning, written=(written, saved)
+        )
+        # A step that would have written a non-finite value was undone: code
+        # -2 - i names the first such variable, written[i].
+        status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
         previous = self.machinery.status
         previous.assign(tf.where(tf.equal(previous, 0), status, previous))
         return self._update_metrics(out, critics)
 
-    def _apply_updates(self, skip, grads, critic_grads, means, critics, out, tuning=None):
+    def _apply_updates(self, skip, grads, critic_grads, means, critics, out, tuning, written):
         """Critics, then actor (after warm-up), then estimator state (and the
         estimators' tuning steps, `tuning`: per node, replica-mean gradients)
         and target copies; nothing at all when `skip` (a non-finite cost or
         gradient on any replica). Under a `tf.distribute` strategy that
         synchronises through `merge_call`, the decision runs in cross-replica
         context and every update on each replica, as Keras' `LossScaleOptimizer`
-        does."""
+        does.
+
+        `written` is `(self._step_variables(), their values before the step)`.
+        After the updates every floating one is checked: if any holds a NaN or
+        inf (an optimizer's slot that overflowed, say), all of them are set
+        back to their values before the step, so the step leaves nothing
+        non-finite behind. Returns the index in `written` of the first
+        non-finite variable (of any replica), or -1 when the step stands."""
         warmup = self._critic_options.warmup
         actor_variables = self.actor_variables
         nodes = self._scg.nodes
-        tuning = tuning or [[] for _ in nodes]
 
         def update_critics(critic_grads, inputs=None):
             if critics is not None:
@@ -839,6 +859,16 @@ class BackpropQModel(keras.Model):
 
         def noop():
             return tf.constant(0)
+
+        variables, saved = [v for v, _ in written[0]], written[1]
+
+        def first_nonfinite():
+            return _first_nonfinite(variables)
+
+        def restore(saved):
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+            return noop()
 
         context = tf.distribute.get_replica_context()
         # Not `num_replicas_in_sync == 1`: a one-device MirroredStrategy still
@@ -863,9 +893,13 @@ class BackpropQModel(keras.Model):
                 return noop()
 
             tf.cond(skip, noop, apply)
-            return
+            undone = first_nonfinite()
+            # Replicas hold the same values; agree anyway on undoing the step.
+            undo = _global_sum(tf.cast(undone >= 0, tf.float32)) > 0
+            tf.cond(undo, lambda: restore(saved), noop)
+            return tf.where(undo, tf.maximum(undone, 0), -1)
 
-        def cross_replica(strategy, skip, grads, critic_grads, means, tuning, critic_inputs):
+        def cross_replica(strategy, skip, grads, critic_grads, means, tuning, critic_inputs, saved):
             each = strategy.extended.call_for_each_replica
             # Every replica holds the same all-reduced flag; take the first's.
             skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
@@ -881,9 +915,52 @@ class BackpropQModel(keras.Model):
                 self._update_target_copies()
 
             tf.cond(skip, lambda: None, apply)
+            undone = strategy.experimental_local_results(each(first_nonfinite))
+            undo = tf.reduce_any([u >= 0 for u in undone])
+            def restore_each():
+                each(restore, args=(saved,))
+
+            tf.cond(undo, restore_each, lambda: None)
+            return tf.where(undo, tf.maximum(tf.reduce_max(undone), 0), -1)
 
         critic_inputs = self._critic_inputs(out, critics) if self._critic_options.steps > 1 else None
-        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means, tuning, critic_inputs))
+        return context.merge_call(
+            cross_replica, args=(skip, grads, critic_grads, means, tuning, critic_inputs, saved)
+        )
+
+    def _step_variables(self):
+        """`[(variable, role)]`: every variable a training step may write (the
+        model's weights, critics and their target copies, estimator state, both
+        optimizers' variables), for undoing a step; `role` names it in errors."""
+        roles = {}
+
+        def add(variables, role):
+            for variable in variables:
+                roles.setdefault(id(variable), (variable, role))
+
+        state = {id(v): n for n, s in self.machinery.node_state.items() for v in s.values()}
+        critic_ids = {id(v) for v in self.critic_variables}
+        for variable in self.weights:
+            if variable is self.machinery.status:
+                continue  # the step's own report, written after the check
+            if not tf.as_dtype(variable.dtype).is_floating:
+                role = "counter"  # never non-finite; set back with the rest
+            elif id(variable) in state:
+                role = f"estimator state of node {state[id(variable)]!r}"
+            elif id(variable) in critic_ids:
+                role = "critic weight"
+            elif variable.trainable:
+                role = "weight"
+            elif any(variable is w for w in self.machinery.non_trainable_weights):
+                role = "critic target copy"
+            else:
+                role = "non-trainable weight"
+            add([variable], role)
+        if getattr(self, "optimizer", None) is not None:
+            add(self.optimizer.variables, "actor optimizer variable")
+        if self.critic_optimizer is not None:
+            add(self.critic_optimizer.variables, "critic optimizer variable")
+        return list(roles.values())
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -912,12 +989,24 @@ class BackpropQModel(keras.Model):
         if code > 0:
             cause = f"cost {self._scg.costs[code - 1]!r} was not finite (NaN or inf)"
             fix = f"Check the layers that compute {self._scg.costs[code - 1]!r} (log of 0, division by 0, overflow)."
-        else:
+        elif code == -1:
             cause = "the gradient was not finite although every cost was"
             fix = "Lower the learning rate or clip the parameters feeding the stochastic nodes."
+        else:
+            variable, role = self._step_variables()[-2 - code]
+            cause = (
+                f"the update would have written a non-finite value (NaN or inf) into "
+                f"{role} {variable.path!r}, although every cost was finite"
+            )
+            fix = (
+                "Costs or gradients this large overflow the optimizers (their squared "
+                "gradients, say): scale the costs down, lower the learning rate or clip "
+                "the gradients (clipnorm=)."
+            )
         raise FloatingPointError(
-            f"Model {self.name!r}: {cause} in a training step. The step's update was "
-            f"skipped, so the weights hold their last finite values. {fix}"
+            f"Model {self.name!r}: {cause} in a training step. Nothing that step would "
+            "have written was kept, so every weight, critic, target copy, optimizer "
+            f"slot and estimator state holds finite values. {fix}"
         )
 
     def _update_metrics(self, out, critics=None):
@@ -935,6 +1024,31 @@ class BackpropQModel(keras.Model):
                 td_metric.update_state(td_error)
                 q_metric.update_state(tf.add_n(list(critics["q_at_sample"][name].values())))
         return self.compute_metrics(x, y, out["y_pred"], sample_weight)
+
+    def get_metrics_result(self):
+        """`keras.Model.get_metrics_result`, refusing two terms logged under one
+        name (Keras would keep only the last one's value)."""
+        results, owners = {}, {}
+        cost_metrics = {id(m) for m in self.machinery.cost_metrics}
+        for metric in self.metrics:
+            result = metric.result()
+            if isinstance(result, dict):
+                items, owner = result.items(), "compile(metrics=...)"
+            else:
+                items = [(metric.name, result)]
+                owner = (
+                    "the total objective" if metric is self._loss_tracker
+                    else "a cost" if id(metric) in cost_metrics
+                    else f"metric {metric.name!r}"
+                )
+            for name, value in items:
+                if name in results:
+                    raise ValueError(
+                        f"Model {self.name!r} logs two values under the name {name!r}: "
+                        f"{owners[name]} and {owner}. Rename the cost or metric."
+                    )
+                results[name], owners[name] = value, owner
+        return results
 
     # -- fit ---------------------------------------------------------------
     def evaluate(self, *args, **kwargs):
@@ -1192,6 +1306,19 @@ def _sum_losses(losses):
     if not losses:
         return tf.constant(0.0)
     return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
+
+
+def _first_nonfinite(variables):
+    """The index of the first floating variable holding a NaN or inf, or -1."""
+    finite = [
+        tf.reduce_all(tf.math.is_finite(v.value)) if tf.as_dtype(v.dtype).is_floating else tf.constant(True)
+        for v in variables
+    ]
+    if not finite:
+        return tf.constant(-1)
+    finite = tf.stack(finite)
+    first = tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32)
+    return tf.where(tf.reduce_all(finite), -1, first)
 
 
 def _weighted_mean(value, sample_weight):
