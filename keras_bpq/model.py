@@ -11,6 +11,7 @@ the samples is not estimated (make such a term a cost if it should be).
 """
 
 import dataclasses
+import inspect
 
 import keras
 import numpy as np
@@ -713,7 +714,8 @@ class BackpropQModel(keras.Model):
         return targets, q_at_sample
 
     def _critic_loss(self, out, x, targets):
-        """Squared error of every learned head, summed over heads and nodes,
+        """Squared error of every learned head, summed over heads and nodes
+        (examples weighted by their sample weights, as the actor's objective),
         plus the critics' weight regularisers."""
         records = out["records"]
         total = 0.0
@@ -722,8 +724,9 @@ class BackpropQModel(keras.Model):
             info = self._scg.node(name)
             pred = critic.q(self._context(info, x, records), records[name].sample, target=False)
             wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
-            loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1))
-            per_node[name] = (loss, tf.reduce_mean(tf.abs(wanted - pred)))
+            weights = out["weights"]
+            loss = _weighted_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1), weights)
+            per_node[name] = (loss, _weighted_mean(tf.reduce_mean(tf.abs(wanted - pred), axis=1), weights))
             total += loss + _sum_losses(_weight_penalties(getattr(critic, "trainable_variables", [])))
         return total, per_node
 
@@ -750,21 +753,21 @@ class BackpropQModel(keras.Model):
         self.critic_optimizer.apply(grads, variables)
         if self._critic_options.steps == 1:
             return
-        x, samples, targets = inputs or self._critic_inputs(out, evaluation)
+        x, samples, targets, weights = inputs or self._critic_inputs(out, evaluation)
         records = {n: dataclasses.replace(r, sample=samples[n]) for n, r in out["records"].items()}
         for _ in range(self._critic_options.steps - 1):
             with tf.GradientTape() as tape:
-                loss, _ = self._critic_loss({"records": records}, x, targets)
+                loss, _ = self._critic_loss({"records": records, "weights": weights}, x, targets)
                 scaled = loss / _num_replicas()  # the optimizer sums over replicas
             self.critic_optimizer.apply(tape.gradient(scaled, variables), variables)
 
     @staticmethod
     def _critic_inputs(out, evaluation):
-        """What the critic loss reads: `(x, {node: sample}, targets)`."""
+        """What the critic loss reads: `(x, {node: sample}, targets, sample weights)`."""
         if evaluation is None:
             return None
         samples = {n: r.sample for n, r in out["records"].items()}
-        return out["x"], samples, evaluation["targets"]
+        return out["x"], samples, evaluation["targets"], out["weights"]
 
     def _update_target_copies(self):
         options = self._critic_options
@@ -782,7 +785,7 @@ class BackpropQModel(keras.Model):
                 critic.update_target(options.tau)
 
     def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = _unpack(data)
         scg = self.scg(x)
         actor_variables = self.actor_variables
         if not self.optimizer.built:
@@ -806,7 +809,11 @@ class BackpropQModel(keras.Model):
         status = self._step_status(scg, out["costs"], [] if loss_scaled else grads)
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
         critic_grads = [] if critics is None else critics["grads"]
-        means = [_global_mean(out["steps"][info.name].downstream) for info in scg.nodes]
+        # Weighted means of c_X; with weights that are all 0 (no data) the
+        # estimator state stays as it is.
+        weights = out["weights"]
+        means = [_global_weighted_mean(out["steps"][info.name].downstream, weights) for info in scg.nodes]
+        has_data = None if weights is None else _global_sum(tf.reduce_sum(tf.abs(tf.cast(weights, tf.float32)))) > 0
         # Estimators' own tuned parameters (relax's control variate): replica means.
         tuning = [
             [_global_sum(g) / replicas for g in self._node_estimators[n].tuning_gradients(out["steps"][n])]
@@ -814,7 +821,7 @@ class BackpropQModel(keras.Model):
         ]
         skip = _global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
         undone = self._apply_updates(
-            skip, grads, critic_grads, means, critics, out, tuning, written=(written, saved)
+            skip, grads, critic_grads, (means, has_data), critics, out, tuning, written=(written, saved)
         )
         # A step that would have written a non-finite value was undone: code
         # -2 - i names the first such variable, written[i].
@@ -832,6 +839,9 @@ class BackpropQModel(keras.Model):
         context and every update on each replica, as Keras' `LossScaleOptimizer`
         does.
 
+        `means` is `(per-node global means of c_X, has_data)`: `has_data`, a
+        boolean or None (no sample weights), is false when every sample
+        weight is 0, and the estimator state then stays as it is.
         `written` is `(self._step_variables(), their values before the step)`.
         After the updates every floating one is checked: if any holds a NaN or
         inf (an optimizer's slot that overflowed, say), all of them are set
@@ -849,12 +859,18 @@ class BackpropQModel(keras.Model):
         def update_actor(grads):
             self.optimizer.apply(grads, actor_variables)
 
-        def update_state(means, tuning):
-            for info, mean, gradients in zip(nodes, means, tuning):
-                estimator, state = self._node_estimators[info.name], self.machinery.node_state[info.name]
-                estimator.update(state, mean)
-                if gradients:
-                    estimator.apply_tuning(state, gradients)
+        means, has_data = means
+
+        def update_state(means, tuning, has_data):
+            def update():
+                for info, mean, gradients in zip(nodes, means, tuning):
+                    estimator, state = self._node_estimators[info.name], self.machinery.node_state[info.name]
+                    estimator.update(state, mean)
+                    if gradients:
+                        estimator.apply_tuning(state, gradients)
+                return noop()
+
+            tf.cond(has_data, update, noop) if has_data is not None else update()
             self.machinery.steps.assign_add(1)
 
         def noop():
@@ -888,7 +904,7 @@ class BackpropQModel(keras.Model):
                     return noop()
 
                 tf.cond(ready, actor, noop) if warmup else actor()
-                update_state(means, tuning)
+                update_state(means, tuning, has_data)
                 self._update_target_copies()
                 return noop()
 
@@ -899,7 +915,7 @@ class BackpropQModel(keras.Model):
             tf.cond(undo, lambda: restore(saved), noop)
             return tf.where(undo, tf.maximum(undone, 0), -1)
 
-        def cross_replica(strategy, skip, grads, critic_grads, means, tuning, critic_inputs, saved):
+        def cross_replica(strategy, skip, grads, critic_grads, means, has_data, tuning, critic_inputs, saved):
             each = strategy.extended.call_for_each_replica
             # Every replica holds the same all-reduced flag; take the first's.
             skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
@@ -911,12 +927,13 @@ class BackpropQModel(keras.Model):
                     lambda: each(update_actor, args=(grads,)),
                     lambda: None,
                 )
-                each(update_state, args=(means, tuning))
+                each(update_state, args=(means, tuning, has_data))
                 self._update_target_copies()
 
             tf.cond(skip, lambda: None, apply)
             undone = strategy.experimental_local_results(each(first_nonfinite))
             undo = tf.reduce_any([u >= 0 for u in undone])
+
             def restore_each():
                 each(restore, args=(saved,))
 
@@ -925,7 +942,7 @@ class BackpropQModel(keras.Model):
 
         critic_inputs = self._critic_inputs(out, critics) if self._critic_options.steps > 1 else None
         return context.merge_call(
-            cross_replica, args=(skip, grads, critic_grads, means, tuning, critic_inputs, saved)
+            cross_replica, args=(skip, grads, critic_grads, means, has_data, tuning, critic_inputs, saved)
         )
 
     def _step_variables(self):
@@ -963,7 +980,7 @@ class BackpropQModel(keras.Model):
         return list(roles.values())
 
     def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = _unpack(data)
         out = self.run_forward(x, y, training=False, sample_weight=sample_weight)
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=False)
         return self._update_metrics(out, critics)
@@ -1015,8 +1032,11 @@ class BackpropQModel(keras.Model):
         self._loss_tracker.update_state(
             _weighted_mean(total, sample_weight) + out["regularization"], sample_weight=tf.shape(total)[0]
         )
+        # Every cost's log is weighted as `loss` is, so they add up to it.
         for metric in self.machinery.cost_metrics:
-            metric.update_state(out["costs"][metric.name], sample_weight=sample_weight)
+            metric.update_state(
+                _weighted_mean(out["costs"][metric.name], sample_weight), sample_weight=tf.shape(total)[0]
+            )
         if critics is not None:
             for name, (loss_metric, td_metric, q_metric) in self.machinery.critic_metrics.items():
                 loss, td_error = critics["per_node"][name]
@@ -1054,11 +1074,12 @@ class BackpropQModel(keras.Model):
     def evaluate(self, *args, **kwargs):
         # Training state is created before Keras traces a (distributed) step.
         self.build_training_state()
-        return super().evaluate(*args, **kwargs)
+        return super().evaluate(**_weights_without_targets(super().evaluate, args, kwargs))
 
     def fit(self, *args, **kwargs):
         # Before tracing, and optimizer slots before BackupAndRestore restores.
         self.build_training_state()
+        kwargs = _weights_without_targets(super().fit, args, kwargs)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         # The guard and the position run first, so that no checkpointing
         # callback saves after a failed step, and every checkpoint knows where
@@ -1069,7 +1090,7 @@ class BackpropQModel(keras.Model):
             + [saving_lib.ResumeAtPosition()]
         )
         try:
-            return super().fit(*args, callbacks=callbacks, **kwargs)
+            return super().fit(callbacks=callbacks, **kwargs)
         finally:
             saving_lib.FitPosition.clear(self)
 
@@ -1319,6 +1340,68 @@ def _first_nonfinite(variables):
     finite = tf.stack(finite)
     first = tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32)
     return tf.where(tf.reduce_all(finite), -1, first)
+
+
+def _no_targets(x):
+    """A `[n, 0]` boolean array standing for "no targets" next to the `n`
+    examples of `x` (see `_weights_without_targets`)."""
+    rows = len(tf.nest.flatten(x)[0])
+    return np.zeros((rows, 0), dtype=bool)
+
+
+def _is_no_targets(y):
+    return (
+        isinstance(y, (tf.Tensor, np.ndarray))
+        and y.dtype == bool
+        and len(y.shape) == 2
+        and y.shape[1] == 0
+    )
+
+
+def _unpack(data):
+    """`(x, y, sample_weight)` of a batch, with y None where it is `_no_targets`."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return x, (None if _is_no_targets(y) else y), sample_weight
+
+
+def _weights_without_targets(method, args, kwargs):
+    """`method`'s (`keras.Model.fit` or `.evaluate`) arguments as keywords,
+    with sample weights given without targets carried by a `_no_targets` array.
+
+    Keras packs arrays as `(x, y, sample_weight)` only when `y` is given and
+    drops the weights otherwise (`pack_x_y_sample_weight`); a BackpropQModel
+    usually has no targets. Validation data `(x, None, w)` is rewritten alike.
+    """
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    arguments = bound.arguments
+    x = arguments.get("x")
+    if arguments.get("y") is None and arguments.get("sample_weight") is not None and x is not None:
+        if _array_like(x):
+            arguments["y"] = _no_targets(x)
+    validation = arguments.get("validation_data")
+    if isinstance(validation, (tuple, list)) and len(validation) == 3:
+        val_x, val_y, val_w = validation
+        if val_y is None and val_w is not None and _array_like(val_x):
+            arguments["validation_data"] = (val_x, _no_targets(val_x), val_w)
+    keywords = dict(arguments)
+    keywords.update(keywords.pop("kwargs", {}))
+    return keywords
+
+
+def _array_like(x):
+    """Whether every leaf of `x` is an array or tensor (Keras' array adapter)."""
+    leaves = tf.nest.flatten(x)
+    return bool(leaves) and all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves)
+
+
+def _global_weighted_mean(value, sample_weight):
+    """`sum_i w_i v_i / sum_i w_i` over the global batch (the plain mean without
+    weights; 0 where every weight is 0)."""
+    if sample_weight is None:
+        return _global_mean(value)
+    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
+    sums = _global_sum(tf.stack([tf.reduce_sum(value * weight), tf.reduce_sum(weight)]))
+    return tf.math.divide_no_nan(sums[0], sums[1])
 
 
 def _weighted_mean(value, sample_weight):
