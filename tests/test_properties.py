@@ -203,12 +203,15 @@ def tiny_model(estimator):
 
 
 DRAWS = 400
-
+# Kernels within +-0.25 on inputs within +-1 keep every allowed outcome's
+# probability above 0.07: each is drawn about 30 times in DRAWS, so the draws'
+# standard error is a fair yardstick (a rarer outcome, never drawn, would bias
+# the sample mean beyond it without any estimator bias).
 
 @settings(max_examples=SLOW_EXAMPLES)
 @given(
     st.sampled_from(["reinforce", "critic_cv"]),
-    st.lists(st.floats(-3, 3, width=32), min_size=2 * OUTCOMES * OUTCOMES, max_size=2 * OUTCOMES * OUTCOMES),
+    st.lists(st.floats(-0.25, 0.25, width=32), min_size=2 * OUTCOMES * OUTCOMES, max_size=2 * OUTCOMES * OUTCOMES),
     st.lists(st.booleans(), min_size=2 * OUTCOMES, max_size=2 * OUTCOMES),
 )
 def test_estimators_are_unbiased_and_masked_outcomes_get_no_gradient(estimator, weights, mask_bits):
@@ -218,7 +221,7 @@ def test_estimators_are_unbiased_and_masked_outcomes_get_no_gradient(estimator, 
     model.get_layer("dec").kernel.assign(weights[OUTCOMES * OUTCOMES :].reshape(OUTCOMES, OUTCOMES))
     mask = np.array(mask_bits).reshape(2, OUTCOMES)
     mask[:, 0] = True  # every row allows an outcome
-    x = {"x": np.random.RandomState(0).normal(size=(2, OUTCOMES)).astype(np.float32), "mask": mask}
+    x = {"x": np.random.RandomState(0).uniform(-1, 1, size=(2, OUTCOMES)).astype(np.float32), "mask": mask}
     exact = diagnostics.exact_gradients(model, x)
     draws = diagnostics.estimate_gradients(model, x, num_draws=DRAWS, chunk_size=DRAWS)
     never = ~mask.any(axis=0)  # outcomes masked in every row
