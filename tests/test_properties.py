@@ -197,7 +197,7 @@ def tiny_model(estimator):
         h = keras.layers.Dense(OUTCOMES, name="dec")(c)
         cost = keras.ops.sum(keras.ops.square(h - x), axis=-1)
         model = keras_bpq.BackpropQModel(inputs={"x": x, "mask": mask}, outputs=h, costs={"cost": cost})
-        model.compile(optimizer="sgd", estimator=estimator)
+        model.compile(optimizer="sgd", estimator=estimator, num_samples=2 if estimator == "rloo" else 1)
         _TINY_MODELS[estimator] = model
     return _TINY_MODELS[estimator]
 
@@ -210,7 +210,7 @@ DRAWS = 400
 
 @settings(max_examples=SLOW_EXAMPLES)
 @given(
-    st.sampled_from(["reinforce", "critic_cv"]),
+    st.sampled_from(["reinforce", "critic_cv", "local_expectation", "rloo"]),
     st.lists(st.floats(-0.25, 0.25, width=32), min_size=2 * OUTCOMES * OUTCOMES, max_size=2 * OUTCOMES * OUTCOMES),
     st.lists(st.booleans(), min_size=2 * OUTCOMES, max_size=2 * OUTCOMES),
 )
