@@ -909,11 +909,15 @@ class BackpropQModel(keras.Model):
                 return noop()
 
             tf.cond(skip, noop, apply)
-            undone = first_nonfinite()
             # Replicas hold the same values; agree anyway on undoing the step.
-            undo = _global_sum(tf.cast(undone >= 0, tf.float32)) > 0
-            tf.cond(undo, lambda: restore(saved), noop)
-            return tf.where(undo, tf.maximum(undone, 0), -1)
+            undo = _global_sum(tf.cast(tf.logical_not(_all_finite(variables)), tf.float32)) > 0
+
+            def undo_step():
+                first = tf.maximum(first_nonfinite(), 0)  # read before restoring
+                restore(saved)
+                return first
+
+            return tf.cond(undo, undo_step, lambda: tf.constant(-1))
 
         def cross_replica(strategy, skip, grads, critic_grads, means, has_data, tuning, critic_inputs, saved):
             each = strategy.extended.call_for_each_replica
@@ -931,14 +935,15 @@ class BackpropQModel(keras.Model):
                 self._update_target_copies()
 
             tf.cond(skip, lambda: None, apply)
-            undone = strategy.experimental_local_results(each(first_nonfinite))
-            undo = tf.reduce_any([u >= 0 for u in undone])
+            finite = strategy.experimental_local_results(each(lambda: _all_finite(variables)))
+            undo = tf.logical_not(tf.reduce_all(finite))
 
-            def restore_each():
+            def undo_step():
+                first = tf.reduce_max(strategy.experimental_local_results(each(first_nonfinite)))
                 each(restore, args=(saved,))
+                return tf.maximum(first, 0)
 
-            tf.cond(undo, restore_each, lambda: None)
-            return tf.where(undo, tf.maximum(tf.reduce_max(undone), 0), -1)
+            return tf.cond(undo, undo_step, lambda: tf.constant(-1))
 
         critic_inputs = self._critic_inputs(out, critics) if self._critic_options.steps > 1 else None
         return context.merge_call(
@@ -1327,6 +1332,17 @@ def _sum_losses(losses):
     if not losses:
         return tf.constant(0.0)
     return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
+
+
+def _all_finite(variables):
+    """Whether every floating variable holds finite values only (one check per
+    dtype over all of them: a step pays a few ops, not a few per variable)."""
+    by_dtype = {}
+    for v in variables:
+        if tf.as_dtype(v.dtype).is_floating:
+            by_dtype.setdefault(tf.as_dtype(v.dtype), []).append(tf.reshape(v.value, [-1]))
+    checks = [tf.reduce_all(tf.math.is_finite(tf.concat(flat, 0))) for flat in by_dtype.values()]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
 
 
 def _first_nonfinite(variables):
