@@ -7,12 +7,80 @@ example's total cost. Costs come from two places:
   functional constructor): any per-example tensor of shape `[batch]`;
 * `compile(loss=...)`: each output's loss, reduced per example (the mean over
   the non-batch axes), never over the batch.
+
+Every cost is logged under its own name, next to `loss` (the total objective)
+and each node's critic metrics, so a cost name must be unique among all of
+them: `check_names` refuses any name that another term would also take.
 """
 
 import keras
 import tensorflow as tf
 
 from keras_bpq import graph
+
+
+# The critic metrics every node may log, as `<node>_<kind>`.
+NODE_METRIC_KINDS = ("critic_loss", "td_error", "q")
+
+
+def node_metric_names(node):
+    """The names of node `node`'s critic metrics."""
+    return tuple(f"{node}_{kind}" for kind in NODE_METRIC_KINDS)
+
+
+def check_name(name, origin):
+    """Raises a ValueError unless `name` may name a cost on its own.
+
+    `loss` is the total objective in every log and History, and Keras prefixes
+    validation logs with `val_`, so neither may name a cost. `origin` says
+    where the cost comes from, for the message.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Cost names must be non-empty strings; {origin} gave {name!r}.")
+    if name == "loss":
+        raise ValueError(
+            f"Cost 'loss' ({origin}): 'loss' is reserved for the total objective "
+            "(the sum of every cost) in the logs and the History. Rename the cost, "
+            "e.g. to 'loss_term'."
+        )
+    if name.startswith("val_"):
+        raise ValueError(
+            f"Cost {name!r} ({origin}): names starting with 'val_' are reserved for "
+            f"Keras' validation logs. Rename the cost, e.g. to {name[4:] + '_val'!r}."
+        )
+
+
+def check_names(user_costs, compiled_names, node_names):
+    """Raises a ValueError for a cost whose name another term also takes.
+
+    Args:
+      user_costs: `{name: origin}` of the costs added with `add_cost` or the
+        constructor's `costs=`.
+      compiled_names: the names `compile(loss=...)` gives its costs.
+      node_names: the stochastic nodes, whose critic metrics are logged as
+        `<node>_critic_loss`, `<node>_td_error` and `<node>_q`.
+    """
+    metric_owner = {m: n for n in node_names for m in node_metric_names(n)}
+    for name, origin in user_costs.items():
+        check_name(name, origin)
+        if name in compiled_names:
+            raise ValueError(
+                f"Cost {name!r} ({origin}) has the name that compile(loss=...) gives "
+                "the loss of an output, so one would replace the other. Rename the "
+                f"cost, e.g. to {name + '_cost'!r}."
+            )
+        if name in metric_owner:
+            raise ValueError(
+                f"Cost {name!r} ({origin}) has the name of a metric of node "
+                f"{metric_owner[name]!r} (its critic's {name[len(metric_owner[name]) + 1:]}). "
+                f"Rename the cost, e.g. to {name + '_cost'!r}."
+            )
+    for name in compiled_names:
+        if name in metric_owner:
+            raise ValueError(
+                f"compile(loss=...) names the loss of an output {name!r}, the name of a "
+                f"metric of node {metric_owner[name]!r}. Rename the output or the node."
+            )
 
 
 def add_cost(name, value):
@@ -24,7 +92,9 @@ def add_cost(name, value):
     """
     recorder = graph.current_recorder()
     if recorder is not None:
-        recorder.add_cost(str(name), value)
+        name = str(name)
+        check_name(name, "keras_bpq.add_cost")
+        recorder.add_cost(name, value, origin="keras_bpq.add_cost")
     return value
 
 

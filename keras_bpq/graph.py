@@ -68,6 +68,7 @@ class Recorder:
         self.most_likely = bool(most_likely)
         self.nodes = []
         self.costs = {}
+        self.origins = {}  # cost name -> where it was added, for errors
         self._calls = {}
 
     def __enter__(self):
@@ -90,13 +91,17 @@ class Recorder:
     def add_node(self, record):
         self.nodes.append(record)
 
-    def add_cost(self, name, value):
+    def add_cost(self, name, value, origin="keras_bpq.add_cost"):
+        """Records cost `name`; `origin` says where it comes from (for errors)."""
         if name in self.costs:
+            first = self.origins[name]
+            by = f"by {first}" + ("" if first == origin else f" and by {origin}")
             raise ValueError(
-                f"Cost {name!r} was added twice in one forward pass. Give every "
-                "keras_bpq.add_cost call its own name."
+                f"Cost {name!r} was added twice in one forward pass ({by}), so one "
+                "would hide the other. Give every cost its own name."
             )
         self.costs[name] = value
+        self.origins[name] = origin
 
 
 def current_recorder():
@@ -272,13 +277,17 @@ def with_contexts(scg, overrides):
     return dataclasses.replace(scg, nodes=tuple(infos))
 
 
-def discover(forward, input_signature):
+def discover(forward, input_signature, check_names=None):
     """Traces `forward` once and returns its `SCG`.
 
     Args:
       forward: a function of the model inputs that runs the forward pass and
         returns `{cost_name: per-example cost}` for costs computed outside the
-        model (compiled losses); costs added with `add_cost` are recorded.
+        model (compiled losses); costs added with `add_cost` are recorded. A
+        returned name that a recorded cost also takes is an error.
+      check_names: optional `(origins, returned_names, node_names) -> None`,
+        called with `{recorded cost: where it was added}`, the returned cost
+        names and the node names; it raises for names it refuses.
       input_signature: a structure of `tf.TensorSpec` for the inputs.
     """
     result = {}
@@ -287,8 +296,12 @@ def discover(forward, input_signature):
         with Recorder() as rec:
             extra = forward(inputs)
         costs = dict(rec.costs)
-        for name, value in extra.items():
-            costs[name] = value
+        if check_names is not None:
+            check_names(rec.origins, tuple(extra), [r.name for r in rec.nodes])
+        clash = set(costs) & set(extra)
+        if clash:
+            raise ValueError(f"Costs {sorted(clash)} were both recorded and returned by the forward pass.")
+        costs.update(extra)
         result["scg"] = structure_from_records(rec.nodes, costs, inputs)
         result["cost_shapes"] = {n: tuple(v.shape) for n, v in costs.items()}
         return 0

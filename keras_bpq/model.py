@@ -11,6 +11,7 @@ the samples is not estimated (make such a term a cost if it should be).
 """
 
 import dataclasses
+import inspect
 
 import keras
 import numpy as np
@@ -83,7 +84,7 @@ class ScgState(keras.layers.Layer):
                 name=f"{name.replace('@', '_')}_critic",
             )
             self.critic_metrics[name] = [
-                keras.metrics.Mean(name=f"{name}_{kind}") for kind in ("critic_loss", "td_error", "q")
+                keras.metrics.Mean(name=metric) for metric in costs_lib.node_metric_names(name)
             ]
         self.cost_metrics = [keras.metrics.Mean(name=name) for name in scg.costs]
         self.built = True
@@ -106,10 +107,11 @@ class ScgState(keras.layers.Layer):
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-    """Stops `fit` with a clear error after a step whose cost or gradient was not finite.
+    """Stops `fit` with a clear error after a step that met a non-finite value:
+    a cost, an actor gradient, or a value the step would have written.
 
-    The step itself already skipped its update, so the weights hold their last
-    finite values.
+    The step itself already kept none of its updates, so every weight, critic,
+    target copy, optimizer slot and estimator state holds finite values.
     """
 
     def on_train_begin(self, logs=None):
@@ -147,6 +149,8 @@ class BackpropQModel(keras.Model):
                 raise ValueError("BackpropQModel(inputs=...) also needs outputs=.")
             structure = {"outputs": outputs}
             if costs:
+                for name in costs:
+                    costs_lib.check_name(name, "costs= of the constructor")
                 structure["costs"] = dict(costs)
             network = keras.Model(inputs=inputs, outputs=structure, name=f"{self.name}_network")
         elif costs:
@@ -173,8 +177,10 @@ class BackpropQModel(keras.Model):
                 "and costs= to the constructor."
             )
         result = self.network(inputs, training=training)
-        for name, value in result.get("costs", {}).items():
-            costs_lib.add_cost(name, value)
+        recorder = graph.current_recorder()
+        if recorder is not None:
+            for name, value in result.get("costs", {}).items():
+                recorder.add_cost(name, value, origin="costs= of the constructor")
         return result["outputs"]
 
     def build(self, input_shape=None):
@@ -324,7 +330,7 @@ class BackpropQModel(keras.Model):
         def forward(inputs):
             return compiled.dependencies(self(inputs, training=True))
 
-        scg, cost_shapes = graph.discover(forward, spec)
+        scg, cost_shapes = graph.discover(forward, spec, check_names=costs_lib.check_names)
         if not scg.nodes:
             raise ValueError(
                 f"Model {self.name!r} has no stochastic node: its forward pass never "
@@ -708,7 +714,8 @@ class BackpropQModel(keras.Model):
         return targets, q_at_sample
 
     def _critic_loss(self, out, x, targets):
-        """Squared error of every learned head, summed over heads and nodes,
+        """Squared error of every learned head, summed over heads and nodes
+        (examples weighted by their sample weights, as the actor's objective),
         plus the critics' weight regularisers."""
         records = out["records"]
         total = 0.0
@@ -717,8 +724,9 @@ class BackpropQModel(keras.Model):
             info = self._scg.node(name)
             pred = critic.q(self._context(info, x, records), records[name].sample, target=False)
             wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
-            loss = tf.reduce_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1))
-            per_node[name] = (loss, tf.reduce_mean(tf.abs(wanted - pred)))
+            weights = out["weights"]
+            loss = _weighted_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1), weights)
+            per_node[name] = (loss, _weighted_mean(tf.reduce_mean(tf.abs(wanted - pred), axis=1), weights))
             total += loss + _sum_losses(_weight_penalties(getattr(critic, "trainable_variables", [])))
         return total, per_node
 
@@ -745,21 +753,21 @@ class BackpropQModel(keras.Model):
         self.critic_optimizer.apply(grads, variables)
         if self._critic_options.steps == 1:
             return
-        x, samples, targets = inputs or self._critic_inputs(out, evaluation)
+        x, samples, targets, weights = inputs or self._critic_inputs(out, evaluation)
         records = {n: dataclasses.replace(r, sample=samples[n]) for n, r in out["records"].items()}
         for _ in range(self._critic_options.steps - 1):
             with tf.GradientTape() as tape:
-                loss, _ = self._critic_loss({"records": records}, x, targets)
+                loss, _ = self._critic_loss({"records": records, "weights": weights}, x, targets)
                 scaled = loss / _num_replicas()  # the optimizer sums over replicas
             self.critic_optimizer.apply(tape.gradient(scaled, variables), variables)
 
     @staticmethod
     def _critic_inputs(out, evaluation):
-        """What the critic loss reads: `(x, {node: sample}, targets)`."""
+        """What the critic loss reads: `(x, {node: sample}, targets, sample weights)`."""
         if evaluation is None:
             return None
         samples = {n: r.sample for n, r in out["records"].items()}
-        return out["x"], samples, evaluation["targets"]
+        return out["x"], samples, evaluation["targets"], out["weights"]
 
     def _update_target_copies(self):
         options = self._critic_options
@@ -777,12 +785,16 @@ class BackpropQModel(keras.Model):
                 critic.update_target(options.tau)
 
     def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = _unpack(data)
         scg = self.scg(x)
         actor_variables = self.actor_variables
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
         replicas = _num_replicas()
+        # What the step may write, read before anything writes it (the forward
+        # pass too: it may update statistics such as BatchNormalization's).
+        written = self._step_variables()
+        saved = [tf.identity(v.value) for v, _ in written]
         with tf.GradientTape() as tape:
             out = self.run_forward(x, y, training=True, sample_weight=sample_weight)
             # Optimizers sum gradients over replicas: this makes the global mean.
@@ -797,30 +809,48 @@ class BackpropQModel(keras.Model):
         status = self._step_status(scg, out["costs"], [] if loss_scaled else grads)
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
         critic_grads = [] if critics is None else critics["grads"]
-        means = [_global_mean(out["steps"][info.name].downstream) for info in scg.nodes]
+        # Weighted means of c_X; with weights that are all 0 (no data) the
+        # estimator state stays as it is.
+        weights = out["weights"]
+        means = [_global_weighted_mean(out["steps"][info.name].downstream, weights) for info in scg.nodes]
+        has_data = None if weights is None else _global_sum(tf.reduce_sum(tf.abs(tf.cast(weights, tf.float32)))) > 0
         # Estimators' own tuned parameters (relax's control variate): replica means.
         tuning = [
             [_global_sum(g) / replicas for g in self._node_estimators[n].tuning_gradients(out["steps"][n])]
             for n in scg.node_names
         ]
         skip = _global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
-        self._apply_updates(skip, grads, critic_grads, means, critics, out, tuning)
+        undone = self._apply_updates(
+            skip, grads, critic_grads, (means, has_data), critics, out, tuning, written=(written, saved)
+        )
+        # A step that would have written a non-finite value was undone: code
+        # -2 - i names the first such variable, written[i].
+        status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
         previous = self.machinery.status
         previous.assign(tf.where(tf.equal(previous, 0), status, previous))
         return self._update_metrics(out, critics)
 
-    def _apply_updates(self, skip, grads, critic_grads, means, critics, out, tuning=None):
+    def _apply_updates(self, skip, grads, critic_grads, means, critics, out, tuning, written):
         """Critics, then actor (after warm-up), then estimator state (and the
         estimators' tuning steps, `tuning`: per node, replica-mean gradients)
         and target copies; nothing at all when `skip` (a non-finite cost or
         gradient on any replica). Under a `tf.distribute` strategy that
         synchronises through `merge_call`, the decision runs in cross-replica
         context and every update on each replica, as Keras' `LossScaleOptimizer`
-        does."""
+        does.
+
+        `means` is `(per-node global means of c_X, has_data)`: `has_data`, a
+        boolean or None (no sample weights), is false when every sample
+        weight is 0, and the estimator state then stays as it is.
+        `written` is `(self._step_variables(), their values before the step)`.
+        After the updates every floating one is checked: if any holds a NaN or
+        inf (an optimizer's slot that overflowed, say), all of them are set
+        back to their values before the step, so the step leaves nothing
+        non-finite behind. Returns the index in `written` of the first
+        non-finite variable (of any replica), or -1 when the step stands."""
         warmup = self._critic_options.warmup
         actor_variables = self.actor_variables
         nodes = self._scg.nodes
-        tuning = tuning or [[] for _ in nodes]
 
         def update_critics(critic_grads, inputs=None):
             if critics is not None:
@@ -829,16 +859,32 @@ class BackpropQModel(keras.Model):
         def update_actor(grads):
             self.optimizer.apply(grads, actor_variables)
 
-        def update_state(means, tuning):
-            for info, mean, gradients in zip(nodes, means, tuning):
-                estimator, state = self._node_estimators[info.name], self.machinery.node_state[info.name]
-                estimator.update(state, mean)
-                if gradients:
-                    estimator.apply_tuning(state, gradients)
+        means, has_data = means
+
+        def update_state(means, tuning, has_data):
+            def update():
+                for info, mean, gradients in zip(nodes, means, tuning):
+                    estimator, state = self._node_estimators[info.name], self.machinery.node_state[info.name]
+                    estimator.update(state, mean)
+                    if gradients:
+                        estimator.apply_tuning(state, gradients)
+                return noop()
+
+            tf.cond(has_data, update, noop) if has_data is not None else update()
             self.machinery.steps.assign_add(1)
 
         def noop():
             return tf.constant(0)
+
+        variables, saved = [v for v, _ in written[0]], written[1]
+
+        def first_nonfinite():
+            return _first_nonfinite(variables)
+
+        def restore(saved):
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+            return noop()
 
         context = tf.distribute.get_replica_context()
         # Not `num_replicas_in_sync == 1`: a one-device MirroredStrategy still
@@ -858,14 +904,22 @@ class BackpropQModel(keras.Model):
                     return noop()
 
                 tf.cond(ready, actor, noop) if warmup else actor()
-                update_state(means, tuning)
+                update_state(means, tuning, has_data)
                 self._update_target_copies()
                 return noop()
 
             tf.cond(skip, noop, apply)
-            return
+            # Replicas hold the same values; agree anyway on undoing the step.
+            undo = _global_sum(tf.cast(tf.logical_not(_all_finite(variables)), tf.float32)) > 0
 
-        def cross_replica(strategy, skip, grads, critic_grads, means, tuning, critic_inputs):
+            def undo_step():
+                first = tf.maximum(first_nonfinite(), 0)  # read before restoring
+                restore(saved)
+                return first
+
+            return tf.cond(undo, undo_step, lambda: tf.constant(-1))
+
+        def cross_replica(strategy, skip, grads, critic_grads, means, has_data, tuning, critic_inputs, saved):
             each = strategy.extended.call_for_each_replica
             # Every replica holds the same all-reduced flag; take the first's.
             skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
@@ -877,16 +931,61 @@ class BackpropQModel(keras.Model):
                     lambda: each(update_actor, args=(grads,)),
                     lambda: None,
                 )
-                each(update_state, args=(means, tuning))
+                each(update_state, args=(means, tuning, has_data))
                 self._update_target_copies()
 
             tf.cond(skip, lambda: None, apply)
+            finite = strategy.experimental_local_results(each(lambda: _all_finite(variables)))
+            undo = tf.logical_not(tf.reduce_all(finite))
+
+            def undo_step():
+                first = tf.reduce_max(strategy.experimental_local_results(each(first_nonfinite)))
+                each(restore, args=(saved,))
+                return tf.maximum(first, 0)
+
+            return tf.cond(undo, undo_step, lambda: tf.constant(-1))
 
         critic_inputs = self._critic_inputs(out, critics) if self._critic_options.steps > 1 else None
-        context.merge_call(cross_replica, args=(skip, grads, critic_grads, means, tuning, critic_inputs))
+        return context.merge_call(
+            cross_replica, args=(skip, grads, critic_grads, means, has_data, tuning, critic_inputs, saved)
+        )
+
+    def _step_variables(self):
+        """`[(variable, role)]`: every variable a training step may write (the
+        model's weights, critics and their target copies, estimator state, both
+        optimizers' variables), for undoing a step; `role` names it in errors."""
+        roles = {}
+
+        def add(variables, role):
+            for variable in variables:
+                roles.setdefault(id(variable), (variable, role))
+
+        state = {id(v): n for n, s in self.machinery.node_state.items() for v in s.values()}
+        critic_ids = {id(v) for v in self.critic_variables}
+        for variable in self.weights:
+            if variable is self.machinery.status:
+                continue  # the step's own report, written after the check
+            if not tf.as_dtype(variable.dtype).is_floating:
+                role = "counter"  # never non-finite; set back with the rest
+            elif id(variable) in state:
+                role = f"estimator state of node {state[id(variable)]!r}"
+            elif id(variable) in critic_ids:
+                role = "critic weight"
+            elif variable.trainable:
+                role = "weight"
+            elif any(variable is w for w in self.machinery.non_trainable_weights):
+                role = "critic target copy"
+            else:
+                role = "non-trainable weight"
+            add([variable], role)
+        if getattr(self, "optimizer", None) is not None:
+            add(self.optimizer.variables, "actor optimizer variable")
+        if self.critic_optimizer is not None:
+            add(self.critic_optimizer.variables, "critic optimizer variable")
+        return list(roles.values())
 
     def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = _unpack(data)
         out = self.run_forward(x, y, training=False, sample_weight=sample_weight)
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=False)
         return self._update_metrics(out, critics)
@@ -912,12 +1011,24 @@ class BackpropQModel(keras.Model):
         if code > 0:
             cause = f"cost {self._scg.costs[code - 1]!r} was not finite (NaN or inf)"
             fix = f"Check the layers that compute {self._scg.costs[code - 1]!r} (log of 0, division by 0, overflow)."
-        else:
+        elif code == -1:
             cause = "the gradient was not finite although every cost was"
             fix = "Lower the learning rate or clip the parameters feeding the stochastic nodes."
+        else:
+            variable, role = self._step_variables()[-2 - code]
+            cause = (
+                f"the update would have written a non-finite value (NaN or inf) into "
+                f"{role} {variable.path!r}, although every cost was finite"
+            )
+            fix = (
+                "Costs or gradients this large overflow the optimizers (their squared "
+                "gradients, say): scale the costs down, lower the learning rate or clip "
+                "the gradients (clipnorm=)."
+            )
         raise FloatingPointError(
-            f"Model {self.name!r}: {cause} in a training step. The step's update was "
-            f"skipped, so the weights hold their last finite values. {fix}"
+            f"Model {self.name!r}: {cause} in a training step. Nothing that step would "
+            "have written was kept, so every weight, critic, target copy, optimizer "
+            f"slot and estimator state holds finite values. {fix}"
         )
 
     def _update_metrics(self, out, critics=None):
@@ -926,8 +1037,11 @@ class BackpropQModel(keras.Model):
         self._loss_tracker.update_state(
             _weighted_mean(total, sample_weight) + out["regularization"], sample_weight=tf.shape(total)[0]
         )
+        # Every cost's log is weighted as `loss` is, so they add up to it.
         for metric in self.machinery.cost_metrics:
-            metric.update_state(out["costs"][metric.name], sample_weight=sample_weight)
+            metric.update_state(
+                _weighted_mean(out["costs"][metric.name], sample_weight), sample_weight=tf.shape(total)[0]
+            )
         if critics is not None:
             for name, (loss_metric, td_metric, q_metric) in self.machinery.critic_metrics.items():
                 loss, td_error = critics["per_node"][name]
@@ -936,15 +1050,41 @@ class BackpropQModel(keras.Model):
                 q_metric.update_state(tf.add_n(list(critics["q_at_sample"][name].values())))
         return self.compute_metrics(x, y, out["y_pred"], sample_weight)
 
+    def get_metrics_result(self):
+        """`keras.Model.get_metrics_result`, refusing two terms logged under one
+        name (Keras would keep only the last one's value)."""
+        results, owners = {}, {}
+        cost_metrics = {id(m) for m in self.machinery.cost_metrics}
+        for metric in self.metrics:
+            result = metric.result()
+            if isinstance(result, dict):
+                items, owner = result.items(), "compile(metrics=...)"
+            else:
+                items = [(metric.name, result)]
+                owner = (
+                    "the total objective" if metric is self._loss_tracker
+                    else "a cost" if id(metric) in cost_metrics
+                    else f"metric {metric.name!r}"
+                )
+            for name, value in items:
+                if name in results:
+                    raise ValueError(
+                        f"Model {self.name!r} logs two values under the name {name!r}: "
+                        f"{owners[name]} and {owner}. Rename the cost or metric."
+                    )
+                results[name], owners[name] = value, owner
+        return results
+
     # -- fit ---------------------------------------------------------------
     def evaluate(self, *args, **kwargs):
         # Training state is created before Keras traces a (distributed) step.
         self.build_training_state()
-        return super().evaluate(*args, **kwargs)
+        return super().evaluate(**_weights_without_targets(super().evaluate, args, kwargs))
 
     def fit(self, *args, **kwargs):
         # Before tracing, and optimizer slots before BackupAndRestore restores.
         self.build_training_state()
+        kwargs = _weights_without_targets(super().fit, args, kwargs)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         # The guard and the position run first, so that no checkpointing
         # callback saves after a failed step, and every checkpoint knows where
@@ -955,7 +1095,7 @@ class BackpropQModel(keras.Model):
             + [saving_lib.ResumeAtPosition()]
         )
         try:
-            return super().fit(*args, callbacks=callbacks, **kwargs)
+            return super().fit(callbacks=callbacks, **kwargs)
         finally:
             saving_lib.FitPosition.clear(self)
 
@@ -1178,6 +1318,92 @@ def _sum_losses(losses):
     if not losses:
         return tf.constant(0.0)
     return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
+
+
+def _all_finite(variables):
+    """Whether every floating variable holds finite values only (one check per
+    dtype over all of them: a step pays a few ops, not a few per variable)."""
+    by_dtype = {}
+    for v in variables:
+        if tf.as_dtype(v.dtype).is_floating:
+            by_dtype.setdefault(tf.as_dtype(v.dtype), []).append(tf.reshape(v.value, [-1]))
+    checks = [tf.reduce_all(tf.math.is_finite(tf.concat(flat, 0))) for flat in by_dtype.values()]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
+
+
+def _first_nonfinite(variables):
+    """The index of the first floating variable holding a NaN or inf, or -1."""
+    finite = [
+        tf.reduce_all(tf.math.is_finite(v.value)) if tf.as_dtype(v.dtype).is_floating else tf.constant(True)
+        for v in variables
+    ]
+    if not finite:
+        return tf.constant(-1)
+    finite = tf.stack(finite)
+    first = tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32)
+    return tf.where(tf.reduce_all(finite), -1, first)
+
+
+def _no_targets(x):
+    """A `[n, 0]` boolean array standing for "no targets" next to the `n`
+    examples of `x` (see `_weights_without_targets`)."""
+    rows = len(tf.nest.flatten(x)[0])
+    return np.zeros((rows, 0), dtype=bool)
+
+
+def _is_no_targets(y):
+    return (
+        isinstance(y, (tf.Tensor, np.ndarray))
+        and y.dtype == bool
+        and len(y.shape) == 2
+        and y.shape[1] == 0
+    )
+
+
+def _unpack(data):
+    """`(x, y, sample_weight)` of a batch, with y None where it is `_no_targets`."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return x, (None if _is_no_targets(y) else y), sample_weight
+
+
+def _weights_without_targets(method, args, kwargs):
+    """`method`'s (`keras.Model.fit` or `.evaluate`) arguments as keywords,
+    with sample weights given without targets carried by a `_no_targets` array.
+
+    Keras packs arrays as `(x, y, sample_weight)` only when `y` is given and
+    drops the weights otherwise (`pack_x_y_sample_weight`); a BackpropQModel
+    usually has no targets. Validation data `(x, None, w)` is rewritten alike.
+    """
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    arguments = bound.arguments
+    x = arguments.get("x")
+    if arguments.get("y") is None and arguments.get("sample_weight") is not None and x is not None:
+        if _array_like(x):
+            arguments["y"] = _no_targets(x)
+    validation = arguments.get("validation_data")
+    if isinstance(validation, (tuple, list)) and len(validation) == 3:
+        val_x, val_y, val_w = validation
+        if val_y is None and val_w is not None and _array_like(val_x):
+            arguments["validation_data"] = (val_x, _no_targets(val_x), val_w)
+    keywords = dict(arguments)
+    keywords.update(keywords.pop("kwargs", {}))
+    return keywords
+
+
+def _array_like(x):
+    """Whether every leaf of `x` is an array or tensor (Keras' array adapter)."""
+    leaves = tf.nest.flatten(x)
+    return bool(leaves) and all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves)
+
+
+def _global_weighted_mean(value, sample_weight):
+    """`sum_i w_i v_i / sum_i w_i` over the global batch (the plain mean without
+    weights; 0 where every weight is 0)."""
+    if sample_weight is None:
+        return _global_mean(value)
+    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
+    sums = _global_sum(tf.stack([tf.reduce_sum(value * weight), tf.reduce_sum(weight)]))
+    return tf.math.divide_no_nan(sums[0], sums[1])
 
 
 def _weighted_mean(value, sample_weight):

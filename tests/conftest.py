@@ -4,3 +4,26 @@ import os
 
 # Quiet TensorFlow's C++ logging; must run before anything imports TF.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property-based tests (tests/test_properties.py). "ci", the default, keeps the
+# file under a minute; run `pytest tests/test_properties.py
+# --hypothesis-profile=long` by hand for a deeper search. Neither keeps an
+# example database in the tree: a failure prints its falsifying example.
+settings.register_profile(
+    "ci",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long",
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("ci")

@@ -1,9 +1,13 @@
 """Bad input fails early with an error naming the culprit, and never corrupts weights."""
 
+import os
+import tempfile
+
 import keras
 import numpy as np
 import pytest
 import tensorflow_probability as tfp
+from test_distribute import run as run_distributed
 
 import keras_bpq
 from keras_bpq import diagnostics
@@ -232,3 +236,219 @@ def test_exact_gradients_refuses_non_enumerable_node():
     model.compile(optimizer="sgd")
     with pytest.raises(ValueError, match="exact_gradients cannot handle node 'counts'"):
         diagnostics.exact_gradients(model, inputs())
+
+
+# -- cost names ---------------------------------------------------------------
+def named_costs_model(costs, subclassed_cost=None, name="named"):
+    """x -> Dense -> Bernoulli 'bits' -> Dense 'out'; `costs(z, x, out)` gives
+    the constructor's costs, or `subclassed_cost` (a name) is added with
+    `keras_bpq.add_cost` from a layer inside the network."""
+    x = keras.Input((3,))
+    z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2, name="enc")(x))
+    out = keras.layers.Dense(3, name="out")(z)
+    if subclassed_cost is not None:
+        out = _AddCost(subclassed_cost)(out)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=out, costs=costs(z, x, out), name=name)
+
+
+class _AddCost(keras.layers.Layer):
+    """Passes its input through, adding `sum(x^2)` as cost `cost_name`."""
+
+    def __init__(self, cost_name, **kwargs):
+        super().__init__(**kwargs)
+        self.cost_name = cost_name
+
+    def call(self, x):
+        keras_bpq.add_cost(self.cost_name, keras.ops.sum(keras.ops.square(x), axis=-1))
+        return x
+
+
+def _sum(t):
+    return keras.ops.sum(t, axis=-1)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("loss", r"Cost 'loss' \(costs= of the constructor\): 'loss' is reserved for the total objective"),
+        ("val_recon", r"Cost 'val_recon' .*'val_' are reserved"),
+    ],
+    ids=["loss", "val_prefix"],
+)
+def test_reserved_cost_name_fails_at_construction(name, match):
+    with pytest.raises(ValueError, match=match):
+        named_costs_model(lambda z, x, out: {name: _sum(z), "other": _sum(out)})
+
+
+@pytest.mark.parametrize(
+    "costs, loss, match",
+    [
+        # A cost named as a compiled loss would replace (or be replaced by) it.
+        ({"output_loss": _sum}, "mse", r"Cost 'output_loss' \(costs= of the constructor\) has the name that compile\(loss=...\)"),
+        # A node's critic metrics.
+        ({"bits_q": _sum}, None, r"Cost 'bits_q' .* a metric of node 'bits' \(its critic's q\)"),
+        ({"bits_critic_loss": _sum}, None, r"Cost 'bits_critic_loss' .* metric of node 'bits'"),
+        ({"bits_td_error": _sum}, None, r"Cost 'bits_td_error' .* metric of node 'bits'"),
+    ],
+    ids=["compiled_loss", "node_q", "node_critic_loss", "node_td_error"],
+)
+def test_cost_name_taken_by_another_term_fails_at_compile(costs, loss, match):
+    model = named_costs_model(lambda z, x, out: {k: f(out) for k, f in costs.items()})
+    with pytest.raises(ValueError, match=match):
+        model.compile(optimizer="sgd", loss=loss)
+    if loss is not None:  # the model stays usable once the clash is gone
+        model.compile(optimizer="sgd")
+        model.train_on_batch(inputs())
+
+
+@pytest.mark.parametrize(
+    "layer_cost, constructor_costs, loss, match",
+    [
+        ("loss", {"recon": _sum}, None, r"Cost 'loss' \(keras_bpq.add_cost\): 'loss' is reserved"),
+        ("val_x", {"recon": _sum}, None, r"Cost 'val_x' \(keras_bpq.add_cost\)"),
+        ("output_loss", {"recon": _sum}, "mse", r"Cost 'output_loss' \(keras_bpq.add_cost\) has the name that compile"),
+        ("bits_q", {"recon": _sum}, None, r"Cost 'bits_q' \(keras_bpq.add_cost\) .*node 'bits'"),
+        # The same name from add_cost and from the constructor's costs=.
+        ("recon", {"recon": _sum}, None,
+         r"Cost 'recon' was added twice .*by keras_bpq.add_cost and by costs= of the constructor"),
+    ],
+    ids=["loss", "val_prefix", "compiled_loss", "node_metric", "duplicate"],
+)
+def test_add_cost_name_taken_by_another_term_fails_at_compile(layer_cost, constructor_costs, loss, match):
+    model = named_costs_model(
+        lambda z, x, out: {k: f(out) for k, f in constructor_costs.items()}, subclassed_cost=layer_cost
+    )
+    with pytest.raises(ValueError, match=match):
+        model.compile(optimizer="sgd", loss=loss)
+
+
+def test_compiled_loss_named_like_a_node_metric_fails_at_compile():
+    x = keras.Input((3,))
+    z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2)(x))
+    out = {"bits_critic": keras.layers.Dense(3)(z)}
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=out, costs={"c": _sum(z)})
+    with pytest.raises(ValueError, match=r"'bits_critic_loss', the name of a metric of node 'bits'"):
+        model.compile(optimizer="sgd", loss={"bits_critic": "mse"})
+
+
+def test_cost_named_like_a_compiled_metric_fails_before_training():
+    model = named_costs_model(lambda z, x, out: {"mae": _sum(out)}, name="metricm")
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'metricm' logs two values under the name 'mae'"):
+        model.fit(inputs(), inputs(), verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_history_loss_is_the_total_objective():
+    """`loss` is the batch mean of every cost (compiled ones too), each logged apart."""
+    model = named_costs_model(lambda z, x, out: {"recon": _sum(keras.ops.square(out - x)), "bits_used": _sum(z)})
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = inputs(8)
+    result = model.evaluate(x, x, batch_size=8, verbose=0, return_dict=True)
+    assert {"recon", "bits_used", "output_loss"} <= set(result)
+    total = result["recon"] + result["bits_used"] + result["output_loss"]
+    np.testing.assert_allclose(result["loss"], total, rtol=1e-5)
+
+
+# -- nothing non-finite is ever written -------------------------------------------
+def huge_model(scale):
+    """'huge' = scale * |dec(z) - x|^2: finite, but its gradients' squares are not."""
+    x = keras.Input((3,))
+    z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2, name="enc")(x))
+    h = keras.layers.Dense(3, name="dec")(z)
+    cost = scale * keras.ops.sum(keras.ops.square(h - x), axis=-1)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=h, costs={"huge": cost}, name="hugem")
+
+
+def everything(model):
+    """Every variable a step may write: weights, critics, target copies,
+    estimator state and both optimizers' variables."""
+    variables = list(model.weights) + list(model.optimizer.variables)
+    if model.critic_optimizer is not None:
+        variables += list(model.critic_optimizer.variables)
+    return variables
+
+
+@pytest.mark.parametrize(
+    "scale, estimator, jit_compile, steps_per_execution",
+    [
+        (1e20, "reinforce", False, 1),
+        (1e30, "reinforce", True, 1),
+        (1e25, "critic_cv", False, 2),
+        (1e30, "critic_cv", True, 2),
+    ],
+    ids=["1e20_reinforce_graph", "1e30_reinforce_xla", "1e25_critic_cv_spe2", "1e30_critic_cv_xla_spe2"],
+)
+def test_huge_finite_cost_never_leaves_a_non_finite_value(scale, estimator, jit_compile, steps_per_execution):
+    model = huge_model(scale)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), estimator=estimator, jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+    model.build_training_state()
+    before = [v.numpy().copy() for v in everything(model)]
+    message = r"'hugem': the update would have written a non-finite value \(NaN or inf\) into .* although every cost was finite"
+    with pytest.raises(FloatingPointError, match=message):
+        model.fit(inputs(8), batch_size=4, epochs=2, verbose=0)
+    with pytest.raises(FloatingPointError, match=message):
+        model.train_on_batch(inputs(4))
+    # Every step was undone whole, optimizer iterations and slots included.
+    for variable, value in zip(everything(model), before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+    # The checkpoint guard agrees: nothing non-finite to refuse.
+    model.save_weights(os.path.join(tempfile.mkdtemp(), "huge.weights.h5"))
+
+
+def test_undone_step_names_the_optimizer_slot_that_overflowed():
+    model = huge_model(1e30)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), estimator="reinforce")
+    with pytest.raises(FloatingPointError, match=r"into actor optimizer variable 'adam\w*/enc_kernel_velocity'"):
+        model.train_on_batch(inputs(4))
+
+
+def test_critic_overflow_is_undone_and_named():
+    """z1 -> z2 -> 'huge' (1e30 scale): z1's learned critic regresses on targets
+    of 1e30, whose squared gradients overflow its Adam slots."""
+    x = keras.Input((3,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(keras.layers.Dense(2, name="enc1")(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(keras.layers.Dense(2, name="enc2")(z1))
+    h = keras.layers.Dense(3, name="dec")(z2)
+    cost = 1e30 * keras.ops.sum(keras.ops.square(h - x), axis=-1)
+    model = keras_bpq.BackpropQModel(inputs=x, outputs=h, costs={"huge": cost}, name="criticm")
+    # The actor does not move (its update is finite anyway): the critic's is under test.
+    model.compile(optimizer=keras.optimizers.SGD(0.0), estimator="critic_cv")
+    model.build_training_state()
+    assert model.critic_variables
+    before = [v.numpy().copy() for v in everything(model)]
+    with pytest.raises(FloatingPointError, match=r"'criticm': the update would have written .* into critic"):
+        model.train_on_batch(inputs(4))
+    for variable, value in zip(everything(model), before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+def test_distributed_step_never_leaves_a_non_finite_value():
+    result = run_distributed(
+        """
+        import keras_bpq
+        with strategy.scope():
+            x_in = keras.Input((3,))
+            z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2, name="enc")(x_in))
+            h = keras.layers.Dense(3, name="dec")(z)
+            cost = 1e30 * keras.ops.sum(keras.ops.square(h - x_in), axis=-1)
+            model = keras_bpq.BackpropQModel(inputs=x_in, outputs=h, costs={"huge": cost})
+            model.compile(optimizer=keras.optimizers.Adam(0.01), steps_per_execution=2)
+        model.build_training_state()
+        variables = list(model.weights) + list(model.optimizer.variables) + list(model.critic_optimizer.variables)
+        before = [v.numpy().copy() for v in variables]
+        try:
+            model.fit(np.ones((8, 3), "float32"), batch_size=4, epochs=1, verbose=0)
+            message = ""
+        except FloatingPointError as error:
+            message = str(error)
+        changed = [v.path for v, b in zip(variables, before) if not np.array_equal(v.numpy(), b)]
+        print(json.dumps({"message": message, "changed": changed}))
+        """
+    )
+    assert "would have written a non-finite value" in result["message"], result
+    assert result["changed"] == [], result

@@ -170,3 +170,85 @@ def test_regularization_losses_join_the_actor_loss_and_are_differentiated_direct
     # The reported loss is the mean cost plus the penalty, as in keras.Model.
     np.testing.assert_allclose(logs[1]["loss"] - logs[1]["cost"], float(penalty), rtol=1e-4)
     np.testing.assert_allclose(logs[0]["loss"], logs[0]["cost"], rtol=1e-6)
+
+
+# -- sample weights without targets ------------------------------------------------
+def weighted_model():
+    """Costs 'fit' (of the inputs only: a deterministic gradient for 'head') and
+    'bits' (of the Bernoulli node 'z')."""
+    x = keras.Input((3,))
+    z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2, name="enc")(x))
+    head = keras.layers.Dense(1, name="head")(x)
+    costs = {
+        "fit": keras.ops.sum(keras.ops.square(head - 1.0), axis=-1),
+        "bits": keras.ops.sum(keras.ops.square(z - 0.3), axis=-1),
+    }
+    return keras_bpq.BackpropQModel(inputs=x, outputs=z, costs=costs, name="weighted")
+
+
+def weighted_fit(model, x, w, path):
+    """One training step on `x` weighted by `w` (None: unweighted), without targets."""
+    if path == "fit":
+        model.fit(x, sample_weight=w, batch_size=len(x), shuffle=False, verbose=0)
+    elif path == "fit_positional":
+        model.fit(x, None, len(x), 1, 0, sample_weight=w, shuffle=False)
+    elif path == "train_on_batch":
+        model.train_on_batch(x, sample_weight=w)
+    elif path == "dataset":
+        data = (x, None, w) if w is not None else (x,)
+        model.fit(tf.data.Dataset.from_tensor_slices(data).batch(len(x)), verbose=0)
+
+
+PATHS = ["fit", "fit_positional", "train_on_batch", "dataset"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("estimator", ["reinforce", "critic_cv"])
+def test_zero_sample_weights_do_not_train(path, estimator):
+    model = weighted_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), estimator=estimator)
+    model.build_training_state()
+    before = [v.numpy().copy() for v in model.weights]
+    weighted_fit(model, graphs.inputs(), np.zeros(3, "float32"), path)
+    for variable, value in zip(model.weights, before):
+        if variable.path not in ("scg_state/steps", "scg_state/fit_epoch", "scg_state/fit_batch"):
+            np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sample_weight_two_equals_a_duplicated_example(path):
+    """Weights (2, 0, 1) on rows (a, b, c) make the step of the batch (a, a, c):
+    every example counts `w_i / batch` in the objective."""
+    x = graphs.inputs()
+    duplicated = x[[0, 0, 2]]
+    weighted, plain = weighted_model(), weighted_model()
+    for model in (weighted, plain):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), estimator="reinforce")
+        model.build_training_state()
+    plain.set_weights(weighted.get_weights())
+    start = weighted.get_layer("head").kernel.numpy().copy()
+    weighted_fit(weighted, x, np.array([2.0, 0.0, 1.0], "float32"), path)
+    weighted_fit(plain, duplicated, None, path)
+    for name in ("kernel", "bias"):
+        got = getattr(weighted.get_layer("head"), name).numpy()
+        want = getattr(plain.get_layer("head"), name).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert not np.allclose(start, weighted.get_layer("head").kernel.numpy())
+
+
+def test_evaluate_and_validation_weigh_examples_without_targets():
+    x = graphs.inputs()
+    w = np.array([2.0, 0.0, 1.0], "float32")
+    model = weighted_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), estimator="reinforce")
+    want = model.evaluate(x[[0, 0, 2]], batch_size=3, verbose=0, return_dict=True)["fit"]
+    got = model.evaluate(x, sample_weight=w, batch_size=3, verbose=0, return_dict=True)["fit"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    history = model.fit(x, validation_data=(x, None, w), batch_size=3, verbose=0)
+    np.testing.assert_allclose(history.history["val_fit"][0], want, rtol=1e-5)
+    history = model.fit(
+        np.concatenate([x, x]), sample_weight=np.concatenate([w, w]), validation_split=0.5,
+        batch_size=3, shuffle=False, verbose=0,
+    )
+    np.testing.assert_allclose(history.history["val_fit"][0], want, rtol=1e-5)
+    np.testing.assert_allclose(history.history["fit"][0], want, rtol=1e-5)
