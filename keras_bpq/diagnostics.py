@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import critics as critics_lib
 from keras_bpq import model as model_lib
 from keras_bpq import targets as targets_lib
@@ -171,7 +172,7 @@ def _low_precision(model):
     """Whether any layer of `model` computes in a 16-bit float type."""
     return any(
         getattr(layer, "compute_dtype", "float32") in ("bfloat16", "float16")
-        for layer in model._flatten_layers(include_self=True)
+        for layer in _keras_compat.flatten_layers(model)
     )
 
 

@@ -16,9 +16,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
-from keras_bpq import distribute as distribute_lib
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import export as export_lib
 from keras_bpq import graph
@@ -120,7 +120,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
-class BackpropQModel(keras.Model):
+class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
     Functional use:
@@ -290,7 +290,7 @@ class BackpropQModel(keras.Model):
         def spec(t):
             return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
 
-        return tf.nest.map_structure(spec, self.network._inputs_struct)
+        return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
     def scg(self, x=None):
@@ -436,7 +436,7 @@ class BackpropQModel(keras.Model):
         self._node_estimators = resolved
 
     def _node_layer(self, info):
-        for layer in self._flatten_layers(include_self=False):
+        for layer in _keras_compat.flatten_layers(self, include_self=False):
             if layer.name == info.layer_name:
                 return layer
         raise KeyError(info.layer_name)
@@ -560,12 +560,12 @@ class BackpropQModel(keras.Model):
         """The scalar sum of the actor's Keras regularisation losses: `add_loss`
         terms of the model's layers from the last call (the critics' excluded)
         and the weight regularisers of `actor_variables`."""
-        critic_layers = {id(layer) for layer in self.machinery._flatten_layers()}
+        critic_layers = {id(layer) for layer in _keras_compat.flatten_layers(self.machinery)}
         losses = [
             loss
-            for layer in self._flatten_layers()
+            for layer in _keras_compat.flatten_layers(self)
             if id(layer) not in critic_layers
-            for loss in layer._get_own_losses()
+            for loss in _keras_compat.own_losses(layer)
         ]
         return _sum_losses(losses + _weight_penalties(self.actor_variables))
 
@@ -846,7 +846,7 @@ class BackpropQModel(keras.Model):
         if (
             context is None
             or not tf.distribute.has_strategy()
-            or tf.__internal__.distribute.strategy_supports_no_merge_call()
+            or _keras_compat.strategy_supports_no_merge_call()
         ):
 
             def apply():
@@ -923,7 +923,7 @@ class BackpropQModel(keras.Model):
     def _update_metrics(self, out, critics=None):
         x, y, sample_weight = out["x"], out["y"], out["weights"]
         total = out["total"]
-        self._loss_tracker.update_state(
+        _keras_compat.loss_tracker(self).update_state(
             _weighted_mean(total, sample_weight) + out["regularization"], sample_weight=tf.shape(total)[0]
         )
         for metric in self.machinery.cost_metrics:
@@ -958,10 +958,6 @@ class BackpropQModel(keras.Model):
             return super().fit(*args, callbacks=callbacks, **kwargs)
         finally:
             saving_lib.FitPosition.clear(self)
-
-    def _make_function(self, step_function):
-        # Works around two Keras bugs under tf.distribute (keras_bpq.distribute).
-        return distribute_lib.make_function(self, step_function, super()._make_function)
 
     def train_on_batch(self, *args, **kwargs):
         self.build_training_state()
