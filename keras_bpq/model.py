@@ -11,6 +11,7 @@ the samples is not estimated (make such a term a cost if it should be).
 """
 
 import dataclasses
+import types
 
 import keras
 import numpy as np
@@ -418,7 +419,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
                 )
         resolved = {}
         for info in scg.nodes:
-            layer = self._node_layer(info)
+            layer = self.node_layer(info)
             if isinstance(option, dict):
                 choice = option.get(info.name, option.get(info.layer_name))
                 choice = choice or layer.estimator or "auto"
@@ -435,7 +436,9 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
                     )
         self._node_estimators = resolved
 
-    def _node_layer(self, info):
+    def node_layer(self, info):
+        """The node layer that made node `info` (a `keras_bpq.graph.NodeInfo` of
+        `scg()`); a KeyError naming the layer if the model holds none."""
         for layer in _keras_compat.flatten_layers(self, include_self=False):
             if layer.name == info.layer_name:
                 return layer
@@ -474,6 +477,21 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
         """Trainable variables other than critics, in `trainable_variables` order."""
         excluded = {id(v) for v in self.critic_variables}
         return [v for v in self.trainable_variables if id(v) not in excluded]
+
+    @property
+    def node_estimators(self):
+        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
+        the SCG, read-only; None before the SCG is known. Reading it creates
+        nothing."""
+        if self._node_estimators is None:
+            return None
+        return types.MappingProxyType(self._node_estimators)
+
+    @property
+    def known_scg(self):
+        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
+        before it. Unlike `scg()`, reading it never traces or discovers."""
+        return self._scg
 
     # -- the step ----------------------------------------------------------
     def record_forward(self, x, y=None, training=True, forced=None, keep_gradient=None):
@@ -689,7 +707,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
             for name in successors:
                 info = scg.node(name)
                 record = records[name]
-                support = tf.constant(self._node_layer(info).support(info.event_shape))
+                support = tf.constant(self.node_layer(info).support(info.event_shape))
                 batch = tf.shape(record.sample)[0]
                 num = support.shape[0]
                 values = tf.tile(support[None], [batch] + [1] * len(support.shape))
@@ -1190,8 +1208,4 @@ def _sum_losses(losses):
     return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
 
 
-def _weighted_mean(value, sample_weight):
-    if sample_weight is None:
-        return tf.reduce_mean(value)
-    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
-    return tf.reduce_sum(value * weight) / tf.cast(tf.shape(value)[0], value.dtype)
+_weighted_mean = costs_lib.weighted_mean

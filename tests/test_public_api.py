@@ -1,13 +1,16 @@
-"""The package's public face: the Keras/TensorFlow version gate."""
+"""The package's public face: the Keras/TensorFlow version gate and the
+model's read-only accessors."""
 
 import os
 import subprocess
 import sys
+import types
 
 import keras
 import pytest
 import tensorflow as tf
 
+import graphs
 from keras_bpq import _keras_compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,3 +46,21 @@ def test_importing_the_package_checks_the_keras_version():
     )
     assert result.returncode != 0
     assert "ImportError: keras_bpq needs keras 3.15.x and tensorflow 2.21.x" in result.stderr
+
+
+def test_accessors_read_without_side_effects():
+    model, x = graphs.chain()
+    assert model.known_scg is None and model.node_estimators is None
+    assert model.known_scg is None  # reading it discovered nothing
+    model.compile(optimizer="adam")  # a functional model's SCG is found here
+    scg = model.scg(x)
+    num_weights = len(model.weights)
+    assert model.known_scg is scg
+    estimators = model.node_estimators
+    assert isinstance(estimators, types.MappingProxyType)
+    assert set(estimators) == set(scg.node_names)
+    with pytest.raises(TypeError):
+        estimators["z1"] = None
+    layer = model.node_layer(scg.nodes[0])
+    assert layer.name == scg.nodes[0].layer_name
+    assert len(model.weights) == num_weights  # reading them created no critic or state
