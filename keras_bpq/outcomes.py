@@ -13,7 +13,7 @@ operations the requested costs need: those that do not depend on the node run
 once on the `batch` rows, those that do run on `batch x A` rows, and a `Dense`
 layer applied to the outcomes themselves is a rank-one update of its
 pre-activation, `a[b] + change[b, a] * W[unit[b, a]]` with `a = base W + bias`
-(DESIGN.md §2); a `Dot` of the outcomes with a per-example vector is one
+(docs/method.md, "Cost routing"); a `Dot` of the outcomes with a per-example vector is one
 gather per outcome. The learned critics use the same update for their first
 layer (`critics.NodeCritic`, `dense_at`).
 
