@@ -272,7 +272,7 @@ CONFIGS = {
     "gumbel": "keras_bpq.estimators.Gumbel() (temperature 0.5, no annealing, relaxed value into Q)",
     "gumbel_straight_through": "keras_bpq.estimators.Gumbel(straight_through=True) (temperature 0.5)",
 }
-BIASED = ("gumbel", "gumbel_straight_through")  # DESIGN.md §2: biased by design
+BIASED = ("gumbel", "gumbel_straight_through")  # biased by design (docs/estimators.md)
 
 
 def package_estimator(config):
@@ -1020,7 +1020,7 @@ def reading(results):
     failures = [r for r in unbiased if not r["within_4_se"]]
     text = (
         f"* **Unbiasedness.** {len(unbiased) - len(failures)} of {len(unbiased)} rows of the "
-        "estimators DESIGN.md marks unbiased (with the exact Q here) have their mean within 4 "
+        "estimators docs/estimators.md marks unbiased (with the exact Q here) have their mean within 4 "
         "standard errors of the exact gradient"
     )
     if failures:

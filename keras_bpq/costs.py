@@ -118,6 +118,21 @@ def as_per_example(value):
     return value
 
 
+def weighted_mean(value, sample_weight):
+    """The batch mean of a per-example `value` `[batch]` weighted by Keras'
+    `sample_weight` (`[batch]`, or None for weight 1):
+
+        mean = (1 / batch) * sum_b w_b * value_b.
+
+    As in Keras' losses, the sum is divided by the batch size, not by the sum
+    of the weights. This is the objective `J` that `BackpropQModel` minimises.
+    """
+    if sample_weight is None:
+        return tf.reduce_mean(value)
+    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
+    return tf.reduce_sum(value * weight) / tf.cast(tf.shape(value)[0], value.dtype)
+
+
 class CompiledLosses:
     """`compile(loss=...)` turned into named per-example costs.
 

@@ -2,7 +2,7 @@
 
 Every stochastic node `X` gets one head per cost `c` it influences (`C_X`), so a
 DAG whose costs are shared by several paths never double counts:
-`Q_X(x, s) = sum_{c in C_X} Q^c_X(x, s)` (DESIGN.md §2).
+`Q_X(x, s) = sum_{c in C_X} Q^c_X(x, s)` (docs/method.md, "Cost routing").
 
 * A head is *exact* when `X` is the last stochastic ancestor of `c`: then `c`
   is a deterministic function of `(x, s_X)` and the cost itself is its Q-value,

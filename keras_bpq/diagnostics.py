@@ -19,8 +19,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
+from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
-from keras_bpq import model as model_lib
 from keras_bpq import targets as targets_lib
 
 
@@ -71,7 +72,7 @@ def enumeration_plan(model, x, max_configurations=65536, only=None):
     for info in scg.nodes:
         if only is not None and info.name not in only:
             continue
-        layer = model._node_layer(info)
+        layer = model.node_layer(info)
         support = layer.support(info.event_shape)
         if support is not None:
             names.append(info.name)
@@ -108,7 +109,9 @@ def exact_gradients(
 
     Args:
       model: a compiled `BackpropQModel`.
-      x, y, sample_weight: one batch.
+      x: the inputs of one batch.
+      y: its targets, if the costs need them.
+      sample_weight: its per-example weights `[batch]`, or None.
       max_configurations: the largest joint support allowed (a clear error above).
       num_continuous_draws: noise draws per configuration for continuous nodes
         (unused when the model has none, where the result is exact).
@@ -149,7 +152,7 @@ def exact_gradients(
                 log_p += records[n].log_prob()
             weighted = tf.exp(log_p) * total / float(draws)
             per_example = tf.reduce_sum(tf.reshape(weighted, [batch, rows_per_example]), axis=1)
-            objective = model_lib._weighted_mean(per_example, sample_weight)
+            objective = costs_lib.weighted_mean(per_example, sample_weight)
         return objective, tape.gradient(objective, variables)
 
     function = _compiled(model, compute)
@@ -171,7 +174,7 @@ def _low_precision(model):
     """Whether any layer of `model` computes in a 16-bit float type."""
     return any(
         getattr(layer, "compute_dtype", "float32") in ("bfloat16", "float16")
-        for layer in model._flatten_layers(include_self=True)
+        for layer in _keras_compat.flatten_layers(model)
     )
 
 
@@ -207,7 +210,7 @@ def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100, chun
     key = (
         bool(getattr(model, "jit_compile", False)),
         bool(getattr(model, "run_eagerly", False)),
-        tuple((n, id(e)) for n, e in model._node_estimators.items()),
+        tuple((n, id(e)) for n, e in model.node_estimators.items()),
     )
     cache = _FUNCTIONS.setdefault(model, {})
     if key not in cache:
@@ -249,10 +252,10 @@ class ExactCritic(critics_lib.Critic):
 
     @property
     def heads(self):
-        return targets_lib.learned_heads(self.model._scg)[self.node]
+        return targets_lib.learned_heads(self.model.known_scg)[self.node]
 
     def q(self, context, values, target=True):
-        model, scg = self.model, self.model._scg
+        model, scg = self.model, self.model.known_scg
         info = scg.node(self.node)
         position = scg.node_names.index(self.node)
         later = {

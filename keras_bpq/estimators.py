@@ -3,7 +3,8 @@
 For every stochastic node `X` the model adds a per-example surrogate `L_X` to
 the ordinary cost, `L = sum_X L_X + sum_c c`, with samples held fixed
 (stop-gradient) unless the node is reparameterised. The gradient of `L` is an
-estimate of `grad J`, `J = E[sum_c c]` (DESIGN.md §2). All estimators share one
+estimate of `grad J`, `J = E[sum_c c]` (docs/method.md; each estimator's math
+and when it is unbiased: docs/estimators.md). All estimators share one
 interface:
 
 * `check(info)`: raises at `compile()` if the estimator cannot serve the node;

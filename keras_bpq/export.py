@@ -48,6 +48,7 @@ import re
 import keras
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import graph
 
 SIGNATURES = ("serving_default", "mode", "seeded")
@@ -251,8 +252,7 @@ def _clean(name):
 
 def _input_layer_name(tensor):
     """The name of the `keras.Input` layer that made a functional input."""
-    history = getattr(tensor, "_keras_history", None)
-    operation = getattr(history, "operation", None)
+    operation = _keras_compat.producing_operation(tensor)
     return getattr(operation, "name", None) or tensor.name
 
 

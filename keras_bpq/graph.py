@@ -4,7 +4,7 @@ A `Recorder` is opened around a forward pass. Every stochastic node layer append
 what it sampled (`NodeRecord`), and `keras_bpq.add_cost` appends named per-example
 costs. Traced once into a graph, the recorded tensors are walked backwards through
 `tensor.op.inputs` to find, for every cost, the samples it depends on. Those walks
-give the structure that the estimators need (DESIGN.md §2, §5):
+give the structure that the estimators need (docs/method.md, "Contexts"):
 
 * `C_X`, the costs a node `X` influences (through any path);
 * the node's stochastic parents (samples reached from its parameters without
@@ -233,7 +233,7 @@ def with_contexts(scg, overrides):
     """The SCG with user-chosen critic contexts, checked against R1 and R2.
 
     `overrides` maps node names to context entries: `"inputs"` and names of
-    earlier samples. The default context (DESIGN.md §5) holds the inputs and
+    earlier samples. The default context (docs/method.md) holds the inputs and
     every earlier sample that a cost in `C_X` depends on. Leaving out one of
     those breaks R1 (the critic cannot be exact: the node's costs vary with a
     value it does not see) and R2 (a critic that bootstraps from this one would

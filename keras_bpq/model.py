@@ -12,14 +12,15 @@ the samples is not estimated (make such a term a cost if it should be).
 
 import dataclasses
 import inspect
+import types
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
-from keras_bpq import distribute as distribute_lib
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import export as export_lib
 from keras_bpq import graph
@@ -122,7 +123,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
-class BackpropQModel(keras.Model):
+class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
     Functional use:
@@ -296,7 +297,7 @@ class BackpropQModel(keras.Model):
         def spec(t):
             return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
 
-        return tf.nest.map_structure(spec, self.network._inputs_struct)
+        return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
     def scg(self, x=None):
@@ -424,7 +425,7 @@ class BackpropQModel(keras.Model):
                 )
         resolved = {}
         for info in scg.nodes:
-            layer = self._node_layer(info)
+            layer = self.node_layer(info)
             if isinstance(option, dict):
                 choice = option.get(info.name, option.get(info.layer_name))
                 choice = choice or layer.estimator or "auto"
@@ -441,8 +442,10 @@ class BackpropQModel(keras.Model):
                     )
         self._node_estimators = resolved
 
-    def _node_layer(self, info):
-        for layer in self._flatten_layers(include_self=False):
+    def node_layer(self, info):
+        """The node layer that made node `info` (a `keras_bpq.graph.NodeInfo` of
+        `scg()`); a KeyError naming the layer if the model holds none."""
+        for layer in _keras_compat.flatten_layers(self, include_self=False):
             if layer.name == info.layer_name:
                 return layer
         raise KeyError(info.layer_name)
@@ -480,6 +483,21 @@ class BackpropQModel(keras.Model):
         """Trainable variables other than critics, in `trainable_variables` order."""
         excluded = {id(v) for v in self.critic_variables}
         return [v for v in self.trainable_variables if id(v) not in excluded]
+
+    @property
+    def node_estimators(self):
+        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
+        the SCG, read-only; None before the SCG is known. Reading it creates
+        nothing."""
+        if self._node_estimators is None:
+            return None
+        return types.MappingProxyType(self._node_estimators)
+
+    @property
+    def known_scg(self):
+        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
+        before it. Unlike `scg()`, reading it never traces or discovers."""
+        return self._scg
 
     # -- the step ----------------------------------------------------------
     def record_forward(self, x, y=None, training=True, forced=None, keep_gradient=None):
@@ -566,12 +584,12 @@ class BackpropQModel(keras.Model):
         """The scalar sum of the actor's Keras regularisation losses: `add_loss`
         terms of the model's layers from the last call (the critics' excluded)
         and the weight regularisers of `actor_variables`."""
-        critic_layers = {id(layer) for layer in self.machinery._flatten_layers()}
+        critic_layers = {id(layer) for layer in _keras_compat.flatten_layers(self.machinery)}
         losses = [
             loss
-            for layer in self._flatten_layers()
+            for layer in _keras_compat.flatten_layers(self)
             if id(layer) not in critic_layers
-            for loss in layer._get_own_losses()
+            for loss in _keras_compat.own_losses(layer)
         ]
         return _sum_losses(losses + _weight_penalties(self.actor_variables))
 
@@ -695,7 +713,7 @@ class BackpropQModel(keras.Model):
             for name in successors:
                 info = scg.node(name)
                 record = records[name]
-                support = tf.constant(self._node_layer(info).support(info.event_shape))
+                support = tf.constant(self.node_layer(info).support(info.event_shape))
                 batch = tf.shape(record.sample)[0]
                 num = support.shape[0]
                 values = tf.tile(support[None], [batch] + [1] * len(support.shape))
@@ -892,7 +910,7 @@ class BackpropQModel(keras.Model):
         if (
             context is None
             or not tf.distribute.has_strategy()
-            or tf.__internal__.distribute.strategy_supports_no_merge_call()
+            or _keras_compat.strategy_supports_no_merge_call()
         ):
 
             def apply():
@@ -1034,7 +1052,7 @@ class BackpropQModel(keras.Model):
     def _update_metrics(self, out, critics=None):
         x, y, sample_weight = out["x"], out["y"], out["weights"]
         total = out["total"]
-        self._loss_tracker.update_state(
+        _keras_compat.loss_tracker(self).update_state(
             _weighted_mean(total, sample_weight) + out["regularization"], sample_weight=tf.shape(total)[0]
         )
         # Every cost's log is weighted as `loss` is, so they add up to it.
@@ -1062,7 +1080,7 @@ class BackpropQModel(keras.Model):
             else:
                 items = [(metric.name, result)]
                 owner = (
-                    "the total objective" if metric is self._loss_tracker
+                    "the total objective" if metric is _keras_compat.loss_tracker(self)
                     else "a cost" if id(metric) in cost_metrics
                     else f"metric {metric.name!r}"
                 )
@@ -1098,10 +1116,6 @@ class BackpropQModel(keras.Model):
             return super().fit(callbacks=callbacks, **kwargs)
         finally:
             saving_lib.FitPosition.clear(self)
-
-    def _make_function(self, step_function):
-        # Works around two Keras bugs under tf.distribute (keras_bpq.distribute).
-        return distribute_lib.make_function(self, step_function, super()._make_function)
 
     def train_on_batch(self, *args, **kwargs):
         self.build_training_state()
@@ -1406,8 +1420,4 @@ def _global_weighted_mean(value, sample_weight):
     return tf.math.divide_no_nan(sums[0], sums[1])
 
 
-def _weighted_mean(value, sample_weight):
-    if sample_weight is None:
-        return tf.reduce_mean(value)
-    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
-    return tf.reduce_sum(value * weight) / tf.cast(tf.shape(value)[0], value.dtype)
+_weighted_mean = costs_lib.weighted_mean

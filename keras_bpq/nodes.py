@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_bpq import _keras_compat
 from keras_bpq import graph
 
 tfd = tfp.distributions
@@ -37,7 +38,8 @@ class StochasticNode(keras.layers.Layer):
       estimator: optional name of the gradient estimator for this node (see
         `keras_bpq.estimators`); overrides `compile(estimator=...)`.
       seed: optional int seed of the node's `SeedGenerator`.
-      name: the node's name, used in the SCG summary, metrics and errors.
+      **kwargs: Keras layer arguments; `name` is the node's name, used in the SCG
+        summary, metrics and errors.
 
     The sample `x` is returned as a float tensor; `log p(x)` is summed over every
     axis but the batch axis, so a node with several units is one node whose
@@ -194,7 +196,7 @@ class StochasticNode(keras.layers.Layer):
         super().load_own_variables(store)
 
     def _own_variables(self):
-        return self._trainable_variables + self._non_trainable_variables
+        return _keras_compat.own_variables(self)
 
     def compute_output_shape(self, params_shape):
         probe = tf.zeros([1 if d is None else d for d in params_shape], self.compute_dtype)

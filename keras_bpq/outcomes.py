@@ -13,7 +13,7 @@ operations the requested costs need: those that do not depend on the node run
 once on the `batch` rows, those that do run on `batch x A` rows, and a `Dense`
 layer applied to the outcomes themselves is a rank-one update of its
 pre-activation, `a[b] + change[b, a] * W[unit[b, a]]` with `a = base W + bias`
-(DESIGN.md §2); a `Dot` of the outcomes with a per-example vector is one
+(docs/method.md, "Cost routing"); a `Dot` of the outcomes with a per-example vector is one
 gather per outcome. The learned critics use the same update for their first
 layer (`critics.NodeCritic`, `dense_at`).
 
@@ -30,13 +30,14 @@ one rank-one update and flips of +-1, the exponentials come from tables of
 `sum_j x_j l_j - softplus(l_j)` of a `Dense` decoder's logits `l` costs one
 gather, a multiply-add and a product over `[batch, A, pixels]`, and a matmul.
 
-This module reads the Keras functional graph (`_keras_history`, inbound
-nodes); it is the only one that does.
+This module reads the Keras functional graph, through the functions of
+`keras_bpq._keras_compat`; it is the only one that does.
 """
 
 import keras
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 
 
@@ -384,7 +385,7 @@ class DownstreamEvaluator:
     """
 
     def __init__(self, network, node_class, node, forced, costs):
-        structure = getattr(network, "_outputs_struct", None)
+        structure = _keras_compat.functional_outputs(network)
         if not isinstance(structure, dict) or not set(costs) <= set(structure.get("costs", {})):
             raise Unsupported("costs are not outputs of a functional network")
         self._network = network
@@ -399,16 +400,11 @@ class DownstreamEvaluator:
         self._inputs = {id(t): i for i, t in enumerate(network.inputs)}
         self._plan = self._schedule()
 
-    def _ordered_nodes(self):
-        by_depth = self._network._nodes_by_depth
-        for depth in sorted(by_depth, reverse=True):
-            yield from by_depth[depth]
-
     def _node_call_names(self):
         """`{id(symbolic output): node name}` in the recorder's naming
         (`layer`, `layer@2`, ... in execution order)."""
         calls, names = {}, {}
-        for node in self._ordered_nodes():
+        for node in _keras_compat.nodes_in_execution_order(self._network):
             op = node.operation
             if node.is_input or not isinstance(op, self._node_class):
                 continue
@@ -423,19 +419,20 @@ class DownstreamEvaluator:
             tensor = stack.pop()
             if id(tensor) in self._forced_ids or id(tensor) in self._inputs:
                 continue
-            node = tensor._keras_history.operation._inbound_nodes[tensor._keras_history.node_index]
+            node = _keras_compat.producing_node(tensor)
             if id(node) in needed:
                 continue
             op = node.operation
             if isinstance(op, self._node_class):
                 raise Unsupported(f"the costs need node {op.name!r}, which is not forced")
             if isinstance(op, keras.layers.Layer) and any(
-                isinstance(layer, self._node_class) for layer in op._flatten_layers(include_self=False)
+                isinstance(layer, self._node_class)
+                for layer in _keras_compat.flatten_layers(op, include_self=False)
             ):
                 raise Unsupported(f"layer {op.name!r} holds stochastic nodes")
             needed.add(id(node))
             stack.extend(node.input_tensors)
-        return [n for n in self._ordered_nodes() if id(n) in needed]
+        return [n for n in _keras_compat.nodes_in_execution_order(self._network) if id(n) in needed]
 
     def __call__(self, inputs, forced, outcomes, training=True):
         """`{cost: [batch, A]}`.
@@ -477,31 +474,20 @@ class DownstreamEvaluator:
         return tf.repeat(per[:, None], num, axis=1)
 
 
-# Keras operations kept affine by `_affine_op` (their classes are not public).
-_AFFINE_OPS = {
-    "keras.src.ops.numpy.Add": "add",
-    "keras.src.ops.numpy.Subtract": "subtract",
-    "keras.src.ops.numpy.Multiply": "multiply",
-    "keras.src.ops.numpy.Negative": "negative",
-    "keras.src.ops.numpy.Sum": "sum",
-    "keras.src.ops.nn.Softplus": "softplus",
-}
-
-
 def _affine_op(node, values):
     """`node`'s output from `_Affine` inputs without materialising them: a plain
     `Dense`, a sum over the last axis, a softplus, a product with a per-example
     tensor or a number, sums and differences. None where none of these applies
     (the caller runs the node on `batch x A` rows)."""
     op = node.operation
-    args, kwargs = node.arguments.fill_in(values)
-    symbolic = node.arguments.args
+    args, kwargs = _keras_compat.call_arguments(node, values)
+    symbolic = _keras_compat.symbolic_arguments(node)
     lazy = [_Affine.of(a) for a in args]
     if kwargs or len(node.outputs) != 1 or all(a is None for a in lazy):
         return None
     if plain_dense(op):
         return lazy[0].dense_layer(op) if len(args) == 1 else None
-    kind = _AFFINE_OPS.get(f"{type(op).__module__}.{type(op).__name__}")
+    kind = _keras_compat.elementwise_kind(op)
     if kind in ("negative", "softplus", "sum") and len(args) != 1:
         return None
     if kind == "negative":
@@ -564,8 +550,8 @@ def _dot_ok(op, args):
 
 def _call(node, values, training):
     """Runs one functional graph node on `values` (`{id(symbolic): tensor}`)."""
-    args, kwargs = node.arguments.fill_in(values)
-    if getattr(node.operation, "_call_has_training_arg", False):
+    args, kwargs = _keras_compat.call_arguments(node, values)
+    if _keras_compat.takes_training(node.operation):
         kwargs["training"] = training
     return node.operation(*args, **kwargs)
 

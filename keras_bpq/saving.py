@@ -43,6 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import estimators as estimators_lib
 
 _ESTIMATOR_KEY = "keras_bpq_estimator"
@@ -580,8 +581,10 @@ class FitPosition(keras.callbacks.Callback):
             c.backup_dir for c in self._callbacks if isinstance(c, keras.callbacks.BackupAndRestore)
         ]
         for callback in self._callbacks:
-            path = getattr(callback, "_training_metadata_path", None)
-            if isinstance(callback, keras.callbacks.BackupAndRestore) and path and os.path.exists(path):
+            if not isinstance(callback, keras.callbacks.BackupAndRestore):
+                continue
+            path = _keras_compat.backup_metadata_path(callback)
+            if path and os.path.exists(path):
                 try:
                     with open(path) as f:
                         json.load(f)
@@ -618,13 +621,13 @@ class ResumeAtPosition(keras.callbacks.Callback):
         if epoch < 0:
             return
         self._restored = True
-        model._initial_epoch = epoch
+        _keras_compat.set_initial_epoch(model, epoch)
         if batch > 0:
             model.train_function = _skipping(model, model.train_function, batch)
 
     def on_train_end(self, logs=None):
         if self._restored:
-            self.model._initial_epoch = None
+            _keras_compat.set_initial_epoch(self.model, None)
 
 
 def _skipping(model, train_function, batches):

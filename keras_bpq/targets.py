@@ -1,7 +1,7 @@
 """Critic targets, routed along each cost's chain of stochastic ancestors.
 
 For a cost `c` with stochastic ancestors `a_1 ... a_m` in execution order, the
-head `Q^c_{a_j}` (j < m) regresses on one of (DESIGN.md §2):
+head `Q^c_{a_j}` (j < m) regresses on one of (docs/method.md, "Critic targets"):
 
 | kind       | target for `Q^c_{a_j}`                                          |
 |------------|-----------------------------------------------------------------|

@@ -1,0 +1,66 @@
+"""The package's public face: the Keras/TensorFlow version gate and the
+model's read-only accessors."""
+
+import os
+import subprocess
+import sys
+import types
+
+import keras
+import pytest
+import tensorflow as tf
+
+import graphs
+from keras_bpq import _keras_compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_installed_versions_are_the_supported_ones():
+    _keras_compat.check_versions({"keras": keras.__version__, "tensorflow": tf.__version__})
+    _keras_compat.check_versions({"keras": "3.15.0rc1", "tensorflow": "2.21.7"})
+
+
+@pytest.mark.parametrize(
+    "installed, found",
+    [
+        ({"keras": "3.16.0", "tensorflow": "2.21.0"}, "keras 3.16.0"),
+        ({"keras": "3.15.1", "tensorflow": "2.22.0"}, "tensorflow 2.22.0"),
+        ({"keras": "3.14.2", "tensorflow": "2.20.0"}, "keras 3.14.2, tensorflow 2.20.0"),
+        ({"keras": "unknown", "tensorflow": "2.21.0"}, "keras unknown"),
+    ],
+)
+def test_other_versions_fail_naming_what_to_install(installed, found):
+    with pytest.raises(ImportError) as error:
+        _keras_compat.check_versions(installed)
+    message = str(error.value)
+    assert f"found {found}." in message
+    assert "pip install 'keras>=3.15,<3.16' 'tensorflow>=2.21,<2.22'" in message
+
+
+def test_importing_the_package_checks_the_keras_version():
+    code = "import keras; keras.__version__ = '3.16.0'; import keras_bpq"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode != 0
+    assert "ImportError: keras_bpq needs keras 3.15.x and tensorflow 2.21.x" in result.stderr
+
+
+def test_accessors_read_without_side_effects():
+    model, x = graphs.chain()
+    assert model.known_scg is None and model.node_estimators is None
+    assert model.known_scg is None  # reading it discovered nothing
+    model.compile(optimizer="adam")  # a functional model's SCG is found here
+    scg = model.scg(x)
+    num_weights = len(model.weights)
+    assert model.known_scg is scg
+    estimators = model.node_estimators
+    assert isinstance(estimators, types.MappingProxyType)
+    assert set(estimators) == set(scg.node_names)
+    with pytest.raises(TypeError):
+        estimators["z1"] = None
+    layer = model.node_layer(scg.nodes[0])
+    assert layer.name == scg.nodes[0].layer_name
+    assert len(model.weights) == num_weights  # reading them created no critic or state
