@@ -349,7 +349,7 @@ class CriticCV(Estimator):
         if linearize and units is None:
             raise ValueError(
                 "CriticCV(linearize=True) needs units=S: with every unit's flip exact, "
-                "the expansion cancels. Pass units (for example 16) or linearize=False."
+                "the expansion cancels. Pass units=S (auto uses 4) or linearize=False."
             )
         self.units = units
         self.linearize = linearize
