@@ -50,6 +50,12 @@ class ScgState(keras.layers.Layer):
             name="status", shape=(), dtype="int32", initializer="zeros", trainable=False,
             aggregation="only_first_replica",
         )
+        # The batch row of a Categorical mask that allowed no outcome, when
+        # `status` names such a node (under XLA, where its assertion is dropped).
+        self.status_row = self.add_weight(
+            name="status_row", shape=(), dtype="int32", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
         self.steps = self.add_weight(
             name="steps", shape=(), dtype="int64", initializer="zeros", trainable=False,
             aggregation="only_first_replica",
@@ -825,6 +831,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
         # lowers its scale: only the costs decide here then.
         loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         status = self._step_status(scg, out["costs"], [] if loss_scaled else grads)
+        status, row = self._mask_status(scg, out["records"], status)
         critics = self._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
         critic_grads = [] if critics is None else critics["grads"]
         # Weighted means of c_X; with weights that are all 0 (no data) the
@@ -845,7 +852,9 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
         # -2 - i names the first such variable, written[i].
         status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
         previous = self.machinery.status
-        previous.assign(tf.where(tf.equal(previous, 0), status, previous))
+        first = tf.equal(previous, 0)
+        self.machinery.status_row.assign(tf.where(first, row, self.machinery.status_row))
+        previous.assign(tf.where(first, status, previous))
         return self._update_metrics(out, critics)
 
     def _apply_updates(self, skip, grads, critic_grads, means, critics, out, tuning, written):
@@ -981,7 +990,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
         state = {id(v): n for n, s in self.machinery.node_state.items() for v in s.values()}
         critic_ids = {id(v) for v in self.critic_variables}
         for variable in self.weights:
-            if variable is self.machinery.status:
+            if variable is self.machinery.status or variable is self.machinery.status_row:
                 continue  # the step's own report, written after the check
             if not tf.as_dtype(variable.dtype).is_floating:
                 role = "counter"  # never non-finite; set back with the rest
@@ -1020,12 +1029,40 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, keras.Model):
         )
         return tf.where(tf.logical_and(tf.equal(status, 0), tf.logical_not(grads_finite)), -1, status)
 
+    @staticmethod
+    def _mask_status(scg, records, status):
+        """`(status, row)`: `status`, or `len(scg.costs) + 1 + j` where node `j`'s
+        Categorical mask allows no outcome in batch row `row` (the first such
+        node and row). Outside XLA the node's own assertion stops the step
+        first; under XLA, which drops assertions, its sample is NaN and this
+        names the cause instead of the cost it made non-finite."""
+        row = tf.constant(0)
+        for index in reversed(range(len(scg.nodes))):
+            record = records[scg.nodes[index].name]
+            if record.mask is None or not hasattr(record.layer, "empty_rows"):
+                continue
+            empty = tf.reshape(record.layer.empty_rows(record.mask), [-1])
+            found = tf.reduce_any(empty)
+            status = tf.where(found, len(scg.costs) + 1 + index, status)
+            row = tf.where(found, tf.argmax(tf.cast(empty, tf.int32), output_type=tf.int32), row)
+        return status, row
+
     def raise_if_nonfinite(self):
         """Raises `FloatingPointError` if a training step met a non-finite value."""
         code = int(self.machinery.status.numpy())
         if code == 0:
             return
         self.machinery.status.assign(0)
+        row = int(self.machinery.status_row.numpy())
+        self.machinery.status_row.assign(0)
+        if code > len(self._scg.costs):
+            node = self._scg.nodes[code - len(self._scg.costs) - 1].name
+            raise FloatingPointError(
+                f"Model {self.name!r}: Categorical node {node!r}: row {row} of its mask allows no "
+                "outcome in a training step (the row of the step's batch; with num_samples=K the "
+                "example is row // K). The step was skipped: nothing it would have written was "
+                "kept. Give every example at least one allowed outcome (a no-op action, say)."
+            )
         if code > 0:
             cause = f"cost {self._scg.costs[code - 1]!r} was not finite (NaN or inf)"
             fix = f"Check the layers that compute {self._scg.costs[code - 1]!r} (log of 0, division by 0, overflow)."
