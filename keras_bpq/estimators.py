@@ -208,9 +208,7 @@ def local_outcomes(step, units=None):
     record, info = step.record, step.info
     x = record.sample
     if info.local_kind == "binary":
-        flat = tf.cast(_flat(x), tf.float32)
-        p_one = tf.sigmoid(_flat(tf.cast(record.params, tf.float32)))
-        p_current = flat * p_one + (1.0 - flat) * (1.0 - p_one)
+        flat, p_current = _bernoulli_sample_and_probability(record)
         total = flat.shape[1]
         if units is None or units >= total:
             unit, scale = tf.tile(tf.range(total)[None], [tf.shape(flat)[0], 1]), 1.0
@@ -228,6 +226,14 @@ def local_outcomes(step, units=None):
         probs = tf.nn.softmax(record.layer.distribution(record.params, record.mask).logits)
         return values, probs, tf.zeros_like(probs[:, 0])
     raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")
+
+
+def _bernoulli_sample_and_probability(record):
+    """`(x, p_u(x_u))`, both `[batch, U]` float32: a Bernoulli node's flattened
+    sample and each unit's probability of its sampled value."""
+    flat = tf.cast(_flat(record.sample), tf.float32)
+    p_one = tf.sigmoid(_flat(tf.cast(record.params, tf.float32)))
+    return flat, flat * p_one + (1.0 - flat) * (1.0 - p_one)
 
 
 def _check_binary(name, info):
@@ -278,10 +284,7 @@ def _expansion_correction(step, unit):
     `linearize`): the expansion summed over every unit, less its scaled sum
     over the random subset `unit` (`[batch, S]`), whose exact flips replace it
     in the local sum."""
-    record = step.record
-    flat = tf.cast(_flat(record.sample), tf.float32)
-    p_one = tf.sigmoid(_flat(tf.cast(record.params, tf.float32)))
-    p_current = flat * p_one + (1.0 - flat) * (1.0 - p_one)
+    flat, p_current = _bernoulli_sample_and_probability(step.record)
     weighted = p_current * _expanded_flips(step)
     scale = flat.shape[1] / unit.shape[1]
     return tf.reduce_sum(weighted, axis=1) - scale * tf.reduce_sum(tf.gather(weighted, unit, batch_dims=1), axis=1)
