@@ -46,8 +46,8 @@ def hop_gradients(agent, batch, draws):
         with tf.GradientTape(persistent=True) as tape:
             forward = model.run_forward(batch)
             losses = {
-                name: tf.reduce_mean(model._node_estimators[name].surrogate(step))
-                for name, step in forward["steps"].items()
+                name: tf.reduce_mean(model.node_estimators[name].surrogate(step))
+                for name, step in forward.steps.items()
             }
         for name, loss in losses.items():
             grads = tape.gradient(loss, model.actor_variables)

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_bpq import estimators  # noqa: E402
+from keras_bpq import q_values  # noqa: E402
 
 # benchmarks/sbn.py (its flags, data and models), under another name: it
 # imports examples/sbn.py as `sbn`.
@@ -109,29 +110,29 @@ def pieces(model, x, units=None):
             record = records[info.name]
             step = estimators.NodeStep(info=info, record=record, downstream=None, state={})
             values = estimators.local_outcomes(step, units)[0].with_first(record.sample)
-            context = model._context(info, x, records)
+            context = q_values.context(info, x, records)
             if kind == "learned":
-                return model.machinery.critics[info.name].q_outcomes(context, values, target=True)
+                return model.training_state.critics[info.name].q_outcomes(context, values, target=True)
             exact = tuple(c for c in info.costs if scg.cost_ancestors[c][-1] == info.name)
             forced = {n: context[n] for n in info.context if n != "inputs"}
-            return model._downstream_evaluator(info, exact)(x, forced, values, training=True)
+            return model.q_function.downstream_evaluator(info, exact)(x, forced, values, training=True)
 
         return fn
 
     def critics(x):
         out = model.run_forward(x)
-        return model._evaluate_critics(out, out["x"], out["y"], with_gradient=True)["grads"]
+        return model.critic_set().evaluate(out, with_gradient=True).grads
 
     def backward(x):
         with tf.GradientTape() as tape:
             out = model.run_forward(x)
-            loss = tf.reduce_mean(out["surrogate"])
+            loss = tf.reduce_mean(out.surrogate)
         return tape.gradient(loss, model.actor_variables)
 
     result = {"forward": forward}
     for info in scg.nodes:
         result[f"exact {info.name}"] = heads(info, "exact")
-        if info.name in model.machinery.critics:
+        if info.name in model.training_state.critics:
             result[f"learned {info.name}"] = heads(info, "learned")
     result["forward + critics"] = critics
     result["forward + surrogate + backward"] = backward

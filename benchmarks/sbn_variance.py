@@ -22,7 +22,7 @@ Protocol:
      --baseline_warmup_steps training batches by `fit` with `SGD(0.0)`, which
      runs the baseline update but leaves the weights unchanged (checked);
    * `critic`: a third model with the actor weights AND every critic weight
-     (online and target copies, `model.machinery.weights` by position) copied.
+     (online and target copies, `model.training_state.weights` by position) copied.
    Draws are taken in chunks of --chunk (see "memory" below) and concatenated.
 3. Per checkpoint and estimator: total variance (sum over encoder entries of
    the per-entry variance across draws, `diagnostics.gradient_variance`), its
@@ -197,7 +197,7 @@ def reinforce_at(model, train, checkpoint):
             raise RuntimeError(f"SGD(0.0) warm-up changed {v.path}")
     baselines = {
         w.path.split("/")[-1]: float(w.numpy())
-        for w in rf.machinery.weights
+        for w in rf.training_state.weights
         if w.path.endswith("_baseline") or w.path.endswith("_baseline_steps")
     }
     decay = 0.99
@@ -216,7 +216,7 @@ def critic_at(model):
     # machinery.weights holds the online critics, their target copies (which
     # the actor reads by default) and the step counters; critic_variables
     # holds the online copies only.
-    copy_by_position(cr.machinery.weights, model.machinery.weights, "machinery")
+    copy_by_position(cr.training_state.weights, model.training_state.weights, "machinery")
     return cr
 
 

@@ -92,7 +92,7 @@ def time_one(setup, spe, estimator, timed_steps, repeats, global_batch):
         "warmup_s": warmup,
         "load_average_1min_before_after": loads,
         "final_loss": float(history.history["loss"][-1]),
-        "steps_trained": int(model.machinery.steps.numpy()),
+        "steps_trained": int(model.training_state.steps.numpy()),
     }
 
 

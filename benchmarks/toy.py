@@ -304,7 +304,7 @@ def build_model(t, config, seed, learning_rate, steps_per_execution, num_samples
         steps_per_execution=steps_per_execution,
         num_samples=config_samples(config) if num_samples is None else num_samples,
     )
-    model.critic_variables  # creates the estimator state (and critics, none here)
+    model.build_training_state()  # creates the estimator state (and critics, none here)
     if config == "reinforce_warm_baseline":
         set_baseline(model, expected_cost(as_float32(t), 0.0))
     return model
@@ -325,13 +325,13 @@ def not_applicable(t, specs):
         print(f"{spec:12s} {error or 'compiles'}", flush=True)
     auto = build_model(t, "auto", 0, 0.01, 1)
     out.append({"estimator": "auto", "num_samples": 1, "error": None,
-                "resolves_to": auto._node_estimators["b"].name})
+                "resolves_to": auto.node_estimators["b"].name})
     return out
 
 
 def set_baseline(model, value):
     """Presets reinforce's EMA baseline so that it reads `value` (bias correction ~1)."""
-    state = model.machinery.node_state["b"]
+    state = model.training_state.node_state["b"]
     state["baseline"].assign(value)
     state["baseline_steps"].assign(1e4)  # 1 - 0.99^1e4 = 1
 

@@ -662,7 +662,7 @@ class EntropyDecay(keras.callbacks.Callback):
         self.bonus, self.period, self.rate = bonus, period, rate
 
     def on_train_batch_end(self, batch, logs=None):
-        steps = int(self.model.machinery.steps.numpy())
+        steps = int(self.model.training_state.steps.numpy())
         self.bonus.beta.assign(self.bonus.initial_beta * self.rate ** (steps // self.period))
 
 

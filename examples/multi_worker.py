@@ -134,7 +134,7 @@ def train():
     model.save(os.path.join(target, "model.keras"))
     if not is_chief:
         shutil.rmtree(target)
-    steps = int(model.machinery.steps.numpy())
+    steps = int(model.training_state.steps.numpy())
     print(
         f"worker {index} of {len(config['cluster']['worker'])}: {steps} steps, loss "
         f"{history.history['loss'][-1]:.4f}, weights {fingerprint(model)}",

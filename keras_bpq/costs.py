@@ -183,3 +183,43 @@ class CompiledLosses:
         return {
             name: (y_pred if key is None else y_pred[key]) for name, key, _ in self.entries
         }
+
+
+def weight_penalties(variables):
+    """The penalties of the variables' Keras weight regularisers."""
+    return [v.regularizer(v) for v in variables if getattr(v, "regularizer", None) is not None]
+
+
+def sum_losses(losses):
+    """The scalar float32 sum of `losses` (0 for none)."""
+    if not losses:
+        return tf.constant(0.0)
+    return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
+
+
+def metric_results(model_name, metrics, loss_tracker, cost_metrics):
+    """`{name: value}` of every metric's result (`keras.Model.get_metrics_result`),
+    a ValueError for two terms logged under one name (Keras would keep only the
+    last one's value). `loss_tracker` is the total objective's metric and
+    `cost_metrics` the costs'."""
+    results, owners = {}, {}
+    cost_ids = {id(m) for m in cost_metrics}
+    for metric in metrics:
+        result = metric.result()
+        if isinstance(result, dict):
+            items, owner = result.items(), "compile(metrics=...)"
+        else:
+            items = [(metric.name, result)]
+            owner = (
+                "the total objective" if metric is loss_tracker
+                else "a cost" if id(metric) in cost_ids
+                else f"metric {metric.name!r}"
+            )
+        for name, value in items:
+            if name in results:
+                raise ValueError(
+                    f"Model {model_name!r} logs two values under the name {name!r}: "
+                    f"{owners[name]} and {owner}. Rename the cost or metric."
+                )
+            results[name], owners[name] = value, owner
+    return results

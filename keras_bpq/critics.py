@@ -19,13 +19,24 @@ pass from the context alone (`AllOutcomes`, DQN-style), so that the local
 expectations over all `K` outcomes cost one evaluation per example instead of
 `K`. A critic can also be any object with the `q(context, values, target)`
 method of `Critic` (tests inject exact "oracle" critics this way).
+
+`CriticSet` trains a model's learned critics: their loss on the targets of
+`keras_bpq.targets`, its gradient, `critic_steps` updates per step, and the
+target copies.
 """
+
+import dataclasses
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import costs as costs_lib
+from keras_bpq import distribute
 from keras_bpq import outcomes as outcomes_lib
+from keras_bpq import q_values
+from keras_bpq import targets as targets_lib
 
 
 def flatten_rows(value):
@@ -234,3 +245,228 @@ class NodeCritic(keras.layers.Layer, Critic):
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
+
+
+# -- the critic set --------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CriticOptions:
+    """The critic settings of `BackpropQModel.compile()` (a plain object:
+    Keras does not track it)."""
+
+    target: str = "td"
+    lam: float = 0.9
+    tau: float = 0.01
+    period: Optional[int] = None
+    steps: int = 1
+    warmup: int = 0
+    hidden_units: tuple = (64, 64)
+    models: dict = dataclasses.field(default_factory=dict)
+    actor_reads_target: bool = True
+
+
+def critic_options(
+    target="td", lam=0.9, tau=0.01, period=None, steps=1, warmup=0,
+    hidden_units=(64, 64), models=None, actor_reads="target",
+) -> CriticOptions:
+    """`CriticOptions` from `compile()`'s arguments (a ValueError for values
+    out of range); `actor_reads` is `"target"` or `"online"`."""
+    targets_lib.check_kind(target, lam)
+    if actor_reads not in ("target", "online"):
+        raise ValueError(f"actor_reads must be 'target' or 'online'; got {actor_reads!r}.")
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1]; got {tau}.")
+    if int(steps) < 1:
+        raise ValueError(f"critic_steps must be at least 1; got {steps}.")
+    return CriticOptions(
+        target=target,
+        lam=float(lam),
+        tau=float(tau),
+        period=period,
+        steps=int(steps),
+        warmup=int(warmup),
+        hidden_units=tuple(hidden_units),
+        models=dict(models or {}),
+        actor_reads_target=actor_reads == "target",
+    )
+
+
+def heads_to_learn(scg, estimators: Mapping, options: CriticOptions) -> Dict[str, Tuple[str, ...]]:
+    """`{node: (cost, ...)}`: the learned heads the model needs critics for
+    (none when no estimator needs a critic); raises a ValueError for options
+    that do not fit the SCG."""
+    heads = {}
+    if any(e.needs_critic for e in estimators.values()):
+        # Every learned head gets a critic, so bootstrapped targets always
+        # find their successor's critic.
+        heads = {n: h for n, h in targets_lib.learned_heads(scg).items() if h}
+    unknown = set(options.models) - set(scg.node_names)
+    if unknown:
+        raise ValueError(
+            f"compile(critics=...) names unknown nodes {sorted(unknown)}; the "
+            f"model's nodes are {list(scg.node_names)}."
+        )
+    if options.target == "expected":
+        for name in {c for h in heads.values() for c in h}:
+            for node in scg.cost_ancestors[name][1:]:
+                size = scg.node(node).support_size
+                if size is None or size > 256:
+                    raise ValueError(
+                        f"critic_target='expected' needs the full support of node "
+                        f"{node!r} (a successor on cost {name!r}'s chain), which has "
+                        f"{size or 'no finite'} outcomes (at most 256 allowed). Use 'td'."
+                    )
+    return heads
+
+
+def feature_dims(scg, spec) -> Dict[str, int]:
+    """`{node: features}`: the size of each node's flattened context and sample,
+    for inputs of `spec` (a structure of `tf.TensorSpec`)."""
+    input_dim = sum(int(np.prod(s.shape[1:])) for s in tf.nest.flatten(spec))
+    dims = {}
+    for info in scg.nodes:
+        parts = [
+            input_dim if n == "inputs" else int(np.prod(scg.node(n).event_shape))
+            for n in info.context
+        ]
+        dims[info.name] = sum(parts) + int(np.prod(info.event_shape))
+    return dims
+
+
+class CriticEvaluation(NamedTuple):
+    """A step's critic targets, Q-values at the samples and losses, computed
+    once for the update and the metrics."""
+
+    targets: Dict[Tuple[str, str], tf.Tensor]  # (node, cost) -> target [batch]
+    q_at_sample: Dict[str, Dict[str, tf.Tensor]]  # node -> cost -> Qbar^c_node at its sample
+    per_node: Dict[str, Tuple[tf.Tensor, tf.Tensor]]  # node -> (loss, mean |target - Q|)
+    grads: Optional[list]  # of the loss, in `CriticSet.variables` order
+
+
+class CriticInputs(NamedTuple):
+    """What the critic loss reads of a pass: its inputs, `{node: sample}`, the
+    targets and the sample weights."""
+
+    x: object
+    samples: Dict[str, tf.Tensor]
+    targets: Dict[Tuple[str, str], tf.Tensor]
+    weights: Optional[tf.Tensor]
+
+
+class CriticSet:
+    """A model's critics with what trains them.
+
+    Args:
+      scg: the model's `graph.SCG`.
+      critics: `{node: Critic}`, every node's critic (`TrainingState.critics`);
+        the `NodeCritic`s among them are trained.
+      variables: their trainable variables.
+      options: `CriticOptions`.
+      optimizer: the critics' optimizer.
+      q_function: the model's `q_values.QFunction`.
+      steps: the model's step counter (`TrainingState.steps`).
+    """
+
+    def __init__(self, scg, critics: Mapping[str, Critic], variables: Sequence[tf.Variable],
+                 options: CriticOptions, optimizer, q_function, steps: tf.Variable):
+        self.scg = scg
+        self.critics = critics
+        self.learned = {n: c for n, c in critics.items() if isinstance(c, NodeCritic)}
+        self.variables = list(variables)
+        self.options = options
+        self.optimizer = optimizer
+        self.q_function = q_function
+        self.steps = steps
+
+    def loss(self, x, records: Mapping, weights, targets) -> Tuple[tf.Tensor, dict]:
+        """Squared error of every learned head, summed over heads and nodes
+        (examples weighted by their sample weights, as the actor's objective),
+        plus the critics' weight regularisers; and per node `(loss, mean
+        |target - Q|)`."""
+        total = 0.0
+        per_node = {}
+        for name, critic in self.learned.items():
+            info = self.scg.node(name)
+            pred = critic.q(q_values.context(info, x, records), records[name].sample, target=False)
+            wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
+            loss = costs_lib.weighted_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1), weights)
+            per_node[name] = (
+                loss, costs_lib.weighted_mean(tf.reduce_mean(tf.abs(wanted - pred), axis=1), weights)
+            )
+            total += loss + costs_lib.sum_losses(
+                costs_lib.weight_penalties(getattr(critic, "trainable_variables", []))
+            )
+        return total, per_node
+
+    def evaluate(self, forward, with_gradient: bool) -> Optional[CriticEvaluation]:
+        """This step's `CriticEvaluation` of a `forward.ForwardPass` (the
+        gradient only `with_gradient`); None without learned critics."""
+        if not self.learned:
+            return None
+        options, x = self.options, forward.x
+        targets, q_at_sample = targets_lib.evaluate(
+            options.target, options.lam, self.scg, forward.costs, forward.records, self.critics,
+            self.q_function, x, forward.y,
+        )
+        with tf.GradientTape() as tape:
+            loss, per_node = self.loss(x, forward.records, forward.weights, targets)
+            scaled = loss / distribute.num_replicas()
+        grads = tape.gradient(scaled, self.variables) if with_gradient else None
+        return CriticEvaluation(targets, q_at_sample, per_node, grads)
+
+    def inputs(self, forward, evaluation: Optional[CriticEvaluation]) -> Optional[CriticInputs]:
+        """What the critic loss reads of this pass (None without an evaluation)."""
+        if evaluation is None:
+            return None
+        samples = {n: r.sample for n, r in forward.records.items()}
+        return CriticInputs(forward.x, samples, evaluation.targets, forward.weights)
+
+    def update(self, grads, evaluation: CriticEvaluation, forward, inputs: Optional[CriticInputs] = None) -> None:
+        """Fits the learned critics on this step's targets (`critic_steps` times).
+
+        `inputs` (`inputs()`) are this replica's own when the update runs
+        from a cross-replica `merge_call`, where `forward` is the first replica's.
+        """
+        variables, optimizer = self.variables, self.optimizer
+        optimizer.apply(grads, variables)
+        if self.options.steps == 1:
+            return
+        x, samples, targets, weights = inputs or self.inputs(forward, evaluation)
+        records = {n: dataclasses.replace(r, sample=samples[n]) for n, r in forward.records.items()}
+        for _ in range(self.options.steps - 1):
+            with tf.GradientTape() as tape:
+                loss, _ = self.loss(x, records, weights, targets)
+                scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas
+            optimizer.apply(tape.gradient(scaled, variables), variables)
+
+    def update_target_copies(self) -> None:
+        """`Qbar <- (1 - tau) Qbar + tau Q` for every learned critic, or a copy
+        every `period` steps."""
+        options = self.options
+        critics = self.learned.values()
+        if options.period:
+            def copy():
+                for critic in critics:
+                    critic.update_target(1.0)
+                return tf.constant(0)
+
+            tf.cond(tf.equal(self.steps % int(options.period), 0), copy, lambda: tf.constant(0))
+        else:
+            for critic in critics:
+                critic.update_target(options.tau)
+
+
+def describe(scg, estimators: Mapping, critics: Mapping) -> Dict[str, str]:
+    """`{node: "learned[...] exact[...]"}`: the heads of every node whose
+    estimator needs a critic (`graph.format_scg`'s `critics`)."""
+    described = {}
+    for info in scg.nodes:
+        if not estimators[info.name].needs_critic:
+            continue
+        critic = critics.get(info.name)
+        learned = list(critic.heads) if critic is not None else []
+        exact = [c for c in info.costs if c not in learned]
+        parts = ([f"learned[{', '.join(learned)}]"] if learned else []) + (
+            [f"exact[{', '.join(exact)}]"] if exact else []
+        )
+        described[info.name] = " ".join(parts)
+    return described

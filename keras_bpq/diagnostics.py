@@ -138,6 +138,7 @@ def exact_gradients(
         n: tf.constant(np.tile(np.repeat(v, draws, axis=0), (batch,) + (1,) * (v.ndim - 1)))
         for n, v in forced.items()
     }
+    model.build_training_state()  # the critics are not actor variables
     variables = model.actor_variables
 
     def compute(x, y, sample_weight):
@@ -192,6 +193,7 @@ def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100, chun
     """
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
     model.scg(x)
+    model.build_training_state()  # the critics are not actor variables
     variables = model.actor_variables
 
     def compute(x, y, sample_weight, draws):
@@ -200,9 +202,9 @@ def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100, chun
         w_rows = _tile_rows(sample_weight, draws, interleave=False)
         with tf.GradientTape() as tape:
             out = model.run_forward(x_rows, y_rows, training=True, sample_weight=w_rows)
-            per_row = tf.reshape(out["surrogate"], [draws, -1])
-            if out["weights"] is not None:
-                per_row *= tf.reshape(tf.cast(out["weights"], per_row.dtype), [draws, -1])
+            per_row = tf.reshape(out.surrogate, [draws, -1])
+            if out.weights is not None:
+                per_row *= tf.reshape(tf.cast(out.weights, per_row.dtype), [draws, -1])
             per_draw = tf.reduce_mean(per_row, axis=1)
         return tape.jacobian(per_draw, variables, experimental_use_pfor=True)
 

@@ -922,3 +922,35 @@ def get(identifier, info, num_samples=1):
         )
     estimator.check(info, num_samples)
     return estimator
+
+
+def resolve(option, scg, layer_of, num_samples=1, created=None):
+    """`{node: Estimator}` for every node of `scg` from `compile(estimator=option)`
+    (a name, `"auto"`, an `Estimator` or a dict by node or layer name; a node
+    layer's own `estimator=` wins over a global name). `layer_of(info)` is the
+    node's layer. `created`: the estimators the nodes' state was created for
+    (None before): changing one's kind is then an error."""
+    if isinstance(option, dict):
+        unknown = set(option) - set(scg.node_names) - {i.layer_name for i in scg.nodes}
+        if unknown:
+            raise ValueError(
+                f"compile(estimator=...) names unknown nodes {sorted(unknown)}; the "
+                f"model's nodes are {list(scg.node_names)}."
+            )
+    resolved = {}
+    for info in scg.nodes:
+        layer = layer_of(info)
+        if isinstance(option, dict):
+            choice = option.get(info.name, option.get(info.layer_name))
+            choice = choice or layer.estimator or "auto"
+        else:
+            choice = layer.estimator or option
+        resolved[info.name] = get(choice, info, num_samples)
+    for name, est in resolved.items():
+        if created is not None and est.name != created[name].name:
+            raise ValueError(
+                f"Node {name!r} was set up for estimator "
+                f"{created[name].name!r} when it first ran; changing "
+                f"it to {est.name!r} afterwards is not supported. Build a new model."
+            )
+    return resolved

@@ -106,7 +106,7 @@ def export(model, filepath, input_signature=None, verbose=True):
     }
     concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
 
-    machinery = {id(v) for v in model.machinery.variables}
+    machinery = {id(v) for v in model.training_state.variables}
     forward_variables = [v for v in model.variables if id(v) not in machinery]
     tracked = {id(_tf_variable(v)) for v in forward_variables}
     for name, fn in concrete.items():

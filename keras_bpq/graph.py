@@ -277,6 +277,15 @@ def with_contexts(scg, overrides):
     return dataclasses.replace(scg, nodes=tuple(infos))
 
 
+def batchless_spec(value):
+    """The `tf.TensorSpec` of a tensor, array or spec with a dynamic batch
+    dimension (one leaf of a model's inputs)."""
+    if isinstance(value, tf.TensorSpec):
+        return tf.TensorSpec((None,) + tuple(value.shape[1:]), value.dtype)
+    value = tf.convert_to_tensor(value) if not hasattr(value, "shape") else value
+    return tf.TensorSpec((None,) + tuple(value.shape[1:]), tf.as_dtype(value.dtype))
+
+
 def discover(forward, input_signature, check_names=None):
     """Traces `forward` once and returns its `SCG`.
 

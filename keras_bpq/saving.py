@@ -15,13 +15,8 @@
 * Loading says what is wrong: a `.keras` file cut short or corrupt, a class
   the process does not know, a `BackupAndRestore` backup written by another
   model.
-* Exact resume: `FitPosition` records in the model (and so in every
-  checkpoint) which epoch `fit` is in and how many of its batches are done.
-  After `keras.callbacks.BackupAndRestore` restores a checkpoint,
-  `ResumeAtPosition` restarts at that epoch and passes over the batches already
-  trained without training on them, so a run killed mid-epoch and restarted
-  ends with the weights of a run that never stopped (given the same batches in
-  the same order).
+* Exact resume: the callbacks of `keras_bpq.callbacks` record in the model
+  (and so in every checkpoint) where `fit` stands, and resume there.
 """
 
 import contextlib
@@ -43,7 +38,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bpq import _keras_compat
 from keras_bpq import estimators as estimators_lib
 
 _ESTIMATOR_KEY = "keras_bpq_estimator"
@@ -466,8 +460,18 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
 
 
 # Backup folders of `keras.callbacks.BackupAndRestore` callbacks that `fit`
-# may restore each model from (set by `FitPosition` while `fit` runs).
+# may restore each model from (set by `callbacks.FitPosition` while `fit` runs).
 _BACKUP_DIRS = weakref.WeakKeyDictionary()
+
+
+def set_backup_dirs(model, backup_dirs):
+    """Notes the `BackupAndRestore` folders `fit` may restore `model` from
+    (None: `fit` is over), so that a backup written by another model is
+    reported as such (`explained_load_errors`)."""
+    if backup_dirs is None:
+        _BACKUP_DIRS.pop(model, None)
+    else:
+        _BACKUP_DIRS[model] = list(backup_dirs)
 
 
 def _backup_dir(model, filepath):
@@ -527,7 +531,7 @@ def explained_load_errors(model, filepath, compiled, strict=True):
             yield
     except ValueError as error:
         message = str(error)
-        if "could not be loaded" not in message and "scg_state" not in message:
+        if "could not be loaded" not in message and "training_state" not in message:
             raise
         # Keras' first example, without its list of objects or variable values.
         detail = message.split("List of objects that could not be loaded")[0]
@@ -545,120 +549,3 @@ def explained_load_errors(model, filepath, compiled, strict=True):
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if skipped:
         raise _mismatch_error(model, path, " ".join(skipped), compiled)
-
-
-# -- exact resume ---------------------------------------------------------------
-class FitPosition(keras.callbacks.Callback):
-    """Keeps `model.machinery.fit_epoch` / `fit_batch` at the epoch `fit` is in
-    and the number of its batches already trained, before any checkpointing
-    callback saves them (`fit` puts this callback ahead of the user's).
-
-    It also drops a `BackupAndRestore` metadata file left unreadable by a
-    crash (the position inside the weights file is what resuming uses), and
-    notes the backup folders so that a backup written by another model is
-    reported as such (`explained_load_errors`).
-    """
-
-    def __init__(self, callbacks=()):
-        super().__init__()
-        self._callbacks = list(callbacks)
-
-    @staticmethod
-    def clear(model):
-        """Marks the model as outside `fit` (position -1, -1)."""
-        model.machinery.fit_epoch.assign(-1)
-        model.machinery.fit_batch.assign(-1)
-        _BACKUP_DIRS.pop(model, None)
-
-    def _set(self, epoch, batch):
-        self.model.machinery.fit_epoch.assign(epoch)
-        self.model.machinery.fit_batch.assign(batch)
-
-    def on_train_begin(self, logs=None):
-        # Anything else found after the callbacks' on_train_begin was restored.
-        self.clear(self.model)
-        _BACKUP_DIRS[self.model] = [
-            c.backup_dir for c in self._callbacks if isinstance(c, keras.callbacks.BackupAndRestore)
-        ]
-        for callback in self._callbacks:
-            if not isinstance(callback, keras.callbacks.BackupAndRestore):
-                continue
-            path = _keras_compat.backup_metadata_path(callback)
-            if path and os.path.exists(path):
-                try:
-                    with open(path) as f:
-                        json.load(f)
-                except ValueError:
-                    os.remove(path)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._set(epoch, 0)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.model.machinery.fit_batch.assign(batch + 1)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._set(epoch + 1, 0)
-
-
-class ResumeAtPosition(keras.callbacks.Callback):
-    """After the other callbacks' `on_train_begin` (so after a
-    `BackupAndRestore` restore), resumes at the restored position: sets the
-    initial epoch and passes over the batches of that epoch already trained
-    (they are drawn from the data but not trained on; their logs are the
-    metrics so far).
-    `fit` puts this callback after the user's."""
-
-    def __init__(self):
-        super().__init__()
-        self._restored = False
-
-    def on_train_begin(self, logs=None):
-        model = self.model
-        machinery = model.machinery
-        epoch, batch = int(machinery.fit_epoch.numpy()), int(machinery.fit_batch.numpy())
-        machinery.status.assign(0)
-        if epoch < 0:
-            return
-        self._restored = True
-        _keras_compat.set_initial_epoch(model, epoch)
-        if batch > 0:
-            model.train_function = _skipping(model, model.train_function, batch)
-
-    def on_train_end(self, logs=None):
-        if self._restored:
-            _keras_compat.set_initial_epoch(self.model, None)
-
-
-def _skipping(model, train_function, batches):
-    """A train function that draws `batches` batches (whole executions of
-    `steps_per_execution`) without training, then puts `train_function` back."""
-    remaining = [int(batches)]
-
-    def skip(iterator):
-        if remaining[0] <= 0:
-            model.train_function = train_function
-            return train_function(iterator)
-        steps = max(1, int(model.steps_per_execution or 1))
-        drawn = 0
-        for _ in range(min(steps, remaining[0])):
-            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
-                if not iterator.get_next_as_optional().has_value():
-                    break
-            else:
-                try:
-                    next(iterator)
-                except StopIteration:
-                    break
-            drawn += 1
-        if drawn == 0:
-            raise StopIteration
-        remaining[0] -= drawn
-        if remaining[0] <= 0:
-            model.train_function = train_function
-        try:
-            return model.get_metrics_result()
-        except Exception:  # metrics not built yet in a fresh process
-            return {}
-
-    return skip

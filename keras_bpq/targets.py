@@ -12,10 +12,13 @@ head `Q^c_{a_j}` (j < m) regresses on one of (docs/method.md, "Critic targets"):
 
 The head `Q^c_{a_m}` is exact (the cost itself), so `Qbar^c_{a_m} = c` and a
 chain of one cost is episodic RL with reward `-c` and no discount. All targets
-are stop-gradient. These are pure functions of recorded tensors.
+are stop-gradient. These are pure functions of recorded tensors and the
+model's Q-function (`evaluate`).
 """
 
 import tensorflow as tf
+
+from keras_bpq import q_values
 
 KINDS = ("mc", "td", "expected", "lambda")
 
@@ -65,3 +68,41 @@ def critic_targets(kind, scg, costs, q_at_sample, value=None, lam=0.9):
                 following = target
             targets[(chain[j], cost)] = tf.stop_gradient(target)
     return targets
+
+
+def evaluate(kind, lam, scg, costs, records, critics, q_function, x, y):
+    """`(targets, q_at_sample)`: `critic_targets` of this pass for every
+    learned head, and `q_at_sample`, each node's heads at its sample (exact
+    heads hold the realised cost, learned ones the target copy's value).
+
+    `records` are the pass's `graph.NodeRecord`s, `critics` the model's
+    `{node: critics.Critic}` and `q_function` its `q_values.QFunction`
+    (`expected` targets sum its heads over a successor's support)."""
+    q_at_sample, value = {}, {}
+    for info in scg.nodes:
+        heads = {c: costs[c] for c in info.costs if scg.cost_ancestors[c][-1] == info.name}
+        critic = critics.get(info.name)
+        if critic is not None:
+            learned = critic.q(q_values.context(info, x, records), records[info.name].sample, target=True)
+            heads.update({c: learned[:, i] for i, c in enumerate(critic.heads)})
+        q_at_sample[info.name] = heads
+    if kind == "expected":
+        successors = {n for c in scg.costs for n in scg.cost_ancestors[c][1:]}
+        for name in successors:
+            info = scg.node(name)
+            record = records[name]
+            support = tf.constant(record.layer.support(info.event_shape))
+            batch = tf.shape(record.sample)[0]
+            num = support.shape[0]
+            values = tf.tile(support[None], [batch] + [1] * len(support.shape))
+            repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
+            log_p = record.layer.log_prob(
+                tf.reshape(values, [-1] + list(info.event_shape)),
+                repeat(record.params),
+                None if record.mask is None else repeat(record.mask),
+            )
+            probs = tf.reshape(tf.exp(log_p), [batch, num])
+            heads = q_function.heads(info, x, y, records, values, target=True)
+            value[name] = {c: tf.reduce_sum(probs * v, axis=1) for c, v in heads.items()}
+    targets = critic_targets(kind, scg, costs, q_at_sample, value, lam)
+    return targets, q_at_sample

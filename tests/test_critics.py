@@ -8,6 +8,7 @@ import tensorflow as tf
 import graphs
 import keras_bpq
 from keras_bpq import diagnostics
+from keras_bpq import q_values
 from keras_bpq import targets as targets_lib
 from test_gradients import assert_unbiased
 
@@ -39,7 +40,7 @@ def test_pathwise_with_oracle_critic_is_unbiased():
     model, x = graphs.mixed()
     model.compile(estimator="reinforce")
     model.compile(estimator={"n": "pathwise"}, critics=oracle_critics(model))
-    assert model._node_estimators["n"].name == "pathwise"
+    assert model.node_estimators["n"].name == "pathwise"
     assert_unbiased(model, x, num_draws=1000)
 
 
@@ -62,10 +63,10 @@ def learned_vs_exact(model, x, rows=400):
     data = tf.constant(np.repeat(x, rows // len(x), axis=0))
     out = model.run_forward(data)
     errors = {}
-    for name, critic in model.machinery.learned_critics.items():
+    for name, critic in model.training_state.learned_critics.items():
         info = model.scg().node(name)
-        context = model._context(info, data, out["records"])
-        sample = out["records"][name].sample
+        context = q_values.context(info, data, out.records)
+        sample = out.records[name].sample
         learned = critic.q(context, sample, target=False).numpy()
         exact = oracles[name].q(context, sample).numpy()
         errors[name] = float(np.mean((learned - exact) ** 2) / np.var(exact))
@@ -95,22 +96,22 @@ def test_per_cost_routing_is_unbiased_where_summing_successors_double_counts():
     oracles = oracle_critics(model)
     data = tf.constant(np.repeat(x, 3000, axis=0))
     out = model.run_forward(data)
-    records = out["records"]
+    records = out.records
     scg = model.scg()
 
     def exact_q(name):
         info = scg.node(name)
-        heads = model.q_heads(info, data, None, records, records[name].sample[:, None], target=True)
+        heads = model.q_function.heads(info, data, None, records, records[name].sample[:, None], target=True)
         return heads["cost"][:, 0].numpy()
 
-    model.machinery.critics.update(oracles)  # q_heads reads the oracles
+    model.training_state.critics.update(oracles)  # q_heads reads the oracles
     q1, q2, q3 = exact_q("z1"), exact_q("z2"), exact_q("z3")
     q_at_sample = {
         "z2": {"cost": tf.constant(q2)},
         "z3": {"cost": tf.constant(q3)},
-        "z4": {"cost": out["costs"]["cost"]},
+        "z4": {"cost": out.costs["cost"]},
     }
-    targets = targets_lib.critic_targets("td", scg, out["costs"], q_at_sample)
+    targets = targets_lib.critic_targets("td", scg, out.costs, q_at_sample)
     ours = targets[("z1", "cost")].numpy()  # routed along the chain z1 -> z2 -> z3 -> z4
     naive = q2 + q3  # "sum the successors' Q": z1's successors are z2 and z3
     z1 = records["z1"].sample.numpy()[:, 0]
@@ -129,8 +130,9 @@ def test_per_cost_routing_is_unbiased_where_summing_successors_double_counts():
 def test_every_critic_trains_under_xla():
     model, x = graphs.dag()
     model.compile(jit_compile=True, critic_optimizer=keras.optimizers.Adam(1e-2))
+    model.build_training_state()
     before = [v.numpy().copy() for v in model.critic_variables]
-    assert len(model.machinery.learned_critics) == 3  # z1, z2, z3 have learned heads
+    assert len(model.training_state.learned_critics) == 3  # z1, z2, z3 have learned heads
     model.fit(np.repeat(x, 8, axis=0), batch_size=8, epochs=3, verbose=0)
     for old, var in zip(before, model.critic_variables):
         assert not np.allclose(old, var.numpy()), var.path
@@ -148,7 +150,7 @@ def test_warmup_trains_only_critics_and_period_copies_targets():
     model.fit(np.repeat(x, 2, axis=0), batch_size=6, epochs=3, verbose=0)
     for old, var in zip(actor, model.actor_variables):
         np.testing.assert_array_equal(old, var.numpy())
-    for critic in model.machinery.learned_critics.values():
+    for critic in model.training_state.learned_critics.values():
         # 3 steps: copies after steps 2 (steps counter 2): target == online after step 2,
         # the online copy moved again at step 3.
         assert not all(
@@ -175,14 +177,14 @@ def test_estimator_node_mismatch_fails_at_compile():
         model.compile(estimator="pathwise")
     with pytest.raises(ValueError, match="unknown nodes"):
         model.compile(critics={"nope": keras.Sequential([keras.layers.Dense(1)])})
-        model.critic_variables  # critics are created on first use
+        model.build_training_state()  # critics are created on first use
 
 
 def test_user_critic_model_must_match_heads():
     model, x = graphs.two_costs()
     model.compile(critics={"z1": keras.Sequential([keras.layers.Dense(3)])})
     with pytest.raises(ValueError, match="must output 1 heads"):
-        model.critic_variables
+        model.build_training_state()
 
 
 def learning_curve(estimator, seed, checkpoints=6, steps_each=25):
@@ -210,7 +212,7 @@ def test_masked_actions_are_never_sampled_and_get_no_gradient():
     model.compile()
     out = model.run_forward(np.repeat(queries, 20, axis=0))
     for name in ("hop1", "hop2"):
-        record = out["records"][name]
+        record = out.records[name]
         allowed = record.mask.numpy()
         assert np.all(allowed[record.sample.numpy() > 0])
     # Queries from one start entity: its non-neighbours' logits get no gradient.
@@ -254,7 +256,7 @@ def test_critic_cv_with_an_all_outcomes_critic_is_unbiased(distinct):
     model, queries = graphs.walk_task()
     model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=distinct)}, num_samples=2)
     model.build_training_state()
-    critic = model.machinery.critics["hop1"]
+    critic = model.training_state.critics["hop1"]
     assert isinstance(critic.target_network, keras_bpq.critics.AllOutcomes)
     # A critic far from the exact Q (the control variate must not bias the gradient).
     for variable in critic.target_network.weights:
@@ -276,7 +278,7 @@ def test_all_outcomes_critic_learns_exact_q_and_round_trips():
     model.fit(data, batch_size=len(data), epochs=400, verbose=0)
     after = learned_vs_exact(model, queries)["hop1"]
     assert after < 0.1 and after < before / 5, (before, after)
-    critic = model.machinery.critics["hop1"]
+    critic = model.training_state.critics["hop1"]
     clone = keras_bpq.critics.NodeCritic.from_config(critic.get_config())
     clone.online.set_weights(critic.online.get_weights())
     context = {"inputs": tf.constant(queries)}

@@ -92,9 +92,9 @@ def test_replicas_draw_different_samples_and_keep_state_in_sync():
         with strategy.scope():
             drawn = draw(next(iter(dist)))
         samples = [np.asarray(s) for s in strategy.experimental_local_results(drawn)]
-        state = model.machinery.node_state["z"]["baseline"].value
+        state = model.training_state.node_state["z"]["baseline"].value
         copies = [float(v.numpy()) for v in strategy.experimental_local_results(state)]
-        counter = model.machinery.steps.value
+        counter = model.training_state.steps.value
         steps = [int(v.numpy()) for v in strategy.experimental_local_results(counter)]
         print(json.dumps({
             "same": bool(np.array_equal(samples[0], samples[1])),
@@ -146,7 +146,7 @@ def test_critic_steps_under_merge_call_average_each_replica_own_loss():
                 model = build()
             # fit splits each batch of 4 between the replicas (train_on_batch would not).
             model.fit(data, batch_size=4, epochs=1, shuffle=False, verbose=0)
-            critic = model.machinery.critics["z1"]
+            critic = model.training_state.critics["z1"]
             results.append([v.numpy() for v in critic.online.weights + critic.target_network.weights])
         print(json.dumps({
             "gap": max(float(np.abs(a - b).max()) for a, b in zip(*results)),
@@ -173,7 +173,7 @@ def test_steps_per_execution_matches_one_step_per_call_on_two_replicas():
             history = model.fit(np.tile(x, (8, 1)), batch_size=4, epochs=1, shuffle=False, verbose=0)
             variables = model.weights + model.optimizer.variables + model.critic_optimizer.variables
             states.append([v.numpy() for v in variables])
-            counter = int(model.machinery.steps.numpy())
+            counter = int(model.training_state.steps.numpy())
         print(json.dumps({
             "gap": max(float(np.abs(a - b).max()) for a, b in zip(*states)),
             "moved": max(float(np.abs(a - b).max()) for a, b in zip(states[0], [v.numpy() for v in graphs.chain()[0].weights])),
@@ -195,7 +195,7 @@ def test_one_device_mirrored_strategy_trains():
             model, x = graphs.chain()
             model.compile(optimizer="adam", estimator={"z1": "reinforce"}, critic_steps=2)
         history = model.fit(np.tile(x, (4, 1)), batch_size=3, epochs=2, verbose=0)
-        print(json.dumps({"steps": int(model.machinery.steps.numpy()),
+        print(json.dumps({"steps": int(model.training_state.steps.numpy()),
                           "loss": history.history["loss"][-1]}))
         """
     )

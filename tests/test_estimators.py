@@ -66,7 +66,7 @@ def test_gumbel_is_biased_and_its_temperature_anneals():
         jit_compile=True,
     )
     model2.fit(np.repeat(x, 2, axis=0), batch_size=6, epochs=3, verbose=0)
-    temperatures = [v.numpy() for v in model2.machinery.weights if "temperature" in v.path]
+    temperatures = [v.numpy() for v in model2.training_state.weights if "temperature" in v.path]
     np.testing.assert_allclose(temperatures, 0.125)
 
 
@@ -92,9 +92,9 @@ def test_estimator_and_node_mismatches_fail_at_compile():
     with pytest.raises(ValueError, match="'expected' cannot serve node 'big'.*10000 outcomes"):
         model.compile(estimator="expected")
     model.compile(estimator="auto")
-    assert model._node_estimators["big"].name == "reinforce"
+    assert model.node_estimators["big"].name == "reinforce"
     model.compile(estimator="auto", num_samples=2)
-    assert model._node_estimators["big"].name == "rloo"
+    assert model.node_estimators["big"].name == "rloo"
 
 
 def test_reinforce_normalize_standardises_the_advantage_and_round_trips():
@@ -135,7 +135,7 @@ def relax_state(model):
     """`{node: {name: value}}` of every relax node's tuned state."""
     return {
         name: {k: v.numpy().copy() for k, v in state.items()}
-        for name, state in model.machinery.node_state.items()
+        for name, state in model.training_state.node_state.items()
         if "eta" in state
     }
 
@@ -143,11 +143,11 @@ def relax_state(model):
 def move_control_variates(model):
     """Sets every tuned relax node's `(t, eta)` away from the defaults, to
     different values per node; returns those nodes."""
-    model.critic_variables  # creates the node state
-    tuned_nodes = [n for n, s in model.machinery.node_state.items() if "eta" in s]
+    model.build_training_state()  # creates the node state
+    tuned_nodes = [n for n, s in model.training_state.node_state.items() if "eta" in s]
     for i, n in enumerate(tuned_nodes):
-        model.machinery.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
-        model.machinery.node_state[n]["eta"].assign(0.4 - 0.9 * i)
+        model.training_state.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
+        model.training_state.node_state[n]["eta"].assign(0.4 - 0.9 * i)
     return tuned_nodes
 
 
@@ -183,7 +183,7 @@ def rebar_toy(estimator, t=0.45, aux=False):
         costs["aux"] = keras.ops.log(x[:, 1])
     model = keras_bpq.BackpropQModel(inputs=x, outputs=b, costs=costs, name="toy")
     model.compile(optimizer=keras.optimizers.SGD(0.0), estimator=estimator)
-    model.critic_variables  # creates the node state
+    model.build_training_state()  # creates the node state
     return model
 
 
@@ -195,8 +195,8 @@ def test_relax_logit_gradient_is_the_surrogates_gradient():
     x = np.ones((64, 2), "float32")
     with tf.GradientTape() as tape:
         out = model.run_forward(x)
-        loss = tf.reduce_sum(out["surrogate"])
-    step = out["steps"]["b"]
+        loss = tf.reduce_sum(out.surrogate)
+    step = out.steps["b"]
     expected = tape.gradient(loss, step.record.params).numpy()
     got = est.logit_gradient(step, *est.control(step.state)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
@@ -206,7 +206,7 @@ def test_relax_logit_gradient_is_the_surrogates_gradient():
 def test_relax_tuning_lowers_the_variance_and_skips_nonfinite_steps():
     initial = {"log_temperature": np.log(0.5), "eta": 1.0}
     model = rebar_toy(keras_bpq.estimators.Relax(tune=True, tune_learning_rate=0.05), aux=True)
-    state = model.machinery.node_state["b"]
+    state = model.training_state.node_state["b"]
     x = np.ones((16, 2), "float32")
     probe = x[:1]
 
@@ -259,7 +259,7 @@ def test_tuned_relax_config_and_keras_file_round_trip(tmp_path):
     assert all(v["tune_steps"] == 4 and v["eta"] != 1.0 for v in values.values())
     model.save(tmp_path / "relax.keras")
     loaded = keras.saving.load_model(tmp_path / "relax.keras", safe_mode=True)
-    assert loaded._node_estimators["z2"].get_config() == config
+    assert loaded.node_estimators["z2"].get_config() == config
     loaded_values = relax_state(loaded)
     for node, state in values.items():
         for k, v in state.items():
@@ -283,7 +283,7 @@ def test_relax_on_masked_categorical_nodes_is_unbiased(tune, temperature, jit_co
     model, x = graphs.masked_categorical()
     estimator = keras_bpq.estimators.Relax(temperature=temperature, tune=tune)
     model.compile(estimator=estimator, jit_compile=jit_compile)
-    assert {e.name for e in model._node_estimators.values()} == {"relax"}
+    assert {e.name for e in model.node_estimators.values()} == {"relax"}
     if tune:
         assert move_control_variates(model) == ["z1", "c", "z2"]
     exact, _ = assert_unbiased(model, x, num_draws=1000)
@@ -302,9 +302,9 @@ def test_relax_with_an_exact_critic_on_a_masked_categorical_node_is_unbiased():
     model.compile(estimator="reinforce")
     tuned = keras_bpq.estimators.Relax(tune=True)
     model.compile(estimator={"c": tuned}, critics=oracle_critics(model))
-    model.critic_variables  # creates the node state
-    model.machinery.node_state["c"]["log_temperature"].assign(np.log(1.7))
-    model.machinery.node_state["c"]["eta"].assign(0.4)
+    model.build_training_state()  # creates the node state
+    model.training_state.node_state["c"]["log_temperature"].assign(np.log(1.7))
+    model.training_state.node_state["c"]["eta"].assign(0.4)
     exact, draws = assert_unbiased(model, x, num_draws=1000)
     (index,) = [i for i, v in enumerate(model.actor_variables) if v.path == "dc/kernel"]
     samples = draws[index]
@@ -325,11 +325,11 @@ def _masked_pass(estimator, rows_per_example=100):
 
     model, x = graphs.masked_categorical()
     model.compile(estimator={"c": estimator})
-    model.critic_variables  # creates the node state
+    model.build_training_state()  # creates the node state
     values = []
     with tf.GradientTape() as tape:
         out = model.run_forward(tf.constant(np.repeat(x, rows_per_example, axis=0)))
-        recorded = out["steps"]["c"]
+        recorded = out.steps["c"]
 
         def spy(v):
             values.append(tf.convert_to_tensor(v))

@@ -77,7 +77,7 @@ def served(tmp_path_factory):
 def test_export_holds_only_the_forward_pass(served):
     model, _, path, summary = served
     assert set(summary) == {"serving_default", "mode", "seeded"}
-    machinery = {id(v) for v in model.machinery.variables}
+    machinery = {id(v) for v in model.training_state.variables}
     forward = [v for v in model.variables if id(v) not in machinery]
     assert len(forward) < len(model.variables)  # critics exist and are left out
     keys = [k for k, _ in tf.train.list_variables(str(path / "variables" / "variables"))]

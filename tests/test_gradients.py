@@ -43,7 +43,7 @@ def test_reinforce_matches_exact_gradient(name, jit_compile):
 def test_critic_cv_with_untrained_critics_matches_exact_gradient(name, jit_compile):
     model, x = graphs.ALL[name]()
     model.compile(optimizer="adam", jit_compile=jit_compile)  # auto: critic_cv
-    assert {e.name for e in model._node_estimators.values()} <= {"critic_cv", "reparam"}
+    assert {e.name for e in model.node_estimators.values()} <= {"critic_cv", "reparam"}
     assert_unbiased(model, x)
 
 

@@ -136,17 +136,17 @@ def test_masked_actions_get_exactly_zero_gradient():
     data = {k: tf.constant(v) for k, v in kg_reasoning.queries(kg, "test").items()}
     with tf.GradientTape(persistent=True) as tape:
         out = agent.model.run_forward(data)
-        surrogate = tf.reduce_mean(out["surrogate"])
-        bonus = out["regularization"]
+        surrogate = tf.reduce_mean(out.surrogate)
+        bonus = out.regularization
     for t in (1, 2):
-        record = out["records"][f"hop_{t}"]
+        record = out.records[f"hop_{t}"]
         grad = tape.gradient(surrogate, record.params).numpy()
         mask = record.mask.numpy()
         assert (~mask).any() and np.all(grad[~mask] == 0.0)
         assert np.abs(grad[mask]).max() > 0.0
     # The entropy bonus is a regularisation loss, not a cost routed to the hops,
     # and its direct gradient reaches the policy.
-    assert set(out["costs"]) == {"miss"} and float(bonus) < 0.0
+    assert set(out.costs) == {"miss"} and float(bonus) < 0.0
     grads = tape.gradient(bonus, agent.policy.trainable_variables)
     assert any(g is not None and float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) > 0 for g in grads)
 
@@ -283,6 +283,7 @@ def test_default_estimator_evaluates_hops_once_per_query_not_per_action():
     both equal the evaluations on `batch x actions` rows."""
     from keras_bpq import critics as critics_lib
     from keras_bpq import estimators
+    from keras_bpq import q_values
 
     kg = synthetic_graph()
     agent = kg_reasoning.build_agent(kg, hops=2, dim=8, hidden=16, seed=0)
@@ -290,20 +291,20 @@ def test_default_estimator_evaluates_hops_once_per_query_not_per_action():
     model = agent.model
     data = {k: tf.constant(v[:5]) for k, v in kg_reasoning.queries(kg, "test").items()}
     out = model.run_forward(data)
-    x = out["x"]
+    x = out.x
     hop1, hop2 = model.scg(data).nodes
-    evaluator = model._downstream_evaluator(hop2, ("miss",))
+    evaluator = model.q_function.downstream_evaluator(hop2, ("miss",))
     assert evaluator is not None
     assert "move_2" not in {node.operation.name for node in evaluator._plan}
     for info in (hop1, hop2):
-        step = out["steps"][info.name]
+        step = out.steps[info.name]
         values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
-        fast = model.q_heads(info, x, None, out["records"], values)["miss"]
-        context = model._context(info, x, out["records"])
+        fast = model.q_function.heads(info, x, None, out.records, values)["miss"]
+        context = q_values.context(info, x, out.records)
         if info is hop2:
-            slow = model._rerun_heads(info, x, None, context, values, ("miss",))["miss"]
+            slow = model.q_function.rerun_heads(info, x, None, context, values, ("miss",))["miss"]
         else:
-            critic = model.machinery.critics["hop_1"]
+            critic = model.training_state.critics["hop_1"]
             assert isinstance(critic.target_network, critics_lib.AllOutcomes)
             slow = critics_lib.Critic.q_outcomes(critic, context, values)[:, :, 0]
         assert fast.shape == (15, kg.max_actions + 1)

@@ -34,17 +34,17 @@ def test_samples_follow_the_compute_dtype_and_the_rest_stays_float32(mixed_bfloa
         model.compile(optimizer="adam")
         assert all(v.dtype == "float32" for v in model.trainable_variables)
         out = model.run_forward(tf.constant(x))
-        for name, record in out["records"].items():
+        for name, record in out.records.items():
             assert record.layer.compute_dtype == "bfloat16"
             assert record.sample.dtype == tf.bfloat16, name
             assert record.log_prob().dtype == tf.float32, name
-        assert {c.dtype for c in out["costs"].values()} == {tf.float32}
-        assert out["total"].dtype == tf.float32 and out["surrogate"].dtype == tf.float32
-        critics = model._evaluate_critics(out, out["x"], out["y"], with_gradient=True)
-        assert critics["targets"] and all(t.dtype == tf.float32 for t in critics["targets"].values())
-        for loss, td_error in critics["per_node"].values():
+        assert {c.dtype for c in out.costs.values()} == {tf.float32}
+        assert out.total.dtype == tf.float32 and out.surrogate.dtype == tf.float32
+        critics = model.critic_set().evaluate(out, with_gradient=True)
+        assert critics.targets and all(t.dtype == tf.float32 for t in critics.targets.values())
+        for loss, td_error in critics.per_node.values():
             assert loss.dtype == tf.float32 and td_error.dtype == tf.float32
-        assert all(g is not None and g.dtype == tf.float32 for g in critics["grads"])
+        assert all(g is not None and g.dtype == tf.float32 for g in critics.grads)
         # Outside training the nodes return their most likely values, cast alike.
         for value in tf.nest.flatten(model(tf.constant(x), training=False)):
             assert value.dtype == tf.bfloat16  # these models output node samples
@@ -170,12 +170,12 @@ def test_every_estimator_trains_and_passes_the_gradient_check_under_each_policy(
         model, x = graph()
         choice = {n: make() for n, make in factories.items()}
         model.compile(optimizer=keras.optimizers.Adam(0.05), estimator=choice, num_samples=num_samples)
-        assert all(model._node_estimators[n] is e for n, e in choice.items())
-        model.critic_variables  # creates the node state
-        tuned = [n for n in choice if "eta" in model.machinery.node_state[n]]
+        assert all(model.node_estimators[n] is e for n, e in choice.items())
+        model.build_training_state()  # creates the node state
+        tuned = [n for n in choice if "eta" in model.training_state.node_state[n]]
         for i, n in enumerate(tuned):  # a control variate away from the defaults
-            model.machinery.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
-            model.machinery.node_state[n]["eta"].assign(0.4 - 0.9 * i)
+            model.training_state.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
+            model.training_state.node_state[n]["eta"].assign(0.4 - 0.9 * i)
         if unbiased:
             num_draws = 500
             exact = diagnostics.exact_gradients(model, x, num_continuous_draws=4000)
@@ -193,8 +193,8 @@ def test_every_estimator_trains_and_passes_the_gradient_check_under_each_policy(
         keras.mixed_precision.set_global_policy(previous)
     for key, values in history.history.items():
         assert np.isfinite(values).all(), key
-    for variable in model.weights + model.machinery.weights + model.optimizer.variables:
+    for variable in model.weights + model.training_state.weights + model.optimizer.variables:
         assert np.isfinite(keras.ops.convert_to_numpy(variable)).all(), variable.path
     assert any(not np.allclose(s, v.numpy()) for s, v in zip(start, model.actor_variables))
     if tuned:
-        assert all(model.machinery.node_state[n]["tune_steps"].numpy() > 0 for n in tuned)
+        assert all(model.training_state.node_state[n]["tune_steps"].numpy() > 0 for n in tuned)

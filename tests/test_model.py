@@ -104,8 +104,8 @@ def test_estimator_dict_and_layer_argument():
     assert "reinforce" in text and "reparam" not in text
     model, _ = graphs.mixed()
     model.compile(estimator={"n": "reinforce"})
-    assert model._node_estimators["n"].name == "reinforce"
-    assert model._node_estimators["z1"].name == "critic_cv"
+    assert model.node_estimators["n"].name == "reinforce"
+    assert model.node_estimators["z1"].name == "critic_cv"
 
 
 class _ActivityPenalty(keras.layers.Layer):
@@ -156,7 +156,7 @@ def test_regularization_losses_join_the_actor_loss_and_are_differentiated_direct
         expected_gradient = tape.gradient(regularization, kernel)
         pre = x @ kernel.numpy() + bias.numpy()
         by_hand = rate * np.sum(kernel.numpy() ** 2) + rate * np.mean(pre**2)
-        critic_kernel = model.machinery.critics["z1"].online.get_layer("critic_in").kernel
+        critic_kernel = model.training_state.critics["z1"].online.get_layer("critic_in").kernel
         critic_before = critic_kernel.numpy()
         logs.append(model.train_on_batch(x, return_dict=True))
         weights.append(kernel.numpy())
@@ -211,7 +211,7 @@ def test_zero_sample_weights_do_not_train(path, estimator):
     before = [v.numpy().copy() for v in model.weights]
     weighted_fit(model, graphs.inputs(), np.zeros(3, "float32"), path)
     for variable, value in zip(model.weights, before):
-        if variable.path not in ("scg_state/steps", "scg_state/fit_epoch", "scg_state/fit_batch"):
+        if variable.path not in ("training_state/steps", "training_state/fit_epoch", "training_state/fit_batch"):
             np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
 
 

@@ -57,7 +57,7 @@ WORKER = textwrap.dedent(
     if index != 0:
         shutil.rmtree(target)
     with open(os.path.join(out, f"worker{{index}}.json"), "w") as f:
-        json.dump({{"history": history.history, "steps": int(model.machinery.steps.numpy()),
+        json.dump({{"history": history.history, "steps": int(model.training_state.steps.numpy()),
                    "replicas": strategy.num_replicas_in_sync}}, f)
     """
 ).format(tests=str(TESTS))
@@ -122,9 +122,9 @@ def test_two_workers_train_one_model_and_only_the_chief_checkpoints(tmp_path):
     assert len(variables) == len(final[0].files)
     for i, v in enumerate(variables):
         np.testing.assert_array_equal(v.numpy(), final[0][f"arr_{i}"], err_msg=v.path)
-    assert int(model.machinery.steps.numpy()) == 8
+    assert int(model.training_state.steps.numpy()) == 8
     model.fit(np.tile(graphs.inputs(), (4, 1)), batch_size=4, epochs=1, verbose=0)
-    assert int(model.machinery.steps.numpy()) == 11
+    assert int(model.training_state.steps.numpy()) == 11
 
 
 def test_readme_multi_worker_command_trains_two_local_workers(tmp_path):

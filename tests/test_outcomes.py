@@ -9,6 +9,7 @@ import keras_bpq
 from keras_bpq import critics as critics_lib
 from keras_bpq import estimators
 from keras_bpq import outcomes
+from keras_bpq import q_values
 
 
 def test_unit_edits_dense_and_with_first():
@@ -53,13 +54,13 @@ def test_downstream_heads_equal_a_full_rerun(activation):
     out = model.run_forward(data)
     checked = 0
     for info in model.scg(data).nodes:
-        step = out["steps"][info.name]
+        step = out.steps[info.name]
         values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
-        exact = tuple(c for c in info.costs if model._scg.cost_ancestors[c][-1] == info.name)
-        assert model._downstream_evaluator(info, exact) is not None
-        fast = model.q_heads(info, data, None, out["records"], values)
-        context = model._context(info, data, out["records"])
-        slow = model._rerun_heads(info, data, None, context, values, exact)
+        exact = tuple(c for c in info.costs if model.known_scg.cost_ancestors[c][-1] == info.name)
+        assert model.q_function.downstream_evaluator(info, exact) is not None
+        fast = model.q_function.heads(info, data, None, out.records, values)
+        context = q_values.context(info, data, out.records)
+        slow = model.q_function.rerun_heads(info, data, None, context, values, exact)
         for cost in exact:
             np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
             checked += 1
@@ -71,7 +72,7 @@ def test_evaluator_skips_what_the_outcomes_do_not_change():
     model.compile(optimizer="sgd")
     data = {"x": tf.zeros((2, 6)), "w": tf.zeros((2, 4))}
     info = model.scg(data).node("z1")
-    evaluator = model._downstream_evaluator(info, ("recon",))
+    evaluator = model.q_function.downstream_evaluator(info, ("recon",))
     ops = {node.operation.name for node in evaluator._plan}
     assert "dec" in ops and "enc" not in ops and "mid" not in ops
 
@@ -124,20 +125,20 @@ def test_dot_with_the_outcomes_and_multi_output_layers_run_downstream(monkeypatc
     data = tf.constant(np.random.RandomState(0).randn(6, 5), tf.float32)
     out = model.run_forward(data)
     info = model.scg(data).node("z2")
-    evaluator = model._downstream_evaluator(info, ("cost",))
+    evaluator = model.q_function.downstream_evaluator(info, ("cost",))
     assert evaluator is not None
     assert {"two", "dot"} <= {node.operation.name for node in evaluator._plan}
-    step = out["steps"]["z2"]
+    step = out.steps["z2"]
     values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
     with monkeypatch.context() as patch:  # the Dot is one gather: no [batch, A, K] outcomes
         patch.setattr(outcomes.UnitEdits, "dense", lambda self: pytest.fail("outcomes densified"))
-        fast = model.q_heads(info, data, None, out["records"], values)["cost"]
-    context = model._context(info, data, out["records"])
-    slow = model._rerun_heads(info, data, None, context, values, ("cost",))["cost"]
+        fast = model.q_function.heads(info, data, None, out.records, values)["cost"]
+    context = q_values.context(info, data, out.records)
+    slow = model.q_function.rerun_heads(info, data, None, context, values, ("cost",))["cost"]
     assert fast.shape == (6, 5)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
     # The sample's own row is the realised cost.
-    np.testing.assert_allclose(fast[:, 0], out["costs"]["cost"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast[:, 0], out.costs["cost"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("distinct", [False, True])
@@ -231,7 +232,7 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
     data = tf.constant(np.random.RandomState(2).rand(7, 6) < 0.5, tf.float32)
     out = model.run_forward(data)
     info = model.scg(data).node("z")
-    step = out["steps"]["z"]
+    step = out.steps["z"]
     values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
     affine = ("recon", "chain", "prior")
     run_on_rows = outcomes._call_on_rows
@@ -243,10 +244,10 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(outcomes, "_call_on_rows", per_example_rows_only)
-        fast = model._downstream_evaluator(info, affine)(data, {}, values)
-    fast.update(model._downstream_evaluator(info, ("peak",))(data, {}, values))
-    slow = model._rerun_heads(info, data, None, {"inputs": data}, values, affine + ("peak",))
+        fast = model.q_function.downstream_evaluator(info, affine)(data, {}, values)
+    fast.update(model.q_function.downstream_evaluator(info, ("peak",))(data, {}, values))
+    slow = model.q_function.rerun_heads(info, data, None, {"inputs": data}, values, affine + ("peak",))
     for cost in affine + ("peak",):
         assert fast[cost].shape == (7, 6)
         np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(fast[cost][:, 0], out["costs"][cost], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fast[cost][:, 0], out.costs[cost], rtol=1e-5, atol=1e-5)

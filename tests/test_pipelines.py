@@ -38,7 +38,7 @@ def test_steps_per_execution_matches_one_step_per_call(jit_compile):
         model.build_training_state()
         start = _state(model)
         history = model.fit(data, batch_size=3, epochs=2, shuffle=False, verbose=0)
-        assert int(model.machinery.steps.numpy()) == 14
+        assert int(model.training_state.steps.numpy()) == 14
         runs.append((_state(model), history.history))
     (one, logs_one), (three, logs_three) = runs
     assert len(one) == len(three)
@@ -46,7 +46,7 @@ def test_steps_per_execution_matches_one_step_per_call(jit_compile):
     for i, (a, b) in enumerate(zip(one, three)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=names[i] if i < len(names) else str(i))
     assert any(not np.allclose(a, b) for a, b in zip(start, one))  # training moved them
-    baseline = model.machinery.node_state["z1"]["baseline"].numpy()
+    baseline = model.training_state.node_state["z1"]["baseline"].numpy()
     assert baseline != 0.0
     assert logs_one.keys() == logs_three.keys()
     for key in logs_one:
@@ -83,7 +83,7 @@ def test_fit_on_a_tf_data_pipeline_with_validation_data():
     validation = _binarised(np.tile(x, (4, 1)), seed=1).batch(6)
     history = model.fit(train, validation_data=validation, epochs=2, shuffle=False, verbose=0)
     _check_logs(history, validation=True)
-    assert int(model.machinery.steps.numpy()) == 8  # 4 batches a epoch; validation trains nothing
+    assert int(model.training_state.steps.numpy()) == 8  # 4 batches a epoch; validation trains nothing
 
 
 def test_fit_on_a_generator_with_generator_validation_data():
@@ -99,7 +99,7 @@ def test_fit_on_a_generator_with_generator_validation_data():
         epochs=2, shuffle=False, verbose=0,
     )
     _check_logs(history, validation=True)
-    assert int(model.machinery.steps.numpy()) == 6
+    assert int(model.training_state.steps.numpy()) == 6
 
 
 def test_fit_on_arrays_with_validation_split_and_tuple_validation():

@@ -137,7 +137,7 @@ def step_variables(model):
     variables = list(model.weights) + list(model.optimizer.variables)
     if model.critic_optimizer is not None:
         variables += list(model.critic_optimizer.variables)
-    return [v for v in variables if v.path != "scg_state/status"]
+    return [v for v in variables if v.path != "training_state/status"]
 
 
 TRUE_SKIPS = (

@@ -103,11 +103,11 @@ def test_keras_file_round_trip_continues_training(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
 
     assert loaded.scg().node_names == model.scg().node_names
-    options = dataclasses.replace(loaded._critic_options, models={})
-    assert options == dataclasses.replace(model._critic_options, models={})
-    assert isinstance(loaded._critic_options.models["z1"], keras.Sequential)
-    assert {n: e.name for n, e in loaded._node_estimators.items()} == {"z1": "reinforce", "z2": "critic_cv"}
-    assert loaded._node_estimators["z1"].decay == 0.9
+    options = dataclasses.replace(loaded.critic_options, models={})
+    assert options == dataclasses.replace(model.critic_options, models={})
+    assert isinstance(loaded.critic_options.models["z1"], keras.Sequential)
+    assert {n: e.name for n, e in loaded.node_estimators.items()} == {"z1": "reinforce", "z2": "critic_cv"}
+    assert loaded.node_estimators["z1"].decay == 0.9
     assert float(loaded.critic_optimizer.learning_rate) == pytest.approx(0.02)
     # Same values everywhere, the Adam moments of both optimizers included.
     assert [v.shape for v in loaded.variables] == [v.shape for v in model.variables]

@@ -1,0 +1,271 @@
+"""The callbacks `BackpropQModel.fit` runs besides the user's, and the step's
+status codes they report.
+
+`fit(callbacks=[...])` runs `fit_callbacks(callbacks)`: `NonFiniteGuard` and
+`FitPosition` before the user's callbacks (so no checkpointing callback saves
+after a failed step, and every checkpoint knows where `fit` stands),
+`ResumeAtPosition` after them (so it runs after `BackupAndRestore` restored).
+
+* Non-finite guard: every training step computes a status (`step_status`,
+  `mask_status`; 0 when it stands) and keeps none of its updates when it is
+  not 0; `NonFiniteGuard` raises `nonfinite_error` after such a step.
+* Exact resume: `FitPosition` records in the model (and so in every
+  checkpoint) which epoch `fit` is in and how many of its batches are done.
+  After `keras.callbacks.BackupAndRestore` restores a checkpoint,
+  `ResumeAtPosition` restarts at that epoch and passes over the batches already
+  trained without training on them, so a run killed mid-epoch and restarted
+  ends with the weights of a run that never stopped (given the same batches in
+  the same order).
+"""
+
+import json
+import os
+from typing import List, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+from keras_bpq import _keras_compat
+from keras_bpq import saving as saving_lib
+
+
+def fit_callbacks(callbacks: Sequence[keras.callbacks.Callback]) -> List[keras.callbacks.Callback]:
+    """The callbacks `fit` runs: the guard and the position first, the user's
+    `callbacks`, then the resume."""
+    callbacks = list(callbacks)
+    return [NonFiniteGuard(), FitPosition(callbacks)] + callbacks + [ResumeAtPosition()]
+
+
+# -- the non-finite guard ------------------------------------------------------
+def step_status(scg, costs, grads) -> tf.Tensor:
+    """0 when every cost and gradient is finite, else the 1-based index of the
+    first non-finite cost, or -1 for a non-finite gradient."""
+    status = tf.constant(0)
+    for index in reversed(range(len(scg.costs))):
+        finite = tf.reduce_all(tf.math.is_finite(costs[scg.costs[index]]))
+        status = tf.where(finite, status, index + 1)
+    grads_finite = tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None] or [True]
+    )
+    return tf.where(tf.logical_and(tf.equal(status, 0), tf.logical_not(grads_finite)), -1, status)
+
+
+def mask_status(scg, records, status) -> Tuple[tf.Tensor, tf.Tensor]:
+    """`(status, row)`: `status`, or `len(scg.costs) + 1 + j` where node `j`'s
+    Categorical mask allows no outcome in batch row `row` (the first such
+    node and row). Outside XLA the node's own assertion stops the step
+    first; under XLA, which drops assertions, its sample is NaN and this
+    names the cause instead of the cost it made non-finite."""
+    row = tf.constant(0)
+    for index in reversed(range(len(scg.nodes))):
+        record = records[scg.nodes[index].name]
+        if record.mask is None or not hasattr(record.layer, "empty_rows"):
+            continue
+        empty = tf.reshape(record.layer.empty_rows(record.mask), [-1])
+        found = tf.reduce_any(empty)
+        status = tf.where(found, len(scg.costs) + 1 + index, status)
+        row = tf.where(found, tf.argmax(tf.cast(empty, tf.int32), output_type=tf.int32), row)
+    return status, row
+
+
+def step_variables(weights, training_state, critic_variables, optimizers) -> List[tuple]:
+    """`[(variable, role)]`: every variable a training step may write (the
+    model's `weights`, critics and their target copies, estimator state, the
+    `optimizers`' variables (`[(optimizer or None, role)]`), for undoing a
+    step; `role` names it in errors."""
+    roles = {}
+
+    def add(variables, role):
+        for variable in variables:
+            roles.setdefault(id(variable), (variable, role))
+
+    state = {id(v): n for n, s in training_state.node_state.items() for v in s.values()}
+    critic_ids = {id(v) for v in critic_variables}
+    for variable in weights:
+        if variable is training_state.status or variable is training_state.status_row:
+            continue  # the step's own report, written after the check
+        if not tf.as_dtype(variable.dtype).is_floating:
+            role = "counter"  # never non-finite; set back with the rest
+        elif id(variable) in state:
+            role = f"estimator state of node {state[id(variable)]!r}"
+        elif id(variable) in critic_ids:
+            role = "critic weight"
+        elif variable.trainable:
+            role = "weight"
+        elif any(variable is w for w in training_state.non_trainable_weights):
+            role = "critic target copy"
+        else:
+            role = "non-trainable weight"
+        add([variable], role)
+    for optimizer, role in optimizers:
+        if optimizer is not None:
+            add(optimizer.variables, role)
+    return list(roles.values())
+
+
+def nonfinite_error(model_name, scg, code, row, variables) -> FloatingPointError:
+    """The error for a step whose status (`step_status`, `mask_status`, or
+    `-2 - i` for an update that wrote a non-finite value into `variables[i]`,
+    `step_variables`) is `code`, not 0; `row` is the batch row of a mask."""
+    if code > len(scg.costs):
+        node = scg.nodes[code - len(scg.costs) - 1].name
+        return FloatingPointError(
+            f"Model {model_name!r}: Categorical node {node!r}: row {row} of its mask allows no "
+            "outcome in a training step (the row of the step's batch; with num_samples=K the "
+            "example is row // K). The step was skipped: nothing it would have written was "
+            "kept. Give every example at least one allowed outcome (a no-op action, say)."
+        )
+    if code > 0:
+        cause = f"cost {scg.costs[code - 1]!r} was not finite (NaN or inf)"
+        fix = f"Check the layers that compute {scg.costs[code - 1]!r} (log of 0, division by 0, overflow)."
+    elif code == -1:
+        cause = "the gradient was not finite although every cost was"
+        fix = "Lower the learning rate or clip the parameters feeding the stochastic nodes."
+    else:
+        variable, role = variables[-2 - code]
+        cause = (
+            f"the update would have written a non-finite value (NaN or inf) into "
+            f"{role} {variable.path!r}, although every cost was finite"
+        )
+        fix = (
+            "Costs or gradients this large overflow the optimizers (their squared "
+            "gradients, say): scale the costs down, lower the learning rate or clip "
+            "the gradients (clipnorm=)."
+        )
+    return FloatingPointError(
+        f"Model {model_name!r}: {cause} in a training step. Nothing that step would "
+        "have written was kept, so every weight, critic, target copy, optimizer "
+        f"slot and estimator state holds finite values. {fix}"
+    )
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stops `fit` with a clear error after a step that met a non-finite value:
+    a cost, an actor gradient, or a value the step would have written.
+
+    The step itself already kept none of its updates, so every weight, critic,
+    target copy, optimizer slot and estimator state holds finite values.
+    """
+
+    def on_train_begin(self, logs=None):
+        self.model.training_state.status.assign(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.raise_if_nonfinite()
+
+
+# -- exact resume ------------------------------------------------------------
+class FitPosition(keras.callbacks.Callback):
+    """Keeps `model.training_state.fit_epoch` / `fit_batch` at the epoch `fit` is in
+    and the number of its batches already trained, before any checkpointing
+    callback saves them (`fit_callbacks` puts it ahead of the user's).
+
+    It also drops a `BackupAndRestore` metadata file left unreadable by a
+    crash (the position inside the weights file is what resuming uses), and
+    notes the backup folders so that a backup written by another model is
+    reported as such (`explained_load_errors`).
+    """
+
+    def __init__(self, callbacks=()):
+        super().__init__()
+        self._callbacks = list(callbacks)
+
+    @staticmethod
+    def clear(model):
+        """Marks the model as outside `fit` (position -1, -1)."""
+        model.training_state.fit_epoch.assign(-1)
+        model.training_state.fit_batch.assign(-1)
+        saving_lib.set_backup_dirs(model, None)
+
+    def _set(self, epoch, batch):
+        self.model.training_state.fit_epoch.assign(epoch)
+        self.model.training_state.fit_batch.assign(batch)
+
+    def on_train_begin(self, logs=None):
+        # Anything else found after the callbacks' on_train_begin was restored.
+        self.clear(self.model)
+        saving_lib.set_backup_dirs(self.model, [
+            c.backup_dir for c in self._callbacks if isinstance(c, keras.callbacks.BackupAndRestore)
+        ])
+        for callback in self._callbacks:
+            if not isinstance(callback, keras.callbacks.BackupAndRestore):
+                continue
+            path = _keras_compat.backup_metadata_path(callback)
+            if path and os.path.exists(path):
+                try:
+                    with open(path) as f:
+                        json.load(f)
+                except ValueError:
+                    os.remove(path)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._set(epoch, 0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.training_state.fit_batch.assign(batch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._set(epoch + 1, 0)
+
+
+class ResumeAtPosition(keras.callbacks.Callback):
+    """After the other callbacks' `on_train_begin` (so after a
+    `BackupAndRestore` restore), resumes at the restored position: sets the
+    initial epoch and passes over the batches of that epoch already trained
+    (they are drawn from the data but not trained on; their logs are the
+    metrics so far).
+    `fit_callbacks` puts it after the user's."""
+
+    def __init__(self):
+        super().__init__()
+        self._restored = False
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        state = model.training_state
+        epoch, batch = int(state.fit_epoch.numpy()), int(state.fit_batch.numpy())
+        state.status.assign(0)
+        if epoch < 0:
+            return
+        self._restored = True
+        _keras_compat.set_initial_epoch(model, epoch)
+        if batch > 0:
+            model.train_function = _skipping(model, model.train_function, batch)
+
+    def on_train_end(self, logs=None):
+        if self._restored:
+            _keras_compat.set_initial_epoch(self.model, None)
+
+
+def _skipping(model, train_function, batches):
+    """A train function that draws `batches` batches (whole executions of
+    `steps_per_execution`) without training, then puts `train_function` back."""
+    remaining = [int(batches)]
+
+    def skip(iterator):
+        if remaining[0] <= 0:
+            model.train_function = train_function
+            return train_function(iterator)
+        steps = max(1, int(model.steps_per_execution or 1))
+        drawn = 0
+        for _ in range(min(steps, remaining[0])):
+            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+                if not iterator.get_next_as_optional().has_value():
+                    break
+            else:
+                try:
+                    next(iterator)
+                except StopIteration:
+                    break
+            drawn += 1
+        if drawn == 0:
+            raise StopIteration
+        remaining[0] -= drawn
+        if remaining[0] <= 0:
+            model.train_function = train_function
+        try:
+            return model.get_metrics_result()
+        except Exception:  # metrics not built yet in a fresh process
+            return {}
+
+    return skip

@@ -1,0 +1,61 @@
+"""Batches with sample weights but no targets.
+
+Keras packs arrays as `(x, y, sample_weight)` only when `y` is given and drops
+the weights otherwise (`pack_x_y_sample_weight`); a `BackpropQModel` usually has
+no targets. `weights_without_targets` carries such weights next to a `[n, 0]`
+boolean array that stands for "no targets", and `unpack` reads it back.
+"""
+
+import inspect
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _no_targets(x):
+    """A `[n, 0]` boolean array standing for "no targets" next to the `n`
+    examples of `x`."""
+    rows = len(tf.nest.flatten(x)[0])
+    return np.zeros((rows, 0), dtype=bool)
+
+
+def _is_no_targets(y):
+    return (
+        isinstance(y, (tf.Tensor, np.ndarray))
+        and y.dtype == bool
+        and len(y.shape) == 2
+        and y.shape[1] == 0
+    )
+
+
+def unpack(data):
+    """`(x, y, sample_weight)` of a batch, with y None where it stands for no targets."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return x, (None if _is_no_targets(y) else y), sample_weight
+
+
+def weights_without_targets(method, args, kwargs) -> dict:
+    """`method`'s (`keras.Model.fit` or `.evaluate`) arguments as keywords,
+    with sample weights given without targets carried by a "no targets" array.
+    Validation data `(x, None, w)` is rewritten alike."""
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    arguments = bound.arguments
+    x = arguments.get("x")
+    if arguments.get("y") is None and arguments.get("sample_weight") is not None and x is not None:
+        if _array_like(x):
+            arguments["y"] = _no_targets(x)
+    validation = arguments.get("validation_data")
+    if isinstance(validation, (tuple, list)) and len(validation) == 3:
+        val_x, val_y, val_w = validation
+        if val_y is None and val_w is not None and _array_like(val_x):
+            arguments["validation_data"] = (val_x, _no_targets(val_x), val_w)
+    keywords = dict(arguments)
+    keywords.update(keywords.pop("kwargs", {}))
+    return keywords
+
+
+def _array_like(x):
+    """Whether every leaf of `x` is an array or tensor (Keras' array adapter)."""
+    leaves = tf.nest.flatten(x)
+    return bool(leaves) and all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves)

@@ -1,0 +1,144 @@
+"""How a `BackpropQModel` finds its stochastic computation graph and creates
+what training needs for it (`ScgDiscovery`, a mixin of the model, as Keras'
+`Trainer` is of `keras.Model`).
+
+Discovery traces the forward pass once per input signature (`graph.discover`),
+checks what it found, applies `compile(contexts=...)`, and chooses every node's
+estimator; the first discovery fixes the model's SCG. The training state
+(estimator state, critics, the Q-function) is created once, from that SCG,
+in `_create_training_state`.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_bpq import _keras_compat
+from keras_bpq import costs as costs_lib
+from keras_bpq import critics as critics_lib
+from keras_bpq import estimators as estimators_lib
+from keras_bpq import graph
+from keras_bpq import q_values
+
+
+class ScgDiscovery:
+    """The SCG of a `BackpropQModel`, its estimators and its training state."""
+
+    def _input_spec_from_network(self):
+        def spec(t):
+            return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
+
+        return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
+
+    # -- structure ---------------------------------------------------------
+    def scg(self, x=None):
+        """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
+
+        `x` is a batch of inputs or a structure of `tf.TensorSpec`; it may be
+        omitted once the structure is known. Discovery traces the forward pass
+        once per input signature.
+        """
+        if x is None:
+            if self._scg is None:
+                if self.network is None:
+                    raise ValueError(
+                        f"The SCG of {self.name!r} is not known yet: pass a batch of "
+                        "inputs, or train or evaluate first."
+                    )
+                return self.scg(self._input_spec_from_network())
+            return self._scg
+        spec = tf.nest.map_structure(graph.batchless_spec, x)
+        key = tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(spec))
+        if key not in self._scg_cache:
+            self._scg_cache[key] = self._discover(spec)
+        return self._scg_cache[key]
+
+    def _discover(self, spec):
+        compiled = self._compiled_losses
+        if not self.built:
+            # Build once outside any recorder: Keras may run call() to build.
+            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+
+        def forward(inputs):
+            return compiled.dependencies(self(inputs, training=True))
+
+        scg, cost_shapes = graph.discover(forward, spec, check_names=costs_lib.check_names)
+        if not scg.nodes:
+            raise ValueError(
+                f"Model {self.name!r} has no stochastic node: its forward pass never "
+                "called a keras_bpq node layer (Bernoulli, Categorical, Normal, "
+                "StochasticNode). Use keras.Model for deterministic models."
+            )
+        if not scg.costs:
+            raise ValueError(
+                f"Model {self.name!r} has no cost: pass costs={{...}} to the "
+                "constructor, call keras_bpq.add_cost() in call(), or compile(loss=...)."
+            )
+        for name, shape in cost_shapes.items():
+            if name not in compiled.names:
+                costs_lib.check_per_example(name, shape)
+        scg = graph.with_contexts(scg, self._contexts)
+        if self._scg is None:
+            self._resolve_estimators(scg)
+            self._scg = scg
+            self._scg_spec = spec
+            self.q_function = q_values.QFunction(scg, self.training_state.critics, self.network, self.record_forward)
+        elif scg.node_names != self._scg.node_names or scg.costs != self._scg.costs:
+            raise ValueError(
+                f"Model {self.name!r} built a different SCG for inputs {spec}: nodes "
+                f"{scg.node_names} and costs {scg.costs}, where earlier inputs gave "
+                f"nodes {self._scg.node_names} and costs {self._scg.costs}."
+            )
+        return scg
+
+    def _create_training_state(self):
+        """Creates estimator state and critics on first use
+        (after the last `compile()`, so recompiling before training may change
+        estimators); `build_training_state` also builds the optimizers."""
+        if self.training_state.built:
+            return
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            raise RuntimeError(
+                f"Model {self.name!r}: its critics and estimator state must be created "
+                "before a distributed step runs. Call model.scg(example_batch) under "
+                "strategy.scope() before fit(), or use a functional BackpropQModel."
+            )
+        scg, options = self._scg, self._critic_options
+        with self.distribute_strategy.scope():
+            heads = critics_lib.heads_to_learn(scg, self._node_estimators, options)
+            dims = critics_lib.feature_dims(scg, self._scg_spec)
+            self.training_state.setup(
+                scg, self._node_estimators, heads, dims, options.models, options.hidden_units
+            )
+            critic_variables = self.critic_variables
+            if critic_variables:
+                if self.critic_optimizer is None:
+                    self.critic_optimizer = keras.optimizers.Adam(1e-3)
+                self.critic_optimizer.build(critic_variables)
+
+    def _resolve_estimators(self, scg):
+        built = self._node_estimators is not None and self.training_state.built
+        self._node_estimators = estimators_lib.resolve(
+            self._estimator_option, scg, self.node_layer, self._num_samples,
+            created=self._node_estimators if built else None,
+        )
+
+    def node_layer(self, info):
+        """The node layer that made node `info` (a `keras_bpq.graph.NodeInfo` of
+        `scg()`); a KeyError naming the layer if the model holds none."""
+        for layer in _keras_compat.flatten_layers(self, include_self=False):
+            if layer.name == info.layer_name:
+                return layer
+        raise KeyError(info.layer_name)
+
+    def scg_summary(self, x=None, print_fn=print):
+        """Prints the SCG: node, distribution, context, costs, estimator, critic."""
+        scg = self.scg(x)
+        self._create_training_state()
+        text = graph.format_scg(
+            scg,
+            estimators={n: e.describe() for n, e in self._node_estimators.items()},
+            critics=critics_lib.describe(scg, self._node_estimators, self.training_state.critics),
+        )
+        print_fn(text)
+        return text

@@ -1,0 +1,189 @@
+"""A training step's updates under `tf.distribute`, applied whole or not at all.
+
+A step updates, in this order, the critics, the actor (after the critics'
+warm-up), every node's estimator state and the critics' target copies; a step
+that met a non-finite cost or gradient on any replica applies none of them, and
+a step whose updates wrote a NaN or inf anywhere is set back to the values
+before it. Under a strategy that synchronises through `merge_call` (a
+`MirroredStrategy`, even on one device) the decision runs in cross-replica
+context and every update on each replica, as Keras' `LossScaleOptimizer` does.
+
+The reductions here make global-batch means out of per-replica values.
+"""
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+
+from keras_bpq import _keras_compat
+
+
+def num_replicas() -> int:
+    """Replicas in sync (1 outside `tf.distribute`)."""
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def global_sum(value: tf.Tensor) -> tf.Tensor:
+    """Sum over replicas (the value itself outside tf.distribute)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def global_mean(value: tf.Tensor) -> tf.Tensor:
+    """Mean of a per-example tensor over the global batch (equal replica batches)."""
+    return global_sum(tf.reduce_mean(value)) / num_replicas()
+
+
+def global_weighted_mean(value: tf.Tensor, sample_weight: Optional[tf.Tensor]) -> tf.Tensor:
+    """`sum_i w_i v_i / sum_i w_i` over the global batch (the plain mean without
+    weights; 0 where every weight is 0)."""
+    if sample_weight is None:
+        return global_mean(value)
+    weight = tf.reshape(tf.cast(sample_weight, value.dtype), [-1])
+    sums = global_sum(tf.stack([tf.reduce_sum(value * weight), tf.reduce_sum(weight)]))
+    return tf.math.divide_no_nan(sums[0], sums[1])
+
+
+def all_finite(variables: Sequence[tf.Variable]) -> tf.Tensor:
+    """Whether every floating variable holds finite values only (one check per
+    dtype over all of them: a step pays a few ops, not a few per variable)."""
+    by_dtype = {}
+    for v in variables:
+        if tf.as_dtype(v.dtype).is_floating:
+            by_dtype.setdefault(tf.as_dtype(v.dtype), []).append(tf.reshape(v.value, [-1]))
+    checks = [tf.reduce_all(tf.math.is_finite(tf.concat(flat, 0))) for flat in by_dtype.values()]
+    return tf.reduce_all(checks) if checks else tf.constant(True)
+
+
+def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
+    """The index of the first floating variable holding a NaN or inf, or -1."""
+    finite = [
+        tf.reduce_all(tf.math.is_finite(v.value)) if tf.as_dtype(v.dtype).is_floating else tf.constant(True)
+        for v in variables
+    ]
+    if not finite:
+        return tf.constant(-1)
+    finite = tf.stack(finite)
+    first = tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32)
+    return tf.where(tf.reduce_all(finite), -1, first)
+
+
+class StepUpdates(NamedTuple):
+    """What a training step writes, as functions `apply_updates` calls in order.
+
+    `critics(critic_grads, critic_inputs)`, `actor(grads)` and
+    `state(means, tuning, has_data)` run on every replica with that replica's
+    values; `target_copies()` runs once. `actor_ready()` (a boolean tensor) says
+    whether the critics' warm-up is over; `warmup` is its length in steps.
+    """
+
+    critics: Callable[..., None]
+    actor: Callable[..., None]
+    state: Callable[..., None]
+    target_copies: Callable[[], None]
+    actor_ready: Callable[[], tf.Tensor]
+    warmup: int
+
+
+class StepValues(NamedTuple):
+    """A replica's values for `StepUpdates`: the actor's and critics' gradients,
+    `means` (per node, the global mean of `c_X`), `has_data` (a boolean, or None
+    without sample weights: false when every weight is 0, and the estimator
+    state then stays as it is), `tuning` (per node, the estimators' own
+    replica-mean tuning gradients) and `critic_inputs` (`critics.CriticInputs`
+    of this replica, for repeated critic updates from cross-replica context;
+    None otherwise)."""
+
+    grads: list
+    critic_grads: list
+    means: list
+    has_data: Optional[tf.Tensor]
+    tuning: list
+    critic_inputs: object = None
+
+
+def apply_updates(
+    skip: tf.Tensor, updates: StepUpdates, values: StepValues, variables: Sequence[tf.Variable],
+    saved: Sequence[tf.Tensor],
+) -> tf.Tensor:
+    """Critics, then actor (after warm-up), then estimator state and target
+    copies; nothing at all when `skip` (a non-finite cost or gradient on any
+    replica).
+
+    `variables` are all a step may write and `saved` their values before it.
+    After the updates every floating one is checked: if any holds a NaN or inf
+    (an optimizer's slot that overflowed, say), all of them are set back to
+    their values before the step, so the step leaves nothing non-finite behind.
+    Returns the index in `variables` of the first non-finite variable (of any
+    replica), or -1 when the step stands."""
+
+    def noop():
+        return tf.constant(0)
+
+    def restore(saved):
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        return noop()
+
+    context = tf.distribute.get_replica_context()
+    # Not `num_replicas_in_sync == 1`: a one-device MirroredStrategy still
+    # synchronises through merge_call, which cannot run inside a tf.cond.
+    if (
+        context is None
+        or not tf.distribute.has_strategy()
+        or _keras_compat.strategy_supports_no_merge_call()
+    ):
+
+        def apply():
+            updates.critics(values.critic_grads)
+
+            def actor():
+                updates.actor(values.grads)
+                return noop()
+
+            tf.cond(updates.actor_ready(), actor, noop) if updates.warmup else actor()
+            updates.state(values.means, values.tuning, values.has_data)
+            updates.target_copies()
+            return noop()
+
+        tf.cond(skip, noop, apply)
+        # Replicas hold the same values; agree anyway on undoing the step.
+        undo = global_sum(tf.cast(tf.logical_not(all_finite(variables)), tf.float32)) > 0
+
+        def undo_step():
+            first = tf.maximum(first_nonfinite(variables), 0)  # read before restoring
+            restore(saved)
+            return first
+
+        return tf.cond(undo, undo_step, lambda: tf.constant(-1))
+
+    def cross_replica(strategy, skip, values, saved):
+        each = strategy.extended.call_for_each_replica
+        # Every replica holds the same all-reduced flag; take the first's.
+        skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
+
+        def apply():
+            each(updates.critics, args=(values.critic_grads, values.critic_inputs))
+            tf.cond(
+                updates.actor_ready(),
+                lambda: each(updates.actor, args=(values.grads,)),
+                lambda: None,
+            )
+            each(updates.state, args=(values.means, values.tuning, values.has_data))
+            updates.target_copies()
+
+        tf.cond(skip, lambda: None, apply)
+        finite = strategy.experimental_local_results(each(lambda: all_finite(variables)))
+        undo = tf.logical_not(tf.reduce_all(finite))
+
+        def undo_step():
+            first = tf.reduce_max(strategy.experimental_local_results(each(lambda: first_nonfinite(variables))))
+            each(restore, args=(saved,))
+            return tf.maximum(first, 0)
+
+        return tf.cond(undo, undo_step, lambda: tf.constant(-1))
+
+    return context.merge_call(cross_replica, args=(skip, values, saved))

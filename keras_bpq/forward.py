@@ -1,0 +1,185 @@
+"""The values a training step passes between its stages: a recorded forward
+pass, and the same pass with every node's estimator step and the surrogate.
+
+The surrogate is `L = sum_X L_X + sum_c c` per row: its gradient (with the
+samples held fixed unless a node is reparameterised) estimates `grad J`,
+`J = E[sum_c c]` (docs/method.md).
+"""
+
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+
+import tensorflow as tf
+
+from keras_bpq import _keras_compat
+from keras_bpq import costs as costs_lib
+from keras_bpq import critics as critics_lib
+from keras_bpq import distribute
+from keras_bpq import estimators as estimators_lib
+from keras_bpq import graph
+
+
+class Recording(NamedTuple):
+    """One recorded forward pass (`BackpropQModel.record_forward`)."""
+
+    y_pred: Any  # the model's outputs
+    costs: Dict[str, tf.Tensor]  # every cost's per-example value, [batch]
+    total: tf.Tensor  # their sum, with gradients along deterministic paths
+    records: Dict[str, graph.NodeRecord]  # by node name
+
+
+class ForwardPass(NamedTuple):
+    """A recorded forward pass and its surrogate (`BackpropQModel.run_forward`).
+
+    With `compile(num_samples=K)` every example is repeated `K` times
+    (consecutive rows), so every row is one (example, draw) pair, and `x`, `y`
+    and `weights` are the repeated ones.
+    """
+
+    y_pred: Any
+    costs: Dict[str, tf.Tensor]
+    total: tf.Tensor
+    records: Dict[str, graph.NodeRecord]
+    surrogate: tf.Tensor  # [rows]: total + sum_X L_X, whose gradient estimates grad J
+    regularization: tf.Tensor  # the actor's Keras regularisation losses of this pass, a scalar
+    weights: Optional[tf.Tensor]  # the per-row sample weights, or None
+    x: Any
+    y: Any
+    steps: Dict[str, estimators_lib.NodeStep]  # by node name
+
+
+def repeat_rows(num_samples: int, x, y=None, sample_weight=None) -> Tuple[Any, Any, Any]:
+    """`(x, y, sample_weight)` with every example repeated `num_samples` times
+    (consecutive rows); unchanged for one sample."""
+    if num_samples == 1:
+        return x, y, sample_weight
+    repeat = lambda t: tf.repeat(t, num_samples, axis=0)  # noqa: E731
+    x = tf.nest.map_structure(repeat, x)
+    y = None if y is None else tf.nest.map_structure(repeat, y)
+    sample_weight = None if sample_weight is None else repeat(sample_weight)
+    return x, y, sample_weight
+
+
+def build_surrogate(
+    scg, estimators: Mapping, node_state: Mapping, recording: Recording, q_function, x, y,
+    num_samples: int, reads_target: bool,
+) -> Tuple[Dict[str, estimators_lib.NodeStep], tf.Tensor]:
+    """`(steps, surrogate)`: every node's `estimators.NodeStep` in `recording`
+    and the per-row surrogate `total + sum_X L_X`.
+
+    `q_function` is the model's `q_values.QFunction`; the estimators that need
+    a critic read its target copies when `reads_target`."""
+    costs, total, records = recording.costs, recording.total, recording.records
+    steps = {}
+    result = total
+    for info in scg.nodes:
+        estimator = estimators[info.name]
+        downstream = tf.add_n([costs[c] for c in info.costs]) if info.costs else tf.zeros_like(total)
+        q = None
+        if estimator.needs_critic and info.costs:
+            q = q_function.node_q(info, x, y, records, reads_target)
+        step = estimators_lib.NodeStep(
+            info=info,
+            record=records[info.name],
+            downstream=downstream,
+            state=node_state[info.name],
+            q=q,
+            num_samples=num_samples,
+            rerun=q_function.rerun(info, x, y, records),
+        )
+        steps[info.name] = step
+        if info.costs:
+            result = result + estimator.surrogate(step)
+    return steps, result
+
+
+def estimator_signals(scg, estimators: Mapping, forward: ForwardPass) -> Tuple[list, Optional[tf.Tensor], list]:
+    """`(means, has_data, tuning)` of a pass for the estimators' state updates
+    (`TrainingState.update_estimators`): per node the global weighted mean of
+    `c_X`; whether any sample weight is non-zero (None without weights; with
+    weights that are all 0, no data, the estimator state stays as it is); per
+    node the replica means of the estimator's own tuning gradients (relax's
+    control variate)."""
+    weights, replicas = forward.weights, distribute.num_replicas()
+    means = [distribute.global_weighted_mean(forward.steps[info.name].downstream, weights) for info in scg.nodes]
+    has_data = (
+        None if weights is None
+        else distribute.global_sum(tf.reduce_sum(tf.abs(tf.cast(weights, tf.float32)))) > 0
+    )
+    tuning = [
+        [distribute.global_sum(g) / replicas for g in estimators[n].tuning_gradients(forward.steps[n])]
+        for n in scg.node_names
+    ]
+    return means, has_data, tuning
+
+
+class RecordedForward:
+    """The forward passes of a `BackpropQModel` (a mixin of the model): recorded,
+    and with the surrogate."""
+
+    def record_forward(self, x, y=None, training=True, forced=None, keep_gradient=None):
+        """One recorded forward pass, a `forward.Recording`: `y_pred`, `costs`
+        (every cost's per-example value `[batch]`), `total` (their sum, with
+        gradients along deterministic paths) and `records` (`graph.NodeRecord`s
+        by node name). `forced` fixes node samples by name; `keep_gradient`
+        names the nodes whose samples keep their gradient (by default those
+        whose estimator asks for it). It builds no surrogate (`run_forward`)."""
+        scg = self.scg(x)
+        self._create_training_state()
+        if keep_gradient is None:
+            keep_gradient = {
+                i.name for i in scg.nodes if self._node_estimators[i.name].keeps_gradient
+            }
+        with graph.Recorder(forced=forced, keep_gradient=keep_gradient) as rec:
+            y_pred = self(x, training=training)
+        costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
+        if self._compiled_losses.entries:
+            costs.update(self._compiled_losses(y, y_pred))
+        total = tf.add_n([costs[name] for name in scg.costs])
+        return Recording(y_pred, costs, total, {r.name: r for r in rec.nodes})
+
+    def run_forward(self, x, y=None, training=True, sample_weight=None):
+        """A recorded forward pass and its surrogate loss, a `forward.ForwardPass`.
+
+        With `compile(num_samples=K)` every example is repeated `K` times
+        (consecutive rows). Besides `record_forward`'s values it holds the
+        per-node `estimators.NodeStep`s, `surrogate` (`[rows]`: `total + sum_X
+        L_X`, whose gradient estimates `grad J`), `regularization`
+        (`regularization_loss()` of this pass), and the repeated `x`, `y` and
+        sample `weights`.
+        """
+        scg = self.scg(x)
+        x, y, sample_weight = repeat_rows(self._num_samples, x, y, sample_weight)
+        recording = self.record_forward(x, y, training=training)
+        # Read before any re-run of the model's layers replaces their losses.
+        regularization = self.regularization_loss()
+        steps, surrogate = build_surrogate(
+            scg, self._node_estimators, self.training_state.node_state, recording, self.q_function,
+            x, y, self._num_samples, self._critic_options.actor_reads_target,
+        )
+        return ForwardPass(
+            *recording, surrogate=surrogate, regularization=regularization, weights=sample_weight,
+            x=x, y=y, steps=steps,
+        )
+
+    def regularization_loss(self):
+        """The scalar sum of the actor's Keras regularisation losses: `add_loss`
+        terms of the model's layers from the last call (the critics' excluded)
+        and the weight regularisers of `actor_variables`."""
+        critic_layers = {id(layer) for layer in _keras_compat.flatten_layers(self.training_state)}
+        losses = [
+            loss
+            for layer in _keras_compat.flatten_layers(self)
+            if id(layer) not in critic_layers
+            for loss in _keras_compat.own_losses(layer)
+        ]
+        return costs_lib.sum_losses(losses + costs_lib.weight_penalties(self.actor_variables))
+
+    def critic_set(self):
+        """The model's critics with what trains them (`critics.CriticSet`), as
+        compiled; None before the training state exists."""
+        if not self.training_state.built:
+            return None
+        return critics_lib.CriticSet(
+            self._scg, self.training_state.critics, self.critic_variables, self._critic_options,
+            self.critic_optimizer, self.q_function, self.training_state.steps,
+        )

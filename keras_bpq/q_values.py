@@ -1,0 +1,147 @@
+"""Q-values of a node's outcomes: learned heads from its critic, exact heads
+from the costs re-evaluated downstream of it.
+
+For node `X` and cost `c` in `C_X`, the head `Q^c_X(x, s)` is the expected cost
+`c` given the node's value `x` and its context `s` (the model inputs and the
+earlier samples of `NodeInfo.context`; docs/method.md, "Contexts"). Where `X`
+is the last stochastic ancestor of `c`, the head is exact: `c` is then a
+deterministic function of `(x, s)`, re-evaluated with the context held and the
+node forced (`outcomes.DownstreamEvaluator` on a functional model, else a
+re-run of the forward pass on `batch x A` rows). Every other head is learned
+(`critics.NodeCritic`).
+"""
+
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from keras_bpq import nodes as nodes_lib
+from keras_bpq import outcomes as outcomes_lib
+
+
+def context(info, x, records: Mapping) -> dict:
+    """`{"inputs": x, name: sample}` for the entries of the node's context
+    (`graph.NodeInfo.context`), the samples stop-gradient."""
+    result = {"inputs": x} if "inputs" in info.context else {}
+    for name in info.context:
+        if name != "inputs":
+            result[name] = tf.stop_gradient(records[name].sample)
+    return result
+
+
+class QFunction:
+    """Every node's heads `Q^c_X` at any of its outcomes, given a recorded pass.
+
+    Args:
+      scg: the model's `graph.SCG`.
+      critics: `{node: critics.Critic}`, the critics of the learned heads (the
+        model's `TrainingState.critics`, read at every call).
+      network: the model's functional network, or None (subclassed): where
+        there is one, exact heads evaluate only the operations downstream of
+        the node.
+      forward: the model's recorded forward pass, `forward(x, y, training=True,
+        forced={node: sample}, keep_gradient=names) -> forward.Recording`, for
+        re-runs.
+    """
+
+    def __init__(self, scg, critics: Mapping, network, forward: Callable):
+        self.scg = scg
+        self.critics = critics
+        self.network = network
+        self.forward = forward
+        self._evaluators = {}
+
+    def heads(self, info, x, y, records: Mapping, values, target: bool = True) -> Dict[str, tf.Tensor]:
+        """`{cost: [batch, A]}`: every head `Q^c_X` of node `info` at `values`
+        (`[batch, A, *event]`, a tensor or `outcomes.UnitEdits`), given the
+        recorded context of this pass.
+
+        Learned heads come from the node's critic (`target` selects the target
+        copy); exact heads (the node is the cost's last stochastic ancestor)
+        re-evaluate the costs with the context and the node forced: on a
+        functional model only the operations downstream of the node, with
+        rank-one updates through `Dense` layers (`outcomes`); otherwise by
+        re-running the whole forward pass on `batch x A` rows.
+        """
+        held = context(info, x, records)
+        heads = {}
+        critic = self.critics.get(info.name)
+        if critic is not None:
+            learned = critic.q_outcomes(held, values, target=target)
+            heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
+        exact = tuple(c for c in info.costs if self.scg.cost_ancestors[c][-1] == info.name)
+        if exact:
+            evaluator = self.downstream_evaluator(info, exact)
+            if evaluator is not None:
+                forced = {n: held[n] for n in info.context if n != "inputs"}
+                heads.update(evaluator(x, forced, values, training=True))
+            else:
+                heads.update(self.rerun_heads(info, x, y, held, values, exact))
+        missing = [c for c in info.costs if c not in heads]
+        if missing:
+            raise ValueError(f"Node {info.name!r} has no critic for costs {missing}.")
+        return heads
+
+    def downstream_evaluator(self, info, costs: Tuple[str, ...]) -> Optional[outcomes_lib.DownstreamEvaluator]:
+        """The cached `outcomes.DownstreamEvaluator` of `costs` at node `info`,
+        or None where the model is not functional or the graph needs a re-run."""
+        key = (info.name, costs)
+        if key not in self._evaluators:
+            try:
+                evaluator = outcomes_lib.DownstreamEvaluator(
+                    self.network, nodes_lib.StochasticNode, info.name,
+                    [n for n in info.context if n != "inputs"], costs,
+                )
+            except outcomes_lib.Unsupported:
+                evaluator = None
+            self._evaluators[key] = evaluator
+        return self._evaluators[key]
+
+    def rerun_heads(self, info, x, y, held: Mapping, values, costs) -> Dict[str, tf.Tensor]:
+        """Exact heads by a forward pass on `batch x A` rows with the context
+        `held` (`context()`) and the node forced."""
+        if isinstance(values, outcomes_lib.UnitEdits):
+            values = values.dense()
+        held = {n: held[n] for n in info.context if n != "inputs"}
+        return self._forced_rerun(info, x, y, held, values, keep_gradient={info.name}, costs=costs)
+
+    def _forced_rerun(self, info, x, y, held, values, keep_gradient, costs):
+        """`{cost: [batch, A]}`: one forward pass on `batch x A` rows with the
+        samples `held` (`{name: [batch, *event]}`) repeated per outcome, node
+        `info` forced to `values` (`[batch, A, *event]`) and the other nodes
+        sampled afresh."""
+        num = values.shape[1]
+        repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
+        forced = {n: repeat(v) for n, v in held.items()}
+        forced[info.name] = tf.reshape(values, [-1] + list(values.shape[2:]))
+        rerun = self.forward(
+            tf.nest.map_structure(repeat, x),
+            None if y is None else tf.nest.map_structure(repeat, y),
+            training=True,
+            forced=forced,
+            keep_gradient=keep_gradient,
+        ).costs
+        return {c: tf.reshape(rerun[c], [-1, num]) for c in costs}
+
+    def rerun(self, info, x, y, records: Mapping) -> Callable:
+        """`values [rows, A, *event] -> [rows, A]`: the node's realised downstream
+        cost `c_X` with the node forced to each value, the earlier samples held
+        and the later nodes sampled afresh (one batched forward pass)."""
+
+        def rerun(values):
+            position = self.scg.node_names.index(info.name)
+            held = {n: records[n].sample for n in self.scg.node_names[:position]}
+            costs = self._forced_rerun(info, x, y, held, values, keep_gradient=(), costs=info.costs)
+            return tf.add_n([costs[c] for c in info.costs])
+
+        return rerun
+
+    def node_q(self, info, x, y, records: Mapping, target: bool) -> Callable:
+        """`values [rows, A, *event] -> [rows, A]`: `Q_X = sum_{c in C_X} Q^c_X`
+        (`heads`)."""
+
+        def q(values):
+            heads = self.heads(info, x, y, records, values, target=target)
+            return tf.add_n([heads[c] for c in info.costs])
+
+        return q

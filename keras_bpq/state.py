@@ -1,0 +1,123 @@
+"""`TrainingState`: the one tracked home of what training creates besides the
+actor's weights."""
+
+from typing import Dict, Mapping, Optional
+
+import keras
+import tensorflow as tf
+
+from keras_bpq import costs as costs_lib
+from keras_bpq import critics as critics_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_bpq")
+class TrainingState(keras.layers.Layer):
+    """Estimator state, critics and their target copies, the cost and critic
+    metrics, the step's status and counter, and where `fit` stands.
+
+    A model holds one, as `BackpropQModel.training_state`: created unbuilt with
+    the model and filled once (`setup`) when the SCG is known, so its
+    variables checkpoint, restore and distribute with the model.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.node_state = {}
+        self.critics = {}
+        self.cost_metrics = []
+        self.critic_metrics = {}
+        # State is updated identically on every replica: keep the first's.
+        self.status = self.add_weight(
+            name="status", shape=(), dtype="int32", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
+        # The batch row of a Categorical mask that allowed no outcome, when
+        # `status` names such a node (under XLA, where its assertion is dropped).
+        self.status_row = self.add_weight(
+            name="status_row", shape=(), dtype="int32", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
+        self.steps = self.add_weight(
+            name="steps", shape=(), dtype="int64", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Where `fit` stands (epoch, batches of it done; -1 outside fit), saved
+        # with every checkpoint so a restart resumes mid-epoch exactly
+        # (keras_bpq.callbacks.FitPosition).
+        self.fit_epoch = self.add_weight(
+            name="fit_epoch", shape=(), dtype="int64", initializer=keras.initializers.Constant(-1),
+            trainable=False, aggregation="only_first_replica",
+        )
+        self.fit_batch = self.add_weight(
+            name="fit_batch", shape=(), dtype="int64", initializer=keras.initializers.Constant(-1),
+            trainable=False, aggregation="only_first_replica",
+        )
+
+    def setup(
+        self, scg, estimators: Mapping, critic_heads: Mapping[str, tuple], feature_dims: Mapping[str, int],
+        critic_models: Mapping, hidden_units: tuple,
+    ) -> None:
+        """Creates every node's estimator state and the critics of `critic_heads`."""
+        for info in scg.nodes:
+            self.node_state[info.name] = estimators[info.name].create_state(
+                info, self.add_state
+            )
+        for name, heads in critic_heads.items():
+            given = critic_models.get(name)
+            if isinstance(given, critics_lib.Critic) and not isinstance(given, keras.layers.Layer):
+                self.critics[name] = given
+                continue
+            self.critics[name] = critics_lib.NodeCritic(
+                heads,
+                feature_dims[name],
+                network=given,
+                hidden_units=hidden_units,
+                name=f"{name.replace('@', '_')}_critic",
+            )
+            self.critic_metrics[name] = [
+                keras.metrics.Mean(name=metric) for metric in costs_lib.node_metric_names(name)
+            ]
+        self.cost_metrics = [keras.metrics.Mean(name=name) for name in scg.costs]
+        self.built = True
+
+    @property
+    def learned_critics(self) -> Dict[str, "critics_lib.NodeCritic"]:
+        """`{node: NodeCritic}`: the critics trained here (not injected `Critic`s)."""
+        return {n: c for n, c in self.critics.items() if isinstance(c, critics_lib.NodeCritic)}
+
+    def add_state(self, name: str, shape, dtype, initializer="zeros") -> tf.Variable:
+        """A non-trainable state variable (`Estimator.create_state`'s `add_weight`)."""
+        # A layer called twice names its second node "<layer>@2"; "@" is not
+        # allowed in a variable name.
+        return self.add_weight(
+            name=name.replace("@", "_"), shape=shape, dtype=dtype, initializer=initializer,
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    def update_estimators(self, nodes, estimators: Mapping, means, tuning, has_data: Optional[tf.Tensor]) -> None:
+        """After a finite step: every node's estimator state from `means` (per
+        node, the global mean of `c_X`) and its tuning gradients `tuning`, then
+        the step counter. With `has_data` false (every sample weight 0) the
+        estimator state stays as it is."""
+
+        def update():
+            for info, mean, gradients in zip(nodes, means, tuning):
+                estimator, state = estimators[info.name], self.node_state[info.name]
+                estimator.update(state, mean)
+                if gradients:
+                    estimator.apply_tuning(state, gradients)
+            return tf.constant(0)
+
+        tf.cond(has_data, update, lambda: tf.constant(0)) if has_data is not None else update()
+        self.steps.assign_add(1)
+
+    def report(self, status: tf.Tensor, row: tf.Tensor) -> None:
+        """Keeps a step's status (and mask row) unless an earlier step's is
+        still unread (`BackpropQModel.raise_if_nonfinite` reads and clears it)."""
+        first = tf.equal(self.status, 0)
+        self.status_row.assign(tf.where(first, row, self.status_row))
+        self.status.assign(tf.where(first, status, self.status))
+
+    def call(self, inputs):
+        return inputs
