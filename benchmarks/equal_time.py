@@ -16,7 +16,6 @@ Writes `<out_dir>/equal_time.json` (a section per `<dataset>_<arch>`) and
 `equal_time.md`.
 """
 
-import importlib.util
 import json
 import os
 import statistics
@@ -28,10 +27,9 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "sbn_benchmark", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbn.py"))
-sbn = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sbn)
+import common  # noqa: E402
+
+sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("arms", ["auto", "rloo", "disarm", "reinforce"], "Estimators compared.")

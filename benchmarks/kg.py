@@ -40,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -85,11 +86,7 @@ def machine_info():
     """Platform, CPU model, cores and the load average at start."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    try:
-        model = [line for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        info["cpu_model"] = model[0].split(":", 1)[1].strip() if model else None
-    except OSError:
-        pass
+    info["cpu_model"] = common.cpu_model()
     info["gpus"] = len(tf.config.list_physical_devices("GPU"))
     return info
 

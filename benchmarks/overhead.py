@@ -41,7 +41,6 @@ the load average around every round.
 Writes --out_dir/overhead.json and overhead.md.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -63,10 +62,9 @@ sys.path.insert(0, os.path.dirname(_HERE))
 from keras_bpq import estimators  # noqa: E402
 
 # benchmarks/profile_step.py (its batches; it loads benchmarks/sbn.py: flags,
-# data and models), under another name.
-_spec = importlib.util.spec_from_file_location("profile_step", os.path.join(_HERE, "profile_step.py"))
-profile_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_step)
+# data and models).
+import profile_step  # noqa: E402
+
 sbn = profile_step.sbn
 bernoulli_log_prob = sbn.bernoulli_log_prob  # examples/sbn.py's
 

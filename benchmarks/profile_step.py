@@ -24,7 +24,6 @@ Pieces of the default's step (`--breakdown`), each timed alone:
 `estimators.CriticCV(units=S)`'s step instead, its heads at S + 1 outcomes.
 """
 
-import importlib.util
 import os
 import time
 
@@ -39,12 +38,9 @@ import tensorflow as tf  # noqa: E402
 from keras_bpq import estimators  # noqa: E402
 from keras_bpq import q_values  # noqa: E402
 
-# benchmarks/sbn.py (its flags, data and models), under another name: it
-# imports examples/sbn.py as `sbn`.
-_spec = importlib.util.spec_from_file_location(
-    "sbn_benchmark", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbn.py"))
-sbn = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sbn)
+import common  # noqa: E402
+
+sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("compare", ["reinforce", "auto"], "Estimators whose whole steps are timed.")
@@ -108,7 +104,7 @@ def pieces(model, x, units=None):
         def fn(x):
             _, _, _, records = model.record_forward(x)
             record = records[info.name]
-            step = estimators.NodeStep(info=info, record=record, downstream=None, state={})
+            step = estimators.NodeStep(info=info, record=record, downstream=None, state=estimators.NoState())
             values = estimators.local_outcomes(step, units)[0].with_first(record.sample)
             context = q_values.context(info, x, records)
             if kind == "learned":

@@ -67,6 +67,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -429,12 +430,7 @@ def machine_info():
         except md.PackageNotFoundError:
             return None
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = common.cpu_model() or platform.processor()
     try:
         commit = subprocess.run(["git", "-C", _ROOT, "rev-parse", "--short=10", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()

@@ -62,6 +62,7 @@ _IMPORT_START = time.perf_counter()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -332,8 +333,8 @@ def not_applicable(t, specs):
 def set_baseline(model, value):
     """Presets reinforce's EMA baseline so that it reads `value` (bias correction ~1)."""
     state = model.training_state.node_state["b"]
-    state["baseline"].assign(value)
-    state["baseline_steps"].assign(1e4)  # 1 - 0.99^1e4 = 1
+    state.baseline.assign(value)
+    state.baseline_steps.assign(1e4)  # 1 - 0.99^1e4 = 1
 
 
 def theta_variable(model):
@@ -696,14 +697,8 @@ def machine_info():
     }
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    if common.cpu_model():
+        info["cpu_model"] = common.cpu_model()
     return info
 
 

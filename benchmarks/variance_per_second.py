@@ -18,7 +18,6 @@ critics where it has any), each estimator in `--estimators` gets
 Writes `<out_dir>/variance_per_second.json` (a section per --tag).
 """
 
-import importlib.util
 import json
 import os
 import time
@@ -33,10 +32,9 @@ import tensorflow as tf  # noqa: E402
 
 from keras_bpq import diagnostics  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "sbn_benchmark", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sbn.py"))
-sbn = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sbn)
+import common  # noqa: E402
+
+sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_estimator", "auto", "Estimator that trains the shared weights.")

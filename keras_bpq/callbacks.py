@@ -79,7 +79,7 @@ def step_variables(weights, training_state, critic_variables, optimizers) -> Lis
         for variable in variables:
             roles.setdefault(id(variable), (variable, role))
 
-    state = {id(v): n for n, s in training_state.node_state.items() for v in s.values()}
+    state = {id(v): n for n, s in training_state.node_state.items() for v in s}
     critic_ids = {id(v) for v in critic_variables}
     for variable in weights:
         if variable is training_state.status or variable is training_state.status_row:

@@ -4,9 +4,10 @@ what training needs for it (`ScgDiscovery`, a mixin of the model, as Keras'
 
 Discovery traces the forward pass once per input signature (`graph.discover`),
 checks what it found, applies `compile(contexts=...)`, and chooses every node's
-estimator; the first discovery fixes the model's SCG. The training state
-(estimator state, critics, the Q-function) is created once, from that SCG,
-in `_create_training_state`.
+estimator; the first discovery fixes the model's SCG and its Q-function. The
+training state (estimator state, critics, both optimizers' slots) is created
+in one place, `build_training_state` (training creates what is missing on
+first use, through the same code).
 """
 
 import keras
@@ -34,8 +35,9 @@ class ScgDiscovery:
         """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
 
         `x` is a batch of inputs or a structure of `tf.TensorSpec`; it may be
-        omitted once the structure is known. Discovery traces the forward pass
-        once per input signature.
+        omitted once the structure is known. The SCG of an input signature
+        seen before is answered from the cache; a new one is discovered
+        (`discover`).
         """
         if x is None:
             if self._scg is None:
@@ -47,10 +49,18 @@ class ScgDiscovery:
                 return self.scg(self._input_spec_from_network())
             return self._scg
         spec = tf.nest.map_structure(graph.batchless_spec, x)
-        key = tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(spec))
-        if key not in self._scg_cache:
-            self._scg_cache[key] = self._discover(spec)
-        return self._scg_cache[key]
+        cached = self._scg_cache.get(_signature(spec))
+        return cached if cached is not None else self.discover(spec)
+
+    def discover(self, x):
+        """Traces the forward pass on inputs like `x` (a batch or a structure
+        of `tf.TensorSpec`) and returns the SCG it shows, cached for `x`'s
+        input signature. The first discovery fixes the model's SCG
+        (`known_scg`), its estimators and its Q-function; a later one that
+        differs from it is a ValueError."""
+        spec = tf.nest.map_structure(graph.batchless_spec, x)
+        scg = self._scg_cache[_signature(spec)] = self._discover(spec)
+        return scg
 
     def _discover(self, spec):
         compiled = self._compiled_losses
@@ -89,6 +99,47 @@ class ScgDiscovery:
                 f"nodes {self._scg.node_names} and costs {self._scg.costs}."
             )
         return scg
+
+    def input_signature(self):
+        """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
+        batch dimension, or None while they are unknown (a subclassed model
+        never called)."""
+        if self._scg_spec is not None:
+            return self._scg_spec
+        if self.network is not None:
+            return self._input_spec_from_network()
+        return getattr(self, "_call_input_spec", None)
+
+    def __call__(self, *args, **kwargs):
+        # A subclassed model's input signature, for its build config and for
+        # creating the training state before a checkpoint is restored.
+        if args and self.network is None and getattr(self, "_call_input_spec", None) is None:
+            try:
+                self._call_input_spec = tf.nest.map_structure(graph.batchless_spec, args[0])
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return super().__call__(*args, **kwargs)
+
+    def build_training_state(self):
+        """Creates now what training creates on first use: the critics, their
+        target copies, estimator state and both optimizers' slots.
+
+        Saving, loading and `fit` call it, so every checkpoint has the layout
+        of a model that has trained. Returns False (doing nothing) while the
+        model is not compiled or its inputs are unknown.
+        """
+        spec = self.input_signature()
+        if not self.compiled or spec is None:
+            return False
+        self.scg(spec)
+        self._create_training_state()
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.actor_variables)
+            critic_variables = self.critic_variables
+            if critic_variables and not self.critic_optimizer.built:
+                self.critic_optimizer.build(critic_variables)
+        return True
 
     def _create_training_state(self):
         """Creates estimator state and critics on first use
@@ -142,3 +193,8 @@ class ScgDiscovery:
         )
         print_fn(text)
         return text
+
+
+def _signature(spec):
+    """The cache key of an input signature (shapes and dtypes)."""
+    return tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(spec))

@@ -9,7 +9,8 @@ interface:
 
 * `check(info)`: raises at `compile()` if the estimator cannot serve the node;
 * `keeps_gradient`: whether the node's sample keeps its pathwise gradient;
-* `create_state(info, add_weight)`: the node's persistent state (Keras variables);
+* `create_state(info, add_weight)`: the node's persistent state, a NamedTuple of
+  Keras variables (`NoState`, `BaselineState`, ...);
 * `surrogate(step)`: the per-example surrogate `L_X`, shape `[batch]`;
 * `update(state, downstream_mean)`: state updates after a finite training step;
 * `tuning_gradients(step)` / `apply_tuning(state, gradients)`: optional
@@ -18,29 +19,58 @@ interface:
 """
 
 import dataclasses
+from typing import Callable, NamedTuple, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import graph
 from keras_bpq import outcomes
+
+
+class NoState(NamedTuple):
+    """The state of an estimator that keeps none."""
+
+
+class BaselineState(NamedTuple):
+    """`Reinforce`'s baseline: the EMA `m_t` of past batches' mean `c_X`, and `t`."""
+
+    baseline: tf.Variable
+    baseline_steps: tf.Variable
+
+
+class TemperatureState(NamedTuple):
+    """`Gumbel`'s annealed temperature."""
+
+    temperature: tf.Variable
+
+
+class RelaxState(NamedTuple):
+    """`Relax(tune=True)`'s tuned control variate `(log t, eta)` and the Adam
+    moments (rows: first, second; columns: log t, eta) and steps of its tuning."""
+
+    log_temperature: tf.Variable
+    eta: tf.Variable
+    tune_moments: tf.Variable
+    tune_steps: tf.Variable
 
 
 @dataclasses.dataclass
 class NodeStep:
     """What an estimator sees of one node in one forward pass."""
 
-    info: object  # graph.NodeInfo
-    record: object  # graph.NodeRecord
+    info: graph.NodeInfo
+    record: graph.NodeRecord
     downstream: tf.Tensor  # c_X: realised sum of the costs in C_X, [batch]
-    state: dict  # name -> variable, from create_state
+    state: tuple  # the estimator's state NamedTuple of variables, from create_state
     # Critic Q_X = sum_c Q^c_X: values [batch, A, *event] (a tensor or
     # outcomes.UnitEdits) -> [batch, A]. Not stop-gradient (estimators add it).
     # None for critic-free estimators.
-    q: object = None
+    q: Optional[Callable] = None
     num_samples: int = 1  # consecutive rows that are draws for one example
     # values [batch, A, *event] -> [batch, A]: realised c_X with the node forced.
-    rerun: object = None
+    rerun: Optional[Callable] = None
     # Values an estimator computes once per pass and reuses (the same noise in
     # `surrogate` and `tuning_gradients`).
     cache: dict = dataclasses.field(default_factory=dict)
@@ -67,7 +97,9 @@ class Estimator:
         """Raises a ValueError naming the node if this estimator cannot serve it."""
 
     def create_state(self, info, add_weight):
-        return {}
+        """The node's state, a NamedTuple of variables made by
+        `add_weight(name, shape, dtype, initializer="zeros")`."""
+        return NoState()
 
     def surrogate(self, step):
         raise NotImplementedError
@@ -121,15 +153,15 @@ class Reinforce(Estimator):
         self.epsilon = float(epsilon)
 
     def create_state(self, info, add_weight):
-        return {
-            "baseline": add_weight(f"{info.name}_baseline", (), "float32"),
-            "baseline_steps": add_weight(f"{info.name}_baseline_steps", (), "float32"),
-        }
+        return BaselineState(
+            baseline=add_weight(f"{info.name}_baseline", (), "float32"),
+            baseline_steps=add_weight(f"{info.name}_baseline_steps", (), "float32"),
+        )
 
     def baseline(self, state):
-        steps = state["baseline_steps"]
+        steps = state.baseline_steps
         correction = 1.0 - tf.pow(self.decay, steps)
-        return tf.where(steps > 0, state["baseline"] / tf.maximum(correction, 1e-12), 0.0)
+        return tf.where(steps > 0, state.baseline / tf.maximum(correction, 1e-12), 0.0)
 
     def surrogate(self, step):
         advantage = step.downstream - self.baseline(step.state)
@@ -139,8 +171,8 @@ class Reinforce(Estimator):
 
     def update(self, state, downstream_mean):
         mean = downstream_mean
-        state["baseline"].assign(self.decay * state["baseline"] + (1.0 - self.decay) * mean)
-        state["baseline_steps"].assign_add(1.0)
+        state.baseline.assign(self.decay * state.baseline + (1.0 - self.decay) * mean)
+        state.baseline_steps.assign_add(1.0)
 
     def get_config(self):
         return {"decay": self.decay, "normalize": self.normalize, "epsilon": self.epsilon}
@@ -608,18 +640,18 @@ class Gumbel(Estimator):
         _check_local(self.name, info)
 
     def create_state(self, info, add_weight):
-        return {
-            "temperature": add_weight(
+        return TemperatureState(
+            temperature=add_weight(
                 f"{info.name}_temperature", (), "float32",
                 initializer=keras.initializers.Constant(self.temperature),
             )
-        }
+        )
 
     def relaxed(self, step):
         """The relaxed sample `v` (or its straight-through value), float32,
         shaped like the node's sample."""
         record = step.record
-        t = step.state["temperature"]
+        t = step.state.temperature
         if step.info.local_kind == "binary":
             logits = _float32(record.params)
             u = step.uniform(tf.shape(logits), minval=1e-6, maxval=1 - 1e-6)
@@ -639,7 +671,7 @@ class Gumbel(Estimator):
         return _slope_surrogate(step, self.relaxed(step))
 
     def update(self, state, downstream_mean):
-        t = state["temperature"]
+        t = state.temperature
         t.assign(tf.maximum(self.min_temperature, t * self.anneal_rate))
 
     def get_config(self):
@@ -728,24 +760,24 @@ class Relax(Estimator):
 
     def create_state(self, info, add_weight):
         if not self.tune:
-            return {}
-        return {
-            "log_temperature": add_weight(
+            return NoState()
+        return RelaxState(
+            log_temperature=add_weight(
                 f"{info.name}_log_temperature", (), "float32",
                 initializer=keras.initializers.Constant(np.log(self.temperature)),
             ),
-            "eta": add_weight(
+            eta=add_weight(
                 f"{info.name}_eta", (), "float32", initializer=keras.initializers.Constant(1.0)
             ),
             # Adam's first and second moments (rows) of (log t, eta) (columns).
-            "tune_moments": add_weight(f"{info.name}_tune_moments", (2, 2), "float32"),
-            "tune_steps": add_weight(f"{info.name}_tune_steps", (), "float32"),
-        }
+            tune_moments=add_weight(f"{info.name}_tune_moments", (2, 2), "float32"),
+            tune_steps=add_weight(f"{info.name}_tune_steps", (), "float32"),
+        )
 
     def control(self, state):
         """`(t, eta)`: the temperature and scale of the control variate."""
         if self.tune:
-            return tf.exp(state["log_temperature"]), state["eta"]
+            return tf.exp(state.log_temperature), state.eta
         return tf.constant(self.temperature), tf.constant(1.0)
 
     def _logits(self, step, params):
@@ -828,7 +860,7 @@ class Relax(Estimator):
         single-sample gradient of `E[|g|^2]`, hence of `Var[g]`."""
         if not self.tune or not step.info.costs:
             return []
-        phi = [tf.convert_to_tensor(step.state[n]) for n in ("log_temperature", "eta")]
+        phi = [tf.convert_to_tensor(v) for v in (step.state.log_temperature, step.state.eta)]
         with tf.GradientTape() as tape:
             tape.watch(phi)
             g = self.logit_gradient(step, tf.exp(phi[0]), phi[1])
@@ -842,15 +874,15 @@ class Relax(Estimator):
         grad = tf.stack([tf.convert_to_tensor(g, tf.float32) for g in gradients])
         finite = tf.reduce_all(tf.math.is_finite(grad))
         grad = tf.where(finite, grad, 0.0)
-        moments, steps = state["tune_moments"], state["tune_steps"]
+        moments, steps = state.tune_moments, state.tune_steps
         new_steps = steps + 1.0
         m = beta_1 * moments[0] + (1.0 - beta_1) * grad
         v = beta_2 * moments[1] + (1.0 - beta_2) * tf.square(grad)
         m_hat = m / (1.0 - tf.pow(beta_1, new_steps))
         v_hat = v / (1.0 - tf.pow(beta_2, new_steps))
         delta = tf.where(finite, self.tune_learning_rate * m_hat / (tf.sqrt(v_hat) + epsilon), 0.0)
-        state["log_temperature"].assign_sub(delta[0])
-        state["eta"].assign_sub(delta[1])
+        state.log_temperature.assign_sub(delta[0])
+        state.eta.assign_sub(delta[1])
         moments.assign(tf.where(finite, tf.stack([m, v]), moments))
         steps.assign(tf.where(finite, new_steps, steps))
 

@@ -18,9 +18,9 @@ import tensorflow as tf
 from keras_bpq import _keras_compat
 from keras_bpq import callbacks as callbacks_lib
 from keras_bpq import costs as costs_lib
-from keras_bpq import discovery
 from keras_bpq import critics as critics_lib
 from keras_bpq import data as data_lib
+from keras_bpq import discovery
 from keras_bpq import distribute
 from keras_bpq import export as export_lib
 from keras_bpq import forward as forward_lib
@@ -375,47 +375,6 @@ class BackpropQModel(
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
-    def input_signature(self):
-        """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
-        batch dimension, or None while they are unknown (a subclassed model
-        never called)."""
-        if self._scg_spec is not None:
-            return self._scg_spec
-        if self.network is not None:
-            return self._input_spec_from_network()
-        return getattr(self, "_call_input_spec", None)
-
-    def __call__(self, *args, **kwargs):
-        # A subclassed model's input signature, for its build config and for
-        # creating the training state before a checkpoint is restored.
-        if args and self.network is None and getattr(self, "_call_input_spec", None) is None:
-            try:
-                self._call_input_spec = tf.nest.map_structure(graph.batchless_spec, args[0])
-            except (TypeError, ValueError, AttributeError):
-                pass
-        return super().__call__(*args, **kwargs)
-
-    def build_training_state(self):
-        """Creates now what training creates on first use: the critics, their
-        target copies, estimator state and both optimizers' slots.
-
-        Saving, loading and `fit` call it, so every checkpoint has the layout
-        of a model that has trained. Returns False (doing nothing) while the
-        model is not compiled or its inputs are unknown.
-        """
-        spec = self.input_signature()
-        if not self.compiled or spec is None:
-            return False
-        self.scg(spec)
-        self._create_training_state()
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.actor_variables)
-            critic_variables = self.critic_variables
-            if critic_variables and not self.critic_optimizer.built:
-                self.critic_optimizer.build(critic_variables)
-        return True
-
     def get_build_config(self):
         config = dict(super().get_build_config() or {})
         spec = self.input_signature()

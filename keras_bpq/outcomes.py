@@ -17,7 +17,7 @@ pre-activation, `a[b] + change[b, a] * W[unit[b, a]]` with `a = base W + bias`
 gather per outcome. The learned critics use the same update for their first
 layer (`critics.NodeCritic`, `dense_at`).
 
-Values downstream stay in that form (`_Affine`) through linear operations (a
+Values downstream stay in that form (`Affine`) through linear operations (a
 product with or sum of a per-example tensor, a difference of two such values)
 up to a sum over their last axis, which then costs `O(batch x A)`:
 
@@ -26,7 +26,7 @@ up to a sum over their last axis, which then costs `O(batch x A)`:
 A softplus in such a sum is evaluated on the `[batch, A, out]` rows once,
 with one logarithm per chunk of entries (`softplus_sum`); for values that are
 one rank-one update and flips of +-1, the exponentials come from tables of
-`exp(+-K)` (`_Affine._softplus_sum_of_steps`). So a Bernoulli log-likelihood
+`exp(+-K)` (`Affine.softplus_sum_of_steps`). So a Bernoulli log-likelihood
 `sum_j x_j l_j - softplus(l_j)` of a `Dense` decoder's logits `l` costs one
 gather, a multiply-add and a product over `[batch, A, pixels]`, and a matmul.
 
@@ -175,8 +175,8 @@ _MAX_CHUNK_EXPONENT = 80.0
 
 
 def _dense_values(value):
-    """An `_Affine` materialised; a tensor unchanged."""
-    return value.materialize() if isinstance(value, _Affine) else value
+    """An `Affine` materialised; a tensor unchanged."""
+    return value.materialize() if isinstance(value, Affine) else value
 
 
 def _per_row(tensor):
@@ -184,7 +184,7 @@ def _per_row(tensor):
     return tensor[:, None] if getattr(tensor, "shape", tf.TensorShape([])).rank == 2 else tensor
 
 
-class _Affine:
+class Affine:
     """`[batch, A, out]` values affine in the outcomes' one-unit edits, unmaterialised:
 
         value[b, a] = offset[b] + change[b, a] sum_t s_t[b] K_t[unit[b, a]]
@@ -204,10 +204,10 @@ class _Affine:
 
     @classmethod
     def of(cls, value):
-        """`value` as an `_Affine`, None if it is not one (or a flat `UnitEdits`)."""
+        """`value` as an `Affine`, None if it is not one (or a flat `UnitEdits`)."""
         if isinstance(value, UnitEdits) and len(value.event_shape) == 1:
             return cls(value, value.base, [(None, None)])
-        return value if isinstance(value, _Affine) else None
+        return value if isinstance(value, Affine) else None
 
     @property
     def dtype(self):
@@ -225,10 +225,10 @@ class _Affine:
             if bias is not None:
                 offset += bias
             terms = [(kernel if k is None else tf.matmul(cast(k), kernel), None) for k, _ in self.terms]
-            value = _Affine(self.edits, offset, terms)
+            value = Affine(self.edits, offset, terms)
         if layer.activation in (None, keras.activations.linear):
             return value
-        return _Expanded(layer.activation(value.materialize() if isinstance(value, _Affine) else value.tensor))
+        return _Expanded(layer.activation(value.materialize() if isinstance(value, Affine) else value.tensor))
 
     def scaled(self, factor):
         """These values times a per-example tensor or a number."""
@@ -237,16 +237,16 @@ class _Affine:
         terms = [(k, factor if s is None else s * factor) for k, s in lazy.terms]
         softplus = [(sign * factor, pre) for sign, pre in lazy.softplus]
         dense = None if lazy.dense is None else lazy.dense * _per_row(factor)
-        return _Affine(lazy.edits, lazy.offset * factor, terms, softplus, dense)
+        return Affine(lazy.edits, lazy.offset * factor, terms, softplus, dense)
 
     def plus(self, other, sign=1.0):
-        """These values plus `sign` times `other`: an `_Affine` of the same
+        """These values plus `sign` times `other`: an `Affine` of the same
         edits, an `_Expanded` `[batch, A, out]` or a per-example tensor."""
-        other_affine = _Affine.of(other)
+        other_affine = Affine.of(other)
         if other_affine is not None:
             negated = other_affine if sign == 1.0 else other_affine.scaled(sign)
             dense = [d for d in (self.dense, negated.dense) if d is not None]
-            return _Affine(
+            return Affine(
                 self.edits,
                 self.offset + negated.offset,
                 self.terms + negated.terms,
@@ -255,14 +255,14 @@ class _Affine:
             )
         if isinstance(other, _Expanded):
             dense = sign * other.tensor if self.dense is None else self.dense + sign * other.tensor
-            return _Affine(self.edits, self.offset, self.terms, self.softplus, dense)
-        return _Affine(self.edits, self.offset + sign * other, self.terms, self.softplus, self.dense)
+            return Affine(self.edits, self.offset, self.terms, self.softplus, dense)
+        return Affine(self.edits, self.offset + sign * other, self.terms, self.softplus, self.dense)
 
     def with_softplus(self):
         """`softplus` of these values, kept for a later sum (unmaterialised
-        while they are one rank-one update, see `_softplus_sum_of_steps`)."""
+        while they are one rank-one update, see `softplus_sum_of_steps`)."""
         pre = self if self._rank_one_kernel() is not None else self.materialize()
-        return _Affine(self.edits, tf.zeros_like(self.offset), (), [(1.0, pre)])
+        return Affine(self.edits, tf.zeros_like(self.offset), (), [(1.0, pre)])
 
     def _rank_one_kernel(self):
         """`K` where these values are `offset[b] + change[b, a] K[unit[b, a]]`
@@ -276,7 +276,7 @@ class _Affine:
             return None
         return kernel if scale is None else kernel * scale
 
-    def _softplus_sum_of_steps(self):
+    def softplus_sum_of_steps(self):
         """`[batch, A]`: `sum_j softplus(pre[b, a, j])` of these values
         `pre = l[b] + change[b, a] K[unit[b, a]]`, as
 
@@ -310,7 +310,7 @@ class _Affine:
             return self
         dense = tf.add_n([sign * tf.nn.softplus(_dense_values(pre)) for sign, pre in self.softplus])
         dense = dense if self.dense is None else dense + self.dense
-        return _Affine(self.edits, self.offset, self.terms, (), dense)
+        return Affine(self.edits, self.offset, self.terms, (), dense)
 
     def materialize(self):
         """The `[batch, A, out]` tensor."""
@@ -343,7 +343,7 @@ class _Affine:
                 picked = tf.gather(tf.matmul(scale, kernel, transpose_b=True), unit, batch_dims=1)
             total += change * picked
         for sign, pre in self.softplus:
-            total += sign * (pre._softplus_sum_of_steps() if isinstance(pre, _Affine) else softplus_sum(pre))
+            total += sign * (pre.softplus_sum_of_steps() if isinstance(pre, Affine) else softplus_sum(pre))
         if self.dense is not None:
             total += tf.reduce_sum(self.dense, axis=-1)
         return total
@@ -379,6 +379,9 @@ class DownstreamEvaluator:
       forced: names of the nodes held at their recorded samples.
       costs: the cost names to evaluate.
 
+    Its `plan` lists the nodes of the functional graph that the costs need, in
+    execution order: only those are evaluated.
+
     Raises `Unsupported` when the costs need a node that is not forced, an
     operation that holds stochastic nodes inside it, or a cost that is not a
     network output. Operations may have several outputs.
@@ -398,7 +401,7 @@ class DownstreamEvaluator:
         if node not in self._forced_ids.values():
             raise Unsupported(f"node {node!r} is not a call in the functional graph")
         self._inputs = {id(t): i for i, t in enumerate(network.inputs)}
-        self._plan = self._schedule()
+        self.plan = self._schedule()
 
     def _node_call_names(self):
         """`{id(symbolic output): node name}` in the recorder's naming
@@ -449,15 +452,15 @@ class DownstreamEvaluator:
                 values[tensor_id] = outcomes if isinstance(outcomes, UnitEdits) else _Expanded(outcomes)
             else:
                 values[tensor_id] = forced[name]
-        for node in self._plan:
+        for node in self.plan:
             args = [values[id(t)] for t in node.input_tensors]
             op = node.operation
             if _dot_ok(op, args):
                 edits, other = args if isinstance(args[0], UnitEdits) else args[::-1]
                 results = [_Expanded(edits.contract(tf.cast(other, edits.base.dtype)[..., None]))]
-            elif any(isinstance(a, (UnitEdits, _Affine, _Expanded)) for a in args):
+            elif any(isinstance(a, (UnitEdits, Affine, _Expanded)) for a in args):
                 result = _affine_op(node, values)
-                results = [result] if result is not None else _call_on_rows(node, values, num, training)
+                results = [result] if result is not None else call_on_rows(node, values, num, training)
             else:
                 results = tf.nest.flatten(_call(node, values, training))
             for tensor, value in zip(node.outputs, results):
@@ -475,14 +478,14 @@ class DownstreamEvaluator:
 
 
 def _affine_op(node, values):
-    """`node`'s output from `_Affine` inputs without materialising them: a plain
+    """`node`'s output from `Affine` inputs without materialising them: a plain
     `Dense`, a sum over the last axis, a softplus, a product with a per-example
     tensor or a number, sums and differences. None where none of these applies
     (the caller runs the node on `batch x A` rows)."""
     op = node.operation
     args, kwargs = _keras_compat.call_arguments(node, values)
     symbolic = _keras_compat.symbolic_arguments(node)
-    lazy = [_Affine.of(a) for a in args]
+    lazy = [Affine.of(a) for a in args]
     if kwargs or len(node.outputs) != 1 or all(a is None for a in lazy):
         return None
     if plain_dense(op):
@@ -516,7 +519,7 @@ def _affine_op(node, values):
 
 
 def _operand_ok(symbolic, value, dtype, kind):
-    """Whether `value` (not an `_Affine`) combines with `[batch, out]` affine
+    """Whether `value` (not an `Affine`) combines with `[batch, out]` affine
     values by broadcasting as its symbolic tensor does: a number, a
     `[batch or 1, out or 1]` or a static `[out]` tensor of `dtype`, or (for a
     sum or difference) an `_Expanded` `[batch, A, out]`."""
@@ -531,10 +534,10 @@ def _operand_ok(symbolic, value, dtype, kind):
 
 
 def _as_tensor(value):
-    """`UnitEdits` and `_Affine` values as `_Expanded`; others unchanged."""
+    """`UnitEdits` and `Affine` values as `_Expanded`; others unchanged."""
     if isinstance(value, UnitEdits):
         return _Expanded(value.dense())
-    if isinstance(value, _Affine):
+    if isinstance(value, Affine):
         return _Expanded(value.materialize())
     return value
 
@@ -556,7 +559,7 @@ def _call(node, values, training):
     return node.operation(*args, **kwargs)
 
 
-def _call_on_rows(node, values, num, training):
+def call_on_rows(node, values, num, training):
     """Runs `node` on `batch x A` rows: values with an outcome axis are
     flattened, the others repeated once per outcome. Returns its flat outputs."""
     rows = {}

@@ -57,7 +57,9 @@ class CompileArguments:
         self.values.update(kwargs)
 
 
-def _encode_estimator(value, where):
+def encode_estimator(value, where):
+    """A `compile(estimator=...)` value (`where` names it in errors) as a
+    config: a built-in `Estimator` as its name and options, a name as itself."""
     if isinstance(value, estimators_lib.Estimator):
         cls = estimators_lib.ESTIMATORS.get(value.name)
         if cls is None or type(value) is not cls:
@@ -70,7 +72,8 @@ def _encode_estimator(value, where):
     return value
 
 
-def _decode_estimator(value):
+def decode_estimator(value):
+    """The `compile(estimator=...)` value of an `encode_estimator` config."""
     if isinstance(value, dict) and _ESTIMATOR_KEY in value:
         return estimators_lib.ESTIMATORS[value[_ESTIMATOR_KEY]](**value.get("config", {}))
     return value
@@ -88,9 +91,9 @@ def serialize_compile_config(arguments, optimizer, critic_optimizer):
     values["critic_optimizer"] = critic_optimizer
     estimator = values.get("estimator", "auto")
     if isinstance(estimator, dict):
-        values["estimator"] = {k: _encode_estimator(v, f"estimator[{k!r}]") for k, v in estimator.items()}
+        values["estimator"] = {k: encode_estimator(v, f"estimator[{k!r}]") for k, v in estimator.items()}
     else:
-        values["estimator"] = _encode_estimator(estimator, "estimator")
+        values["estimator"] = encode_estimator(estimator, "estimator")
     for name, critic in (values.get("critics") or {}).items():
         if not isinstance(critic, keras.layers.Layer):
             raise ValueError(
@@ -111,9 +114,9 @@ def deserialize_compile_config(config):
     values = dict(keras.saving.deserialize_keras_object(config))
     estimator = values.get("estimator", "auto")
     if isinstance(estimator, dict) and _ESTIMATOR_KEY not in estimator:
-        values["estimator"] = {k: _decode_estimator(v) for k, v in estimator.items()}
+        values["estimator"] = {k: decode_estimator(v) for k, v in estimator.items()}
     else:
-        values["estimator"] = _decode_estimator(estimator)
+        values["estimator"] = decode_estimator(estimator)
     return values
 
 

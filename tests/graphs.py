@@ -15,7 +15,7 @@ INPUT_DIM = 3
 BATCH = 3
 
 
-def _dense(units, name, seed):
+def dense(units, name, seed):
     return keras.layers.Dense(
         units,
         name=name,
@@ -24,7 +24,7 @@ def _dense(units, name, seed):
     )
 
 
-def _square_cost(h, x):
+def square_cost(h, x):
     return keras.ops.sum(keras.ops.square(h - x[:, : h.shape[-1]]), axis=-1)
 
 
@@ -35,22 +35,22 @@ def inputs():
 def chain():
     """x -> z1 (2 bits) -> z2 (2 bits) -> z3 (1 bit) -> cost."""
     x = keras.Input((INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(2, "d1", 1)(x))
-    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(_dense(2, "d2", 2)(z1))
-    z3 = keras_bpq.Bernoulli(name="z3", seed=3)(_dense(1, "d3", 3)(z2))
-    cost = _square_cost(_dense(2, "dec", 4)(z3), x)
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(2, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(dense(2, "d2", 2)(z1))
+    z3 = keras_bpq.Bernoulli(name="z3", seed=3)(dense(1, "d3", 3)(z2))
+    cost = square_cost(dense(2, "dec", 4)(z3), x)
     return keras_bpq.BackpropQModel(inputs=x, outputs=z3, costs={"cost": cost}, name="chain"), inputs()
 
 
 def tree():
     """x -> z1; z1 -> a (2 bits) -> cost_a; z1 -> b (3-way categorical) -> cost_b."""
     x = keras.Input((INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(1, "d1", 1)(x))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(1, "d1", 1)(x))
     h = keras.layers.Concatenate()([z1, x])
-    a = keras_bpq.Bernoulli(name="a", seed=2)(_dense(2, "da", 2)(h))
-    b = keras_bpq.Categorical(name="b", seed=3)(_dense(3, "db", 3)(h))
-    cost_a = _square_cost(_dense(2, "dec_a", 4)(a), x)
-    cost_b = _square_cost(_dense(1, "dec_b", 5)(b), x)
+    a = keras_bpq.Bernoulli(name="a", seed=2)(dense(2, "da", 2)(h))
+    b = keras_bpq.Categorical(name="b", seed=3)(dense(3, "db", 3)(h))
+    cost_a = square_cost(dense(2, "dec_a", 4)(a), x)
+    cost_b = square_cost(dense(1, "dec_b", 5)(b), x)
     model = keras_bpq.BackpropQModel(
         inputs=x, outputs=[a, b], costs={"cost_a": cost_a, "cost_b": cost_b}, name="tree"
     )
@@ -60,23 +60,23 @@ def tree():
 def dag():
     """z1 feeds z2 and z3, which both feed the shared descendant z4 -> cost."""
     x = keras.Input((INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(1, "d1", 1)(x))
-    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(_dense(1, "d2", 2)(z1))
-    z3 = keras_bpq.Categorical(name="z3", seed=3)(_dense(2, "d3", 3)(z1))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(1, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(dense(1, "d2", 2)(z1))
+    z3 = keras_bpq.Categorical(name="z3", seed=3)(dense(2, "d3", 3)(z1))
     z4 = keras_bpq.Bernoulli(name="z4", seed=4)(
-        _dense(1, "d4", 4)(keras.layers.Concatenate()([z2, z3]))
+        dense(1, "d4", 4)(keras.layers.Concatenate()([z2, z3]))
     )
-    cost = _square_cost(_dense(2, "dec", 5)(keras.layers.Concatenate()([z4, z2])), x)
+    cost = square_cost(dense(2, "dec", 5)(keras.layers.Concatenate()([z4, z2])), x)
     return keras_bpq.BackpropQModel(inputs=x, outputs=z4, costs={"cost": cost}, name="dag"), inputs()
 
 
 def two_costs():
     """z1 -> near (cost at depth 1); z1 -> z2 -> far (cost at depth 2)."""
     x = keras.Input((INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(2, "d1", 1)(x))
-    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(_dense(2, "d2", 2)(z1))
-    near = _square_cost(_dense(1, "dec1", 3)(z1), x)
-    far = _square_cost(_dense(2, "dec2", 4)(z2), x)
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(2, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(dense(2, "d2", 2)(z1))
+    near = square_cost(dense(1, "dec1", 3)(z1), x)
+    far = square_cost(dense(2, "dec2", 4)(z2), x)
     model = keras_bpq.BackpropQModel(
         inputs=x, outputs=z2, costs={"near": near, "far": far}, name="two_costs"
     )
@@ -86,10 +86,10 @@ def two_costs():
 def mixed():
     """A Normal node between discrete ones: z1 -> n (Normal, 1 unit) -> z2 -> cost."""
     x = keras.Input((INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(1, "d1", 1)(x))
-    n = keras_bpq.Normal(name="n", seed=2)(_dense(2, "dn", 2)(keras.layers.Concatenate()([z1, x])))
-    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(_dense(1, "d2", 3)(n))
-    cost = _square_cost(_dense(1, "dec", 4)(keras.layers.Concatenate()([z2, n])), x)
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(1, "d1", 1)(x))
+    n = keras_bpq.Normal(name="n", seed=2)(dense(2, "dn", 2)(keras.layers.Concatenate()([z1, x])))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(dense(1, "d2", 3)(n))
+    cost = square_cost(dense(1, "dec", 4)(keras.layers.Concatenate()([z2, n])), x)
     return keras_bpq.BackpropQModel(inputs=x, outputs=z2, costs={"cost": cost}, name="mixed"), inputs()
 
 
@@ -99,16 +99,16 @@ def masked_categorical():
     where x[0] > 0) -> z2 (1 bit) -> cost; c also feeds a cost of its own.
     Not in ALL: the graphs there serve every test of the catalogue."""
     x = keras.Input((INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(_dense(2, "d1", 1)(x))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(2, "d1", 1)(x))
     allowed = keras.ops.concatenate(
         [keras.ops.ones_like(z1), z1[:, :1], keras.ops.cast(x[:, :1] > 0, z1.dtype)], axis=-1
     ) > 0.5
     c = keras_bpq.Categorical(name="c", seed=2)(
-        _dense(4, "dc", 2)(keras.layers.Concatenate()([z1, x])), mask=allowed
+        dense(4, "dc", 2)(keras.layers.Concatenate()([z1, x])), mask=allowed
     )
-    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(_dense(1, "d2", 3)(keras.layers.Concatenate()([c, x])))
-    cost = _square_cost(_dense(2, "dec", 4)(keras.layers.Concatenate()([z2, c])), x)
-    cost_c = _square_cost(_dense(1, "dec_c", 5)(c), x)
+    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(dense(1, "d2", 3)(keras.layers.Concatenate()([c, x])))
+    cost = square_cost(dense(2, "dec", 4)(keras.layers.Concatenate()([z2, c])), x)
+    cost_c = square_cost(dense(1, "dec_c", 5)(c), x)
     model = keras_bpq.BackpropQModel(
         inputs=x, outputs=[c, z2], costs={"cost": cost, "cost_c": cost_c}, name="masked_categorical"
     )
@@ -148,11 +148,11 @@ def walk_task(num_entities=10, out_degree=3, seed=0):
     x = keras.Input((2 * num_entities,))
     start, goal = x[:, :num_entities], x[:, num_entities:]
     allowed1 = keras.ops.matmul(start, adjacency) > 0
-    hop1 = keras_bpq.Categorical(name="hop1", seed=1)(_dense(num_entities, "policy1", 1)(x), mask=allowed1)
+    hop1 = keras_bpq.Categorical(name="hop1", seed=1)(dense(num_entities, "policy1", 1)(x), mask=allowed1)
     allowed2 = keras.ops.matmul(hop1, adjacency) > 0
     features = keras.layers.Concatenate()([hop1, goal])
     hop2 = keras_bpq.Categorical(name="hop2", seed=2)(
-        _dense(num_entities, "policy2", 2)(features), mask=allowed2
+        dense(num_entities, "policy2", 2)(features), mask=allowed2
     )
     miss = 1.0 - keras.ops.sum(hop2 * goal, axis=-1)
     model = keras_bpq.BackpropQModel(inputs=x, outputs=hop2, costs={"miss": miss}, name="walk")

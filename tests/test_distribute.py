@@ -92,7 +92,7 @@ def test_replicas_draw_different_samples_and_keep_state_in_sync():
         with strategy.scope():
             drawn = draw(next(iter(dist)))
         samples = [np.asarray(s) for s in strategy.experimental_local_results(drawn)]
-        state = model.training_state.node_state["z"]["baseline"].value
+        state = model.training_state.node_state["z"].baseline.value
         copies = [float(v.numpy()) for v in strategy.experimental_local_results(state)]
         counter = model.training_state.steps.value
         steps = [int(v.numpy()) for v in strategy.experimental_local_results(counter)]

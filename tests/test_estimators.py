@@ -116,7 +116,7 @@ def test_reinforce_normalize_standardises_the_advantage_and_round_trips():
 
     log_p = tf.Variable([0.1, -0.4, 0.3, -1.2])
     costs = tf.constant([1.0, 0.0, 3.0, 2.0])
-    state = {"baseline": tf.Variable(0.5), "baseline_steps": tf.Variable(1.0)}
+    state = estimators.BaselineState(baseline=tf.Variable(0.5), baseline_steps=tf.Variable(1.0))
     step = estimators.NodeStep(info=None, record=Record(), downstream=costs, state=state)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(est.surrogate(step))
@@ -134,9 +134,9 @@ def test_reinforce_normalize_standardises_the_advantage_and_round_trips():
 def relax_state(model):
     """`{node: {name: value}}` of every relax node's tuned state."""
     return {
-        name: {k: v.numpy().copy() for k, v in state.items()}
+        name: {k: v.numpy().copy() for k, v in state._asdict().items()}
         for name, state in model.training_state.node_state.items()
-        if "eta" in state
+        if hasattr(state, "eta")
     }
 
 
@@ -144,10 +144,10 @@ def move_control_variates(model):
     """Sets every tuned relax node's `(t, eta)` away from the defaults, to
     different values per node; returns those nodes."""
     model.build_training_state()  # creates the node state
-    tuned_nodes = [n for n, s in model.training_state.node_state.items() if "eta" in s]
+    tuned_nodes = [n for n, s in model.training_state.node_state.items() if hasattr(s, "eta")]
     for i, n in enumerate(tuned_nodes):
-        model.training_state.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
-        model.training_state.node_state[n]["eta"].assign(0.4 - 0.9 * i)
+        model.training_state.node_state[n].log_temperature.assign(np.log(1.7 + i))
+        model.training_state.node_state[n].eta.assign(0.4 - 0.9 * i)
     return tuned_nodes
 
 
@@ -226,10 +226,10 @@ def test_relax_tuning_lowers_the_variance_and_skips_nonfinite_steps():
     assert tuned < 0.8 * untuned, (tuned, untuned)
     # Same actor weights, back at the untuned control variate: the variance returns.
     for k, v in initial.items():
-        state[k].assign(v)
+        getattr(state, k).assign(v)
     assert variance() > 0.9 * untuned
     for k in initial:
-        state[k].assign(tuned_values[k])
+        getattr(state, k).assign(tuned_values[k])
 
     bad = x.copy()
     bad[0, 1] = -1.0  # cost "aux" is NaN: the step is skipped
@@ -303,8 +303,8 @@ def test_relax_with_an_exact_critic_on_a_masked_categorical_node_is_unbiased():
     tuned = keras_bpq.estimators.Relax(tune=True)
     model.compile(estimator={"c": tuned}, critics=oracle_critics(model))
     model.build_training_state()  # creates the node state
-    model.training_state.node_state["c"]["log_temperature"].assign(np.log(1.7))
-    model.training_state.node_state["c"]["eta"].assign(0.4)
+    model.training_state.node_state["c"].log_temperature.assign(np.log(1.7))
+    model.training_state.node_state["c"].eta.assign(0.4)
     exact, draws = assert_unbiased(model, x, num_draws=1000)
     (index,) = [i for i, v in enumerate(model.actor_variables) if v.path == "dc/kernel"]
     samples = draws[index]

@@ -111,7 +111,7 @@ def test_critic_cv_units_are_checked_and_saved():
         model.compile(estimator=estimators.CriticCV(units=1))
     with pytest.raises(ValueError, match="positive int"):
         estimators.CriticCV(units=0)
-    estimator = saving._decode_estimator(saving._encode_estimator(estimators.CriticCV(units=3), "estimator"))
+    estimator = saving.decode_estimator(saving.encode_estimator(estimators.CriticCV(units=3), "estimator"))
     assert isinstance(estimator, estimators.CriticCV) and estimator.units == 3
 
 
@@ -137,11 +137,11 @@ def _wide():
     """x -> z1 (6 bits, wider than auto's exact flips) -> z2 (6 bits) -> a
     softplus-sum cost, and a cost on z1 alone: auto expands both nodes' flips."""
     x = keras.Input((graphs.INPUT_DIM,))
-    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(graphs._dense(6, "d1", 1)(x))
-    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(graphs._dense(6, "d2", 2)(z1))
-    logits = graphs._dense(3, "dec", 3)(z2)
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(graphs.dense(6, "d1", 1)(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(graphs.dense(6, "d2", 2)(z1))
+    logits = graphs.dense(3, "dec", 3)(z2)
     far = keras.ops.sum(keras.ops.softplus(logits) - x * logits, axis=-1)
-    near = graphs._square_cost(graphs._dense(2, "dec1", 4)(z1), x)
+    near = graphs.square_cost(graphs.dense(2, "dec1", 4)(z1), x)
     model = keras_bpq.BackpropQModel(inputs=x, outputs=z2, costs={"far": far, "near": near}, name="wide")
     return model, graphs.inputs()
 
@@ -165,8 +165,8 @@ def test_auto_sums_every_flip_of_narrow_bernoulli_nodes():
 def test_linearize_needs_units():
     with pytest.raises(ValueError, match="needs units"):
         estimators.CriticCV(linearize=True)
-    estimator = saving._decode_estimator(
-        saving._encode_estimator(estimators.CriticCV(units=3, linearize=True), "estimator"))
+    estimator = saving.decode_estimator(
+        saving.encode_estimator(estimators.CriticCV(units=3, linearize=True), "estimator"))
     assert estimator.units == 3 and estimator.linearize
 
 

@@ -117,8 +117,7 @@ def test_discovery_inside_xla_function_sees_the_same_graph():
 
     @tf.function(jit_compile=True)
     def step(inputs):
-        model._scg_cache.clear()
-        seen["scg"] = model.scg(inputs)
+        seen["scg"] = model.discover(inputs)
         return model(inputs, training=True)
 
     step(tf.constant(x))

@@ -295,7 +295,7 @@ def test_default_estimator_evaluates_hops_once_per_query_not_per_action():
     hop1, hop2 = model.scg(data).nodes
     evaluator = model.q_function.downstream_evaluator(hop2, ("miss",))
     assert evaluator is not None
-    assert "move_2" not in {node.operation.name for node in evaluator._plan}
+    assert "move_2" not in {node.operation.name for node in evaluator.plan}
     for info in (hop1, hop2):
         step = out.steps[info.name]
         values = estimators.local_outcomes(step)[0].with_first(step.record.sample)

@@ -172,10 +172,10 @@ def test_every_estimator_trains_and_passes_the_gradient_check_under_each_policy(
         model.compile(optimizer=keras.optimizers.Adam(0.05), estimator=choice, num_samples=num_samples)
         assert all(model.node_estimators[n] is e for n, e in choice.items())
         model.build_training_state()  # creates the node state
-        tuned = [n for n in choice if "eta" in model.training_state.node_state[n]]
+        tuned = [n for n in choice if hasattr(model.training_state.node_state[n], "eta")]
         for i, n in enumerate(tuned):  # a control variate away from the defaults
-            model.training_state.node_state[n]["log_temperature"].assign(np.log(1.7 + i))
-            model.training_state.node_state[n]["eta"].assign(0.4 - 0.9 * i)
+            model.training_state.node_state[n].log_temperature.assign(np.log(1.7 + i))
+            model.training_state.node_state[n].eta.assign(0.4 - 0.9 * i)
         if unbiased:
             num_draws = 500
             exact = diagnostics.exact_gradients(model, x, num_continuous_draws=4000)
@@ -197,4 +197,4 @@ def test_every_estimator_trains_and_passes_the_gradient_check_under_each_policy(
         assert np.isfinite(keras.ops.convert_to_numpy(variable)).all(), variable.path
     assert any(not np.allclose(s, v.numpy()) for s, v in zip(start, model.actor_variables))
     if tuned:
-        assert all(model.training_state.node_state[n]["tune_steps"].numpy() > 0 for n in tuned)
+        assert all(model.training_state.node_state[n].tune_steps.numpy() > 0 for n in tuned)

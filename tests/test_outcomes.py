@@ -73,7 +73,7 @@ def test_evaluator_skips_what_the_outcomes_do_not_change():
     data = {"x": tf.zeros((2, 6)), "w": tf.zeros((2, 4))}
     info = model.scg(data).node("z1")
     evaluator = model.q_function.downstream_evaluator(info, ("recon",))
-    ops = {node.operation.name for node in evaluator._plan}
+    ops = {node.operation.name for node in evaluator.plan}
     assert "dec" in ops and "enc" not in ops and "mid" not in ops
 
 
@@ -127,7 +127,7 @@ def test_dot_with_the_outcomes_and_multi_output_layers_run_downstream(monkeypatc
     info = model.scg(data).node("z2")
     evaluator = model.q_function.downstream_evaluator(info, ("cost",))
     assert evaluator is not None
-    assert {"two", "dot"} <= {node.operation.name for node in evaluator._plan}
+    assert {"two", "dot"} <= {node.operation.name for node in evaluator.plan}
     step = out.steps["z2"]
     values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
     with monkeypatch.context() as patch:  # the Dot is one gather: no [batch, A, K] outcomes
@@ -194,8 +194,8 @@ def test_softplus_of_a_rank_one_update_sums_like_its_values(scale, steps, monkey
     dense.build((None, 5))
     dense.kernel.assign(rng.randn(5, 48).astype(np.float32) * scale)
     dense.bias.assign(rng.randn(48).astype(np.float32))
-    lazy = outcomes._Affine.of(edits).dense_layer(dense).scaled(-1.0).with_softplus()
-    assert isinstance(lazy.softplus[0][1], outcomes._Affine)  # not materialised
+    lazy = outcomes.Affine.of(edits).dense_layer(dense).scaled(-1.0).with_softplus()
+    assert isinstance(lazy.softplus[0][1], outcomes.Affine)  # not materialised
     values = base[:, None, :] + change[..., None] * np.eye(5, dtype=np.float32)[np.maximum(unit, 0)]
     pre = -(values @ dense.kernel.numpy() + dense.bias.numpy())
     want = np.sum(np.logaddexp(0.0, pre), axis=-1)
@@ -235,7 +235,7 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
     step = out.steps["z"]
     values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
     affine = ("recon", "chain", "prior")
-    run_on_rows = outcomes._call_on_rows
+    run_on_rows = outcomes.call_on_rows
 
     def per_example_rows_only(node, values_, num, training):
         # Only [batch, A] scalars (the sums) reach a re-run on rows.
@@ -243,7 +243,7 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
         return run_on_rows(node, values_, num, training)
 
     with monkeypatch.context() as patch:
-        patch.setattr(outcomes, "_call_on_rows", per_example_rows_only)
+        patch.setattr(outcomes, "call_on_rows", per_example_rows_only)
         fast = model.q_function.downstream_evaluator(info, affine)(data, {}, values)
     fast.update(model.q_function.downstream_evaluator(info, ("peak",))(data, {}, values))
     slow = model.q_function.rerun_heads(info, data, None, {"inputs": data}, values, affine + ("peak",))

@@ -46,7 +46,7 @@ def test_steps_per_execution_matches_one_step_per_call(jit_compile):
     for i, (a, b) in enumerate(zip(one, three)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=names[i] if i < len(names) else str(i))
     assert any(not np.allclose(a, b) for a, b in zip(start, one))  # training moved them
-    baseline = model.training_state.node_state["z1"]["baseline"].numpy()
+    baseline = model.training_state.node_state["z1"].baseline.numpy()
     assert baseline != 0.0
     assert logs_one.keys() == logs_three.keys()
     for key in logs_one:

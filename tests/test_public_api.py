@@ -1,7 +1,9 @@
 """The package's public face: the Keras/TensorFlow version gate and the
 model's read-only accessors."""
 
+import ast
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -64,3 +66,61 @@ def test_accessors_read_without_side_effects():
     layer = model.node_layer(scg.nodes[0])
     assert layer.name == scg.nodes[0].layer_name
     assert len(model.weights) == num_weights  # reading them created no critic or state
+
+
+# NamedTuple's own API (`_fields`, `_asdict`, ...) is public despite its underscore.
+_NAMEDTUPLE_API = {"_fields", "_field_defaults", "_asdict", "_replace", "_make"}
+
+
+def _private(name):
+    return name.startswith("_") and not name.endswith("__") and name not in _NAMEDTUPLE_API
+
+
+def _owner_is_own(node):
+    """`self._x`, `cls._x` or `super()._x`: a member of the object's own class."""
+    if isinstance(node, ast.Name):
+        return node.id in ("self", "cls")
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def private_accesses(path):
+    """`["path:line: expression"]`: every private member that `path` reaches in
+    another object or module: `obj._x` (obj not `self`, `cls` or `super()`),
+    `getattr`/`setattr`/`hasattr(obj, "_x")` and `from module import _x`."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and not _owner_is_own(node.value):
+            found.append(node)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _private(node.args[1].value)
+            and not _owner_is_own(node.args[0])
+        ):
+            found.append(node)
+        elif isinstance(node, ast.ImportFrom) and any(_private(a.name) for a in node.names):
+            if node.module == "keras_bpq" and [a.name for a in node.names] == ["_keras_compat"]:
+                continue  # the one gate to Keras' internals, its own public functions only
+            found.append(node)
+    return [f"{path}:{n.lineno}: {ast.unparse(n)}" for n in found]
+
+
+def test_no_private_member_is_reached_across_objects():
+    """Users, diagnostics, benchmarks, examples and tests read the package's
+    public members only. Keras' and TensorFlow's private API is read in
+    `keras_bpq/_keras_compat.py` alone, which this scan leaves out."""
+    root = pathlib.Path(ROOT)
+    paths = [
+        p
+        for folder in ("keras_bpq", "tests", "benchmarks", "examples")
+        for p in sorted((root / folder).rglob("*.py"))
+        if p != root / "keras_bpq" / "_keras_compat.py"
+    ]
+    assert len(paths) > 40
+    found = [access for path in paths for access in private_accesses(path)]
+    assert not found, "\n".join(found)
