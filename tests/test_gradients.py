@@ -88,20 +88,24 @@ def test_critic_cv_with_several_draws_matches_exact_gradient(name):
     assert_unbiased(model, x)
 
 
-def _unit_subsets(model, units):
+def _unit_subsets(model, units, unit_sampling="uniform"):
     """`CriticCV(units)` on every Bernoulli node, 'auto' on the others."""
     model.compile(estimator="reinforce")
     return {
-        info.name: estimators.CriticCV(units=units) if info.local_kind == "binary" else "auto"
+        info.name: estimators.CriticCV(units=units, unit_sampling=unit_sampling)
+        if info.local_kind == "binary" else "auto"
         for info in model.scg().nodes
     }
 
 
-@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", False), ("two_costs", True)])
-def test_critic_cv_on_a_random_subset_of_units_matches_exact_gradient(name, jit_compile):
-    """One flipped unit per example, scaled by the node's unit count: unbiased."""
+@pytest.mark.parametrize("name,jit_compile,unit_sampling", [
+    ("chain", False, "uniform"), ("dag", False, "uniform"), ("two_costs", True, "uniform"),
+    ("chain", False, "importance"), ("two_costs", True, "importance")])
+def test_critic_cv_on_a_random_subset_of_units_matches_exact_gradient(name, jit_compile, unit_sampling):
+    """One flipped unit per example, scaled by one over its expected count
+    (the node's unit count, or one over its importance probability): unbiased."""
     model, x = graphs.ALL[name]()
-    model.compile(optimizer="adam", estimator=_unit_subsets(model, 1), jit_compile=jit_compile)
+    model.compile(optimizer="adam", estimator=_unit_subsets(model, 1, unit_sampling), jit_compile=jit_compile)
     assert_unbiased(model, x)
 
 
@@ -115,21 +119,25 @@ def test_critic_cv_units_are_checked_and_saved():
     assert isinstance(estimator, estimators.CriticCV) and estimator.units == 3
 
 
-def _linearised_subsets(model, units):
+def _linearised_subsets(model, units, unit_sampling="uniform"):
     """`CriticCV(units, linearize=True)` on every Bernoulli node, 'auto' on the others."""
     model.compile(estimator="reinforce")
     return {
-        info.name: estimators.CriticCV(units=units, linearize=True) if info.local_kind == "binary" else "auto"
+        info.name: estimators.CriticCV(units=units, linearize=True, unit_sampling=unit_sampling)
+        if info.local_kind == "binary" else "auto"
         for info in model.scg().nodes
     }
 
 
-@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", True), ("two_costs", True), ("mixed", False)])
-def test_critic_cv_with_a_first_order_expansion_matches_exact_gradient(name, jit_compile):
+@pytest.mark.parametrize("name,jit_compile,unit_sampling", [
+    ("chain", False, "uniform"), ("dag", True, "uniform"), ("two_costs", True, "uniform"),
+    ("mixed", False, "uniform"), ("dag", True, "importance"), ("mixed", False, "importance")])
+def test_critic_cv_with_a_first_order_expansion_matches_exact_gradient(name, jit_compile, unit_sampling):
     """Every unit's flip expanded to first order, one exact flip per example
     correcting it: unbiased whatever the expansion's error."""
     model, x = graphs.ALL[name]()
-    model.compile(optimizer="adam", estimator=_linearised_subsets(model, 1), jit_compile=jit_compile)
+    model.compile(optimizer="adam", estimator=_linearised_subsets(model, 1, unit_sampling),
+                  jit_compile=jit_compile)
     assert_unbiased(model, x)
 
 
