@@ -259,6 +259,9 @@ def estimator_option(name):
     if name.startswith("critic_cv_islinear"):
         return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
                                    unit_sampling="importance")
+    if name.startswith("critic_cv_islinear"):
+        return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
+                                   unit_sampling="importance")
     if name.startswith("critic_cv_linear"):
         return estimators.CriticCV(units=int(name[len("critic_cv_linear"):]), linearize=True)
     return name

@@ -198,7 +198,7 @@ class LocalSum(NamedTuple):
     scale: tf.Tensor
 
 
-def local_outcomes(step, units=None, unit_sampling="uniform"):
+def local_outcomes(step, units=None, unit_sampling="uniform", sizes=None):
     """The outcomes a critic is summed over, and their weights.
 
     Returns a `LocalSum`:
@@ -214,8 +214,8 @@ def local_outcomes(step, units=None, unit_sampling="uniform"):
     sampled values: `E_loc = sum_u [p_u(x_u) Q(x) + p_u(1 - x_u) Q(x with u flipped)]`.
     With `units = S` below the node's `U` units, the sum runs over `S` units
     per example, each term scaled by one over its expected count
-    (`subset_units`): its gradient is still unbiased, at `S + 1` outcomes
-    instead of `U + 1`.
+    (`subset_units`, which reads `unit_sampling` and `sizes`): its gradient
+    is still unbiased, at `S + 1` outcomes instead of `U + 1`.
     Categorical nodes: every outcome, `E_loc = sum_k p_k Q(e_k)`.
     """
     record, info = step.record, step.info
@@ -227,7 +227,7 @@ def local_outcomes(step, units=None, unit_sampling="uniform"):
             unit = tf.tile(tf.range(total)[None], [tf.shape(flat)[0], 1])
             scale = tf.ones_like(p_current)
         else:
-            unit, scale = subset_units(step, units, unit_sampling)
+            unit, scale = subset_units(step, units, unit_sampling, sizes)
             p_current = tf.gather(p_current, unit, batch_dims=1)
         change = 1.0 - 2.0 * tf.gather(flat, unit, batch_dims=1)
         values = outcomes.UnitEdits(flat, unit, change, x.shape[1:])
@@ -245,22 +245,30 @@ def local_outcomes(step, units=None, unit_sampling="uniform"):
 UNIT_SAMPLING = ("uniform", "importance")
 
 
-def subset_units(step, units, unit_sampling="uniform"):
+def subset_units(step, units, unit_sampling="uniform", sizes=None):
     """`(unit, scale)`, both `[batch, S]`: `S = units` units of a Bernoulli
-    node per example, and each one's weight `1 / E[count_u]` in the local sum,
-    so that `E[sum_s scale_s f(unit_s)] = sum_u f(u)` for any per-unit `f`.
+    node per example, and each one's weight `1 / E[n_u]` in the local sum
+    (`n_u` the times unit `u` is drawn), so that
+    `E[sum_s scale_s f(unit_s)] = sum_u f(u)` for any per-unit `f`.
 
     * `"uniform"`: a uniform subset without replacement (the top `S` of iid
       uniform scores), `scale = U / S`.
-    * `"importance"`: systematic sampling with probability
-      `pi_u = w_u / sum_v w_v`, `w_u = p_u (1 - p_u)`, `scale = 1 / (S pi_u)`.
-      Unit `u`'s term in the local sum's gradient is `grad p_u(x_u) D_u`, with
-      `grad p_u(x_u) = +-w_u grad logit_u`: units near saturation carry almost
-      none of it, and late in training most units are near saturation, so
-      spending the exact flips where `w_u` is large removes most of a uniform
-      subset's variance. A unit with `w_u = 0` (saturated in float32) is never
-      drawn and its term is zero. `pi` is a function of the node's parameters
-      only, held fixed (stop-gradient): the identity above holds for any `pi`.
+    * `"importance"`: systematic sampling with probability `pi_u` (one
+      uniform offset, `S` evenly spaced points on the CDF: `n_u` is the floor
+      or the ceiling of `S pi_u`), `scale = 1 / (S pi_u)`, where
+
+          pi_u  proportional to  w_u (s_u + mean_v s_v),   w_u = p_u (1 - p_u),
+
+      and `s = sizes` (`[batch, U]`, e.g. `|D^_u|`, the expanded flips; ones
+      when None). Unit `u`'s term in the local sum's gradient is
+      `grad p_u(x_u) D_u`, `grad p_u(x_u) = +-w_u grad logit_u`, so its share
+      of the subset's variance grows with `w_u |D_u|` (`|D_u - D^_u|` with
+      `linearize`), and a draw in proportion to it is the variance-minimising
+      one. Units near saturation (most units, late in training) carry almost
+      none; adding the mean size keeps every unit with `w_u > 0` drawable
+      whatever `sizes` says. A unit with `w_u = 0` (saturated in float32) is
+      never drawn and its term is zero. `pi` is held fixed (stop-gradient):
+      the identity above holds for any `pi`.
     """
     record = step.record
     logits = _flat(tf.cast(record.params, tf.float32))
@@ -270,6 +278,9 @@ def subset_units(step, units, unit_sampling="uniform"):
         return unit, tf.fill(tf.shape(unit), total / units)
     # log w_u, finite for finite logits; the CDF of pi over the units in order.
     log_w = tf.stop_gradient(tf.math.log_sigmoid(logits) + tf.math.log_sigmoid(-logits))
+    if sizes is not None:
+        mean = tf.reduce_mean(sizes, axis=1, keepdims=True)
+        log_w += tf.math.log(tf.where(mean > 0, sizes + mean, 1.0))
     log_pi = log_w - tf.reduce_logsumexp(log_w, axis=1, keepdims=True)
     cdf = tf.math.cumsum(tf.exp(log_pi), axis=1)
     # One uniform offset per example, S evenly spaced points: unit u is drawn
@@ -333,13 +344,14 @@ def _expanded_flips(step):
     return tf.stop_gradient(slope * (2.0 * flat - 1.0))
 
 
-def _expansion_correction(step, unit, scale):
+def _expansion_correction(step, expanded, unit, scale):
     """`sum_u p_u(x_u) D^_u - sum_s scale_s p_s(x_s) D^_s` (`CriticCV`'s
-    `linearize`): the expansion summed over every unit, less its weighted sum
-    over the drawn subset `unit` (`[batch, S]`, weights `scale` from
-    `subset_units`), whose exact flips replace it in the local sum."""
-    flat, p_current = _bernoulli_sample_and_probability(step.record)
-    weighted = p_current * _expanded_flips(step)
+    `linearize`; `expanded` is `D^`, `_expanded_flips`): the expansion summed
+    over every unit, less its weighted sum over the drawn subset `unit`
+    (`[batch, S]`, weights `scale` from `subset_units`), whose exact flips
+    replace it in the local sum."""
+    _, p_current = _bernoulli_sample_and_probability(step.record)
+    weighted = p_current * expanded
     return tf.reduce_sum(weighted, axis=1) - tf.reduce_sum(scale * tf.gather(weighted, unit, batch_dims=1), axis=1)
 
 
@@ -396,9 +408,10 @@ class CriticCV(Estimator):
         `units` alone).
       unit_sampling: with `units`, how the units are drawn (`subset_units`):
         `"uniform"`, a uniform subset without replacement; `"importance"`,
-        systematic sampling in proportion to `p_u (1 - p_u)`, the size of
-        unit `u`'s share of the gradient, which helps most once many units
-        are near saturation.
+        systematic sampling in proportion to `p_u (1 - p_u)` times (with
+        `linearize`) the expanded flip's size `|D^_u|` plus its mean: about
+        each unit's share of the subset's variance, which matters most once
+        many units are near saturation.
     """
 
     name = "critic_cv"
@@ -432,15 +445,19 @@ class CriticCV(Estimator):
             )
 
     def surrogate(self, step):
-        local = local_outcomes(step, self.units, self.unit_sampling)
+        expanded = None
+        if self.linearize and self.units < int(np.prod(step.info.event_shape)):
+            expanded = _expanded_flips(step)
+        sizes = tf.abs(expanded) if expanded is not None and self.unit_sampling == "importance" else None
+        local = local_outcomes(step, self.units, self.unit_sampling, sizes)
         q_values = step.q(local.values.with_first(step.record.sample))
         q_x, q_alt = q_values[:, 0], q_values[:, 1:]
         residual = step.downstream - q_x
         if step.num_samples > 1:
             residual -= _leave_one_out_mean(residual, step.num_samples)
         surrogate = _local_expectation(q_x, q_alt, local.weights, local.current)
-        if self.linearize and local.values.num_outcomes < local.values.base.shape[1]:
-            surrogate += _expansion_correction(step, local.values.unit, local.scale)
+        if expanded is not None:
+            surrogate += _expansion_correction(step, expanded, local.values.unit, local.scale)
         return surrogate + step.record.log_prob() * tf.stop_gradient(residual)
 
     def get_config(self):
@@ -965,7 +982,7 @@ def auto(info, num_samples=1):
         return Reparam()
     if info.local_kind == "binary":
         if int(np.prod(info.event_shape)) > AUTO_EXACT_FLIPS:
-            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True)
+            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True, unit_sampling="importance")
         return CriticCV()
     if info.local_kind == "categorical" and info.event_shape[-1] <= MAX_SUPPORT:
         return CriticCV()

@@ -158,9 +158,9 @@ def _wide():
 def test_auto_expands_wide_bernoulli_nodes_and_stays_unbiased(jit_compile):
     model, x = _wide()
     model.compile(optimizer="adam", jit_compile=jit_compile)
-    chosen = {n: (e.name, e.units, e.linearize) for n, e in model.node_estimators.items()}
+    chosen = {n: (e.name, e.units, e.linearize, e.unit_sampling) for n, e in model.node_estimators.items()}
     flips = estimators.AUTO_EXACT_FLIPS
-    assert chosen == {"z1": ("critic_cv", flips, True), "z2": ("critic_cv", flips, True)}
+    assert chosen == {n: ("critic_cv", flips, True, "importance") for n in ("z1", "z2")}
     assert_unbiased(model, x, num_draws=1500)
 
 
@@ -173,13 +173,16 @@ def test_auto_sums_every_flip_of_narrow_bernoulli_nodes():
 def test_linearize_needs_units():
     with pytest.raises(ValueError, match="needs units"):
         estimators.CriticCV(linearize=True)
-    estimator = saving._decode_estimator(
-        saving._encode_estimator(estimators.CriticCV(units=3, linearize=True), "estimator"))
-    assert estimator.units == 3 and estimator.linearize
+    estimator = saving._decode_estimator(saving._encode_estimator(
+        estimators.CriticCV(units=3, linearize=True, unit_sampling="importance"), "estimator"))
+    assert estimator.units == 3 and estimator.linearize and estimator.unit_sampling == "importance"
+    with pytest.raises(ValueError, match="unit_sampling must be one of"):
+        estimators.CriticCV(units=3, unit_sampling="stratified")
 
 
 def test_summary_names_the_expansion():
     model, x = _wide()
     model.compile(optimizer="adam")
     text = model.scg_summary(x, print_fn=lambda s: None)
-    assert f"critic_cv(units={estimators.AUTO_EXACT_FLIPS}, linearize=True)" in text
+    flips = estimators.AUTO_EXACT_FLIPS
+    assert f"critic_cv(units={flips}, linearize=True, unit_sampling='importance')" in text
