@@ -958,9 +958,10 @@ MAX_SUPPORT = 1024
 
 
 # Bernoulli nodes with more units than this get `auto`'s first-order expansion
-# of every flip, corrected by this many exact flips per example
-# (`CriticCV(units=AUTO_EXACT_FLIPS, linearize=True)`); the choice is measured
-# on benchmarks/results/variance_per_second.md.
+# of every flip, corrected by this many exact flips per example drawn by
+# importance (`CriticCV(units=AUTO_EXACT_FLIPS, linearize=True,
+# unit_sampling="importance")`); the choice is measured on
+# benchmarks/results/variance_per_second.md.
 AUTO_EXACT_FLIPS = 4
 
 
@@ -971,9 +972,10 @@ def auto(info, num_samples=1):
     * `Reparam` for reparameterised nodes;
     * for Bernoulli nodes `CriticCV`: with at most `AUTO_EXACT_FLIPS` units,
       every unit's flip exact; with more, every flip expanded to first order
-      and `AUTO_EXACT_FLIPS` random exact flips per example correcting it
-      (`linearize=True`), which keeps most of the full sum's variance
-      reduction at a small fraction of its cost on wide layers;
+      and `AUTO_EXACT_FLIPS` exact flips per example correcting it
+      (`linearize=True`), the units drawn where the correction's variance
+      lies (`unit_sampling="importance"`), which keeps most of the full sum's
+      variance reduction at a small fraction of its cost on wide layers;
     * `CriticCV` for Categorical nodes with at most `MAX_SUPPORT` outcomes
       (exact sums over every outcome);
     * otherwise `RLOO` when `num_samples >= 2`, else `Reinforce`.
