@@ -150,7 +150,9 @@ def markdown(report):
            "(jit on, steps_per_execution 50, arms interleaved, best round). `var x step` relative to "
            "reinforce is the variance of the gradient averaged over one second of training, relative "
            "to reinforce's: below 1 is more signal per second. `critic_cv_linear<S>` is "
-           "`CriticCV(units=S, linearize=True)`; `critic_cv_units<S>` is `CriticCV(units=S)`; "
+           "`CriticCV(units=S, linearize=True)` (a uniform draw of the S units); `critic_cv_islinear<S>` "
+           "the same with the units drawn by importance (`unit_sampling=\"importance\"`, `auto`'s choice "
+           "on wide Bernoulli nodes with S = 4 since it was added); `critic_cv_units<S>` is `CriticCV(units=S)`; "
            "`critic_cv` sums every unit's flip exactly.", ""]
     for tag, entry in report.items():
         load = ", ".join(f"{v:.1f}" for v in entry["load"])
