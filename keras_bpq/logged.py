@@ -228,13 +228,13 @@ def get(identifier):
     )
 
 
-@keras.saving.register_keras_serializable(package="keras_bpq.logged")
 class CostCritic(keras.layers.Layer, critics_lib.Critic):
     """`Q(x, a)`: a Keras network on the flattened inputs and the action,
     regressed on the observed costs.
 
     A bandit's target is the cost itself (nothing bootstraps), so this critic
-    has no target copy: `q(..., target=...)` always reads the network.
+    has no target copy: `q(..., target=...)` always reads the network. A
+    `LoggedModel` saves its network and rebuilds it.
 
     Args:
       feature_dim: the size of the flattened inputs plus the action.
@@ -269,21 +269,6 @@ class CostCritic(keras.layers.Layer, critics_lib.Critic):
 
     def call(self, features):
         return self.network(features)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            feature_dim=self.feature_dim,
-            hidden_units=list(self.hidden_units),
-            network=keras.saving.serialize_keras_object(self.network),
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["network"] = keras.saving.deserialize_keras_object(config["network"])
-        return cls(**config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,18 +155,24 @@ def _child_env():
     return env
 
 
+def _run_child(tmp_path, source, *args):
+    """Runs `source` as a script in a fresh Python process (without this
+    checkout on its path) with `args`; fails the test if the process does."""
+    script = tmp_path / "child.py"
+    script.write_text(source)
+    result = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_fresh_process_serving_contract(served, tmp_path):
     model, x, path, _ = served
     inputs = np.repeat(x, ROWS, axis=0)
     seeds = np.arange(len(inputs), dtype=np.int64) * 7919 + 11
     np.savez(tmp_path / "inputs.npz", x=inputs, seeds=seeds)
-    script = tmp_path / "serve.py"
-    script.write_text(CHILD)
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"), str(tmp_path / "out")],
-        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_child(tmp_path, CHILD, path, tmp_path / "inputs.npz", tmp_path / "out")
     report = json.loads((tmp_path / "out.json").read_text())
     arrays = np.load(tmp_path / "out.npz")
 
@@ -270,13 +276,7 @@ def test_fresh_process_serves_the_log_prob_of_its_samples(served, tmp_path):
     x = np.random.RandomState(1).normal(size=(200, 3)).astype("float32")
     seeds = np.arange(len(x), dtype=np.int64) * 31 + 5
     np.savez(tmp_path / "inputs.npz", x=x, seeds=seeds)
-    script = tmp_path / "serve_log_prob.py"
-    script.write_text(SERVE_LOG_PROB)
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
-        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_child(tmp_path, SERVE_LOG_PROB, path, tmp_path / "inputs.npz", tmp_path / "out.npz")
     arrays = np.load(tmp_path / "out.npz")
     assert arrays["modules"].size == 0
     for prefix in ("sample", "seeded"):
@@ -486,14 +486,7 @@ def test_fresh_process_rejects_bad_inputs_naming_them(served, tmp_path):
     z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
     two = keras_bpq.BackpropQModel(inputs=[a, b], outputs=z, costs={"cost": keras.ops.sum(z, axis=-1)})
     two.export(str(tmp_path / "two"), verbose=False)
-    script = tmp_path / "bad_calls.py"
-    script.write_text(BAD_CALLS)
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "two"), str(tmp_path / "walk"),
-         str(tmp_path / "out.json")],
-        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_child(tmp_path, BAD_CALLS, path, tmp_path / "two", tmp_path / "walk", tmp_path / "out.json")
     report = json.loads((tmp_path / "out.json").read_text())
     assert report.pop("modules") == []
     assert report.pop("good") is None
