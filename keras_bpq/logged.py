@@ -319,7 +319,8 @@ class LoggedModel(keras.Model):
     support, a non-finite cost) or whose estimate or gradient is not finite
     changes nothing, and `fit` (or `train_on_batch`) then raises a
     ValueError naming the input, the row and what to change. `evaluate`
-    reports the same estimates without training. Runs on one device.
+    reports the same estimates without training, and raises likewise. Runs
+    on one device.
 
     Args:
       policy: a functional Keras model (a `BackpropQModel` built with
@@ -515,10 +516,7 @@ class LoggedModel(keras.Model):
         grads = tape.gradient(out["loss"], policy_variables)
         critic_grads = tape.gradient(out["critic_loss"], critic_variables) if critic_variables else []
         del tape
-        values = [out["loss"], out["critic_loss"]] + [g for g in grads + critic_grads if g is not None]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
-        status = tf.where(tf.logical_and(tf.equal(out["status"], _OK), tf.logical_not(finite)), _NONFINITE,
-                          out["status"])
+        status = _status(out, [g for g in grads + critic_grads if g is not None])
         ok = tf.equal(status, _OK)
 
         def apply():
@@ -528,17 +526,20 @@ class LoggedModel(keras.Model):
             return tf.constant(0)
 
         tf.cond(ok, apply, lambda: tf.constant(0))
-        first = tf.equal(self.status, _OK)
-        self.status_row.assign(tf.where(first, out["row"], self.status_row))
-        self.status.assign(tf.where(first, status, self.status))
-        return self._update_metrics(out, ok)
+        return self._update_metrics(out, status)
 
     def test_step(self, data):
         x, logged = self._unpack(data)
         out = self.estimate(x, logged)
-        return self._update_metrics(out, tf.equal(out["status"], _OK))
+        return self._update_metrics(out, _status(out))
 
-    def _update_metrics(self, out, ok):
+    def _update_metrics(self, out, status):
+        """Keeps the first problem seen (`status`, `out["row"]`) and adds the
+        batch's estimates to the metrics unless it had one."""
+        first = tf.equal(self.status, _OK)
+        self.status_row.assign(tf.where(first, out["row"], self.status_row))
+        self.status.assign(tf.where(first, status, self.status))
+        ok = tf.equal(status, _OK)
         weight = tf.cast(ok, tf.float32)
         for tracker, key in ((self.loss_tracker, "loss"), (self.critic_loss_tracker, "critic_loss")):
             tracker.update_state(tf.where(ok, out[key], 0.0), sample_weight=weight)
@@ -554,7 +555,8 @@ class LoggedModel(keras.Model):
         return x, logged
 
     def raise_if_skipped(self, batch=None):
-        """Raises a ValueError if a training step was skipped, naming why."""
+        """Raises a ValueError if a step (of `fit`, `train_on_batch` or `evaluate`)
+        met invalid logged data or a non-finite value, naming why."""
         code = int(self.status.numpy())
         if code == _OK:
             return
@@ -562,7 +564,7 @@ class LoggedModel(keras.Model):
         self.status.assign(0)
         self.status_row.assign(0)
         where = f"row {row} of " if code != _NONFINITE else ""
-        where += "the batch" if batch is None else f"batch {batch}"
+        where += "a batch" if batch is None else f"batch {batch}"
         problem = {
             _BAD_PROPENSITY: "`propensity` must be finite, > 0 and <= 1: the logging policy's "
             "probability of the logged action (exp(<node>_log_prob) as the exported model serves "
@@ -574,6 +576,12 @@ class LoggedModel(keras.Model):
             "large for float32?); pass clip= to the estimator or lower the learning rate",
         }[code]
         raise ValueError(f"LoggedModel: the step on {where} was skipped (nothing changed): {problem}.")
+
+    def evaluate(self, *args, **kwargs):
+        self.status.assign(0)
+        logs = super().evaluate(*args, **kwargs)
+        self.raise_if_skipped()
+        return logs
 
     def fit(self, *args, **kwargs):
         self.build_optimizers()
@@ -622,6 +630,14 @@ class LoggedModel(keras.Model):
         config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
         self.compile(**{k: v for k, v in config.items() if v is not None})
         self.build_optimizers()
+
+
+def _status(out, gradients=()):
+    """The status of `estimate`'s `out`, or `_NONFINITE` for a valid batch whose
+    estimates (or `gradients`) are not finite."""
+    values = [out["loss"], out["critic_loss"]] + list(gradients)
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+    return tf.where(tf.logical_and(tf.equal(out["status"], _OK), tf.logical_not(finite)), _NONFINITE, out["status"])
 
 
 def _trace(policy, node):

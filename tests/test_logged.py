@@ -7,6 +7,12 @@ policy is `softmax(x @ theta)`, so `V(theta) = mean_x sum_a softmax(theta_x)_a
 C[x, a]` and its gradient are computed in closed form.
 """
 
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -283,6 +289,17 @@ def test_invalid_values_skip_the_step_and_fail_naming_the_row(column, value, mes
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
+def test_evaluate_reports_the_estimate_and_refuses_invalid_rows():
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator="ips")
+    learner.compile()
+    x, t = draw_log(np.random.default_rng(10), 40)
+    logs = learner.evaluate(x, t, batch_size=40, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(float(learner.estimate(x, t)["loss"]), rel=1e-5)
+    t["propensity"][5] = -0.1
+    with pytest.raises(ValueError, match=r"row 5 of a batch .* `propensity` must be finite, > 0 and <= 1"):
+        learner.evaluate(x, t, batch_size=40, verbose=0)
+
+
 def test_policies_it_cannot_learn_are_refused():
     with pytest.raises(ValueError, match=r"calls no node 'act'; its nodes are \['action'\]"):
         logged.LoggedModel(bandit_policy(), node="act")
@@ -296,3 +313,20 @@ def test_policies_it_cannot_learn_are_refused():
         logged.LoggedModel(keras.Model(x, n), node="n", estimator="ips")
     with pytest.raises(ValueError, match="uses no critic"):
         logged.LoggedModel(bandit_policy(), node="action", estimator="ips", critic=TableCritic(C))
+
+
+def test_serve_log_learn_example(tmp_path):
+    """examples/serve_log_learn.py: the policy learned from the served log beats the logging policy
+    when both are served from their SavedModels."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "examples/serve_log_learn.py", f"--out_dir={tmp_path}"], cwd=root,
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    found = re.search(r"logging policy reward ([\d.]+), learned policy reward ([\d.]+)", result.stdout)
+    assert found, result.stdout
+    logging_reward, learned_reward = (float(v) for v in found.groups())
+    assert learned_reward > logging_reward + 0.2, result.stdout
+    for name in ("logging", "learned"):
+        assert (tmp_path / name / "1" / "saved_model.pb").exists()
