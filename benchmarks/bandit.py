@@ -272,13 +272,6 @@ def markdown(report):
     return "\n".join(out) + "\n"
 
 
-def write_atomically(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv):
     del argv
     path = os.path.join(FLAGS.out_dir, "bandit.json")
@@ -287,7 +280,7 @@ def main(argv):
         with open(path) as f:
             report = json.load(f)
     if FLAGS.render_only:
-        write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
+        sbn.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
         return
     start = time.perf_counter()
     machine = sbn.machine_info()
@@ -316,8 +309,8 @@ def main(argv):
     )
     report[FLAGS.dataset] = section
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    write_atomically(path, json.dumps(report, indent=1))
-    write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
+    sbn.write_atomically(path, json.dumps(report, indent=1))
+    sbn.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
     log(f"wrote {path} and bandit.md in {section['runtime_s']:.0f}s")
 
 
