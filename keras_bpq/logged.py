@@ -278,7 +278,7 @@ class CostCritic(keras.layers.Layer, critics_lib.Critic):
 class _NodeFacts:
     """What the policy's trace says of the logged node."""
 
-    spec: object  # the policy's input structure of tf.TensorSpec
+    distribution: str
     event_shape: tuple
     support: np.ndarray  # [S, *event_shape]
     input_dim: int
@@ -398,11 +398,10 @@ class LoggedModel(keras.Model):
         else the code of its first problem; `row`, that problem's row.
         """
         action, propensity, cost = self._checked(logged)
-        facts = self._facts
         with graph.Recorder(forced={self.node: action}) as recorder:
             self.policy(x, training=True)
         record = next(r for r in recorder.nodes if r.name == self.node)
-        support = tf.constant(facts.support)
+        support = tf.constant(self._facts.support)
         flat_support = tf.reshape(support, [support.shape[0], -1])
         flat_action = tf.reshape(action, [-1, flat_support.shape[1]])
         matches = tf.cast(
@@ -462,7 +461,8 @@ class LoggedModel(keras.Model):
         action = tf.cast(logged["action"], tf.float32)
         event = self._facts.event_shape
         if action.shape.rank is not None and tuple(action.shape[1:]) != event:
-            hint = " (one-hot, as the node and the exported model return it)" if len(event) == 1 else ""
+            hint = {"Categorical": " (one-hot, as the node and the exported model return it)",
+                    "Bernoulli": " (0/1 per unit)"}.get(self._facts.distribution, "")
             raise ValueError(
                 f"LoggedModel: `action` must hold one sample of node {self.node!r} per row, shape "
                 f"[batch, {', '.join(map(str, event))}]{hint}; got shape {tuple(action.shape)}."
@@ -689,7 +689,7 @@ def _trace(policy, node):
             "with up to 10 units)."
         )
     input_dim = sum(int(np.prod(s.shape[1:])) for s in tf.nest.flatten(spec))
-    return _NodeFacts(spec, info.event_shape, np.asarray(support, np.float32), input_dim)
+    return _NodeFacts(info.distribution, info.event_shape, np.asarray(support, np.float32), input_dim)
 
 
 def _make_critic(critic, facts, hidden_units, node):
