@@ -713,6 +713,15 @@ def write_report(report):
         f.write(markdown(report))
 
 
+def write_atomically(path, text):
+    """Writes `text` to `path` through a temporary file renamed over it, so an
+    interrupted run never leaves a half-written page."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def load_report():
     json_path = os.path.join(FLAGS.out_dir, "sbn.json")
     if not os.path.exists(json_path):

@@ -81,7 +81,7 @@ def main(argv):
     if FLAGS.render_only:
         path = os.path.join(FLAGS.out_dir, "variance_per_second.json")
         with open(path) as f:
-            write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
+            sbn.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
         return
     keras.utils.set_random_seed(0)
     train, _ = sbn.load_data(FLAGS.dataset, 0)
@@ -131,15 +131,8 @@ def main(argv):
     report[tag] = {"train_estimator": FLAGS.train_estimator, "train_steps": FLAGS.train_steps,
                    "num_draws": FLAGS.num_draws, "load": os.getloadavg(), "arms": results,
                    "machine": sbn.machine_info()}
-    write_atomically(path, json.dumps(report, indent=1))
-    write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(report))
-
-
-def write_atomically(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    sbn.write_atomically(path, json.dumps(report, indent=1))
+    sbn.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(report))
 
 
 def markdown(report):
