@@ -250,11 +250,19 @@ def estimator_option(name):
     the gradient variance), `critic_cv_units<S>` (critic_cv summing the
     flips of S random units per example, `estimators.CriticCV(units=S)`) or
     `critic_cv_linear<S>` (every unit's flip to first order, corrected by S
-    exact ones, `estimators.CriticCV(units=S, linearize=True)`)."""
+    exact ones, `estimators.CriticCV(units=S, linearize=True)`) or
+    `critic_cv_islinear<S>` (the same with the S units drawn in proportion to
+    p_u (1 - p_u), `unit_sampling="importance"`)."""
     if name == "relax_tuned":
         return estimators.Relax(tune=True)
     if name.startswith("critic_cv_units"):
         return estimators.CriticCV(units=int(name[len("critic_cv_units"):]))
+    if name.startswith("critic_cv_islinear"):
+        return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
+                                   unit_sampling="importance")
+    if name.startswith("critic_cv_islinear"):
+        return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
+                                   unit_sampling="importance")
     if name.startswith("critic_cv_linear"):
         return estimators.CriticCV(units=int(name[len("critic_cv_linear"):]), linearize=True)
     return name
@@ -699,6 +707,15 @@ def write_report(report):
         json.dump(report, f, indent=1)
     with open(os.path.join(FLAGS.out_dir, "sbn.md"), "w") as f:
         f.write(markdown(report))
+
+
+def write_atomically(path, text):
+    """Writes `text` to `path` through a temporary file renamed over it, so an
+    interrupted run never leaves a half-written page."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def load_report():

@@ -79,7 +79,7 @@ def main(argv):
     if FLAGS.render_only:
         path = os.path.join(FLAGS.out_dir, "variance_per_second.json")
         with open(path) as f:
-            write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
+            sbn.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
         return
     keras.utils.set_random_seed(0)
     train, _ = sbn.load_data(FLAGS.dataset, 0)
@@ -129,15 +129,8 @@ def main(argv):
     report[tag] = {"train_estimator": FLAGS.train_estimator, "train_steps": FLAGS.train_steps,
                    "num_draws": FLAGS.num_draws, "load": os.getloadavg(), "arms": results,
                    "machine": sbn.machine_info()}
-    write_atomically(path, json.dumps(report, indent=1))
-    write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(report))
-
-
-def write_atomically(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    sbn.write_atomically(path, json.dumps(report, indent=1))
+    sbn.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(report))
 
 
 def markdown(report):
@@ -148,7 +141,9 @@ def markdown(report):
            "(jit on, steps_per_execution 50, arms interleaved, best round). `var x step` relative to "
            "reinforce is the variance of the gradient averaged over one second of training, relative "
            "to reinforce's: below 1 is more signal per second. `critic_cv_linear<S>` is "
-           "`CriticCV(units=S, linearize=True)`; `critic_cv_units<S>` is `CriticCV(units=S)`; "
+           "`CriticCV(units=S, linearize=True)` (a uniform draw of the S units); `critic_cv_islinear<S>` "
+           "the same with the units drawn by importance (`unit_sampling=\"importance\"`, `auto`'s choice "
+           "on wide Bernoulli nodes with S = 4 since it was added); `critic_cv_units<S>` is `CriticCV(units=S)`; "
            "`critic_cv` sums every unit's flip exactly.", ""]
     for tag, entry in report.items():
         load = ", ".join(f"{v:.1f}" for v in entry["load"])

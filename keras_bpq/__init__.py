@@ -9,6 +9,7 @@ from keras_bpq import diagnostics
 from keras_bpq import estimators
 from keras_bpq import export
 from keras_bpq import graph
+from keras_bpq import logged
 from keras_bpq import saving
 from keras_bpq.costs import add_cost
 from keras_bpq.model import BackpropQModel
@@ -30,5 +31,6 @@ __all__ = [
     "estimators",
     "export",
     "graph",
+    "logged",
     "saving",
 ]

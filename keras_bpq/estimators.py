@@ -220,21 +220,33 @@ def _flat(value):
     return tf.reshape(value, [tf.shape(value)[0], int(np.prod(value.shape[1:]))])
 
 
-def local_outcomes(step, units=None):
+class LocalSum(NamedTuple):
+    """A node's local outcomes and their weights (`local_outcomes`)."""
+
+    values: outcomes.UnitEdits
+    weights: tf.Tensor
+    current: tf.Tensor
+    scale: tf.Tensor
+
+
+def local_outcomes(step, units=None, unit_sampling="uniform", sizes=None):
     """The outcomes a critic is summed over, and their weights.
 
-    Returns `(values, weights, current)`:
+    Returns a `LocalSum`:
     * `values`: `outcomes.UnitEdits`, `[batch, A, *event]` outcomes at which `Q`
       is evaluated;
     * `weights`: `[batch, A]`, differentiable, such that the local expectation
       is `E_loc = current * Q(x) + sum_a weights_a * Q(values_a)`;
-    * `current`: `[batch]` weight of the realised sample `x`.
+    * `current`: `[batch]` weight of the realised sample `x`;
+    * `scale`: `[batch, A]`, each outcome's weight in the sum over units
+      (`subset_units`; ones when every outcome is summed).
 
     Binary (factorised) nodes: one unit at a time, the others held at their
     sampled values: `E_loc = sum_u [p_u(x_u) Q(x) + p_u(1 - x_u) Q(x with u flipped)]`.
-    With `units = S` below the node's `U` units, the sum runs over a uniform
-    random subset of `S` units per example, scaled by `U / S`: its gradient is
-    still unbiased, at `S + 1` outcomes instead of `U + 1`.
+    With `units = S` below the node's `U` units, the sum runs over `S` units
+    per example, each term scaled by one over its expected count
+    (`subset_units`, which reads `unit_sampling` and `sizes`): its gradient
+    is still unbiased, at `S + 1` outcomes instead of `U + 1`.
     Categorical nodes: every outcome, `E_loc = sum_k p_k Q(e_k)`.
     """
     record, info = step.record, step.info
@@ -243,21 +255,73 @@ def local_outcomes(step, units=None):
         flat, p_current = _bernoulli_sample_and_probability(record)
         total = flat.shape[1]
         if units is None or units >= total:
-            unit, scale = tf.tile(tf.range(total)[None], [tf.shape(flat)[0], 1]), 1.0
-        else:  # the top `units` of iid uniform scores: a uniform subset without replacement
-            unit = tf.math.top_k(step.uniform(tf.shape(flat)), k=units).indices
-            p_current, scale = tf.gather(p_current, unit, batch_dims=1), total / units
+            unit = tf.tile(tf.range(total)[None], [tf.shape(flat)[0], 1])
+            scale = tf.ones_like(p_current)
+        else:
+            unit, scale = subset_units(step, units, unit_sampling, sizes)
+            p_current = tf.gather(p_current, unit, batch_dims=1)
         change = 1.0 - 2.0 * tf.gather(flat, unit, batch_dims=1)
         values = outcomes.UnitEdits(flat, unit, change, x.shape[1:])
-        return values, scale * (1.0 - p_current), scale * tf.reduce_sum(p_current, axis=1)
+        return LocalSum(values, scale * (1.0 - p_current), tf.reduce_sum(scale * p_current, axis=1), scale)
     if info.local_kind == "categorical":
         k = x.shape[-1]
         batch = tf.shape(x)[0]
         unit = tf.tile(tf.range(k)[None], [batch, 1])
         values = outcomes.UnitEdits(tf.zeros([batch, k]), unit, tf.ones([batch, k]), x.shape[1:])
         probs = tf.nn.softmax(record.layer.distribution(record.params, record.mask).logits)
-        return values, probs, tf.zeros_like(probs[:, 0])
+        return LocalSum(values, probs, tf.zeros_like(probs[:, 0]), tf.ones_like(probs))
     raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")
+
+
+UNIT_SAMPLING = ("uniform", "importance")
+
+
+def subset_units(step, units, unit_sampling="uniform", sizes=None):
+    """`(unit, scale)`, both `[batch, S]`: `S = units` units of a Bernoulli
+    node per example, and each one's weight `1 / E[n_u]` in the local sum
+    (`n_u` the times unit `u` is drawn), so that
+    `E[sum_s scale_s f(unit_s)] = sum_u f(u)` for any per-unit `f`.
+
+    * `"uniform"`: a uniform subset without replacement (the top `S` of iid
+      uniform scores), `scale = U / S`.
+    * `"importance"`: systematic sampling with probability `pi_u` (one
+      uniform offset, `S` evenly spaced points on the CDF: `n_u` is the floor
+      or the ceiling of `S pi_u`), `scale = 1 / (S pi_u)`, where
+
+          pi_u  proportional to  w_u (s_u + mean_v s_v),   w_u = p_u (1 - p_u),
+
+      and `s = sizes` (`[batch, U]`, e.g. `|D^_u|`, the expanded flips; ones
+      when None). Unit `u`'s term in the local sum's gradient is
+      `grad p_u(x_u) D_u`, `grad p_u(x_u) = +-w_u grad logit_u`, so its share
+      of the subset's variance grows with `w_u |D_u|` (`|D_u - D^_u|` with
+      `linearize`), and a draw in proportion to it is the variance-minimising
+      one. Units near saturation (most units, late in training) carry almost
+      none; adding the mean size keeps every unit with `w_u > 0` drawable
+      whatever `sizes` says. A unit with `w_u = 0` (saturated in float32) is
+      never drawn and its term is zero. `pi` is held fixed (stop-gradient):
+      the identity above holds for any `pi`.
+    """
+    record = step.record
+    logits = _flat(tf.cast(record.params, tf.float32))
+    total = logits.shape[1]
+    if unit_sampling == "uniform":
+        unit = tf.math.top_k(step.uniform(tf.shape(logits)), k=units).indices
+        return unit, tf.fill(tf.shape(unit), total / units)
+    # log w_u, finite for finite logits; the CDF of pi over the units in order.
+    log_w = tf.stop_gradient(tf.math.log_sigmoid(logits) + tf.math.log_sigmoid(-logits))
+    if sizes is not None:
+        mean = tf.reduce_mean(sizes, axis=1, keepdims=True)
+        log_w += tf.math.log(tf.where(mean > 0, sizes + mean, 1.0))
+    log_pi = log_w - tf.reduce_logsumexp(log_w, axis=1, keepdims=True)
+    cdf = tf.math.cumsum(tf.exp(log_pi), axis=1)
+    # One uniform offset per example, S evenly spaced points: unit u is drawn
+    # floor or ceil of S pi_u times, S pi_u in expectation.
+    offset = step.uniform([tf.shape(logits)[0], 1])
+    points = (offset + tf.range(units, dtype=tf.float32)[None]) / units
+    below = tf.cast(cdf[:, None, :] <= points[:, :, None], tf.int32)
+    unit = tf.minimum(tf.reduce_sum(below, axis=2), total - 1)
+    scale = tf.exp(-tf.gather(log_pi, unit, batch_dims=1)) / units
+    return unit, scale
 
 
 def _bernoulli_sample_and_probability(record):
@@ -293,9 +357,9 @@ def _local_expectation(q_x, q_alt, weights, current):
 
 
 def _q_at_sample_and_outcomes(step, units=None):
-    values, weights, current = local_outcomes(step, units)
-    q_values = step.q(values.with_first(step.record.sample))
-    return q_values[:, 0], q_values[:, 1:], weights, current
+    local = local_outcomes(step, units)
+    q_values = step.q(local.values.with_first(step.record.sample))
+    return q_values[:, 0], q_values[:, 1:], local.weights, local.current
 
 
 def _expanded_flips(step):
@@ -311,15 +375,15 @@ def _expanded_flips(step):
     return tf.stop_gradient(slope * (2.0 * flat - 1.0))
 
 
-def _expansion_correction(step, unit):
-    """`sum_u p_u(x_u) D^_u - (U / S) sum_{u in S} p_u(x_u) D^_u` (`CriticCV`'s
-    `linearize`): the expansion summed over every unit, less its scaled sum
-    over the random subset `unit` (`[batch, S]`), whose exact flips replace it
-    in the local sum."""
-    flat, p_current = _bernoulli_sample_and_probability(step.record)
-    weighted = p_current * _expanded_flips(step)
-    scale = flat.shape[1] / unit.shape[1]
-    return tf.reduce_sum(weighted, axis=1) - scale * tf.reduce_sum(tf.gather(weighted, unit, batch_dims=1), axis=1)
+def _expansion_correction(step, expanded, unit, scale):
+    """`sum_u p_u(x_u) D^_u - sum_s scale_s p_s(x_s) D^_s` (`CriticCV`'s
+    `linearize`; `expanded` is `D^`, `_expanded_flips`): the expansion summed
+    over every unit, less its weighted sum over the drawn subset `unit`
+    (`[batch, S]`, weights `scale` from `subset_units`), whose exact flips
+    replace it in the local sum."""
+    _, p_current = _bernoulli_sample_and_probability(step.record)
+    weighted = p_current * expanded
+    return tf.reduce_sum(weighted, axis=1) - tf.reduce_sum(scale * tf.gather(weighted, unit, batch_dims=1), axis=1)
 
 
 def _leave_one_out_mean(values, k):
@@ -352,10 +416,12 @@ class CriticCV(Estimator):
 
         D^_u = Q(x) - Q(x with u flipped) ~= g_u (2 x_u - 1),
 
-    and the `S` random units' exact flips correct it:
+    and the `S` drawn units' exact flips correct it:
 
-        D~_u = D^_u + (U / S) 1[u in S] (D_u - D^_u),   D_u = Q(x) - Q(x with u flipped).
+        D~_u = D^_u + (n_u / E[n_u]) (D_u - D^_u),   D_u = Q(x) - Q(x with u flipped),
 
+    `n_u` the number of times unit `u` is drawn (`subset_units`: `E[n_u] = S / U`
+    for a uniform subset, `S pi_u` for `unit_sampling="importance"`).
     Given `x`, `E_S[D~_u] = D_u` for every unit, whatever `D^` is, so the local
     sum `sum_u p_u(x_u) sg[D~_u]` has the gradient of the full local
     expectation in expectation: the estimator stays unbiased, and its extra
@@ -363,20 +429,26 @@ class CriticCV(Estimator):
     `D_u - D^_u` rather than with `D_u` itself, as with `units` alone.
 
     Args:
-      units: for Bernoulli nodes, sum the flips of a random subset of this many
-        units per example (scaled by `U / units`; unbiased), not of all `U`:
-        the critic is evaluated at `units + 1` outcomes instead of `U + 1`.
-        None: every unit.
+      units: for Bernoulli nodes, sum the flips of this many drawn units per
+        example (each scaled by one over its expected count; unbiased), not
+        of all `U`: the critic is evaluated at `units + 1` outcomes instead
+        of `U + 1`. None: every unit.
       linearize: with `units`, add the first-order expansion of every unit's
-        flip and correct it on the random subset (above). Needs a `Q` that is
+        flip and correct it on the drawn units (above). Needs a `Q` that is
         differentiable in the node's sample (a zero gradient only makes it
         `units` alone).
+      unit_sampling: with `units`, how the units are drawn (`subset_units`):
+        `"uniform"`, a uniform subset without replacement; `"importance"`,
+        systematic sampling in proportion to `p_u (1 - p_u)` times (with
+        `linearize`) the expanded flip's size `|D^_u|` plus its mean: about
+        each unit's share of the subset's variance, which matters most once
+        many units are near saturation.
     """
 
     name = "critic_cv"
     needs_critic = True
 
-    def __init__(self, units=None, linearize=False):
+    def __init__(self, units=None, linearize=False, unit_sampling="uniform"):
         if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
             raise ValueError(f"CriticCV(units={units!r}): units must be a positive int or None.")
         if not isinstance(linearize, bool):
@@ -386,8 +458,13 @@ class CriticCV(Estimator):
                 "CriticCV(linearize=True) needs units=S: with every unit's flip exact, "
                 "the expansion cancels. Pass units=S (auto uses 4) or linearize=False."
             )
+        if unit_sampling not in UNIT_SAMPLING:
+            raise ValueError(
+                f"CriticCV(unit_sampling={unit_sampling!r}): unit_sampling must be one of {UNIT_SAMPLING}."
+            )
         self.units = units
         self.linearize = linearize
+        self.unit_sampling = unit_sampling
 
     def check(self, info, num_samples=1):
         _check_local(self.name, info)
@@ -399,19 +476,23 @@ class CriticCV(Estimator):
             )
 
     def surrogate(self, step):
-        values, weights, current = local_outcomes(step, self.units)
-        q_values = step.q(values.with_first(step.record.sample))
+        expanded = None
+        if self.linearize and self.units < int(np.prod(step.info.event_shape)):
+            expanded = _expanded_flips(step)
+        sizes = tf.abs(expanded) if expanded is not None and self.unit_sampling == "importance" else None
+        local = local_outcomes(step, self.units, self.unit_sampling, sizes)
+        q_values = step.q(local.values.with_first(step.record.sample))
         q_x, q_alt = q_values[:, 0], q_values[:, 1:]
         residual = step.downstream - q_x
         if step.num_samples > 1:
             residual -= _leave_one_out_mean(residual, step.num_samples)
-        local = _local_expectation(q_x, q_alt, weights, current)
-        if self.linearize and values.num_outcomes < values.base.shape[1]:
-            local += _expansion_correction(step, values.unit)
-        return local + step.record.log_prob() * tf.stop_gradient(residual)
+        surrogate = _local_expectation(q_x, q_alt, local.weights, local.current)
+        if expanded is not None:
+            surrogate += _expansion_correction(step, expanded, local.values.unit, local.scale)
+        return surrogate + step.record.log_prob() * tf.stop_gradient(residual)
 
     def get_config(self):
-        return {"units": self.units, "linearize": self.linearize}
+        return {"units": self.units, "linearize": self.linearize, "unit_sampling": self.unit_sampling}
 
 
 class CriticAdvantage(Estimator):
@@ -908,9 +989,10 @@ MAX_SUPPORT = 1024
 
 
 # Bernoulli nodes with more units than this get `auto`'s first-order expansion
-# of every flip, corrected by this many exact flips per example
-# (`CriticCV(units=AUTO_EXACT_FLIPS, linearize=True)`); the choice is measured
-# on benchmarks/results/variance_per_second.md.
+# of every flip, corrected by this many exact flips per example drawn by
+# importance (`CriticCV(units=AUTO_EXACT_FLIPS, linearize=True,
+# unit_sampling="importance")`); the choice is measured on
+# benchmarks/results/variance_per_second.md.
 AUTO_EXACT_FLIPS = 4
 
 
@@ -921,9 +1003,10 @@ def auto(info, num_samples=1):
     * `Reparam` for reparameterised nodes;
     * for Bernoulli nodes `CriticCV`: with at most `AUTO_EXACT_FLIPS` units,
       every unit's flip exact; with more, every flip expanded to first order
-      and `AUTO_EXACT_FLIPS` random exact flips per example correcting it
-      (`linearize=True`), which keeps most of the full sum's variance
-      reduction at a small fraction of its cost on wide layers;
+      and `AUTO_EXACT_FLIPS` exact flips per example correcting it
+      (`linearize=True`), the units drawn where the correction's variance
+      lies (`unit_sampling="importance"`), which keeps most of the full sum's
+      variance reduction at a small fraction of its cost on wide layers;
     * `CriticCV` for Categorical nodes with at most `MAX_SUPPORT` outcomes
       (exact sums over every outcome);
     * otherwise `RLOO` when `num_samples >= 2`, else `Reinforce`.
@@ -932,7 +1015,7 @@ def auto(info, num_samples=1):
         return Reparam()
     if info.local_kind == "binary":
         if int(np.prod(info.event_shape)) > AUTO_EXACT_FLIPS:
-            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True)
+            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True, unit_sampling="importance")
         return CriticCV()
     if info.local_kind == "categorical" and info.event_shape[-1] <= MAX_SUPPORT:
         return CriticCV()

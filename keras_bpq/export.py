@@ -9,9 +9,9 @@ takes the model's inputs with a dynamic batch dimension:
 
 | signature         | inputs             | nodes return                                         |
 |-------------------|--------------------|------------------------------------------------------|
-| `serving_default` | the model inputs   | fresh samples (from the nodes' seed generators)      |
+| `serving_default` | the model inputs   | fresh samples (from the nodes' seed generators) and their `<node>_log_prob` |
 | `mode`            | the model inputs   | their most likely values: mode (discrete), mean (continuous) |
-| `seeded`          | the model inputs and `seed`, int64 `[batch]` | samples determined by each example's inputs and seed |
+| `seeded`          | the model inputs and `seed`, int64 `[batch]` | samples determined by each example's inputs and seed, and their `<node>_log_prob` |
 
 Inputs are named after their `keras.Input(name=...)` (or the keys of a dict
 of inputs); unnamed ones are `inputs` (`inputs_<index>` for several).
@@ -28,7 +28,15 @@ Every signature returns a dict of `[batch, ...]` tensors:
 * `output`: the model's output (for several outputs, `output_<key>` per dict
   key or `output_<index>` per list entry);
 * one entry per stochastic node call, keyed by the node's name (a layer called
-  twice also gives `<name>_2`): the float sample, one-hot for `Categorical`.
+  twice also gives `<name>_2`): the float sample, one-hot for `Categorical`;
+* in `serving_default` and `seeded` (not `mode`), `<node>_log_prob` per node
+  call, float32 `[batch]`: `log p(x | params)` of the sample `x` it served,
+  summed over the event axes as the node's distribution defines it (the log
+  of a Categorical's probability of its outcome; the sum over a Bernoulli's
+  units; a Normal's log-density). It is the propensity a serving system logs
+  for learning from logged feedback (`keras_bpq.logged`:
+  `propensity = exp(<node>_log_prob)`). A node whose name would make one of
+  these keys collide with another output's key is refused at export.
 
 Layers run in inference mode (`training=False`) in every signature; only the
 nodes sample.
@@ -53,6 +61,7 @@ from keras_bpq import graph
 
 SIGNATURES = ("serving_default", "mode", "seeded")
 SEED_KEY = "seed"
+LOG_PROB_SUFFIX = "_log_prob"
 _AUTO_INPUT_NAME = re.compile(r"input_layer(_\d+)?")
 
 
@@ -88,7 +97,7 @@ def export(model, filepath, input_signature=None, verbose=True):
         inputs = tf.nest.pack_sequence_as(spec, list(flat_inputs))
         with graph.Recorder(seeds=seeds, most_likely=most_likely) as rec:
             outputs = model(inputs, training=False)
-        return _output_dict(model, outputs, rec.nodes)
+        return _output_dict(model, outputs, rec.nodes, with_log_prob=not most_likely)
 
     def sample(*inputs):
         return forward("serving_default", inputs)
@@ -277,20 +286,33 @@ def _input_names(model, spec):
     return names
 
 
-def _output_dict(model, outputs, records):
-    result = {}
+def _output_dict(model, outputs, records, with_log_prob):
+    """The signature's outputs; `with_log_prob` adds `<node>_log_prob` per node.
+
+    Every key must be unique: a node name that maps onto another output's key
+    (`output`, another node's, or another node's `<node>_log_prob`) is refused,
+    naming both.
+    """
+    entries = []  # (key, what it is, tensor)
     flat = [(_path(p), v) for p, v in keras.tree.flatten_with_path(outputs)]
     if len(flat) == 1 and not flat[0][0]:
-        result["output"] = tf.identity(flat[0][1])
+        entries.append(("output", "the model's output", flat[0][1]))
     else:
         for path, value in flat:
-            result[f"output_{_clean(path)}"] = tf.identity(value)
+            entries.append((f"output_{_clean(path)}", f"the model's output {path!r}", value))
     for record in records:
         key = _clean(record.name)
+        entries.append((key, f"the sample of node {record.name!r}", record.sample))
+        if with_log_prob:
+            entries.append(
+                (f"{key}{LOG_PROB_SUFFIX}", f"the log-probability of node {record.name!r}", record.log_prob())
+            )
+    result, owners = {}, {}
+    for key, what, value in entries:
         if key in result:
             raise ValueError(
-                f"Export of {model.name!r}: node {record.name!r} and another output both "
-                f"map to the key {key!r}. Rename the node."
+                f"Export of {model.name!r}: {what} and {owners[key]} both map to the "
+                f"output key {key!r}. Rename the node."
             )
-        result[key] = tf.identity(record.sample)
+        result[key], owners[key] = tf.identity(value), what
     return result

@@ -43,6 +43,26 @@ class NodeRecord:
         """Per-example `log p(sample | params)`, summed over the event axes."""
         return self.layer.log_prob(self.sample, self.params, self.mask)
 
+    def support_log_probs(self, support):
+        """`(values, log_probs)` at every outcome of `support` (`[S, *event]`):
+        `values` `[batch, S, *event]` (the support per example) and
+        `log_probs` `[batch, S]`, `log p(value | params)` of each example's
+        parameters (and mask)."""
+        support = tf.convert_to_tensor(support, tf.float32)
+        num = support.shape[0]
+        batch = tf.shape(self.params)[0]
+        values = tf.tile(support[None], [batch] + [1] * len(support.shape))
+
+        def repeat(t):
+            return tf.repeat(t, num, axis=0)
+
+        log_probs = self.layer.log_prob(
+            tf.reshape(values, [-1] + support.shape[1:].as_list()),
+            repeat(self.params),
+            None if self.mask is None else repeat(self.mask),
+        )
+        return values, tf.reshape(log_probs, [batch, num])
+
 
 class Recorder:
     """Collects node samples and named costs of one forward pass.

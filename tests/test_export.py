@@ -92,7 +92,10 @@ def test_export_holds_only_the_forward_pass(served):
     assert set(summary["seeded"]["inputs"]) == {"features", "seed"}
     assert summary["seeded"]["inputs"]["seed"] == tf.TensorSpec([None], tf.int64)
     outputs = summary["serving_default"]["outputs"]
-    assert set(outputs) == {"output", "z", "c", "n"}
+    assert set(outputs) == {"output", "z", "c", "n", "z_log_prob", "c_log_prob", "n_log_prob"}
+    assert outputs["c_log_prob"] == tf.TensorSpec([None], tf.float32)
+    assert set(summary["seeded"]["outputs"]) == set(outputs)
+    assert set(summary["mode"]["outputs"]) == {"output", "z", "c", "n"}
     assert outputs["c"] == tf.TensorSpec([None, 3], tf.float32)
     assert outputs["output"] == tf.TensorSpec([None, 2], tf.float32)
 
@@ -152,18 +155,24 @@ def _child_env():
     return env
 
 
+def _run_child(tmp_path, source, *args):
+    """Runs `source` as a script in a fresh Python process (without this
+    checkout on its path) with `args`; fails the test if the process does."""
+    script = tmp_path / "child.py"
+    script.write_text(source)
+    result = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_fresh_process_serving_contract(served, tmp_path):
     model, x, path, _ = served
     inputs = np.repeat(x, ROWS, axis=0)
     seeds = np.arange(len(inputs), dtype=np.int64) * 7919 + 11
     np.savez(tmp_path / "inputs.npz", x=inputs, seeds=seeds)
-    script = tmp_path / "serve.py"
-    script.write_text(CHILD)
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.npz"), str(tmp_path / "out")],
-        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_child(tmp_path, CHILD, path, tmp_path / "inputs.npz", tmp_path / "out")
     report = json.loads((tmp_path / "out.json").read_text())
     arrays = np.load(tmp_path / "out.npz")
 
@@ -178,8 +187,10 @@ def test_fresh_process_serving_contract(served, tmp_path):
     assert specs["serving_default"]["inputs"] == {"features": [[None, 3], "float32"]}
     assert specs["seeded"]["inputs"] == {"features": [[None, 3], "float32"], "seed": [[None], "int64"]}
     expected = {"output": [None, 2], "z": [None, 2], "c": [None, 3], "n": [None, 1]}
+    log_probs = {f"{k}_log_prob": [None] for k in ("z", "c", "n")}
     for name in report["signatures"]:
-        assert specs[name]["outputs"] == {k: [v, "float32"] for k, v in expected.items()}, name
+        wanted = expected if name == "mode" else {**expected, **log_probs}
+        assert specs[name]["outputs"] == {k: [v, "float32"] for k, v in wanted.items()}, name
     for prefix in ("sample", "mode", "seeded"):
         for key, shape in expected.items():
             value = arrays[f"{prefix}/{key}"]
@@ -222,6 +233,80 @@ def test_fresh_process_serving_contract(served, tmp_path):
                 assert abs(mean - loc) <= 5 * scale / np.sqrt(group.sum()), (prefix, r, k, mean, loc)
                 if group.sum() >= 200:  # the std's relative error is then about 5%
                     assert abs(n[group, 0].std() / scale - 1) < 0.25, (prefix, r, k)
+
+
+SERVE_LOG_PROB = r'''
+import sys
+import numpy as np
+import tensorflow as tf
+
+path, inputs, out = sys.argv[1:4]
+signatures = tf.saved_model.load(path).signatures
+data = np.load(inputs)
+arrays = {}
+for prefix, result in [
+    ("sample", signatures["serving_default"](features=data["x"])),
+    ("seeded", signatures["seeded"](features=data["x"], seed=data["seeds"])),
+    ("seeded_again", signatures["seeded"](features=data["x"], seed=data["seeds"])),
+]:
+    arrays.update({f"{prefix}/{k}": v.numpy() for k, v in result.items()})
+arrays["modules"] = np.array(sorted(m for m in ("keras_bpq", "tensorflow_probability") if m in sys.modules))
+np.savez(out, **arrays)
+'''
+
+
+def _log_probs(model, x, z, c, n):
+    """`log p` of served samples `z`, `c`, `n` under the trained model, from its
+    Dense layers and the distributions' textbook formulas (not the nodes' code)."""
+    layer = model.get_layer
+    logits_z = keras.ops.convert_to_numpy(layer("dz")(x)).astype(np.float64)
+    log_z = np.sum(z * logits_z - np.logaddexp(0.0, logits_z), axis=1)
+    logits_c = keras.ops.convert_to_numpy(layer("dc")(np.concatenate([z, x], axis=1))).astype(np.float64)
+    log_c = np.sum(c * logits_c, axis=1) - np.log(np.sum(np.exp(logits_c), axis=1))
+    params = keras.ops.convert_to_numpy(layer("dn")(np.concatenate([c, x], axis=1))).astype(np.float64)
+    loc, scale = params[:, 0], np.logaddexp(0.0, params[:, 1]) + 1e-5
+    log_n = -0.5 * ((n[:, 0] - loc) / scale) ** 2 - np.log(scale) - 0.5 * np.log(2 * np.pi)
+    return {"z": log_z, "c": log_c, "n": log_n}
+
+
+def test_fresh_process_serves_the_log_prob_of_its_samples(served, tmp_path):
+    """`<node>_log_prob`, served by a process that never imports keras_bpq, is
+    the trained model's log-probability of the sample it served."""
+    model, _, path, _ = served
+    x = np.random.RandomState(1).normal(size=(200, 3)).astype("float32")
+    seeds = np.arange(len(x), dtype=np.int64) * 31 + 5
+    np.savez(tmp_path / "inputs.npz", x=x, seeds=seeds)
+    _run_child(tmp_path, SERVE_LOG_PROB, path, tmp_path / "inputs.npz", tmp_path / "out.npz")
+    arrays = np.load(tmp_path / "out.npz")
+    assert arrays["modules"].size == 0
+    for prefix in ("sample", "seeded"):
+        z, c, n = (arrays[f"{prefix}/{k}"] for k in ("z", "c", "n"))
+        expected = _log_probs(model, x, z, c, n)
+        for key in ("z", "c", "n"):
+            served_log_prob = arrays[f"{prefix}/{key}_log_prob"]
+            assert served_log_prob.shape == (len(x),) and served_log_prob.dtype == np.float32
+            np.testing.assert_allclose(served_log_prob, expected[key], rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{prefix}/{key}_log_prob")
+        # Not a constant: the samples' log-probabilities differ across rows.
+        assert np.std(arrays[f"{prefix}/c_log_prob"]) > 0.01
+        assert np.all(arrays[f"{prefix}/c_log_prob"] <= 0.0)
+    for key in ("z", "c", "n"):
+        np.testing.assert_array_equal(arrays[f"seeded/{key}_log_prob"], arrays[f"seeded_again/{key}_log_prob"])
+
+
+@pytest.mark.parametrize("names", [("x", "x_log_prob"), ("x_log_prob", "x")])
+def test_log_prob_keys_that_collide_are_refused(names, tmp_path):
+    inputs = keras.Input((3,), name="features")
+    first = keras_bpq.Bernoulli(name=names[0])(keras.layers.Dense(2)(inputs))
+    second = keras_bpq.Bernoulli(name=names[1])(keras.layers.Dense(2)(first))
+    model = keras_bpq.BackpropQModel(
+        inputs=inputs, outputs=second, costs={"cost": keras.ops.sum(second, axis=-1)}
+    )
+    with pytest.raises(ValueError) as error:
+        model.export(str(tmp_path / "clash"), verbose=False)
+    message = str(error.value)
+    assert "the log-probability of node 'x'" in message and "the sample of node 'x_log_prob'" in message
+    assert "output key 'x_log_prob'" in message and "Rename the node" in message
 
 
 def _cli(*args):
@@ -401,14 +486,7 @@ def test_fresh_process_rejects_bad_inputs_naming_them(served, tmp_path):
     z = keras_bpq.Bernoulli(name="z", seed=1)(keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
     two = keras_bpq.BackpropQModel(inputs=[a, b], outputs=z, costs={"cost": keras.ops.sum(z, axis=-1)})
     two.export(str(tmp_path / "two"), verbose=False)
-    script = tmp_path / "bad_calls.py"
-    script.write_text(BAD_CALLS)
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "two"), str(tmp_path / "walk"),
-         str(tmp_path / "out.json")],
-        cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_child(tmp_path, BAD_CALLS, path, tmp_path / "two", tmp_path / "walk", tmp_path / "out.json")
     report = json.loads((tmp_path / "out.json").read_text())
     assert report.pop("modules") == []
     assert report.pop("good") is None

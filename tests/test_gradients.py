@@ -88,20 +88,24 @@ def test_critic_cv_with_several_draws_matches_exact_gradient(name):
     assert_unbiased(model, x)
 
 
-def _unit_subsets(model, units):
+def _unit_subsets(model, units, unit_sampling="uniform"):
     """`CriticCV(units)` on every Bernoulli node, 'auto' on the others."""
     model.compile(estimator="reinforce")
     return {
-        info.name: estimators.CriticCV(units=units) if info.local_kind == "binary" else "auto"
+        info.name: estimators.CriticCV(units=units, unit_sampling=unit_sampling)
+        if info.local_kind == "binary" else "auto"
         for info in model.scg().nodes
     }
 
 
-@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", False), ("two_costs", True)])
-def test_critic_cv_on_a_random_subset_of_units_matches_exact_gradient(name, jit_compile):
-    """One flipped unit per example, scaled by the node's unit count: unbiased."""
+@pytest.mark.parametrize("name,jit_compile,unit_sampling", [
+    ("chain", False, "uniform"), ("dag", False, "uniform"), ("two_costs", True, "uniform"),
+    ("chain", False, "importance"), ("two_costs", True, "importance")])
+def test_critic_cv_on_a_random_subset_of_units_matches_exact_gradient(name, jit_compile, unit_sampling):
+    """One flipped unit per example, scaled by one over its expected count
+    (the node's unit count, or one over its importance probability): unbiased."""
     model, x = graphs.ALL[name]()
-    model.compile(optimizer="adam", estimator=_unit_subsets(model, 1), jit_compile=jit_compile)
+    model.compile(optimizer="adam", estimator=_unit_subsets(model, 1, unit_sampling), jit_compile=jit_compile)
     assert_unbiased(model, x)
 
 
@@ -115,21 +119,25 @@ def test_critic_cv_units_are_checked_and_saved():
     assert isinstance(estimator, estimators.CriticCV) and estimator.units == 3
 
 
-def _linearised_subsets(model, units):
+def _linearised_subsets(model, units, unit_sampling="uniform"):
     """`CriticCV(units, linearize=True)` on every Bernoulli node, 'auto' on the others."""
     model.compile(estimator="reinforce")
     return {
-        info.name: estimators.CriticCV(units=units, linearize=True) if info.local_kind == "binary" else "auto"
+        info.name: estimators.CriticCV(units=units, linearize=True, unit_sampling=unit_sampling)
+        if info.local_kind == "binary" else "auto"
         for info in model.scg().nodes
     }
 
 
-@pytest.mark.parametrize("name,jit_compile", [("chain", False), ("dag", True), ("two_costs", True), ("mixed", False)])
-def test_critic_cv_with_a_first_order_expansion_matches_exact_gradient(name, jit_compile):
+@pytest.mark.parametrize("name,jit_compile,unit_sampling", [
+    ("chain", False, "uniform"), ("dag", True, "uniform"), ("two_costs", True, "uniform"),
+    ("mixed", False, "uniform"), ("dag", True, "importance"), ("mixed", False, "importance")])
+def test_critic_cv_with_a_first_order_expansion_matches_exact_gradient(name, jit_compile, unit_sampling):
     """Every unit's flip expanded to first order, one exact flip per example
     correcting it: unbiased whatever the expansion's error."""
     model, x = graphs.ALL[name]()
-    model.compile(optimizer="adam", estimator=_linearised_subsets(model, 1), jit_compile=jit_compile)
+    model.compile(optimizer="adam", estimator=_linearised_subsets(model, 1, unit_sampling),
+                  jit_compile=jit_compile)
     assert_unbiased(model, x)
 
 
@@ -150,9 +158,9 @@ def _wide():
 def test_auto_expands_wide_bernoulli_nodes_and_stays_unbiased(jit_compile):
     model, x = _wide()
     model.compile(optimizer="adam", jit_compile=jit_compile)
-    chosen = {n: (e.name, e.units, e.linearize) for n, e in model.node_estimators.items()}
+    chosen = {n: (e.name, e.units, e.linearize, e.unit_sampling) for n, e in model.node_estimators.items()}
     flips = estimators.AUTO_EXACT_FLIPS
-    assert chosen == {"z1": ("critic_cv", flips, True), "z2": ("critic_cv", flips, True)}
+    assert chosen == {n: ("critic_cv", flips, True, "importance") for n in ("z1", "z2")}
     assert_unbiased(model, x, num_draws=1500)
 
 
@@ -165,13 +173,16 @@ def test_auto_sums_every_flip_of_narrow_bernoulli_nodes():
 def test_linearize_needs_units():
     with pytest.raises(ValueError, match="needs units"):
         estimators.CriticCV(linearize=True)
-    estimator = saving.decode_estimator(
-        saving.encode_estimator(estimators.CriticCV(units=3, linearize=True), "estimator"))
-    assert estimator.units == 3 and estimator.linearize
+    estimator = saving.decode_estimator(saving.encode_estimator(
+        estimators.CriticCV(units=3, linearize=True, unit_sampling="importance"), "estimator"))
+    assert estimator.units == 3 and estimator.linearize and estimator.unit_sampling == "importance"
+    with pytest.raises(ValueError, match="unit_sampling must be one of"):
+        estimators.CriticCV(units=3, unit_sampling="stratified")
 
 
 def test_summary_names_the_expansion():
     model, x = _wide()
     model.compile(optimizer="adam")
     text = model.scg_summary(x, print_fn=lambda s: None)
-    assert f"critic_cv(units={estimators.AUTO_EXACT_FLIPS}, linearize=True)" in text
+    flips = estimators.AUTO_EXACT_FLIPS
+    assert f"critic_cv(units={flips}, linearize=True, unit_sampling='importance')" in text

@@ -1,0 +1,332 @@
+"""Learning from logged feedback: every estimator against exact enumeration on a
+tiny contextual bandit whose value V(pi) and its gradient are known.
+
+The bandit: 3 contexts (one-hot, uniform), 4 actions, known mean costs
+`C[x, a]` observed with Gaussian noise, a known logging policy `MU[x, a]`. The
+policy is `softmax(x @ theta)`, so `V(theta) = mean_x sum_a softmax(theta_x)_a
+C[x, a]` and its gradient are computed in closed form.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_bpq
+from keras_bpq import critics
+from keras_bpq import logged
+
+CONTEXTS, ACTIONS = 3, 4
+C = np.array([[1.0, 0.2, 0.6, 0.9], [0.1, 0.8, 0.5, 0.3], [0.7, 0.4, 0.05, 1.0]], np.float32)
+MU = np.array([[0.4, 0.1, 0.3, 0.2], [0.25, 0.25, 0.25, 0.25], [0.1, 0.5, 0.1, 0.3]], np.float32)
+THETA = np.array([[0.5, -0.3, 0.2, 0.0], [-0.4, 0.6, 0.1, -0.2], [0.3, 0.0, -0.5, 0.4]], np.float32)
+NOISE = 0.3
+NUM_DRAWS = 1500
+
+
+def bandit_policy(name="policy"):
+    x = keras.Input((CONTEXTS,), name="x")
+    logits = keras.layers.Dense(ACTIONS, use_bias=False, name="theta")(x)
+    action = keras_bpq.Categorical(name="action", seed=1)(logits)
+    policy = keras_bpq.BackpropQModel(inputs=x, outputs=action, name=name)
+    policy.get_layer("theta").kernel.assign(THETA)
+    return policy
+
+
+def exact_value_and_gradient(theta=THETA, costs=C):
+    """`V(theta) = mean_x sum_a softmax(theta_x)_a costs[x, a]` and its gradient."""
+    theta = tf.Variable(theta)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_mean(tf.reduce_sum(tf.nn.softmax(theta) * costs, axis=1))
+    return float(value), tape.gradient(value, theta).numpy()
+
+
+def draw_log(rng, n, mu=MU):
+    """`n` logged rows: contexts, one-hot actions drawn from `mu`, propensities, noisy costs."""
+    context = rng.integers(CONTEXTS, size=n)
+    action = np.array([rng.choice(ACTIONS, p=mu[i] / mu[i].sum()) for i in context])
+    x = np.eye(CONTEXTS, dtype=np.float32)[context]
+    targets = {
+        "action": np.eye(ACTIONS, dtype=np.float32)[action],
+        "propensity": MU[context, action],
+        "cost": (C[context, action] + NOISE * rng.normal(size=n)).astype(np.float32),
+    }
+    return x, targets
+
+
+class TableCritic(critics.Critic):
+    """An oracle `Q(x, a) = table[x, a]` (not trained)."""
+
+    heads = ("cost",)
+
+    def __init__(self, table):
+        self.table = tf.constant(table, tf.float32)
+
+    def q(self, context, values, target=True):
+        rows = tf.matmul(context["inputs"], self.table)
+        return tf.reduce_sum(rows * values, axis=-1, keepdims=True)
+
+
+def gradient_draws(learner, n, num_draws=NUM_DRAWS, jit_compile=False, seed=0, mu=MU):
+    """`[num_draws, 3, 4]` policy gradients of the estimator, one per logged batch of `n` rows."""
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def gradient(x, action, propensity, cost):
+        with tf.GradientTape() as tape:
+            out = learner.estimate(x, {"action": action, "propensity": propensity, "cost": cost})
+        return tape.gradient(out["loss"], learner.policy_variables)[0], out["status"]
+
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(num_draws):
+        x, t = draw_log(rng, n, mu)
+        grad, status = gradient(x, t["action"], t["propensity"], t["cost"])
+        assert int(status) == 0
+        draws.append(grad.numpy())
+    return np.stack(draws)
+
+
+def z_scores(draws, expected):
+    mean = draws.mean(axis=0)
+    stderr = draws.std(axis=0, ddof=1) / np.sqrt(len(draws))
+    return (mean - expected) / (stderr + 1e-8)
+
+
+UNBIASED = {
+    "ips": lambda: (logged.IPS(), None),
+    "doubly_robust_exact_q": lambda: (logged.DoublyRobust(), TableCritic(C)),
+    "doubly_robust_wrong_q": lambda: (logged.DoublyRobust(), TableCritic(C + 0.5 * THETA)),
+    "doubly_robust_untrained_mlp": lambda: (logged.DoublyRobust(), None),
+    "direct_method_exact_q": lambda: (logged.DirectMethod(), TableCritic(C)),
+}
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("case", sorted(UNBIASED))
+def test_unbiased_estimators_match_the_exact_gradient(case, jit_compile):
+    estimator, critic = UNBIASED[case]()
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=estimator, critic=critic)
+    _, exact = exact_value_and_gradient()
+    draws = gradient_draws(learner, n=20, jit_compile=jit_compile)
+    z = z_scores(draws, exact)
+    assert np.abs(z).max() < 4.5, f"{case}: max |z| = {np.abs(z).max():.2f}\n{z}"
+    assert np.abs(exact).max() > 0.03  # the bandit has a gradient to find
+
+
+def test_doubly_robust_with_a_good_critic_has_lower_variance_than_ips():
+    ips = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.IPS())
+    dr = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.DoublyRobust(),
+                            critic=TableCritic(C))
+    variance = {name: gradient_draws(m, n=20, num_draws=400).var(axis=0).sum()
+                for name, m in (("ips", ips), ("dr", dr))}
+    assert variance["dr"] < 0.5 * variance["ips"], variance
+
+
+def test_direct_method_with_a_wrong_critic_has_the_bias_of_its_critic():
+    """DM's gradient is biased by exactly grad E_x sum_a pi(a|x) (Q - C)(x, a)."""
+    error = 0.5 * THETA + 0.2
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.DirectMethod(),
+                                 critic=TableCritic(C + error))
+    _, exact = exact_value_and_gradient()
+    _, biased = exact_value_and_gradient(costs=C + error)  # = exact + bias
+    draws = gradient_draws(learner, n=20, num_draws=600, jit_compile=True)
+    z = z_scores(draws, biased)
+    assert np.abs(z).max() < 4.5, z
+    assert np.abs(z_scores(draws, exact)).max() > 10, "the bias is far from noise"
+
+
+def test_snips_bias_is_minus_the_gradient_for_one_row_and_vanishes_as_batches_grow():
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.SNIPS())
+    _, exact = exact_value_and_gradient()
+    # One row: the estimate is c_1 whatever the policy, so its gradient (and its
+    # mean) is exactly 0: bias = -grad V.
+    single = gradient_draws(learner, n=1, num_draws=50)
+    np.testing.assert_allclose(single, 0.0, atol=1e-6)
+    # Many rows: the O(1/n) bias is lost in the noise.
+    draws = gradient_draws(learner, n=500, num_draws=300, jit_compile=True)
+    z = z_scores(draws, exact)
+    assert np.abs(z).max() < 4.5, z
+
+
+def test_snips_ignores_a_constant_shift_of_the_costs():
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.SNIPS())
+    rng = np.random.default_rng(3)
+    x, t = draw_log(rng, 64)
+    shifted = dict(t, cost=t["cost"] + 5.0)
+
+    def value(targets):
+        return float(learner.estimate(x, targets)["loss"])
+
+    assert value(shifted) == pytest.approx(value(t) + 5.0, abs=1e-4)
+
+
+def test_clipping_bounds_the_ratio():
+    rng = np.random.default_rng(4)
+    x, t = draw_log(rng, 256)
+    t["propensity"] = np.full_like(t["propensity"], 0.01)  # ratios up to 100
+    plain = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.IPS())
+    clipped = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.IPS(clip=2.0))
+    cost = np.abs(t["cost"])
+    t["cost"] = cost
+    assert float(plain.estimate(x, t)["loss"]) > 10.0
+    assert float(clipped.estimate(x, t)["loss"]) <= 2.0 * cost.mean() + 1e-5
+
+
+def exact_value(policy):
+    return exact_value_and_gradient(policy.get_layer("theta").kernel.numpy())[0]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("estimator", ["ips", "snips", "direct_method", "doubly_robust"])
+def test_fit_learns_a_better_policy_from_the_log(estimator, jit_compile):
+    keras.utils.set_random_seed(0)
+    policy = bandit_policy()
+    learner = logged.LoggedModel(policy, node="action", estimator=estimator)
+    learner.compile(optimizer=keras.optimizers.Adam(0.05), critic_optimizer=keras.optimizers.Adam(0.01),
+                    jit_compile=jit_compile)
+    x, t = draw_log(np.random.default_rng(5), 3000)
+    before = exact_value(policy)
+    history = learner.fit(x, t, batch_size=100, epochs=6, verbose=0)
+    after = exact_value(policy)
+    best = C.min(axis=1).mean()
+    assert after < before - 0.15 and after < best + 0.12, (estimator, before, after, best)
+    assert set(history.history) == {"loss", "critic_loss"}
+    assert all(np.isfinite(v) for v in history.history["loss"])
+    if estimator in ("direct_method", "doubly_robust"):
+        assert history.history["critic_loss"][-1] < history.history["critic_loss"][0]
+
+
+def test_critic_gets_no_gradient_from_the_policy_objective():
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.DoublyRobust())
+    x, t = draw_log(np.random.default_rng(6), 32)
+    with tf.GradientTape(persistent=True) as tape:
+        out = learner.estimate(x, t)
+    assert all(g is None for g in tape.gradient(out["loss"], learner.critic_variables))
+    assert all(g is None for g in tape.gradient(out["critic_loss"], learner.policy_variables))
+    assert all(g is not None for g in tape.gradient(out["critic_loss"], learner.critic_variables))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    keras.utils.set_random_seed(1)
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.DoublyRobust(clip=20.0))
+    learner.compile(optimizer=keras.optimizers.Adam(0.05))
+    x, t = draw_log(np.random.default_rng(7), 400)
+    learner.fit(x, t, batch_size=100, epochs=1, verbose=0)
+    path = str(tmp_path / "learner.keras")
+    learner.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, logged.LoggedModel)
+    assert isinstance(loaded.estimator, logged.DoublyRobust) and loaded.estimator.clip == 20.0
+    for a, b in zip(learner.weights, loaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    for a, b in zip(learner.critic_optimizer.variables, loaded.critic_optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    np.testing.assert_allclose(float(loaded.estimate(x, t)["loss"]), float(learner.estimate(x, t)["loss"]),
+                               rtol=1e-6)
+    # It trains on, and its policy exports.
+    loaded.fit(x, t, batch_size=100, epochs=1, verbose=0)
+    loaded.policy.export(str(tmp_path / "policy"), verbose=False)
+
+
+def test_estimators_serialise():
+    for estimator in (logged.IPS(clip=3.0), logged.SNIPS(), logged.DirectMethod(), logged.DoublyRobust(clip=5)):
+        copy = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(estimator))
+        assert type(copy) is type(estimator) and copy.get_config() == estimator.get_config()
+    assert isinstance(logged.get("doubly_robust"), logged.DoublyRobust)
+    with pytest.raises(ValueError, match="clip must be finite and > 0"):
+        logged.IPS(clip=0.0)
+    with pytest.raises(ValueError, match="Unknown logged-feedback estimator 'dr'"):
+        logged.get("dr")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.pop("propensity"), r"exactly the keys \['action', 'propensity', 'cost'\]; missing \['propensity'\]"),
+        (lambda t: t.update(reward=t["cost"]), r"unknown \['reward'\]"),
+        (lambda t: t.update(action=np.argmax(t["action"], axis=1)), r"`action` must hold one sample of node 'action' per row, shape \[batch, 4\] \(one-hot"),
+        (lambda t: t.update(cost=t["cost"][:, None, None]), r"`cost` must hold one number per row"),
+    ],
+)
+def test_malformed_logs_fail_naming_the_input(change, message):
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator="ips")
+    learner.compile()
+    x, t = draw_log(np.random.default_rng(8), 40)
+    change(t)
+    with pytest.raises(ValueError, match=message):
+        learner.fit(x, t, batch_size=20, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("propensity", 0.0, r"row 3 of batch 1 .* `propensity` must be finite, > 0 and <= 1"),
+        ("propensity", 1.5, r"row 3 of batch 1 .* `propensity` must be finite, > 0 and <= 1"),
+        ("propensity", np.nan, r"row 3 of batch 1 .* `propensity` must be finite, > 0 and <= 1"),
+        ("action", 0.5, r"row 3 of batch 1 .* `action` is not an outcome of node 'action'"),
+        ("cost", np.inf, r"row 3 of batch 1 .* `cost` is not finite"),
+    ],
+)
+def test_invalid_values_skip_the_step_and_fail_naming_the_row(column, value, message, jit_compile):
+    learner = logged.LoggedModel(bandit_policy(), node="action")
+    learner.compile(jit_compile=jit_compile)
+    x, t = draw_log(np.random.default_rng(9), 40)
+    learner.fit(x[:20], {k: v[:20] for k, v in t.items()}, batch_size=20, epochs=1, verbose=0)
+    before = [keras.ops.convert_to_numpy(v).copy() for v in learner.weights]
+    t[column][23] = value
+    with pytest.raises(ValueError, match=message):
+        learner.fit(x, t, batch_size=20, epochs=1, verbose=0, shuffle=False)
+    # Batch 0 trained; batch 1 changed nothing and left every weight finite.
+    after = [keras.ops.convert_to_numpy(v) for v in learner.weights]
+    assert all(np.all(np.isfinite(v)) for v in after if v.dtype.kind == "f")
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_evaluate_reports_the_estimate_and_refuses_invalid_rows():
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator="ips")
+    learner.compile()
+    x, t = draw_log(np.random.default_rng(10), 40)
+    logs = learner.evaluate(x, t, batch_size=40, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(float(learner.estimate(x, t)["loss"]), rel=1e-5)
+    t["propensity"][5] = -0.1
+    with pytest.raises(ValueError, match=r"row 5 of a batch .* `propensity` must be finite, > 0 and <= 1"):
+        learner.evaluate(x, t, batch_size=40, verbose=0)
+
+
+def test_policies_it_cannot_learn_are_refused():
+    with pytest.raises(ValueError, match=r"calls no node 'act'; its nodes are \['action'\]"):
+        logged.LoggedModel(bandit_policy(), node="act")
+    x = keras.Input((3,))
+    z = keras_bpq.Bernoulli(name="z")(keras.layers.Dense(2)(x))
+    a = keras_bpq.Categorical(name="a")(keras.layers.Dense(4)(z))
+    with pytest.raises(ValueError, match=r"node 'a''s parameters depend on the samples of nodes \['z'\]"):
+        logged.LoggedModel(keras.Model(x, a), node="a")
+    n = keras_bpq.Normal(name="n", scale=1.0)(keras.layers.Dense(2)(x))
+    with pytest.raises(ValueError, match=r"node 'n' \(Normal\[2\]\) has no finite support"):
+        logged.LoggedModel(keras.Model(x, n), node="n", estimator="ips")
+    with pytest.raises(ValueError, match="uses no critic"):
+        logged.LoggedModel(bandit_policy(), node="action", estimator="ips", critic=TableCritic(C))
+
+
+def test_serve_log_learn_example(tmp_path):
+    """examples/serve_log_learn.py: the policy learned from the served log beats the logging policy
+    when both are served from their SavedModels."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "examples/serve_log_learn.py", f"--out_dir={tmp_path}"], cwd=root,
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    found = re.search(r"logging policy reward ([\d.]+), learned policy reward ([\d.]+)", result.stdout)
+    assert found, result.stdout
+    logging_reward, learned_reward = (float(v) for v in found.groups())
+    assert learned_reward > logging_reward + 0.2, result.stdout
+    for name in ("logging", "learned"):
+        assert (tmp_path / name / "1" / "saved_model.pb").exists()
