@@ -16,6 +16,17 @@ Every policy is the same linear softmax model (a `Categorical` node on a
 `Dense` layer of the pixels); the critic of the direct method and of doubly
 robust is an `AllOutcomes` MLP scoring every class from the pixels.
 
+The schedule (`--epochs=30`, `--critic_warmup_steps=100`, `--critic_steps=4`)
+was chosen on a validation split, never the test set: 20% of the logged rows
+of seed 0 held out, the policies learned from the other 80%, and each scored
+by its IPS estimate of the expected reward on the held-out logged rows
+(unbiased there: the policy never saw them; what a practitioner without
+labels can compute). Compared: 10 against 30 epochs, a critic warm-up of 0
+against 100 steps, 1 against 4 critic updates per policy update; 30 epochs
+won for every estimator, and warm-up with 4 critic updates won for the
+direct method and tied for doubly robust. docs/logged.md gives the
+validation values and the critic's fit under the old schedule.
+
     python benchmarks/bandit.py                              # digits, full train split
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000,60000
 
@@ -56,10 +67,12 @@ flags.DEFINE_list("sizes", [], "Logged sample sizes (default: the full train spl
 flags.DEFINE_float("logging_fraction", 0.02, "Fraction of the train split the logging policy is trained on.")
 flags.DEFINE_float("temperature", 2.0, "The logging policy's logits are divided by this.")
 flags.DEFINE_integer("logging_epochs", 100, "Epochs of the logging policy over its subset.")
-flags.DEFINE_integer("epochs", 10, "Epochs over the log (and of the supervised ceiling).")
+flags.DEFINE_integer("epochs", 30, "Epochs over the log (and of the supervised ceiling).")
 flags.DEFINE_float("lr", 0.01, "Adam learning rate of the policies.")
 flags.DEFINE_float("critic_lr", 0.003, "Adam learning rate of the critics.")
 flags.DEFINE_integer("critic_units", 64, "Hidden units of the critic.")
+flags.DEFINE_integer("critic_steps", 4, "Critic updates per policy update (LoggedModel.compile).")
+flags.DEFINE_integer("critic_warmup_steps", 100, "Steps that train only the critic (LoggedModel.compile).")
 flags.DEFINE_bool("render_only", False, "Only rewrite bandit.md from bandit.json.")
 
 SHIFTED = "doubly robust, constant critic (IPS on shifted costs)"
@@ -143,6 +156,14 @@ def scores(logits_fn, x, y):
     }
 
 
+def mean_ratio(layer, x, targets):
+    """`mean_i pi(a_i | x_i) / mu_i` on the log: 1 in expectation for any policy
+    that does not depend on the log; far from 1 for one that overfits its
+    propensities (Swaminathan and Joachims 2015, BanditNet's diagnostic)."""
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(layer(x)))
+    return float(np.mean(np.sum(probs * targets["action"], axis=1) / targets["propensity"]))
+
+
 def make_log(layer, x, y, classes, rng):
     """One action per image from the tempered logging policy; its propensity and cost."""
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(layer(x) / FLAGS.temperature)).astype(np.float64)
@@ -167,8 +188,11 @@ def learn(name, x, targets, classes, seed):
                                     keras.layers.Dense(classes)])
         critic = critics.AllOutcomes(network, classes)
     learner = logged.LoggedModel(policy, node="action", estimator=estimator, critic=critic)
+    schedule = {}
+    if critic is not None and not isinstance(critic, ConstantCritic):
+        schedule = {"critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps}
     learner.compile(optimizer=keras.optimizers.Adam(FLAGS.lr),
-                    critic_optimizer=keras.optimizers.Adam(FLAGS.critic_lr), jit_compile=True)
+                    critic_optimizer=keras.optimizers.Adam(FLAGS.critic_lr), jit_compile=True, **schedule)
     start = time.perf_counter()
     history = learner.fit(in_memory((x, targets), FLAGS.batch_size, seed), epochs=FLAGS.epochs, verbose=0)
     return policy.get_layer("logits"), time.perf_counter() - start, history.history
@@ -194,6 +218,7 @@ def run(dataset, size, seed):
         layer, seconds, history = learn(name, x_log, targets, classes, seed)
         result[name] = scores(layer, x_test, y_test)
         result[name]["final_loss"] = history["loss"][-1]
+        result[name]["mean_ratio"] = mean_ratio(layer, x_log, targets)
         result["seconds"][name] = seconds
         log(f"  {name}: {result[name]} ({seconds:.1f}s)")
     start = time.perf_counter()
@@ -241,20 +266,23 @@ def markdown(report):
                 f"Seeds {config['seeds']}; logging policy trained on {config['logging_fraction']:.0%} of the train "
                 f"split for {config['logging_epochs']} epochs, temperature {config['temperature']}; {config['epochs']} epochs, batch "
                 f"{config['batch_size']}, Adam {config['lr']} (critic {config['critic_lr']}, "
-                f"{config['critic_units']} hidden units), XLA on, data in memory, tf.data autotuning off. "
+                f"{config['critic_units']} hidden units, {config['critic_steps']} critic updates per policy "
+                f"update after {config['critic_warmup_steps']} critic-only steps), XLA on, data in memory, tf.data autotuning off. "
                 f"Machine: {m['cpu']}, {m['cores']} cores, load average {', '.join(f'{v:.1f}' for v in m['load_average'])}"
                 f" at the start; TF {m['tensorflow']}, Keras {m['keras']}; commit {m['commit']}; "
                 f"{section['runtime_s']:.0f} s in all.", ""]
         for size, block in section["sizes"].items():
             table = block["median"]
             out += [f"### {size} logged rows", "",
-                    "| policy | expected accuracy | greedy accuracy | fit seconds (median) |",
-                    "|---|---:|---:|---:|"]
+                    "| policy | expected accuracy | greedy accuracy | mean ratio pi/mu on the log | "
+                    "fit seconds (median) |",
+                    "|---|---:|---:|---:|---:|"]
             for arm in ARMS:
                 seconds = [r["seconds"][arm] for r in block["runs"] if arm in r["seconds"]]
-                shown = f"{np.median(seconds):.1f}" if seconds else ""
+                ratios = [r[arm]["mean_ratio"] for r in block["runs"] if "mean_ratio" in r[arm]]
+                shown = [f"{np.median(v):.{d}f}" if v else "" for v, d in ((ratios, 2), (seconds, 1))]
                 out.append(f"| {arm} | {table[arm]['expected_accuracy']:.3f} | "
-                           f"{table[arm]['greedy_accuracy']:.3f} | {shown} |")
+                           f"{table[arm]['greedy_accuracy']:.3f} | {shown[0]} | {shown[1]} |")
             logged_reward = np.median([r["logged_reward"] for r in block["runs"]])
             out += ["", f"Logged reward (median over seeds): {logged_reward:.3f}.", "",
                     "**" + "; ".join(block["verdicts"]) + ".**", ""]
@@ -303,7 +331,9 @@ def main(argv):
         config={"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": FLAGS.temperature,
                 "logging_epochs": FLAGS.logging_epochs,
                 "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-                "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units, "cost": "-reward",
+                "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units,
+                "critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps,
+                "cost": "-reward",
                 "tf_data_autotune": False, "jit_compile": True},
         runtime_s=time.perf_counter() - start,
     )
