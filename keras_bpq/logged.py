@@ -26,13 +26,16 @@ gradient) are:
 `Qbar = stop_gradient(Q)`: the critic is a control variate (doubly robust:
 `critic_cv` off-policy) or a model (direct method) of the costs, never
 trained by the policy's objective; it trains on its own regression loss
-`mean_i (Q(x_i, a_i) - c_i)^2`. The sums over `a` run exactly over the node's
+`mean_i (Q(x_i, a_i) - c_i)^2`, with its own schedule (`LoggedModel.compile`'s
+`critic_warmup_steps` and `critic_steps`). The sums over `a` run exactly over the node's
 support. `DoublyRobust` is the default: unbiased like IPS, with the critic
 removing most of its variance; a good critic makes it as precise as the
 direct method, a bad one costs variance, never bias. Unbiased for a fixed
 policy is not the same as good to optimise on one finite log: its IPS term
 weighs `c - Q`, and like IPS on shifted costs it can push probability onto
-actions the log rarely tried (benchmarks/results/bandit.md, where IPS beat it).
+actions the log rarely tried (benchmarks/results/bandit.md: above IPS on
+digits, far below it on Fashion-MNIST, where its policy learned to avoid the
+logged actions).
 
 The logged node must have a finite support of at most `MAX_SUPPORT` outcomes
 (a `Categorical`; a `Bernoulli` with up to 10 units), and its parameters must
