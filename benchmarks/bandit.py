@@ -16,6 +16,17 @@ Every policy is the same linear softmax model (a `Categorical` node on a
 `Dense` layer of the pixels); the critic of the direct method and of doubly
 robust is an `AllOutcomes` MLP scoring every class from the pixels.
 
+The schedule (`--epochs=30`, `--critic_warmup_steps=100`, `--critic_steps=4`)
+was chosen on a validation split, never the test set: 20% of the logged rows
+of seed 0 held out, the policies learned from the other 80%, and each scored
+by its IPS estimate of the expected reward on the held-out logged rows
+(unbiased there: the policy never saw them; what a practitioner without
+labels can compute). Compared: 10 against 30 epochs, a critic warm-up of 0
+against 100 steps, 1 against 4 critic updates per policy update; 30 epochs
+won for every estimator, and warm-up with 4 critic updates won for the
+direct method and tied for doubly robust. docs/logged.md gives the
+validation values and the critic's fit under the old schedule.
+
     python benchmarks/bandit.py                              # digits, full train split
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000,60000
 
@@ -56,10 +67,12 @@ flags.DEFINE_list("sizes", [], "Logged sample sizes (default: the full train spl
 flags.DEFINE_float("logging_fraction", 0.02, "Fraction of the train split the logging policy is trained on.")
 flags.DEFINE_float("temperature", 2.0, "The logging policy's logits are divided by this.")
 flags.DEFINE_integer("logging_epochs", 100, "Epochs of the logging policy over its subset.")
-flags.DEFINE_integer("epochs", 10, "Epochs over the log (and of the supervised ceiling).")
+flags.DEFINE_integer("epochs", 30, "Epochs over the log (and of the supervised ceiling).")
 flags.DEFINE_float("lr", 0.01, "Adam learning rate of the policies.")
 flags.DEFINE_float("critic_lr", 0.003, "Adam learning rate of the critics.")
 flags.DEFINE_integer("critic_units", 64, "Hidden units of the critic.")
+flags.DEFINE_integer("critic_steps", 4, "Critic updates per policy update (LoggedModel.compile).")
+flags.DEFINE_integer("critic_warmup_steps", 100, "Steps that train only the critic (LoggedModel.compile).")
 flags.DEFINE_bool("render_only", False, "Only rewrite bandit.md from bandit.json.")
 
 SHIFTED = "doubly robust, constant critic (IPS on shifted costs)"
@@ -143,6 +156,14 @@ def scores(logits_fn, x, y):
     }
 
 
+def mean_ratio(layer, x, targets):
+    """`mean_i pi(a_i | x_i) / mu_i` on the log: 1 in expectation for any policy
+    that does not depend on the log; far from 1 for one that overfits its
+    propensities (Swaminathan and Joachims 2015, BanditNet's diagnostic)."""
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(layer(x)))
+    return float(np.mean(np.sum(probs * targets["action"], axis=1) / targets["propensity"]))
+
+
 def make_log(layer, x, y, classes, rng):
     """One action per image from the tempered logging policy; its propensity and cost."""
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(layer(x) / FLAGS.temperature)).astype(np.float64)
@@ -167,8 +188,11 @@ def learn(name, x, targets, classes, seed):
                                     keras.layers.Dense(classes)])
         critic = critics.AllOutcomes(network, classes)
     learner = logged.LoggedModel(policy, node="action", estimator=estimator, critic=critic)
+    schedule = {}
+    if critic is not None and not isinstance(critic, ConstantCritic):
+        schedule = {"critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps}
     learner.compile(optimizer=keras.optimizers.Adam(FLAGS.lr),
-                    critic_optimizer=keras.optimizers.Adam(FLAGS.critic_lr), jit_compile=True)
+                    critic_optimizer=keras.optimizers.Adam(FLAGS.critic_lr), jit_compile=True, **schedule)
     start = time.perf_counter()
     history = learner.fit(in_memory((x, targets), FLAGS.batch_size, seed), epochs=FLAGS.epochs, verbose=0)
     return policy.get_layer("logits"), time.perf_counter() - start, history.history
@@ -194,6 +218,7 @@ def run(dataset, size, seed):
         layer, seconds, history = learn(name, x_log, targets, classes, seed)
         result[name] = scores(layer, x_test, y_test)
         result[name]["final_loss"] = history["loss"][-1]
+        result[name]["mean_ratio"] = mean_ratio(layer, x_log, targets)
         result["seconds"][name] = seconds
         log(f"  {name}: {result[name]} ({seconds:.1f}s)")
     start = time.perf_counter()
@@ -232,8 +257,15 @@ def markdown(report):
            "`keras_bpq.logged.LoggedModel` (no clipping); the critic of the direct method and doubly robust",
            "is an `AllOutcomes` MLP. The constant-critic row is doubly robust with `Q` fixed at the mean logged",
            "cost: IPS on the costs shifted by it (BanditNet's translation), the part of doubly robust a critic",
-           "that has learned nothing leaves. Scores on the full-information test set, **median of the seeds**:",
-           "expected accuracy `mean pi(y|x)` (the policy's value) and greedy accuracy (argmax).", ""]
+           "that has learned nothing leaves. The schedule (epochs, critic warm-up, critic updates per policy",
+           "update) was chosen on a validation split of the logged rows, never the test set (the script's",
+           "docstring). Scores on the full-information test set, **median of the seeds**: expected accuracy",
+           "`mean pi(y|x)` (the policy's value) and greedy accuracy (argmax); a learned policy's own estimate",
+           "is minus its estimator's loss in the last epoch (the expected reward the estimator credits it with",
+           "on the log it was fitted to; above the expected accuracy where it overrates it); the mean ratio",
+           "`mean_i pi(a_i|x_i) / mu_i` of each learned policy on its own log is 1 in expectation for a policy",
+           "that does not depend on the log, and far below 1 for one that has learned to avoid the logged",
+           "actions (propensity overfitting, Swaminathan and Joachims 2015; BanditNet's diagnostic).", ""]
     for tag, section in report.items():
         m, config = section["machine"], section["config"]
         out += [f"## {section['title']}", "",
@@ -241,20 +273,25 @@ def markdown(report):
                 f"Seeds {config['seeds']}; logging policy trained on {config['logging_fraction']:.0%} of the train "
                 f"split for {config['logging_epochs']} epochs, temperature {config['temperature']}; {config['epochs']} epochs, batch "
                 f"{config['batch_size']}, Adam {config['lr']} (critic {config['critic_lr']}, "
-                f"{config['critic_units']} hidden units), XLA on, data in memory, tf.data autotuning off. "
+                f"{config['critic_units']} hidden units, {config['critic_steps']} critic updates per policy "
+                f"update after {config['critic_warmup_steps']} critic-only steps), XLA on, data in memory, tf.data autotuning off. "
                 f"Machine: {m['cpu']}, {m['cores']} cores, load average {', '.join(f'{v:.1f}' for v in m['load_average'])}"
                 f" at the start; TF {m['tensorflow']}, Keras {m['keras']}; commit {m['commit']}; "
                 f"{section['runtime_s']:.0f} s in all.", ""]
         for size, block in section["sizes"].items():
             table = block["median"]
             out += [f"### {size} logged rows", "",
-                    "| policy | expected accuracy | greedy accuracy | fit seconds (median) |",
-                    "|---|---:|---:|---:|"]
+                    "| policy | expected accuracy | greedy accuracy | own estimate of its reward | "
+                    "mean ratio pi/mu on the log | fit seconds (median) |",
+                    "|---|---:|---:|---:|---:|---:|"]
             for arm in ARMS:
                 seconds = [r["seconds"][arm] for r in block["runs"] if arm in r["seconds"]]
-                shown = f"{np.median(seconds):.1f}" if seconds else ""
+                ratios = [r[arm]["mean_ratio"] for r in block["runs"] if "mean_ratio" in r[arm]]
+                estimates = [-r[arm]["final_loss"] for r in block["runs"] if "final_loss" in r[arm]]
+                shown = [f"{np.median(v):.{d}f}" if v else ""
+                         for v, d in ((estimates, 3), (ratios, 2), (seconds, 1))]
                 out.append(f"| {arm} | {table[arm]['expected_accuracy']:.3f} | "
-                           f"{table[arm]['greedy_accuracy']:.3f} | {shown} |")
+                           f"{table[arm]['greedy_accuracy']:.3f} | {' | '.join(shown)} |")
             logged_reward = np.median([r["logged_reward"] for r in block["runs"]])
             out += ["", f"Logged reward (median over seeds): {logged_reward:.3f}.", "",
                     "**" + "; ".join(block["verdicts"]) + ".**", ""]
@@ -263,12 +300,14 @@ def markdown(report):
             "enumeration), but a policy optimised on one finite log finds where the estimate overrates it. With",
             "costs -reward <= 0, IPS credits only the logged actions that paid (the true classes here) and is",
             "blind elsewhere. Doubly robust's IPS term weighs `c - Q` instead, which is positive on every logged",
-            "action that did not pay: it pushes probability away from those actions, towards actions the log",
-            "rarely tried, where only the critic's extrapolation speaks (the propensity overfitting of",
-            "Swaminathan and Joachims 2015 and BanditNet, for costs shifted away from zero). The constant-critic",
-            "row isolates the shift: doubly robust with `Q` fixed at the mean logged cost is IPS on shifted",
-            "costs. Where doubly robust is not above IPS in the tables above, the package's recommended",
-            "estimator lost on this protocol; the numbers are as measured.", ""]
+            "action that paid less than the critic predicted: minimising it pushes probability off those",
+            "actions, towards actions the log rarely tried; SNIPS, IPS on the costs minus the batch's estimate,",
+            "does the same. A mean ratio well below 1 is the sign; where the direct method, which has no IPS",
+            "term, shows it too, the critic's values on actions the log rarely tried (no logged cost corrects",
+            "them) draw the policy there. The constant-critic row isolates the shift:",
+            "doubly robust with `Q` fixed at the mean logged cost is IPS on shifted costs. Where doubly robust",
+            "is not above IPS or the logging policy in the tables above, the package's recommended estimator",
+            "lost on that data; the numbers are as measured.", ""]
     return "\n".join(out) + "\n"
 
 
@@ -303,7 +342,9 @@ def main(argv):
         config={"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": FLAGS.temperature,
                 "logging_epochs": FLAGS.logging_epochs,
                 "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-                "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units, "cost": "-reward",
+                "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units,
+                "critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps,
+                "cost": "-reward",
                 "tf_data_autotune": False, "jit_compile": True},
         runtime_s=time.perf_counter() - start,
     )

@@ -26,13 +26,16 @@ gradient) are:
 `Qbar = stop_gradient(Q)`: the critic is a control variate (doubly robust:
 `critic_cv` off-policy) or a model (direct method) of the costs, never
 trained by the policy's objective; it trains on its own regression loss
-`mean_i (Q(x_i, a_i) - c_i)^2`. The sums over `a` run exactly over the node's
+`mean_i (Q(x_i, a_i) - c_i)^2`, with its own schedule (`LoggedModel.compile`'s
+`critic_warmup_steps` and `critic_steps`). The sums over `a` run exactly over the node's
 support. `DoublyRobust` is the default: unbiased like IPS, with the critic
 removing most of its variance; a good critic makes it as precise as the
 direct method, a bad one costs variance, never bias. Unbiased for a fixed
 policy is not the same as good to optimise on one finite log: its IPS term
 weighs `c - Q`, and like IPS on shifted costs it can push probability onto
-actions the log rarely tried (benchmarks/results/bandit.md, where IPS beat it).
+actions the log rarely tried (benchmarks/results/bandit.md: above IPS on
+digits, far below it on Fashion-MNIST, where its policy learned to avoid the
+logged actions).
 
 The logged node must have a finite support of at most `MAX_SUPPORT` outcomes
 (a `Categorical`; a `Bernoulli` with up to 10 units), and its parameters must
@@ -363,6 +366,8 @@ class LoggedModel(keras.Model):
         self.status_row = self.add_weight(
             name="status_row", shape=(), dtype="int32", initializer="zeros", trainable=False
         )
+        self.steps = self.add_weight(name="steps", shape=(), dtype="int64", initializer="zeros", trainable=False)
+        self.critic_steps, self.critic_warmup_steps = 1, 0
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.critic_loss_tracker = keras.metrics.Mean(name="critic_loss")
         self.built = True
@@ -481,12 +486,20 @@ class LoggedModel(keras.Model):
         return action, columns["propensity"], columns["cost"]
 
     # -- training ------------------------------------------------------------
-    def compile(self, optimizer="adam", critic_optimizer=None, **kwargs):
+    def compile(self, optimizer="adam", critic_optimizer=None, critic_steps=1, critic_warmup_steps=0, **kwargs):
         """Configures training.
 
         Args:
           optimizer: the policy's optimizer.
           critic_optimizer: the critic's (default: a fresh `Adam(1e-3)`).
+          critic_steps: critic updates per policy update (on the same batch),
+            as in `BackpropQModel.compile`.
+          critic_warmup_steps: steps at the start of training (counted by
+            `steps`, saved with the model) that train only the critic, so that
+            the policy does not follow the offsets of a critic still near its
+            initialisation. Neither option changes what the estimators
+            estimate: `Qbar` stays a stop-gradient control variate (doubly
+            robust) or cost model (direct method).
           **kwargs: passed on to `keras.Model.compile` (`jit_compile`,
             `steps_per_execution`, `run_eagerly`, ...); no `loss` or `metrics`:
             the estimator is the loss.
@@ -497,8 +510,17 @@ class LoggedModel(keras.Model):
                     f"LoggedModel.compile does not take {key}=: the estimator "
                     f"({self.estimator!r}) is the loss."
                 )
+        for key, value, least in (("critic_steps", critic_steps, 1), ("critic_warmup_steps", critic_warmup_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"LoggedModel.compile: {key} must be an integer >= {least}; got {value!r}.")
+        if (critic_steps != 1 or critic_warmup_steps) and not self.critic_variables:
+            raise ValueError(
+                f"LoggedModel.compile: critic_steps and critic_warmup_steps schedule the critic's "
+                f"training; this model has no trainable critic (estimator {self.estimator!r})."
+            )
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = keras.optimizers.get(critic_optimizer or keras.optimizers.Adam(1e-3))
+        self.critic_steps, self.critic_warmup_steps = int(critic_steps), int(critic_warmup_steps)
 
     @property
     def metrics(self):
@@ -522,10 +544,22 @@ class LoggedModel(keras.Model):
         status = _status(out, [g for g in grads + critic_grads if g is not None])
         ok = tf.equal(status, _OK)
 
-        def apply():
+        def update_policy():
             self.optimizer.apply(grads, policy_variables)
+            return tf.constant(0)
+
+        def apply():
+            if self.critic_warmup_steps:
+                tf.cond(self.steps >= self.critic_warmup_steps, update_policy, lambda: tf.constant(0))
+            else:
+                update_policy()
             if critic_variables:
                 self.critic_optimizer.apply(critic_grads, critic_variables)
+                for _ in range(self.critic_steps - 1):
+                    with tf.GradientTape() as critic_tape:
+                        critic_loss = self.estimate(x, logged)["critic_loss"]
+                    self.critic_optimizer.apply(critic_tape.gradient(critic_loss, critic_variables), critic_variables)
+            self.steps.assign_add(1)
             return tf.constant(0)
 
         tf.cond(ok, apply, lambda: tf.constant(0))
@@ -626,6 +660,7 @@ class LoggedModel(keras.Model):
         config = super().get_compile_config()
         if config is not None and self.critic_optimizer is not None:
             config["critic_optimizer"] = keras.saving.serialize_keras_object(self.critic_optimizer)
+            config.update(critic_steps=self.critic_steps, critic_warmup_steps=self.critic_warmup_steps)
         return config
 
     def compile_from_config(self, config):

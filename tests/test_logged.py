@@ -330,3 +330,36 @@ def test_serve_log_learn_example(tmp_path):
     assert learned_reward > logging_reward + 0.2, result.stdout
     for name in ("logging", "learned"):
         assert (tmp_path / name / "1" / "saved_model.pb").exists()
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_critic_warmup_trains_only_the_critic_and_critic_steps_repeat_its_update(jit_compile):
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator=logged.DoublyRobust())
+    learner.compile(optimizer=keras.optimizers.Adam(0.05), critic_steps=3, critic_warmup_steps=2,
+                    jit_compile=jit_compile)
+    x, t = draw_log(np.random.default_rng(8), 64)
+    theta = learner.policy.get_layer("theta").kernel
+    critic_before = [v.numpy() for v in learner.critic_variables]
+    for step in (1, 2, 3):
+        learner.train_on_batch(x, t)
+        assert int(learner.steps.numpy()) == step
+        assert int(learner.critic_optimizer.iterations.numpy()) == 3 * step
+        assert int(learner.optimizer.iterations.numpy()) == max(0, step - 2)
+        assert np.array_equal(theta.numpy(), THETA) == (step <= 2)
+    assert all(not np.allclose(a, b.numpy()) for a, b in zip(critic_before, learner.critic_variables))
+
+
+def test_critic_schedule_is_saved_and_checked(tmp_path):
+    learner = logged.LoggedModel(bandit_policy(), node="action")
+    learner.compile(critic_steps=2, critic_warmup_steps=5)
+    x, t = draw_log(np.random.default_rng(9), 100)
+    learner.fit(x, t, batch_size=50, epochs=1, verbose=0)
+    path = str(tmp_path / "learner.keras")
+    learner.save(path)
+    loaded = keras.saving.load_model(path)
+    assert (loaded.critic_steps, loaded.critic_warmup_steps, int(loaded.steps.numpy())) == (2, 5, 2)
+    for bad in ({"critic_steps": 0}, {"critic_warmup_steps": -1}, {"critic_steps": 1.5}):
+        with pytest.raises(ValueError, match="must be an integer"):
+            learner.compile(**bad)
+    with pytest.raises(ValueError, match="no trainable critic"):
+        logged.LoggedModel(bandit_policy(), node="action", estimator="ips").compile(critic_warmup_steps=10)
