@@ -18,7 +18,7 @@ from keras_bpq.nodes import Categorical
 from keras_bpq.nodes import Normal
 from keras_bpq.nodes import StochasticNode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackpropQModel",
