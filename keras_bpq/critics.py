@@ -129,7 +129,7 @@ class AllOutcomes(keras.layers.Layer):
         heads = out[-1] if len(out) == 3 else out[-1] // self.num_outcomes
         return (input_shape[0], heads)
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
         config.update(
             network=keras.saving.serialize_keras_object(self.network),
