@@ -287,14 +287,8 @@ class CriticOptions:
 
 
 def critic_options(
-    target: str = "td",
-    lam: float = 0.9,
-    tau: float = 0.01,
-    period: Optional[int] = None,
-    steps: int = 1,
-    warmup: int = 0,
-    hidden_units: Sequence[int] = (64, 64),
-    models: Optional[Mapping[str, Any]] = None,
+    target: str = "td", lam: float = 0.9, tau: float = 0.01, period: Optional[int] = None, steps: int = 1,
+    warmup: int = 0, hidden_units: Sequence[int] = (64, 64), models: Optional[Mapping[str, Any]] = None,
     actor_reads: str = "target",
 ) -> CriticOptions:
     """`CriticOptions` from `compile()`'s arguments (a ValueError for values

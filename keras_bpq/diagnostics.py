@@ -191,11 +191,7 @@ def _low_precision(model):
 
 
 def estimate_gradients(
-    model: BackpropQModel,
-    x: Any,
-    y: Any = None,
-    sample_weight: Optional[Any] = None,
-    num_draws: int = 100,
+    model: BackpropQModel, x: Any, y: Any = None, sample_weight: Optional[Any] = None, num_draws: int = 100,
     chunk_size: int = 25,
 ) -> List[np.ndarray]:
     """`num_draws` independent gradient estimates with the compiled estimators.
