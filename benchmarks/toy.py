@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -687,21 +686,6 @@ def cost_table(var_rows, speed):
     return lines
 
 
-def machine_info():
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    if common.cpu_model():
-        info["cpu_model"] = common.cpu_model()
-    return info
-
-
 def versions():
     import tensorflow_probability as tfp
 
@@ -1249,7 +1233,7 @@ def main(argv):
     results = {
         "benchmark": "REBAR toy",
         "command": shlex.join(["python"] + sys.argv),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "versions": versions(),
         "import_seconds": IMPORT_SECONDS,
         "settings": settings,
