@@ -89,9 +89,11 @@ def _git(*args):
 
 
 def sources_digest():
-    """SHA-256 of this checkout's keras_bpq/*.py (names and contents)."""
+    """SHA-256 of the imported keras_bpq's *.py files (names and contents)."""
+    import keras_bpq
+
     digest = hashlib.sha256()
-    package = os.path.join(ROOT, "keras_bpq")
+    package = os.path.dirname(keras_bpq.__file__)
     for name in sorted(os.listdir(package)):
         if name.endswith(".py"):
             with open(os.path.join(package, name), "rb") as f:
@@ -217,14 +219,19 @@ def fixed_binarisation(images, seed):
 
 
 # ----------------------------------------------------------------------------- timing
-def best_of(fn, rounds):
-    """The fewest seconds one call of `fn()` took over `rounds` calls."""
-    best = float("inf")
+def round_seconds(fn, rounds):
+    """The wall seconds of each of `rounds` calls of `fn()`, in order."""
+    seconds = []
     for _ in range(rounds):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def best_of(fn, rounds):
+    """The fewest seconds one call of `fn()` took over `rounds` calls."""
+    return min(round_seconds(fn, rounds), default=float("inf"))
 
 
 def fit_seconds_per_step(model, data, steps):

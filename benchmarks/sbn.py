@@ -304,11 +304,10 @@ def time_fits(make, train):
     model = make()
     fit_ds = timing_data(train, autoencoder=not isinstance(model, keras_bpq.BackpropQModel))
     model.fit(fit_ds, epochs=1, steps_per_epoch=100, verbose=0)
-    rates = []
-    for _ in range(FLAGS.timing_repeats):
-        start = time.perf_counter()
-        model.fit(fit_ds, epochs=1, steps_per_epoch=FLAGS.timing_steps, verbose=0)
-        rates.append(FLAGS.timing_steps / (time.perf_counter() - start))
+    seconds = common.round_seconds(
+        lambda: model.fit(fit_ds, epochs=1, steps_per_epoch=FLAGS.timing_steps, verbose=0), FLAGS.timing_repeats
+    )
+    rates = [FLAGS.timing_steps / s for s in seconds]
     return {"best_steps_per_s": max(rates), "all_steps_per_s": rates}
 
 
