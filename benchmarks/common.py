@@ -85,7 +85,8 @@ def _version(package):
 
 
 def _git(*args):
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    """What `git <args>` in this checkout prints."""
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 def sources_digest():
@@ -110,9 +111,12 @@ def machine_info():
     the load average at start (`load_average` as read, `load_average_at_start`
     rounded), Python and package versions, the commit (`commit`, short, marked
     when the tree is modified; `git_commit`, full), whether keras_bpq differs
-    from it (`keras_bpq_dirty`) and the digest of its sources."""
+    from it (`keras_bpq_dirty`, and `keras_bpq_diff_sha1` of `git diff HEAD`
+    where the diff is not empty) and the digest of its sources."""
     import keras
     import tensorflow as tf
+
+    import keras_bpq
 
     cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -132,7 +136,7 @@ def machine_info():
         "keras": keras.__version__,
         "tfp": _version("tensorflow-probability"),
         "tensorflow_probability": _version("tensorflow-probability"),
-        "keras_bpq": _version("keras-bpq"),
+        "keras_bpq": keras_bpq.__version__,
         "numpy": np.__version__,
         "scikit_learn": _version("scikit-learn"),
         "torch": _version("torch"),
@@ -141,11 +145,14 @@ def machine_info():
         "keras_bpq_sources_sha256": sources_digest(),
     }
     try:
-        commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        commit = _git("rev-parse", "HEAD").strip()
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
         info["git_commit"] = commit
         info["commit"] = commit[:10] + (" (working tree modified)" if dirty else "")
-        info["keras_bpq_dirty"] = bool(_git("status", "--porcelain", "--", "keras_bpq"))
+        info["keras_bpq_dirty"] = bool(_git("status", "--porcelain", "--", "keras_bpq").strip())
+        diff = _git("diff", "HEAD", "--", "keras_bpq")
+        if diff:
+            info["keras_bpq_diff_sha1"] = hashlib.sha1(diff.encode()).hexdigest()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info

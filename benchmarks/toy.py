@@ -52,12 +52,10 @@ hand into toy.json's "notes" (a list of markdown bullets) after the run, and
 --from_json keeps them. A new run writes toy.json without notes.
 """
 
-import hashlib
 import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -692,29 +690,14 @@ def cost_table(var_rows, speed):
 
 
 def versions():
-    import tensorflow_probability as tfp
-
-    out = {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "tensorflow_probability": tfp.__version__,
-        "keras_bpq": keras_bpq.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        diff = subprocess.run(
-            ["git", "diff", "HEAD", "--", "keras_bpq"], cwd=os.path.dirname(here),
-            capture_output=True, text=True, check=True,
-        ).stdout
-        out["git_commit"] = commit + (" + uncommitted keras_bpq changes" if diff else "")
-        if diff:
-            out["keras_bpq_diff_sha1"] = hashlib.sha1(diff.encode()).hexdigest()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    """The library versions and the commit toy.md names, from `common.machine_info()`."""
+    info = common.machine_info()
+    out = {k: info[k] for k in ("tensorflow", "keras", "tensorflow_probability", "keras_bpq", "numpy")}
+    if info.get("git_commit"):
+        dirty = "keras_bpq_diff_sha1" in info
+        out["git_commit"] = info["git_commit"] + (" + uncommitted keras_bpq changes" if dirty else "")
+        if dirty:
+            out["keras_bpq_diff_sha1"] = info["keras_bpq_diff_sha1"]
     return out
 
 
