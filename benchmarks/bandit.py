@@ -35,7 +35,6 @@ renders bandit.md from the JSON (both written atomically).
 """
 
 import gzip
-import importlib.util
 import json
 import os
 import shlex
@@ -46,6 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -56,9 +56,7 @@ import keras_bpq  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-_spec = importlib.util.spec_from_file_location("sbn_benchmark", os.path.join(_HERE, "sbn.py"))
-sbn = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sbn)  # its flags too: --dataset, --seeds, --out_dir, --batch_size
+sbn = common.sbn_benchmark()  # its flags too: --dataset, --seeds, --out_dir, --batch_size
 
 FLAGS = flags.FLAGS
 FLAGS.set_default("seeds", ["0", "1", "2"])
@@ -118,7 +116,7 @@ def load(dataset, seed):
         order = np.random.RandomState(seed).permutation(len(data.target))
         x, y = data.data.astype("float32")[order] / 16.0, data.target[order]
         return x[:1500], y[:1500], x[1500:], y[1500:]
-    x_train, x_test = sbn.load_data("fashion_mnist", seed)
+    x_train, x_test = common.load_data("fashion_mnist", seed)
     labels = [_read_labels(os.path.join(sbn.FASHION_DIR, f"{s}-labels-idx1-ubyte.gz")) for s in ("train", "t10k")]
     return x_train, labels[0], x_test, labels[1]
 
@@ -132,7 +130,7 @@ def linear_policy(features, classes, seed):
 
 def in_memory(arrays, batch_size, seed):
     ds = tf.data.Dataset.from_tensor_slices(arrays).shuffle(len(arrays[0]), seed=seed).batch(batch_size)
-    return sbn.without_autotuning(ds)
+    return common.without_autotuning(ds)
 
 
 def supervised_logits(x, y, classes, seed, epochs):
@@ -319,10 +317,10 @@ def main(argv):
         with open(path) as f:
             report = json.load(f)
     if FLAGS.render_only:
-        sbn.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
+        common.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
         return
     start = time.perf_counter()
-    machine = sbn.machine_info()
+    machine = common.machine_info()
     seeds = [int(s) for s in FLAGS.seeds]
     sizes = [int(s) for s in FLAGS.sizes] or [len(load(FLAGS.dataset, 0)[0])]
     section = {"sizes": {}}
@@ -350,8 +348,8 @@ def main(argv):
     )
     report[FLAGS.dataset] = section
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    sbn.write_atomically(path, json.dumps(report, indent=1))
-    sbn.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
+    common.write_atomically(path, json.dumps(report, indent=1))
+    common.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
     log(f"wrote {path} and bandit.md in {section['runtime_s']:.0f}s")
 
 

@@ -52,7 +52,7 @@ def run_seed(seed, train, test):
         for name in FLAGS.arms:
             if clocks[name] >= max(budgets):
                 continue
-            ds = sbn.binarised(train, FLAGS.batch_size, seed * 100_000 + len(chunks[name]))
+            ds = common.binarised(train, FLAGS.batch_size, seed * 100_000 + len(chunks[name]))
             start = time.perf_counter()
             models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0)
             seconds = time.perf_counter() - start
@@ -128,10 +128,10 @@ def markdown(report):
 def main(argv):
     del argv
     seeds = [int(s) for s in FLAGS.seeds]
-    train, test_all = sbn.load_data(FLAGS.dataset, 0)
-    test = sbn.fixed_binarisation(test_all[: FLAGS.test_size], 0)
+    train, test_all = common.load_data(FLAGS.dataset, 0)
+    test = common.fixed_binarisation(test_all[: FLAGS.test_size], 0)
     tag = f"{FLAGS.dataset}_{FLAGS.arch}"
-    machine = sbn.machine_info()
+    machine = common.machine_info()
     sbn.log(f"{tag}: arms {FLAGS.arms}, budgets {FLAGS.budgets}; load {machine['load_average']}")
     runs = [run_seed(seed, train, test) for seed in seeds]
     budgets = [str(int(float(b))) for b in FLAGS.budgets]

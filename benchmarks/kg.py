@@ -31,7 +31,6 @@ Hits@1 against steps and against training wall-clock).
 import json
 import os
 import pathlib
-import platform
 import shlex
 import sys
 import time
@@ -43,11 +42,9 @@ from absl import flags  # noqa: E402
 import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-import kg_reasoning  # noqa: E402
+ROOT = pathlib.Path(common.ROOT)
+kg_reasoning = common.example("kg_reasoning")
 
 # Shared with the example (defined there): --steps, --batch_size, --rollouts,
 # --eval_every, --beam, --beam_pool, --beam_unique, --learning_rate,
@@ -82,15 +79,6 @@ LABELS = {
 }
 
 
-def machine_info():
-    """Platform, CPU model, cores and the load average at start."""
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    info["cpu_model"] = common.cpu_model()
-    info["gpus"] = len(tf.config.list_physical_devices("GPU"))
-    return info
-
-
 def schedule():
     """(dataset, seed, estimator) runs, ordered so that a cut-off benchmark
     still has every estimator on every dataset for the first seed."""
@@ -107,7 +95,7 @@ def schedule():
 def run_all(path):
     """Trains every scheduled run (skipping those already in the json)."""
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    results.update(command=" ".join(shlex.quote(a) for a in sys.argv), machine=machine_info(),
+    results.update(command=" ".join(shlex.quote(a) for a in sys.argv), machine=common.machine_info(),
                    settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
                                                         "beam_pool", "beam_unique", "learning_rate",
                                                         "steps_per_execution", "entropy_beta")})

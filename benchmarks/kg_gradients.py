@@ -24,12 +24,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-import kg_reasoning  # noqa: E402
+ROOT = pathlib.Path(common.ROOT)
+kg_reasoning = common.example("kg_reasoning")
 
 # Shared with the example (defined there): --dataset, --batch_size, --rollouts, --seed.
 FLAGS = flags.FLAGS

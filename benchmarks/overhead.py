@@ -6,7 +6,7 @@ TensorFlow step of the same estimator on the same model and data.
 
 Models: benchmarks/sbn.py's Fashion-MNIST sigmoid belief nets (`--archs`:
 `linear` 784-200, `two_layer` 784-200-200; batch --batch_size), its data
-(`sbn.load_data`, binarised once by `profile_step.batches`: fixed batches in
+(`common.load_data`, binarised once by `profile_step.batches`: fixed batches in
 memory, served by `tf.data` with autotuning off).
 
 Arms, all in this process, on the same batches:
@@ -56,9 +56,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import common  # noqa: E402
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Time this checkout's package, not whichever keras_bpq is installed.
-sys.path.insert(0, os.path.dirname(_HERE))
+common.checkout_first()
 from keras_bpq import estimators  # noqa: E402
 
 # benchmarks/profile_step.py (its batches; it loads benchmarks/sbn.py: flags,
@@ -518,11 +520,11 @@ def main(argv):
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
     start = time.perf_counter()
-    train, _ = sbn.load_data("fashion_mnist", 0)
+    train, _ = common.load_data("fashion_mnist", 0)
     data = profile_step.batches(train, FLAGS.num_batches, 0)
     report = {
         "command": command.strip(),
-        "machine": sbn.machine_info(),
+        "machine": common.machine_info(),
         "settings": {
             "batch_size": FLAGS.batch_size,
             "steps_per_execution": FLAGS.steps_per_execution,

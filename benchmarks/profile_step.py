@@ -25,7 +25,6 @@ Pieces of the default's step (`--breakdown`), each timed alone:
 """
 
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -56,18 +55,7 @@ flags.DEFINE_string(
 
 def batches(train, count, seed):
     images = train[np.random.RandomState(seed).permutation(len(train))[: count * FLAGS.batch_size]]
-    return sbn.fixed_binarisation(images, seed).reshape(count, FLAGS.batch_size, -1)
-
-
-def fit_rate(model, data, steps):
-    # Autotuning off: otherwise a fit ends on the autotuner's next wake-up
-    # (10, 20, 40, ... ms apart), which quantises its wall time (sbn.md).
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    ds = tf.data.Dataset.from_tensor_slices(data).repeat().with_options(options)
-    start = time.perf_counter()
-    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-    return (time.perf_counter() - start) / steps
+    return common.fixed_binarisation(images, seed).reshape(count, FLAGS.batch_size, -1)
 
 
 def loop(fn, jit):
@@ -82,12 +70,7 @@ def loop(fn, jit):
 
     def timed(x):
         run(x).numpy()  # trace and warm up
-        best = float("inf")
-        for _ in range(FLAGS.repeats):
-            start = time.perf_counter()
-            run(x).numpy()
-            best = min(best, time.perf_counter() - start)
-        return best / FLAGS.iterations
+        return common.best_of(lambda: run(x).numpy(), FLAGS.repeats) / FLAGS.iterations
 
     return timed
 
@@ -138,18 +121,18 @@ def pieces(model, x, units=None):
 def main(argv):
     del argv
     keras.utils.set_random_seed(0)
-    train, _ = sbn.load_data(FLAGS.dataset, 0)
+    train, _ = common.load_data(FLAGS.dataset, 0)
     data = batches(train, 20, 0)
     pixels = train.shape[1]
     print(f"{FLAGS.dataset} {FLAGS.arch}, batch {FLAGS.batch_size}; load {os.getloadavg()}")
     for jit in (False, True):
         models = {e: sbn.compile_sbn(sbn.build_sbn(pixels, FLAGS.arch), e, jit) for e in FLAGS.compare}
         for model in models.values():
-            fit_rate(model, data, 100)
+            common.fit_seconds_per_step(model, data, 100)
         best = {e: float("inf") for e in models}
         for _ in range(FLAGS.repeats):
             for name, model in models.items():
-                best[name] = min(best[name], fit_rate(model, data, FLAGS.fit_steps))
+                best[name] = min(best[name], common.fit_seconds_per_step(model, data, FLAGS.fit_steps))
         base = best[FLAGS.compare[0]]
         print(f"\njit_compile={jit}: whole training step (fit, steps_per_execution 50)")
         for name, seconds in best.items():

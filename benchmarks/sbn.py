@@ -53,10 +53,8 @@ their median bold; encoder gradient variance per checkpoint). An entry's
 `--merge_from=other/sbn.json` merges runs written with another --out_dir.
 """
 
-import gzip
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -76,14 +74,10 @@ import keras_bpq  # noqa: E402
 from keras_bpq import diagnostics  # noqa: E402
 from keras_bpq import estimators  # noqa: E402
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = common.ROOT
 # examples/sbn.py's pieces (this script runs as __main__, so the name `sbn` is the example's).
-sys.path.insert(0, os.path.join(_ROOT, "examples"))
-from sbn import PriorLogits  # noqa: E402
-from sbn import bernoulli_log_prob  # noqa: E402
-from sbn import load_digits  # noqa: E402
-
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+PriorLogits = common.example("sbn").PriorLogits
+bernoulli_log_prob = common.example("sbn").bernoulli_log_prob
 H = 200
 
 FLAGS = flags.FLAGS
@@ -135,66 +129,6 @@ PEERS = {
 
 def log(message):
     print(message, flush=True)
-
-
-# ----------------------------------------------------------------------------- data
-def _read_idx(path):
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    count, rows, cols = np.frombuffer(raw[4:16], ">u4")
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows * cols)
-
-
-def load_data(dataset, seed):
-    """`(train, test)` pixel probabilities in [0, 1]."""
-    if dataset == "digits":
-        return load_digits(seed)  # examples/sbn.py: 1500 train / 297 test
-    files = [os.path.join(FASHION_DIR, f"{s}-images-idx3-ubyte.gz") for s in ("train", "t10k")]
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        sys.exit(
-            f"Fashion-MNIST not found ({', '.join(missing)}). Install the Debian package:\n"
-            "    sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist\n"
-            f"(IDX files under {FASHION_DIR}/)."
-        )
-    train, test = (_read_idx(f).astype("float32") / 255.0 for f in files)
-    return train, test
-
-
-def without_autotuning(ds):
-    """`ds` with tf.data autotuning off.
-
-    With autotuning on, the end of every `fit` (the teardown of its tf.data
-    iterator) waited for the autotuning thread's next wake-up, and that thread
-    wakes 10 ms, 20 ms, 40 ms, ... apart from the iterator's creation: a fit's
-    wall time was rounded up to 10 ms x (2^k - 1), e.g. 1.27 s or 2.55 s, which
-    made 200-step fits read ~156 or ~78 steps/s whatever the model
-    (benchmarks/results/sbn.md, the throughput notes). The batches are the same
-    either way (stateless seeds, ordered map)."""
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.with_options(options)
-
-
-def binarised(images, batch_size, seed):
-    """Shuffled, repeated batches, each binarised afresh with seed `(seed, index)`.
-
-    examples/sbn.py's pipeline with a static batch size (drop_remainder) and
-    tf.data autotuning off (`without_autotuning`: it distorted the timings)."""
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=True).enumerate()
-
-    def binarise(index, p):
-        noise = tf.random.stateless_uniform(tf.shape(p), seed=tf.stack([tf.cast(seed, tf.int64), index]))
-        return tf.cast(noise < p, tf.float32)
-
-    ds = ds.map(binarise, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    return without_autotuning(ds)
-
-
-def fixed_binarisation(images, seed):
-    return (np.random.RandomState(seed).uniform(size=images.shape) < images).astype("float32")
 
 
 # ----------------------------------------------------------------------------- models
@@ -301,7 +235,7 @@ def reinforce_copy(model, train, seed):
     for a, b in zip(rf.actor_variables, model.actor_variables):
         a.assign(b)
     before = [v.numpy().copy() for v in rf.actor_variables]
-    rf.fit(binarised(train, FLAGS.batch_size, seed + 777), epochs=1, steps_per_epoch=50, verbose=0)
+    rf.fit(common.binarised(train, FLAGS.batch_size, seed + 777), epochs=1, steps_per_epoch=50, verbose=0)
     if any(not np.array_equal(b, v.numpy()) for b, v in zip(before, rf.actor_variables)):
         raise RuntimeError("SGD(0.0) warm-up changed the weights")
     return rf
@@ -340,7 +274,7 @@ def run_keras(estimator, seed, train, data, checkpoints):
     evaluate(0, 0.0)
     while step < steps:
         n = min(FLAGS.eval_every, steps - step)
-        ds = binarised(train, FLAGS.batch_size, seed * 100_000 + chunk_index)
+        ds = common.binarised(train, FLAGS.batch_size, seed * 100_000 + chunk_index)
         start = time.perf_counter()
         model.fit(ds, epochs=1, steps_per_epoch=n, verbose=0)
         seconds += time.perf_counter() - start
@@ -359,9 +293,9 @@ def timing_data(train, autoencoder):
     measure the training step and Keras's loop around it, not the input
     pipeline. `(x, x)` pairs for the autoencoder."""
     rng = np.random.RandomState(12345)
-    x = fixed_binarisation(train[rng.randint(len(train), size=TIMING_BATCHES * FLAGS.batch_size)], 12345)
+    x = common.fixed_binarisation(train[rng.randint(len(train), size=TIMING_BATCHES * FLAGS.batch_size)], 12345)
     ds = tf.data.Dataset.from_tensor_slices((x, x) if autoencoder else x)
-    return without_autotuning(ds.batch(FLAGS.batch_size, drop_remainder=True).repeat())
+    return common.without_autotuning(ds.batch(FLAGS.batch_size, drop_remainder=True).repeat())
 
 
 def time_fits(make, train):
@@ -370,11 +304,10 @@ def time_fits(make, train):
     model = make()
     fit_ds = timing_data(train, autoencoder=not isinstance(model, keras_bpq.BackpropQModel))
     model.fit(fit_ds, epochs=1, steps_per_epoch=100, verbose=0)
-    rates = []
-    for _ in range(FLAGS.timing_repeats):
-        start = time.perf_counter()
-        model.fit(fit_ds, epochs=1, steps_per_epoch=FLAGS.timing_steps, verbose=0)
-        rates.append(FLAGS.timing_steps / (time.perf_counter() - start))
+    seconds = common.round_seconds(
+        lambda: model.fit(fit_ds, epochs=1, steps_per_epoch=FLAGS.timing_steps, verbose=0), FLAGS.timing_repeats
+    )
+    rates = [FLAGS.timing_steps / s for s in seconds]
     return {"best_steps_per_s": max(rates), "all_steps_per_s": rates}
 
 
@@ -427,30 +360,6 @@ def run_peer(name, seed, data_path):
     result["command"] = " ".join(shlex.quote(os.path.relpath(c, _ROOT) if c.startswith(_ROOT) else c)
                                  for c in cmd[1:])
     return result
-
-
-def machine_info():
-    import importlib.metadata as md
-
-    def version(p):
-        try:
-            return md.version(p)
-        except md.PackageNotFoundError:
-            return None
-
-    cpu = common.cpu_model() or platform.processor()
-    try:
-        commit = subprocess.run(["git", "-C", _ROOT, "rev-parse", "--short=10", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-        "tensorflow": tf.__version__, "keras": keras.__version__,
-        "tfp": version("tensorflow-probability"), "keras_bpq": version("keras-bpq"),
-        "torch": version("torch"), "pyro": version("pyro-ppl"), "storchastic": version("storchastic"),
-        "commit": commit, "load_average": os.getloadavg(),
-    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -709,15 +618,6 @@ def write_report(report):
         f.write(markdown(report))
 
 
-def write_atomically(path, text):
-    """Writes `text` to `path` through a temporary file renamed over it, so an
-    interrupted run never leaves a half-written page."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def load_report():
     json_path = os.path.join(FLAGS.out_dir, "sbn.json")
     if not os.path.exists(json_path):
@@ -749,7 +649,7 @@ def main(argv):
         merge(FLAGS.merge_from)
         return
     start_all = time.perf_counter()
-    machine = machine_info()
+    machine = common.machine_info()
     seeds = [int(s) for s in FLAGS.seeds]
     checkpoints = {FLAGS.steps if c == "end" else int(c) for c in FLAGS.variance_checkpoints}
     tag = FLAGS.tag or f"{FLAGS.dataset}_{FLAGS.arch}"
@@ -757,12 +657,12 @@ def main(argv):
     tmp = tempfile.mkdtemp(prefix="sbn_bench_")
     timing_result = None
     for seed in seeds:
-        train, test = load_data(FLAGS.dataset, seed)
+        train, test = common.load_data(FLAGS.dataset, seed)
         data = {
             "train": train,
-            "test": fixed_binarisation(test[: FLAGS.test_size], seed + 1),
-            "train_eval": fixed_binarisation(train[: FLAGS.test_size], seed + 2),
-            "var_batch": fixed_binarisation(train[: FLAGS.batch_size], seed + 3),
+            "test": common.fixed_binarisation(test[: FLAGS.test_size], seed + 1),
+            "train_eval": common.fixed_binarisation(train[: FLAGS.test_size], seed + 2),
+            "var_batch": common.fixed_binarisation(train[: FLAGS.batch_size], seed + 3),
         }
         data_path = os.path.join(tmp, f"data_{seed}.npz")
         np.savez(data_path, **data)

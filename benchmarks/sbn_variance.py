@@ -49,9 +49,7 @@ for >1.5 GB single buffers and crashed a 23 GB machine, hence --chunk.
 
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -62,16 +60,13 @@ from absl import flags  # noqa: E402
 import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(_ROOT, "examples"))
-
-import keras_bpq  # noqa: E402
 from keras_bpq import diagnostics  # noqa: E402
-from sbn import binarised  # noqa: E402
-from sbn import build_sbn  # noqa: E402
-from sbn import load_digits  # noqa: E402
+
+_ROOT = common.ROOT
+binarised = common.example("sbn").binarised  # examples/sbn.py's
+build_sbn = common.example("sbn").build_sbn
+load_digits = common.example("sbn").load_digits
 
 FLAGS = flags.FLAGS
 # Importing examples/sbn.py defines its flags, which this script reuses: --steps
@@ -322,51 +317,6 @@ def time_training(train):
     return out
 
 
-def machine_info():
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "keras_bpq": keras_bpq.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import sklearn
-        import tensorflow_probability as tfp
-
-        info["tensorflow_probability"] = tfp.__version__
-        info["scikit_learn"] = sklearn.__version__
-    except ImportError:
-        pass
-    if common.cpu_model():
-        info["cpu_model"] = common.cpu_model()
-    import hashlib
-
-    digest = hashlib.sha256()
-    package = os.path.dirname(keras_bpq.__file__)
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
-    info["keras_bpq_sources_sha256"] = digest.hexdigest()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "keras_bpq"], cwd=_ROOT, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-        info["git_commit"] = commit
-        info["keras_bpq_dirty"] = bool(dirty)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
 def fmt_ci(ci):
     return "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
@@ -613,7 +563,7 @@ def reading(report):
 def main(argv):
     del argv
     start_all = time.perf_counter()
-    machine = machine_info()  # at the start: the sources this run imported
+    machine = common.machine_info()  # at the start: the sources this run imported
     if FLAGS.estimator != "auto":
         raise app.UsageError("--estimator (from examples/sbn.py) is not used: the model is "
                              "trained with 'auto' and compared with reinforce and critic.")

@@ -19,7 +19,6 @@ of `--timed_steps` steps; the median is reported, with the process CPU time per 
 
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -32,12 +31,11 @@ from absl import flags  # noqa: E402
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(_ROOT, "examples"))
-
-from sbn import binarised  # noqa: E402  (imports TensorFlow; no device is set up yet)
-from sbn import build_sbn  # noqa: E402
-from sbn import load_digits  # noqa: E402
+_ROOT = common.ROOT
+# examples/sbn.py's pieces (it imports TensorFlow; no device is set up yet).
+binarised = common.example("sbn").binarised
+build_sbn = common.example("sbn").build_sbn
+load_digits = common.example("sbn").load_digits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("setups", ["plain", "mirrored1", "mirrored2"], "Device setups to time.")
@@ -95,36 +93,6 @@ def time_one(setup, spe, estimator, timed_steps, repeats, global_batch):
         "final_loss": float(history.history["loss"][-1]),
         "steps_trained": int(model.training_state.steps.numpy()),
     }
-
-
-def machine_info():
-    import keras
-    import tensorflow as tf
-
-    import keras_bpq
-
-    info = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "keras_bpq": keras_bpq.__version__,
-        "gpus": len(tf.config.list_physical_devices("GPU")),
-    }
-    info["cpu"] = common.cpu_model() or ""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=10", "HEAD"], cwd=_ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-            capture_output=True, text=True,
-        ).stdout.strip()
-        info["commit"] = commit + (" (working tree modified)" if dirty else "")
-    except OSError:
-        pass
-    return info
 
 
 SETUP_NAMES = {
@@ -242,7 +210,7 @@ def main(argv):
         "command": "python " + " ".join(
             shlex.quote(a) for a in [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:]
         ),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "config": {
             "timed_steps": FLAGS.timed_steps,
             "repeats": FLAGS.repeats,

@@ -45,15 +45,17 @@ error is recorded. Per t and estimator:
     python benchmarks/toy.py                 # writes benchmarks/results/toy.{json,md} and PNGs
     python benchmarks/toy.py --seeds=0,1 --max_steps=5000 --out_dir=/tmp/toy
     python benchmarks/toy.py --from_json     # re-renders toy.md and PNGs from toy.json
+
+toy.md is rendered from toy.json alone, and this script holds no measured
+number: the notes that interpret a run (the "Reading" section) are written by
+hand into toy.json's "notes" (a list of markdown bullets) after the run, and
+--from_json keeps them. A new run writes toy.json without notes.
 """
 
-import hashlib
 import json
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -687,45 +689,15 @@ def cost_table(var_rows, speed):
     return lines
 
 
-def machine_info():
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    if common.cpu_model():
-        info["cpu_model"] = common.cpu_model()
-    return info
-
-
 def versions():
-    import tensorflow_probability as tfp
-
-    out = {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "tensorflow_probability": tfp.__version__,
-        "keras_bpq": keras_bpq.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        diff = subprocess.run(
-            ["git", "diff", "HEAD", "--", "keras_bpq"], cwd=os.path.dirname(here),
-            capture_output=True, text=True, check=True,
-        ).stdout
-        out["git_commit"] = commit + (" + uncommitted keras_bpq changes" if diff else "")
-        if diff:
-            out["keras_bpq_diff_sha1"] = hashlib.sha1(diff.encode()).hexdigest()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    """The library versions and the commit toy.md names, from `common.machine_info()`."""
+    info = common.machine_info()
+    out = {k: info[k] for k in ("tensorflow", "keras", "tensorflow_probability", "keras_bpq", "numpy")}
+    if info.get("git_commit"):
+        dirty = "keras_bpq_diff_sha1" in info
+        out["git_commit"] = info["git_commit"] + (" + uncommitted keras_bpq changes" if dirty else "")
+        if dirty:
+            out["keras_bpq_diff_sha1"] = info["keras_bpq_diff_sha1"]
     return out
 
 
@@ -996,13 +968,19 @@ def write_markdown(results, path):
 
 
 def reading(results):
-    """The measured ranking per t and the unbiasedness check (computed); the
-    interpretation is written in NOTES below."""
+    """The measured ranking per t and the unbiasedness check (computed), then
+    the interpretation: `results["notes"]`, written by hand into toy.json for
+    the run it holds (a new run starts without notes), the cost lines
+    (computed) and `CAVEAT`."""
     s = results["settings"]
+    notes = results.get("notes") or []
     out = [
-        "The ranking, unbiasedness and cost lines are computed by the script; the notes "
-        "after them were written from the default run (`python benchmarks/toy.py`) and quote "
-        "its numbers.",
+        "The ranking, unbiasedness and cost lines are computed by the script"
+        + (
+            "; the notes after them were written from the default run (`python benchmarks/toy.py`) "
+            "and quote its numbers."
+            if notes else "."
+        ),
         "",
     ]
     for t in s["targets"]:
@@ -1047,7 +1025,7 @@ def reading(results):
             "* **Where gumbel settles.** The p(b=1) at which its expected gradient (quadrature) "
             "is zero: " + "; ".join(items) + "."
         )
-    return out + NOTES[:-1] + cost_notes(results) + NOTES[-1:]
+    return out + notes + cost_notes(results) + [CAVEAT]
 
 
 def cost_notes(results):
@@ -1096,83 +1074,12 @@ def package_name(config):
     return "reinforce" if config in REFERENCES else config
 
 
-NOTES = [
-    "* **Who wins.** `critic_cv` and `local_expectation` (one and the same gradient here: "
-    "with the exact Q both reduce to the analytic p (1 - p) (c1 - c0) on every draw) have "
-    "zero variance at every theta and t and take 450 steps for every seed at both t. Next "
-    "come `disarm` (median 600) and the warm-baselined `reinforce` reference (600), then "
-    "`critic` and package `reinforce` (650 at t = 0.45), then `rloo` (750). At t = 0.499 "
-    "package `reinforce` falls to 2825 (see below) and the others are unchanged. `relax` "
-    "(3175 at t = 0.45, not reached at t = 0.499) and both `gumbel` variants (never) are last.",
-    "* **Variance.** Measured variances agree with the closed forms and quadrature (line "
-    "above). `disarm` has zero variance at theta = 0 (at p = 1/2 the sample and its "
-    "antithetic partner always differ, and its weight is then constant) and the lowest "
-    "variance of the sampling estimators at theta = -2: 3.55e-4 at t = 0.45, against "
-    "6.1e-4 for `reinforce` with the exact mean as baseline and for `critic`, 4.2e-4 for an "
-    "`rloo` step. `critic` has the same distribution as `reinforce` with the exact mean as "
-    "baseline: (1-p)^2 (c1-c0) when b = 1, p^2 (c1-c0) when b = 0.",
-    "* **rloo, compared fairly.** An `rloo` step holds K = 2 draws of b (2 rows). Its "
-    "per-step variance is (c1-c0)^2 [p(1-p)/2 - p^2(1-p)^2]: 6.25e-4 at theta = 0 and t = "
-    "0.45, where `reinforce` with the mean baseline, `critic` and `disarm` are exactly 0; "
-    "4.2e-4 at theta = -2, i.e. 8.3e-4 per draw of b (x2), worse than one draw of "
-    "`reinforce` with a good baseline (6.1e-4) and than `disarm` (3.55e-4 from one draw plus "
-    "one re-evaluation of the cost). Its gradient is exactly 0 whenever the two draws agree "
-    "(probability 1 - 2p(1-p), 1/2 at the start, more as p falls), which is why it is the "
-    "slowest of the baselined estimators (750 steps). In its favour: no state and no warm-up, "
-    "so unlike package `reinforce` it is not slowed at t = 0.499. At batch 1 its two rows "
-    "cost little: 0.95-1.21x `reinforce`'s CPU per step, within this run's noise.",
-    "* **relax is unbiased but noisy here.** Its quadrature mean equals the exact gradient "
-    "(to 1e-7 relative) and all its rows are within 4 SE. But its per-step variance, 0.022 "
-    "at theta = 0 and t = 0.45, is 1.4x that of `reinforce` with no baseline at all (0.016). "
-    "Its control variate is the exact head evaluated at relaxed samples at temperature 0.5, "
-    "(sigmoid(z/0.5) - t)^2, which is far from c(b) and is not tuned: the score weight "
-    "c(b) - c(z~) does not shrink with the cost gap, so at t = 0.499 its closed-form SNR is "
-    "0.003 at theta = 0 and no seed reaches the threshold in 20000 steps (final p "
-    "0.08-0.61); at t = 0.45 it needs a median 3175 steps, more than `reinforce` without a "
-    "baseline (2850). RELAX's wins on this toy in the literature come from training the "
-    "control variate (and the temperature) to minimise the variance; this page runs "
-    "`relax` untuned (`estimators.Relax(tune=True)`, added after this run, trains the "
-    "temperature and a scale; tests/test_estimators.py measures about 30% lower variance "
-    "on this toy after 100 tuning steps).",
-    "* **gumbel's bias.** Measured and quadrature bias agree within 0.6 standard errors "
-    "(table above). At theta = 0 both variants have -14% relative bias at both t (by "
-    "symmetry the expected gradient there is 2 (1/2 - t) E[v(1-v)] / T). At theta = -2 "
-    "the expected gradient has the **wrong sign**: -0.0224 (straight-through -0.0374) "
-    "against an exact +0.0105 at t = 0.45 (relative bias -3.1 and -4.6), and -0.0336 "
-    "(-0.0485) against +0.00021 at t = 0.499 (relative bias -161 and -232). The estimator "
-    "follows the relaxed objective E[(v - t)^2], whose minimum is interior, so training "
-    "settles where its expected gradient vanishes (line above) and never reaches p < 0.05. "
-    "Straight-through has about 5x the variance of the plain relaxation (0.077 against 0.014 "
-    "at theta = 0) and the larger bias at theta = -2. The temperature stays at 0.5 (default "
-    "anneal_rate 1); annealing was not measured.",
-    "* **Adam hides the gradient's scale.** For `critic_cv`, `local_expectation`, `critic`, "
-    "`disarm`, `rloo` and `reinforce_warm_baseline` every per-step gradient is exactly "
-    "(1 - 2t) times a function of theta and the draws (c = t^2 + b (1 - 2t), and the "
-    "baselines move with it). Adam divides by the running RMS of the gradient, so for a "
-    "given seed it follows the same path at both t: the per-seed step counts are identical "
-    "at t = 0.45 and t = 0.499, or one check interval apart (rloo seed 4: 800 and 775; "
-    "disarm seed 3: 650 and 625) from Adam's epsilon and float32 rounding, although the "
-    "gradient is 50 times smaller. `relax` and `gumbel` are not of this form, and neither is "
-    "`reinforce_no_baseline`.",
-    "* **Why package `reinforce` is slower at t = 0.499.** On the first step its EMA baseline "
-    "is still empty and reads 0, so that step's gradient is (b - p) c with c about 0.25: some "
-    "250 times the later, baselined per-step gradients (about (b - p)(c1 - c0)/2). Adam's "
-    "second-moment estimate (beta_2 = 0.999) remembers that one step for thousands of steps, "
-    "so the effective step size stays small; `reinforce_warm_baseline`, identical except for "
-    "the preset baseline, takes the same steps at both t.",
-    "* **Cost per step.** At batch 1 a step is dominated by fixed per-step work (about 250 "
-    "us of CPU), so every estimator costs 0.83-1.58x `reinforce` (lines below); `relax` is "
-    "the dearest at both t (1.38x and 1.58x: three re-runs of the cost at relaxed values and "
-    "nested gradient tapes). Differences below about 1.2x are within this run's noise (load "
-    "average 3.6-5.5 on 2 cores; the same estimator measured 0.95x at one t and 1.21x at "
-    "the other). Costs per step this close do not change the ranking by steps: median CPU "
-    "time to the threshold is 0.13-0.14 s for `critic_cv` and `local_expectation`, "
-    "0.16-0.24 s for `disarm`, `critic`, `rloo` and warm `reinforce`, and 0.17 / 0.72 s for "
-    "package `reinforce` at t = 0.45 / 0.499 (training tables).",
+# The closing caveat of the reading: true of the method on this toy, whatever a run measured.
+CAVEAT = (
     "* **Caveat.** This toy is the best case for the critic estimators: Q is the exact cost, "
     "not a learned network. It checks the estimators' algebra and their variance when Q is "
-    "right; it says nothing about how fast a learned critic becomes right.",
-]
+    "right; it says nothing about how fast a learned critic becomes right."
+)
 
 
 def print_report(results):
@@ -1249,7 +1156,7 @@ def main(argv):
     results = {
         "benchmark": "REBAR toy",
         "command": shlex.join(["python"] + sys.argv),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "versions": versions(),
         "import_seconds": IMPORT_SECONDS,
         "settings": settings,

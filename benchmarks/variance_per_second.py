@@ -28,7 +28,6 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_bpq import diagnostics  # noqa: E402
 
@@ -45,15 +44,6 @@ flags.DEFINE_integer("rounds", 3, "Timing rounds (arms interleaved; best round).
 flags.DEFINE_integer("fit_steps", 200, "Steps per timed fit.")
 flags.DEFINE_string("out_tag", "", "Section name in the JSON (default <dataset>_<arch>).")
 flags.DEFINE_bool("render_only", False, "Only rewrite the page from the JSON.")
-
-
-def steady_fit(model, data, steps):
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    ds = tf.data.Dataset.from_tensor_slices(data).repeat().with_options(options)
-    start = time.perf_counter()
-    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-    return (time.perf_counter() - start) / steps
 
 
 def arm_model(name, trained, pixels, train):
@@ -79,27 +69,27 @@ def main(argv):
     if FLAGS.render_only:
         path = os.path.join(FLAGS.out_dir, "variance_per_second.json")
         with open(path) as f:
-            sbn.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
+            common.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(json.load(f)))
         return
     keras.utils.set_random_seed(0)
-    train, _ = sbn.load_data(FLAGS.dataset, 0)
+    train, _ = common.load_data(FLAGS.dataset, 0)
     pixels = train.shape[1]
     tag = FLAGS.out_tag or f"{FLAGS.dataset}_{FLAGS.arch}"
     print(f"{tag}: load {os.getloadavg()}", flush=True)
     trained = sbn.compile_sbn(sbn.build_sbn(pixels, FLAGS.arch), FLAGS.train_estimator, True)
     start = time.perf_counter()
-    trained.fit(sbn.binarised(train, FLAGS.batch_size, 0), epochs=1, steps_per_epoch=FLAGS.train_steps, verbose=0)
+    trained.fit(common.binarised(train, FLAGS.batch_size, 0), epochs=1, steps_per_epoch=FLAGS.train_steps, verbose=0)
     print(f"trained {FLAGS.train_estimator} {FLAGS.train_steps} steps in {time.perf_counter() - start:.1f} s",
           flush=True)
     rng = np.random.RandomState(1)
-    x = sbn.fixed_binarisation(train[rng.randint(len(train), size=FLAGS.batch_size)], 7)
-    data = sbn.fixed_binarisation(train[rng.randint(len(train), size=20 * FLAGS.batch_size)], 8)
+    x = common.fixed_binarisation(train[rng.randint(len(train), size=FLAGS.batch_size)], 7)
+    data = common.fixed_binarisation(train[rng.randint(len(train), size=20 * FLAGS.batch_size)], 8)
     data = data.reshape(20, FLAGS.batch_size, -1)
     arms = {name: arm_model(name, trained, pixels, train) for name in FLAGS.arms}
     # reinforce's EMA baseline warmed up at these weights (SGD(0) leaves them).
     for name, model in arms.items():
         start = time.perf_counter()
-        model.fit(sbn.binarised(train, FLAGS.batch_size, 777), epochs=1, steps_per_epoch=50, verbose=0)
+        model.fit(common.binarised(train, FLAGS.batch_size, 777), epochs=1, steps_per_epoch=50, verbose=0)
         print(f"  {name}: warm-up and compile {time.perf_counter() - start:.1f} s", flush=True)
     results = {}
     for name, model in arms.items():
@@ -111,7 +101,7 @@ def main(argv):
     best = {name: float("inf") for name in arms}
     for _ in range(FLAGS.rounds):
         for name, model in arms.items():
-            best[name] = min(best[name], steady_fit(model, data, FLAGS.fit_steps))
+            best[name] = min(best[name], common.fit_seconds_per_step(model, data, FLAGS.fit_steps))
     base = results.get("reinforce")
     print(f"\n{tag} after {FLAGS.train_steps} {FLAGS.train_estimator} steps; load {os.getloadavg()}")
     print(f"  {'arm':<22} {'variance':>10} {'ms/step':>8} {'x rf step':>9} {'var/rf':>8} {'var*step/rf':>11}")
@@ -128,9 +118,9 @@ def main(argv):
     report = json.load(open(path)) if os.path.exists(path) else {}
     report[tag] = {"train_estimator": FLAGS.train_estimator, "train_steps": FLAGS.train_steps,
                    "num_draws": FLAGS.num_draws, "load": os.getloadavg(), "arms": results,
-                   "machine": sbn.machine_info()}
-    sbn.write_atomically(path, json.dumps(report, indent=1))
-    sbn.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(report))
+                   "machine": common.machine_info()}
+    common.write_atomically(path, json.dumps(report, indent=1))
+    common.write_atomically(os.path.join(FLAGS.out_dir, "variance_per_second.md"), markdown(report))
 
 
 def markdown(report):

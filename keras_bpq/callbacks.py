@@ -18,15 +18,21 @@ after a failed step, and every checkpoint knows where `fit` stands),
   the same order).
 """
 
+from __future__ import annotations
+
 import json
 import os
-from typing import List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
 from keras_bpq import saving as saving_lib
+
+if TYPE_CHECKING:
+    from keras_bpq import graph
+    from keras_bpq import state as state_lib
 
 
 def fit_callbacks(callbacks: Sequence[keras.callbacks.Callback]) -> List[keras.callbacks.Callback]:
@@ -37,7 +43,9 @@ def fit_callbacks(callbacks: Sequence[keras.callbacks.Callback]) -> List[keras.c
 
 
 # -- the non-finite guard ------------------------------------------------------
-def step_status(scg, costs, grads) -> tf.Tensor:
+def step_status(
+    scg: graph.SCG, costs: Mapping[str, tf.Tensor], grads: Sequence[Optional[tf.Tensor]]
+) -> tf.Tensor:
     """0 when every cost and gradient is finite, else the 1-based index of the
     first non-finite cost, or -1 for a non-finite gradient."""
     status = tf.constant(0)
@@ -50,7 +58,9 @@ def step_status(scg, costs, grads) -> tf.Tensor:
     return tf.where(tf.logical_and(tf.equal(status, 0), tf.logical_not(grads_finite)), -1, status)
 
 
-def mask_status(scg, records, status) -> Tuple[tf.Tensor, tf.Tensor]:
+def mask_status(
+    scg: graph.SCG, records: Mapping[str, graph.NodeRecord], status: tf.Tensor
+) -> Tuple[tf.Tensor, tf.Tensor]:
     """`(status, row)`: `status`, or `len(scg.costs) + 1 + j` where node `j`'s
     Categorical mask allows no outcome in batch row `row` (the first such
     node and row). Outside XLA the node's own assertion stops the step
@@ -68,7 +78,12 @@ def mask_status(scg, records, status) -> Tuple[tf.Tensor, tf.Tensor]:
     return status, row
 
 
-def step_variables(weights, training_state, critic_variables, optimizers) -> List[tuple]:
+def step_variables(
+    weights: Iterable[tf.Variable],
+    training_state: state_lib.TrainingState,
+    critic_variables: Iterable[tf.Variable],
+    optimizers: Iterable[Tuple[Optional[keras.optimizers.Optimizer], str]],
+) -> List[Tuple[tf.Variable, str]]:
     """`[(variable, role)]`: every variable a training step may write (the
     model's `weights`, critics and their target copies, estimator state, the
     `optimizers`' variables (`[(optimizer or None, role)]`), for undoing a
@@ -103,7 +118,13 @@ def step_variables(weights, training_state, critic_variables, optimizers) -> Lis
     return list(roles.values())
 
 
-def nonfinite_error(model_name, scg, code, row, variables) -> FloatingPointError:
+def nonfinite_error(
+    model_name: str,
+    scg: graph.SCG,
+    code: int,
+    row: int,
+    variables: Sequence[Tuple[tf.Variable, str]],
+) -> FloatingPointError:
     """The error for a step whose status (`step_status`, `mask_status`, or
     `-2 - i` for an update that wrote a non-finite value into `variables[i]`,
     `step_variables`) is `code`, not 0; `row` is the batch row of a mask."""
@@ -147,10 +168,10 @@ class NonFiniteGuard(keras.callbacks.Callback):
     target copy, optimizer slot and estimator state holds finite values.
     """
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         self.model.training_state.status.assign(0)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self.model.raise_if_nonfinite()
 
 
@@ -166,12 +187,12 @@ class FitPosition(keras.callbacks.Callback):
     reported as such (`explained_load_errors`).
     """
 
-    def __init__(self, callbacks=()):
+    def __init__(self, callbacks: Iterable[keras.callbacks.Callback] = ()) -> None:
         super().__init__()
         self._callbacks = list(callbacks)
 
     @staticmethod
-    def clear(model):
+    def clear(model: keras.Model) -> None:
         """Marks the model as outside `fit` (position -1, -1)."""
         model.training_state.fit_epoch.assign(-1)
         model.training_state.fit_batch.assign(-1)
@@ -181,7 +202,7 @@ class FitPosition(keras.callbacks.Callback):
         self.model.training_state.fit_epoch.assign(epoch)
         self.model.training_state.fit_batch.assign(batch)
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         # Anything else found after the callbacks' on_train_begin was restored.
         self.clear(self.model)
         saving_lib.set_backup_dirs(self.model, [
@@ -198,13 +219,13 @@ class FitPosition(keras.callbacks.Callback):
                 except ValueError:
                     os.remove(path)
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self._set(epoch, 0)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self.model.training_state.fit_batch.assign(batch + 1)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self._set(epoch + 1, 0)
 
 
@@ -216,11 +237,11 @@ class ResumeAtPosition(keras.callbacks.Callback):
     metrics so far).
     `fit_callbacks` puts it after the user's."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._restored = False
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         model = self.model
         state = model.training_state
         epoch, batch = int(state.fit_epoch.numpy()), int(state.fit_batch.numpy())
@@ -232,7 +253,7 @@ class ResumeAtPosition(keras.callbacks.Callback):
         if batch > 0:
             model.train_function = _skipping(model, model.train_function, batch)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
         if self._restored:
             _keras_compat.set_initial_epoch(self.model, None)
 

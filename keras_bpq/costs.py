@@ -13,6 +13,10 @@ and each node's critic metrics, so a cost name must be unique among all of
 them: `check_names` refuses any name that another term would also take.
 """
 
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
 import keras
 import tensorflow as tf
 
@@ -23,12 +27,12 @@ from keras_bpq import graph
 NODE_METRIC_KINDS = ("critic_loss", "td_error", "q")
 
 
-def node_metric_names(node):
+def node_metric_names(node: str) -> Tuple[str, ...]:
     """The names of node `node`'s critic metrics."""
     return tuple(f"{node}_{kind}" for kind in NODE_METRIC_KINDS)
 
 
-def check_name(name, origin):
+def check_name(name: object, origin: str) -> None:
     """Raises a ValueError unless `name` may name a cost on its own.
 
     `loss` is the total objective in every log and History, and Keras prefixes
@@ -50,7 +54,9 @@ def check_name(name, origin):
         )
 
 
-def check_names(user_costs, compiled_names, node_names):
+def check_names(
+    user_costs: Mapping[str, str], compiled_names: Sequence[str], node_names: Iterable[str]
+) -> None:
     """Raises a ValueError for a cost whose name another term also takes.
 
     Args:
@@ -83,7 +89,7 @@ def check_names(user_costs, compiled_names, node_names):
             )
 
 
-def add_cost(name, value):
+def add_cost(name: str, value: tf.Tensor) -> tf.Tensor:
     """Adds a named per-example cost (shape `[batch]`) to the model's objective.
 
     Call it inside the `call()` of a `BackpropQModel` subclass. Outside a
@@ -98,7 +104,7 @@ def add_cost(name, value):
     return value
 
 
-def check_per_example(name, shape):
+def check_per_example(name: str, shape: Union[tf.TensorShape, Sequence[Optional[int]]]) -> None:
     """Raises a clear error unless a cost's static shape is `[batch]` or `[batch, 1]`."""
     shape = tuple(shape)
     if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
@@ -110,7 +116,7 @@ def check_per_example(name, shape):
     )
 
 
-def as_per_example(value):
+def as_per_example(value: tf.Tensor) -> tf.Tensor:
     """Casts a checked cost to float32 of shape `[batch]`."""
     value = tf.cast(value, tf.float32)
     if value.shape.rank == 2:
@@ -118,7 +124,7 @@ def as_per_example(value):
     return value
 
 
-def weighted_mean(value, sample_weight):
+def weighted_mean(value: tf.Tensor, sample_weight: Optional[tf.Tensor]) -> tf.Tensor:
     """The batch mean of a per-example `value` `[batch]` weighted by Keras'
     `sample_weight` (`[batch]`, or None for weight 1):
 
@@ -141,7 +147,7 @@ class CompiledLosses:
     Cost names: `"output_loss"` for a single output, else `"<key>_loss"`.
     """
 
-    def __init__(self, loss):
+    def __init__(self, loss: Any) -> None:
         self.config = loss
         if loss is None:
             self.entries = []
@@ -155,10 +161,10 @@ class CompiledLosses:
             self.entries = [("output_loss", None, keras.losses.get(loss))]
 
     @property
-    def names(self):
+    def names(self) -> Tuple[str, ...]:
         return tuple(name for name, _, _ in self.entries)
 
-    def per_example(self, fn, y_true, y_pred):
+    def per_example(self, fn: Callable, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         if isinstance(fn, keras.losses.Loss):
             value = fn.call(y_true, y_pred)
         else:
@@ -178,26 +184,31 @@ class CompiledLosses:
                 costs[name] = self.per_example(fn, y_true[key], y_pred[key])
         return costs
 
-    def dependencies(self, y_pred):
+    def dependencies(self, y_pred: Any) -> Dict[str, tf.Tensor]:
         """`{cost_name: output tensor}`: each compiled cost depends on its output."""
         return {
             name: (y_pred if key is None else y_pred[key]) for name, key, _ in self.entries
         }
 
 
-def weight_penalties(variables):
+def weight_penalties(variables: Iterable[tf.Variable]) -> List[tf.Tensor]:
     """The penalties of the variables' Keras weight regularisers."""
     return [v.regularizer(v) for v in variables if getattr(v, "regularizer", None) is not None]
 
 
-def sum_losses(losses):
+def sum_losses(losses: Sequence[tf.Tensor]) -> tf.Tensor:
     """The scalar float32 sum of `losses` (0 for none)."""
     if not losses:
         return tf.constant(0.0)
     return tf.add_n([tf.cast(loss, tf.float32) for loss in losses])
 
 
-def metric_results(model_name, metrics, loss_tracker, cost_metrics):
+def metric_results(
+    model_name: str,
+    metrics: Iterable[keras.metrics.Metric],
+    loss_tracker: keras.metrics.Metric,
+    cost_metrics: Sequence[keras.metrics.Metric],
+) -> Dict[str, Any]:
     """`{name: value}` of every metric's result (`keras.Model.get_metrics_result`),
     a ValueError for two terms logged under one name (Keras would keep only the
     last one's value). `loss_tracker` is the total objective's metric and

@@ -25,8 +25,10 @@ method of `Critic` (tests inject exact "oracle" critics this way).
 target copies.
 """
 
+from __future__ import annotations
+
 import dataclasses
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -38,21 +40,28 @@ from keras_bpq import outcomes as outcomes_lib
 from keras_bpq import q_values
 from keras_bpq import targets as targets_lib
 
+if TYPE_CHECKING:
+    from keras_bpq import estimators as estimators_lib
+    from keras_bpq import forward as forward_lib
+    from keras_bpq import graph
 
-def flatten_rows(value):
+
+def flatten_rows(value: tf.Tensor) -> tf.Tensor:
     """`[rows, ...]` -> `[rows, prod(...)]` float32."""
     value = tf.cast(value, tf.float32)
     return tf.reshape(value, [tf.shape(value)[0], int(np.prod(value.shape[1:]))])
 
 
-def context_features(context):
+def context_features(context: Mapping[str, Any]) -> tf.Tensor:
     """Concatenated flat features of a context `{"inputs": structure, name: sample}`."""
     parts = [flatten_rows(t) for t in tf.nest.flatten(context.get("inputs", []))]
     parts += [flatten_rows(context[name]) for name in sorted(k for k in context if k != "inputs")]
     return tf.concat(parts, axis=-1)
 
 
-def default_critic_model(num_heads, hidden_units=(64, 64), name="critic"):
+def default_critic_model(
+    num_heads: int, hidden_units: Sequence[int] = (64, 64), name: str = "critic"
+) -> keras.Sequential:
     """An MLP `[features] -> [num_heads]` with ReLU hidden layers."""
     layers = [keras.layers.Dense(u, activation="relu", name=f"hidden_{i}") for i, u in enumerate(hidden_units)]
     layers.append(keras.layers.Dense(num_heads, name="heads"))
@@ -88,17 +97,19 @@ class AllOutcomes(keras.layers.Layer):
         (a `tf.unique` over the rows; XLA compiles it too).
     """
 
-    def __init__(self, network, num_outcomes, distinct=False, **kwargs):
+    def __init__(
+        self, network: keras.layers.Layer, num_outcomes: int, distinct: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.network = network
         self.num_outcomes = int(num_outcomes)
         self.distinct = bool(distinct)
 
-    def build(self, input_shape):
+    def build(self, input_shape: Tuple[Optional[int], ...]) -> None:
         self.network.build((None, input_shape[-1] - self.num_outcomes))
         self.built = True
 
-    def scores(self, context_features):
+    def scores(self, context_features: tf.Tensor) -> tf.Tensor:
         """`[batch, K, heads]` Q-values of every outcome."""
         if self.distinct:
             rows, index = tf.raw_ops.UniqueV2(x=context_features, axis=[0])
@@ -108,17 +119,17 @@ class AllOutcomes(keras.layers.Layer):
             out = tf.cast(self.network(context_features), tf.float32)
         return tf.reshape(out, [tf.shape(out)[0], self.num_outcomes, -1])
 
-    def call(self, features):
+    def call(self, features: tf.Tensor) -> tf.Tensor:
         k = self.num_outcomes
         values = tf.cast(features[:, -k:], tf.float32)
         return tf.einsum("bk,bkh->bh", values, self.scores(features[:, :-k]))
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Tuple[Optional[int], ...]) -> Tuple[Optional[int], ...]:
         out = self.network.compute_output_shape((input_shape[0], input_shape[-1] - self.num_outcomes))
         heads = out[-1] if len(out) == 3 else out[-1] // self.num_outcomes
         return (input_shape[0], heads)
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
         config.update(
             network=keras.saving.serialize_keras_object(self.network),
@@ -128,7 +139,7 @@ class AllOutcomes(keras.layers.Layer):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Dict[str, Any]) -> AllOutcomes:
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
@@ -137,15 +148,17 @@ class AllOutcomes(keras.layers.Layer):
 class Critic:
     """Interface: Q-values of one node's learned heads."""
 
-    heads = ()
+    heads: Tuple[str, ...] = ()
 
-    def q(self, context, values, target=True):
+    def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         """`[rows, len(heads)]` Q-values at `values` (`[rows, *event]`) given the
         context rows (`{"inputs": ..., name: sample}`). `target` selects the
         target copy."""
         raise NotImplementedError
 
-    def q_outcomes(self, context, values, target=True):
+    def q_outcomes(
+        self, context: Mapping[str, Any], values: q_values.Values, target: bool = True
+    ) -> tf.Tensor:
         """`[batch, A, len(heads)]` Q-values at every outcome of `values`
         (`[batch, A, *event]`, a tensor or `outcomes.UnitEdits`) given the
         context (`[batch]` rows): `q` on `batch x A` rows."""
@@ -169,7 +182,14 @@ class NodeCritic(keras.layers.Layer, Critic):
       feature_dim: size of the flattened context plus the node's sample.
     """
 
-    def __init__(self, heads, feature_dim, network=None, hidden_units=(64, 64), **kwargs):
+    def __init__(
+        self,
+        heads: Sequence[str],
+        feature_dim: int,
+        network: Optional[keras.layers.Layer] = None,
+        hidden_units: Sequence[int] = (64, 64),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.heads = tuple(heads)
         self.feature_dim = int(feature_dim)
@@ -191,12 +211,14 @@ class NodeCritic(keras.layers.Layer, Critic):
             )
         self.built = True
 
-    def q(self, context, values, target=True):
+    def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         features = tf.concat([context_features(context), flatten_rows(values)], axis=-1)
         network = self.target_network if target else self.online
         return tf.cast(network(features), tf.float32)
 
-    def q_outcomes(self, context, values, target=True):
+    def q_outcomes(
+        self, context: Mapping[str, Any], values: q_values.Values, target: bool = True
+    ) -> tf.Tensor:
         """As `Critic.q_outcomes`; an `AllOutcomes` network is evaluated once per
         example; for `UnitEdits` and a network that starts with a plain `Dense`
         layer, that layer is evaluated once per example and updated by rank one
@@ -222,15 +244,15 @@ class NodeCritic(keras.layers.Layer, Critic):
             rows = layer(rows)
         return tf.reshape(tf.cast(rows, tf.float32), [-1, values.num_outcomes, len(self.heads)])
 
-    def update_target(self, tau):
+    def update_target(self, tau: float) -> None:
         """`Qbar <- (1 - tau) Qbar + tau Q` (tau = 1 copies)."""
         for t, o in zip(self.target_network.weights, self.online.weights):
             t.assign((1.0 - tau) * t + tau * o)
 
-    def call(self, features):
+    def call(self, features: tf.Tensor) -> tf.Tensor:
         return self.online(features)
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
         config.update(
             heads=list(self.heads),
@@ -241,7 +263,7 @@ class NodeCritic(keras.layers.Layer, Critic):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Dict[str, Any]) -> NodeCritic:
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
@@ -259,14 +281,15 @@ class CriticOptions:
     period: Optional[int] = None
     steps: int = 1
     warmup: int = 0
-    hidden_units: tuple = (64, 64)
-    models: dict = dataclasses.field(default_factory=dict)
+    hidden_units: Tuple[int, ...] = (64, 64)
+    models: Dict[str, Any] = dataclasses.field(default_factory=dict)
     actor_reads_target: bool = True
 
 
 def critic_options(
-    target="td", lam=0.9, tau=0.01, period=None, steps=1, warmup=0,
-    hidden_units=(64, 64), models=None, actor_reads="target",
+    target: str = "td", lam: float = 0.9, tau: float = 0.01, period: Optional[int] = None, steps: int = 1,
+    warmup: int = 0, hidden_units: Sequence[int] = (64, 64), models: Optional[Mapping[str, Any]] = None,
+    actor_reads: str = "target",
 ) -> CriticOptions:
     """`CriticOptions` from `compile()`'s arguments (a ValueError for values
     out of range); `actor_reads` is `"target"` or `"online"`."""
@@ -290,7 +313,9 @@ def critic_options(
     )
 
 
-def heads_to_learn(scg, estimators: Mapping, options: CriticOptions) -> Dict[str, Tuple[str, ...]]:
+def heads_to_learn(
+    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], options: CriticOptions
+) -> Dict[str, Tuple[str, ...]]:
     """`{node: (cost, ...)}`: the learned heads the model needs critics for
     (none when no estimator needs a critic); raises a ValueError for options
     that do not fit the SCG."""
@@ -318,7 +343,7 @@ def heads_to_learn(scg, estimators: Mapping, options: CriticOptions) -> Dict[str
     return heads
 
 
-def feature_dims(scg, spec) -> Dict[str, int]:
+def feature_dims(scg: graph.SCG, spec: Any) -> Dict[str, int]:
     """`{node: features}`: the size of each node's flattened context and sample,
     for inputs of `spec` (a structure of `tf.TensorSpec`)."""
     input_dim = sum(int(np.prod(s.shape[1:])) for s in tf.nest.flatten(spec))
@@ -339,14 +364,14 @@ class CriticEvaluation(NamedTuple):
     targets: Dict[Tuple[str, str], tf.Tensor]  # (node, cost) -> target [batch]
     q_at_sample: Dict[str, Dict[str, tf.Tensor]]  # node -> cost -> Qbar^c_node at its sample
     per_node: Dict[str, Tuple[tf.Tensor, tf.Tensor]]  # node -> (loss, mean |target - Q|)
-    grads: Optional[list]  # of the loss, in `CriticSet.variables` order
+    grads: Optional[List[Optional[tf.Tensor]]]  # of the loss, in `CriticSet.variables` order
 
 
 class CriticInputs(NamedTuple):
     """What the critic loss reads of a pass: its inputs, `{node: sample}`, the
     targets and the sample weights."""
 
-    x: object
+    x: Any
     samples: Dict[str, tf.Tensor]
     targets: Dict[Tuple[str, str], tf.Tensor]
     weights: Optional[tf.Tensor]
@@ -366,8 +391,16 @@ class CriticSet:
       steps: the model's step counter (`TrainingState.steps`).
     """
 
-    def __init__(self, scg, critics: Mapping[str, Critic], variables: Sequence[tf.Variable],
-                 options: CriticOptions, optimizer, q_function, steps: tf.Variable):
+    def __init__(
+        self,
+        scg: graph.SCG,
+        critics: Mapping[str, Critic],
+        variables: Sequence[tf.Variable],
+        options: CriticOptions,
+        optimizer: keras.optimizers.Optimizer,
+        q_function: q_values.QFunction,
+        steps: tf.Variable,
+    ) -> None:
         self.scg = scg
         self.critics = critics
         self.learned = {n: c for n, c in critics.items() if isinstance(c, NodeCritic)}
@@ -377,7 +410,13 @@ class CriticSet:
         self.q_function = q_function
         self.steps = steps
 
-    def loss(self, x, records: Mapping, weights, targets) -> Tuple[tf.Tensor, dict]:
+    def loss(
+        self,
+        x: Any,
+        records: Mapping[str, graph.NodeRecord],
+        weights: Optional[tf.Tensor],
+        targets: Mapping[Tuple[str, str], tf.Tensor],
+    ) -> Tuple[tf.Tensor, Dict[str, Tuple[tf.Tensor, tf.Tensor]]]:
         """Squared error of every learned head, summed over heads and nodes
         (examples weighted by their sample weights, as the actor's objective),
         plus the critics' weight regularisers; and per node `(loss, mean
@@ -397,7 +436,7 @@ class CriticSet:
             )
         return total, per_node
 
-    def evaluate(self, forward, with_gradient: bool) -> Optional[CriticEvaluation]:
+    def evaluate(self, forward: forward_lib.ForwardPass, with_gradient: bool) -> Optional[CriticEvaluation]:
         """This step's `CriticEvaluation` of a `forward.ForwardPass` (the
         gradient only `with_gradient`); None without learned critics."""
         if not self.learned:
@@ -413,14 +452,22 @@ class CriticSet:
         grads = tape.gradient(scaled, self.variables) if with_gradient else None
         return CriticEvaluation(targets, q_at_sample, per_node, grads)
 
-    def inputs(self, forward, evaluation: Optional[CriticEvaluation]) -> Optional[CriticInputs]:
+    def inputs(
+        self, forward: forward_lib.ForwardPass, evaluation: Optional[CriticEvaluation]
+    ) -> Optional[CriticInputs]:
         """What the critic loss reads of this pass (None without an evaluation)."""
         if evaluation is None:
             return None
         samples = {n: r.sample for n, r in forward.records.items()}
         return CriticInputs(forward.x, samples, evaluation.targets, forward.weights)
 
-    def update(self, grads, evaluation: CriticEvaluation, forward, inputs: Optional[CriticInputs] = None) -> None:
+    def update(
+        self,
+        grads: Sequence[Optional[tf.Tensor]],
+        evaluation: CriticEvaluation,
+        forward: forward_lib.ForwardPass,
+        inputs: Optional[CriticInputs] = None,
+    ) -> None:
         """Fits the learned critics on this step's targets (`critic_steps` times).
 
         `inputs` (`inputs()`) are this replica's own when the update runs
@@ -455,7 +502,9 @@ class CriticSet:
                 critic.update_target(options.tau)
 
 
-def describe(scg, estimators: Mapping, critics: Mapping) -> Dict[str, str]:
+def describe(
+    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], critics: Mapping[str, Critic]
+) -> Dict[str, str]:
     """`{node: "learned[...] exact[...]"}`: the heads of every node whose
     estimator needs a critic (`graph.format_scg`'s `critics`)."""
     described = {}

@@ -6,7 +6,10 @@ no targets. `weights_without_targets` carries such weights next to a `[n, 0]`
 boolean array that stands for "no targets", and `unpack` reads it back.
 """
 
+from __future__ import annotations
+
 import inspect
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -29,13 +32,15 @@ def _is_no_targets(y):
     )
 
 
-def unpack(data):
+def unpack(data: Any) -> Tuple[Any, Optional[Any], Optional[Any]]:
     """`(x, y, sample_weight)` of a batch, with y None where it stands for no targets."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     return x, (None if _is_no_targets(y) else y), sample_weight
 
 
-def weights_without_targets(method, args, kwargs) -> dict:
+def weights_without_targets(
+    method: Callable, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
     """`method`'s (`keras.Model.fit` or `.evaluate`) arguments as keywords,
     with sample weights given without targets carried by a "no targets" array.
     Validation data `(x, None, w)` is rewritten alike."""

@@ -14,7 +14,10 @@ with ordinary backprop gives `grad J`, against which every estimator is tested.
 compiled estimators (state frozen), vectorised over draws.
 """
 
+from __future__ import annotations
+
 import weakref
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -23,6 +26,9 @@ from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import targets as targets_lib
+
+if TYPE_CHECKING:
+    from keras_bpq.model import BackpropQModel
 
 
 def _tile_rows(value, repeats, interleave):
@@ -58,7 +64,12 @@ def _as_numpy(grads, variables):
     ]
 
 
-def enumeration_plan(model, x, max_configurations=65536, only=None):
+def enumeration_plan(
+    model: BackpropQModel,
+    x: Any,
+    max_configurations: int = 65536,
+    only: Optional[Iterable[str]] = None,
+) -> Tuple[List[str], Dict[str, np.ndarray], int]:
     """Which nodes are enumerated, and the forced samples for every configuration.
 
     Returns `(names, forced, num_configurations)`: the enumerated node names and,
@@ -97,14 +108,14 @@ def enumeration_plan(model, x, max_configurations=65536, only=None):
 
 
 def exact_gradients(
-    model,
-    x,
-    y=None,
-    sample_weight=None,
-    max_configurations=65536,
-    num_continuous_draws=1000,
-    return_objective=False,
-):
+    model: BackpropQModel,
+    x: Any,
+    y: Any = None,
+    sample_weight: Optional[Any] = None,
+    max_configurations: int = 65536,
+    num_continuous_draws: int = 1000,
+    return_objective: bool = False,
+) -> Union[List[np.ndarray], Tuple[List[np.ndarray], float]]:
     """The gradient of `J = E[sum_c c]` by enumerating all discrete configurations.
 
     Args:
@@ -179,7 +190,10 @@ def _low_precision(model):
     )
 
 
-def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100, chunk_size=25):
+def estimate_gradients(
+    model: BackpropQModel, x: Any, y: Any = None, sample_weight: Optional[Any] = None, num_draws: int = 100,
+    chunk_size: int = 25,
+) -> List[np.ndarray]:
     """`num_draws` independent gradient estimates with the compiled estimators.
 
     Every draw resamples the whole batch and evaluates the surrogate loss of
@@ -230,7 +244,7 @@ def estimate_gradients(model, x, y=None, sample_weight=None, num_draws=100, chun
     return [np.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
 
-def gradient_variance(draws):
+def gradient_variance(draws: Sequence[np.ndarray]) -> float:
     """Total variance of an estimator: the sum over all entries of the per-entry
     variance across draws, for a list of `[num_draws, ...]` arrays."""
     return float(sum(np.var(d, axis=0, ddof=1).sum() for d in draws))
@@ -246,17 +260,23 @@ class ExactCritic(critics_lib.Critic):
     test estimators that are unbiased when their critic is exact.
     """
 
-    def __init__(self, model, node, num_continuous_draws=64, max_configurations=4096):
+    def __init__(
+        self,
+        model: BackpropQModel,
+        node: str,
+        num_continuous_draws: int = 64,
+        max_configurations: int = 4096,
+    ) -> None:
         self.model = model
         self.node = node
         self.num_continuous_draws = num_continuous_draws
         self.max_configurations = max_configurations
 
     @property
-    def heads(self):
+    def heads(self) -> Tuple[str, ...]:
         return targets_lib.learned_heads(self.model.known_scg)[self.node]
 
-    def q(self, context, values, target=True):
+    def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         model, scg = self.model, self.model.known_scg
         info = scg.node(self.node)
         position = scg.node_names.index(self.node)

@@ -10,6 +10,10 @@ in one place, `build_training_state` (training creates what is missing on
 first use, through the same code).
 """
 
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
 import keras
 import tensorflow as tf
 
@@ -31,7 +35,7 @@ class ScgDiscovery:
         return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
-    def scg(self, x=None):
+    def scg(self, x: Any = None) -> graph.SCG:
         """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
 
         `x` is a batch of inputs or a structure of `tf.TensorSpec`; it may be
@@ -52,7 +56,7 @@ class ScgDiscovery:
         cached = self._scg_cache.get(_signature(spec))
         return cached if cached is not None else self.discover(spec)
 
-    def discover(self, x):
+    def discover(self, x: Any) -> graph.SCG:
         """Traces the forward pass on inputs like `x` (a batch or a structure
         of `tf.TensorSpec`) and returns the SCG it shows, cached for `x`'s
         input signature. The first discovery fixes the model's SCG
@@ -100,7 +104,7 @@ class ScgDiscovery:
             )
         return scg
 
-    def input_signature(self):
+    def input_signature(self) -> Optional[Any]:
         """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
         batch dimension, or None while they are unknown (a subclassed model
         never called)."""
@@ -120,7 +124,7 @@ class ScgDiscovery:
                 pass
         return super().__call__(*args, **kwargs)
 
-    def build_training_state(self):
+    def build_training_state(self) -> bool:
         """Creates now what training creates on first use: the critics, their
         target copies, estimator state and both optimizers' slots.
 
@@ -174,7 +178,7 @@ class ScgDiscovery:
             created=self._node_estimators if built else None,
         )
 
-    def node_layer(self, info):
+    def node_layer(self, info: graph.NodeInfo) -> keras.layers.Layer:
         """The node layer that made node `info` (a `keras_bpq.graph.NodeInfo` of
         `scg()`); a KeyError naming the layer if the model holds none."""
         for layer in _keras_compat.flatten_layers(self, include_self=False):
@@ -182,7 +186,7 @@ class ScgDiscovery:
                 return layer
         raise KeyError(info.layer_name)
 
-    def scg_summary(self, x=None, print_fn=print):
+    def scg_summary(self, x: Any = None, print_fn: Callable[[str], Any] = print) -> str:
         """Prints the SCG: node, distribution, context, costs, estimator, critic."""
         scg = self.scg(x)
         self._create_training_state()

@@ -18,8 +18,10 @@ interface:
   every finite step on the replica-mean gradient the model computes.
 """
 
+from __future__ import annotations
+
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -73,13 +75,13 @@ class NodeStep:
     rerun: Optional[Callable] = None
     # Values an estimator computes once per pass and reuses (the same noise in
     # `surrogate` and `tuning_gradients`).
-    cache: dict = dataclasses.field(default_factory=dict)
+    cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def seed(self):
+    def seed(self) -> tf.Tensor:
         """A fresh int32 stateless seed from the node's seed generator."""
         return tf.cast(self.record.layer.seed_generator.next(), tf.int32)
 
-    def uniform(self, shape, minval=0.0, maxval=1.0):
+    def uniform(self, shape: Any, minval: float = 0.0, maxval: float = 1.0) -> tf.Tensor:
         """`U(minval, maxval)` noise from a fresh seed, drawn with Philox: the
         default algorithm compiles under XLA on CPU into a much slower fusion
         (a [50, 200] draw: 2.6 ms against 0.3 ms; see `nodes.Bernoulli.draw`)."""
@@ -89,39 +91,39 @@ class NodeStep:
 class Estimator:
     """Base class: a node's local surrogate loss."""
 
-    name = None
-    keeps_gradient = False
-    needs_critic = False
+    name: Optional[str] = None
+    keeps_gradient: bool = False
+    needs_critic: bool = False
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         """Raises a ValueError naming the node if this estimator cannot serve it."""
 
-    def create_state(self, info, add_weight):
+    def create_state(self, info: graph.NodeInfo, add_weight: Callable[..., tf.Variable]) -> tuple:
         """The node's state, a NamedTuple of variables made by
         `add_weight(name, shape, dtype, initializer="zeros")`."""
         return NoState()
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         raise NotImplementedError
 
-    def update(self, state, downstream_mean):
+    def update(self, state: tuple, downstream_mean: tf.Tensor) -> None:
         """Updates `state` after a finite training step; `downstream_mean` is
         the mean of `c_X` over the (global) batch."""
 
-    def tuning_gradients(self, step):
+    def tuning_gradients(self, step: NodeStep) -> List[tf.Tensor]:
         """Gradients (this replica's batch) of the estimator's own tuning
         objective with respect to its tuned state, in `apply_tuning`'s order;
         `[]` when it tunes nothing. The model averages them over replicas."""
         return []
 
-    def apply_tuning(self, state, gradients):
+    def apply_tuning(self, state: tuple, gradients: Sequence[tf.Tensor]) -> None:
         """Steps the tuned state with the replica-mean `gradients` (only after
         a finite training step)."""
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {}
 
-    def describe(self):
+    def describe(self) -> str:
         """The name and the options that differ from the defaults, e.g.
         `critic_cv(units=4, linearize=True)`."""
         defaults = type(self)().get_config()
@@ -145,40 +147,40 @@ class Reinforce(Estimator):
 
     name = "reinforce"
 
-    def __init__(self, decay=0.99, normalize=False, epsilon=1e-6):
+    def __init__(self, decay: float = 0.99, normalize: bool = False, epsilon: float = 1e-6) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"reinforce: decay must be in [0, 1); got {decay}.")
         self.decay = float(decay)
         self.normalize = bool(normalize)
         self.epsilon = float(epsilon)
 
-    def create_state(self, info, add_weight):
+    def create_state(self, info: graph.NodeInfo, add_weight: Callable[..., tf.Variable]) -> tuple:
         return BaselineState(
             baseline=add_weight(f"{info.name}_baseline", (), "float32"),
             baseline_steps=add_weight(f"{info.name}_baseline_steps", (), "float32"),
         )
 
-    def baseline(self, state):
+    def baseline(self, state: BaselineState) -> tf.Tensor:
         steps = state.baseline_steps
         correction = 1.0 - tf.pow(self.decay, steps)
         return tf.where(steps > 0, state.baseline / tf.maximum(correction, 1e-12), 0.0)
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         advantage = step.downstream - self.baseline(step.state)
         if self.normalize:
             advantage = self.standardize(advantage, self.epsilon)
         return step.record.log_prob() * tf.stop_gradient(advantage)
 
-    def update(self, state, downstream_mean):
+    def update(self, state: tuple, downstream_mean: tf.Tensor) -> None:
         mean = downstream_mean
         state.baseline.assign(self.decay * state.baseline + (1.0 - self.decay) * mean)
         state.baseline_steps.assign_add(1.0)
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {"decay": self.decay, "normalize": self.normalize, "epsilon": self.epsilon}
 
     @staticmethod
-    def standardize(value, epsilon):
+    def standardize(value: tf.Tensor, epsilon: float) -> tf.Tensor:
         """`(value - mean) / (std + epsilon)` with moments over the global batch
         (all replicas under a `tf.distribute` strategy)."""
         stats = tf.stack([tf.reduce_sum(value), tf.reduce_sum(tf.square(value)),
@@ -203,7 +205,7 @@ class Reparam(Estimator):
     name = "reparam"
     keeps_gradient = True
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         if not info.reparameterized:
             raise ValueError(
                 f"Estimator 'reparam' cannot serve node {info.name!r}: its "
@@ -211,7 +213,7 @@ class Reparam(Estimator):
                 "'reinforce' (or 'auto')."
             )
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         return tf.zeros_like(step.downstream)
 
 
@@ -229,7 +231,9 @@ class LocalSum(NamedTuple):
     scale: tf.Tensor
 
 
-def local_outcomes(step, units=None, unit_sampling="uniform", sizes=None):
+def local_outcomes(
+    step: NodeStep, units: Optional[int] = None, unit_sampling: str = "uniform", sizes: Optional[tf.Tensor] = None
+) -> LocalSum:
     """The outcomes a critic is summed over, and their weights.
 
     Returns a `LocalSum`:
@@ -276,7 +280,9 @@ def local_outcomes(step, units=None, unit_sampling="uniform", sizes=None):
 UNIT_SAMPLING = ("uniform", "importance")
 
 
-def subset_units(step, units, unit_sampling="uniform", sizes=None):
+def subset_units(
+    step: NodeStep, units: int, unit_sampling: str = "uniform", sizes: Optional[tf.Tensor] = None
+) -> Tuple[tf.Tensor, tf.Tensor]:
     """`(unit, scale)`, both `[batch, S]`: `S = units` units of a Bernoulli
     node per example, and each one's weight `1 / E[n_u]` in the local sum
     (`n_u` the times unit `u` is drawn), so that
@@ -448,7 +454,7 @@ class CriticCV(Estimator):
     name = "critic_cv"
     needs_critic = True
 
-    def __init__(self, units=None, linearize=False, unit_sampling="uniform"):
+    def __init__(self, units: Optional[int] = None, linearize: bool = False, unit_sampling: str = "uniform") -> None:
         if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
             raise ValueError(f"CriticCV(units={units!r}): units must be a positive int or None.")
         if not isinstance(linearize, bool):
@@ -466,7 +472,7 @@ class CriticCV(Estimator):
         self.linearize = linearize
         self.unit_sampling = unit_sampling
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
         if self.units is not None and info.local_kind != "binary":
             raise ValueError(
@@ -475,7 +481,7 @@ class CriticCV(Estimator):
                 "Leave units=None for it (a per-node dict of estimators)."
             )
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         expanded = None
         if self.linearize and self.units < int(np.prod(step.info.event_shape)):
             expanded = _expanded_flips(step)
@@ -491,7 +497,7 @@ class CriticCV(Estimator):
             surrogate += _expansion_correction(step, expanded, local.values.unit, local.scale)
         return surrogate + step.record.log_prob() * tf.stop_gradient(residual)
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {"units": self.units, "linearize": self.linearize, "unit_sampling": self.unit_sampling}
 
 
@@ -507,10 +513,10 @@ class CriticAdvantage(Estimator):
     name = "critic"
     needs_critic = True
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
         q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
         record = step.record
@@ -535,7 +541,7 @@ class Pathwise(Estimator):
     name = "pathwise"
     needs_critic = True
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         if not info.reparameterized:
             raise ValueError(
                 f"Estimator 'pathwise' cannot serve node {info.name!r}: its "
@@ -543,7 +549,7 @@ class Pathwise(Estimator):
                 "'critic_cv' or 'reinforce' (or 'auto')."
             )
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         record = step.record
         x = tf.stop_gradient(record.raw_sample)
         with tf.GradientTape() as tape:
@@ -594,10 +600,10 @@ class LocalExpectation(Estimator):
     name = "local_expectation"
     needs_critic = True
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         return _local_expectation(*_q_at_sample_and_outcomes(step))
 
 
@@ -607,7 +613,7 @@ class Expected(LocalExpectation):
 
     name = "expected"
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         if info.local_kind != "categorical":
             raise ValueError(
                 f"Estimator 'expected' cannot serve node {info.name!r}: it sums a "
@@ -631,14 +637,14 @@ class RLOO(Estimator):
 
     name = "rloo"
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         if num_samples < 2:
             raise ValueError(
                 f"Estimator 'rloo' for node {info.name!r} needs several draws per "
                 "example: compile(num_samples=K) with K >= 2."
             )
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         advantage = step.downstream - _leave_one_out_mean(step.downstream, step.num_samples)
         return step.record.log_prob() * tf.stop_gradient(advantage)
 
@@ -657,10 +663,10 @@ class DisARM(Estimator):
 
     name = "disarm"
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_binary(self.name, info)
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         record = step.record
         b = _flat(_float32(record.sample))
         logits = _flat(_float32(record.params))
@@ -704,7 +710,13 @@ class Gumbel(Estimator):
     name = "gumbel"
     needs_critic = True
 
-    def __init__(self, temperature=0.5, straight_through=False, anneal_rate=1.0, min_temperature=0.1):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        straight_through: bool = False,
+        anneal_rate: float = 1.0,
+        min_temperature: float = 0.1,
+    ) -> None:
         if temperature <= 0 or min_temperature <= 0:
             raise ValueError(
                 f"gumbel: temperature and min_temperature must be positive; got "
@@ -717,10 +729,10 @@ class Gumbel(Estimator):
         self.anneal_rate = float(anneal_rate)
         self.min_temperature = float(min_temperature)
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
 
-    def create_state(self, info, add_weight):
+    def create_state(self, info: graph.NodeInfo, add_weight: Callable[..., tf.Variable]) -> tuple:
         return TemperatureState(
             temperature=add_weight(
                 f"{info.name}_temperature", (), "float32",
@@ -728,7 +740,7 @@ class Gumbel(Estimator):
             )
         )
 
-    def relaxed(self, step):
+    def relaxed(self, step: NodeStep) -> tf.Tensor:
         """The relaxed sample `v` (or its straight-through value), float32,
         shaped like the node's sample."""
         record = step.record
@@ -748,14 +760,14 @@ class Gumbel(Estimator):
             return hard + soft - tf.stop_gradient(soft)
         return soft
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         return _slope_surrogate(step, self.relaxed(step))
 
-    def update(self, state, downstream_mean):
+    def update(self, state: tuple, downstream_mean: tf.Tensor) -> None:
         t = state.temperature
         t.assign(tf.maximum(self.min_temperature, t * self.anneal_rate))
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {
             "temperature": self.temperature,
             "straight_through": self.straight_through,
@@ -829,17 +841,17 @@ class Relax(Estimator):
     name = "relax"
     needs_critic = True
 
-    def __init__(self, temperature=0.5, tune=False, tune_learning_rate=0.01):
+    def __init__(self, temperature: float = 0.5, tune: bool = False, tune_learning_rate: float = 0.01) -> None:
         if temperature <= 0:
             raise ValueError(f"relax: temperature must be positive; got {temperature}.")
         self.temperature = float(temperature)
         self.tune = bool(tune)
         self.tune_learning_rate = float(tune_learning_rate)
 
-    def check(self, info, num_samples=1):
+    def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
 
-    def create_state(self, info, add_weight):
+    def create_state(self, info: graph.NodeInfo, add_weight: Callable[..., tf.Variable]) -> tuple:
         if not self.tune:
             return NoState()
         return RelaxState(
@@ -855,7 +867,7 @@ class Relax(Estimator):
             tune_steps=add_weight(f"{info.name}_tune_steps", (), "float32"),
         )
 
-    def control(self, state):
+    def control(self, state: RelaxState) -> Tuple[tf.Tensor, tf.Tensor]:
         """`(t, eta)`: the temperature and scale of the control variate."""
         if self.tune:
             return tf.exp(state.log_temperature), state.eta
@@ -904,7 +916,7 @@ class Relax(Estimator):
             return tf.reshape(tf.sigmoid(value / t), tf.shape(step.record.sample))
         return tf.nn.softmax(value / t, axis=-1)
 
-    def surrogate(self, step):
+    def surrogate(self, step: NodeStep) -> tf.Tensor:
         record = step.record
         logits = self._logits(step, record.params)
         t, eta = (tf.stop_gradient(v) for v in self.control(step.state))
@@ -916,7 +928,7 @@ class Relax(Estimator):
             - _slope_surrogate(step, self._relaxed(step, z_cond, t))
         )
 
-    def logit_gradient(self, step, t, eta):
+    def logit_gradient(self, step: NodeStep, t: tf.Tensor, eta: tf.Tensor) -> tf.Tensor:
         """`g`, `[batch, units]` (`units` the node's parameters per example):
         this pass's estimate (the same noise as `surrogate`) of the gradient
         with respect to the node's parameters, as a differentiable function of
@@ -936,7 +948,7 @@ class Relax(Estimator):
         mean = tf.sigmoid(logits) if step.info.local_kind == "binary" else _flat(tf.exp(logits))
         return (b - mean) * (step.downstream - eta * q[:, 1])[:, None] + pathwise
 
-    def tuning_gradients(self, step):
+    def tuning_gradients(self, step: NodeStep) -> List[tf.Tensor]:
         """`d/d(log t, eta) mean_rows sum_u g_u^2` (`logit_gradient`): the
         single-sample gradient of `E[|g|^2]`, hence of `Var[g]`."""
         if not self.tune or not step.info.costs:
@@ -948,7 +960,14 @@ class Relax(Estimator):
             variance = tf.reduce_mean(tf.reduce_sum(tf.square(g), axis=1))
         return tape.gradient(variance, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    def apply_tuning(self, state, gradients, beta_1=0.9, beta_2=0.999, epsilon=1e-8):
+    def apply_tuning(
+        self,
+        state: RelaxState,
+        gradients: Sequence[tf.Tensor],
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+    ) -> None:
         """One Adam step on `(log t, eta)`; a non-finite gradient changes nothing."""
         if not self.tune:
             return
@@ -967,7 +986,7 @@ class Relax(Estimator):
         moments.assign(tf.where(finite, tf.stack([m, v]), moments))
         steps.assign(tf.where(finite, new_steps, steps))
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {
             "temperature": self.temperature,
             "tune": self.tune,
@@ -996,7 +1015,7 @@ MAX_SUPPORT = 1024
 AUTO_EXACT_FLIPS = 4
 
 
-def auto(info, num_samples=1):
+def auto(info: graph.NodeInfo, num_samples: int = 1) -> Estimator:
     """The default estimator for a node. Only estimators that stay unbiased
     whatever the critic's state are chosen:
 
@@ -1022,7 +1041,7 @@ def auto(info, num_samples=1):
     return RLOO() if num_samples >= 2 else Reinforce()
 
 
-def get(identifier, info, num_samples=1):
+def get(identifier: Union[None, str, Estimator], info: graph.NodeInfo, num_samples: int = 1) -> Estimator:
     """Resolves a name, `"auto"` or an `Estimator` instance for one node."""
     if isinstance(identifier, Estimator):
         estimator = identifier
@@ -1039,7 +1058,13 @@ def get(identifier, info, num_samples=1):
     return estimator
 
 
-def resolve(option, scg, layer_of, num_samples=1, created=None):
+def resolve(
+    option: Union[str, Estimator, Mapping[str, Union[str, Estimator]]],
+    scg: graph.SCG,
+    layer_of: Callable[[graph.NodeInfo], Any],
+    num_samples: int = 1,
+    created: Optional[Mapping[str, Estimator]] = None,
+) -> Dict[str, Estimator]:
     """`{node: Estimator}` for every node of `scg` from `compile(estimator=option)`
     (a name, `"auto"`, an `Estimator` or a dict by node or layer name; a node
     layer's own `estimator=` wins over a global name). `layer_of(info)` is the

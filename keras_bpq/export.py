@@ -51,7 +51,11 @@ keras_bpq nor Keras to read them. Dtypes are checked by TensorFlow before the
 graph runs.
 """
 
+from __future__ import annotations
+
+import os
 import re
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -59,13 +63,21 @@ import tensorflow as tf
 from keras_bpq import _keras_compat
 from keras_bpq import graph
 
+if TYPE_CHECKING:
+    from keras_bpq.model import BackpropQModel
+
 SIGNATURES = ("serving_default", "mode", "seeded")
 SEED_KEY = "seed"
 LOG_PROB_SUFFIX = "_log_prob"
 _AUTO_INPUT_NAME = re.compile(r"input_layer(_\d+)?")
 
 
-def export(model, filepath, input_signature=None, verbose=True):
+def export(
+    model: BackpropQModel,
+    filepath: Union[str, os.PathLike],
+    input_signature: Optional[Any] = None,
+    verbose: bool = True,
+) -> Dict[str, Dict[str, Dict[str, tf.TensorSpec]]]:
     """Writes `model`'s stochastic forward pass as a SavedModel at `filepath`.
 
     Args:

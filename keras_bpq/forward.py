@@ -6,7 +6,9 @@ samples held fixed unless a node is reparameterised) estimates `grad J`,
 `J = E[sum_c c]` (docs/method.md).
 """
 
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
 
@@ -16,6 +18,9 @@ from keras_bpq import critics as critics_lib
 from keras_bpq import distribute
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import graph
+
+if TYPE_CHECKING:
+    from keras_bpq import q_values
 
 
 class Recording(NamedTuple):
@@ -47,7 +52,9 @@ class ForwardPass(NamedTuple):
     steps: Dict[str, estimators_lib.NodeStep]  # by node name
 
 
-def repeat_rows(num_samples: int, x, y=None, sample_weight=None) -> Tuple[Any, Any, Any]:
+def repeat_rows(
+    num_samples: int, x: Any, y: Any = None, sample_weight: Optional[tf.Tensor] = None
+) -> Tuple[Any, Any, Optional[tf.Tensor]]:
     """`(x, y, sample_weight)` with every example repeated `num_samples` times
     (consecutive rows); unchanged for one sample."""
     if num_samples == 1:
@@ -60,8 +67,15 @@ def repeat_rows(num_samples: int, x, y=None, sample_weight=None) -> Tuple[Any, A
 
 
 def build_surrogate(
-    scg, estimators: Mapping, node_state: Mapping, recording: Recording, q_function, x, y,
-    num_samples: int, reads_target: bool,
+    scg: graph.SCG,
+    estimators: Mapping[str, estimators_lib.Estimator],
+    node_state: Mapping[str, tuple],
+    recording: Recording,
+    q_function: q_values.QFunction,
+    x: Any,
+    y: Any,
+    num_samples: int,
+    reads_target: bool,
 ) -> Tuple[Dict[str, estimators_lib.NodeStep], tf.Tensor]:
     """`(steps, surrogate)`: every node's `estimators.NodeStep` in `recording`
     and the per-row surrogate `total + sum_X L_X`.
@@ -92,7 +106,9 @@ def build_surrogate(
     return steps, result
 
 
-def estimator_signals(scg, estimators: Mapping, forward: ForwardPass) -> Tuple[list, Optional[tf.Tensor], list]:
+def estimator_signals(
+    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], forward: ForwardPass
+) -> Tuple[List[tf.Tensor], Optional[tf.Tensor], List[List[tf.Tensor]]]:
     """`(means, has_data, tuning)` of a pass for the estimators' state updates
     (`TrainingState.update_estimators`): per node the global weighted mean of
     `c_X`; whether any sample weight is non-zero (None without weights; with
@@ -116,7 +132,14 @@ class RecordedForward:
     """The forward passes of a `BackpropQModel` (a mixin of the model): recorded,
     and with the surrogate."""
 
-    def record_forward(self, x, y=None, training=True, forced=None, keep_gradient=None):
+    def record_forward(
+        self,
+        x: Any,
+        y: Any = None,
+        training: bool = True,
+        forced: Optional[Mapping[str, tf.Tensor]] = None,
+        keep_gradient: Optional[Iterable[str]] = None,
+    ) -> Recording:
         """One recorded forward pass, a `forward.Recording`: `y_pred`, `costs`
         (every cost's per-example value `[batch]`), `total` (their sum, with
         gradients along deterministic paths) and `records` (`graph.NodeRecord`s
@@ -137,7 +160,9 @@ class RecordedForward:
         total = tf.add_n([costs[name] for name in scg.costs])
         return Recording(y_pred, costs, total, {r.name: r for r in rec.nodes})
 
-    def run_forward(self, x, y=None, training=True, sample_weight=None):
+    def run_forward(
+        self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
+    ) -> ForwardPass:
         """A recorded forward pass and its surrogate loss, a `forward.ForwardPass`.
 
         With `compile(num_samples=K)` every example is repeated `K` times
@@ -161,7 +186,7 @@ class RecordedForward:
             x=x, y=y, steps=steps,
         )
 
-    def regularization_loss(self):
+    def regularization_loss(self) -> tf.Tensor:
         """The scalar sum of the actor's Keras regularisation losses: `add_loss`
         terms of the model's layers from the last call (the critics' excluded)
         and the weight regularisers of `actor_variables`."""
@@ -174,7 +199,7 @@ class RecordedForward:
         ]
         return costs_lib.sum_losses(losses + costs_lib.weight_penalties(self.actor_variables))
 
-    def critic_set(self):
+    def critic_set(self) -> Optional[critics_lib.CriticSet]:
         """The model's critics with what trains them (`critics.CriticSet`), as
         compiled; None before the training state exists."""
         if not self.training_state.built:

@@ -17,10 +17,16 @@ give the structure that the estimators need (docs/method.md, "Contexts"):
 The structure is plain Python (names and shapes), cached per input signature.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import threading
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from keras_bpq.nodes import StochasticNode
 
 _STACK = threading.local()
 
@@ -30,20 +36,20 @@ class NodeRecord:
     """What one call of a stochastic node produced inside a `Recorder`."""
 
     name: str
-    layer: object
+    layer: StochasticNode
     sample: tf.Tensor
     params: tf.Tensor
-    mask: object = None
-    raw_sample: object = None  # the sample before any stop-gradient
+    mask: Optional[tf.Tensor] = None
+    raw_sample: Optional[tf.Tensor] = None  # the sample before any stop-gradient
     # The uniform noise `u` of a drawn Bernoulli sample `[u < sigmoid(logits)]`
     # (None where the sample was forced, is a mode, or the node keeps none).
-    noise: object = None
+    noise: Optional[tf.Tensor] = None
 
-    def log_prob(self):
+    def log_prob(self) -> tf.Tensor:
         """Per-example `log p(sample | params)`, summed over the event axes."""
         return self.layer.log_prob(self.sample, self.params, self.mask)
 
-    def support_log_probs(self, support):
+    def support_log_probs(self, support: Any) -> Tuple[tf.Tensor, tf.Tensor]:
         """`(values, log_probs)` at every outcome of `support` (`[S, *event]`):
         `values` `[batch, S, *event]` (the support per example) and
         `log_probs` `[batch, S]`, `log p(value | params)` of each example's
@@ -81,7 +87,13 @@ class Recorder:
         outside a recorder with `training=False`) instead of sampling.
     """
 
-    def __init__(self, forced=None, keep_gradient=(), seeds=None, most_likely=False):
+    def __init__(
+        self,
+        forced: Optional[Mapping[str, tf.Tensor]] = None,
+        keep_gradient: Iterable[str] = (),
+        seeds: Optional[tf.Tensor] = None,
+        most_likely: bool = False,
+    ) -> None:
         self.forced = dict(forced or {})
         self.keep_gradient = frozenset(keep_gradient)
         self.seeds = seeds
@@ -102,16 +114,16 @@ class Recorder:
         _STACK.recorders.pop()
         return False
 
-    def next_node_name(self, layer):
+    def next_node_name(self, layer: StochasticNode) -> str:
         """Unique name of this call of `layer`: its name, then `name@2`, ...."""
         count = self._calls.get(layer.name, 0) + 1
         self._calls[layer.name] = count
         return layer.name if count == 1 else f"{layer.name}@{count}"
 
-    def add_node(self, record):
+    def add_node(self, record: NodeRecord) -> None:
         self.nodes.append(record)
 
-    def add_cost(self, name, value, origin="keras_bpq.add_cost"):
+    def add_cost(self, name: str, value: tf.Tensor, origin: str = "keras_bpq.add_cost") -> None:
         """Records cost `name`; `origin` says where it comes from (for errors)."""
         if name in self.costs:
             first = self.origins[name]
@@ -124,7 +136,7 @@ class Recorder:
         self.origins[name] = origin
 
 
-def current_recorder():
+def current_recorder() -> Optional[Recorder]:
     """The innermost open `Recorder`, or None outside any."""
     stack = getattr(_STACK, "recorders", None)
     return stack[-1] if stack else None
@@ -137,34 +149,34 @@ class NodeInfo:
     name: str
     layer_name: str
     distribution: str
-    event_shape: tuple
+    event_shape: Tuple[int, ...]
     reparameterized: bool
-    support_size: object  # int for finite supports, None otherwise
+    support_size: Optional[int]  # int for finite supports, None otherwise
     factorized_units: int  # independent units in a sample (1 for a categorical)
-    local_kind: object  # "binary", "categorical" or None (see nodes.StochasticNode)
-    parents: tuple
-    ancestors: tuple
-    costs: tuple  # C_X, in cost order
-    context: tuple  # "inputs" and names of earlier samples
+    local_kind: Optional[str]  # "binary", "categorical" or None (see nodes.StochasticNode)
+    parents: Tuple[str, ...]
+    ancestors: Tuple[str, ...]
+    costs: Tuple[str, ...]  # C_X, in cost order
+    context: Tuple[str, ...]  # "inputs" and names of earlier samples
 
 
 @dataclasses.dataclass(frozen=True)
 class SCG:
     """The stochastic computation graph of a model, in execution order."""
 
-    nodes: tuple
-    costs: tuple
-    cost_ancestors: dict  # cost name -> node names in execution order
-    costs_using_inputs: tuple = ()  # costs that depend on the model inputs
+    nodes: Tuple[NodeInfo, ...]
+    costs: Tuple[str, ...]
+    cost_ancestors: Dict[str, Tuple[str, ...]]  # cost name -> node names in execution order
+    costs_using_inputs: Tuple[str, ...] = ()  # costs that depend on the model inputs
 
-    def node(self, name):
+    def node(self, name: str) -> NodeInfo:
         for info in self.nodes:
             if info.name == name:
                 return info
         raise KeyError(name)
 
     @property
-    def node_names(self):
+    def node_names(self) -> Tuple[str, ...]:
         return tuple(info.name for info in self.nodes)
 
 
@@ -188,7 +200,9 @@ def _graph_ancestors(tensor, stop_refs=frozenset()):
     return seen
 
 
-def structure_from_records(nodes, costs, inputs=()):
+def structure_from_records(
+    nodes: Sequence[NodeRecord], costs: Mapping[str, tf.Tensor], inputs: Any = ()
+) -> SCG:
     """Builds the `SCG` from the records of one traced forward pass.
 
     Args:
@@ -249,7 +263,7 @@ def structure_from_records(nodes, costs, inputs=()):
     )
 
 
-def with_contexts(scg, overrides):
+def with_contexts(scg: SCG, overrides: Optional[Mapping[str, Sequence[str]]]) -> SCG:
     """The SCG with user-chosen critic contexts, checked against R1 and R2.
 
     `overrides` maps node names to context entries: `"inputs"` and names of
@@ -297,7 +311,7 @@ def with_contexts(scg, overrides):
     return dataclasses.replace(scg, nodes=tuple(infos))
 
 
-def batchless_spec(value):
+def batchless_spec(value: Any) -> tf.TensorSpec:
     """The `tf.TensorSpec` of a tensor, array or spec with a dynamic batch
     dimension (one leaf of a model's inputs)."""
     if isinstance(value, tf.TensorSpec):
@@ -306,7 +320,11 @@ def batchless_spec(value):
     return tf.TensorSpec((None,) + tuple(value.shape[1:]), tf.as_dtype(value.dtype))
 
 
-def discover(forward, input_signature, check_names=None):
+def discover(
+    forward: Callable[[Any], Mapping[str, tf.Tensor]],
+    input_signature: Any,
+    check_names: Optional[Callable[[Dict[str, str], Tuple[str, ...], List[str]], None]] = None,
+) -> Tuple[SCG, Dict[str, Tuple[Optional[int], ...]]]:
     """Traces `forward` once and returns its `SCG`.
 
     Args:
@@ -339,7 +357,11 @@ def discover(forward, input_signature, check_names=None):
     return result["scg"], result["cost_shapes"]
 
 
-def format_scg(scg, estimators=None, critics=None):
+def format_scg(
+    scg: SCG,
+    estimators: Optional[Mapping[str, str]] = None,
+    critics: Optional[Mapping[str, str]] = None,
+) -> str:
     """A table of the SCG, one row per node, as `model.summary()` prints layers."""
     estimators = estimators or {}
     critics = critics or {}

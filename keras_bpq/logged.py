@@ -42,8 +42,11 @@ The logged node must have a finite support of at most `MAX_SUPPORT` outcomes
 not depend on another node's sample (those would have to be logged too).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -79,16 +82,16 @@ class LoggedBatch:
     log_pi: tf.Tensor
     propensity: tf.Tensor
     cost: tf.Tensor
-    probs: object = None
-    q: object = None
-    q_logged: object = None
+    probs: Optional[tf.Tensor] = None
+    q: Optional[tf.Tensor] = None
+    q_logged: Optional[tf.Tensor] = None
 
-    def ratio(self, clip=None):
+    def ratio(self, clip: Optional[float] = None) -> tf.Tensor:
         """`w_i = pi(a_i | x_i) / mu_i`, clipped at `clip` (no gradient where clipped)."""
         ratio = tf.exp(self.log_pi - tf.math.log(self.propensity))
         return ratio if clip is None else tf.minimum(ratio, clip)
 
-    def expected_q(self):
+    def expected_q(self) -> tf.Tensor:
         """`sum_a pi(a | x_i) Qbar(x_i, a)`, exact over the support, `[batch]`."""
         return tf.reduce_sum(self.probs * self.q, axis=1)
 
@@ -101,10 +104,10 @@ class Estimator:
     `uses_critic` says whether it needs `Q(x, a)`.
     """
 
-    name = None
-    uses_critic = False
+    name: Optional[str] = None
+    uses_critic: bool = False
 
-    def __init__(self, clip=None):
+    def __init__(self, clip: Optional[float] = None) -> None:
         if clip is not None:
             if isinstance(clip, bool) or not isinstance(clip, (int, float, np.number)):
                 raise TypeError(f"{type(self).__name__}: clip must be a number or None; got {clip!r}.")
@@ -116,14 +119,14 @@ class Estimator:
             clip = float(clip)
         self.clip = clip
 
-    def value(self, batch):
+    def value(self, batch: LoggedBatch) -> tf.Tensor:
         raise NotImplementedError
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {"clip": self.clip}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> Estimator:
         return cls(**config)
 
     def __repr__(self):
@@ -145,7 +148,7 @@ class IPS(Estimator):
 
     name = "ips"
 
-    def value(self, batch):
+    def value(self, batch: LoggedBatch) -> tf.Tensor:
         return tf.reduce_mean(batch.ratio(self.clip) * batch.cost)
 
 
@@ -164,7 +167,7 @@ class SNIPS(Estimator):
 
     name = "snips"
 
-    def value(self, batch):
+    def value(self, batch: LoggedBatch) -> tf.Tensor:
         ratio = batch.ratio(self.clip)
         return tf.math.divide_no_nan(tf.reduce_sum(ratio * batch.cost), tf.reduce_sum(ratio))
 
@@ -182,13 +185,13 @@ class DirectMethod(Estimator):
     name = "direct_method"
     uses_critic = True
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(clip=None)
 
-    def value(self, batch):
+    def value(self, batch: LoggedBatch) -> tf.Tensor:
         return tf.reduce_mean(batch.expected_q())
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         return {}
 
     def __repr__(self):
@@ -213,7 +216,7 @@ class DoublyRobust(Estimator):
     name = "doubly_robust"
     uses_critic = True
 
-    def value(self, batch):
+    def value(self, batch: LoggedBatch) -> tf.Tensor:
         correction = batch.ratio(self.clip) * (batch.cost - batch.q_logged)
         return tf.reduce_mean(batch.expected_q() + correction)
 
@@ -221,7 +224,7 @@ class DoublyRobust(Estimator):
 _BY_NAME = {cls.name: cls for cls in (IPS, SNIPS, DirectMethod, DoublyRobust)}
 
 
-def get(identifier):
+def get(identifier: Union[str, Estimator]) -> Estimator:
     """An `Estimator` from itself or its name (`"ips"`, `"snips"`, `"direct_method"`,
     `"doubly_robust"`; default settings)."""
     if isinstance(identifier, Estimator):
@@ -251,7 +254,13 @@ class CostCritic(keras.layers.Layer, critics_lib.Critic):
 
     heads = ("cost",)
 
-    def __init__(self, feature_dim, network=None, hidden_units=(64, 64), **kwargs):
+    def __init__(
+        self,
+        feature_dim: int,
+        network: Optional[keras.layers.Layer] = None,
+        hidden_units: Sequence[int] = (64, 64),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.feature_dim = int(feature_dim)
         self.hidden_units = tuple(hidden_units)
@@ -267,13 +276,13 @@ class CostCritic(keras.layers.Layer, critics_lib.Critic):
             )
         self.built = True
 
-    def q(self, context, values, target=True):
+    def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         features = tf.concat(
             [critics_lib.context_features(context), critics_lib.flatten_rows(values)], axis=-1
         )
         return tf.cast(self.network(features), tf.float32)
 
-    def call(self, features):
+    def call(self, features: tf.Tensor) -> tf.Tensor:
         return self.network(features)
 
 
@@ -290,10 +299,10 @@ class _NodeFacts:
 class _LoggedGuard(keras.callbacks.Callback):
     """Stops `fit` with a clear error after a step skipped for bad logged data."""
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         self.model.status.assign(0)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         self.model.raise_if_skipped(batch)
 
 
@@ -344,7 +353,15 @@ class LoggedModel(keras.Model):
       critic_hidden_units: hidden sizes of the default critic.
     """
 
-    def __init__(self, policy, node, estimator=None, critic=None, critic_hidden_units=(64, 64), **kwargs):
+    def __init__(
+        self,
+        policy: keras.Model,
+        node: str,
+        estimator: Union[None, str, Estimator] = None,
+        critic: Union[None, keras.layers.Layer, critics_lib.Critic] = None,
+        critic_hidden_units: Sequence[int] = (64, 64),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(policy, keras.Model):
             raise TypeError(f"LoggedModel: policy must be a keras.Model; got {type(policy).__name__}.")
@@ -373,23 +390,23 @@ class LoggedModel(keras.Model):
         self.built = True
 
     # -- forward -----------------------------------------------------------
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: Optional[bool] = None) -> Any:
         return self.policy(inputs, training=training)
 
     @property
-    def policy_variables(self):
+    def policy_variables(self) -> List[tf.Variable]:
         """The policy's trainable weights (a `BackpropQModel`'s actor variables)."""
         actor = getattr(self.policy, "actor_variables", None)
         return list(actor if actor is not None else self.policy.trainable_variables)
 
     @property
-    def critic_variables(self):
+    def critic_variables(self) -> List[tf.Variable]:
         """The critic's trainable weights (none without a trainable critic)."""
         if isinstance(self.critic, keras.layers.Layer):
             return list(self.critic.trainable_variables)
         return []
 
-    def estimate(self, x, logged):
+    def estimate(self, x: Any, logged: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
         """The estimator's estimate of `V(pi)` on one batch of logged feedback.
 
         Args:
@@ -486,7 +503,14 @@ class LoggedModel(keras.Model):
         return action, columns["propensity"], columns["cost"]
 
     # -- training ------------------------------------------------------------
-    def compile(self, optimizer="adam", critic_optimizer=None, critic_steps=1, critic_warmup_steps=0, **kwargs):
+    def compile(
+        self,
+        optimizer: Union[str, keras.optimizers.Optimizer] = "adam",
+        critic_optimizer: Union[None, str, keras.optimizers.Optimizer] = None,
+        critic_steps: int = 1,
+        critic_warmup_steps: int = 0,
+        **kwargs: Any,
+    ) -> None:
         """Configures training.
 
         Args:
@@ -523,17 +547,17 @@ class LoggedModel(keras.Model):
         self.critic_steps, self.critic_warmup_steps = int(critic_steps), int(critic_warmup_steps)
 
     @property
-    def metrics(self):
+    def metrics(self) -> List[keras.metrics.Metric]:
         return [self.loss_tracker, self.critic_loss_tracker]
 
-    def build_optimizers(self):
+    def build_optimizers(self) -> None:
         """Creates both optimizers' slots for the policy's and the critic's weights."""
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.policy_variables)
         if self.critic_optimizer is not None and not self.critic_optimizer.built:
             self.critic_optimizer.build(self.critic_variables)
 
-    def train_step(self, data):
+    def train_step(self, data: Any) -> Dict[str, Any]:
         x, logged = self._unpack(data)
         policy_variables, critic_variables = self.policy_variables, self.critic_variables
         with tf.GradientTape(persistent=True) as tape:
@@ -565,7 +589,7 @@ class LoggedModel(keras.Model):
         tf.cond(ok, apply, lambda: tf.constant(0))
         return self._update_metrics(out, status)
 
-    def test_step(self, data):
+    def test_step(self, data: Any) -> Dict[str, Any]:
         x, logged = self._unpack(data)
         out = self.estimate(x, logged)
         return self._update_metrics(out, _status(out))
@@ -591,7 +615,7 @@ class LoggedModel(keras.Model):
             )
         return x, logged
 
-    def raise_if_skipped(self, batch=None):
+    def raise_if_skipped(self, batch: Optional[int] = None) -> None:
         """Raises a ValueError if a step (of `fit`, `train_on_batch` or `evaluate`)
         met invalid logged data or a non-finite value, naming why."""
         code = int(self.status.numpy())
@@ -614,25 +638,25 @@ class LoggedModel(keras.Model):
         }[code]
         raise ValueError(f"LoggedModel: the step on {where} was skipped (nothing changed): {problem}.")
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         self.status.assign(0)
         logs = super().evaluate(*args, **kwargs)
         self.raise_if_skipped()
         return logs
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         self.build_optimizers()
         callbacks = [_LoggedGuard()] + list(kwargs.pop("callbacks", None) or [])
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
-    def train_on_batch(self, *args, **kwargs):
+    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self.build_optimizers()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_skipped()
         return logs
 
     # -- saving --------------------------------------------------------------
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         if self.critic is not None and not isinstance(self.critic, CostCritic):
             raise ValueError(
                 f"LoggedModel {self.name!r} holds a critic given as a {type(self.critic).__name__} "
@@ -649,21 +673,21 @@ class LoggedModel(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: Dict[str, Any], custom_objects: Optional[Mapping[str, Any]] = None) -> LoggedModel:
         config = dict(config)
         for key in ("policy", "estimator", "critic"):
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(config[key], custom_objects=custom_objects)
         return cls(**config)
 
-    def get_compile_config(self):
+    def get_compile_config(self) -> Optional[Dict[str, Any]]:
         config = super().get_compile_config()
         if config is not None and self.critic_optimizer is not None:
             config["critic_optimizer"] = keras.saving.serialize_keras_object(self.critic_optimizer)
             config.update(critic_steps=self.critic_steps, critic_warmup_steps=self.critic_warmup_steps)
         return config
 
-    def compile_from_config(self, config):
+    def compile_from_config(self, config: Dict[str, Any]) -> None:
         """Recompiles a loaded model and creates both optimizers' slots."""
         config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
         self.compile(**{k: v for k, v in config.items() if v is not None})

@@ -10,7 +10,11 @@ penalties differentiated directly, as `keras.Model` does, whose dependence on
 the samples is not estimated (make such a term a cost if it should be).
 """
 
+from __future__ import annotations
+
+import os
 import types
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -27,6 +31,9 @@ from keras_bpq import forward as forward_lib
 from keras_bpq import graph
 from keras_bpq import saving as saving_lib
 from keras_bpq import state as state_lib
+
+if TYPE_CHECKING:
+    from keras_bpq import estimators as estimators_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
@@ -52,7 +59,10 @@ class BackpropQModel(
     too, reduced per example.
     """
 
-    def __init__(self, inputs=None, outputs=None, costs=None, *, network=None, **kwargs):
+    def __init__(
+        self, inputs: Any = None, outputs: Any = None, costs: Optional[Mapping[str, Any]] = None, *,
+        network: Optional[keras.Model] = None, **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if inputs is not None:
             if outputs is None:
@@ -80,7 +90,7 @@ class BackpropQModel(
         self.critic_optimizer = None
 
     # -- forward -----------------------------------------------------------
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: Optional[bool] = None) -> Any:
         if self.network is None:
             raise NotImplementedError(
                 "Subclass BackpropQModel and define call(), or pass inputs=, outputs= "
@@ -93,12 +103,12 @@ class BackpropQModel(
                 recorder.add_cost(name, value, origin="costs= of the constructor")
         return result["outputs"]
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: Any = None) -> None:
         if self.network is None:
             super().build(input_shape)
         self.built = True
 
-    def get_layer(self, name=None, index=None):
+    def get_layer(self, name: Optional[str] = None, index: Optional[int] = None) -> keras.layers.Layer:
         if self.network is not None and name is not None:
             try:
                 return self.network.get_layer(name)
@@ -109,23 +119,23 @@ class BackpropQModel(
     # -- compile -----------------------------------------------------------
     def compile(
         self,
-        optimizer="adam",
-        loss=None,
-        estimator="auto",
-        critic_optimizer=None,
-        critic_target="td",
-        critic_lambda=0.9,
-        tau=0.01,
-        target_update_period=None,
-        critic_steps=1,
-        critic_warmup_steps=0,
-        critic_hidden_units=(64, 64),
-        critics=None,
-        contexts=None,
-        actor_reads="target",
-        num_samples=1,
-        **kwargs,
-    ):
+        optimizer: Union[str, keras.optimizers.Optimizer] = "adam",
+        loss: Any = None,
+        estimator: Union[str, estimators_lib.Estimator, Mapping[str, Any]] = "auto",
+        critic_optimizer: Union[None, str, keras.optimizers.Optimizer] = None,
+        critic_target: str = "td",
+        critic_lambda: float = 0.9,
+        tau: float = 0.01,
+        target_update_period: Optional[int] = None,
+        critic_steps: int = 1,
+        critic_warmup_steps: int = 0,
+        critic_hidden_units: Sequence[int] = (64, 64),
+        critics: Optional[Mapping[str, Any]] = None,
+        contexts: Optional[Mapping[str, Sequence[str]]] = None,
+        actor_reads: str = "target",
+        num_samples: int = 1,
+        **kwargs: Any,
+    ) -> None:
         """Configures training.
 
         Args:
@@ -198,19 +208,19 @@ class BackpropQModel(
 
     # -- variables ---------------------------------------------------------
     @property
-    def critic_variables(self):
+    def critic_variables(self) -> List[tf.Variable]:
         """Trainable variables of the critics (none for critic-free estimators,
         or before the training state exists)."""
         return list(self.training_state.trainable_variables)
 
     @property
-    def actor_variables(self):
+    def actor_variables(self) -> List[tf.Variable]:
         """Trainable variables other than critics, in `trainable_variables` order."""
         excluded = {id(v) for v in self.critic_variables}
         return [v for v in self.trainable_variables if id(v) not in excluded]
 
     @property
-    def node_estimators(self):
+    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
         """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
         the SCG, read-only; None before the SCG is known. Reading it creates
         nothing."""
@@ -219,18 +229,18 @@ class BackpropQModel(
         return types.MappingProxyType(self._node_estimators)
 
     @property
-    def known_scg(self):
+    def known_scg(self) -> Optional[graph.SCG]:
         """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
         before it. Unlike `scg()`, reading it never traces or discovers."""
         return self._scg
 
     @property
-    def critic_options(self):
+    def critic_options(self) -> critics_lib.CriticOptions:
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
         return self._critic_options
 
     # -- the step ----------------------------------------------------------
-    def train_step(self, data):
+    def train_step(self, data: Any) -> Dict[str, Any]:
         x, y, sample_weight = data_lib.unpack(data)
         scg = self.scg(x)
         self._create_training_state()
@@ -288,12 +298,12 @@ class BackpropQModel(
              (self.critic_optimizer, "critic optimizer variable")],
         )
 
-    def test_step(self, data):
+    def test_step(self, data: Any) -> Dict[str, Any]:
         x, y, sample_weight = data_lib.unpack(data)
         forward = self.run_forward(x, y, training=False, sample_weight=sample_weight)
         return self._update_metrics(forward, self.critic_set().evaluate(forward, with_gradient=False))
 
-    def raise_if_nonfinite(self):
+    def raise_if_nonfinite(self) -> None:
         """Raises `FloatingPointError` if a training step met a non-finite value."""
         state = self.training_state
         code = int(state.status.numpy())
@@ -325,7 +335,7 @@ class BackpropQModel(
                 q_metric.update_state(tf.add_n(list(critics.q_at_sample[name].values())))
         return self.compute_metrics(forward.x, forward.y, forward.y_pred, sample_weight)
 
-    def get_metrics_result(self):
+    def get_metrics_result(self) -> Dict[str, Any]:
         """`keras.Model.get_metrics_result`, refusing two terms logged under one
         name (Keras would keep only the last one's value)."""
         return costs_lib.metric_results(
@@ -333,12 +343,12 @@ class BackpropQModel(
         )
 
     # -- fit ---------------------------------------------------------------
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         # Training state is created before Keras traces a (distributed) step.
         self.build_training_state()
         return super().evaluate(**data_lib.weights_without_targets(super().evaluate, args, kwargs))
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`
         around the user's (the non-finite guard, the fit position and the resume)."""
         # Before tracing, and optimizer slots before BackupAndRestore restores.
@@ -350,14 +360,14 @@ class BackpropQModel(
         finally:
             callbacks_lib.FitPosition.clear(self)
 
-    def train_on_batch(self, *args, **kwargs):
+    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         self.build_training_state()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_nonfinite()
         return logs
 
     # -- config ------------------------------------------------------------
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         if self.network is None:
             return super().get_config()
         return {
@@ -367,7 +377,7 @@ class BackpropQModel(
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: Dict[str, Any], custom_objects: Optional[Mapping[str, Any]] = None) -> BackpropQModel:
         if "network" in config:
             config = dict(config)
             network = saving_lib.deserialize_network(config.pop("network"), custom_objects)
@@ -375,14 +385,14 @@ class BackpropQModel(
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
-    def get_build_config(self):
+    def get_build_config(self) -> Optional[Dict[str, Any]]:
         config = dict(super().get_build_config() or {})
         spec = self.input_signature()
         if spec is not None:
             config["input_spec"] = saving_lib.serialize_spec(spec)
         return config or None
 
-    def build_from_config(self, config):
+    def build_from_config(self, config: Optional[Dict[str, Any]]) -> None:
         spec = saving_lib.deserialize_spec((config or {}).get("input_spec"))
         if spec is None:
             return super().build_from_config(config)
@@ -392,13 +402,13 @@ class BackpropQModel(
             tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
         self.built = True
 
-    def get_compile_config(self):
+    def get_compile_config(self) -> Optional[Dict[str, Any]]:
         arguments = getattr(self, "_compile_arguments", None)
         if not self.compiled or arguments is None:
             return super().get_compile_config()
         return saving_lib.serialize_compile_config(arguments, self.optimizer, self.critic_optimizer)
 
-    def compile_from_config(self, config):
+    def compile_from_config(self, config: Dict[str, Any]) -> None:
         """Recompiles a loaded model and recreates its training state (critics,
         target copies, estimator state, optimizer slots) for the weights."""
         self.compile(**saving_lib.deserialize_compile_config(config))
@@ -412,7 +422,9 @@ class BackpropQModel(
                 variables += list(optimizer.variables)
         saving_lib.check_finite(variables, f"{what} of {self.name!r}")
 
-    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+    def save(
+        self, filepath: Union[str, os.PathLike], overwrite: bool = True, zipped: Optional[bool] = None, **kwargs: Any
+    ) -> None:
         """`keras.Model.save`, written atomically (a temporary file renamed over
         `filepath`), with the training state; refuses non-finite values."""
         self._check_savable("the model")
@@ -421,7 +433,9 @@ class BackpropQModel(
         with saving_lib.atomic_write(filepath) as temporary:
             super().save(temporary, overwrite=True, zipped=zipped, **kwargs)
 
-    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+    def save_weights(
+        self, filepath: Union[str, os.PathLike], overwrite: bool = True, max_shard_size: Optional[float] = None
+    ) -> None:
         """`keras.Model.save_weights`, written atomically, with the training
         state (critics, target copies, estimator state, seed generators, both
         optimizers, the fit position); refuses non-finite values."""
@@ -431,14 +445,19 @@ class BackpropQModel(
         with saving_lib.atomic_write(filepath) as temporary:
             super().save_weights(temporary, overwrite=True)
 
-    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+    def load_weights(
+        self, filepath: Union[str, os.PathLike], skip_mismatch: bool = False, **kwargs: Any
+    ) -> None:
         """`keras.Model.load_weights`, after creating the training state the
         file holds (compile the model first, with the options it was saved with)."""
         ready = self.build_training_state()
         with saving_lib.explained_load_errors(self, filepath, ready, strict=not skip_mismatch):
             return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
-    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+    def export(
+        self, filepath: Union[str, os.PathLike], format: str = "tf_saved_model", verbose: Optional[bool] = None,
+        input_signature: Any = None, **kwargs: Any,
+    ) -> Dict[str, Dict[str, Dict[str, tf.TensorSpec]]]:
         """Exports the stochastic forward pass as a SavedModel for TF Serving.
 
         Signatures `serving_default` (samples), `mode` (most likely values) and

@@ -10,7 +10,10 @@ Samples are drawn with stateless seeds from a `keras.random.SeedGenerator`, so
 sampling compiles under XLA, checkpoints with the model and resumes exactly.
 """
 
+from __future__ import annotations
+
 import itertools
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -21,6 +24,9 @@ from keras_bpq import _keras_compat
 from keras_bpq import graph
 
 tfd = tfp.distributions
+
+# A layer's input or output shape, `None` for an unknown dimension.
+Shape = Tuple[Optional[int], ...]
 
 # Logit given to outcomes a mask forbids: exp(_MASKED_LOGIT) is exactly 0 in
 # float32, yet every value stays finite, so no NaN reaches a gradient.
@@ -54,7 +60,13 @@ class StochasticNode(keras.layers.Layer):
     # from upstream masking layers.
     accepts_mask = False
 
-    def __init__(self, distribution_fn=None, estimator=None, seed=None, **kwargs):
+    def __init__(
+        self,
+        distribution_fn: Optional[Callable[[tf.Tensor], tfd.Distribution]] = None,
+        estimator: Optional[str] = None,
+        seed: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if distribution_fn is None and type(self) is StochasticNode:
             raise ValueError(
@@ -72,44 +84,44 @@ class StochasticNode(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(self.seed, name="seed_generator")
 
     # -- distribution ------------------------------------------------------
-    def distribution(self, params, mask=None):
+    def distribution(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tfd.Distribution:
         """The TFP distribution for a parameter tensor."""
         dist = self.distribution_fn(params)
         if self.distribution_name == "Distribution":
             self.distribution_name = type(dist).__name__
         return dist
 
-    def log_prob(self, sample, params, mask=None):
+    def log_prob(self, sample: tf.Tensor, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tf.Tensor:
         """`log p(sample | params)` per example, summed over the event axes."""
         dist = self.distribution(params, mask)
         value = tf.cast(sample, dist.dtype)
         lp = tf.cast(dist.log_prob(value), tf.float32)
         return tf.reduce_sum(tf.reshape(lp, [tf.shape(lp)[0], -1]), axis=1)
 
-    def most_likely(self, dist):
+    def most_likely(self, dist: tfd.Distribution) -> tf.Tensor:
         """Mode for discrete distributions, mean for continuous ones."""
         if dist.dtype.is_floating and dist.reparameterization_type == tfd.FULLY_REPARAMETERIZED:
             return dist.mean()
         return dist.mode()
 
-    def is_reparameterized(self, params, mask=None):
+    def is_reparameterized(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> bool:
         dist = self.distribution(params, mask)
         return dist.reparameterization_type == tfd.FULLY_REPARAMETERIZED
 
-    def support(self, event_shape):
+    def support(self, event_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
         """All values of one example's sample, shape `[S, *event_shape]`, or None."""
         return None
 
-    def support_size(self, event_shape):
+    def support_size(self, event_shape: Tuple[int, ...]) -> Optional[int]:
         support = self.support(event_shape)
         return None if support is None else int(support.shape[0])
 
-    def factorized_units(self, event_shape):
+    def factorized_units(self, event_shape: Tuple[int, ...]) -> int:
         """How many independent units one example's sample has."""
         return 1
 
     # -- layer -------------------------------------------------------------
-    def call(self, params, mask=None, training=None):
+    def call(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None, training: Optional[bool] = None) -> tf.Tensor:
         if not self.accepts_mask:
             mask = None
         dist = self.distribution(params, mask)
@@ -143,20 +155,22 @@ class StochasticNode(keras.layers.Layer):
             recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample, noise))
         return sample
 
-    def finish_sample(self, value, mask=None):
+    def finish_sample(self, value: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tf.Tensor:
         """The sample (or most likely value) `value` as the node returns it."""
         return value
 
-    def draw(self, dist, seed):
+    def draw(self, dist: tfd.Distribution, seed: tf.Tensor) -> tf.Tensor:
         """A sample of `dist` from an int32 stateless `seed` (`[2]`)."""
         return dist.sample(seed=seed)
 
-    def draw_with_noise(self, dist, seed):
+    def draw_with_noise(self, dist: tfd.Distribution, seed: tf.Tensor) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
         """`(sample, noise)`: `draw`'s sample and the uniform noise it was
         computed from, or None where the node keeps none."""
         return self.draw(dist, seed), None
 
-    def sample_per_example(self, params, mask, seeds, index):
+    def sample_per_example(
+        self, params: tf.Tensor, mask: Optional[tf.Tensor], seeds: tf.Tensor, index: int
+    ) -> tf.Tensor:
         """One sample per example, each drawn with its own stateless seed.
 
         Example `i` uses the seed `fold_in([seeds[i], 0], index)`, so its sample
@@ -182,13 +196,13 @@ class StochasticNode(keras.layers.Layer):
             one, elems, fn_output_signature=tf.TensorSpec(row_shape, self.compute_dtype)
         )
 
-    def save_own_variables(self, store):
+    def save_own_variables(self, store: Dict[str, Any]) -> None:
         """Saves the layer's variables and then its seed generator's state, so a
         restored model draws the samples the saved one would have drawn next."""
         super().save_own_variables(store)
         store[str(len(self._own_variables()))] = self.seed_generator.state
 
-    def load_own_variables(self, store):
+    def load_own_variables(self, store: Mapping[str, Any]) -> None:
         own = self._own_variables()
         if len(store.keys()) == len(own) + 1:
             self.seed_generator.state.assign(store[str(len(own))])
@@ -198,7 +212,7 @@ class StochasticNode(keras.layers.Layer):
     def _own_variables(self):
         return _keras_compat.own_variables(self)
 
-    def compute_output_shape(self, params_shape):
+    def compute_output_shape(self, params_shape: Shape) -> Shape:
         probe = tf.zeros([1 if d is None else d for d in params_shape], self.compute_dtype)
         dist = self.distribution(probe)
         shape = tuple(dist.batch_shape) + tuple(dist.event_shape)
@@ -206,7 +220,7 @@ class StochasticNode(keras.layers.Layer):
             len(params_shape) :
         ]
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
         config.update({"estimator": self.estimator, "seed": self.seed})
         if type(self) is StochasticNode:
@@ -216,7 +230,7 @@ class StochasticNode(keras.layers.Layer):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Dict[str, Any]) -> StochasticNode:
         config = dict(config)
         if "distribution_fn" in config:
             config["distribution_fn"] = keras.saving.deserialize_keras_object(
@@ -270,40 +284,40 @@ class Bernoulli(StochasticNode):
     distribution_name = "Bernoulli"
     local_kind = "binary"
 
-    def build(self, input_shape):
+    def build(self, input_shape: Shape) -> None:
         _check_rank(self, input_shape, "logits")
 
-    def distribution(self, params, mask=None):
+    def distribution(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tfd.Distribution:
         return tfd.Bernoulli(logits=tf.cast(params, tf.float32), dtype=tf.float32)
 
-    def draw(self, dist, seed):
+    def draw(self, dist: tfd.Distribution, seed: tf.Tensor) -> tf.Tensor:
         """`x_u = [u_u < sigmoid(logits_u)]`, `u ~ U(0, 1)` drawn with Philox:
         TFP's default algorithm (`auto_select`) compiles under XLA on CPU into a
         much slower fusion (benchmarks/results/sbn.md: 50 x 200 draws took
         7.3-17.7 ms per call against 0.46-0.61 ms with Philox)."""
         return self.draw_with_noise(dist, seed)[0]
 
-    def draw_with_noise(self, dist, seed):
+    def draw_with_noise(self, dist: tfd.Distribution, seed: tf.Tensor) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
         """`(x, u)`: the sample `x = [u < sigmoid(logits)]` and its noise `u`
         (recorded, so that `disarm` reuses it instead of drawing `u` again)."""
         logits = dist.logits
         uniform = tf.random.stateless_uniform(tf.shape(logits), seed=seed, alg="philox")
         return tf.cast(uniform < tf.sigmoid(logits), tf.float32), uniform
 
-    def most_likely(self, dist):
+    def most_likely(self, dist: tfd.Distribution) -> tf.Tensor:
         return tf.cast(dist.logits > 0, tf.float32)
 
-    def support(self, event_shape):
+    def support(self, event_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
         units = int(np.prod(event_shape))
         if units > 20:
             return None
         values = np.array(list(itertools.product([0.0, 1.0], repeat=units)), np.float32)
         return values.reshape((-1,) + tuple(event_shape))
 
-    def factorized_units(self, event_shape):
+    def factorized_units(self, event_shape: Tuple[int, ...]) -> int:
         return int(np.prod(event_shape))
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
         return tuple(input_shape)
 
 
@@ -329,11 +343,11 @@ class Categorical(StochasticNode):
     local_kind = "categorical"
     accepts_mask = True
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.supports_masking = True  # takes `mask=`; passes no mask on
 
-    def build(self, params_shape, mask_shape=None):
+    def build(self, params_shape: Shape, mask_shape: Optional[Shape] = None) -> None:
         _check_rank(self, params_shape, "logits")
         if params_shape[-1] is not None and params_shape[-1] < 2:
             raise ValueError(
@@ -352,12 +366,12 @@ class Categorical(StochasticNode):
             self._check_mask_dtype(mask.dtype)
         return super().__call__(*args, **kwargs)
 
-    def call(self, params, mask=None, training=None):
+    def call(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None, training: Optional[bool] = None) -> tf.Tensor:
         if mask is not None:
             mask = self.checked_mask(params, mask)
         return super().call(params, mask=mask, training=training)
 
-    def checked_mask(self, params, mask):
+    def checked_mask(self, params: tf.Tensor, mask: Optional[tf.Tensor]) -> Optional[tf.Tensor]:
         """`mask` as a bool tensor that carries the check that every row allows an outcome.
 
         Raises at once for a mask of the wrong dtype or shape; the row check is a
@@ -393,11 +407,11 @@ class Categorical(StochasticNode):
             return tf.identity(mask)
 
     @staticmethod
-    def empty_rows(mask):
+    def empty_rows(mask: tf.Tensor) -> tf.Tensor:
         """Boolean `mask.shape[:-1]`: the rows of `mask` that allow no outcome."""
         return tf.logical_not(tf.reduce_any(mask, axis=-1))
 
-    def finish_sample(self, value, mask=None):
+    def finish_sample(self, value: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tf.Tensor:
         """NaN for the rows that allow no outcome (reached under XLA only, where
         the assertion of `checked_mask` is dropped), so that no forbidden outcome
         is ever returned."""
@@ -435,21 +449,21 @@ class Categorical(StochasticNode):
         self._check_mask_shape(logits.shape, mask.shape)
         return tf.where(mask, logits, _MASKED_LOGIT)
 
-    def distribution(self, params, mask=None):
+    def distribution(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tfd.Distribution:
         return tfd.OneHotCategorical(logits=self._masked_logits(params, mask), dtype=tf.float32)
 
-    def most_likely(self, dist):
+    def most_likely(self, dist: tfd.Distribution) -> tf.Tensor:
         return tf.one_hot(tf.argmax(dist.logits, axis=-1), tf.shape(dist.logits)[-1])
 
-    def support(self, event_shape):
+    def support(self, event_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
         if len(event_shape) != 1:
             return None
         return np.eye(event_shape[0], dtype=np.float32)
 
-    def compute_output_shape(self, params_shape, mask_shape=None):
+    def compute_output_shape(self, params_shape: Shape, mask_shape: Optional[Shape] = None) -> Shape:
         return tuple(params_shape)
 
-    def compute_mask(self, inputs, previous_mask=None):
+    def compute_mask(self, inputs: Any, previous_mask: Any = None) -> None:
         return None
 
 
@@ -466,7 +480,7 @@ class Normal(StochasticNode):
 
     distribution_name = "Normal"
 
-    def __init__(self, scale=None, **kwargs):
+    def __init__(self, scale: Union[None, float, Sequence[float]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.scale = self._checked_scale(scale)
 
@@ -499,7 +513,7 @@ class Normal(StochasticNode):
         value = value.astype(np.float64)
         return float(value) if value.ndim == 0 else value.tolist()
 
-    def build(self, input_shape):
+    def build(self, input_shape: Shape) -> None:
         _check_rank(self, input_shape, "parameters")
         if self.scale is None and input_shape[-1] is not None and input_shape[-1] % 2:
             raise ValueError(
@@ -508,20 +522,20 @@ class Normal(StochasticNode):
                 "Normal(scale=...) to feed loc alone."
             )
 
-    def distribution(self, params, mask=None):
+    def distribution(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tfd.Distribution:
         params = tf.cast(params, tf.float32)
         if self.scale is not None:
             return tfd.Normal(loc=params, scale=tf.cast(self.scale, tf.float32))
         loc, raw_scale = tf.split(params, 2, axis=-1)
         return tfd.Normal(loc=loc, scale=tf.math.softplus(raw_scale) + 1e-5)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
         if self.scale is not None:
             return tuple(input_shape)
         last = input_shape[-1]
         return tuple(input_shape[:-1]) + (None if last is None else last // 2,)
 
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
         config["scale"] = self.scale
         return config

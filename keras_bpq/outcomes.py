@@ -34,6 +34,10 @@ This module reads the Keras functional graph, through the functions of
 `keras_bpq._keras_compat`; it is the only one that does.
 """
 
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
 import keras
 import tensorflow as tf
 
@@ -51,29 +55,29 @@ class UnitEdits:
       event_shape: the node's event shape (`prod(event_shape) == units`).
     """
 
-    def __init__(self, base, unit, change, event_shape):
+    def __init__(self, base: tf.Tensor, unit: tf.Tensor, change: tf.Tensor, event_shape: Sequence[int]) -> None:
         self.base = base
         self.unit = unit
         self.change = change
         self.event_shape = tuple(event_shape)
 
     @property
-    def shape(self):
+    def shape(self) -> tf.TensorShape:
         """Static shape of `dense()`: `[batch, A, *event]`."""
         return tf.TensorShape([self.base.shape[0], self.unit.shape[1]] + list(self.event_shape))
 
     @property
-    def num_outcomes(self):
+    def num_outcomes(self) -> Optional[int]:
         return self.unit.shape[1]
 
-    def dense(self):
+    def dense(self) -> tf.Tensor:
         """The outcomes as a `[batch, A, *event]` tensor."""
         units = self.base.shape[1]
         edits = self.change[..., None] * tf.one_hot(self.unit, units, dtype=self.base.dtype)
         flat = self.base[:, None, :] + edits
         return tf.reshape(flat, [tf.shape(flat)[0], self.num_outcomes] + list(self.event_shape))
 
-    def with_first(self, value):
+    def with_first(self, value: tf.Tensor) -> UnitEdits:
         """These outcomes preceded by `value` (`[batch, *event]`), which must differ
         from `base` in at most one unit (a node's own sample does)."""
         diff = tf.reshape(tf.cast(value, self.base.dtype), tf.shape(self.base)) - self.base
@@ -87,14 +91,14 @@ class UnitEdits:
             self.event_shape,
         )
 
-    def linear(self, kernel, offset):
+    def linear(self, kernel: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
         """`[batch, A, out]` values of `x -> x W + bias` at the outcomes, given the
         base's `offset = base W + bias` (`[batch, out]`): rank-one updates."""
         rows = tf.gather(kernel, tf.maximum(self.unit, 0))
         change = tf.cast(self.change, rows.dtype)
         return offset[:, None, :] + change[..., None] * rows
 
-    def contract(self, table):
+    def contract(self, table: tf.Tensor) -> tf.Tensor:
         """`[batch, A, out]` values of `x -> sum_u x_u table[b, u]` at the outcomes,
         for a per-example `table` `[batch, units, out]`: one gather per outcome."""
         table = tf.convert_to_tensor(table)
@@ -104,7 +108,7 @@ class UnitEdits:
         return offset[:, None, :] + change[..., None] * rows
 
 
-def plain_dense(layer):
+def plain_dense(layer: keras.layers.Layer) -> bool:
     """True for a `keras.layers.Dense` whose call is `activation(x W + bias)`."""
     return (
         type(layer) is keras.layers.Dense
@@ -113,7 +117,7 @@ def plain_dense(layer):
     )
 
 
-def plain_dot(layer):
+def plain_dot(layer: keras.layers.Layer) -> bool:
     """True for a `keras.layers.Dot` of two `[batch, units]` inputs over `units`."""
     if type(layer) is not keras.layers.Dot or layer.normalize:
         return False
@@ -127,7 +131,7 @@ def _kernel_and_bias(layer):
     return tf.cast(layer.kernel, dtype), bias
 
 
-def dense_at(layer, edits, context=None):
+def dense_at(layer: keras.layers.Dense, edits: UnitEdits, context: Optional[tf.Tensor] = None) -> tf.Tensor:
     """`[batch, A, units]`: the `Dense` layer applied to every outcome of
     `edits`, preceded in its input by the per-example `context` features
     (`[batch, F]`, or None): `act(context W_c + base W_x + bias + change W_x[unit])`."""
@@ -154,7 +158,7 @@ def _sum_of_logs(factors, chunk):
     return tf.reduce_sum(tf.math.log(tf.reduce_prod(tf.reshape(factors, shape), axis=-1)), axis=-1)
 
 
-def softplus_sum(pre):
+def softplus_sum(pre: tf.Tensor) -> tf.Tensor:
     """`sum_j softplus(pre[..., j])` over the last axis, as
 
         sum_j max(pre_j, 0) + sum_chunks log prod_{j in chunk} (1 + exp(-|pre_j|)):
@@ -195,7 +199,14 @@ class Affine:
     `[batch, out]`.
     """
 
-    def __init__(self, edits, offset, terms=(), softplus=(), dense=None):
+    def __init__(
+        self,
+        edits: UnitEdits,
+        offset: tf.Tensor,
+        terms: Sequence[Tuple[Optional[tf.Tensor], Union[None, float, tf.Tensor]]] = (),
+        softplus: Sequence[Tuple[float, Union[Affine, tf.Tensor]]] = (),
+        dense: Optional[tf.Tensor] = None,
+    ) -> None:
         self.edits = edits
         self.offset = offset
         self.terms = tuple(terms)
@@ -203,17 +214,17 @@ class Affine:
         self.dense = dense
 
     @classmethod
-    def of(cls, value):
+    def of(cls, value: object) -> Optional[Affine]:
         """`value` as an `Affine`, None if it is not one (or a flat `UnitEdits`)."""
         if isinstance(value, UnitEdits) and len(value.event_shape) == 1:
             return cls(value, value.base, [(None, None)])
         return value if isinstance(value, Affine) else None
 
     @property
-    def dtype(self):
+    def dtype(self) -> tf.DType:
         return self.offset.dtype
 
-    def dense_layer(self, layer):
+    def dense_layer(self, layer: keras.layers.Dense) -> Union[Affine, _Expanded]:
         """`layer` (a plain `Dense`) at these values: `K_t -> K_t W` while the
         values are linear in the edits; else on the materialised values."""
         kernel, bias = _kernel_and_bias(layer)
@@ -230,7 +241,7 @@ class Affine:
             return value
         return _Expanded(layer.activation(value.materialize() if isinstance(value, Affine) else value.tensor))
 
-    def scaled(self, factor):
+    def scaled(self, factor: Union[float, tf.Tensor]) -> Affine:
         """These values times a per-example tensor or a number."""
         number = isinstance(factor, (int, float))
         lazy = self if number else self._without_softplus()
@@ -239,7 +250,7 @@ class Affine:
         dense = None if lazy.dense is None else lazy.dense * _per_row(factor)
         return Affine(lazy.edits, lazy.offset * factor, terms, softplus, dense)
 
-    def plus(self, other, sign=1.0):
+    def plus(self, other: Union[Affine, UnitEdits, _Expanded, tf.Tensor], sign: float = 1.0) -> Affine:
         """These values plus `sign` times `other`: an `Affine` of the same
         edits, an `_Expanded` `[batch, A, out]` or a per-example tensor."""
         other_affine = Affine.of(other)
@@ -258,7 +269,7 @@ class Affine:
             return Affine(self.edits, self.offset, self.terms, self.softplus, dense)
         return Affine(self.edits, self.offset + sign * other, self.terms, self.softplus, self.dense)
 
-    def with_softplus(self):
+    def with_softplus(self) -> Affine:
         """`softplus` of these values, kept for a later sum (unmaterialised
         while they are one rank-one update, see `softplus_sum_of_steps`)."""
         pre = self if self._rank_one_kernel() is not None else self.materialize()
@@ -276,7 +287,7 @@ class Affine:
             return None
         return kernel if scale is None else kernel * scale
 
-    def softplus_sum_of_steps(self):
+    def softplus_sum_of_steps(self) -> tf.Tensor:
         """`[batch, A]`: `sum_j softplus(pre[b, a, j])` of these values
         `pre = l[b] + change[b, a] K[unit[b, a]]`, as
 
@@ -312,7 +323,7 @@ class Affine:
         dense = dense if self.dense is None else dense + self.dense
         return Affine(self.edits, self.offset, self.terms, (), dense)
 
-    def materialize(self):
+    def materialize(self) -> tf.Tensor:
         """The `[batch, A, out]` tensor."""
         edits, dtype = self.edits, self.dtype
         value = self.offset[:, None]
@@ -326,7 +337,7 @@ class Affine:
         lazy = self._without_softplus()
         return value if lazy.dense is None else value + lazy.dense
 
-    def sum(self):
+    def sum(self) -> tf.Tensor:
         """`[batch, A]`: the sum over the last axis."""
         edits = self.edits
         unit = tf.maximum(edits.unit, 0)
@@ -387,7 +398,14 @@ class DownstreamEvaluator:
     network output. Operations may have several outputs.
     """
 
-    def __init__(self, network, node_class, node, forced, costs):
+    def __init__(
+        self,
+        network: keras.Model,
+        node_class: Type[keras.layers.Layer],
+        node: str,
+        forced: Sequence[str],
+        costs: Sequence[str],
+    ) -> None:
         structure = _keras_compat.functional_outputs(network)
         if not isinstance(structure, dict) or not set(costs) <= set(structure.get("costs", {})):
             raise Unsupported("costs are not outputs of a functional network")
@@ -559,7 +577,7 @@ def _call(node, values, training):
     return node.operation(*args, **kwargs)
 
 
-def call_on_rows(node, values, num, training):
+def call_on_rows(node: Any, values: Dict[int, Any], num: int, training: Optional[bool]) -> List[_Expanded]:
     """Runs `node` on `batch x A` rows: values with an outcome axis are
     flattened, the others repeated once per outcome. Returns its flat outputs."""
     rows = {}

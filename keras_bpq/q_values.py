@@ -11,15 +11,26 @@ re-run of the forward pass on `batch x A` rows). Every other head is learned
 (`critics.NodeCritic`).
 """
 
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import keras
 import tensorflow as tf
 
 from keras_bpq import nodes as nodes_lib
 from keras_bpq import outcomes as outcomes_lib
 
+if TYPE_CHECKING:
+    from keras_bpq import critics as critics_lib
+    from keras_bpq import forward as forward_lib
+    from keras_bpq import graph
 
-def context(info, x, records: Mapping) -> dict:
+# What heads are evaluated at: `[batch, A, *event]` outcomes, dense or as unit edits.
+Values = Union[tf.Tensor, outcomes_lib.UnitEdits]
+
+
+def context(info: graph.NodeInfo, x: Any, records: Mapping[str, graph.NodeRecord]) -> Dict[str, Any]:
     """`{"inputs": x, name: sample}` for the entries of the node's context
     (`graph.NodeInfo.context`), the samples stop-gradient."""
     result = {"inputs": x} if "inputs" in info.context else {}
@@ -44,14 +55,28 @@ class QFunction:
         re-runs.
     """
 
-    def __init__(self, scg, critics: Mapping, network, forward: Callable):
+    def __init__(
+        self,
+        scg: graph.SCG,
+        critics: Mapping[str, critics_lib.Critic],
+        network: Optional[keras.Model],
+        forward: Callable[..., forward_lib.Recording],
+    ) -> None:
         self.scg = scg
         self.critics = critics
         self.network = network
         self.forward = forward
         self._evaluators = {}
 
-    def heads(self, info, x, y, records: Mapping, values, target: bool = True) -> Dict[str, tf.Tensor]:
+    def heads(
+        self,
+        info: graph.NodeInfo,
+        x: Any,
+        y: Any,
+        records: Mapping[str, graph.NodeRecord],
+        values: Values,
+        target: bool = True,
+    ) -> Dict[str, tf.Tensor]:
         """`{cost: [batch, A]}`: every head `Q^c_X` of node `info` at `values`
         (`[batch, A, *event]`, a tensor or `outcomes.UnitEdits`), given the
         recorded context of this pass.
@@ -82,7 +107,9 @@ class QFunction:
             raise ValueError(f"Node {info.name!r} has no critic for costs {missing}.")
         return heads
 
-    def downstream_evaluator(self, info, costs: Tuple[str, ...]) -> Optional[outcomes_lib.DownstreamEvaluator]:
+    def downstream_evaluator(
+        self, info: graph.NodeInfo, costs: Tuple[str, ...]
+    ) -> Optional[outcomes_lib.DownstreamEvaluator]:
         """The cached `outcomes.DownstreamEvaluator` of `costs` at node `info`,
         or None where the model is not functional or the graph needs a re-run."""
         key = (info.name, costs)
@@ -97,7 +124,15 @@ class QFunction:
             self._evaluators[key] = evaluator
         return self._evaluators[key]
 
-    def rerun_heads(self, info, x, y, held: Mapping, values, costs) -> Dict[str, tf.Tensor]:
+    def rerun_heads(
+        self,
+        info: graph.NodeInfo,
+        x: Any,
+        y: Any,
+        held: Mapping[str, Any],
+        values: Values,
+        costs: Tuple[str, ...],
+    ) -> Dict[str, tf.Tensor]:
         """Exact heads by a forward pass on `batch x A` rows with the context
         `held` (`context()`) and the node forced."""
         if isinstance(values, outcomes_lib.UnitEdits):
@@ -123,7 +158,9 @@ class QFunction:
         ).costs
         return {c: tf.reshape(rerun[c], [-1, num]) for c in costs}
 
-    def rerun(self, info, x, y, records: Mapping) -> Callable:
+    def rerun(
+        self, info: graph.NodeInfo, x: Any, y: Any, records: Mapping[str, graph.NodeRecord]
+    ) -> Callable[[tf.Tensor], tf.Tensor]:
         """`values [rows, A, *event] -> [rows, A]`: the node's realised downstream
         cost `c_X` with the node forced to each value, the earlier samples held
         and the later nodes sampled afresh (one batched forward pass)."""
@@ -136,7 +173,14 @@ class QFunction:
 
         return rerun
 
-    def node_q(self, info, x, y, records: Mapping, target: bool) -> Callable:
+    def node_q(
+        self,
+        info: graph.NodeInfo,
+        x: Any,
+        y: Any,
+        records: Mapping[str, graph.NodeRecord],
+        target: bool,
+    ) -> Callable[[Values], tf.Tensor]:
         """`values [rows, A, *event] -> [rows, A]`: `Q_X = sum_{c in C_X} Q^c_X`
         (`heads`)."""
 

@@ -19,6 +19,8 @@
   (and so in every checkpoint) where `fit` stands, and resume there.
 """
 
+from __future__ import annotations
+
 import contextlib
 import copy
 import fcntl
@@ -33,12 +35,16 @@ import warnings
 import weakref
 import zipfile
 import zlib
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_bpq import estimators as estimators_lib
+
+# A file or folder path, as `keras.Model.save` takes it.
+PathLike = Union[str, os.PathLike]
 
 _ESTIMATOR_KEY = "keras_bpq_estimator"
 
@@ -48,7 +54,7 @@ class CompileArguments:
     """The arguments of one `compile()` call (a plain object: Keras does not
     track it, so Keras models passed as `critics=` are not tracked twice)."""
 
-    def __init__(self, arguments):
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
         arguments = dict(arguments)
         kwargs = arguments.pop("kwargs", {}) or {}
         self.values = {
@@ -57,7 +63,7 @@ class CompileArguments:
         self.values.update(kwargs)
 
 
-def encode_estimator(value, where):
+def encode_estimator(value: Any, where: str) -> Any:
     """A `compile(estimator=...)` value (`where` names it in errors) as a
     config: a built-in `Estimator` as its name and options, a name as itself."""
     if isinstance(value, estimators_lib.Estimator):
@@ -72,14 +78,18 @@ def encode_estimator(value, where):
     return value
 
 
-def decode_estimator(value):
+def decode_estimator(value: Any) -> Any:
     """The `compile(estimator=...)` value of an `encode_estimator` config."""
     if isinstance(value, dict) and _ESTIMATOR_KEY in value:
         return estimators_lib.ESTIMATORS[value[_ESTIMATOR_KEY]](**value.get("config", {}))
     return value
 
 
-def serialize_compile_config(arguments, optimizer, critic_optimizer):
+def serialize_compile_config(
+    arguments: CompileArguments,
+    optimizer: Optional[keras.optimizers.Optimizer],
+    critic_optimizer: Optional[keras.optimizers.Optimizer],
+) -> Dict[str, Any]:
     """The `compile()` arguments as a Keras-serialisable config.
 
     The optimizers are saved as the instances in use (their full config);
@@ -109,7 +119,7 @@ def serialize_compile_config(arguments, optimizer, critic_optimizer):
     return config
 
 
-def deserialize_compile_config(config):
+def deserialize_compile_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The `compile()` keyword arguments saved by `serialize_compile_config`."""
     values = dict(keras.saving.deserialize_keras_object(config))
     estimator = values.get("estimator", "auto")
@@ -121,7 +131,7 @@ def deserialize_compile_config(config):
 
 
 # -- input signature ----------------------------------------------------------
-def serialize_spec(spec):
+def serialize_spec(spec: Any) -> Dict[str, Any]:
     """A structure of `tf.TensorSpec` as JSON-compatible nested dicts."""
     if isinstance(spec, tf.TensorSpec):
         return {"tensor_spec": {"shape": spec.shape.as_list(), "dtype": spec.dtype.name}}
@@ -132,7 +142,7 @@ def serialize_spec(spec):
     raise ValueError(f"Cannot save input signature entry {spec!r}.")
 
 
-def deserialize_spec(config):
+def deserialize_spec(config: Optional[Mapping[str, Any]]) -> Any:
     """Inverse of `serialize_spec` (None for None)."""
     if config is None:
         return None
@@ -147,7 +157,7 @@ def deserialize_spec(config):
 
 
 # -- checkpoint files ---------------------------------------------------------
-def check_finite(variables, what):
+def check_finite(variables: Iterable[tf.Variable], what: str) -> None:
     """Raises a ValueError naming the variables that hold a NaN or inf."""
     bad = []
     for variable in variables:
@@ -165,7 +175,7 @@ def check_finite(variables, what):
         )
 
 
-def atomic_target(filepath, suffix, overwrite):
+def atomic_target(filepath: Any, suffix: str, overwrite: bool) -> bool:
     """Whether `filepath` is written through `atomic_write`: a local path with
     the suffix Keras expects, that may be overwritten (otherwise Keras asks),
     and that names (through any symlinks) a regular file or nothing yet.
@@ -206,7 +216,7 @@ def _remove_folder(folder, base):
     return True
 
 
-def remove_leftovers(filepath):
+def remove_leftovers(filepath: PathLike) -> List[str]:
     """Removes what killed saves to `filepath` (through symlinks) left beside
     it: our temporary folders for that file name whose lock no live process
     holds. A save in progress, in this process or another, holds its lock and
@@ -254,7 +264,7 @@ def _fsync(path, flags=os.O_RDONLY):
 
 
 @contextlib.contextmanager
-def atomic_write(filepath):
+def atomic_write(filepath: PathLike) -> Iterator[str]:
     """Yields a temporary path with the file name of `filepath`; once the block
     has written it completely, puts it in place of `filepath`. On error or
     interruption `filepath` keeps its previous content, and the temporary file
@@ -326,7 +336,7 @@ def atomic_write(filepath):
 
 
 # -- loading -------------------------------------------------------------------
-def check_archive(filepath):
+def check_archive(filepath: PathLike) -> None:
     """Raises a ValueError naming `filepath` unless it is a complete `.keras`
     archive: a zip file that holds `config.json` and whose members all match
     their checksums (a file cut short, overwritten or not a model fails)."""
@@ -392,7 +402,7 @@ def _unresolvable(entry, custom_objects):
     return key
 
 
-def unknown_objects(config, custom_objects=None):
+def unknown_objects(config: Any, custom_objects: Optional[Mapping[str, Any]] = None) -> List[str]:
     """The names of the classes and functions a serialised Keras config uses
     that this process cannot deserialise, in the order they appear."""
     found = []
@@ -413,7 +423,7 @@ def unknown_objects(config, custom_objects=None):
     return found
 
 
-def unknown_objects_error(what, names):
+def unknown_objects_error(what: str, names: Sequence[str]) -> ValueError:
     """The error for `what` (e.g. "the model in 'm.keras'") using the classes
     or functions `names` that this process does not know."""
     example = ", ".join(f"{name!r}: {name.rsplit('>', 1)[-1]}" for name in names)
@@ -426,7 +436,9 @@ def unknown_objects_error(what, names):
     )
 
 
-def deserialize_network(config, custom_objects=None):
+def deserialize_network(
+    config: Dict[str, Any], custom_objects: Optional[Mapping[str, Any]] = None
+) -> keras.Model:
     """`keras.saving.deserialize_keras_object(config)` for the network inside a
     `BackpropQModel`'s config; a class or function the process does not know
     is a ValueError naming it (Keras would bury it in a TypeError of the
@@ -441,7 +453,12 @@ def deserialize_network(config, custom_objects=None):
         raise unknown_objects_error("the network of a BackpropQModel", names) from error
 
 
-def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+def load_model(
+    filepath: PathLike,
+    custom_objects: Optional[Mapping[str, Any]] = None,
+    compile: bool = True,
+    safe_mode: bool = True,
+) -> keras.Model:
     """`keras.saving.load_model`, with errors that say what is wrong: a `.keras`
     file that is cut short or corrupt is a ValueError naming it (Keras says
     "File not found"), and a class or function the process does not know is
@@ -467,7 +484,7 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
 _BACKUP_DIRS = weakref.WeakKeyDictionary()
 
 
-def set_backup_dirs(model, backup_dirs):
+def set_backup_dirs(model: keras.Model, backup_dirs: Optional[Iterable[PathLike]]) -> None:
     """Notes the `BackupAndRestore` folders `fit` may restore `model` from
     (None: `fit` is over), so that a backup written by another model is
     reported as such (`explained_load_errors`)."""
@@ -513,7 +530,9 @@ _OPTIMIZER_SKIPPED = "Skipping variable loading for optimizer"
 
 
 @contextlib.contextmanager
-def explained_load_errors(model, filepath, compiled, strict=True):
+def explained_load_errors(
+    model: keras.Model, filepath: Any, compiled: bool, strict: bool = True
+) -> Iterator[None]:
     """Around `keras.Model.load_weights(filepath)` of `model`: a file that does
     not fit the model is a ValueError that says so, and, for a
     `BackupAndRestore` backup, which folder holds it and what to do; a `.keras`

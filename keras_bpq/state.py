@@ -1,13 +1,19 @@
 """`TrainingState`: the one tracked home of what training creates besides the
 actor's weights."""
 
-from typing import Dict, Mapping, Optional
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
+
+if TYPE_CHECKING:
+    from keras_bpq import estimators as estimators_lib
+    from keras_bpq import graph
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
@@ -20,7 +26,7 @@ class TrainingState(keras.layers.Layer):
     variables checkpoint, restore and distribute with the model.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.node_state = {}
         self.critics = {}
@@ -54,8 +60,13 @@ class TrainingState(keras.layers.Layer):
         )
 
     def setup(
-        self, scg, estimators: Mapping, critic_heads: Mapping[str, tuple], feature_dims: Mapping[str, int],
-        critic_models: Mapping, hidden_units: tuple,
+        self,
+        scg: graph.SCG,
+        estimators: Mapping[str, estimators_lib.Estimator],
+        critic_heads: Mapping[str, Tuple[str, ...]],
+        feature_dims: Mapping[str, int],
+        critic_models: Mapping[str, object],
+        hidden_units: Tuple[int, ...],
     ) -> None:
         """Creates every node's estimator state and the critics of `critic_heads`."""
         for info in scg.nodes:
@@ -81,11 +92,17 @@ class TrainingState(keras.layers.Layer):
         self.built = True
 
     @property
-    def learned_critics(self) -> Dict[str, "critics_lib.NodeCritic"]:
+    def learned_critics(self) -> Dict[str, critics_lib.NodeCritic]:
         """`{node: NodeCritic}`: the critics trained here (not injected `Critic`s)."""
         return {n: c for n, c in self.critics.items() if isinstance(c, critics_lib.NodeCritic)}
 
-    def add_state(self, name: str, shape, dtype, initializer="zeros") -> tf.Variable:
+    def add_state(
+        self,
+        name: str,
+        shape: Sequence[int],
+        dtype: tf.DType | str,
+        initializer: str | Callable = "zeros",
+    ) -> tf.Variable:
         """A non-trainable state variable (`Estimator.create_state`'s `add_weight`)."""
         # A layer called twice names its second node "<layer>@2"; "@" is not
         # allowed in a variable name.
@@ -95,7 +112,14 @@ class TrainingState(keras.layers.Layer):
             aggregation="only_first_replica",
         )
 
-    def update_estimators(self, nodes, estimators: Mapping, means, tuning, has_data: Optional[tf.Tensor]) -> None:
+    def update_estimators(
+        self,
+        nodes: Sequence[graph.NodeInfo],
+        estimators: Mapping[str, estimators_lib.Estimator],
+        means: Sequence[tf.Tensor],
+        tuning: Sequence[Sequence[tf.Tensor]],
+        has_data: Optional[tf.Tensor],
+    ) -> None:
         """After a finite step: every node's estimator state from `means` (per
         node, the global mean of `c_X`) and its tuning gradients `tuning`, then
         the step counter. With `has_data` false (every sample weight 0) the
@@ -119,5 +143,5 @@ class TrainingState(keras.layers.Layer):
         self.status_row.assign(tf.where(first, row, self.status_row))
         self.status.assign(tf.where(first, status, self.status))
 
-    def call(self, inputs):
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
         return inputs

@@ -16,21 +16,29 @@ are stop-gradient. These are pure functions of recorded tensors and the
 model's Q-function (`evaluate`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+
 import tensorflow as tf
 
 from keras_bpq import q_values
 
+if TYPE_CHECKING:
+    from keras_bpq import critics as critics_lib
+    from keras_bpq import graph
+
 KINDS = ("mc", "td", "expected", "lambda")
 
 
-def check_kind(kind, lam):
+def check_kind(kind: str, lam: float) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown critic target {kind!r}; choose one of {list(KINDS)}.")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"critic target lambda must be in [0, 1]; got {lam}.")
 
 
-def learned_heads(scg):
+def learned_heads(scg: graph.SCG) -> Dict[str, Tuple[str, ...]]:
     """`{node: (cost, ...)}`: the heads of each node that must be learned (the
     node is not its cost's last stochastic ancestor)."""
     heads = {}
@@ -39,7 +47,14 @@ def learned_heads(scg):
     return heads
 
 
-def critic_targets(kind, scg, costs, q_at_sample, value=None, lam=0.9):
+def critic_targets(
+    kind: str,
+    scg: graph.SCG,
+    costs: Mapping[str, tf.Tensor],
+    q_at_sample: Mapping[str, Mapping[str, tf.Tensor]],
+    value: Optional[Mapping[str, Mapping[str, tf.Tensor]]] = None,
+    lam: float = 0.9,
+) -> Dict[Tuple[str, str], tf.Tensor]:
     """`{(node, cost): target [batch]}` for every learned head.
 
     Args:
@@ -70,7 +85,17 @@ def critic_targets(kind, scg, costs, q_at_sample, value=None, lam=0.9):
     return targets
 
 
-def evaluate(kind, lam, scg, costs, records, critics, q_function, x, y):
+def evaluate(
+    kind: str,
+    lam: float,
+    scg: graph.SCG,
+    costs: Mapping[str, tf.Tensor],
+    records: Mapping[str, graph.NodeRecord],
+    critics: Mapping[str, critics_lib.Critic],
+    q_function: q_values.QFunction,
+    x: Any,
+    y: Any,
+) -> Tuple[Dict[Tuple[str, str], tf.Tensor], Dict[str, Dict[str, tf.Tensor]]]:
     """`(targets, q_at_sample)`: `critic_targets` of this pass for every
     learned head, and `q_at_sample`, each node's heads at its sample (exact
     heads hold the realised cost, learned ones the target copy's value).
