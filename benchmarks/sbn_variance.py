@@ -69,10 +69,11 @@ build_sbn = common.example("sbn").build_sbn
 load_digits = common.example("sbn").load_digits
 
 FLAGS = flags.FLAGS
-# Importing examples/sbn.py defines its flags, which this script reuses: --steps
+# examples/sbn.py's flags (define_flags), which this script reuses: --steps
 # (default lowered to 3000 here), --batch_size, --learning_rate,
 # --steps_per_execution, --z1, --z2, --seed and --jit_compile. Its --estimator
 # is not used: this script compares the estimators itself.
+common.example("sbn").define_flags()
 FLAGS.set_default("steps", 3000)
 flags.DEFINE_list("checkpoints", ["0", "1000", "3000"], "Step counts at which variance is measured.")
 flags.DEFINE_integer("num_draws", 500, "Gradient draws per estimator and checkpoint.")
