@@ -33,7 +33,6 @@ import os
 import pathlib
 import shlex
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
