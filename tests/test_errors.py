@@ -6,11 +6,13 @@ import tempfile
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_probability as tfp
 from test_distribute import run as run_distributed
 
 import keras_bpq
 from keras_bpq import diagnostics
+from keras_bpq import distribute
 
 tfd = tfp.distributions
 
@@ -452,3 +454,30 @@ def test_distributed_step_never_leaves_a_non_finite_value():
     )
     assert "would have written a non-finite value" in result["message"], result
     assert result["changed"] == [], result
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_all_finite_finds_every_nonfinite_value(jit):
+    """The write guard's check (`distribute.all_finite`): any NaN or inf in any
+    floating variable, of any shape, is found, under XLA too; huge finite
+    values and integer variables are not flagged."""
+    variables = [
+        keras.Variable(np.full((784, 200), 3e38, np.float32)),
+        keras.Variable(np.ones((7,), np.float32)),
+        keras.Variable(np.float32(1.0)),
+        keras.Variable(np.ones((2, 3, 4)) * 1e300, dtype="float64"),
+        keras.Variable(np.ones((0, 3), np.float32)),
+        keras.Variable(2**62, dtype="int64"),
+    ]
+    check = tf.function(lambda: distribute.all_finite(variables), jit_compile=jit)
+    assert bool(check())
+    for index in range(4):
+        for bad in (np.nan, np.inf, -np.inf):
+            v = variables[index]
+            original = keras.ops.convert_to_numpy(v)
+            flat = original.reshape(-1).copy()
+            flat[len(flat) // 2] = bad
+            v.assign(flat.reshape(original.shape))
+            assert not bool(check()), (index, bad)
+            v.assign(original)
+    assert bool(check())
