@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
+from keras_bpq import distribute
 from keras_bpq import saving as saving_lib
 
 if TYPE_CHECKING:
@@ -52,9 +53,8 @@ def step_status(
     for index in reversed(range(len(scg.costs))):
         finite = tf.reduce_all(tf.math.is_finite(costs[scg.costs[index]]))
         status = tf.where(finite, status, index + 1)
-    grads_finite = tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None] or [True]
-    )
+    # A sparse gradient (tf.IndexedSlices) is checked on its values only.
+    grads_finite = distribute.finite([getattr(g, "values", g) for g in grads if g is not None])
     return tf.where(tf.logical_and(tf.equal(status, 0), tf.logical_not(grads_finite)), -1, status)
 
 

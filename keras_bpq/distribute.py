@@ -47,25 +47,30 @@ def global_weighted_mean(value: tf.Tensor, sample_weight: Optional[tf.Tensor]) -
     return tf.math.divide_no_nan(sums[0], sums[1])
 
 
-def all_finite(variables: Sequence[tf.Variable]) -> tf.Tensor:
-    """Whether every floating variable holds finite values only.
+def finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Whether every floating tensor in `tensors` holds finite values only.
 
-    Each variable `V`, read as a matrix `[rows, n]`, is multiplied by a zero
-    vector: `V 0` is exactly 0 where `V` is finite and NaN where it holds a NaN
+    Each tensor `T`, read as a matrix `[rows, n]`, is multiplied by a zero
+    vector: `T 0` is exactly 0 where `T` is finite and NaN where it holds a NaN
     or an inf (`inf * 0 = NaN`), whatever the finite magnitudes, and the sum
-    of those products is finite exactly when every variable is. A matrix-vector
-    product reads each variable once with the BLAS kernels and writes nothing
+    of those products is finite exactly when every tensor is. A matrix-vector
+    product reads each tensor once with the BLAS kernels and writes nothing
     of its size: under XLA on CPU it is much cheaper than one concatenation
-    of every variable checked with `is_finite` (the step's cost:
+    of every tensor checked with `is_finite` (the step's cost:
     `benchmarks/overhead.py`)."""
     products = []
-    for v in variables:
-        if tf.as_dtype(v.dtype).is_floating and v.shape.num_elements() != 0:
-            columns = v.shape[-1] if v.shape.rank else 1
-            matrix = tf.reshape(v.value, [-1, columns])
+    for t in tensors:
+        if t.dtype.is_floating and t.shape.num_elements() != 0:
+            columns = t.shape[-1] if t.shape.rank else 1
+            matrix = tf.reshape(t, [-1, columns])
             product = tf.linalg.matvec(matrix, tf.zeros([columns], matrix.dtype))
             products.append(tf.cast(tf.reduce_sum(product), tf.float32))
     return tf.math.is_finite(tf.add_n(products)) if products else tf.constant(True)
+
+
+def all_finite(variables: Sequence[tf.Variable]) -> tf.Tensor:
+    """Whether every floating variable holds finite values only (`finite`)."""
+    return finite([v.value for v in variables if tf.as_dtype(v.dtype).is_floating])
 
 
 def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:

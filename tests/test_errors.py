@@ -458,9 +458,10 @@ def test_distributed_step_never_leaves_a_non_finite_value():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_all_finite_finds_every_nonfinite_value(jit):
-    """The write guard's check (`distribute.all_finite`): any NaN or inf in any
-    floating variable, of any shape, is found, under XLA too; huge finite
-    values and integer variables are not flagged."""
+    """The write guard's check (`distribute.all_finite`, and `finite` on the
+    step's gradients): any NaN or inf in any floating variable or tensor, of
+    any shape, is found, under XLA too; huge finite values and integer
+    variables are not flagged."""
     variables = [
         keras.Variable(np.full((784, 200), 3e38, np.float32)),
         keras.Variable(np.ones((7,), np.float32)),
@@ -471,6 +472,8 @@ def test_all_finite_finds_every_nonfinite_value(jit):
     ]
     check = tf.function(lambda: distribute.all_finite(variables), jit_compile=jit)
     assert bool(check())
+    values = tf.function(lambda: distribute.finite([tf.identity(v.value) for v in variables]), jit_compile=jit)
+    assert bool(values())
     for index in range(4):
         for bad in (np.nan, np.inf, -np.inf):
             v = variables[index]
@@ -479,5 +482,6 @@ def test_all_finite_finds_every_nonfinite_value(jit):
             flat[len(flat) // 2] = bad
             v.assign(flat.reshape(original.shape))
             assert not bool(check()), (index, bad)
+            assert not bool(values()), (index, bad)
             v.assign(original)
     assert bool(check())
