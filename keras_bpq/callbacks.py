@@ -25,9 +25,11 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
+from keras_bpq import nodes
 from keras_bpq import saving as saving_lib
 
 if TYPE_CHECKING:
@@ -76,6 +78,21 @@ def mask_status(
         status = tf.where(found, len(scg.costs) + 1 + index, status)
         row = tf.where(found, tf.argmax(tf.cast(empty, tf.int32), output_type=tf.int32), row)
     return status, row
+
+
+def empty_mask_row_error(scg: graph.SCG, code: int, row: int) -> tf.errors.InvalidArgumentError:
+    """The error for a `mask_status` `code` (not 0) of `predict` or `evaluate`
+    under XLA, where the node's mask allowed no outcome in row `row` (an index
+    into the mask's rows flattened, as `mask_status` gives it): the error, with
+    the same message, that the node's assertion raises outside XLA (which gives
+    a mask of rank 3 or more the row's index along every axis but the last)."""
+    info = scg.nodes[code - len(scg.costs) - 1]
+    inner = info.event_shape[:-1]  # the mask's axes between the batch and the outcomes
+    if inner:
+        size = int(np.prod(inner))
+        row = np.array((row // size,) + tuple(int(i) for i in np.unravel_index(row % size, inner)))
+    message = " ".join(str(part) for part in nodes.empty_row_message(info.layer_name, row))
+    return tf.errors.InvalidArgumentError(None, None, message)
 
 
 def step_variables(
