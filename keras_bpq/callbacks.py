@@ -25,10 +25,12 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
 from keras_bpq import distribute
+from keras_bpq import nodes
 from keras_bpq import saving as saving_lib
 
 if TYPE_CHECKING:
@@ -78,26 +80,46 @@ def mask_status(
     return status, row
 
 
+def empty_mask_row_error(scg: graph.SCG, code: int, row: int) -> tf.errors.InvalidArgumentError:
+    """The error for a `mask_status` `code` (not 0) of `predict` or `evaluate`
+    under XLA, where the node's mask allowed no outcome in row `row` (an index
+    into the mask's rows flattened, as `mask_status` gives it): the error, with
+    the same message, that the node's assertion raises outside XLA (which gives
+    a mask of rank 3 or more the row's index along every axis but the last)."""
+    info = scg.nodes[code - len(scg.costs) - 1]
+    inner = info.event_shape[:-1]  # the mask's axes between the batch and the outcomes
+    if inner:
+        size = int(np.prod(inner))
+        row = np.array((row // size,) + tuple(int(i) for i in np.unravel_index(row % size, inner)))
+    message = " ".join(str(part) for part in nodes.empty_row_message(info.layer_name, row))
+    return tf.errors.InvalidArgumentError(None, None, message)
+
+
 def step_variables(
     weights: Iterable[tf.Variable],
-    training_state: state_lib.TrainingState,
+    training_state: Optional[state_lib.TrainingState],
     critic_variables: Iterable[tf.Variable],
     optimizers: Iterable[Tuple[Optional[keras.optimizers.Optimizer], str]],
 ) -> List[Tuple[tf.Variable, str]]:
     """`[(variable, role)]`: every variable a training step may write (the
     model's `weights`, critics and their target copies, estimator state, the
     `optimizers`' variables (`[(optimizer or None, role)]`), for undoing a
-    step; `role` names it in errors."""
+    step; `role` names it in errors. A model without a `training_state`
+    (None; a `logged.LoggedModel`) leaves its own status variables out of
+    `weights`."""
     roles = {}
 
     def add(variables, role):
         for variable in variables:
             roles.setdefault(id(variable), (variable, role))
 
-    state = {id(v): n for n, s in training_state.node_state.items() for v in s}
+    node_state = {} if training_state is None else training_state.node_state
+    state = {id(v): n for n, s in node_state.items() for v in s}
+    targets = [] if training_state is None else training_state.non_trainable_weights
+    report = [] if training_state is None else [training_state.status, training_state.status_row]
     critic_ids = {id(v) for v in critic_variables}
     for variable in weights:
-        if variable is training_state.status or variable is training_state.status_row:
+        if any(variable is v for v in report):
             continue  # the step's own report, written after the check
         if not tf.as_dtype(variable.dtype).is_floating:
             role = "counter"  # never non-finite; set back with the rest
@@ -107,7 +129,7 @@ def step_variables(
             role = "critic weight"
         elif variable.trainable:
             role = "weight"
-        elif any(variable is w for w in training_state.non_trainable_weights):
+        elif any(variable is w for w in targets):
             role = "critic target copy"
         else:
             role = "non-trainable weight"
@@ -120,15 +142,16 @@ def step_variables(
 
 def nonfinite_error(
     model_name: str,
-    scg: graph.SCG,
+    scg: Optional[graph.SCG],
     code: int,
     row: int,
     variables: Sequence[Tuple[tf.Variable, str]],
 ) -> FloatingPointError:
     """The error for a step whose status (`step_status`, `mask_status`, or
     `-2 - i` for an update that wrote a non-finite value into `variables[i]`,
-    `step_variables`) is `code`, not 0; `row` is the batch row of a mask."""
-    if code > len(scg.costs):
+    `step_variables`) is `code`, not 0; `row` is the batch row of a mask.
+    `scg` names the costs and nodes (it may be None for a code `-2 - i`)."""
+    if code > 0 and code > len(scg.costs):
         node = scg.nodes[code - len(scg.costs) - 1].name
         return FloatingPointError(
             f"Model {model_name!r}: Categorical node {node!r}: row {row} of its mask allows no "

@@ -76,6 +76,18 @@ class NodeStep:
     # Values an estimator computes once per pass and reuses (the same noise in
     # `surrogate` and `tuning_gradients`).
     cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # [batch]: each row's weight in `batch_mean` (for `tuning_gradients`, the
+    # model sets it from the sample weights); None: every row counts alike.
+    row_weights: Optional[tf.Tensor] = None
+
+    def batch_mean(self, value: tf.Tensor) -> tf.Tensor:
+        """The mean over this replica's rows of a per-row `value` (`[batch]`),
+        weighted by `row_weights` when set: `sum_rows row_weights * value`. A
+        row of weight 0 contributes nothing, and the mean over replicas is the
+        sample-weighted mean `sum w value / sum w` of the global batch."""
+        if self.row_weights is None:
+            return tf.reduce_mean(value)
+        return tf.reduce_sum(tf.cast(self.row_weights, value.dtype) * value)
 
     def seed(self) -> tf.Tensor:
         """A fresh int32 stateless seed from the node's seed generator."""
@@ -113,7 +125,9 @@ class Estimator:
     def tuning_gradients(self, step: NodeStep) -> List[tf.Tensor]:
         """Gradients (this replica's batch) of the estimator's own tuning
         objective with respect to its tuned state, in `apply_tuning`'s order;
-        `[]` when it tunes nothing. The model averages them over replicas."""
+        `[]` when it tunes nothing. The objective should average over rows with
+        `step.batch_mean`, which weighs them by the sample weights. The model
+        averages the gradients over replicas."""
         return []
 
     def apply_tuning(self, state: tuple, gradients: Sequence[tf.Tensor]) -> None:
@@ -834,8 +848,9 @@ class Relax(Estimator):
     training step they take an Adam step (`tune_learning_rate`; moments in
     `<node>_tune_moments`) down the single-sample variance estimate
     `d/d(log t, eta) mean_rows sum_u g_u^2`, `g` the gradient with respect to
-    the node's parameters. Since `E[g]` does not depend on `(t, eta)`,
-    `d Var[g] = d E[g^2]`: the step lowers the estimator's variance.
+    the node's parameters and the mean weighted by the sample weights. Since
+    `E[g]` does not depend on `(t, eta)`, `d Var[g] = d E[g^2]`: the step
+    lowers the estimator's variance.
     """
 
     name = "relax"
@@ -950,14 +965,16 @@ class Relax(Estimator):
 
     def tuning_gradients(self, step: NodeStep) -> List[tf.Tensor]:
         """`d/d(log t, eta) mean_rows sum_u g_u^2` (`logit_gradient`): the
-        single-sample gradient of `E[|g|^2]`, hence of `Var[g]`."""
+        single-sample gradient of `E[|g|^2]`, hence of `Var[g]`. The mean over
+        rows weighs them by the sample weights (`NodeStep.batch_mean`): a row
+        of weight 0 contributes nothing, as in the surrogate."""
         if not self.tune or not step.info.costs:
             return []
         phi = [tf.convert_to_tensor(v) for v in (step.state.log_temperature, step.state.eta)]
         with tf.GradientTape() as tape:
             tape.watch(phi)
             g = self.logit_gradient(step, tf.exp(phi[0]), phi[1])
-            variance = tf.reduce_mean(tf.reduce_sum(tf.square(g), axis=1))
+            variance = step.batch_mean(tf.reduce_sum(tf.square(g), axis=1))
         return tape.gradient(variance, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def apply_tuning(

@@ -8,6 +8,7 @@ samples held fixed unless a node is reparameterised) estimates `grad J`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
@@ -114,15 +115,19 @@ def estimator_signals(
     `c_X`; whether any sample weight is non-zero (None without weights; with
     weights that are all 0, no data, the estimator state stays as it is); per
     node the replica means of the estimator's own tuning gradients (relax's
-    control variate)."""
+    control variate), whose rows are weighted by the sample weights as the
+    means are (`NodeStep.row_weights`: `w_i` times the replicas over the
+    global sum of the weights)."""
     weights, replicas = forward.weights, distribute.num_replicas()
     means = [distribute.global_weighted_mean(forward.steps[info.name].downstream, weights) for info in scg.nodes]
-    has_data = (
-        None if weights is None
-        else distribute.global_sum(tf.reduce_sum(tf.abs(tf.cast(weights, tf.float32)))) > 0
-    )
+    has_data, steps = None, forward.steps
+    if weights is not None:
+        weights = tf.reshape(tf.cast(weights, tf.float32), [-1])
+        has_data = distribute.global_sum(tf.reduce_sum(tf.abs(weights))) > 0
+        row_weights = tf.math.divide_no_nan(weights * replicas, distribute.global_sum(tf.reduce_sum(weights)))
+        steps = {n: dataclasses.replace(step, row_weights=row_weights) for n, step in steps.items()}
     tuning = [
-        [distribute.global_sum(g) / replicas for g in estimators[n].tuning_gradients(forward.steps[n])]
+        [distribute.global_sum(g) / replicas for g in estimators[n].tuning_gradients(steps[n])]
         for n in scg.node_names
     ]
     return means, has_data, tuning

@@ -46,21 +46,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
+from keras_bpq import callbacks as callbacks_lib
 from keras_bpq import critics as critics_lib
+from keras_bpq import distribute
 from keras_bpq import graph
 
 LOGGED_KEYS = ("action", "propensity", "cost")
 MAX_SUPPORT = 1024
 
-# What a skipped step met, in `LoggedModel`'s status variable.
-_OK, _BAD_PROPENSITY, _BAD_ACTION, _BAD_COST, _NONFINITE = range(5)
+# What a skipped step met, in `LoggedModel`'s status variable (`_UNDONE`: its
+# updates wrote a non-finite value, and the status row is that variable's index
+# in `LoggedModel.step_variables()`).
+_OK, _BAD_PROPENSITY, _BAD_ACTION, _BAD_COST, _NONFINITE, _UNDONE = range(6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +337,12 @@ class LoggedModel(keras.Model):
     invalid (a propensity not in `(0, 1]`, an action outside the node's
     support, a non-finite cost) or whose estimate or gradient is not finite
     changes nothing, and `fit` (or `train_on_batch`) then raises a
-    ValueError naming the input, the row and what to change. `evaluate`
-    reports the same estimates without training, and raises likewise. Runs
+    ValueError naming the input, the row and what to change. A step whose
+    updates would write a NaN or inf into any weight, critic weight or
+    optimizer slot (Adam's squared gradients overflow on a cost of 1e30, say)
+    is undone whole, and `fit` (or `train_on_batch`) then raises a
+    `FloatingPointError` naming that variable. `evaluate` reports the same
+    estimates without training, and raises like `fit` for invalid data. Runs
     on one device.
 
     Args:
@@ -557,48 +565,70 @@ class LoggedModel(keras.Model):
         if self.critic_optimizer is not None and not self.critic_optimizer.built:
             self.critic_optimizer.build(self.critic_variables)
 
+    def step_variables(self) -> List[Tuple[tf.Variable, str]]:
+        """`[(variable, role)]`: every variable a training step may write (the
+        policy's and the critic's weights, the step counter, both optimizers'
+        variables; `callbacks.step_variables`), which a step that would leave
+        a non-finite value in any of them sets back whole."""
+        report = (self.status, self.status_row)  # written after the check
+        return callbacks_lib.step_variables(
+            [v for v in self.weights if not any(v is r for r in report)], None, self.critic_variables,
+            [(self.optimizer, "policy optimizer variable"), (self.critic_optimizer, "critic optimizer variable")],
+        )
+
     def train_step(self, data: Any) -> Dict[str, Any]:
         x, logged = self._unpack(data)
         policy_variables, critic_variables = self.policy_variables, self.critic_variables
+        # What the step may write, read before anything writes it (the forward
+        # pass too: other nodes of the policy advance their seed generators).
+        written = self.step_variables()
+        saved = [tf.identity(v.value) for v, _ in written]
         with tf.GradientTape(persistent=True) as tape:
             out = self.estimate(x, logged)
         grads = tape.gradient(out["loss"], policy_variables)
         critic_grads = tape.gradient(out["critic_loss"], critic_variables) if critic_variables else []
         del tape
         status = _status(out, [g for g in grads + critic_grads if g is not None])
-        ok = tf.equal(status, _OK)
 
-        def update_policy():
-            self.optimizer.apply(grads, policy_variables)
-            return tf.constant(0)
+        def update_critic(critic_grads, critic_inputs=None):
+            if not critic_variables:
+                return
+            self.critic_optimizer.apply(critic_grads, critic_variables)
+            for _ in range(self.critic_steps - 1):
+                with tf.GradientTape() as critic_tape:
+                    critic_loss = self.estimate(x, logged)["critic_loss"]
+                self.critic_optimizer.apply(critic_tape.gradient(critic_loss, critic_variables), critic_variables)
 
-        def apply():
-            if self.critic_warmup_steps:
-                tf.cond(self.steps >= self.critic_warmup_steps, update_policy, lambda: tf.constant(0))
-            else:
-                update_policy()
-            if critic_variables:
-                self.critic_optimizer.apply(critic_grads, critic_variables)
-                for _ in range(self.critic_steps - 1):
-                    with tf.GradientTape() as critic_tape:
-                        critic_loss = self.estimate(x, logged)["critic_loss"]
-                    self.critic_optimizer.apply(critic_tape.gradient(critic_loss, critic_variables), critic_variables)
-            self.steps.assign_add(1)
-            return tf.constant(0)
-
-        tf.cond(ok, apply, lambda: tf.constant(0))
-        return self._update_metrics(out, status)
+        # Every update of the step, or none (distribute.apply_updates: the
+        # critic, then the policy after the critic's warm-up, then the counter).
+        updates = distribute.StepUpdates(
+            critics=update_critic,
+            actor=lambda grads: self.optimizer.apply(grads, policy_variables),
+            state=lambda *signals: self.steps.assign_add(1),
+            target_copies=lambda: None,
+            actor_ready=lambda: self.steps >= self.critic_warmup_steps,
+            warmup=self.critic_warmup_steps,
+        )
+        values = distribute.StepValues(grads, critic_grads, means=[], has_data=None, tuning=[])
+        undone = distribute.apply_updates(
+            tf.not_equal(status, _OK), updates, values, [v for v, _ in written], saved
+        )
+        # A step undone for a non-finite value it wrote names that variable.
+        undone_now = tf.logical_and(tf.equal(status, _OK), undone >= 0)
+        return self._update_metrics(
+            out, tf.where(undone_now, _UNDONE, status), tf.where(undone_now, undone, out["row"])
+        )
 
     def test_step(self, data: Any) -> Dict[str, Any]:
         x, logged = self._unpack(data)
         out = self.estimate(x, logged)
-        return self._update_metrics(out, _status(out))
+        return self._update_metrics(out, _status(out), out["row"])
 
-    def _update_metrics(self, out, status):
-        """Keeps the first problem seen (`status`, `out["row"]`) and adds the
-        batch's estimates to the metrics unless it had one."""
+    def _update_metrics(self, out, status, row):
+        """Keeps the first problem seen (`status`, `row`) and adds the batch's
+        estimates to the metrics unless it had one."""
         first = tf.equal(self.status, _OK)
-        self.status_row.assign(tf.where(first, out["row"], self.status_row))
+        self.status_row.assign(tf.where(first, row, self.status_row))
         self.status.assign(tf.where(first, status, self.status))
         ok = tf.equal(status, _OK)
         weight = tf.cast(ok, tf.float32)
@@ -617,13 +647,17 @@ class LoggedModel(keras.Model):
 
     def raise_if_skipped(self, batch: Optional[int] = None) -> None:
         """Raises a ValueError if a step (of `fit`, `train_on_batch` or `evaluate`)
-        met invalid logged data or a non-finite value, naming why."""
+        met invalid logged data or a non-finite estimate or gradient, naming
+        why, or a `FloatingPointError` naming the variable if a training step
+        was undone for a non-finite value it would have written."""
         code = int(self.status.numpy())
         if code == _OK:
             return
         row = int(self.status_row.numpy())
         self.status.assign(0)
         self.status_row.assign(0)
+        if code == _UNDONE:
+            raise callbacks_lib.nonfinite_error(self.name, None, -2 - row, 0, self.step_variables())
         where = f"row {row} of " if code != _NONFINITE else ""
         where += "a batch" if batch is None else f"batch {batch}"
         problem = {

@@ -12,6 +12,7 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -299,20 +300,45 @@ class BackpropQModel(
         )
 
     def test_step(self, data: Any) -> Dict[str, Any]:
+        """`keras.Model.test_step` on the model's costs. Under XLA, which drops
+        the masks' assertions, it also reports a Categorical mask row that
+        allows no outcome, and `evaluate` raises the assertion's error."""
         x, y, sample_weight = data_lib.unpack(data)
         forward = self.run_forward(x, y, training=False, sample_weight=sample_weight)
+        if self.jit_compile:
+            self.training_state.report(*callbacks_lib.mask_status(self.scg(x), forward.records, tf.constant(0)))
         return self._update_metrics(forward, self.critic_set().evaluate(forward, with_gradient=False))
+
+    def predict_step(self, data: Any) -> Any:
+        """`keras.Model.predict_step`. Under XLA, which drops the masks'
+        assertions, it also reports a Categorical mask row that allows no
+        outcome (its value is NaN), and `predict` raises the assertion's error."""
+        if not self.jit_compile:
+            return super().predict_step(data)
+        x, _, _ = data_lib.unpack(data)
+        scg = self.scg(x)
+        with graph.Recorder(most_likely=True) as recorder:  # what training=False returns
+            y_pred = self(x, training=False)
+        records = {record.name: record for record in recorder.nodes}
+        self.training_state.report(*callbacks_lib.mask_status(scg, records, tf.constant(0)))
+        return y_pred
+
+    @contextlib.contextmanager
+    def _mask_rows_checked(self):
+        """Around `predict` and `evaluate` (and their `_on_batch` forms): raises
+        after the loop the error a node's mask assertion raises outside XLA,
+        for the first mask row without an outcome that a step reported."""
+        self.training_state.status.assign(0)
+        yield
+        code, row = self.training_state.take_report()
+        if code:
+            raise callbacks_lib.empty_mask_row_error(self._scg, code, row)
 
     def raise_if_nonfinite(self) -> None:
         """Raises `FloatingPointError` if a training step met a non-finite value."""
-        state = self.training_state
-        code = int(state.status.numpy())
-        if code == 0:
-            return
-        state.status.assign(0)
-        row = int(state.status_row.numpy())
-        state.status_row.assign(0)
-        raise callbacks_lib.nonfinite_error(self.name, self._scg, code, row, self._step_variables())
+        code, row = self.training_state.take_report()
+        if code:
+            raise callbacks_lib.nonfinite_error(self.name, self._scg, code, row, self._step_variables())
 
     # -- metrics -----------------------------------------------------------
     def _update_metrics(self, forward, critics=None):
@@ -346,7 +372,20 @@ class BackpropQModel(
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         # Training state is created before Keras traces a (distributed) step.
         self.build_training_state()
-        return super().evaluate(**data_lib.weights_without_targets(super().evaluate, args, kwargs))
+        with self._mask_rows_checked():
+            return super().evaluate(**data_lib.weights_without_targets(super().evaluate, args, kwargs))
+
+    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        with self._mask_rows_checked():
+            return super().test_on_batch(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with self._mask_rows_checked():
+            return super().predict(*args, **kwargs)
+
+    def predict_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        with self._mask_rows_checked():
+            return super().predict_on_batch(*args, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`

@@ -13,7 +13,7 @@ sampling compiles under XLA, checkpoints with the model and resumes exactly.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -321,6 +321,23 @@ class Bernoulli(StochasticNode):
         return tuple(input_shape)
 
 
+def empty_row_message(layer_name: str, row: Any) -> List[Any]:
+    """The error message of a `Categorical` node `layer_name` whose mask allows
+    no outcome in row `row`, as the parts `[text, row, text]`: the node's
+    assertion prints them (`row` a tensor), and with `row` an int (an index
+    array for a mask of rank 3 or more) `" ".join(map(str, parts))` is the same
+    message for a check made after XLA dropped that assertion
+    (`callbacks.empty_mask_row_error`)."""
+    # No quotes in the message: an assertion prints them escaped.
+    return [
+        f"Categorical node `{layer_name}`: row",
+        row,
+        "of its mask allows no outcome (every entry is False). Every row of "
+        "the mask must allow at least one outcome: allow one (e.g. a stay "
+        "or no-op outcome) or leave such rows out of the batch.",
+    ]
+
+
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class Categorical(StochasticNode):
     """One of `K` outcomes, returned one-hot: `x ~ OneHotCategorical(softmax(logits))`.
@@ -335,8 +352,9 @@ class Categorical(StochasticNode):
     (eagerly, in a traced step, in `predict` and in an exported SavedModel).
     Under XLA (`jit_compile=True`), which drops assertions, such a row's
     sample (or mode) is NaN instead, so no forbidden outcome is ever returned;
-    a `BackpropQModel` training step then meets a non-finite cost or gradient
-    and is skipped.
+    a `BackpropQModel` training step then is skipped and `fit` raises a
+    `FloatingPointError` naming the node and the row, and its `predict` and
+    `evaluate` raise the assertion's error after their loop.
     """
 
     distribution_name = "Categorical"
@@ -392,16 +410,7 @@ class Categorical(StochasticNode):
             rest = rest // dims[axis]
         row = index[0] if len(index) == 1 else tf.stack(index[::-1])
         check = tf.debugging.Assert(
-            tf.logical_not(tf.reduce_any(flat)),
-            # No quotes in the message: an assertion prints them escaped.
-            [
-                f"Categorical node `{self.name}`: row",
-                row,
-                "of its mask allows no outcome (every entry is False). Every row of "
-                "the mask must allow at least one outcome: allow one (e.g. a stay "
-                "or no-op outcome) or leave such rows out of the batch.",
-            ],
-            name="check_mask_rows",
+            tf.logical_not(tf.reduce_any(flat)), empty_row_message(self.name, row), name="check_mask_rows"
         )
         with tf.control_dependencies([check]):
             return tf.identity(mask)

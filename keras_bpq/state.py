@@ -143,5 +143,16 @@ class TrainingState(keras.layers.Layer):
         self.status_row.assign(tf.where(first, row, self.status_row))
         self.status.assign(tf.where(first, status, self.status))
 
+    def take_report(self) -> Tuple[int, int]:
+        """`(status, row)` as `report` kept them (`(0, 0)` when no step reported
+        a problem), and clears them for the next step."""
+        status = int(self.status.numpy())
+        if status == 0:
+            return 0, 0
+        row = int(self.status_row.numpy())
+        self.status.assign(0)
+        self.status_row.assign(0)
+        return status, row
+
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         return inputs

@@ -3,10 +3,12 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import graphs
 import keras_bpq
 from keras_bpq import diagnostics
+from keras_bpq import forward as forward_lib
 from test_critics import oracle_critics
 from test_gradients import assert_unbiased
 
@@ -238,6 +240,63 @@ def test_relax_tuning_lowers_the_variance_and_skips_nonfinite_steps():
     after = relax_state(model)["b"]
     for k, v in tuned_values.items():
         np.testing.assert_array_equal(after[k], v, err_msg=k)
+
+
+def tuning_signals(model, x, sample_weight, seeds):
+    """`estimator_signals` (`(means, has_data, tuning)`) of one pass over `x`
+    weighted by `sample_weight`, the nodes' seed generators first set to
+    `seeds` (`{layer: state}`)."""
+    for layer, state in seeds.items():
+        layer.seed_generator.state.assign(state)
+    forward = model.run_forward(x, sample_weight=sample_weight)
+    return forward_lib.estimator_signals(model.scg(x), model.node_estimators, forward)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_tuned_relax_ignores_rows_of_weight_zero(jit_compile):
+    """Sample weights 0 on the last rows give the tuning gradients and the
+    tuning step of the batch without those rows (the rows kept draw the same
+    samples and noise), and so do weights 2 on the rows kept."""
+    model, _ = graphs.masked_categorical()
+    model.compile(estimator=keras_bpq.estimators.Relax(temperature=0.8, tune=True))
+    assert move_control_variates(model) == ["z1", "c", "z2"]
+    layers = [model.node_layer(info) for info in model.scg().nodes]
+    seeds = {layer: layer.seed_generator.state.numpy() for layer in layers}
+    x = np.random.RandomState(4).normal(size=(12, graphs.INPUT_DIM)).astype("float32")
+    kept = 9
+    signals = tf.function(
+        lambda x, w: tuning_signals(model, x, w, seeds), jit_compile=jit_compile, autograph=False
+    )
+    dropped = signals(x[:kept], np.ones(kept, "float32"))
+    zeros = np.where(np.arange(12) < kept, 1.0, 0.0).astype("float32")
+    cases = {"zeros": signals(x, zeros), "twos": signals(x, 2.0 * zeros)}
+    unweighted = signals(x, np.ones(12, "float32"))
+    state = model.training_state
+    initial = relax_state(model)
+
+    def tuned(signal):
+        for node, values in initial.items():
+            for k, v in values.items():
+                getattr(state.node_state[node], k).assign(v)
+        means, has_data, tuning = signal
+        state.update_estimators(model.scg().nodes, model.node_estimators, means, tuning, has_data)
+        return relax_state(model)
+
+    expected = tuned(dropped)
+    for name, signal in cases.items():
+        for node, grads, want in zip(model.scg().node_names, signal[2], dropped[2]):
+            np.testing.assert_allclose(
+                [g.numpy() for g in grads], [w.numpy() for w in want], rtol=1e-4, atol=1e-7, err_msg=f"{name} {node}"
+            )
+        for node, values in tuned(signal).items():
+            for k, v in values.items():
+                np.testing.assert_allclose(v, expected[node][k], rtol=1e-5, atol=1e-7, err_msg=f"{name} {node} {k}")
+    # The rows left out count when their weight is not 0: the comparison has power.
+    differs = [
+        not np.allclose(g.numpy(), w.numpy(), rtol=1e-3)
+        for grads, want in zip(unweighted[2], dropped[2]) for g, w in zip(grads, want)
+    ]
+    assert any(differs)
 
 
 def test_tuned_relax_config_and_keras_file_round_trip(tmp_path):

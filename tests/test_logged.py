@@ -289,6 +289,50 @@ def test_invalid_values_skip_the_step_and_fail_naming_the_row(column, value, mes
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
+def everything(learner):
+    """Every variable of the learner, both optimizers' slots included."""
+    return list(learner.weights) + list(learner.optimizer.variables) + list(learner.critic_optimizer.variables)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_a_step_that_would_write_a_non_finite_value_is_undone_and_named(jit_compile):
+    """A cost of 1e30 is finite, and so are the estimate and the gradient, but
+    Adam's squared gradient overflows: the step is undone whole and fit and
+    train_on_batch raise a FloatingPointError naming the slot."""
+    learner = logged.LoggedModel(bandit_policy(), node="action", estimator="ips", name="ipsm")
+    learner.compile(optimizer=keras.optimizers.Adam(0.01), jit_compile=jit_compile)
+    x, t = draw_log(np.random.default_rng(11), 40)
+    learner.fit(x[:20], {k: v[:20] for k, v in t.items()}, batch_size=20, epochs=1, verbose=0)
+    x, t = x[20:], {k: v[20:].copy() for k, v in t.items()}
+    before = [keras.ops.convert_to_numpy(v).copy() for v in everything(learner)]
+    assert before and any(v.path.endswith("_velocity") for v in everything(learner))
+
+    def unchanged():
+        for variable, value in zip(everything(learner), before):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value, err_msg=variable.path)
+
+    t["cost"][3] = 1e30
+    message = (
+        r"'ipsm': the update would have written a non-finite value \(NaN or inf\) into policy optimizer "
+        r"variable '\w+/theta_kernel_velocity', although every cost was finite"
+    )
+    with pytest.raises(FloatingPointError, match=message):
+        learner.fit(x, t, batch_size=20, epochs=1, verbose=0)
+    unchanged()
+    with pytest.raises(FloatingPointError, match=message):
+        learner.train_on_batch(x, t)
+    unchanged()
+    t["cost"][3] = np.nan  # refused before any update, naming the row
+    with pytest.raises(ValueError, match=r"row 3 of batch 0 .* `cost` is not finite"):
+        learner.fit(x, t, batch_size=20, epochs=1, verbose=0, shuffle=False)
+    unchanged()
+    t["cost"][3] = 1.0  # the guard's report was read: training goes on
+    learner.fit(x, t, batch_size=20, epochs=1, verbose=0)
+    after = [keras.ops.convert_to_numpy(v) for v in everything(learner)]
+    assert any(not np.array_equal(a, b) for a, b in zip(after, before))
+    assert all(np.all(np.isfinite(v)) for v in after if v.dtype.kind == "f")
+
+
 def test_evaluate_reports_the_estimate_and_refuses_invalid_rows():
     learner = logged.LoggedModel(bandit_policy(), node="action", estimator="ips")
     learner.compile()

@@ -226,8 +226,7 @@ def test_categorical_mask_row_without_outcome_is_nan_under_xla():
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_model_with_a_mask_row_without_outcome_never_trains_on_it(jit_compile):
     """fit stops before any update, naming the node and row (under XLA too: the
-    step is skipped and reported); predict raises naming them (under XLA it
-    returns NaN for the row)."""
+    step is skipped and reported); predict raises naming them."""
     model, queries = graphs.walk_task()
     model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile)
     x = queries[:8].copy()
@@ -241,16 +240,75 @@ def test_model_with_a_mask_row_without_outcome_never_trains_on_it(jit_compile):
             model.fit(x, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for variable, value in zip(model.weights, before):
         np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
-    if jit_compile:
-        prediction = model.predict(x, batch_size=8, verbose=0)
-        assert np.all(np.isnan(prediction[5])) and np.all(np.isfinite(np.delete(prediction, 5, axis=0)))
-    else:
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"Categorical node `hop1`: row\] \[5\]"):
-            model.predict(x, batch_size=8, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Categorical node `hop1`: row\]? \[?5\b"):
+        model.predict(x, batch_size=8, verbose=0)
     # The rows that allow an outcome still train and predict.
     good = np.delete(x, 5, axis=0)
     model.fit(good, batch_size=7, epochs=1, verbose=0)
     assert np.all(np.isfinite(model.predict(good, verbose=0)))
+
+
+EMPTY_ROW_TEXT = (
+    "of its mask allows no outcome (every entry is False). Every row of the mask must allow at "
+    "least one outcome: allow one (e.g. a stay or no-op outcome) or leave such rows out of the batch."
+)
+
+
+def inference_errors(model, x, good):
+    """`{call: message}` of the InvalidArgumentError that predict, evaluate and
+    their `_on_batch` forms raise on `x` (its second batch of 8 holds a mask
+    row without outcome); then checks that rows `good` still predict."""
+    calls = {
+        "predict": lambda: model.predict(x, batch_size=8, verbose=0),
+        "evaluate": lambda: model.evaluate(x, batch_size=8, verbose=0),
+        "predict_on_batch": lambda: model.predict_on_batch(x[8:]),
+        "test_on_batch": lambda: model.test_on_batch(x[8:]),
+    }
+    messages = {}
+    for name, call in calls.items():
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            call()
+        messages[name] = error.value.message
+    assert np.all(np.isfinite(model.predict(good, batch_size=8, verbose=0)))
+    return messages
+
+
+def test_inference_under_xla_raises_the_assertion_error_for_a_mask_row_without_outcome():
+    """XLA drops the masks' assertions: predict, evaluate, predict_on_batch and
+    test_on_batch then raise after their loop the error, with the same message,
+    that they raise without XLA, naming the node and the row of the batch."""
+    _, queries = graphs.walk_task()
+    x = queries[:16].copy()
+    x[13, :10] = 0.0  # row 5 of the second batch: hop1 may go nowhere
+    good = np.delete(x, 13, axis=0)
+    for jit_compile in (False, True):
+        model, _ = graphs.walk_task()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile)
+        for name, message in inference_errors(model, x, good).items():
+            assert "Categorical node `hop1`: row" in message and "allows no outcome" in message, (name, message)
+            if jit_compile:
+                assert message == f"Categorical node `hop1`: row 5 {EMPTY_ROW_TEXT}", (name, message)
+            else:  # the assertion prints each part in brackets
+                assert f"[Categorical node `hop1`: row] [5] [{EMPTY_ROW_TEXT}]" in message, (name, message)
+
+
+def test_inference_under_xla_names_the_row_of_a_rank_3_mask_as_its_assertion_does():
+    x = keras.Input((3, 4))
+    logits = keras.layers.Dense(4, name="grid_logits")(x)
+    grid = keras_bpq.Categorical(name="grid", seed=3)(logits, mask=keras.ops.greater(x, 0.0))
+    model = keras_bpq.BackpropQModel(
+        inputs=x, outputs=grid, costs={"c": keras.ops.sum(grid * x, axis=(1, 2))}, name="gridm"
+    )
+    inputs = np.random.RandomState(0).uniform(0.1, 1.0, (16, 3, 4)).astype("float32")
+    inputs[13, 2] = -1.0  # position (5, 2) of the second batch allows no outcome
+    good = np.delete(inputs, 13, axis=0)
+    messages = {}
+    for jit_compile in (False, True):
+        model.compile(optimizer="sgd", estimator="reinforce", jit_compile=jit_compile)
+        messages[jit_compile] = inference_errors(model, inputs, good)
+    for name, message in messages[True].items():
+        assert message == f"Categorical node `grid`: row [5 2] {EMPTY_ROW_TEXT}", (name, message)
+        assert f"[Categorical node `grid`: row] [5 2] [{EMPTY_ROW_TEXT}]" in messages[False][name], messages[False][name]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int32"])

@@ -1,8 +1,10 @@
 """`.keras` round trips, checkpoints, and exact resume after a crash."""
 
 import dataclasses
+import functools
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -662,6 +664,28 @@ def test_truncated_or_corrupt_keras_file_is_named(tmp_path):
     (tmp_path / "cut.weights.h5").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(OSError, match=r"cut\.weights\.h5' is not a valid or complete weights file"):
         model.load_weights(tmp_path / "cut.weights.h5")
+
+
+def test_the_documented_loader_names_a_truncated_keras_file(tmp_path):
+    """Every loader that the README and the docs show (`<module>.load_model(`)
+    says that a `.keras` file cut short is not a complete archive and names
+    it: Keras' own `keras.saving.load_model` says "File not found" there."""
+    root = pathlib.Path(TESTS).parent
+    pages = [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
+    shown = sorted({call for page in pages for call in re.findall(r"((?:\w+\.)+load_model)\(", page.read_text())})
+    assert shown, "the docs show no loader"
+    model = marked_model(6.0)
+    model.save(tmp_path / "model.keras")
+    data = (tmp_path / "model.keras").read_bytes()
+    cut = str(tmp_path / "cut.keras")
+    pathlib.Path(cut).write_bytes(data[: len(data) // 2])
+    modules = {"keras": keras, "keras_bpq": keras_bpq}
+    for call in shown:
+        package, *names = call.split(".")
+        load = functools.reduce(getattr, names, modules[package])
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(cut))} is not a valid or complete \.keras archive"):
+            load(cut)
+        assert load(str(tmp_path / "model.keras")).name == model.name, call
 
 
 class Scale(keras.layers.Layer):
