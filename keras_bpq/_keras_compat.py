@@ -4,8 +4,9 @@ Keras 3 and TensorFlow give no public way to do a few things the package
 needs: read a functional model's graph of operations (to re-evaluate costs at
 a node's other outcomes), list a layer's sublayers and own losses, reach the
 trainer's loss tracker and initial epoch, read `BackupAndRestore`'s metadata
-file, ask a strategy whether it synchronises through `merge_call`, and work
-around two bugs of Keras' train and test loops under `tf.distribute`. Each is
+file, know whether XLA compiles the graph being traced, ask a strategy whether
+it synchronises through `merge_call`, and work around two bugs of Keras' train
+and test loops under `tf.distribute`. Each is
 a small named function here; the rest of the package calls these and never a
 private attribute of Keras or TensorFlow.
 
@@ -155,6 +156,18 @@ def backup_metadata_path(callback):
     """The path of a `keras.callbacks.BackupAndRestore`'s training metadata
     file (the epoch to resume at)."""
     return callback._training_metadata_path
+
+
+# -- XLA -------------------------------------------------------------------
+def in_xla_context():
+    """Whether the graph being traced will be compiled by XLA (inside a
+    `tf.function(jit_compile=True)`, such as Keras' step with
+    `jit_compile=True`); False when executing eagerly."""
+    if tf.executing_eagerly():
+        return False
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 # -- tf.distribute ---------------------------------------------------------

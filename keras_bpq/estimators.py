@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bpq import graph
+from keras_bpq import nodes
 from keras_bpq import outcomes
 
 
@@ -94,10 +95,10 @@ class NodeStep:
         return tf.cast(self.record.layer.seed_generator.next(), tf.int32)
 
     def uniform(self, shape: Any, minval: float = 0.0, maxval: float = 1.0) -> tf.Tensor:
-        """`U(minval, maxval)` noise from a fresh seed, drawn with Philox: the
-        default algorithm compiles under XLA on CPU into a much slower fusion
-        (a [50, 200] draw: 2.6 ms against 0.3 ms; see `nodes.Bernoulli.draw`)."""
-        return tf.random.stateless_uniform(shape, seed=self.seed(), minval=minval, maxval=maxval, alg="philox")
+        """`U(minval, maxval)` noise from a fresh seed (`nodes.stateless_uniform`:
+        Threefry under XLA, Philox elsewhere; TFP's default algorithm compiles
+        under XLA on CPU into a much slower fusion)."""
+        return nodes.stateless_uniform(shape, self.seed(), minval, maxval)
 
 
 class Estimator:

@@ -33,6 +33,22 @@ Shape = Tuple[Optional[int], ...]
 _MASKED_LOGIT = -1e9
 
 
+def stateless_uniform(
+    shape: Any, seed: tf.Tensor, minval: float = 0.0, maxval: float = 1.0
+) -> tf.Tensor:
+    """`U(minval, maxval)` float32 noise from an int32 stateless `seed` (`[2]`).
+
+    Drawn with Threefry where XLA compiles the graph (`jit_compile=True`) and
+    with Philox elsewhere: on CPU, XLA compiles Philox into a much slower
+    loop than Threefry, and TF's own kernels have no Threefry (both much
+    faster under XLA than TFP's default `auto_select`; the timings are in
+    benchmarks/results/overhead.md). A seed therefore draws different noise
+    with and without XLA; each is reproducible on its own.
+    """
+    alg = "threefry" if _keras_compat.in_xla_context() else "philox"
+    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval, alg=alg)
+
+
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class StochasticNode(keras.layers.Layer):
     """A stochastic node `X ~ p(x | params)` for any TFP distribution.
@@ -291,17 +307,18 @@ class Bernoulli(StochasticNode):
         return tfd.Bernoulli(logits=tf.cast(params, tf.float32), dtype=tf.float32)
 
     def draw(self, dist: tfd.Distribution, seed: tf.Tensor) -> tf.Tensor:
-        """`x_u = [u_u < sigmoid(logits_u)]`, `u ~ U(0, 1)` drawn with Philox:
-        TFP's default algorithm (`auto_select`) compiles under XLA on CPU into a
-        much slower fusion (benchmarks/results/sbn.md: 50 x 200 draws took
-        7.3-17.7 ms per call against 0.46-0.61 ms with Philox)."""
+        """`x_u = [u_u < sigmoid(logits_u)]`, `u ~ U(0, 1)` from
+        `stateless_uniform`: TFP's default algorithm (`auto_select`) compiles
+        under XLA on CPU into a much slower fusion (benchmarks/results/sbn.md:
+        50 x 200 draws took 7.3-17.7 ms per call against 0.46-0.61 ms with
+        Philox)."""
         return self.draw_with_noise(dist, seed)[0]
 
     def draw_with_noise(self, dist: tfd.Distribution, seed: tf.Tensor) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
         """`(x, u)`: the sample `x = [u < sigmoid(logits)]` and its noise `u`
         (recorded, so that `disarm` reuses it instead of drawing `u` again)."""
         logits = dist.logits
-        uniform = tf.random.stateless_uniform(tf.shape(logits), seed=seed, alg="philox")
+        uniform = stateless_uniform(tf.shape(logits), seed)
         return tf.cast(uniform < tf.sigmoid(logits), tf.float32), uniform
 
     def most_likely(self, dist: tfd.Distribution) -> tf.Tensor:
