@@ -31,14 +31,12 @@ validation values and the critic's fit under the old schedule.
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000,60000
 
 Each run replaces its data set's section of benchmarks/results/bandit.json and
-renders bandit.md from the JSON (both written atomically).
+renders bandit.md from the JSON (`render.bandit`; both written atomically).
 """
 
 import gzip
 import json
 import os
-import shlex
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,14 +46,13 @@ from absl import flags  # noqa: E402
 import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import render  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_bpq import critics  # noqa: E402
 from keras_bpq import logged  # noqa: E402
 import keras_bpq  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
 sbn = common.sbn_benchmark()  # its flags too: --dataset, --seeds, --out_dir, --batch_size
 
 FLAGS = flags.FLAGS
@@ -246,69 +243,6 @@ def verdicts(table):
     return lines
 
 
-def markdown(report):
-    out = ["# Learning from logged bandit feedback (supervised-to-bandit)", "",
-           "Written by `benchmarks/bandit.py` from `bandit.json`; the protocol is in the script's docstring",
-           "(Dudik et al. 2011; Swaminathan and Joachims 2015; BanditNet 2018). Reward 1 when the action names",
-           "the class (cost = -reward); one logged action per training image from a tempered softmax logging",
-           "policy trained on a small subset (how weak it is shows in its row); every learned policy is a linear softmax `Categorical` node trained with",
-           "`keras_bpq.logged.LoggedModel` (no clipping); the critic of the direct method and doubly robust",
-           "is an `AllOutcomes` MLP. The constant-critic row is doubly robust with `Q` fixed at the mean logged",
-           "cost: IPS on the costs shifted by it (BanditNet's translation), the part of doubly robust a critic",
-           "that has learned nothing leaves. The schedule (epochs, critic warm-up, critic updates per policy",
-           "update) was chosen on a validation split of the logged rows, never the test set (the script's",
-           "docstring). Scores on the full-information test set, **median of the seeds**: expected accuracy",
-           "`mean pi(y|x)` (the policy's value) and greedy accuracy (argmax); a learned policy's own estimate",
-           "is minus its estimator's loss in the last epoch (the expected reward the estimator credits it with",
-           "on the log it was fitted to; above the expected accuracy where it overrates it); the mean ratio",
-           "`mean_i pi(a_i|x_i) / mu_i` of each learned policy on its own log is 1 in expectation for a policy",
-           "that does not depend on the log, and far below 1 for one that has learned to avoid the logged",
-           "actions (propensity overfitting, Swaminathan and Joachims 2015; BanditNet's diagnostic).", ""]
-    for tag, section in report.items():
-        m, config = section["machine"], section["config"]
-        out += [f"## {section['title']}", "",
-                f"`{section['command']}`", "",
-                f"Seeds {config['seeds']}; logging policy trained on {config['logging_fraction']:.0%} of the train "
-                f"split for {config['logging_epochs']} epochs, temperature {config['temperature']}; {config['epochs']} epochs, batch "
-                f"{config['batch_size']}, Adam {config['lr']} (critic {config['critic_lr']}, "
-                f"{config['critic_units']} hidden units, {config['critic_steps']} critic updates per policy "
-                f"update after {config['critic_warmup_steps']} critic-only steps), XLA on, data in memory, tf.data autotuning off. "
-                f"Machine: {m['cpu']}, {m['cores']} cores, load average {', '.join(f'{v:.1f}' for v in m['load_average'])}"
-                f" at the start; TF {m['tensorflow']}, Keras {m['keras']}; commit {m['commit']}; "
-                f"{section['runtime_s']:.0f} s in all.", ""]
-        for size, block in section["sizes"].items():
-            table = block["median"]
-            out += [f"### {size} logged rows", "",
-                    "| policy | expected accuracy | greedy accuracy | own estimate of its reward | "
-                    "mean ratio pi/mu on the log | fit seconds (median) |",
-                    "|---|---:|---:|---:|---:|---:|"]
-            for arm in ARMS:
-                seconds = [r["seconds"][arm] for r in block["runs"] if arm in r["seconds"]]
-                ratios = [r[arm]["mean_ratio"] for r in block["runs"] if "mean_ratio" in r[arm]]
-                estimates = [-r[arm]["final_loss"] for r in block["runs"] if "final_loss" in r[arm]]
-                shown = [f"{np.median(v):.{d}f}" if v else ""
-                         for v, d in ((estimates, 3), (ratios, 2), (seconds, 1))]
-                out.append(f"| {arm} | {table[arm]['expected_accuracy']:.3f} | "
-                           f"{table[arm]['greedy_accuracy']:.3f} | {' | '.join(shown)} |")
-            logged_reward = np.median([r["logged_reward"] for r in block["runs"]])
-            out += ["", f"Logged reward (median over seeds): {logged_reward:.3f}.", "",
-                    "**" + "; ".join(block["verdicts"]) + ".**", ""]
-    out += ["## Reading", "",
-            "Doubly robust is unbiased for every fixed policy (tests/test_logged.py checks it against exact",
-            "enumeration), but a policy optimised on one finite log finds where the estimate overrates it. With",
-            "costs -reward <= 0, IPS credits only the logged actions that paid (the true classes here) and is",
-            "blind elsewhere. Doubly robust's IPS term weighs `c - Q` instead, which is positive on every logged",
-            "action that paid less than the critic predicted: minimising it pushes probability off those",
-            "actions, towards actions the log rarely tried; SNIPS, IPS on the costs minus the batch's estimate,",
-            "does the same. A mean ratio well below 1 is the sign; where the direct method, which has no IPS",
-            "term, shows it too, the critic's values on actions the log rarely tried (no logged cost corrects",
-            "them) draw the policy there. The constant-critic row isolates the shift:",
-            "doubly robust with `Q` fixed at the mean logged cost is IPS on shifted costs. Where doubly robust",
-            "is not above IPS or the logging policy in the tables above, the package's recommended estimator",
-            "lost on that data; the numbers are as measured.", ""]
-    return "\n".join(out) + "\n"
-
-
 def main(argv):
     del argv
     path = os.path.join(FLAGS.out_dir, "bandit.json")
@@ -317,7 +251,7 @@ def main(argv):
         with open(path) as f:
             report = json.load(f)
     if FLAGS.render_only:
-        common.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
+        render.write("bandit", report, os.path.join(FLAGS.out_dir, "bandit.md"))
         return
     start = time.perf_counter()
     machine = common.machine_info()
@@ -335,7 +269,7 @@ def main(argv):
     section.update(
         title={"digits": "digits (scikit-learn, 1500 train / 297 test)",
                "fashion_mnist": "Fashion-MNIST (60000 train / 10000 test)"}[FLAGS.dataset],
-        command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:]),
+        command=common.command_line(),
         machine=machine,
         config={"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": FLAGS.temperature,
                 "logging_epochs": FLAGS.logging_epochs,
@@ -347,9 +281,8 @@ def main(argv):
         runtime_s=time.perf_counter() - start,
     )
     report[FLAGS.dataset] = section
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    common.write_atomically(path, json.dumps(report, indent=1))
-    common.write_atomically(os.path.join(FLAGS.out_dir, "bandit.md"), markdown(report))
+    common.write_json(path, report)
+    render.write("bandit", report, os.path.join(FLAGS.out_dir, "bandit.md"))
     log(f"wrote {path} and bandit.md in {section['runtime_s']:.0f}s")
 
 

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: paths and imports, machine info, data,
-timing and writing results.
+timing, the command line and writing results (their pages: `pages.py` and
+`render.py`).
 
 Importing: the scripts run as `python benchmarks/<script>.py`, so this folder
 is first on `sys.path` and they `import common`. This module is the one place
@@ -19,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -241,6 +243,12 @@ def best_of(fn, rounds):
     return min(round_seconds(fn, rounds), default=float("inf"))
 
 
+def median(values):
+    """The median of the values that are not None (None if none are)."""
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
 def fit_seconds_per_step(model, data, steps):
     """Wall seconds per step of one `model.fit` of `steps` steps over `data`
     repeated, tf.data autotuning off (`without_autotuning`)."""
@@ -253,9 +261,18 @@ def fit_seconds_per_step(model, data, steps):
 
 
 # ----------------------------------------------------------------------------- output
+def command_line():
+    """The command this process runs, as a page shows it:
+    `python benchmarks/<script>.py --flag=value ...` (the script relative to
+    the checkout, arguments shell-quoted)."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    return "python " + shlex.join([script, *sys.argv[1:]])
+
+
 def write_atomically(path, text):
-    """Writes `text` to `path` through a temporary file renamed over it, so an
-    interrupted run never leaves a half-written page."""
+    """Writes `text` to `path` (its folder made if missing) through a temporary
+    file renamed over it, so an interrupted run never leaves a half-written page."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

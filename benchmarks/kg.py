@@ -20,9 +20,11 @@ Every run evaluates dev (beam search, filtered, ranked as --beam_pool and
 --beam_unique say) every --eval_every steps and test at the end; the trained
 agent's test split is then ranked under every beam option (paths or distinct
 entities at the last hop, x max or sum pooling), with the distinct entities
-ranked per query, so the options compare on the same agents. Results go to `<out_dir>/kg.json` after every run (a cut-off
-benchmark keeps what it finished), then `kg.md` and `kg_<dataset>.png` (dev
-Hits@1 against steps and against training wall-clock).
+ranked per query, so the options compare on the same agents. Results go to
+`<out_dir>/kg.json` after every run (a cut-off benchmark keeps what it
+finished), then `kg.md` (rendered from the JSON by `render.kg`, with the notes
+written by hand into kg.json's "notes") and `kg_<dataset>.png` (dev Hits@1
+against steps and against training wall-clock).
 
     python benchmarks/kg.py                       # the full benchmark
     python benchmarks/kg.py --from_json           # re-renders kg.md / PNGs from kg.json
@@ -31,8 +33,6 @@ Hits@1 against steps and against training wall-clock).
 import json
 import os
 import pathlib
-import shlex
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,6 +41,7 @@ from absl import flags  # noqa: E402
 import common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import render  # noqa: E402
 
 ROOT = pathlib.Path(common.ROOT)
 kg_reasoning = common.example("kg_reasoning")
@@ -58,7 +59,8 @@ flags.DEFINE_bool("from_json", False, "Only re-render the report from <out_dir>/
 flags.DEFINE_list("merge", [], "kg.json files of runs made in separate processes (e.g. one per dataset): "
                   "merged into <out_dir>/kg.json, then rendered.")
 
-# Published test results, filtered, tail only, on the same UMLS / Kinship splits.
+# Published test results, filtered, tail only, on the same UMLS / Kinship splits
+# (kg.json's "published": its page sets them beside the runs).
 PUBLISHED = {
     "MINERVA (Das et al. 2018)": {
         "umls": {"hits@1": 0.728, "hits@3": 0.900, "hits@10": 0.968, "mrr": 0.825},
@@ -68,13 +70,6 @@ PUBLISHED = {
         "umls": {"hits@1": 0.902, "hits@10": 0.992, "mrr": 0.94},
         "kinship": {"hits@1": 0.811, "hits@10": 0.982, "mrr": 0.878},
     },
-}
-METRICS = ("hits@1", "hits@3", "hits@10", "mrr")
-
-LABELS = {
-    "minerva": "MINERVA's estimator (reinforce + EMA 0.95, std. advantage)",
-    "rloo": "rloo",
-    "auto": "Backprop-Q default (critic_cv)",
 }
 
 
@@ -94,7 +89,7 @@ def schedule():
 def run_all(path):
     """Trains every scheduled run (skipping those already in the json)."""
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    results.update(command=" ".join(shlex.quote(a) for a in sys.argv), machine=common.machine_info(),
+    results.update(command=common.command_line(), machine=common.machine_info(), published=PUBLISHED,
                    settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
                                                         "beam_pool", "beam_unique", "learning_rate",
                                                         "steps_per_execution", "entropy_beta")})
@@ -116,49 +111,13 @@ def run_all(path):
         }
         print(f"   test {result['test']}  {result['steps_per_second']:.2f} steps/s", flush=True)
         results["runs"].append(result)
-        path.write_text(json.dumps(results, indent=1))
+        common.write_json(str(path), results)
     return results
 
 
 def ranking_name(pool, unique):
     """'paths/max', 'entities/sum', ...: what the last hop keeps, how an entity is scored."""
     return f"{'entities' if unique else 'paths'}/{pool}"
-
-
-def steps_to_reach(curve, level):
-    """First evaluated step whose dev Hits@1 >= level (None if never)."""
-    return next((p["step"] for p in curve if p["hits@1"] >= level - 1e-12), None)
-
-
-def summarise(results, dataset):
-    """Per-estimator medians over seeds, and per-seed comparisons to MINERVA."""
-    runs = [r for r in results["runs"] if r["dataset"] == dataset]
-    minerva = {r["seed"]: r for r in runs if r["estimator"] == "minerva"}
-    rows = {}
-    for estimator in dict.fromkeys(r["estimator"] for r in runs):
-        mine = [r for r in runs if r["estimator"] == estimator]
-        reach = []
-        for r in mine:
-            if r["seed"] in minerva:
-                target = minerva[r["seed"]]["curve"][-1]["hits@1"]
-                reach.append(steps_to_reach(r["curve"], target))
-        med = lambda xs: float(np.median(xs))  # noqa: E731
-        rows[estimator] = {
-            "seeds": sorted(r["seed"] for r in mine),
-            "steps": mine[0]["steps"],
-            **{k: med([r["test"][k] for r in mine]) for k in ("hits@1", "hits@3", "hits@10", "mrr")},
-            "dev_hits@1": med([r["curve"][-1]["hits@1"] for r in mine]),
-            "steps_per_second": med([r["steps_per_second"] for r in mine]),
-            "train_seconds": med([r["train_seconds"] for r in mine]),
-            "wall_seconds": med([r["wall_seconds"] for r in mine]),
-            "entities": med([r["test"].get("entities", np.nan) for r in mine]),
-            "rankings": {
-                name: {k: med([r["test_rankings"][name][k] for r in mine]) for k in (*METRICS, "entities")}
-                for name in mine[0].get("test_rankings", {})
-            },
-            "steps_to_minerva_final_dev": reach,
-        }
-    return rows
 
 
 def plot(results, dataset, path):
@@ -191,95 +150,6 @@ def plot(results, dataset, path):
     plt.close(fig)
 
 
-def verdict(rows):
-    """Lines answering the issue's questions, from the numbers."""
-    if "auto" not in rows or "minerva" not in rows:
-        return ["(auto or minerva missing: no comparison)"]
-    a, m = rows["auto"], rows["minerva"]
-    yes = lambda b: "**yes**" if b else "**no**"  # noqa: E731
-    reach = a["steps_to_minerva_final_dev"]
-    return [
-        f"- Backprop-Q test Hits@1 >= MINERVA's at equal steps: {yes(a['hits@1'] >= m['hits@1'])} "
-        f"({a['hits@1']:.3f} vs {m['hits@1']:.3f}, medians)",
-        f"- Backprop-Q test MRR >= MINERVA's at equal steps: {yes(a['mrr'] >= m['mrr'])} "
-        f"({a['mrr']:.3f} vs {m['mrr']:.3f})",
-        f"- First evaluated step at which Backprop-Q's dev Hits@1 reaches MINERVA's final one, per seed: {reach} "
-        f"(evaluated every {a.get('eval_every', '?')} steps; None = never; MINERVA ran {m['steps']})",
-        f"- Speed: Backprop-Q {a['steps_per_second']:.2f} steps/s against MINERVA's "
-        f"{m['steps_per_second']:.2f} ({m['steps_per_second'] / max(a['steps_per_second'], 1e-9):.1f}x)",
-    ]
-
-
-def fmt(value):
-    return "-" if value is None or not np.isfinite(value) else f"{value:.3f}"
-
-
-def write_markdown(results, out_dir):
-    """kg.md: settings, command, machine, a table per dataset (with the published
-    results), the beam options on the same agents, and the verdicts."""
-    s = results["settings"]
-    commands = results.get("commands") or [results["command"]]
-    lines = [
-        "# Knowledge-graph reasoning: estimators side by side",
-        "",
-        "Agent, data and protocol: `examples/kg_reasoning.py` (T = 2 hops, masked Categorical per hop, "
-        "GRU path state, query edge and its inverse hidden, inverse edges and a NO_OP self-loop in the graph). "
-        "At the last hop a training query's other true tails are masked from the *training* triples only "
-        "(MINERVA's training batcher); dev and test are filtered over every split, tail only. "
-        f"Beam {s['beam']}, last hop {'de-duplicated by entity' if s.get('beam_unique') else 'of paths'}, "
-        f"entity score: {s.get('beam_pool', 'max')} over its paths. Generated by `benchmarks/kg.py` from `kg.json`.",
-        "",
-        *[f"- Command: `{c}`" for c in commands],
-        f"- Machine: {json.dumps(results['machine'])}",
-        f"- Settings: {json.dumps(s)} (every estimator the same: Adam, clipnorm 5)",
-        f"- Budget per run: {s['steps']} steps x {s['batch_size']} queries x {s['rollouts']} rollouts; "
-        "training wall-clock per run in the tables (evaluation excluded).",
-        "",
-    ]
-    for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
-        rows = summarise(results, dataset)
-        for row in rows.values():
-            row["eval_every"] = s["eval_every"]
-        lines += [f"## {dataset}", "", f"![dev Hits@1](kg_{dataset}.png)", "",
-                  "| estimator | seeds | steps | test Hits@1 | Hits@3 | Hits@10 | MRR | final dev Hits@1 | "
-                  "entities ranked | steps/s | train s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, row in rows.items():
-            lines.append(
-                f"| {LABELS.get(name, name)} | {row['seeds']} | {row['steps']} | "
-                + " | ".join(fmt(row[k]) for k in (*METRICS, "dev_hits@1"))
-                + f" | {row['entities']:.1f} | {row['steps_per_second']:.2f} | {row['train_seconds']:.0f} |"
-            )
-        for source, table in PUBLISHED.items():
-            lines.append(f"| published: {source} | | | " + " | ".join(fmt(table[dataset].get(k)) for k in METRICS)
-                         + " | | | | |")
-        if "auto" in rows:
-            minerva_paper = next(iter(PUBLISHED.values()))[dataset]
-            gap = ", ".join(f"{k} {rows['auto'][k] - minerva_paper[k]:+.3f}" for k in METRICS)
-            lines += ["", f"Default minus MINERVA's published table: {gap}."]
-        lines += ["", "Medians over the seeds listed. Test ranked under each beam option (the same trained agents; "
-                  "'paths': the last hop keeps the beam's best paths, MINERVA's beam; 'entities': it keeps the "
-                  "beam's best distinct entities, MultiHopKG's; 'max' / 'sum': an entity's score is its best "
-                  "path's log-probability / the log-sum-exp over its paths), with the mean distinct entities "
-                  "ranked per query:", "",
-                  "| estimator | beam option | Hits@1 | Hits@3 | Hits@10 | MRR | entities ranked |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, row in rows.items():
-            for option, m in row["rankings"].items():
-                lines.append(f"| {name} | {option} | " + " | ".join(fmt(m[k]) for k in METRICS)
-                             + f" | {m['entities']:.1f} |")
-        lines += ["", "Per run:", "",
-                  "| estimator | seed | test Hits@1 | Hits@3 | Hits@10 | MRR | final dev Hits@1 | steps/s | "
-                  "train s |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in results["runs"]:
-            if r["dataset"] == dataset:
-                lines.append(f"| {r['estimator']} | {r['seed']} | " + " | ".join(fmt(r["test"][k]) for k in METRICS)
-                             + f" | {fmt(r['curve'][-1]['hits@1'])} | {r['steps_per_second']:.2f} | "
-                             f"{r['train_seconds']:.0f} |")
-        lines += ["", *verdict(rows), ""]
-    (out_dir / "kg.md").write_text("\n".join(lines) + "\n")
-
-
 def merge(paths):
     """One results dict from several kg.json files (runs concatenated)."""
     parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
@@ -287,7 +157,7 @@ def merge(paths):
     if any(x != settings[0] for x in settings):
         raise ValueError(f"--merge: the files were run with different settings: {settings}")
     return {"commands": [p["command"] for p in parts], "machine": [p["machine"] for p in parts],
-            "settings": settings[0], "runs": [r for p in parts for r in p["runs"]]}
+            "settings": settings[0], "published": PUBLISHED, "runs": [r for p in parts for r in p["runs"]]}
 
 
 def main(argv):
@@ -297,12 +167,12 @@ def main(argv):
     path = out_dir / "kg.json"
     if FLAGS.merge:
         results = merge(FLAGS.merge)
-        path.write_text(json.dumps(results, indent=1))
+        common.write_json(str(path), results)
     else:
         results = json.loads(path.read_text()) if FLAGS.from_json else run_all(path)
     for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
         plot(results, dataset, out_dir / f"kg_{dataset}.png")
-    write_markdown(results, out_dir)
+    render.write("kg", results, str(out_dir / "kg.md"))
     print((out_dir / "kg.md").read_text())
 
 

@@ -15,10 +15,8 @@ step normalisation of the other.
 Writes `<out_dir>/kg_gradients_<dataset>.json` and prints a markdown table.
 """
 
-import json
 import os
 import pathlib
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -76,11 +74,9 @@ def main(argv):
         agent.model.build_training_state()
         for hop, grads in hop_gradients(agent, batch, FLAGS.draws).items():
             rows.append({"estimator": estimator, "hop": hop, **summarise(grads)})
-    result = {"command": " ".join(sys.argv), "dataset": FLAGS.dataset, "batch_size": FLAGS.batch_size,
+    result = {"command": common.command_line(), "dataset": FLAGS.dataset, "batch_size": FLAGS.batch_size,
               "rollouts": FLAGS.rollouts, "seed": FLAGS.seed, "draws": FLAGS.draws, "rows": rows}
-    out = pathlib.Path(FLAGS.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"kg_gradients_{FLAGS.dataset}.json").write_text(json.dumps(result, indent=1))
+    common.write_json(os.path.join(FLAGS.out_dir, f"kg_gradients_{FLAGS.dataset}.json"), result)
     print("| estimator | hop | gradient norm per draw | mean cosine between draws |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['estimator']} | {r['hop']} | {r['norm']:.2e} | {r['cosine']:.2f} |")

@@ -38,14 +38,13 @@ the load average around every round.
 
     nice -n 10 python benchmarks/overhead.py
 
-Writes --out_dir/overhead.json and overhead.md.
+Writes --out_dir/overhead.json and overhead.md (rendered from the JSON by
+`render.overhead`; the "notes" of an earlier JSON of the same name are kept).
 """
 
 import json
 import os
 import re
-import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -57,8 +56,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402
+import render  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 # Time this checkout's package, not whichever keras_bpq is installed.
 common.checkout_first()
 from keras_bpq import estimators  # noqa: E402
@@ -422,100 +421,8 @@ def compare(arch, estimator, data, pixels, seed):
     return result
 
 
-def markdown(report):
-    spe = report["settings"]["steps_per_execution"]
-    out = [
-        "# Package step against a hand-written TF step (issue 16, target 3)",
-        "",
-        f"`{report['command']}`",
-        "",
-        f"Fashion-MNIST SBNs, batch {report['settings']['batch_size']}, Adam, `jit_compile=True`, "
-        f"steps_per_execution {spe}, data in memory (tf.data, autotuning off). Steady-state ms per "
-        f"step, median of {report['settings']['rounds']} interleaved rounds of "
-        f"{report['settings']['executions'] - 1} timed executions; ratio = package / hand-written, "
-        "median over rounds of the paired ratio (range in brackets); CPU-time ratio: of the medians of "
-        "this process's CPU seconds per step (all threads), less sensitive to other processes. "
-        "`hand_fit`: the hand-written step as a plain keras.Model's train_step, trained with fit. "
-        "Target: ratio <= 1.15.",
-        "",
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, TF "
-        f"{report['machine']['tensorflow']}, Keras {report['machine']['keras']}, commit "
-        f"{report['machine']['commit']}.",
-        "",
-        "| net | estimator | package ms | hand ms | ratio | CPU ms (package / hand) | CPU-time ratio | hand_fit ms | "
-        "package / hand_fit | compile s (package / hand) | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        a = r["arms"]
-        p, h = a["package"], a["hand"]
-        hr = h["package_ratio"]
-        row = [
-            r["arch"],
-            r["estimator"] + (f" K={r['num_samples']}" if r["num_samples"] > 1 else ""),
-            f"{p['median_ms']:.3f}",
-            f"{h['median_ms']:.3f}",
-            f"**{hr['median_of_rounds']:.2f}** ({hr['min']:.2f}-{hr['max']:.2f})",
-            f"{p['median_cpu_ms']:.3f} / {h['median_cpu_ms']:.3f}",
-            f"{hr['cpu_of_medians']:.2f}",
-        ]
-        if "hand_fit" in a:
-            f = a["hand_fit"]
-            fr = f["package_ratio"]
-            row += [f"{f['median_ms']:.3f}", f"{fr['median_of_rounds']:.2f} ({fr['min']:.2f}-{fr['max']:.2f})"]
-        else:
-            row += ["-", "-"]
-        row += [
-            f"{p['compile_seconds']:.1f} / {h['compile_seconds']:.1f}",
-            f"{r['load_1min']['median']:.1f} ({r['load_1min']['min']:.1f}-{r['load_1min']['max']:.1f})",
-        ]
-        out.append("| " + " | ".join(row) + " |")
-    with_hlo = [r for r in report["results"] if r.get("hlo")]
-    if with_hlo:
-        out += [
-            "",
-            "Optimised XLA HLO of one step compiled alone (entry computation; package / hand-written): "
-            "instructions, fusions, bytes moved by `copy` instructions, is-finite operations.",
-            "",
-            "| net | estimator | instructions | fusions | copied bytes | is-finite |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in with_hlo:
-            p, h = r["hlo"]["package"], r["hlo"]["hand"]
-            out.append(
-                f"| {r['arch']} | {r['estimator']} | "
-                + " | ".join(f"{p[k]:,} / {h[k]:,}" for k in ("instructions", "fusions", "copied_bytes", "is_finite"))
-                + " |"
-            )
-    out += [
-        "",
-        "Final mean training loss of the last timed run (the same estimator on the same data: package "
-        "and hand-written should agree to within noise): "
-        + "; ".join(
-            f"{r['arch']} {r['estimator']}: "
-            + ", ".join(f"{n} {a['final_mean_loss']:.1f}" for n, a in r["arms"].items())
-            for r in report["results"]
-        )
-        + ".",
-        "",
-    ]
-    if report.get("notes"):
-        out += ["Reading:", ""] + [f"* {n}" for n in report["notes"]] + [""]
-    return "\n".join(out)
-
-
-def write_atomic(path, text):
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-
-
 def main(argv):
     del argv
-    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
@@ -523,7 +430,7 @@ def main(argv):
     train, _ = common.load_data("fashion_mnist", 0)
     data = profile_step.batches(train, FLAGS.num_batches, 0)
     report = {
-        "command": command.strip(),
+        "command": common.command_line(),
         "machine": common.machine_info(),
         "settings": {
             "batch_size": FLAGS.batch_size,
@@ -557,8 +464,8 @@ def main(argv):
             print(line, flush=True)
     report["machine"]["load_average_end"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - start
-    write_atomic(os.path.join(out_dir, f"{FLAGS.out_name}.json"), json.dumps(report, indent=1))
-    write_atomic(os.path.join(out_dir, f"{FLAGS.out_name}.md"), markdown(report))
+    common.write_json(os.path.join(out_dir, f"{FLAGS.out_name}.json"), report)
+    render.write("overhead", report, os.path.join(out_dir, f"{FLAGS.out_name}.md"))
 
 
 if __name__ == "__main__":

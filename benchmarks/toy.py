@@ -46,17 +46,17 @@ error is recorded. Per t and estimator:
     python benchmarks/toy.py --seeds=0,1 --max_steps=5000 --out_dir=/tmp/toy
     python benchmarks/toy.py --from_json     # re-renders toy.md and PNGs from toy.json
 
-toy.md is rendered from toy.json alone, and this script holds no measured
-number: the notes that interpret a run (the "Reading" section) are written by
-hand into toy.json's "notes" (a list of markdown bullets) after the run, and
---from_json keeps them. A new run writes toy.json without notes.
+toy.md is rendered from toy.json alone (`render.toy`; `python
+benchmarks/render.py benchmarks/results/toy.json` rewrites it without
+TensorFlow), and this script holds no measured number: the notes that
+interpret a run (the "Reading" section) are written by hand into toy.json's
+"notes" (a list of markdown bullets) after the run, and --from_json keeps
+them. A new run writes toy.json without notes.
 """
 
 import json
 import math
 import os
-import shlex
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -66,6 +66,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import common  # noqa: E402
 import keras  # noqa: E402
+import render  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -518,177 +519,8 @@ def throughput(models, steps, k, repeats):
 
 
 # -- reporting -------------------------------------------------------------------
-def fmt(x, digits=3):
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    if abs(x) >= 1e4 or abs(x) < 1e-3:
-        return f"{x:.{digits}e}"
-    return f"{x:.{digits + 1}g}"
-
-
-def median_steps(runs):
-    values = [r["steps"] if r["reached"] else math.inf for r in runs]
-    return float(np.median(values))
-
-
-def steps_text(value, max_steps):
-    if value is None or math.isinf(value):
-        return f"not reached (>{max_steps})"
-    return f"{value:.0f}"
-
-
-def row_name(row):
-    name = row["estimator"]
-    if row.get("num_samples", 1) > 1:
-        name += f" (K={row['num_samples']})"
-    if row["variant"] == "fresh":
-        return name + (" (fresh: baseline 0)" if row["estimator"] == "reinforce" else "")
-    return f"{name} ({row['variant']})"
-
-
-def within_text(r):
-    if r["within_4_se"]:
-        return "yes"
-    return "NO (biased by design)" if r.get("biased_by_design") else "**NO**"
-
-
-def variance_table(rows):
-    lines = [
-        "| estimator | theta | p(b=1) | mean | std | variance | variance (closed form) | exact "
-        "| SNR | SNR (closed form) | z | within 4 SE | estimate time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        snr = "inf (zero variance)" if r["snr"] is None else fmt(r["snr"])
-        snr_cf = fmt(r["snr_closed_form"])
-        if r["snr_closed_form"] is None and r["variance_closed_form"] is not None:
-            snr_cf = "inf"
-        var_cf = fmt(r["variance_closed_form"])
-        if r.get("closed_form_kind") == "quadrature":
-            var_cf += " (quadrature)"
-        z = "-" if r["z"] is None else f"{r['z']:.2f}"
-        lines.append(
-            f"| {row_name(r)} | {r['theta']:g} | {r['p']:.3f} | {fmt(r['mean'], 4)} | {fmt(r['std'])} "
-            f"| {fmt(r['variance'])} | {var_cf} | {fmt(r['exact'], 4)} | {snr} "
-            f"| {snr_cf} | {z} | {within_text(r)} | {r['estimate_seconds']:.2f} |"
-        )
-    return lines
-
-
-def bias_table(rows):
-    rows = [r for r in rows if r.get("biased_by_design")]
-    if not rows:
-        return []
-    lines = [
-        "| estimator | theta | mean ± SE | exact | bias = mean - exact ± SE | relative bias "
-        "| bias (quadrature) | relative bias (quadrature) | expected gradient (quadrature) "
-        "| its sign |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        sign = "right" if r["mean_closed_form"] * r["exact"] > 0 else "**wrong**"
-        lines.append(
-            f"| {row_name(r)} | {r['theta']:g} | {fmt(r['mean'], 4)} ± {fmt(r['standard_error'], 2)} "
-            f"| {fmt(r['exact'], 4)} | {fmt(r['bias'], 4)} ± {fmt(r['bias_standard_error'], 2)} "
-            f"| {r['relative_bias']:+.2f} | {fmt(r['bias_closed_form'], 4)} "
-            f"| {r['relative_bias_closed_form']:+.3f} | {fmt(r['mean_closed_form'], 4)} | {sign} |"
-        )
-    return lines
-
-
-def speed_of(speed, config):
-    return speed.get(package_name(config))
-
-
-def speed_text(speed, config):
-    v = speed_of(speed, config)
-    if v is None:
-        return "-"
-    text = f"{v['steps_per_second']:.0f}"
-    return text if config not in REFERENCES else f"({text}, as reinforce)"
-
-
-def cpu_text(speed, config):
-    v = speed_of(speed, config)
-    if v is None:
-        return "-"
-    text = f"{v['cpu_microseconds_per_step']:.0f}"
-    return text if config not in REFERENCES else f"({text})"
-
-
-def cpu_to_threshold(runs, speed, config):
-    v = speed_of(speed, config)
-    steps = median_steps(runs)
-    if v is None or not math.isfinite(steps):
-        return None
-    return steps * v["cpu_microseconds_per_step"] * 1e-6
-
-
-def training_table(runs_by_config, speed, max_steps):
-    lines = [
-        "| estimator | rows per step | median steps | steps per seed | final p(b=1) per seed "
-        "| steps/s | CPU us/step | median CPU s to threshold | wall time per seed (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for config, runs in runs_by_config.items():
-        if not runs:
-            continue
-        per_seed = ", ".join(str(r["steps"]) if r["reached"] else f">{r['steps_run']}" for r in runs)
-        finals = ", ".join(f"{r['final_p']:.3f}" for r in runs)
-        times = ", ".join(f"{r['seconds']:.1f}" for r in runs)
-        name = config if config not in REFERENCES else f"{config} (reference)"
-        cpu_total = cpu_to_threshold(runs, speed, config)
-        lines.append(
-            f"| {name} | {runs[0].get('rows_per_step', 1)} | {steps_text(median_steps(runs), max_steps)} "
-            f"| {per_seed} | {finals} | {speed_text(speed, config)} | {cpu_text(speed, config)} "
-            f"| {'-' if cpu_total is None else f'{cpu_total:.2f}'} | {times} |"
-        )
-    return lines
-
-
-def cost_table(var_rows, speed):
-    """Variance at equal compute: variance x (CPU time per step / reinforce's)."""
-    base = speed.get("reinforce")
-    if not base:
-        return []
-    thetas = sorted({r["theta"] for r in var_rows}, reverse=True)
-    header = " | ".join(f"variance, theta = {th:g} | x CPU ratio" for th in thetas)
-    lines = [
-        f"| estimator | rows per step | CPU us/step | CPU ratio to reinforce | {header} |",
-        "|---|---|---|---|" + "---|---|" * len(thetas),
-    ]
-    seen = []
-    for r in var_rows:
-        key = (r["estimator"], r["variant"])
-        if key not in seen:
-            seen.append(key)
-    for estimator, variant in seen:
-        v = speed.get(estimator)
-        if v is None:
-            continue
-        ratio = v["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
-        cells = []
-        for th in thetas:
-            row = next(
-                (r for r in var_rows if (r["estimator"], r["variant"], r["theta"]) == (estimator, variant, th)),
-                None,
-            )
-            if row is None:
-                cells += ["-", "-"]
-                continue
-            var = 0.0 if row["zero_variance"] else row["variance"]
-            cells += [fmt(var), fmt(var * ratio)]
-        name = row_name({"estimator": estimator, "variant": variant,
-                         "num_samples": next(r for r in var_rows if r["estimator"] == estimator)["num_samples"]})
-        lines.append(
-            f"| {name} | {next(r for r in var_rows if r['estimator'] == estimator)['num_samples']} "
-            f"| {v['cpu_microseconds_per_step']:.0f} | {ratio:.2f} | " + " | ".join(cells) + " |"
-        )
-    return lines
-
-
+# toy.md is rendered from toy.json by render.toy; the console summary and the
+# plots use its helpers.
 def versions():
     """The library versions and the commit toy.md names, from `common.machine_info()`."""
     info = common.machine_info()
@@ -699,6 +531,14 @@ def versions():
         if dirty:
             out["keras_bpq_diff_sha1"] = info["keras_bpq_diff_sha1"]
     return out
+
+
+def gumbel_settle_points(results):
+    """Per t, the p(b=1) at which each biased configuration's expected gradient
+    vanishes (`gumbel_stationary_p`, quadrature): where training with it settles."""
+    s = results["settings"]
+    return {str(t): {c: gumbel_stationary_p(as_float32(t), c) for c in s["configs"] if c in BIASED}
+            for t in s["targets"]}
 
 
 COLORS = {
@@ -714,10 +554,6 @@ COLORS = {
     "reinforce_warm_baseline": "tab:orange",
     "reinforce_no_baseline": "tab:gray",
 }
-
-
-def plot_name(t):
-    return f"toy_training_t{t:g}.png"
 
 
 def make_plots(results, out_dir):
@@ -741,8 +577,9 @@ def make_plots(results, out_dir):
             steps = k * (np.arange(len(run["curve_p"])) + 1)
             label = None
             if config not in seen:
-                _, runs, _ = grouped(results, t)
-                label = f"{config}: median {steps_text(median_steps(runs[config]), results['settings']['max_steps'])}"
+                _, runs, _ = render.toy_grouped(results, t)
+                median = render.toy_median_steps(runs[config])
+                label = f"{config}: median {render.toy_steps_text(median, results['settings']['max_steps'])}"
             ax.plot(
                 steps, run["curve_p"], color=COLORS.get(config), alpha=0.65, lw=1,
                 ls="--" if config in REFERENCES else (":" if config in BIASED else "-"),
@@ -761,339 +598,25 @@ def make_plots(results, out_dir):
         )
         ax.legend(fontsize=7, loc="upper right", ncol=2)
         fig.tight_layout()
-        path = os.path.join(out_dir, plot_name(t))
+        path = os.path.join(out_dir, render.toy_plot(t))
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def grouped(results, t):
-    s = results["settings"]
-    var_rows = [r for r in results["variance"] if r["t"] == t]
-    runs = {
-        config: [r for r in results["training"] if r["t"] == t and r["estimator"] == config]
-        for config in s["configs"]
-    }
-    speed = {
-        config: results["throughput"][f"{t}/{config}"]
-        for config in s["configs"]
-        if f"{t}/{config}" in results["throughput"]
-    }
-    return var_rows, runs, speed
-
-
-def load_text(m):
-    if "load_average_at_start" not in m:
-        return ""
-    start_load, end_load = m["load_average_at_start"][0], m.get("load_average_at_end", [0])[0]
-    text = (
-        f" 1-minute load average {start_load:g} at the start and {end_load:g} at the end on "
-        f"{m['cpu_count']} cores"
-    )
-    if max(start_load, end_load) > 0.75 * (m["cpu_count"] or 1):
-        return text + (
-            ": the machine was shared with other jobs, so wall times and steps/s are noisy "
-            "(the best of the repeated throughput runs is shown)."
-        )
-    return text + "."
-
-
-def write_markdown(results, path):
-    s = results["settings"]
-    max_steps = s["max_steps"]
-    m = results["machine"]
-    v = results["versions"]
-    enum_error = max(
-        (abs(r["exact"] - r["exact_enumeration"]) / abs(r["exact"]) for r in results["variance"]),
-        default=0.0,
-    )
-    k_rloo = s.get("rloo_samples", 2)
-    lines = [
-        "## REBAR toy",
-        "",
-        "One Bernoulli node `b ~ Bernoulli(sigmoid(theta))` with a single learnable logit "
-        "`theta` (a one-weight layer broadcast to the batch), cost `(b - t)^2` per example, "
-        "functional `BackpropQModel(inputs=x, outputs=b, costs={\"cost\": cost})`. "
-        "Exact gradient `(1 - 2t) sigmoid(theta) (1 - sigmoid(theta))`; the optimum is "
-        "p(b=1) -> 0. Every estimator of `keras_bpq` that can serve a Bernoulli node is measured.",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
-        f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} CPU cores, "
-        f"{m['platform']}, Python {m['python']}; TensorFlow {v['tensorflow']}, Keras {v['keras']}, "
-        f"TFP {v['tensorflow_probability']}, keras_bpq {v['keras_bpq']}"
-        + (f" (commit {v['git_commit']})" if "git_commit" in v else "")
-        + f". Total run time {results['total_seconds']:.0f} s (plus about "
-        f"{results['import_seconds']:.0f} s of imports)." + load_text(m),
-        "",
-        "Settings:",
-        "* Estimators: " + ", ".join(f"`{e}`" for e in s["estimators"]) + ". `rloo` is compiled "
-        f"with `num_samples={k_rloo}`: every training step (and every gradient draw) holds "
-        f"{k_rloo} draws of b for the one example, so its batch has {k_rloo} rows; all others "
-        "have 1. `gumbel` is `keras_bpq.estimators.Gumbel()` (temperature 0.5, anneal_rate 1: "
-        "constant), `gumbel_straight_through` is `Gumbel(straight_through=True)`; `relax` is the "
-        "package's RELAX at its default temperature 0.5.",
-        f"* Gradient variance: `keras_bpq.diagnostics.estimate_gradients(model, x, "
-        f"num_draws={s['num_draws']})` with `x` a single row (batch size 1), at theta in "
-        f"{{{', '.join(f'{x:g}' for x in s['thetas'])}}}. One draw is the gradient of one training "
-        "step: `estimate_gradients` tiles `x` once per draw, and the model's forward pass repeats "
-        "each row `num_samples` times, so an `rloo` draw averages the leave-one-out surrogate over "
-        f"its {k_rloo} rows, exactly as a training step does. SNR = |mean| / std of the per-draw "
-        "gradient; SNR (closed form) = |closed-form mean| / closed-form std; z = |mean - exact| / "
-        "standard error; \"within 4 SE\" also allows 1e-5 relative + 1e-7 absolute for float32 "
-        "rounding, and an estimator whose std is below that is reported as zero variance. The "
-        "exact gradient is the closed form for the float32 value of t that the graph holds "
-        "(0.499 is stored as 0.49900001, which moves the exact gradient by 1.3e-5 relative); "
-        f"`diagnostics.exact_gradients` (enumeration, float32) agrees with it to {enum_error:.1e} "
-        "relative or better in every row. Closed-form moments: from the per-draw values given "
-        "b (reinforce, critic, critic_cv, local_expectation, rloo with K = 2, disarm); for "
-        "gumbel and relax, midpoint quadrature over their uniform noise in float64 (2e6 points; "
-        "relax: a 1500 x 1500 grid per value of b), which also gives gumbel's exact bias. "
-        "Estimate time: one `estimate_gradients` call of all draws; the first theta of each "
-        "estimator includes the trace of its tf.function (cached per model afterwards).",
-        "* `reinforce` is the package's score function with an EMA baseline (decay 0.99, bias "
-        "corrected; the baseline never sees the current batch, so step 1 uses baseline 0). A "
-        "fresh model's baseline is 0, so the `reinforce (fresh)` rows have no baseline; the "
-        "`baseline=E[c]` rows preset the baseline state to the exact expected cost, the value "
-        "the EMA tracks.",
-        f"* Training: Adam (Keras defaults, learning rate {s['learning_rate']:g}), batch size "
-        f"{s['batch_size']}, theta = 0 at the start, `steps_per_execution={s['check_every']}`; "
-        f"p(b=1) is checked every {s['check_every']} steps (so step counts are multiples of "
-        f"{s['check_every']}) and training stops at p(b=1) < {s['threshold']:g}, or at the budget "
-        f"of {max_steps} steps (\"not reached\"); seeds {s['seeds']} (the seed drives the "
-        "Bernoulli and relaxation noise).",
-        "* Two reinforce references, not package estimators: `reinforce_warm_baseline` is "
-        "`reinforce` with its EMA state preset to E[c] at theta = 0 (as if the baseline had "
-        "been warmed up), `reinforce_no_baseline` holds the baseline at 0 (a subclass of "
-        "`keras_bpq.estimators.Reinforce`).",
-        f"* Steps/s: after all training, {s['throughput_repeats']} interleaved rounds in which "
-        f"each estimator's seed-0 model (one per t, already traced) runs a timed `fit` of "
-        f"{s['throughput_steps']} more steps; the best round is shown (callbacks included; every "
-        "round is in `toy.json`). Interleaving spreads load from other jobs over all "
-        "estimators alike. CPU us/step is the process CPU time (all threads) per step, the "
-        "least of the rounds: less sensitive to other jobs than wall time. The wall time per "
-        "seed includes the first trace of the training step. \"Variance x CPU ratio\" is the "
-        "per-step variance times the CPU time per step relative to `reinforce`: the variance "
-        "at equal compute (averaging n draws divides the variance by n and multiplies the cost "
-        "by n), lower is better.",
-        "* **Q is exact here, not learned.** `b` is the cost's last stochastic ancestor, so "
-        "every estimator with a critic (`critic`, `critic_cv`, `local_expectation`, `relax`, "
-        "`gumbel`) uses the cost itself, re-evaluated with `b` forced to other values, as Q "
-        "(`scg_summary` shows `exact[cost]`); no critic network exists and the critic "
-        "optimizer is unused. For `critic`, `critic_cv` and `local_expectation` that is the "
-        "exact Q at b = 0 and b = 1: these are the critic estimators at their best, not a test "
-        "of critic learning. `relax`'s control variate is the same head evaluated at relaxed "
-        "samples, c(z) = (sigmoid(z / 0.5) - t)^2 (nothing tunes it towards low variance), and "
-        "`gumbel` differentiates that same relaxed cost. `disarm` re-runs the cost at the "
-        "antithetic sample.",
-        "",
-    ]
-    na = results.get("not_applicable") or []
-    if na:
-        lines += [
-            "### Estimators that cannot serve this node",
-            "",
-            "Each compiled once on this model; the error is raised by `compile()`:",
-            "",
-            "| estimator | num_samples | result |",
-            "|---|---|---|",
-        ]
-        for r in na:
-            if r.get("resolves_to"):
-                result = f"compiles; resolves to `{r['resolves_to']}` (the default)"
-            else:
-                result = "compiles" if r["error"] is None else f"`{r['error']}`"
-            lines.append(f"| {r['estimator']} | {r['num_samples']} | {result} |")
-        lines.append("")
-    for t in s["targets"]:
-        var_rows, runs, speed = grouped(results, t)
-        lines += [
-            f"### t = {t}",
-            "",
-            f"Exact gradient at theta = 0: {exact_gradient(t, 0.0):.4g}; cost gap "
-            f"c(1) - c(0) = 1 - 2t = {1 - 2 * t:.3g}.",
-            "",
-            "Per-step gradient draws, batch of one example:",
-            "",
-            *variance_table(var_rows),
-            "",
-        ]
-        bias = bias_table(var_rows)
-        if bias:
-            lines += [
-                "Bias of the biased-by-design estimators (measured, and by quadrature):",
-                "",
-                *bias,
-                "",
-            ]
-        cost = cost_table(var_rows, speed)
-        if cost:
-            lines += [
-                "Variance at equal compute (per-step variance x CPU time per step relative to "
-                "`reinforce`; zero-variance rows stay 0):",
-                "",
-                *cost,
-                "",
-            ]
-        lines += [
-            f"Training from theta = 0 to p(b=1) < {s['threshold']:g} (budget {max_steps} steps):",
-            "",
-            *training_table(runs, speed, max_steps),
-            "",
-        ]
-        for plot in results.get("plots", []):
-            if os.path.basename(plot) == plot_name(t):
-                lines += [f"![p(b=1) during training at t = {t}, every estimator and seed]"
-                          f"({os.path.basename(plot)})", ""]
-    if results.get("estimate_scaling"):
-        lines += [
-            "### Cost of `estimate_gradients` against num_draws",
-            "",
-            f"One call each on one `reinforce` model, t = {s['targets'][0]}, theta = 0, batch "
-            "of one row; `estimate_gradients` caches its tf.function per model, so only the "
-            "first call includes the trace:",
-            "",
-            "| num_draws | seconds |",
-            "|---|---|",
-            *[f"| {r['num_draws']} | {r['seconds']:.2f} |" for r in results["estimate_scaling"]],
-            "",
-        ]
-    lines += ["### Reading", ""]
-    lines += reading(results)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def reading(results):
-    """The measured ranking per t and the unbiasedness check (computed), then
-    the interpretation: `results["notes"]`, written by hand into toy.json for
-    the run it holds (a new run starts without notes), the cost lines
-    (computed) and `CAVEAT`."""
-    s = results["settings"]
-    notes = results.get("notes") or []
-    out = [
-        "The ranking, unbiasedness and cost lines are computed by the script"
-        + (
-            "; the notes after them were written from the default run (`python benchmarks/toy.py`) "
-            "and quote its numbers."
-            if notes else "."
-        ),
-        "",
-    ]
-    for t in s["targets"]:
-        _, runs, _ = grouped(results, t)
-        medians = {config: median_steps(r) for config, r in runs.items() if r}
-        order = sorted(medians, key=lambda c: medians[c])
-        ranking = "; ".join(f"{c} {steps_text(medians[c], s['max_steps'])}" for c in order)
-        out.append(f"* Median steps to p(b=1) < {s['threshold']:g} at **t = {t}**: {ranking}.")
-    unbiased = [r for r in results["variance"] if not r.get("biased_by_design")]
-    failures = [r for r in unbiased if not r["within_4_se"]]
-    text = (
-        f"* **Unbiasedness.** {len(unbiased) - len(failures)} of {len(unbiased)} rows of the "
-        "estimators docs/estimators.md marks unbiased (with the exact Q here) have their mean within 4 "
-        "standard errors of the exact gradient"
-    )
-    if failures:
-        text += "; outside: " + ", ".join(
-            f"{row_name(r)} at t = {r['t']}, theta = {r['theta']:g} (z = {r['z']:.1f})" for r in failures
-        )
-    cf = [r for r in results["variance"] if r.get("variance_closed_form") and not r["zero_variance"]]
-    if cf:
-        worst = max(cf, key=lambda r: abs(r["variance"] / r["variance_closed_form"] - 1))
-        text += (
-            f". Measured variances match the closed forms / quadrature to within "
-            f"{100 * abs(worst['variance'] / worst['variance_closed_form'] - 1):.0f}% "
-            f"(worst: {row_name(worst)}, t = {worst['t']}, theta = {worst['theta']:g})"
-        )
-    out.append(text + ".")
-    biased = [c for c in s["configs"] if c in BIASED]
-    if biased:
-        items = []
-        for t in s["targets"]:
-            _, runs, _ = grouped(results, t)
-            for config in biased:
-                stationary = gumbel_stationary_p(as_float32(t), config)
-                finals = [r["final_p"] for r in runs.get(config, [])]
-                items.append(
-                    f"{config} at t = {t}: p = {fmt(stationary)}"
-                    + (f" (final p of training {min(finals):.3f}-{max(finals):.3f})" if finals else "")
-                )
-        out.append(
-            "* **Where gumbel settles.** The p(b=1) at which its expected gradient (quadrature) "
-            "is zero: " + "; ".join(items) + "."
-        )
-    return out + notes + cost_notes(results) + [CAVEAT]
-
-
-def cost_notes(results):
-    """The timing notes, computed from this run's numbers."""
-    s = results["settings"]
-    speed = results.get("throughput", {})
-    parts = []
-    for t in s["targets"]:
-        base = speed.get(f"{t}/reinforce")
-        if not base:
-            continue
-        _, runs, _ = grouped(results, t)
-        items = []
-        for config in runs:
-            if config in REFERENCES or f"{t}/{config}" not in speed:
-                continue
-            ratio = speed[f"{t}/{config}"]["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
-            items.append(f"{config} {ratio:.2f}")
-        parts.append(
-            f"* **Cost per step, t = {t}** (CPU time per step relative to `reinforce`, batch "
-            f"{s['batch_size']}, `steps_per_execution={s['steps_per_execution']}`): "
-            + ", ".join(items) + "."
-        )
-    times = [r["estimate_seconds"] for r in results["variance"]]
-    if times:
-        text = (
-            f"* **estimate_gradients.** One vectorised call of {s['num_draws']} draws took "
-            f"{min(times):.2f}-{max(times):.2f} s wall time across estimators (the first theta "
-            "of each includes the trace)."
-        )
-        scaling = results.get("estimate_scaling") or []
-        if len(scaling) >= 3:
-            (n1, t1), (n2, t2) = [(r["num_draws"], r["seconds"]) for r in scaling[-2:]]
-            exponent = math.log(t2 / t1) / math.log(n2 / n1)
-            text += (
-                f" In the scaling table {scaling[0]['num_draws']} draws cost "
-                f"{scaling[0]['seconds']:.2f} s (the trace), and from {n1} to {n2} draws "
-                f"the time grew like num_draws^{exponent:.1f}."
-            )
-        parts.append(text)
-    return parts
-
-
-def package_name(config):
-    """The package estimator whose steps/s a training configuration shares."""
-    return "reinforce" if config in REFERENCES else config
-
-
-# The closing caveat of the reading: true of the method on this toy, whatever a run measured.
-CAVEAT = (
-    "* **Caveat.** This toy is the best case for the critic estimators: Q is the exact cost, "
-    "not a learned network. It checks the estimators' algebra and their variance when Q is "
-    "right; it says nothing about how fast a learned critic becomes right."
-)
-
-
 def print_report(results):
     s = results["settings"]
     for t in s["targets"]:
-        var_rows, runs, speed = grouped(results, t)
+        var_rows, runs, speed = render.toy_grouped(results, t)
         print(f"\n=== t = {t}  (exact gradient at theta=0: {exact_gradient(t, 0.0):.4g}) ===")
         print(f"{'estimator':36s} {'theta':>6s} {'mean':>11s} {'std':>10s} {'var':>10s} "
               f"{'var(cf)':>10s} {'exact':>11s} {'SNR':>9s} {'z':>6s} {'4SE':>4s} {'time':>6s}")
         for r in var_rows:
             snr = "inf" if r["snr"] is None else f"{r['snr']:.3g}"
             z = "-" if r["z"] is None else f"{r['z']:.2f}"
-            print(f"{row_name(r):36s} {r['theta']:6g} {r['mean']:11.4e} {r['std']:10.3e} "
-                  f"{r['variance']:10.3e} {fmt(r['variance_closed_form']):>10s} {r['exact']:11.4e} "
+            print(f"{render.toy_row_name(r):36s} {r['theta']:6g} {r['mean']:11.4e} {r['std']:10.3e} "
+                  f"{r['variance']:10.3e} {render.toy_fmt(r['variance_closed_form']):>10s} {r['exact']:11.4e} "
                   f"{snr:>9s} {z:>6s} {'ok' if r['within_4_se'] else 'NO':>4s} "
                   f"{r['estimate_seconds']:6.2f}")
         print(f"\n{'training':24s} {'median':>22s}  steps per seed | final p | steps/s")
@@ -1102,15 +625,21 @@ def print_report(results):
                 continue
             per_seed = [r["steps"] if r["reached"] else f">{r['steps_run']}" for r in config_runs]
             finals = [round(r["final_p"], 3) for r in config_runs]
-            print(f"{config:24s} {steps_text(median_steps(config_runs), s['max_steps']):>22s}  "
-                  f"{per_seed} | {finals} | {speed_text(speed, config)}")
+            median = render.toy_steps_text(render.toy_median_steps(config_runs), s["max_steps"])
+            print(f"{config:24s} {median:>22s}  {per_seed} | {finals} | "
+                  f"{render.toy_speed(results, speed, config)[0]}")
 
 
-def render(results, out_dir):
+def write_outputs(results, out_dir):
+    """The plots, the settle points of the biased estimators (once), the console
+    summary, toy.md and toy.json (with the plots' paths)."""
     if FLAGS.plots:
         results["plots"] = make_plots(results, out_dir)
+    if "gumbel_stationary_p" not in results:
+        results["gumbel_stationary_p"] = gumbel_settle_points(results)
     print_report(results)
-    write_markdown(results, os.path.join(out_dir, "toy.md"))
+    render.write("toy", results, os.path.join(out_dir, "toy.md"))
+    common.write_json(os.path.join(out_dir, "toy.json"), results)
 
 
 def main(argv):
@@ -1118,9 +647,7 @@ def main(argv):
     if FLAGS.from_json:
         with open(os.path.join(FLAGS.out_dir, "toy.json")) as f:
             results = json.load(f)
-        render(results, FLAGS.out_dir)
-        with open(os.path.join(FLAGS.out_dir, "toy.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_outputs(results, FLAGS.out_dir)
         print(f"re-rendered {FLAGS.out_dir}/toy.md from toy.json")
         return
     start_all = time.perf_counter()
@@ -1155,7 +682,7 @@ def main(argv):
     }
     results = {
         "benchmark": "REBAR toy",
-        "command": shlex.join(["python"] + sys.argv),
+        "command": common.command_line(),
         "machine": common.machine_info(),
         "versions": versions(),
         "import_seconds": IMPORT_SECONDS,
@@ -1181,7 +708,7 @@ def main(argv):
                 results["variance"] += rows
                 results["scg_summary"][config] = summary
                 for r in rows:
-                    print(f"t={t} {row_name(r):32s} theta={r['theta']:g}: mean {r['mean']:.4e} "
+                    print(f"t={t} {render.toy_row_name(r):32s} theta={r['theta']:g}: mean {r['mean']:.4e} "
                           f"std {r['std']:.3e} exact {r['exact']:.4e} "
                           f"{'ok' if r['within_4_se'] else 'NOT within 4 SE'} "
                           f"({r['estimate_seconds']:.1f}s)", flush=True)
@@ -1203,15 +730,11 @@ def main(argv):
     scaling_draws = [int(n) for n in FLAGS.scaling_draws]
     if scaling_draws:
         results["estimate_scaling"] = measure_scaling(targets[0], scaling_draws, FLAGS.variance_seed)
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
     results["total_seconds"] = time.perf_counter() - start_all
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    with open(os.path.join(FLAGS.out_dir, "toy.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    render(results, FLAGS.out_dir)
-    with open(os.path.join(FLAGS.out_dir, "toy.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    common.write_json(os.path.join(FLAGS.out_dir, "toy.json"), results)
+    write_outputs(results, FLAGS.out_dir)
     print(f"\nwrote {FLAGS.out_dir}/toy.json and toy.md in {results['total_seconds']:.0f}s "
           f"(+{IMPORT_SECONDS:.0f}s imports)")
 

@@ -1,0 +1,961 @@
+"""Every benchmark page, rendered from its results JSON alone.
+
+    python benchmarks/render.py                                  # every page of benchmarks/results/
+    python benchmarks/render.py benchmarks/results/kg.json       # one page: kg.md next to kg.json
+    python benchmarks/render.py --check                          # exit 1 if a page differs from its JSON's
+
+A layout per benchmark turns its JSON into a `pages.Page`; the scripts write
+their JSON, then their page with `write(layout, report, path)`, and this entry
+point rewrites any page from the JSON without running anything (no TensorFlow
+is imported). `<name>.json` is rendered by the layout `<name>`, else by the
+longest layout name it starts with before an underscore (`overhead_threads1`
+-> `overhead`).
+
+Measured numbers live in the JSON only: a layout formats them, computes
+medians and ratios from them, and adds prose that holds no measured figure.
+Text that interprets a run (its "Reading" or "Notes") is written by hand into
+the JSON's `notes` (per section where the JSON has sections) and rendered as
+it is. In a JSON of sections keyed by tag, keys that start with `_` are not
+sections (sbn.json's `_appendix`, hand-written markdown that ends its page).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+import common
+import pages
+from pages import number
+from pages import numbers
+
+
+def times(ratio):
+    """A ratio as `1.23x`."""
+    return f"{ratio:.2f}x"
+
+
+def sections(report):
+    """The sections of a JSON keyed by tag: its items whose key has no leading `_`."""
+    return {tag: entry for tag, entry in report.items() if not tag.startswith("_")}
+
+
+# ----------------------------------------------------------------------------- bandit
+def bandit(report):
+    page = pages.Page("Learning from logged bandit feedback (supervised-to-bandit)")
+    page.text(
+        "Written by `benchmarks/bandit.py` from `bandit.json`; the protocol is in the script's docstring "
+        "(Dudik et al. 2011; Swaminathan and Joachims 2015; BanditNet 2018). Reward 1 when the action names "
+        "the class (cost = -reward); one logged action per training image from a tempered softmax logging "
+        "policy trained on a small subset (how weak it is shows in its row); every learned policy is a linear "
+        "softmax `Categorical` node trained with `keras_bpq.logged.LoggedModel` (no clipping); the critic of "
+        "the direct method and doubly robust is an `AllOutcomes` MLP. The constant-critic row is doubly robust "
+        "with `Q` fixed at the mean logged cost: IPS on the costs shifted by it (BanditNet's translation), the "
+        "part of doubly robust a critic that has learned nothing leaves. The schedule (epochs, critic warm-up, "
+        "critic updates per policy update) was chosen on a validation split of the logged rows, never the test "
+        "set (the script's docstring). Scores on the full-information test set, **median of the seeds**: "
+        "expected accuracy `mean pi(y|x)` (the policy's value) and greedy accuracy (argmax); a learned "
+        "policy's own estimate is minus its estimator's loss in the last epoch (the expected reward the "
+        "estimator credits it with on the log it was fitted to; above the expected accuracy where it overrates "
+        "it); the mean ratio `mean_i pi(a_i|x_i) / mu_i` of each learned policy on its own log is 1 in "
+        "expectation for a policy that does not depend on the log, and far below 1 for one that has learned to "
+        "avoid the logged actions (propensity overfitting, Swaminathan and Joachims 2015; BanditNet's "
+        "diagnostic).")
+    for section in sections(report).values():
+        c = section["config"]
+        page.heading(section["title"]).command(section["command"]).text(
+            f"Seeds {c['seeds']}; logging policy trained on {c['logging_fraction']:.0%} of the train split for "
+            f"{c['logging_epochs']} epochs, temperature {c['temperature']}; {c['epochs']} epochs, batch "
+            f"{c['batch_size']}, Adam {c['lr']} (critic {c['critic_lr']}, {c['critic_units']} hidden units, "
+            f"{c['critic_steps']} critic updates per policy update after {c['critic_warmup_steps']} critic-only "
+            f"steps), XLA on, data in memory, tf.data autotuning off; {section['runtime_s']:.0f} s in all.")
+        page.machine(section["machine"])
+        for size, block in section["sizes"].items():
+            runs, rows = block["runs"], []
+            for arm, scores in block["median"].items():
+                final_loss = common.median([r[arm].get("final_loss") for r in runs])
+                rows.append([arm, scores["expected_accuracy"], scores["greedy_accuracy"],
+                             None if final_loss is None else -final_loss,
+                             common.median([r[arm].get("mean_ratio") for r in runs]),
+                             common.median([r["seconds"].get(arm) for r in runs])])
+            page.heading(f"{size} logged rows", 3).table(
+                ["policy", "expected accuracy", "greedy accuracy", "own estimate of its reward",
+                 "mean ratio pi/mu on the log", "fit seconds (median)"],
+                rows, "lrrrrr", [None, ".3f", ".3f", ".3f", ".2f", ".1f"])
+            logged_reward = np.median([r["logged_reward"] for r in runs])
+            page.text(f"Logged reward (median over seeds): {logged_reward:.3f}.",
+                      "**" + "; ".join(block["verdicts"]) + ".**")
+    page.heading("Reading").text(
+        "Doubly robust is unbiased for every fixed policy (tests/test_logged.py checks it against exact "
+        "enumeration), but a policy optimised on one finite log finds where the estimate overrates it. With "
+        "costs -reward <= 0, IPS credits only the logged actions that paid (the true classes here) and is "
+        "blind elsewhere. Doubly robust's IPS term weighs `c - Q` instead, which is positive on every logged "
+        "action that paid less than the critic predicted: minimising it pushes probability off those "
+        "actions, towards actions the log rarely tried; SNIPS, IPS on the costs minus the batch's estimate, "
+        "does the same. A mean ratio well below 1 is the sign; where the direct method, which has no IPS "
+        "term, shows it too, the critic's values on actions the log rarely tried (no logged cost corrects "
+        "them) draw the policy there. The constant-critic row isolates the shift: doubly robust with `Q` "
+        "fixed at the mean logged cost is IPS on shifted costs. Where doubly robust is not above IPS or the "
+        "logging policy in the tables above, the package's recommended estimator lost on that data; the "
+        "numbers are as measured.")
+    return page
+
+
+# ----------------------------------------------------------------------------- equal_time
+def equal_time(report):
+    page = pages.Page("Test objective at equal training wall-clock")
+    page.text("Generated by `benchmarks/equal_time.py` from `equal_time.json` (protocol in the script's "
+              "docstring: arms interleaved in turns, each arm's clock its own `fit` time with its XLA compile "
+              "included; medians over seeds). Lower -ELBO is better.")
+    for tag, entry in sections(report).items():
+        arms = list(entry["runs"][0])
+        page.heading(tag).command(entry.get("command"))
+        page.text(f"Seeds {entry['seeds']}; {entry['chunk_steps']} steps per turn; jit_compile={entry['jit']}.")
+        page.machine(entry["machine"], load_end=entry["load_end"])
+        page.table(["budget", *arms, "best critic-free", "winner"],
+                   [[f"{row['budget']} s", *(row["values"][a] for a in arms), row["best_critic_free"],
+                     f"**{row['winner']}**"] for row in entry["summary"]],
+                   "l" + "r" * len(arms) + "ll", [None] + [".2f"] * len(arms) + [None, None])
+        rows = [[a, common.median([r[a]["compile_seconds"] for r in entry["runs"]]),
+                 common.median([r[a]["ms_per_step"] for r in entry["runs"]]),
+                 common.median([r[a]["curve"][-1]["step"] for r in entry["runs"]])] for a in arms]
+        page.table(["arm", "XLA compile (s, median)", "ms per step (median)", "steps at the largest budget"],
+                   rows, "lrrr", [None, ".1f", ".2f", ".0f"])
+        page.bullets(entry.get("notes"), "Reading:")
+    return page
+
+
+# ----------------------------------------------------------------------------- kg
+KG_METRICS = ("hits@1", "hits@3", "hits@10", "mrr")
+KG_LABELS = {
+    "minerva": "MINERVA's estimator (reinforce + EMA 0.95, std. advantage)",
+    "rloo": "rloo",
+    "auto": "Backprop-Q default (critic_cv)",
+}
+
+
+def kg_steps_to_reach(curve, level):
+    """First evaluated step whose dev Hits@1 >= level (None if never)."""
+    return next((p["step"] for p in curve if p["hits@1"] >= level - 1e-12), None)
+
+
+def kg_summary(results, dataset):
+    """Per-estimator medians over seeds, and per-seed comparisons to MINERVA."""
+    runs = [r for r in results["runs"] if r["dataset"] == dataset]
+    minerva = {r["seed"]: r for r in runs if r["estimator"] == "minerva"}
+    rows = {}
+    def med(values):
+        return float(np.median(values))
+
+    for estimator in dict.fromkeys(r["estimator"] for r in runs):
+        mine = [r for r in runs if r["estimator"] == estimator]
+        reach = [kg_steps_to_reach(r["curve"], minerva[r["seed"]]["curve"][-1]["hits@1"])
+                 for r in mine if r["seed"] in minerva]
+        rows[estimator] = {
+            "seeds": sorted(r["seed"] for r in mine),
+            "steps": mine[0]["steps"],
+            **{k: med([r["test"][k] for r in mine]) for k in KG_METRICS},
+            "dev_hits@1": med([r["curve"][-1]["hits@1"] for r in mine]),
+            "steps_per_second": med([r["steps_per_second"] for r in mine]),
+            "train_seconds": med([r["train_seconds"] for r in mine]),
+            "entities": med([r["test"].get("entities", np.nan) for r in mine]),
+            "rankings": {
+                name: {k: med([r["test_rankings"][name][k] for r in mine]) for k in (*KG_METRICS, "entities")}
+                for name in mine[0].get("test_rankings", {})
+            },
+            "steps_to_minerva_final_dev": reach,
+        }
+    return rows
+
+
+def kg_verdict(rows, eval_every):
+    """Lines answering the benchmark's questions, from the numbers."""
+    if "auto" not in rows or "minerva" not in rows:
+        return ["(auto or minerva missing: no comparison)"]
+    a, m = rows["auto"], rows["minerva"]
+
+    def yes(b):
+        return "**yes**" if b else "**no**"
+
+    return [
+        f"Backprop-Q test Hits@1 >= MINERVA's at equal steps: {yes(a['hits@1'] >= m['hits@1'])} "
+        f"({a['hits@1']:.3f} vs {m['hits@1']:.3f}, medians)",
+        f"Backprop-Q test MRR >= MINERVA's at equal steps: {yes(a['mrr'] >= m['mrr'])} "
+        f"({a['mrr']:.3f} vs {m['mrr']:.3f})",
+        "First evaluated step at which Backprop-Q's dev Hits@1 reaches MINERVA's final one, per seed: "
+        f"{a['steps_to_minerva_final_dev']} (evaluated every {eval_every} steps; None = never; MINERVA ran "
+        f"{m['steps']})",
+        f"Speed: Backprop-Q {a['steps_per_second']:.2f} steps/s against MINERVA's "
+        f"{m['steps_per_second']:.2f} ({m['steps_per_second'] / max(a['steps_per_second'], 1e-9):.1f}x)",
+    ]
+
+
+def kg(results):
+    s = results["settings"]
+    page = pages.Page("Knowledge-graph reasoning: estimators side by side")
+    page.text(
+        "Agent, data and protocol: `examples/kg_reasoning.py` (T = 2 hops, masked Categorical per hop, GRU path "
+        "state, query edge and its inverse hidden, inverse edges and a NO_OP self-loop in the graph). At the "
+        "last hop a training query's other true tails are masked from the *training* triples only (MINERVA's "
+        "training batcher); dev and test are filtered over every split, tail only. "
+        f"Beam {s['beam']}, last hop {'de-duplicated by entity' if s.get('beam_unique') else 'of paths'}, "
+        f"entity score: {s.get('beam_pool', 'max')} over its paths. Generated by `benchmarks/kg.py` from "
+        "`kg.json`.")
+    page.command(results.get("commands") or [results["command"]]).machine(results["machine"])
+    page.text(f"Settings: {json.dumps(s)} (every estimator the same: Adam, clipnorm 5).",
+              f"Budget per run: {s['steps']} steps x {s['batch_size']} queries x {s['rollouts']} rollouts; "
+              "training wall-clock per run in the tables (evaluation excluded).")
+    published = results.get("published", {})
+    metrics = [".3f"] * len(KG_METRICS)
+    for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
+        rows = kg_summary(results, dataset)
+        page.heading(dataset).image(f"kg_{dataset}.png", "dev Hits@1")
+        table_rows = [[KG_LABELS.get(name, name), row["seeds"], row["steps"], *(row[k] for k in KG_METRICS),
+                       row["dev_hits@1"], row["entities"], row["steps_per_second"], row["train_seconds"]]
+                      for name, row in rows.items()]
+        table_rows += [[f"published: {source}", "", "", *(scores[dataset].get(k) for k in KG_METRICS),
+                        "", "", "", ""] for source, scores in published.items()]
+        page.table(["estimator", "seeds", "steps", "test Hits@1", "Hits@3", "Hits@10", "MRR", "final dev Hits@1",
+                    "entities ranked", "steps/s", "train s"], table_rows, "lllrrrrrrrr",
+                   [None, None, None, *metrics, ".3f", ".1f", ".2f", ".0f"], absent="-")
+        if "auto" in rows and published:
+            minerva_paper = next(iter(published.values()))[dataset]
+            gap = ", ".join(f"{k} {rows['auto'][k] - minerva_paper[k]:+.3f}" for k in KG_METRICS)
+            page.text(f"Default minus MINERVA's published table: {gap}.")
+        page.table(
+            ["estimator", "beam option", "Hits@1", "Hits@3", "Hits@10", "MRR", "entities ranked"],
+            [[name, option, *(m[k] for k in KG_METRICS), m["entities"]]
+             for name, row in rows.items() for option, m in row["rankings"].items()],
+            "llrrrrr", [None, None, *metrics, ".1f"], absent="-",
+            lead="Medians over the seeds listed. Test ranked under each beam option (the same trained agents; "
+                 "'paths': the last hop keeps the beam's best paths, MINERVA's beam; 'entities': it keeps the "
+                 "beam's best distinct entities, MultiHopKG's; 'max' / 'sum': an entity's score is its best "
+                 "path's log-probability / the log-sum-exp over its paths), with the mean distinct entities "
+                 "ranked per query:")
+        page.table(
+            ["estimator", "seed", "test Hits@1", "Hits@3", "Hits@10", "MRR", "final dev Hits@1", "steps/s",
+             "train s"],
+            [[r["estimator"], r["seed"], *(r["test"][k] for k in KG_METRICS), r["curve"][-1]["hits@1"],
+              r["steps_per_second"], r["train_seconds"]] for r in results["runs"] if r["dataset"] == dataset],
+            "lrrrrrrrr", [None, None, *metrics, ".3f", ".2f", ".0f"], absent="-", lead="Per run:")
+        page.bullets(kg_verdict(rows, s["eval_every"]))
+    if results.get("notes"):
+        page.heading("Notes (written by hand after the run)").bullets(results["notes"])
+    return page
+
+
+# ----------------------------------------------------------------------------- overhead
+def overhead(report):
+    settings = report["settings"]
+    page = pages.Page("Package step against a hand-written TF step (issue 16, target 3)")
+    page.command(report["command"]).text(
+        f"Fashion-MNIST SBNs, batch {settings['batch_size']}, Adam, `jit_compile=True`, steps_per_execution "
+        f"{settings['steps_per_execution']}, data in memory (tf.data, autotuning off). Steady-state ms per "
+        f"step, median of {settings['rounds']} interleaved rounds of {settings['executions'] - 1} timed "
+        "executions; ratio = package / hand-written, median over rounds of the paired ratio (range in "
+        "brackets); CPU-time ratio: of the medians of this process's CPU seconds per step (all threads), less "
+        "sensitive to other processes. `hand_fit`: the hand-written step as a plain keras.Model's train_step, "
+        "trained with fit. Target: ratio <= 1.15.")
+    page.machine(report["machine"])
+
+    def ratio(r):
+        return f"{r['median_of_rounds']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+    rows = []
+    for r in report["results"]:
+        p, h, f = r["arms"]["package"], r["arms"]["hand"], r["arms"].get("hand_fit")
+        hr = h["package_ratio"]
+        load = r["load_1min"]
+        rows.append([
+            r["arch"], r["estimator"] + (f" K={r['num_samples']}" if r["num_samples"] > 1 else ""),
+            p["median_ms"], h["median_ms"], f"**{hr['median_of_rounds']:.2f}** ({hr['min']:.2f}-{hr['max']:.2f})",
+            f"{p['median_cpu_ms']:.3f} / {h['median_cpu_ms']:.3f}", hr["cpu_of_medians"],
+            f and f["median_ms"], ratio(f["package_ratio"]) if f else None,
+            f"{p['compile_seconds']:.1f} / {h['compile_seconds']:.1f}",
+            f"{load['median']:.1f} ({load['min']:.1f}-{load['max']:.1f})",
+        ])
+    page.table(["net", "estimator", "package ms", "hand ms", "ratio", "CPU ms (package / hand)", "CPU-time ratio",
+                "hand_fit ms", "package / hand_fit", "compile s (package / hand)", "load (1 min)"],
+               rows, formats=[None, None, ".3f", ".3f", None, None, ".2f", ".3f", None, None, None], absent="-")
+    with_hlo = [r for r in report["results"] if r.get("hlo")]
+    if with_hlo:
+        keys = ("instructions", "fusions", "copied_bytes", "is_finite")
+        page.table(["net", "estimator", "instructions", "fusions", "copied bytes", "is-finite"],
+                   [[r["arch"], r["estimator"],
+                     *(f"{r['hlo']['package'][k]:,} / {r['hlo']['hand'][k]:,}" for k in keys)] for r in with_hlo],
+                   lead="Optimised XLA HLO of one step compiled alone (entry computation; package / "
+                        "hand-written): instructions, fusions, bytes moved by `copy` instructions, is-finite "
+                        "operations.")
+    page.text(
+        "Final mean training loss of the last timed run (the same estimator on the same data: package and "
+        "hand-written should agree to within noise): "
+        + "; ".join(f"{r['arch']} {r['estimator']}: "
+                    + ", ".join(f"{n} {a['final_mean_loss']:.1f}" for n, a in r["arms"].items())
+                    for r in report["results"]) + ".")
+    page.bullets(report.get("notes"), "Reading:")
+    return page
+
+
+# ----------------------------------------------------------------------------- sbn
+SBN_PACKAGES = (*pages.DEFAULT_PACKAGES, "torch", "pyro", "storchastic")
+
+
+def sbn_equal_time(page, entry, reference="keras_bpq auto (critic_cv)"):
+    """Each method's test -ELBO at equal training wall-clock: the last evaluation
+    at or before 1/4, 1/2 and all of the `reference` method's training time
+    (median over seeds; the reference: the slowest method if absent)."""
+    runs = {name: [r for r in rs if "curve" in r] for name, rs in entry["methods"].items()}
+    runs = {name: rs for name, rs in runs.items() if rs}
+    ends = {name: common.median([r["train_seconds"] for r in rs]) for name, rs in runs.items()}
+    total = ends.get(reference, max(ends.values()))
+    times = [total / 4, total / 2, total]
+
+    def at(curve, t):
+        done = [c["test_nelbo"] for c in curve if c["train_seconds"] <= t]
+        return done[-1] if done else None
+
+    page.table(["method", *(f"{t:.1f} s" for t in times)],
+               [[name, *(common.median([at(r["curve"], t) for r in rs]) for t in times)] for name, rs in runs.items()],
+               "l" + "r" * len(times), [None] + [".2f"] * len(times),
+               lead="Test -ELBO at equal training wall-clock (the last evaluation at or before each time; median "
+                    f"over seeds; {reference if reference in ends else 'the slowest method'} trained {total:.0f} s):")
+
+
+def sbn_timing(page, entry):
+    config = entry["config"]
+    if config.get("timing_data") == "in_memory":
+        data_note = (f"on {config['timing_batches']} batches binarised once and held in memory, tf.data "
+                     "autotuning off: the training step, not the input pipeline")
+    else:  # runs before the in-memory timing data
+        data_note = ("the tf.data binarising pipeline included, autotuning on: fit times rounded up to "
+                     "10 ms x (2^k - 1), see the notes")
+    timing = entry["timing"]
+    rows = []
+    for name in next(iter(timing.values())):
+        cells, ratios = [], []
+        for key in ("jit_off", "jit_on"):
+            r = timing.get(key, {}).get(name)
+            autoencoder = timing.get(key, {}).get("autoencoder", {}).get("best_steps_per_s")
+            if r is None or "error" in r:
+                cells.append(r and f"error: `{r['error'][:200]}`")
+                ratios.append("")
+            else:
+                cells.append(r["best_steps_per_s"])
+                ratios.append(f"{autoencoder / r['best_steps_per_s']:.1f}x" if autoencoder else "")
+        rows.append([name, *cells, " / ".join(ratios)])
+    page.table(["model", "jit_compile off: steps/s", "jit_compile on: steps/s",
+                "time/step vs autoencoder (off / on)"], rows, "lrrr", [None, ".0f", ".0f", None],
+               lead=f"Throughput (fresh model, warm-up fit of 100 steps, then {config['timing_repeats']} fits of "
+                    f"{config['timing_steps']} steps, best; steps_per_execution 50; {data_note}). `autoencoder`: "
+                    "plain `keras.Model`, same layer sizes, sigmoid units, no sampling.")
+
+
+def sbn(report):
+    page = pages.Page("Sigmoid belief nets: keras_bpq vs Pyro vs Storchastic")
+    page.text("Generated by `benchmarks/sbn.py` (see its docstring for the protocol). One section per comparison; "
+              "numbers are medians over seeds. Test -ELBO: one latent draw per image on a fixed binarised test "
+              "subset (the same array for every library); lower is better.")
+    for tag, entry in sorted(sections(report).items()):
+        config = entry["config"]
+        page.heading(entry.get("title") or f"{entry['dataset']}, {entry['arch']}").command(entry["command"])
+        page.machine(entry["machine"], SBN_PACKAGES)
+        page.text(f"Batch {config['batch_size']}, Adam {config['learning_rate']}, seeds {config['seeds']}, "
+                  f"runtime {entry['runtime_s']:.0f} s; the machine was shared with other jobs.")
+        rows = []
+        for name, row in entry["summary"].items():
+            if "error" in row:
+                rows.append([name, f"failed: `{row['error'][:300]}`", "", "", "", ""])
+            else:
+                rows.append([name, row["steps"], row["test_nelbo"], row["best_test_nelbo"], row["train_nelbo"],
+                             row["steps_per_s"]])
+        page.table(["method", "steps", "test -ELBO (final)", "best test -ELBO", "train -ELBO (final)",
+                    "training steps/s (in the curve run)"], rows, "lrrrrr", [None, None, ".2f", ".2f", ".2f", ".1f"])
+        curve_steps = sorted({c["step"] for runs in entry["methods"].values() for r in runs
+                              for c in r.get("curve", [])})
+        if curve_steps:
+            rows = []
+            for name, runs in entry["methods"].items():
+                ok = [r for r in runs if "curve" in r]
+                if ok:
+                    rows.append([name, *(common.median([next((c["test_nelbo"] for c in r["curve"] if c["step"] == s),
+                                                             None) for r in ok]) for s in curve_steps)])
+            page.table(["method", *map(str, curve_steps)], rows, "l" + "r" * len(curve_steps),
+                       [None] + [".2f"] * len(curve_steps), lead="Test -ELBO at each checkpoint (median over seeds):")
+        if config.get("estimator_steps_override"):
+            sbn_equal_time(page, entry)
+        if entry.get("plot"):
+            page.image(entry["plot"], "test -ELBO and encoder gradient variance")
+        rows = []
+        for name, runs in entry["methods"].items():
+            for r in runs:
+                for c in r.get("curve", []):
+                    if "encoder_variance" in c:
+                        same = c.get("reinforce_same_weights_variance")
+                        rows.append([name, r.get("seed"), c["step"], c["encoder_variance"],
+                                     same and math.log10(c["encoder_variance"] / same), same])
+        if rows:
+            page.table(["estimator", "seed", "step", "total variance", "log10 vs reinforce at the same weights",
+                        "reinforce at the same weights"], rows, "lrrrrr", [None, None, None, ".4g", "+.2f", ".4g"],
+                       lead=f"Encoder gradient variance ({config['num_draws']} draws of "
+                            "`diagnostics.estimate_gradients` on one fixed binarised batch; total = sum of "
+                            "per-entry variances over the q_* variables):")
+        if entry.get("timing"):
+            sbn_timing(page, entry)
+        page.bullets([f"peer `{name}` seed {r.get('seed')}: `python {r['command']}`"
+                      for name, runs in entry["methods"].items() for r in runs
+                      if isinstance(r.get("command"), str)])
+        page.bullets(entry.get("notes"), "Reading:")
+    if report.get("_appendix"):
+        page.block(report["_appendix"].strip("\n"))
+    return page
+
+
+# ----------------------------------------------------------------------------- sbn_variance
+def sbn_variance(report):
+    cfg, checkpoints, timing = report["config"], report["checkpoints"], report["timing"]
+    estimators = list(checkpoints[0]["estimators"])
+    compared = [n for n in estimators if "vs_critic_cv_mean" in checkpoints[0]["estimators"][n]]
+    page = pages.Page(report["title"])
+    page.text("Generated by `benchmarks/sbn_variance.py`.").command(report["command"]).machine(report["machine"])
+    page.text(f"Total runtime {report['runtime_s']:.0f} s.")
+    page.heading("Setup").block([
+        f"* Model: `examples/sbn.py` two-layer SBN, 64 -> z1[{cfg['z1']}] -> z2[{cfg['z2']}] Bernoulli, costs "
+        "recon, kl1, kl2 (negative ELBO).",
+        "* One model trained with the default estimator (`auto` = `critic_cv` for both nodes, learned critics, TD "
+        f"targets, actor reads the Polyak target copies) for {cfg['steps']} steps: batch {cfg['batch_size']}, "
+        f"Adam {cfg['learning_rate']}, steps_per_execution {cfg['steps_per_execution']}, seed {cfg['seed']}.",
+        f"* At each checkpoint, {cfg['num_draws']} independent draws of the gradient of the encoder variables "
+        f"(q_z1, q_z2 kernel and bias: {report['encoder_entries']} entries) on one fixed binarised batch of "
+        f"{cfg['batch_size']} training images, by `diagnostics.estimate_gradients` (in chunks of {cfg['chunk']} "
+        "draws), for three estimators at the same weights:",
+        "  * `critic_cv`: the trained model itself, with its current critics;",
+        "  * `reinforce`: a copy of the actor weights in a reinforce-compiled model whose EMA baselines were "
+        f"warmed up on {cfg['baseline_warmup_steps']} training batches (fit with `SGD(0.0)`: baseline updated, "
+        "weights unchanged, checked);",
+        "  * `critic`: a copy of the actor weights and of every critic weight (online and target copies) in a "
+        "`critic`-compiled model.",
+        "* Total variance = sum over encoder entries of the per-entry variance across draws "
+        "(`diagnostics.gradient_variance`). The interval is a bootstrap 95% interval "
+        f"({cfg['bootstrap']} resamples of the draws).",
+        "* Bias indication: squared distance between an estimator's mean over the draws and the critic_cv mean, "
+        "next to the noise floor `(V_a + V_cv) / N` expected for two unbiased estimators (ratio ~1 = no "
+        "detectable bias), and the number of encoder entries whose means differ by more than 4 standard errors "
+        "(about 0.2 expected by chance over all entries). `critic_cv` is unbiased for any critic, so its mean is "
+        "the reference; `reinforce`, also unbiased, is the control.",
+    ])
+    rows = []
+    for cp in checkpoints:
+        for name in estimators:
+            e = cp["estimators"][name]
+            by, ci = e["log10_ratio_to_reinforce_by_layer"], e["log10_ratio_ci95"]
+            rows.append([cp["step"], cp["test_negative_elbo"], name, e["total_variance"],
+                         f"{e['log10_ratio_to_reinforce']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""),
+                         by["q_z1"], by["q_z2"]])
+    page.heading("Encoder gradient variance").table(
+        ["step", "test -ELBO", "estimator", "total variance", "log10 ratio to reinforce [95%]", "q_z1 log10 ratio",
+         "q_z2 log10 ratio"], rows, "rrlrrrr", [None, ".2f", None, ".4g", None, "+.2f", "+.2f"])
+    page.text("Warmed-up reinforce baselines (bias-corrected EMA of the batch-mean downstream cost): "
+              + "; ".join(f"step {cp['step']}: " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in cp["reinforce_baselines"]["bias_corrected"].items())
+                          for cp in checkpoints) + ".")
+    rows = []
+    for cp in checkpoints:
+        for name in compared:
+            e = cp["estimators"][name]
+            for layer, m in [("all", e["vs_critic_cv_mean"]), *e["vs_critic_cv_mean_by_layer"].items()]:
+                rows.append([cp["step"], name, layer, m["sq_dist_to_cv_mean"], m["noise_floor"], m["ratio_to_floor"],
+                             f"{m['entries_beyond_4se']}/{m['entries']}"])
+    page.heading("Distance of the mean to the critic_cv mean (bias indication)").table(
+        ["step", "estimator", "layer", "squared distance", "noise floor", "ratio", "entries > 4 SE"], rows,
+        "rllrrrr", [None, None, None, ".4g", ".4g", ".1f", None])
+    page.text("Squared norm of the critic_cv mean gradient (scale): " + ", ".join(
+        f"step {cp['step']}: {cp['estimators']['critic_cv']['mean_sq_norm']:.4g}" for cp in checkpoints) + ".")
+    load = report["load_average_1_5_15min"]
+    page.heading("Time per gradient estimate").text(
+        f"Training throughput, fresh models, batch {cfg['batch_size']}, steps_per_execution "
+        f"{cfg['steps_per_execution']}: `fit` of {cfg['timing_steps']} steps after a warm-up fit that compiles "
+        f"the step; {cfg['timing_repeats']} repeats interleaved across estimators. One step is one gradient "
+        "estimate for the batch plus, for the critic estimators, one critic update. The binarising tf.data "
+        "pipeline is included. The machine was shared with other jobs (1-min load average before / after the "
+        f"timing: {load['before_timing'][0]:.2f} / {load['after_timing'][0]:.2f} on "
+        f"{report['machine']['cpu_count']} cores), so the best repeat, the least disturbed, gives ms per step "
+        "and the ratios; the median is shown too, and the process CPU time per step (all threads, less "
+        "sensitive to other jobs than wall time). Marginal ms per step = (best "
+        f"{cfg['timing_steps']}-step fit - best {cfg['steps_per_execution']}-step fit) / extra steps, which "
+        "removes the per-fit overhead (iterator, callbacks) that weighs most on the fastest estimator.")
+    ref = timing["reinforce"]
+    page.table(
+        ["estimator", "best steps/s", "ms per step (best)", "median steps/s", "all runs (steps/s)",
+         "time vs reinforce (best)", "(median)", "CPU ms per step (median)", "CPU time vs reinforce",
+         "marginal ms per step", "marginal vs reinforce"],
+        [[label, t["best_steps_per_s"], t["ms_per_step"], t["median_steps_per_s"], numbers(t["steps_per_s"], ".0f"),
+          t["ms_per_step"] / ref["ms_per_step"], t["ms_per_step_median"] / ref["ms_per_step_median"],
+          t["cpu_ms_per_step_median"], t["cpu_ms_per_step_median"] / ref["cpu_ms_per_step_median"],
+          t["marginal_ms_per_step"], t["marginal_ms_per_step"] / ref["marginal_ms_per_step"]]
+         for label, t in timing.items()],
+        "lrrrlrrrrrr", [None, ".1f", ".2f", ".1f", None, times, times, ".2f", times, ".2f", times])
+    page.text("Secondary: wall time of the `estimate_gradients` calls (vectorised draws, one retrace per call), ms "
+              "per draw: " + "; ".join(f"step {cp['step']}: " + ", ".join(
+                  f"{n} {cp['estimators'][n]['estimate_gradients_ms_per_draw']:.1f}" for n in estimators)
+                                       for cp in checkpoints) + ".")
+    page.heading("Reading").bullets(report["reading"])
+    return page
+
+
+# ----------------------------------------------------------------------------- scaling
+def scaling(report):
+    config, machine = report["config"], report["machine"]
+    page = pages.Page(report["title"])
+    page.text("Generated by `benchmarks/scaling.py`.").command(report["command"]).machine(machine)
+    page.text(
+        f"Total runtime {report['runtime_s']:.0f} s.",
+        f"The machine's {machine['cpu_count']} cores were shared with other jobs while this ran: the 1-minute "
+        f"load average ranged from {report['load_range'][0]:.1f} to {report['load_range'][1]:.1f} during the "
+        f"timed fits ({machine['cpu_count']:.1f} = every core busy), so absolute rates are low and noisy; the "
+        "ratios within a row group are the point. CPU ms/step is the process CPU time (all threads).",
+        f"Setup: `examples/sbn.py` two-layer SBN (64 -> z1[{config['z1']}] -> z2[{config['z2']}] Bernoulli, costs "
+        "recon, kl1, kl2), digits with dynamic binarisation in the tf.data pipeline, global batch "
+        f"{config['global_batch']}, Adam {config['learning_rate']:g}. Per combination: a warm-up fit of 2 x "
+        f"steps_per_execution steps (tracing; `warm-up s`), then {config['repeats']} timed fits of "
+        f"{config['timed_steps']} steps, median reported.")
+    page.table(
+        ["estimator", "setup", "replicas", "steps_per_execution", "steps/s (median)", "runs", "CPU ms/step",
+         "warm-up s"],
+        [[r["estimator"], config["setups"][r["setup"]], r["replicas"], r["steps_per_execution"], r["steps_per_s"],
+          numbers(r["steps_per_s_runs"], ".0f"), r["cpu_ms_per_step"], r["warmup_s"]] for r in report["results"]],
+        "llrrrlrr", [None, None, None, None, ".1f", None, ".2f", ".1f"])
+    page.heading("Reading").bullets(report["reading"])
+    return page
+
+
+# ----------------------------------------------------------------------------- toy
+def toy_plot(t):
+    """The file name of the plot of p(b=1) during training at `t`."""
+    return f"toy_training_t{t:g}.png"
+
+
+def toy_median_steps(runs):
+    """Median steps to the threshold over `runs` (inf where a run did not reach it)."""
+    return float(np.median([r["steps"] if r["reached"] else math.inf for r in runs]))
+
+
+def toy_steps_text(value, max_steps):
+    if value is None or math.isinf(value):
+        return f"not reached (>{max_steps})"
+    return f"{value:.0f}"
+
+
+def toy_fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4 or abs(x) < 1e-3:
+        return f"{x:.{digits}e}"
+    return f"{x:.{digits + 1}g}"
+
+
+def toy_row_name(row):
+    name = row["estimator"]
+    if row.get("num_samples", 1) > 1:
+        name += f" (K={row['num_samples']})"
+    if row["variant"] == "fresh":
+        return name + (" (fresh: baseline 0)" if row["estimator"] == "reinforce" else "")
+    return f"{name} ({row['variant']})"
+
+
+def toy_grouped(results, t):
+    """`(variance rows, training runs per configuration, throughput per configuration)` at `t`."""
+    s = results["settings"]
+    var_rows = [r for r in results["variance"] if r["t"] == t]
+    runs = {config: [r for r in results["training"] if r["t"] == t and r["estimator"] == config]
+            for config in s["configs"]}
+    speed = {config: results["throughput"][f"{t}/{config}"] for config in s["configs"]
+             if f"{t}/{config}" in results["throughput"]}
+    return var_rows, runs, speed
+
+
+def toy_speed(results, speed, config):
+    """`(steps/s text, CPU us/step text, CPU us/step)` of a configuration: a
+    reference shares the package `reinforce`'s (shown in brackets)."""
+    reference = config in results["settings"]["references"]
+    v = speed.get("reinforce" if reference else config)
+    if v is None:
+        return "-", "-", None
+    steps, cpu = f"{v['steps_per_second']:.0f}", f"{v['cpu_microseconds_per_step']:.0f}"
+    if reference:
+        steps, cpu = f"({steps}, as reinforce)", f"({cpu})"
+    return steps, cpu, v["cpu_microseconds_per_step"]
+
+
+def toy_variance_table(page, rows):
+    def within(r):
+        if r["within_4_se"]:
+            return "yes"
+        return "NO (biased by design)" if r.get("biased_by_design") else "**NO**"
+
+    cells = []
+    for r in rows:
+        snr_cf = toy_fmt(r["snr_closed_form"])
+        if r["snr_closed_form"] is None and r["variance_closed_form"] is not None:
+            snr_cf = "inf"
+        var_cf = toy_fmt(r["variance_closed_form"])
+        if r.get("closed_form_kind") == "quadrature":
+            var_cf += " (quadrature)"
+        cells.append([toy_row_name(r), r["theta"], r["p"], toy_fmt(r["mean"], 4), toy_fmt(r["std"]),
+                      toy_fmt(r["variance"]), var_cf, toy_fmt(r["exact"], 4),
+                      "inf (zero variance)" if r["snr"] is None else toy_fmt(r["snr"]), snr_cf,
+                      number(r["z"], ".2f", "-"), within(r), r["estimate_seconds"]])
+    page.table(["estimator", "theta", "p(b=1)", "mean", "std", "variance", "variance (closed form)", "exact", "SNR",
+                "SNR (closed form)", "z", "within 4 SE", "estimate time (s)"], cells,
+               formats=[None, "g", ".3f", None, None, None, None, None, None, None, None, None, ".2f"],
+               lead="Per-step gradient draws, batch of one example:")
+
+
+def toy_bias_table(page, rows):
+    rows = [r for r in rows if r.get("biased_by_design")]
+    if rows:
+        page.table(
+            ["estimator", "theta", "mean ± SE", "exact", "bias = mean - exact ± SE", "relative bias",
+             "bias (quadrature)", "relative bias (quadrature)", "expected gradient (quadrature)", "its sign"],
+            [[toy_row_name(r), r["theta"], f"{toy_fmt(r['mean'], 4)} ± {toy_fmt(r['standard_error'], 2)}",
+              toy_fmt(r["exact"], 4), f"{toy_fmt(r['bias'], 4)} ± {toy_fmt(r['bias_standard_error'], 2)}",
+              r["relative_bias"], toy_fmt(r["bias_closed_form"], 4), r["relative_bias_closed_form"],
+              toy_fmt(r["mean_closed_form"], 4), "right" if r["mean_closed_form"] * r["exact"] > 0 else "**wrong**"]
+             for r in rows],
+            formats=[None, "g", None, None, None, "+.2f", None, "+.3f", None, None],
+            lead="Bias of the biased-by-design estimators (measured, and by quadrature):")
+
+
+def toy_cost_table(page, var_rows, speed):
+    """Variance at equal compute: variance x (CPU time per step / reinforce's)."""
+    base = speed.get("reinforce")
+    if not base:
+        return
+    thetas = sorted({r["theta"] for r in var_rows}, reverse=True)
+    rows = []
+    for estimator, variant in dict.fromkeys((r["estimator"], r["variant"]) for r in var_rows):
+        v = speed.get(estimator)
+        if v is None:
+            continue
+        ratio = v["cpu_microseconds_per_step"] / base["cpu_microseconds_per_step"]
+        samples = next(r for r in var_rows if r["estimator"] == estimator)["num_samples"]
+        cells = []
+        for theta in thetas:
+            key = (estimator, variant, theta)
+            row = next((r for r in var_rows if (r["estimator"], r["variant"], r["theta"]) == key), None)
+            var = None if row is None else 0.0 if row["zero_variance"] else row["variance"]
+            cells += ["-", "-"] if var is None else [toy_fmt(var), toy_fmt(var * ratio)]
+        rows.append([toy_row_name({"estimator": estimator, "variant": variant, "num_samples": samples}), samples,
+                     v["cpu_microseconds_per_step"], ratio, *cells])
+    page.table(["estimator", "rows per step", "CPU us/step", "CPU ratio to reinforce",
+                *(h for theta in thetas for h in (f"variance, theta = {theta:g}", "x CPU ratio"))],
+               rows, formats=[None, None, ".0f", ".2f"] + [None] * 2 * len(thetas),
+               lead="Variance at equal compute (per-step variance x CPU time per step relative to `reinforce`; "
+                    "zero-variance rows stay 0):")
+
+
+def toy_training_table(page, results, runs_by_config, speed):
+    s = results["settings"]
+    rows = []
+    for config, runs in runs_by_config.items():
+        if not runs:
+            continue
+        steps_per_s, cpu, cpu_us = toy_speed(results, speed, config)
+        median = toy_median_steps(runs)
+        rows.append([
+            config if config not in s["references"] else f"{config} (reference)", runs[0].get("rows_per_step", 1),
+            toy_steps_text(median, s["max_steps"]),
+            ", ".join(str(r["steps"]) if r["reached"] else f">{r['steps_run']}" for r in runs),
+            numbers([r["final_p"] for r in runs], ".3f"), steps_per_s, cpu,
+            median * cpu_us * 1e-6 if cpu_us is not None and math.isfinite(median) else None,
+            numbers([r["seconds"] for r in runs], ".1f"),
+        ])
+    page.table(["estimator", "rows per step", "median steps", "steps per seed", "final p(b=1) per seed", "steps/s",
+                "CPU us/step", "median CPU s to threshold", "wall time per seed (s)"], rows,
+               formats=[None] * 7 + [".2f", None], absent="-",
+               lead=f"Training from theta = 0 to p(b=1) < {s['threshold']:g} (budget {s['max_steps']} steps):")
+
+
+def toy_reading(results):
+    """The measured ranking per t and the unbiasedness check (computed), then
+    the interpretation written by hand into toy.json's `notes` for the run it
+    holds, the cost lines (computed) and the caveat."""
+    s = results["settings"]
+    notes = results.get("notes") or []
+    out = []
+    for t in s["targets"]:
+        _, runs, _ = toy_grouped(results, t)
+        medians = {config: toy_median_steps(r) for config, r in runs.items() if r}
+        ranking = "; ".join(f"{c} {toy_steps_text(medians[c], s['max_steps'])}"
+                            for c in sorted(medians, key=lambda c: medians[c]))
+        out.append(f"Median steps to p(b=1) < {s['threshold']:g} at **t = {t}**: {ranking}.")
+    unbiased = [r for r in results["variance"] if not r.get("biased_by_design")]
+    failures = [r for r in unbiased if not r["within_4_se"]]
+    text = (f"**Unbiasedness.** {len(unbiased) - len(failures)} of {len(unbiased)} rows of the estimators "
+            "docs/estimators.md marks unbiased (with the exact Q here) have their mean within 4 standard errors of "
+            "the exact gradient")
+    if failures:
+        text += "; outside: " + ", ".join(
+            f"{toy_row_name(r)} at t = {r['t']}, theta = {r['theta']:g} (z = {r['z']:.1f})" for r in failures)
+    closed = [r for r in results["variance"] if r.get("variance_closed_form") and not r["zero_variance"]]
+    if closed:
+        worst = max(closed, key=lambda r: abs(r["variance"] / r["variance_closed_form"] - 1))
+        text += (f". Measured variances match the closed forms / quadrature to within "
+                 f"{100 * abs(worst['variance'] / worst['variance_closed_form'] - 1):.0f}% "
+                 f"(worst: {toy_row_name(worst)}, t = {worst['t']}, theta = {worst['theta']:g})")
+    out.append(text + ".")
+    stationary = results.get("gumbel_stationary_p") or {}
+    items = []
+    for t in s["targets"]:
+        _, runs, _ = toy_grouped(results, t)
+        for config, p in stationary.get(str(t), {}).items():
+            finals = [r["final_p"] for r in runs.get(config, [])]
+            items.append(f"{config} at t = {t}: p = {toy_fmt(p)}"
+                         + (f" (final p of training {min(finals):.3f}-{max(finals):.3f})" if finals else ""))
+    if items:
+        out.append("**Where gumbel settles.** The p(b=1) at which its expected gradient (quadrature) is zero: "
+                   + "; ".join(items) + ".")
+    return out + notes + toy_cost_notes(results) + [
+        "**Caveat.** This toy is the best case for the critic estimators: Q is the exact cost, not a learned "
+        "network. It checks the estimators' algebra and their variance when Q is right; it says nothing about how "
+        "fast a learned critic becomes right."]
+
+
+def toy_cost_notes(results):
+    """The timing notes, computed from the run's numbers."""
+    s = results["settings"]
+    speed = results.get("throughput", {})
+    parts = []
+    for t in s["targets"]:
+        base = speed.get(f"{t}/reinforce")
+        if not base:
+            continue
+        _, runs, _ = toy_grouped(results, t)
+        cpu = base["cpu_microseconds_per_step"]
+        items = [f"{config} {speed[f'{t}/{config}']['cpu_microseconds_per_step'] / cpu:.2f}"
+                 for config in runs if config not in s["references"] and f"{t}/{config}" in speed]
+        parts.append(f"**Cost per step, t = {t}** (CPU time per step relative to `reinforce`, batch "
+                     f"{s['batch_size']}, `steps_per_execution={s['steps_per_execution']}`): " + ", ".join(items) + ".")
+    times = [r["estimate_seconds"] for r in results["variance"]]
+    if times:
+        text = (f"**estimate_gradients.** One vectorised call of {s['num_draws']} draws took "
+                f"{min(times):.2f}-{max(times):.2f} s wall time across estimators (the first theta of each includes "
+                "the trace).")
+        scaling_rows = results.get("estimate_scaling") or []
+        if len(scaling_rows) >= 3:
+            (n1, t1), (n2, t2) = [(r["num_draws"], r["seconds"]) for r in scaling_rows[-2:]]
+            text += (f" In the scaling table {scaling_rows[0]['num_draws']} draws cost "
+                     f"{scaling_rows[0]['seconds']:.2f} s (the trace), and from {n1} to {n2} draws the time grew "
+                     f"like num_draws^{math.log(t2 / t1) / math.log(n2 / n1):.1f}.")
+        parts.append(text)
+    return parts
+
+
+def toy(results):
+    s, m = results["settings"], results["machine"]
+    enum_error = max((abs(r["exact"] - r["exact_enumeration"]) / abs(r["exact"]) for r in results["variance"]),
+                     default=0.0)
+    k = s.get("rloo_samples", 2)
+    page = pages.Page("REBAR toy")
+    page.text(
+        "One Bernoulli node `b ~ Bernoulli(sigmoid(theta))` with a single learnable logit `theta` (a one-weight "
+        "layer broadcast to the batch), cost `(b - t)^2` per example, functional `BackpropQModel(inputs=x, "
+        "outputs=b, costs={\"cost\": cost})`. Exact gradient `(1 - 2t) sigmoid(theta) (1 - sigmoid(theta))`; the "
+        "optimum is p(b=1) -> 0. Every estimator of `keras_bpq` that can serve a Bernoulli node is measured.")
+    page.command(results["command"]).machine({**m, **results["versions"]})
+    loads = [m[key][0] for key in ("load_average_at_start", "load_average_at_end") if m.get(key)]
+    page.text(f"Total run time {results['total_seconds']:.0f} s (plus about {results['import_seconds']:.0f} s of "
+              "imports)." + (" The machine was shared with other jobs, so wall times and steps/s are noisy (the "
+                             "best of the repeated throughput runs is shown)."
+                             if loads and max(loads) > 0.75 * (m["cpu_count"] or 1) else ""))
+    page.bullets([
+        "Estimators: " + ", ".join(f"`{e}`" for e in s["estimators"]) + f". `rloo` is compiled with "
+        f"`num_samples={k}`: every training step (and every gradient draw) holds {k} draws of b for the one "
+        f"example, so its batch has {k} rows; all others have 1. `gumbel` is `keras_bpq.estimators.Gumbel()` "
+        "(temperature 0.5, anneal_rate 1: constant), `gumbel_straight_through` is "
+        "`Gumbel(straight_through=True)`; `relax` is the package's RELAX at its default temperature 0.5.",
+        "Gradient variance: `keras_bpq.diagnostics.estimate_gradients(model, x, "
+        f"num_draws={s['num_draws']})` with `x` a single row (batch size 1), at theta in "
+        f"{{{', '.join(f'{x:g}' for x in s['thetas'])}}}. One draw is the gradient of one training step: "
+        "`estimate_gradients` tiles `x` once per draw, and the model's forward pass repeats each row "
+        f"`num_samples` times, so an `rloo` draw averages the leave-one-out surrogate over its {k} rows, exactly "
+        "as a training step does. SNR = |mean| / std of the per-draw gradient; SNR (closed form) = |closed-form "
+        "mean| / closed-form std; z = |mean - exact| / standard error; \"within 4 SE\" also allows 1e-5 relative "
+        "+ 1e-7 absolute for float32 rounding, and an estimator whose std is below that is reported as zero "
+        "variance. The exact gradient is the closed form for the float32 value of t that the graph holds (0.499 "
+        "is stored as 0.49900001, which moves the exact gradient by 1.3e-5 relative); "
+        f"`diagnostics.exact_gradients` (enumeration, float32) agrees with it to {enum_error:.1e} relative or "
+        "better in every row. Closed-form moments: from the per-draw values given b (reinforce, critic, "
+        "critic_cv, local_expectation, rloo with K = 2, disarm); for gumbel and relax, midpoint quadrature over "
+        "their uniform noise in float64 (2e6 points; relax: a 1500 x 1500 grid per value of b), which also gives "
+        "gumbel's exact bias. Estimate time: one `estimate_gradients` call of all draws; the first theta of each "
+        "estimator includes the trace of its tf.function (cached per model afterwards).",
+        f"`reinforce` is the package's score function with an EMA baseline (decay {s['reinforce_baseline_decay']:g}, "
+        "bias corrected; the baseline never sees the current batch, so step 1 uses baseline 0). A fresh model's "
+        "baseline is 0, so the `reinforce (fresh)` rows have no baseline; the `baseline=E[c]` rows preset the "
+        "baseline state to the exact expected cost, the value the EMA tracks.",
+        f"Training: Adam (Keras defaults, learning rate {s['learning_rate']:g}), batch size {s['batch_size']}, "
+        f"theta = 0 at the start, `steps_per_execution={s['check_every']}`; p(b=1) is checked every "
+        f"{s['check_every']} steps (so step counts are multiples of {s['check_every']}) and training stops at "
+        f"p(b=1) < {s['threshold']:g}, or at the budget of {s['max_steps']} steps (\"not reached\"); seeds "
+        f"{s['seeds']} (the seed drives the Bernoulli and relaxation noise).",
+        "Two reinforce references, not package estimators: `reinforce_warm_baseline` is `reinforce` with its EMA "
+        "state preset to E[c] at theta = 0 (as if the baseline had been warmed up), `reinforce_no_baseline` holds "
+        "the baseline at 0 (a subclass of `keras_bpq.estimators.Reinforce`).",
+        f"Steps/s: after all training, {s['throughput_repeats']} interleaved rounds in which each estimator's "
+        f"seed-0 model (one per t, already traced) runs a timed `fit` of {s['throughput_steps']} more steps; the "
+        "best round is shown (callbacks included; every round is in `toy.json`). Interleaving spreads load from "
+        "other jobs over all estimators alike. CPU us/step is the process CPU time (all threads) per step, the "
+        "least of the rounds: less sensitive to other jobs than wall time. The wall time per seed includes the "
+        "first trace of the training step. \"Variance x CPU ratio\" is the per-step variance times the CPU time "
+        "per step relative to `reinforce`: the variance at equal compute (averaging n draws divides the variance "
+        "by n and multiplies the cost by n), lower is better.",
+        "**Q is exact here, not learned.** `b` is the cost's last stochastic ancestor, so every estimator with a "
+        "critic (`critic`, `critic_cv`, `local_expectation`, `relax`, `gumbel`) uses the cost itself, "
+        "re-evaluated with `b` forced to other values, as Q (`scg_summary` shows `exact[cost]`); no critic "
+        "network exists and the critic optimizer is unused. For `critic`, `critic_cv` and `local_expectation` "
+        "that is the exact Q at b = 0 and b = 1: these are the critic estimators at their best, not a test of "
+        "critic learning. `relax`'s control variate is the same head evaluated at relaxed samples, c(z) = "
+        "(sigmoid(z / 0.5) - t)^2 (nothing tunes it towards low variance), and `gumbel` differentiates that same "
+        "relaxed cost. `disarm` re-runs the cost at the antithetic sample.",
+    ], "Settings:")
+    na = results.get("not_applicable") or []
+    if na:
+        rows = []
+        for r in na:
+            if r.get("resolves_to"):
+                result = f"compiles; resolves to `{r['resolves_to']}` (the default)"
+            else:
+                result = "compiles" if r["error"] is None else f"`{r['error']}`"
+            rows.append([r["estimator"], r["num_samples"], result])
+        page.heading("Estimators that cannot serve this node").table(
+            ["estimator", "num_samples", "result"], rows,
+            lead="Each compiled once on this model; the error is raised by `compile()`:")
+    plots = {os.path.basename(p) for p in results.get("plots", [])}
+    for t in s["targets"]:
+        var_rows, runs, speed = toy_grouped(results, t)
+        page.heading(f"t = {t}").text(f"Exact gradient at theta = 0: {(1 - 2 * t) / 4:.4g}; cost gap c(1) - c(0) "
+                                      f"= 1 - 2t = {1 - 2 * t:.3g}.")
+        toy_variance_table(page, var_rows)
+        toy_bias_table(page, var_rows)
+        toy_cost_table(page, var_rows, speed)
+        toy_training_table(page, results, runs, speed)
+        plot = toy_plot(t)
+        if plot in plots:
+            page.image(plot, f"p(b=1) during training at t = {t}, every estimator and seed")
+    if results.get("estimate_scaling"):
+        page.heading("Cost of `estimate_gradients` against num_draws").table(
+            ["num_draws", "seconds"], [[r["num_draws"], r["seconds"]] for r in results["estimate_scaling"]],
+            formats=[None, ".2f"],
+            lead=f"One call each on one `reinforce` model, t = {s['targets'][0]}, theta = 0, batch of one row; "
+                 "`estimate_gradients` caches its tf.function per model, so only the first call includes the trace:")
+    page.heading("Reading").text(
+        "The ranking, unbiasedness and cost lines are computed from the results"
+        + ("; the notes after them were written from the default run (`python benchmarks/toy.py`) and quote its "
+           "numbers." if results.get("notes") else "."))
+    return page.bullets(toy_reading(results))
+
+
+# ----------------------------------------------------------------------------- variance_per_second
+def variance_per_second(report):
+    page = pages.Page("Gradient variance per second of training")
+    page.text(
+        "Generated by `benchmarks/variance_per_second.py` from `variance_per_second.json` (see the script's "
+        "docstring). Every arm is measured at the same trained weights: the encoder gradient's total variance "
+        "over the draws on one fixed batch, and the whole training step (jit on, steps_per_execution 50, arms "
+        "interleaved, best round). `var x step` relative to reinforce is the variance of the gradient averaged "
+        "over one second of training, relative to reinforce's: below 1 is more signal per second. "
+        "`critic_cv_linear<S>` is `CriticCV(units=S, linearize=True)` (a uniform draw of the S units); "
+        "`critic_cv_islinear<S>` the same with the units drawn by importance (`unit_sampling=\"importance\"`, "
+        "`auto`'s choice on wide Bernoulli nodes with S = 4 since it was added); `critic_cv_units<S>` is "
+        "`CriticCV(units=S)`; `critic_cv` sums every unit's flip exactly.")
+    for tag, entry in sections(report).items():
+        page.heading(tag).command(entry.get("command"))
+        page.text(f"Weights after {entry['train_steps']} `{entry['train_estimator']}` steps; {entry['num_draws']} "
+                  "draws per arm." + (f" Note: {entry['note']}." if "note" in entry else ""))
+        page.machine(entry["machine"], load_end=entry["load"])
+        page.table(["arm", "variance", "variance / reinforce's", "ms per step", "step / reinforce's",
+                    "var x step / reinforce's"],
+                   [[name, r["variance"], r.get("variance_ratio"), r["step_ms"], r.get("step_ratio"),
+                     r.get("signal_per_second_ratio") and 1 / r["signal_per_second_ratio"]]
+                    for name, r in entry["arms"].items()],
+                   "lrrrrr", [None, ".4g", ".2e", ".2f", ".2f", ".2e"], absent="-")
+    return page
+
+
+# ----------------------------------------------------------------------------- entry point
+LAYOUTS = {
+    "bandit": bandit,
+    "equal_time": equal_time,
+    "kg": kg,
+    "overhead": overhead,
+    "sbn": sbn,
+    "sbn_variance": sbn_variance,
+    "scaling": scaling,
+    "toy": toy,
+    "variance_per_second": variance_per_second,
+}
+
+
+def layout_for(stem):
+    """The layout of `<stem>.json`: `stem`'s own, else the longest layout name
+    `stem` starts with followed by `_`."""
+    if stem in LAYOUTS:
+        return LAYOUTS[stem]
+    names = [n for n in LAYOUTS if stem.startswith(n + "_")]
+    if not names:
+        raise KeyError(f"no page layout for {stem}.json (layouts: {', '.join(LAYOUTS)})")
+    return LAYOUTS[max(names, key=len)]
+
+
+def render(json_path):
+    """The markdown of the page of `json_path`, from the JSON alone."""
+    with open(json_path) as f:
+        report = json.load(f)
+    return layout_for(os.path.splitext(os.path.basename(json_path))[0])(report).render()
+
+
+def page(layout, report):
+    """The markdown of the page of `report` by the layout named `layout`."""
+    return LAYOUTS[layout](report).render()
+
+
+def write(layout, report, path):
+    """The page of `report` by the layout named `layout`, written atomically to `path`."""
+    LAYOUTS[layout](report).write(path)
+
+
+def committed_pages(results=common.RESULTS):
+    """`(json, md)` paths of every page in `results`: each `<name>.md` with a `<name>.json`."""
+    names = sorted(n[:-3] for n in os.listdir(results) if n.endswith(".md"))
+    return [(os.path.join(results, n + ".json"), os.path.join(results, n + ".md"))
+            for n in names if os.path.exists(os.path.join(results, n + ".json"))]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="*", help="results JSON files (default: every page of benchmarks/results/)")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page differs")
+    args = parser.parse_args(argv)
+    paths = [(p, os.path.splitext(p)[0] + ".md") for p in args.json] or committed_pages()
+    stale = []
+    for json_path, md_path in paths:
+        text = render(json_path)
+        if args.check:
+            with open(md_path) as f:
+                if f.read() != text:
+                    stale.append(md_path)
+        else:
+            common.write_atomically(md_path, text)
+            print(f"wrote {md_path}")
+    for md_path in stale:
+        print(f"{md_path} differs from what its JSON renders", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
