@@ -87,7 +87,8 @@ def step_variables(
     """`[(variable, role)]`: every variable a training step may write (the
     model's `weights`, critics and their target copies, estimator state, the
     `optimizers`' variables (`[(optimizer or None, role)]`), for undoing a
-    step; `role` names it in errors."""
+    step; `role` names it in errors. The replay buffer is left out: it only
+    ever receives finite rows, drawn by weights that an undone step keeps."""
     roles = {}
 
     def add(variables, role):
@@ -96,9 +97,14 @@ def step_variables(
 
     state = {id(v): n for n, s in training_state.node_state.items() for v in s}
     critic_ids = {id(v) for v in critic_variables}
+    # A step writes the replay buffer only when its costs and gradients are
+    # finite, and its rows were drawn by the weights an undone step keeps.
+    replay_ids = {id(v) for v in training_state.replay_variables}
     for variable in weights:
         if variable is training_state.status or variable is training_state.status_row:
             continue  # the step's own report, written after the check
+        if id(variable) in replay_ids:
+            continue
         if not tf.as_dtype(variable.dtype).is_floating:
             role = "counter"  # never non-finite; set back with the rest
         elif id(variable) in state:

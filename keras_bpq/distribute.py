@@ -1,7 +1,8 @@
 """A training step's updates under `tf.distribute`, applied whole or not at all.
 
-A step updates, in this order, the critics, the actor (after the critics'
-warm-up), every node's estimator state and the critics' target copies; a step
+A step updates, in this order, the critics (then replays and stores the step's
+rows, with `compile(replay=...)`), the actor (after the critics' warm-up),
+every node's estimator state and the critics' target copies; a step
 that met a non-finite cost or gradient on any replica applies none of them, and
 a step whose updates wrote a NaN or inf anywhere is set back to the values
 before it. Under a strategy that synchronises through `merge_call` (a
@@ -74,10 +75,12 @@ def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
 class StepUpdates(NamedTuple):
     """What a training step writes, as functions `apply_updates` calls in order.
 
-    `critics(critic_grads, critic_inputs)`, `actor(grads)` and
-    `state(means, tuning, has_data)` run on every replica with that replica's
-    values; `target_copies()` runs once. `actor_ready()` (a boolean tensor) says
-    whether the critics' warm-up is over; `warmup` is its length in steps.
+    `critics(critic_grads, critic_inputs)`, `replay(replay_rows)`,
+    `actor(grads)` and `state(means, tuning, has_data)` run on every replica
+    with that replica's values; `target_copies()` runs once. `actor_ready()`
+    (a boolean tensor) says whether the critics' warm-up is over; `warmup` is
+    its length in steps. `replay` (None without replay) gives the critics
+    their replayed updates and stores the step's rows.
     """
 
     critics: Callable[..., None]
@@ -86,6 +89,7 @@ class StepUpdates(NamedTuple):
     target_copies: Callable[[], None]
     actor_ready: Callable[[], tf.Tensor]
     warmup: int
+    replay: Optional[Callable[..., None]] = None
 
 
 class StepValues(NamedTuple):
@@ -93,9 +97,10 @@ class StepValues(NamedTuple):
     `means` (per node, the global mean of `c_X`), `has_data` (a boolean, or None
     without sample weights: false when every weight is 0, and the estimator
     state then stays as it is), `tuning` (per node, the estimators' own
-    replica-mean tuning gradients) and `critic_inputs` (`critics.CriticInputs`
+    replica-mean tuning gradients), `critic_inputs` (`critics.CriticInputs`
     of this replica, for repeated critic updates from cross-replica context;
-    None otherwise)."""
+    None otherwise) and `replay_rows` (`replay.ReplayRows`, this replica's rows
+    of the step for its replay buffer; None without replay)."""
 
     grads: list
     critic_grads: list
@@ -103,15 +108,16 @@ class StepValues(NamedTuple):
     has_data: Optional[tf.Tensor]
     tuning: list
     critic_inputs: object = None
+    replay_rows: object = None
 
 
 def apply_updates(
     skip: tf.Tensor, updates: StepUpdates, values: StepValues, variables: Sequence[tf.Variable],
     saved: Sequence[tf.Tensor],
 ) -> tf.Tensor:
-    """Critics, then actor (after warm-up), then estimator state and target
-    copies; nothing at all when `skip` (a non-finite cost or gradient on any
-    replica).
+    """Critics and their replay, then actor (after warm-up), then estimator
+    state and target copies; nothing at all when `skip` (a non-finite cost or
+    gradient on any replica).
 
     `variables` are all a step may write and `saved` their values before it.
     After the updates every floating one is checked: if any holds a NaN or inf
@@ -139,6 +145,8 @@ def apply_updates(
 
         def apply():
             updates.critics(values.critic_grads)
+            if updates.replay is not None:
+                updates.replay(values.replay_rows)
 
             def actor():
                 updates.actor(values.grads)
@@ -167,6 +175,8 @@ def apply_updates(
 
         def apply():
             each(updates.critics, args=(values.critic_grads, values.critic_inputs))
+            if updates.replay is not None:
+                each(updates.replay, args=(values.replay_rows,))
             tf.cond(
                 updates.actor_ready(),
                 lambda: each(updates.actor, args=(values.grads,)),
