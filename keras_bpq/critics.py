@@ -509,19 +509,15 @@ class CriticSet:
 
     def replay(self, buffer: replay_lib.ReplayBuffer, options: replay_lib.Replay, batch_size: tf.Tensor) -> None:
         """`options.updates_per_step` critic updates, each on `batch_size` rows
-        drawn from `buffer` (`replay_targets`); nothing while it is empty."""
-
-        def run():
-            for _ in range(options.updates_per_step):
-                rows = buffer.draw(batch_size)
-                targets, recording = self.replay_targets(rows, options.correction)
-                with tf.GradientTape() as tape:
-                    loss, _ = self.loss(rows.x, recording.records, rows.weights, targets)
-                    scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas
-                self.optimizer.apply(tape.gradient(scaled, self.variables), self.variables)
-            return tf.constant(0)
-
-        tf.cond(buffer.filled() > 0, run, lambda: tf.constant(0))
+        drawn from `buffer` (`replay_targets`); only for a buffer that holds
+        rows (`distribute.ReplayUpdates.ready`)."""
+        for _ in range(options.updates_per_step):
+            rows = buffer.draw(batch_size)
+            targets, recording = self.replay_targets(rows, options.correction)
+            with tf.GradientTape() as tape:
+                loss, _ = self.loss(rows.x, recording.records, rows.weights, targets)
+                scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas
+            self.optimizer.apply(tape.gradient(scaled, self.variables), self.variables)
 
     def update_target_copies(self) -> None:
         """`Qbar <- (1 - tau) Qbar + tau Q` for every learned critic, or a copy

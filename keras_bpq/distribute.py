@@ -75,12 +75,12 @@ def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
 class StepUpdates(NamedTuple):
     """What a training step writes, as functions `apply_updates` calls in order.
 
-    `critics(critic_grads, critic_inputs)`, `replay(replay_rows)`,
-    `actor(grads)` and `state(means, tuning, has_data)` run on every replica
-    with that replica's values; `target_copies()` runs once. `actor_ready()`
-    (a boolean tensor) says whether the critics' warm-up is over; `warmup` is
-    its length in steps. `replay` (None without replay) gives the critics
-    their replayed updates and stores the step's rows.
+    `critics(critic_grads, critic_inputs)`, `actor(grads)` and
+    `state(means, tuning, has_data)` run on every replica with that replica's
+    values; `target_copies()` runs once. `actor_ready()` (a boolean tensor) says
+    whether the critics' warm-up is over; `warmup` is its length in steps.
+    `replay` (`ReplayUpdates`, None without replay) gives the critics their
+    replayed updates and stores the step's rows.
     """
 
     critics: Callable[..., None]
@@ -89,7 +89,20 @@ class StepUpdates(NamedTuple):
     target_copies: Callable[[], None]
     actor_ready: Callable[[], tf.Tensor]
     warmup: int
-    replay: Optional[Callable[..., None]] = None
+    replay: Optional["ReplayUpdates"] = None
+
+
+class ReplayUpdates(NamedTuple):
+    """The replay part of a step: `ready()` (a boolean tensor, the same on
+    every replica) says whether the buffer holds rows; then `update(rows)`
+    runs the critics' replayed updates on every replica, and `store(rows)`
+    writes each replica's rows of the step into its buffer. The decision is
+    taken outside the replicas' functions: an optimizer's update inside a
+    replica's control flow cannot synchronise under `merge_call`."""
+
+    ready: Callable[[], tf.Tensor]
+    update: Callable[..., None]
+    store: Callable[..., None]
 
 
 class StepValues(NamedTuple):
@@ -146,7 +159,13 @@ def apply_updates(
         def apply():
             updates.critics(values.critic_grads)
             if updates.replay is not None:
-                updates.replay(values.replay_rows)
+
+                def replay():
+                    updates.replay.update(values.replay_rows)
+                    return noop()
+
+                tf.cond(updates.replay.ready(), replay, noop)
+                updates.replay.store(values.replay_rows)
 
             def actor():
                 updates.actor(values.grads)
@@ -176,7 +195,12 @@ def apply_updates(
         def apply():
             each(updates.critics, args=(values.critic_grads, values.critic_inputs))
             if updates.replay is not None:
-                each(updates.replay, args=(values.replay_rows,))
+                tf.cond(
+                    updates.replay.ready(),
+                    lambda: each(updates.replay.update, args=(values.replay_rows,)),
+                    lambda: None,
+                )
+                each(updates.replay.store, args=(values.replay_rows,))
             tf.cond(
                 updates.actor_ready(),
                 lambda: each(updates.actor, args=(values.grads,)),

@@ -312,7 +312,13 @@ class BackpropQModel(
             target_copies=critics.update_target_copies,
             actor_ready=lambda: self.training_state.steps >= self._critic_options.warmup,
             warmup=self._critic_options.warmup,
-            replay=None if buffer is None else lambda rows: self._replay_step(critics, buffer, rows),
+            replay=None if buffer is None else distribute.ReplayUpdates(
+                ready=lambda: buffer.filled() > 0,
+                update=lambda rows: critics.replay(
+                    buffer, self._replay, self._replay.batch_size or tf.shape(rows.weights)[0]
+                ),
+                store=buffer.write,
+            ),
         )
         undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved)
         # A step that would have written a non-finite value was undone: code
@@ -320,13 +326,6 @@ class BackpropQModel(
         status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
         self.training_state.report(status, row)
         return self._update_metrics(forward, evaluation)
-
-    def _replay_step(self, critics, buffer, rows):
-        """The critics' replayed updates on the rows stored so far, then this
-        step's `rows` into the buffer."""
-        replay = self._replay
-        critics.replay(buffer, replay, replay.batch_size or tf.shape(rows.weights)[0])
-        buffer.write(rows)
 
     def _step_variables(self):
         return callbacks_lib.step_variables(

@@ -252,20 +252,22 @@ class ReplayBuffer(keras.layers.Layer):
         self.log_prob_slots = {n: self._slots(f"log_prob_{n}", (), "float32") for n in layout.samples}
         self.cost_slots = {c: self._slots(f"cost_{c}", (), "float32") for c in layout.costs}
         self.weight_slots = self._slots("weight", (), "float32")
-        self.count = self.add_weight(
-            name="count", shape=(), dtype="int64", initializer="zeros", trainable=False,
-            aggregation="only_first_replica",
-        )
+        self.count = self._variable("count", (), "int64")
         self.seed_generator = keras.random.SeedGenerator(None, name="replay_seed_generator")
         self.built = True
 
     def _slots(self, name, shape, dtype):
-        # A node called twice is named "<layer>@2"; "@" is not allowed in a variable name.
-        return self.add_weight(
-            name=name.replace("@", "_"), shape=(self.capacity,) + tuple(shape), dtype=dtype,
-            initializer="zeros", trainable=False, autocast=False,
-            aggregation="only_first_replica",
-        )
+        return self._variable(name, (self.capacity,) + tuple(shape), dtype)
+
+    def _variable(self, name, shape, dtype):
+        # Synchronised on read: under tf.distribute every replica keeps its own
+        # copy (its own rows), and a checkpoint holds the first replica's. A
+        # node called twice is named "<layer>@2"; "@" is not allowed in a name.
+        with keras.name_scope(self.name, caller=self):
+            return keras.Variable(
+                initializer="zeros", shape=shape, dtype=dtype, trainable=False, autocast=False,
+                aggregation="only_first_replica", synchronization="on_read", name=name.replace("@", "_"),
+            )
 
     def _fields(self) -> List[tf.Variable]:
         """Every slot variable, in one fixed order (`_values` gives the rows')."""
@@ -317,7 +319,12 @@ class ReplayBuffer(keras.layers.Layer):
         slots = (self.count.value + start + tf.range(keep, dtype=tf.int64)) % self.capacity
         for variable, value in zip(self._fields(), values):
             kept = tf.cast(value, variable.dtype)[start:]
-            variable.value.scatter_nd_update(slots[:, None], kept)
+            stored = variable.value
+            if isinstance(stored, tf.distribute.DistributedValues):
+                # A replica's own copy takes no in-place scatter: rewrite it.
+                variable.assign(tf.tensor_scatter_nd_update(stored, slots[:, None], kept))
+            else:
+                stored.scatter_nd_update(slots[:, None], kept)
         self.count.assign_add(n)
 
     def draw(self, batch_size: tf.Tensor) -> ReplayRows:
