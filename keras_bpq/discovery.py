@@ -214,6 +214,8 @@ class ScgDiscovery:
             costs=scg.costs,
         )
         replay_lib.check_storable(layout.inputs, "input")
+        if targets is not None:
+            replay_lib.check_storable(targets, "target")
         return layout
 
     def _resolve_estimators(self, scg):

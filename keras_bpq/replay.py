@@ -4,8 +4,10 @@
 forward pass (one example, or one (example, draw) pair under
 `compile(num_samples=...)`), the row's
 
-* model inputs `x` (any nest of dense tensors) and, where the model has
-  compiled losses, its targets `y`;
+* model inputs `x` (any nest of dense numeric tensors of fixed shape;
+  others are refused at `compile()` or at the first step, naming the input)
+  and, where the model has compiled losses, its targets `y` (their shapes are
+  read off the data first given to `fit`);
 * every node's sample `x_X` and its *behaviour* log-probability
   `log mu_X(x_X | pa_X)`, under the weights that drew it;
 * every cost's realised value and the row's sample weight (1 without weights).
@@ -25,7 +27,10 @@ off-policy corrections:
 | `"retrace"` | `G_j = Vbar_{j+1} + min(1, rho_{j+1}) (G_{j+1} - Qbar_{j+1}(x_{j+1}, s))`, `G_m = c` | none beyond the critics' own; multi-step where the policy has not moved |
 | `"none"` | the `compile(critic_target=...)` target, as if the row were on-policy | towards the behaviour policy (below) |
 
-with `rho_X = pi_X(x_X | pa_X) / mu_X(x_X | pa_X)` the ratio of the current
+"Bias" here is that of the regression's fixed point; the replayed rows'
+distribution (past policies', not the current one's) still decides where a
+critic of limited capacity fits best. With
+`rho_X = pi_X(x_X | pa_X) / mu_X(x_X | pa_X)` the ratio of the current
 to the behaviour probability of the stored sample, `a_1 ... a_m` the cost's
 stochastic ancestors in execution order, `s` the replayed context and `Qbar`
 the target copies. Unrolled, Retrace's target is
@@ -45,6 +50,10 @@ policies' values, biased wherever the policy has moved since the row was
 stored. The bias shrinks with the buffer's age (a small `capacity`) and is
 nil for a fixed policy.
 
+The replayed pass runs the model in training mode, as the step's own pass
+does: a layer with state of its own in training mode (BatchNormalization's
+moving statistics) sees the replayed rows too.
+
 Replay trains the critics only. The actor's gradient and the estimators'
 state (baselines, tuned parameters) are computed from the step's own forward
 pass before any replayed update, so an estimator that is unbiased for any
@@ -57,8 +66,10 @@ it compiles under XLA (`jit_compile=True`), runs inside
 and `.keras`) and restored on resume, with the state of the seed generator
 that draws the replayed rows (a `keras.random.SeedGenerator`: stateless
 Philox draws). Under `tf.distribute` each replica keeps its own buffer of the
-rows it computed and replays them; a checkpoint holds the first replica's
-buffer, which a restore gives to every replica.
+rows it computed and replays them (variables synchronised on read; a write
+rewrites the replica's copy of each field, where a single device updates only
+the written slots); a checkpoint holds the first replica's buffer, which a
+restore gives to every replica.
 """
 
 from __future__ import annotations
@@ -126,9 +137,6 @@ class Replay:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Replay) and self.get_config() == other.get_config()
-
-    def __hash__(self) -> int:
-        return hash(tuple(sorted(self.get_config().items())))
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -231,14 +239,12 @@ class ReplayBuffer(keras.layers.Layer):
 
     Args:
       capacity: slots.
-      layout: a `ReplayLayout`, the fields of a row.
+      layout: a `ReplayLayout`, the fields of a row (`check_storable` says
+        which inputs and targets it can hold).
     """
 
     def __init__(self, capacity: int, layout: ReplayLayout, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        check_storable(layout.inputs, "input")
-        if layout.targets is not None:
-            check_storable(layout.targets, "target")
         self.capacity = int(capacity)
         self.layout = layout
         self.input_slots = [
