@@ -480,7 +480,7 @@ class CriticSet:
             optimizer.apply(tape.gradient(scaled, variables), variables)
 
     def replay_targets(
-        self, rows: replay_lib.ReplayRows, correction: str
+        self, rows: replay_lib.ReplayRows, correction: str, seed: tf.Tensor
     ) -> Tuple[Dict[Tuple[str, str], tf.Tensor], forward_lib.Recording]:
         """`(targets, recording)`: the targets of every learned head on replayed
         `rows` under `correction` (`keras_bpq.replay`), and the replayed pass.
@@ -491,7 +491,9 @@ class CriticSet:
         `Q^c_{a_j}` on `Vbar^c_{a_{j+1}}`, the successor's expectation under
         those parameters; `"retrace"` on `G_j = Vbar_{a_{j+1}} + min(1, rho)
         (G_{j+1} - Qbar_{a_{j+1}})` with `rho = pi / mu` of the successor's
-        stored sample; `"none"` on the `critic_target` kind as if on-policy."""
+        stored sample; `"none"` on the `critic_target` kind as if on-policy.
+        `seed` (int32 `[2]`) draws the successors whose `Vbar` is estimated
+        from one fresh draw (`targets.evaluate`)."""
         options = self.options
         recording = self.q_function.forward(rows.x, rows.y, training=True, forced=rows.samples, keep_gradient=())
         kind = options.target if correction == "none" else correction
@@ -503,7 +505,7 @@ class CriticSet:
             )
         targets, _ = targets_lib.evaluate(
             kind, options.lam, self.scg, recording.costs, recording.records, self.critics,
-            self.q_function, rows.x, rows.y, traces,
+            self.q_function, rows.x, rows.y, traces, seed,
         )
         return targets, recording
 
@@ -513,7 +515,7 @@ class CriticSet:
         rows (`distribute.ReplayUpdates.ready`)."""
         for _ in range(options.updates_per_step):
             rows = buffer.draw(batch_size)
-            targets, recording = self.replay_targets(rows, options.correction)
+            targets, recording = self.replay_targets(rows, options.correction, buffer.next_seed())
             with tf.GradientTape() as tape:
                 loss, _ = self.loss(rows.x, recording.records, rows.weights, targets)
                 scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas

@@ -24,7 +24,6 @@ from keras_bpq import estimators as estimators_lib
 from keras_bpq import graph
 from keras_bpq import q_values
 from keras_bpq import replay as replay_lib
-from keras_bpq import targets as targets_lib
 
 
 class ScgDiscovery:
@@ -180,8 +179,7 @@ class ScgDiscovery:
         None without `compile(replay=...)`.
 
         Raises a ValueError where the compiled options leave replay nothing
-        to train (no learned critic), where `correction` needs a support the
-        SCG does not have, or where an input cannot be stored; with
+        to train (no learned critic) or where an input cannot be stored; with
         `check_targets`, also where the model has compiled losses, whose
         targets the buffer stores, and their signature is unknown."""
         replay = self._replay
@@ -193,11 +191,6 @@ class ScgDiscovery:
                 f"compile(replay=...): model {self.name!r} has no learned critic for replay to "
                 "train: its estimators need none, or each of its nodes is the last stochastic "
                 "ancestor of all its costs (exact heads). Compile without replay."
-            )
-        if replay.correction != "none":
-            targets_lib.check_supports(
-                scg, heads, f"Replay(correction={replay.correction!r})",
-                "Use correction='none' (see keras_bpq.replay for its bias).",
             )
         targets = self._target_spec if self._compiled_losses.entries else None
         if check_targets and self._compiled_losses.entries and targets is None:

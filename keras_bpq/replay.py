@@ -39,8 +39,11 @@ the target copies. Unrolled, Retrace's target is
 no intermediate reward): the truncated ratios multiply along the chain, so a
 step where the current policy would rarely have drawn the stored sample cuts
 the trace there and the target falls back to the expectation. Both
-`"expected"` and `"retrace"` sum over the successors' supports, which must be
-finite (at most 256 outcomes, as for `critic_target="expected"`).
+`"expected"` and `"retrace"` sum `Vbar` exactly over a successor's support of
+at most 256 outcomes (`targets.MAX_SUPPORT`); a larger or continuous support
+(a wide Bernoulli layer, a Normal node) takes instead the heads at one fresh
+draw from the current policy at the stored parents, an unbiased estimate of
+`Vbar` that still needs no ratio.
 
 `"none"` regresses on targets built from samples the *behaviour* policy drew:
 `"td"` bootstraps from `Qbar_{j+1}` at a successor sample drawn by `mu`, `"mc"`
@@ -333,15 +336,20 @@ class ReplayBuffer(keras.layers.Layer):
                 stored.scatter_nd_update(slots[:, None], kept)
         self.count.assign_add(n)
 
-    def draw(self, batch_size: tf.Tensor) -> ReplayRows:
-        """`batch_size` rows drawn uniformly, with replacement, from the filled
-        slots (call it only when `filled() > 0`)."""
+    def next_seed(self) -> tf.Tensor:
+        """The next int32 stateless seed `[2]` of the buffer's generator, folded
+        with the replica id under `tf.distribute` (replicas draw apart)."""
         seed = tf.cast(self.seed_generator.next(), tf.int32)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+        return seed
+
+    def draw(self, batch_size: tf.Tensor) -> ReplayRows:
+        """`batch_size` rows drawn uniformly, with replacement, from the filled
+        slots (call it only when `filled() > 0`)."""
         index = tf.random.stateless_uniform(
-            tf.reshape(tf.cast(batch_size, tf.int32), [1]), seed, minval=tf.constant(0, tf.int64),
+            tf.reshape(tf.cast(batch_size, tf.int32), [1]), self.next_seed(), minval=tf.constant(0, tf.int64),
             maxval=self.filled(), dtype=tf.int64, alg="philox",
         )
         return self._rows([tf.gather(v.value, index) for v in self._fields()])

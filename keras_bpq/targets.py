@@ -148,16 +148,20 @@ def evaluate(
     x: Any,
     y: Any,
     traces: Optional[Mapping[str, tf.Tensor]] = None,
+    seed: Optional[tf.Tensor] = None,
 ) -> Tuple[Dict[Tuple[str, str], tf.Tensor], Dict[str, Dict[str, tf.Tensor]]]:
     """`(targets, q_at_sample)`: `critic_targets` of this pass for every
     learned head, and `q_at_sample`, each node's heads at its sample (exact
     heads hold the realised cost, learned ones the target copy's value).
 
     `records` are the pass's `graph.NodeRecord`s, `critics` the model's
-    `{node: critics.Critic}` and `q_function` its `q_values.QFunction`
-    (`expected` and `retrace` targets sum its heads over a successor's
-    support, under the distribution of the successor's recorded parameters);
-    `traces` are `retrace`'s (`truncated_ratios`)."""
+    `{node: critics.Critic}` and `q_function` its `q_values.QFunction`.
+    `expected` and `retrace` targets need `Vbar` of the successors under the
+    distribution of their recorded parameters: the sum of the heads over the
+    support where it has at most `MAX_SUPPORT` outcomes, else (with `seed`,
+    an int32 stateless seed `[2]`) the heads at one fresh draw from that
+    distribution, an unbiased estimate. `traces` are `retrace`'s
+    (`truncated_ratios`)."""
     q_at_sample, value = {}, {}
     for info in scg.nodes:
         heads = {c: costs[c] for c in info.costs if scg.cost_ancestors[c][-1] == info.name}
@@ -168,9 +172,14 @@ def evaluate(
         q_at_sample[info.name] = heads
     if kind in EXPECTATION_KINDS:
         successors = {n for c in scg.costs for n in scg.cost_ancestors[c][1:]}
-        for name in successors:
+        for index, name in enumerate(n for n in scg.node_names if n in successors):
             info = scg.node(name)
             record = records[name]
+            if info.support_size is None or info.support_size > MAX_SUPPORT:
+                draw = record.redraw(tf.random.experimental.stateless_fold_in(seed, index))
+                heads = q_function.heads(info, x, y, records, draw[:, None], target=True)
+                value[name] = {c: v[:, 0] for c, v in heads.items()}
+                continue
             support = tf.constant(record.layer.support(info.event_shape))
             batch = tf.shape(record.sample)[0]
             num = support.shape[0]
