@@ -14,9 +14,11 @@ forward passes of the graph's inputs: the relative MSE
 `Q*`, the exact Q of the *current* policy by enumeration
 (`diagnostics.ExactCritic`), averaged over the critics. Forward passes count
 the rows that training sampled (steps x batch); replayed rows are not forward
-passes. Seconds are the arm's `fit` wall time, scoring excluded: the
-curves count the first chunk's trace of the step function (plain graph mode,
-no XLA), the ms per step do not (the chunks after the first).
+passes. Seconds are the arm's `fit` wall time, scoring excluded, without the
+first chunk's trace of the step function (plain graph mode, no XLA): that
+chunk is counted at the median time of the others (its trace is reported on
+its own). "At equal seconds" compares every arm at the seconds the `off` arm
+took for all its steps (each arm's last scoring within them).
 
     python benchmarks/replay.py                      # defaults: about 5 minutes on 2 cores
     python benchmarks/replay.py --steps=1000 --chunk=100 --seeds=0,1,2
@@ -83,7 +85,8 @@ def relative_mse(model, x, rows):
 
 
 def run_arm(graph, arm, seed):
-    """`[(forward passes, seconds, relative MSE)]` after every chunk."""
+    """`{"passes", "seconds", "mse"}` after every chunk (cumulative forward
+    passes and seconds without the trace), and `trace_seconds`."""
     keras.utils.set_random_seed(seed)
     model, x = graphs.ALL[graph]()
     replay = None if arm == "off" else keras_bpq.Replay(FLAGS.capacity, FLAGS.updates_per_step, correction=arm)
@@ -93,34 +96,38 @@ def run_arm(graph, arm, seed):
     data = np.repeat(x, FLAGS.batch_size // len(x), axis=0)
     batch = len(data)
     ds = common.without_autotuning(tf.data.Dataset.from_tensor_slices(data).repeat().batch(batch))
-    curve, seconds = [], 0.0
+    passes, chunk_seconds, errors = [], [], []
     for done in range(FLAGS.chunk, FLAGS.steps + 1, FLAGS.chunk):
         start = time.perf_counter()
         model.fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk, verbose=0)
-        seconds += time.perf_counter() - start
-        curve.append((done * batch, seconds, relative_mse(model, x, FLAGS.eval_rows)))
-    return curve
+        chunk_seconds.append(time.perf_counter() - start)
+        passes.append(done * batch)
+        errors.append(relative_mse(model, x, FLAGS.eval_rows))
+    steady = float(np.median(chunk_seconds[1:]))
+    seconds = np.cumsum([steady] + chunk_seconds[1:]).tolist()
+    return {"passes": passes, "seconds": seconds, "mse": errors, "trace_seconds": chunk_seconds[0] - steady}
 
 
 def at_seconds(curve, budget):
     """The relative MSE of the last scoring within `budget` seconds (None if none)."""
-    within = [error for _, seconds, error in curve if seconds <= budget * (1 + 1e-9)]
+    within = [error for seconds, error in zip(curve["seconds"], curve["mse"]) if seconds <= budget * (1 + 1e-9)]
     return within[-1] if within else None
 
 
 def summarise(curves):
-    """Per arm: medians over seeds of the final relative MSE (equal forward
-    passes), of the relative MSE at the 'off' arm's wall time (equal seconds;
-    the last scoring within it) and of the seconds per step after the first
-    chunk (no trace)."""
+    """Per arm, medians over seeds: the final relative MSE (equal forward
+    passes), the relative MSE at the 'off' arm's seconds (equal seconds), the
+    seconds per step and the trace's seconds."""
     summary = {}
     seeds = sorted(next(iter(curves.values())))
     for arm, by_seed in curves.items():
-        final = [by_seed[s][-1][2] for s in seeds]
-        per_step = [(by_seed[s][-1][1] - by_seed[s][0][1]) / (FLAGS.steps - FLAGS.chunk) for s in seeds]
-        entry = {"final": float(np.median(final)), "seconds_per_step": float(np.median(per_step))}
+        entry = {
+            "final": float(np.median([by_seed[s]["mse"][-1] for s in seeds])),
+            "seconds_per_step": float(np.median([by_seed[s]["seconds"][-1] / FLAGS.steps for s in seeds])),
+            "trace_seconds": float(np.median([by_seed[s]["trace_seconds"] for s in seeds])),
+        }
         if "off" in curves:
-            equal = [at_seconds(by_seed[s], curves["off"][s][-1][1]) for s in seeds]
+            equal = [at_seconds(by_seed[s], curves["off"][s]["seconds"][-1]) for s in seeds]
             entry["at_off_seconds"] = None if None in equal else float(np.median(equal))
         summary[arm] = entry
     return summary
@@ -143,10 +150,10 @@ def main(argv):
         curves = {arm: {} for arm in FLAGS.arms}
         for seed in FLAGS.seeds:
             for arm in FLAGS.arms:  # arms interleaved, one seed at a time
-                curves[arm][seed] = run_arm(graph, arm, int(seed))
-                last = curves[arm][seed][-1]
-                log(f"{graph} seed {seed} {arm}: {last[0]} forward passes, {last[1]:.1f} s, "
-                    f"relative MSE {last[2]:.4f}")
+                curve = curves[arm][seed] = run_arm(graph, arm, int(seed))
+                log(f"{graph} seed {seed} {arm}: {curve['passes'][-1]} forward passes, "
+                    f"{curve['seconds'][-1]:.2f} s (+ trace {curve['trace_seconds']:.1f} s), "
+                    f"relative MSE {curve['mse'][-1]:.4f}")
         report["graphs"][graph] = {"curves": curves, "summary": summarise(curves)}
     report["seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -178,21 +185,20 @@ def markdown(report):
     for graph, entry in report["graphs"].items():
         summary = entry["summary"]
         out += [f"## {graph}", "",
-                "| arm | relative MSE at equal forward passes | at the wall time of `off` | ms per step |",
-                "|---|---:|---:|---:|"]
+                "| arm | relative MSE at equal forward passes | at equal seconds (`off`'s) | ms per step | "
+                "trace (s) |",
+                "|---|---:|---:|---:|---:|"]
         for arm, s in summary.items():
             equal = s.get("at_off_seconds")
             out.append(f"| {arm} | {s['final']:.4f} | {'-' if equal is None else f'{equal:.4f}'} | "
-                       f"{1e3 * s['seconds_per_step']:.2f} |")
+                       f"{1e3 * s['seconds_per_step']:.2f} | {s['trace_seconds']:.1f} |")
         out += ["", "Relative MSE after each chunk (median over seeds), by forward passes:", ""]
         arms = list(entry["curves"])
-        first = entry["curves"][arms[0]]
-        seeds = sorted(first)
-        passes = [p for p, _, _ in first[seeds[0]]]
+        seeds = sorted(entry["curves"][arms[0]])
         out.append("| forward passes | " + " | ".join(arms) + " |")
         out.append("|---:|" + "---:|" * len(arms))
-        for i, p in enumerate(passes):
-            values = [np.median([entry["curves"][a][s][i][2] for s in seeds]) for a in arms]
+        for i, p in enumerate(entry["curves"][arms[0]][seeds[0]]["passes"]):
+            values = [np.median([entry["curves"][a][s]["mse"][i] for s in seeds]) for a in arms]
             out.append(f"| {p} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
         out.append("")
     return "\n".join(out)
