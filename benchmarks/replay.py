@@ -21,7 +21,7 @@ its own). "At equal seconds" compares every arm at the seconds the `off` arm
 took for all its steps (each arm's last scoring within them).
 
     python benchmarks/replay.py                      # defaults: about 5 minutes on 2 cores
-    python benchmarks/replay.py --steps=1000 --chunk=100 --seeds=0,1,2
+    python benchmarks/replay.py --steps=3000 --chunk=500 --seeds=0,1,2
 
 Writes benchmarks/results/replay.json and renders replay.md from it (both
 written atomically).
@@ -52,8 +52,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("graphs", ["chain", "dag"], "Graphs of tests/graphs.py.")
 flags.DEFINE_list("arms", ["off", "expected", "retrace", "none"], "'off' or a Replay correction.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds (keras.utils.set_random_seed) of each arm.")
-flags.DEFINE_integer("steps", 150, "Training steps per arm.")
-flags.DEFINE_integer("chunk", 25, "Steps between scorings.")
+flags.DEFINE_integer("steps", 600, "Training steps per arm.")
+flags.DEFINE_integer("chunk", 100, "Steps between scorings.")
 flags.DEFINE_integer("batch_size", 24, "Rows per step (the graph's 3 inputs repeated).")
 flags.DEFINE_integer("capacity", 2048, "Replay(capacity=...).")
 flags.DEFINE_integer("updates_per_step", 4, "Replay(updates_per_step=...).")
