@@ -190,7 +190,7 @@ def markdown(report):
                 "|---|---:|---:|---:|---:|"]
         for arm, s in summary.items():
             equal = s.get("at_off_seconds")
-            out.append(f"| {arm} | {s['final']:.4f} | {'-' if equal is None else f'{equal:.4f}'} | "
+            out.append(f"| {arm} | {s['final']:.3g} | {'-' if equal is None else f'{equal:.3g}'} | "
                        f"{1e3 * s['seconds_per_step']:.2f} | {s['trace_seconds']:.1f} |")
         out += ["", "Relative MSE after each chunk (median over seeds), by forward passes:", ""]
         arms = list(entry["curves"])
@@ -199,7 +199,7 @@ def markdown(report):
         out.append("|---:|" + "---:|" * len(arms))
         for i, p in enumerate(entry["curves"][arms[0]][seeds[0]]["passes"]):
             values = [np.median([entry["curves"][a][s]["mse"][i] for s in seeds]) for a in arms]
-            out.append(f"| {p} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+            out.append(f"| {p} | " + " | ".join(f"{v:.3g}" for v in values) + " |")
         out.append("")
     return "\n".join(out)
 
