@@ -5,7 +5,8 @@ timing, the command line and writing results (their pages: `pages.py` and
 Importing: the scripts run as `python benchmarks/<script>.py`, so this folder
 is first on `sys.path` and they `import common`. This module is the one place
 that reaches outside the folder: `example(name)` loads `examples/<name>.py`,
-`sbn_benchmark()` loads `benchmarks/sbn.py`, and `checkout_first()` puts this
+`sbn_benchmark()` loads `benchmarks/sbn.py`, `test_graphs()` loads the small
+graphs of `tests/graphs.py`, and `checkout_first()` puts this
 checkout's `keras_bpq` ahead of an installed one. No script edits `sys.path`
 or uses `importlib` itself.
 
@@ -56,6 +57,15 @@ def sbn_benchmark():
     module = sys.modules.get("sbn_benchmark")
     if module is None:
         module = _load("sbn_benchmark", os.path.join(ROOT, "benchmarks", "sbn.py"))
+    return module
+
+
+def test_graphs():
+    """tests/graphs.py (the small graphs with exact enumeration) as module
+    `graphs`, loaded once per process."""
+    module = sys.modules.get("graphs")
+    if module is None:
+        module = _load("graphs", os.path.join(ROOT, "tests", "graphs.py"))
     return module
 
 

@@ -10,6 +10,7 @@ from keras_bpq import estimators
 from keras_bpq import export
 from keras_bpq import graph
 from keras_bpq import logged
+from keras_bpq import replay
 from keras_bpq import saving
 from keras_bpq.costs import add_cost
 from keras_bpq.model import BackpropQModel
@@ -17,6 +18,7 @@ from keras_bpq.nodes import Bernoulli
 from keras_bpq.nodes import Categorical
 from keras_bpq.nodes import Normal
 from keras_bpq.nodes import StochasticNode
+from keras_bpq.replay import Replay
 
 __version__ = "0.2.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "Bernoulli",
     "Categorical",
     "Normal",
+    "Replay",
     "StochasticNode",
     "add_cost",
     "diagnostics",
@@ -32,5 +35,6 @@ __all__ = [
     "export",
     "graph",
     "logged",
+    "replay",
     "saving",
 ]

@@ -106,7 +106,8 @@ def step_variables(
     `optimizers`' variables (`[(optimizer or None, role)]`), for undoing a
     step; `role` names it in errors. A model without a `training_state`
     (None; a `logged.LoggedModel`) leaves its own status variables out of
-    `weights`."""
+    `weights`. The replay buffer is left out: it only ever receives finite
+    rows, drawn by weights that an undone step keeps."""
     roles = {}
 
     def add(variables, role):
@@ -118,9 +119,14 @@ def step_variables(
     targets = [] if training_state is None else training_state.non_trainable_weights
     report = [] if training_state is None else [training_state.status, training_state.status_row]
     critic_ids = {id(v) for v in critic_variables}
+    # A step writes the replay buffer only when its costs and gradients are
+    # finite, and its rows were drawn by the weights an undone step keeps.
+    replay_ids = set() if training_state is None else {id(v) for v in training_state.replay_variables}
     for variable in weights:
         if any(variable is v for v in report):
             continue  # the step's own report, written after the check
+        if id(variable) in replay_ids:
+            continue
         if not tf.as_dtype(variable.dtype).is_floating:
             role = "counter"  # never non-finite; set back with the rest
         elif id(variable) in state:

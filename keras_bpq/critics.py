@@ -21,8 +21,9 @@ expectations over all `K` outcomes cost one evaluation per example instead of
 method of `Critic` (tests inject exact "oracle" critics this way).
 
 `CriticSet` trains a model's learned critics: their loss on the targets of
-`keras_bpq.targets`, its gradient, `critic_steps` updates per step, and the
-target copies.
+`keras_bpq.targets`, its gradient, `critic_steps` updates per step, the
+replayed updates of `compile(replay=...)` (`keras_bpq.replay`) and the target
+copies.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from keras_bpq import estimators as estimators_lib
     from keras_bpq import forward as forward_lib
     from keras_bpq import graph
+    from keras_bpq import replay as replay_lib
 
 
 def flatten_rows(value: tf.Tensor) -> tf.Tensor:
@@ -331,15 +333,7 @@ def heads_to_learn(
             f"model's nodes are {list(scg.node_names)}."
         )
     if options.target == "expected":
-        for name in {c for h in heads.values() for c in h}:
-            for node in scg.cost_ancestors[name][1:]:
-                size = scg.node(node).support_size
-                if size is None or size > 256:
-                    raise ValueError(
-                        f"critic_target='expected' needs the full support of node "
-                        f"{node!r} (a successor on cost {name!r}'s chain), which has "
-                        f"{size or 'no finite'} outcomes (at most 256 allowed). Use 'td'."
-                    )
+        targets_lib.check_supports(scg, heads, "critic_target='expected'", "Use 'td'.")
     return heads
 
 
@@ -484,6 +478,48 @@ class CriticSet:
                 loss, _ = self.loss(x, records, weights, targets)
                 scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas
             optimizer.apply(tape.gradient(scaled, variables), variables)
+
+    def replay_targets(
+        self, rows: replay_lib.ReplayRows, correction: str, seed: tf.Tensor
+    ) -> Tuple[Dict[Tuple[str, str], tf.Tensor], forward_lib.Recording]:
+        """`(targets, recording)`: the targets of every learned head on replayed
+        `rows` under `correction` (`keras_bpq.replay`), and the replayed pass.
+
+        The pass re-runs the model under the current weights with every node
+        forced to its stored sample, so each node's recorded parameters are
+        the current policy's at the stored parents. `"expected"` regresses
+        `Q^c_{a_j}` on `Vbar^c_{a_{j+1}}`, the successor's expectation under
+        those parameters; `"retrace"` on `G_j = Vbar_{a_{j+1}} + min(1, rho)
+        (G_{j+1} - Qbar_{a_{j+1}})` with `rho = pi / mu` of the successor's
+        stored sample; `"none"` on the `critic_target` kind as if on-policy.
+        `seed` (int32 `[2]`) draws the successors whose `Vbar` is estimated
+        from one fresh draw (`targets.evaluate`)."""
+        options = self.options
+        recording = self.q_function.forward(rows.x, rows.y, training=True, forced=rows.samples, keep_gradient=())
+        kind = options.target if correction == "none" else correction
+        traces = None
+        if kind == "retrace":
+            successors = {n for c in self.scg.costs for n in self.scg.cost_ancestors[c][1:]}
+            traces = targets_lib.truncated_ratios(
+                {n: recording.records[n].log_prob() for n in successors}, rows.log_probs
+            )
+        targets, _ = targets_lib.evaluate(
+            kind, options.lam, self.scg, recording.costs, recording.records, self.critics,
+            self.q_function, rows.x, rows.y, traces, seed,
+        )
+        return targets, recording
+
+    def replay(self, buffer: replay_lib.ReplayBuffer, options: replay_lib.Replay, batch_size: tf.Tensor) -> None:
+        """`options.updates_per_step` critic updates, each on `batch_size` rows
+        drawn from `buffer` (`replay_targets`); only for a buffer that holds
+        rows (`distribute.ReplayUpdates.ready`)."""
+        for _ in range(options.updates_per_step):
+            rows = buffer.draw(batch_size)
+            targets, recording = self.replay_targets(rows, options.correction, buffer.next_seed())
+            with tf.GradientTape() as tape:
+                loss, _ = self.loss(rows.x, recording.records, rows.weights, targets)
+                scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas
+            self.optimizer.apply(tape.gradient(scaled, self.variables), self.variables)
 
     def update_target_copies(self) -> None:
         """`Qbar <- (1 - tau) Qbar + tau Q` for every learned critic, or a copy

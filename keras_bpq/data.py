@@ -1,9 +1,11 @@
-"""Batches with sample weights but no targets.
+"""Batches with sample weights but no targets, and the targets' signature.
 
 Keras packs arrays as `(x, y, sample_weight)` only when `y` is given and drops
 the weights otherwise (`pack_x_y_sample_weight`); a `BackpropQModel` usually has
 no targets. `weights_without_targets` carries such weights next to a `[n, 0]`
 boolean array that stands for "no targets", and `unpack` reads it back.
+`target_spec` reads the targets' shapes and dtypes off the data given to
+`fit` (the replay buffer stores targets, so it needs them before the first step).
 """
 
 from __future__ import annotations
@@ -64,3 +66,25 @@ def _array_like(x):
     """Whether every leaf of `x` is an array or tensor (Keras' array adapter)."""
     leaves = tf.nest.flatten(x)
     return bool(leaves) and all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves)
+
+
+def target_spec(x: Any, y: Any = None) -> Optional[Any]:
+    """The targets of `fit(x, y)`-style data as a structure of `tf.TensorSpec`
+    with a dynamic batch dimension: of `y` (arrays or tensors; floating ones
+    as Keras feeds them, in `floatx`), or of the
+    targets in a `tf.data.Dataset` `x`'s elements; None where the data has no
+    targets or does not say (a generator, a `keras.utils.PyDataset`)."""
+    if isinstance(x, tf.data.Dataset):
+        _, y, _ = keras.utils.unpack_x_y_sample_weight(x.element_spec)
+        if y is None or (isinstance(y, tf.TensorSpec) and y.dtype == tf.bool and y.shape[1:] == [0]):
+            return None
+        return tf.nest.map_structure(lambda s: tf.TensorSpec((None,) + tuple(s.shape[1:]), s.dtype), y)
+    if y is None or _is_no_targets(y) or not _array_like(y):
+        return None
+
+    def spec(t):
+        # Keras feeds floating arrays as floatx.
+        dtype = tf.as_dtype(t.dtype)
+        return tf.TensorSpec((None,) + tuple(t.shape[1:]), keras.backend.floatx() if dtype.is_floating else dtype)
+
+    return tf.nest.map_structure(spec, y)

@@ -1,7 +1,8 @@
 """A training step's updates under `tf.distribute`, applied whole or not at all.
 
-A step updates, in this order, the critics, the actor (after the critics'
-warm-up), every node's estimator state and the critics' target copies; a step
+A step updates, in this order, the critics (then replays and stores the step's
+rows, with `compile(replay=...)`), the actor (after the critics' warm-up),
+every node's estimator state and the critics' target copies; a step
 that met a non-finite cost or gradient on any replica applies none of them, and
 a step whose updates wrote a NaN or inf anywhere is set back to the values
 before it. Under a strategy that synchronises through `merge_call` (a
@@ -93,6 +94,8 @@ class StepUpdates(NamedTuple):
     `state(means, tuning, has_data)` run on every replica with that replica's
     values; `target_copies()` runs once. `actor_ready()` (a boolean tensor) says
     whether the critics' warm-up is over; `warmup` is its length in steps.
+    `replay` (`ReplayUpdates`, None without replay) gives the critics their
+    replayed updates and stores the step's rows.
     """
 
     critics: Callable[..., None]
@@ -101,6 +104,20 @@ class StepUpdates(NamedTuple):
     target_copies: Callable[[], None]
     actor_ready: Callable[[], tf.Tensor]
     warmup: int
+    replay: Optional["ReplayUpdates"] = None
+
+
+class ReplayUpdates(NamedTuple):
+    """The replay part of a step: `ready()` (a boolean tensor, the same on
+    every replica) says whether the buffer holds rows; then `update(rows)`
+    runs the critics' replayed updates on every replica, and `store(rows)`
+    writes each replica's rows of the step into its buffer. The decision is
+    taken outside the replicas' functions: an optimizer's update inside a
+    replica's control flow cannot synchronise under `merge_call`."""
+
+    ready: Callable[[], tf.Tensor]
+    update: Callable[..., None]
+    store: Callable[..., None]
 
 
 class StepValues(NamedTuple):
@@ -108,9 +125,10 @@ class StepValues(NamedTuple):
     `means` (per node, the global mean of `c_X`), `has_data` (a boolean, or None
     without sample weights: false when every weight is 0, and the estimator
     state then stays as it is), `tuning` (per node, the estimators' own
-    replica-mean tuning gradients) and `critic_inputs` (`critics.CriticInputs`
+    replica-mean tuning gradients), `critic_inputs` (`critics.CriticInputs`
     of this replica, for repeated critic updates from cross-replica context;
-    None otherwise)."""
+    None otherwise) and `replay_rows` (`replay.ReplayRows`, this replica's rows
+    of the step for its replay buffer; None without replay)."""
 
     grads: list
     critic_grads: list
@@ -118,15 +136,16 @@ class StepValues(NamedTuple):
     has_data: Optional[tf.Tensor]
     tuning: list
     critic_inputs: object = None
+    replay_rows: object = None
 
 
 def apply_updates(
     skip: tf.Tensor, updates: StepUpdates, values: StepValues, variables: Sequence[tf.Variable],
     saved: Sequence[tf.Tensor],
 ) -> tf.Tensor:
-    """Critics, then actor (after warm-up), then estimator state and target
-    copies; nothing at all when `skip` (a non-finite cost or gradient on any
-    replica).
+    """Critics and their replay, then actor (after warm-up), then estimator
+    state and target copies; nothing at all when `skip` (a non-finite cost or
+    gradient on any replica).
 
     `variables` are all a step may write and `saved` their values before it.
     After the updates every floating one is checked: if any holds a NaN or inf
@@ -154,6 +173,14 @@ def apply_updates(
 
         def apply():
             updates.critics(values.critic_grads)
+            if updates.replay is not None:
+
+                def replay():
+                    updates.replay.update(values.replay_rows)
+                    return noop()
+
+                tf.cond(updates.replay.ready(), replay, noop)
+                updates.replay.store(values.replay_rows)
 
             def actor():
                 updates.actor(values.grads)
@@ -182,6 +209,13 @@ def apply_updates(
 
         def apply():
             each(updates.critics, args=(values.critic_grads, values.critic_inputs))
+            if updates.replay is not None:
+                tf.cond(
+                    updates.replay.ready(),
+                    lambda: each(updates.replay.update, args=(values.replay_rows,)),
+                    lambda: None,
+                )
+                each(updates.replay.store, args=(values.replay_rows,))
             tf.cond(
                 updates.actor_ready(),
                 lambda: each(updates.actor, args=(values.grads,)),

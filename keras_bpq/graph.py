@@ -49,6 +49,13 @@ class NodeRecord:
         """Per-example `log p(sample | params)`, summed over the event axes."""
         return self.layer.log_prob(self.sample, self.params, self.mask)
 
+    def redraw(self, seed: tf.Tensor) -> tf.Tensor:
+        """A fresh sample `[batch, *event]` from the recorded parameters (and
+        mask), drawn with the int32 stateless `seed` (`[2]`); stop-gradient."""
+        dist = self.layer.distribution(self.params, self.mask)
+        value = self.layer.finish_sample(self.layer.draw(dist, seed), self.mask)
+        return tf.stop_gradient(tf.cast(value, self.sample.dtype))
+
     def support_log_probs(self, support: Any) -> Tuple[tf.Tensor, tf.Tensor]:
         """`(values, log_probs)` at every outcome of `support` (`[S, *event]`):
         `values` `[batch, S, *event]` (the support per example) and

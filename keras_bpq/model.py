@@ -30,6 +30,7 @@ from keras_bpq import distribute
 from keras_bpq import export as export_lib
 from keras_bpq import forward as forward_lib
 from keras_bpq import graph
+from keras_bpq import replay as replay_lib
 from keras_bpq import saving as saving_lib
 from keras_bpq import state as state_lib
 
@@ -88,6 +89,8 @@ class BackpropQModel(
         self._estimator_option = "auto"
         self._compiled_losses = costs_lib.CompiledLosses(None)
         self._critic_options = critics_lib.critic_options()
+        self._replay = None
+        self._target_spec = None  # the targets' signature, where the data gave one
         self.critic_optimizer = None
 
     # -- forward -----------------------------------------------------------
@@ -135,6 +138,7 @@ class BackpropQModel(
         contexts: Optional[Mapping[str, Sequence[str]]] = None,
         actor_reads: str = "target",
         num_samples: int = 1,
+        replay: Optional[replay_lib.Replay] = None,
         **kwargs: Any,
     ) -> None:
         """Configures training.
@@ -166,6 +170,10 @@ class BackpropQModel(
             the critic copy that the actor's estimators evaluate.
           num_samples: draws per example in every step (`rloo` needs >= 2;
             other estimators see a `num_samples` times larger batch).
+          replay: a `keras_bpq.Replay(capacity, updates_per_step, correction,
+            batch_size)`: keep the rows of past forward passes in a buffer and
+            give the critics extra updates on them every step (critics only;
+            see `keras_bpq.replay`), or None.
           **kwargs: passed on to `keras.Model.compile` (`metrics`,
             `steps_per_execution`, `jit_compile`, `run_eagerly`, ...).
         """
@@ -180,9 +188,21 @@ class BackpropQModel(
             critic_target, critic_lambda, tau, target_update_period, critic_steps,
             critic_warmup_steps, critic_hidden_units, critics, actor_reads,
         )
+        replay = replay_lib.check_option(replay)
+        buffer = self.training_state.replay_buffer
+        if self.training_state.built and (
+            (buffer is None) != (replay is None) or (buffer is not None and buffer.capacity != replay.capacity)
+        ):
+            raise ValueError(
+                f"compile(replay={replay!r}) cannot add, remove or resize the replay buffer of "
+                f"model {self.name!r}: its training state exists already (with "
+                f"{'no buffer' if buffer is None else f'capacity={buffer.capacity}'}). Build a "
+                "new model, or keep the buffer as it is."
+            )
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = keras.optimizers.get(critic_optimizer or keras.optimizers.Adam(1e-3))
         self._critic_options = options
+        self._replay = replay
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be at least 1; got {num_samples}.")
         self._num_samples = int(num_samples)
@@ -205,6 +225,8 @@ class BackpropQModel(
             self.scg(self._input_spec_from_network())
         if self.training_state.built:
             self._resolve_estimators(self._scg)
+        if self._scg is not None:
+            self.replay_layout(self._scg)  # its errors show here
         self._compile_arguments = arguments
 
     # -- variables ---------------------------------------------------------
@@ -240,6 +262,11 @@ class BackpropQModel(
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
         return self._critic_options
 
+    @property
+    def replay_options(self) -> Optional[replay_lib.Replay]:
+        """The `keras_bpq.Replay` of the last `compile()`, or None."""
+        return self._replay
+
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
         x, y, sample_weight = data_lib.unpack(data)
@@ -270,10 +297,12 @@ class BackpropQModel(
         status, row = callbacks_lib.mask_status(scg, forward.records, status)
         critics = self.critic_set()
         evaluation = critics.evaluate(forward, with_gradient=True)
+        buffer = self.training_state.replay_buffer
         values = distribute.StepValues(
             grads, [] if evaluation is None else evaluation.grads,
             *forward_lib.estimator_signals(scg, self._node_estimators, forward),
             critics.inputs(forward, evaluation) if self._critic_options.steps > 1 else None,
+            None if buffer is None else replay_lib.rows(forward, buffer.layout),
         )
         # Apply: every update of the step, or none.
         skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
@@ -284,6 +313,13 @@ class BackpropQModel(
             target_copies=critics.update_target_copies,
             actor_ready=lambda: self.training_state.steps >= self._critic_options.warmup,
             warmup=self._critic_options.warmup,
+            replay=None if buffer is None else distribute.ReplayUpdates(
+                ready=lambda: buffer.filled() > 0,
+                update=lambda rows: critics.replay(
+                    buffer, self._replay, self._replay.batch_size or tf.shape(rows.weights)[0]
+                ),
+                store=buffer.write,
+            ),
         )
         undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved)
         # A step that would have written a non-finite value was undone: code
@@ -370,10 +406,12 @@ class BackpropQModel(
 
     # -- fit ---------------------------------------------------------------
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
         # Training state is created before Keras traces a (distributed) step.
+        self._note_targets(kwargs.get("x"), kwargs.get("y"))
         self.build_training_state()
         with self._mask_rows_checked():
-            return super().evaluate(**data_lib.weights_without_targets(super().evaluate, args, kwargs))
+            return super().evaluate(**kwargs)
 
     def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         with self._mask_rows_checked():
@@ -390,9 +428,10 @@ class BackpropQModel(
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`
         around the user's (the non-finite guard, the fit position and the resume)."""
-        # Before tracing, and optimizer slots before BackupAndRestore restores.
-        self.build_training_state()
         kwargs = data_lib.weights_without_targets(super().fit, args, kwargs)
+        # Before tracing, and optimizer slots before BackupAndRestore restores.
+        self._note_targets(kwargs.get("x"), kwargs.get("y"))
+        self.build_training_state()
         callbacks = callbacks_lib.fit_callbacks(kwargs.pop("callbacks", None) or [])
         try:
             return super().fit(callbacks=callbacks, **kwargs)
@@ -400,6 +439,8 @@ class BackpropQModel(
             callbacks_lib.FitPosition.clear(self)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs.get("x")
+        self._note_targets(x, args[1] if len(args) > 1 else kwargs.get("y"))
         self.build_training_state()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_nonfinite()
@@ -424,14 +465,24 @@ class BackpropQModel(
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
+    def _note_targets(self, x, y):
+        """Keeps the targets' signature of data given to fit (or evaluate,
+        train_on_batch), for a replay buffer that stores targets."""
+        spec = data_lib.target_spec(x, y)
+        if spec is not None:
+            self._target_spec = spec
+
     def get_build_config(self) -> Optional[Dict[str, Any]]:
         config = dict(super().get_build_config() or {})
         spec = self.input_signature()
         if spec is not None:
             config["input_spec"] = saving_lib.serialize_spec(spec)
+        if self._target_spec is not None:
+            config["target_spec"] = saving_lib.serialize_spec(self._target_spec)
         return config or None
 
     def build_from_config(self, config: Optional[Dict[str, Any]]) -> None:
+        self._target_spec = saving_lib.deserialize_spec((config or {}).get("target_spec"))
         spec = saving_lib.deserialize_spec((config or {}).get("input_spec"))
         if spec is None:
             return super().build_from_config(config)

@@ -3,13 +3,14 @@ actor's weights."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
+from keras_bpq import replay as replay_lib
 
 if TYPE_CHECKING:
     from keras_bpq import estimators as estimators_lib
@@ -18,8 +19,9 @@ if TYPE_CHECKING:
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class TrainingState(keras.layers.Layer):
-    """Estimator state, critics and their target copies, the cost and critic
-    metrics, the step's status and counter, and where `fit` stands.
+    """Estimator state, critics and their target copies, the replay buffer of
+    `compile(replay=...)`, the cost and critic metrics, the step's status and
+    counter, and where `fit` stands.
 
     A model holds one, as `BackpropQModel.training_state`: created unbuilt with
     the model and filled once (`setup`) when the SCG is known, so its
@@ -30,6 +32,7 @@ class TrainingState(keras.layers.Layer):
         super().__init__(**kwargs)
         self.node_state = {}
         self.critics = {}
+        self.replay_buffer = None  # a replay.ReplayBuffer with compile(replay=...)
         self.cost_metrics = []
         self.critic_metrics = {}
         # State is updated identically on every replica: keep the first's.
@@ -67,8 +70,10 @@ class TrainingState(keras.layers.Layer):
         feature_dims: Mapping[str, int],
         critic_models: Mapping[str, object],
         hidden_units: Tuple[int, ...],
+        replay: Optional[Tuple[int, replay_lib.ReplayLayout]] = None,
     ) -> None:
-        """Creates every node's estimator state and the critics of `critic_heads`."""
+        """Creates every node's estimator state, the critics of `critic_heads`
+        and, for `replay` = `(capacity, replay.ReplayLayout)`, the replay buffer."""
         for info in scg.nodes:
             self.node_state[info.name] = estimators[info.name].create_state(
                 info, self.add_state
@@ -88,6 +93,8 @@ class TrainingState(keras.layers.Layer):
             self.critic_metrics[name] = [
                 keras.metrics.Mean(name=metric) for metric in costs_lib.node_metric_names(name)
             ]
+        if replay is not None:
+            self.replay_buffer = replay_lib.ReplayBuffer(*replay, name="replay_buffer")
         self.cost_metrics = [keras.metrics.Mean(name=name) for name in scg.costs]
         self.built = True
 
@@ -95,6 +102,11 @@ class TrainingState(keras.layers.Layer):
     def learned_critics(self) -> Dict[str, critics_lib.NodeCritic]:
         """`{node: NodeCritic}`: the critics trained here (not injected `Critic`s)."""
         return {n: c for n, c in self.critics.items() if isinstance(c, critics_lib.NodeCritic)}
+
+    @property
+    def replay_variables(self) -> List[tf.Variable]:
+        """The replay buffer's variables (none without replay)."""
+        return [] if self.replay_buffer is None else list(self.replay_buffer.weights)
 
     def add_state(
         self,

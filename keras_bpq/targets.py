@@ -10,6 +10,13 @@ head `Q^c_{a_j}` (j < m) regresses on one of (docs/method.md, "Critic targets"):
 | `expected` | `Vbar^c_{a_{j+1}}(s) = sum_x' p(x') Qbar^c_{a_{j+1}}(x', s)`     |
 | `lambda`   | `G_j = (1 - lam) Qbar^c_{a_{j+1}} + lam G_{j+1}`, `G_{m} = c`    |
 
+Replayed rows (`keras_bpq.replay`) may also use, with the per-row truncated
+importance ratios `t_X = min(1, pi_X(x_X) / mu_X(x_X))` (`truncated_ratios`):
+
+| kind       | target for `Q^c_{a_j}`                                                        |
+|------------|-------------------------------------------------------------------------------|
+| `retrace`  | `G_j = Vbar_{a_{j+1}} + t_{a_{j+1}} (G_{j+1} - Qbar_{a_{j+1}}(x_{a_{j+1}}))`, `G_m = c` |
+
 The head `Q^c_{a_m}` is exact (the cost itself), so `Qbar^c_{a_m} = c` and a
 chain of one cost is episodic RL with reward `-c` and no discount. All targets
 are stop-gradient. These are pure functions of recorded tensors and the
@@ -29,6 +36,9 @@ if TYPE_CHECKING:
     from keras_bpq import graph
 
 KINDS = ("mc", "td", "expected", "lambda")
+# Kinds that sum a successor's heads over its support.
+EXPECTATION_KINDS = ("expected", "retrace")
+MAX_SUPPORT = 256
 
 
 def check_kind(kind: str, lam: float) -> None:
@@ -36,6 +46,40 @@ def check_kind(kind: str, lam: float) -> None:
         raise ValueError(f"Unknown critic target {kind!r}; choose one of {list(KINDS)}.")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"critic target lambda must be in [0, 1]; got {lam}.")
+
+
+def check_supports(
+    scg: graph.SCG, heads: Mapping[str, Tuple[str, ...]], what: str, instead: str
+) -> None:
+    """Raises a ValueError unless every successor on the chain of a cost with
+    a learned head in `heads` (`{node: (cost, ...)}`) has a finite support of
+    at most `MAX_SUPPORT` outcomes, which `expected` and `retrace` targets
+    sum over. `what` names the option in the error, `instead` what to use."""
+    for name in sorted({c for h in heads.values() for c in h}):
+        for node in scg.cost_ancestors[name][1:]:
+            size = scg.node(node).support_size
+            if size is None or size > MAX_SUPPORT:
+                raise ValueError(
+                    f"{what} needs the full support of node {node!r} (a successor on cost "
+                    f"{name!r}'s chain), which has {size or 'no finite'} outcomes (at most "
+                    f"{MAX_SUPPORT} allowed). {instead}"
+                )
+
+
+def truncated_ratios(
+    log_probs: Mapping[str, tf.Tensor], behaviour_log_probs: Mapping[str, tf.Tensor]
+) -> Dict[str, tf.Tensor]:
+    """`{node: min(1, rho) [rows]}`, Retrace's per-row trace coefficients.
+
+    `rho = pi(x | pa) / mu(x | pa)` is the ratio of a stored sample's
+    probability under the current policy (`log_probs`, `{node: log pi}`) to
+    its behaviour probability when it was drawn (`behaviour_log_probs`,
+    `{node: log mu}`), computed as `exp(min(0, log pi - log mu))` so that it
+    never overflows. Stop-gradient."""
+    return {
+        name: tf.stop_gradient(tf.exp(tf.minimum(0.0, log_probs[name] - behaviour_log_probs[name])))
+        for name in log_probs
+    }
 
 
 def learned_heads(scg: graph.SCG) -> Dict[str, Tuple[str, ...]]:
@@ -54,17 +98,21 @@ def critic_targets(
     q_at_sample: Mapping[str, Mapping[str, tf.Tensor]],
     value: Optional[Mapping[str, Mapping[str, tf.Tensor]]] = None,
     lam: float = 0.9,
+    traces: Optional[Mapping[str, tf.Tensor]] = None,
 ) -> Dict[Tuple[str, str], tf.Tensor]:
     """`{(node, cost): target [batch]}` for every learned head.
 
     Args:
-      kind: one of `KINDS`.
+      kind: one of `KINDS`, or `"retrace"`.
       scg: the model's `graph.SCG`.
       costs: `{cost: realised per-example cost}`.
       q_at_sample: `{node: {cost: Qbar^c_node(x_node, s_node)}}` from the target
         copies (exact heads hold the realised cost); needed for `td`/`lambda`.
-      value: `{node: {cost: Vbar^c_node(s_node)}}`; needed for `expected`.
+      value: `{node: {cost: Vbar^c_node(s_node)}}`; needed for `expected`
+        and `retrace`.
       lam: the lambda of `lambda` targets.
+      traces: `{node: min(1, rho) [batch]}` (`truncated_ratios`); needed for
+        `retrace`.
     """
     targets = {}
     for cost in scg.costs:
@@ -78,6 +126,10 @@ def critic_targets(
                 target = q_at_sample[successor][cost]
             elif kind == "expected":
                 target = value[successor][cost]
+            elif kind == "retrace":
+                correction = following - q_at_sample[successor][cost]
+                target = value[successor][cost] + traces[successor] * correction
+                following = target
             else:
                 target = (1.0 - lam) * q_at_sample[successor][cost] + lam * following
                 following = target
@@ -95,14 +147,21 @@ def evaluate(
     q_function: q_values.QFunction,
     x: Any,
     y: Any,
+    traces: Optional[Mapping[str, tf.Tensor]] = None,
+    seed: Optional[tf.Tensor] = None,
 ) -> Tuple[Dict[Tuple[str, str], tf.Tensor], Dict[str, Dict[str, tf.Tensor]]]:
     """`(targets, q_at_sample)`: `critic_targets` of this pass for every
     learned head, and `q_at_sample`, each node's heads at its sample (exact
     heads hold the realised cost, learned ones the target copy's value).
 
     `records` are the pass's `graph.NodeRecord`s, `critics` the model's
-    `{node: critics.Critic}` and `q_function` its `q_values.QFunction`
-    (`expected` targets sum its heads over a successor's support)."""
+    `{node: critics.Critic}` and `q_function` its `q_values.QFunction`.
+    `expected` and `retrace` targets need `Vbar` of the successors under the
+    distribution of their recorded parameters: the sum of the heads over the
+    support where it has at most `MAX_SUPPORT` outcomes, else (with `seed`,
+    an int32 stateless seed `[2]`) the heads at one fresh draw from that
+    distribution, an unbiased estimate. `traces` are `retrace`'s
+    (`truncated_ratios`)."""
     q_at_sample, value = {}, {}
     for info in scg.nodes:
         heads = {c: costs[c] for c in info.costs if scg.cost_ancestors[c][-1] == info.name}
@@ -111,11 +170,16 @@ def evaluate(
             learned = critic.q(q_values.context(info, x, records), records[info.name].sample, target=True)
             heads.update({c: learned[:, i] for i, c in enumerate(critic.heads)})
         q_at_sample[info.name] = heads
-    if kind == "expected":
+    if kind in EXPECTATION_KINDS:
         successors = {n for c in scg.costs for n in scg.cost_ancestors[c][1:]}
-        for name in successors:
+        for index, name in enumerate(n for n in scg.node_names if n in successors):
             info = scg.node(name)
             record = records[name]
+            if info.support_size is None or info.support_size > MAX_SUPPORT:
+                draw = record.redraw(tf.random.experimental.stateless_fold_in(seed, index))
+                heads = q_function.heads(info, x, y, records, draw[:, None], target=True)
+                value[name] = {c: v[:, 0] for c, v in heads.items()}
+                continue
             support = tf.constant(record.layer.support(info.event_shape))
             batch = tf.shape(record.sample)[0]
             num = support.shape[0]
@@ -129,5 +193,5 @@ def evaluate(
             probs = tf.reshape(tf.exp(log_p), [batch, num])
             heads = q_function.heads(info, x, y, records, values, target=True)
             value[name] = {c: tf.reduce_sum(probs * v, axis=1) for c, v in heads.items()}
-    targets = critic_targets(kind, scg, costs, q_at_sample, value, lam)
+    targets = critic_targets(kind, scg, costs, q_at_sample, value, lam, traces)
     return targets, q_at_sample
