@@ -251,3 +251,28 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
         assert fast[cost].shape == (7, 6)
         np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(fast[cost][:, 0], out.costs[cost], rtol=1e-5, atol=1e-5)
+
+
+def test_unit_edits_with_several_edits_per_outcome():
+    """Outcome `a` is `base + sum_e change[a, e] e_{unit[a, e]}`: dense values,
+    a linear map, a contraction and a first outcome agree with that sum."""
+    rng = np.random.RandomState(4)
+    base = tf.constant([[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    unit = tf.constant([[[0, 1], [2, 3], [-1, -1]], [[1, 0], [3, -1], [2, 3]]])
+    change = tf.constant([[[1.0, -1.0], [1.0, -1.0], [0.0, 0.0]], [[1.0, -1.0], [-1.0, 0.0], [1.0, -1.0]]])
+    edits = outcomes.UnitEdits(base, unit, change, (2, 2))
+    assert not edits.one_edit and outcomes.Affine.of(edits) is None
+    want = base.numpy()[:, None] + np.sum(
+        change.numpy()[..., None] * (np.eye(4)[unit.numpy()] * (unit.numpy() >= 0)[..., None]), axis=2)
+    np.testing.assert_array_equal(edits.dense(), want.reshape(2, 3, 2, 2))
+    kernel = tf.constant(rng.randn(4, 5), tf.float32)
+    offset = tf.matmul(base, kernel) + 0.5
+    np.testing.assert_allclose(edits.linear(kernel, offset), want @ kernel.numpy() + 0.5, rtol=1e-5, atol=1e-6)
+    table = tf.constant(rng.randn(2, 4, 3), tf.float32)
+    np.testing.assert_allclose(edits.contract(table), np.einsum("bau,buo->bao", want, table.numpy()), rtol=1e-5, atol=1e-6)
+    sample = tf.constant([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])  # one unit from base, or none
+    first = edits.with_first(tf.reshape(sample, [2, 2, 2]))
+    assert first.unit.shape == (2, 4, 2)
+    np.testing.assert_array_equal(first.dense()[:, 0], tf.reshape(sample, [2, 2, 2]))
+    np.testing.assert_array_equal(first.dense()[:, 1:], want.reshape(2, 3, 2, 2))
+
