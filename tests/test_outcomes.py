@@ -270,7 +270,8 @@ def test_unit_edits_with_several_edits_per_outcome():
     offset = tf.matmul(base, kernel) + 0.5
     np.testing.assert_allclose(edits.linear(kernel, offset), want @ kernel.numpy() + 0.5, rtol=1e-5, atol=1e-6)
     table = tf.constant(rng.randn(2, 4, 3), tf.float32)
-    np.testing.assert_allclose(edits.contract(table), np.einsum("bau,buo->bao", want, table.numpy()), rtol=1e-5, atol=1e-6)
+    contracted = np.einsum("bau,buo->bao", want, table.numpy())
+    np.testing.assert_allclose(edits.contract(table), contracted, rtol=1e-5, atol=1e-6)
     sample = tf.constant([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])  # one unit from base, or none
     first = edits.with_first(tf.reshape(sample, [2, 2, 2]))
     assert first.unit.shape == (2, 4, 2)
