@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -80,18 +80,28 @@ def mask_status(
     return status, row
 
 
+def mask_row_index(info: graph.NodeInfo, row: int) -> Union[int, np.ndarray]:
+    """A mask row as the node's assertion names it, from `row`, its index into
+    the mask's rows flattened (as `mask_status` gives it): `row` itself for a
+    mask `[batch, K]`; for a mask `[batch, *inner, K]` of rank 3 or more, its
+    index along every axis but the last, `[b, *unravel(row mod |inner|, inner)]`
+    with `b = row // |inner|` the row of the batch."""
+    inner = info.event_shape[:-1]  # the mask's axes between the batch and the outcomes
+    if not inner:
+        return row
+    size = int(np.prod(inner))
+    return np.array((row // size,) + tuple(int(i) for i in np.unravel_index(row % size, inner)))
+
+
 def empty_mask_row_error(scg: graph.SCG, code: int, row: int) -> tf.errors.InvalidArgumentError:
     """The error for a `mask_status` `code` (not 0) of `predict` or `evaluate`
     under XLA, where the node's mask allowed no outcome in row `row` (an index
     into the mask's rows flattened, as `mask_status` gives it): the error, with
     the same message, that the node's assertion raises outside XLA (which gives
-    a mask of rank 3 or more the row's index along every axis but the last)."""
+    a mask of rank 3 or more the row's index along every axis but the last,
+    `mask_row_index`)."""
     info = scg.nodes[code - len(scg.costs) - 1]
-    inner = info.event_shape[:-1]  # the mask's axes between the batch and the outcomes
-    if inner:
-        size = int(np.prod(inner))
-        row = np.array((row // size,) + tuple(int(i) for i in np.unravel_index(row % size, inner)))
-    message = " ".join(str(part) for part in nodes.empty_row_message(info.layer_name, row))
+    message = " ".join(str(part) for part in nodes.empty_row_message(info.layer_name, mask_row_index(info, row)))
     return tf.errors.InvalidArgumentError(None, None, message)
 
 
@@ -155,15 +165,22 @@ def nonfinite_error(
 ) -> FloatingPointError:
     """The error for a step whose status (`step_status`, `mask_status`, or
     `-2 - i` for an update that wrote a non-finite value into `variables[i]`,
-    `step_variables`) is `code`, not 0; `row` is the batch row of a mask.
+    `step_variables`) is `code`, not 0; `row` is the flattened row of a mask
+    (`mask_status`), named as the node's assertion names it (`mask_row_index`).
     `scg` names the costs and nodes (it may be None for a code `-2 - i`)."""
     if code > 0 and code > len(scg.costs):
-        node = scg.nodes[code - len(scg.costs) - 1].name
+        info = scg.nodes[code - len(scg.costs) - 1]
+        index = mask_row_index(info, row)
+        where = (
+            "the row of the step's batch; with num_samples=K the example is row // K"
+            if np.ndim(index) == 0 else
+            "its index along every axis but the last, the first the row of the step's batch; "
+            "with num_samples=K the example is that row // K"
+        )
         return FloatingPointError(
-            f"Model {model_name!r}: Categorical node {node!r}: row {row} of its mask allows no "
-            "outcome in a training step (the row of the step's batch; with num_samples=K the "
-            "example is row // K). The step was skipped: nothing it would have written was "
-            "kept. Give every example at least one allowed outcome (a no-op action, say)."
+            f"Model {model_name!r}: Categorical node {info.name!r}: row {index} of its mask allows no "
+            f"outcome in a training step ({where}). The step was skipped: nothing it would have "
+            "written was kept. Give every example at least one allowed outcome (a no-op action, say)."
         )
     if code > 0:
         cause = f"cost {scg.costs[code - 1]!r} was not finite (NaN or inf)"

@@ -267,9 +267,16 @@ def local_outcomes(
     (`subset_units`, which reads `unit_sampling` and `sizes`): its gradient
     is still unbiased, at `S + 1` outcomes instead of `U + 1`.
     Categorical nodes: every outcome, `E_loc = sum_k p_k Q(e_k)`.
+    Factorised categorical nodes (`n` independent choices of `K` outcomes,
+    a sample `[batch, *factors, K]` of rank 3 or more): one factor at a time,
+    the others held at their sampled values, as for Bernoulli units:
+    `E_loc = sum_i [p_i(x_i) Q(x) + sum_{k != x_i} p_ik Q(x with factor i set to k)]`
+    (`_factor_outcomes`), at `n (K - 1) + 1` outcomes.
     """
     record, info = step.record, step.info
     x = record.sample
+    if _factorised(info):
+        return _factor_outcomes(record)
     if info.local_kind == "binary":
         flat, p_current = _bernoulli_sample_and_probability(record)
         total = flat.shape[1]
@@ -290,6 +297,53 @@ def local_outcomes(
         probs = tf.nn.softmax(record.layer.distribution(record.params, record.mask).logits)
         return LocalSum(values, probs, tf.zeros_like(probs[:, 0]), tf.ones_like(probs))
     raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")
+
+
+def _factorised(info):
+    """Whether `info` is a factorised categorical node: its sample
+    `[batch, *factors, K]` holds several independent one-hot choices."""
+    return info.local_kind == "categorical" and len(info.event_shape) > 1
+
+
+def _categorical_outcomes(info):
+    """How many outcomes besides the sample a categorical node's local sum
+    (`local_outcomes`) evaluates the critic at: `K`, or `n (K - 1)` for a
+    factorised node of `n` factors."""
+    if not _factorised(info):
+        return info.event_shape[-1]
+    return int(np.prod(info.event_shape[:-1])) * (info.event_shape[-1] - 1)
+
+
+def _factor_outcomes(record):
+    """A factorised categorical node's local sum (`local_outcomes`): for
+    factor `i` (of `n`, in the order of the flattened factor axes) and each
+    outcome `k != x_i` (of `K`), the sample with factor `i` set to `k`, two
+    edits of the sample: `+1` at `(i, k)`, `-1` at `(i, x_i)`. Its weight is
+    `p_ik`, differentiable, zero where the mask forbids `k`; the sample's
+    weight is `sum_i p_i(x_i)`.
+
+    Unbiased in `CriticCV` by the Bernoulli argument, factor by factor: the
+    factors are independent given the node's parameters, so
+    `E[grad log p_i(x_i) Q(x)] = E_{x_-i}[sum_k grad p_ik Q(x_-i, k)]`, the
+    expected gradient of factor `i`'s term of `E_loc`, and
+    `grad log p(x) = sum_i grad log p_i(x_i)`."""
+    log_p = tf.nn.log_softmax(record.layer.distribution(record.params, record.mask).logits)
+    k = log_p.shape[-1]
+    factors = int(np.prod(log_p.shape[1:-1]))
+    batch = tf.shape(log_p)[0]
+    probs = tf.reshape(tf.exp(log_p), [batch, factors, k])
+    sample = tf.reshape(_float32(record.sample), [batch, factors, k])
+    chosen = tf.argmax(sample, axis=-1, output_type=tf.int32)[..., None]  # x_i, [batch, n, 1]
+    others = tf.range(k - 1)[None, None, :]
+    others += tf.cast(others >= chosen, tf.int32)  # the K - 1 outcomes k != x_i, [batch, n, K - 1]
+    first = (tf.range(factors) * k)[None, :, None]  # factor i's first unit, i K
+    unit = tf.stack([first + others, tf.broadcast_to(first + chosen, tf.shape(others))], axis=-1)
+    unit = tf.reshape(unit, [batch, factors * (k - 1), 2])
+    change = tf.broadcast_to(tf.constant([1.0, -1.0]), tf.shape(unit))
+    values = outcomes.UnitEdits(tf.reshape(sample, [batch, factors * k]), unit, change, record.sample.shape[1:])
+    weights = tf.reshape(tf.gather(probs, others, batch_dims=2), [batch, factors * (k - 1)])
+    current = tf.reduce_sum(sample * probs, axis=[1, 2])
+    return LocalSum(values, weights, current, tf.ones_like(weights))
 
 
 UNIT_SAMPLING = ("uniform", "importance")
@@ -520,9 +574,11 @@ class CriticAdvantage(Estimator):
     """Score function with the critic's advantage: the pure Backprop-Q form.
 
     Categorical: `L_X = log p(x) sg[Q(x, s) - V(s)]`, `V = sum_k p_k Q(e_k, s)`.
-    Factorised Bernoulli, per unit: `L_X = sum_u log p_u(x_u) sg[Q(x) - V_u]`,
-    `V_u = sum_{x'_u} p_u(x'_u) Q(x'_u, x_-u)`. Unbiased when `Q` is exact;
-    biased while a learned critic is wrong.
+    Factorised Bernoulli or categorical, per unit (factor):
+    `L_X = sum_u log p_u(x_u) sg[Q(x) - V_u]`,
+    `V_u = sum_{x'_u} p_u(x'_u) Q(x'_u, x_-u)`, so that
+    `Q(x) - V_u = sum_{x'_u != x_u} p_u(x'_u) (Q(x) - Q(x'_u, x_-u))`. Unbiased
+    when `Q` is exact; biased while a learned critic is wrong.
     """
 
     name = "critic"
@@ -535,14 +591,27 @@ class CriticAdvantage(Estimator):
         q_x, q_alt, weights, current = _q_at_sample_and_outcomes(step)
         q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
         record = step.record
-        if step.info.local_kind == "categorical":
+        if step.info.local_kind == "categorical" and not _factorised(step.info):
             value = _local_expectation(q_x, q_alt, weights, current)
             return record.log_prob() * tf.stop_gradient(q_x - value)
-        flat = _flat(_float32(record.sample))
+        unit_log_p = _unit_log_probs(step)
+        # The outcomes come unit by unit (`local_outcomes`); masked ones (p = 0) add nothing.
+        per_outcome = tf.where(weights > 0, weights * (q_x[:, None] - q_alt), 0.0)
+        advantage = tf.reduce_sum(tf.reshape(per_outcome, [tf.shape(q_x)[0], unit_log_p.shape[1], -1]), axis=2)
+        return tf.reduce_sum(unit_log_p * tf.stop_gradient(advantage), axis=1)
+
+
+def _unit_log_probs(step):
+    """`[batch, U]`, differentiable: `log p_u(x_u)` of each unit of a
+    Bernoulli node, or of each factor of a factorised categorical node."""
+    record = step.record
+    sample = _float32(record.sample)
+    if step.info.local_kind == "binary":
         logits = _flat(_float32(record.params))
-        unit_log_p = flat * logits - tf.math.softplus(logits)
-        advantage = tf.stop_gradient(weights * (q_x[:, None] - q_alt))
-        return tf.reduce_sum(unit_log_p * advantage, axis=1)
+        return _flat(sample) * logits - tf.math.softplus(logits)
+    log_p = tf.nn.log_softmax(record.layer.distribution(record.params, record.mask).logits)
+    # x_ik log p_ik is 0, not NaN, at a masked k (log p_ik about -1e9, finite).
+    return _flat(tf.reduce_sum(sample * log_p, axis=-1))
 
 
 class Pathwise(Estimator):
@@ -634,6 +703,14 @@ class Expected(LocalExpectation):
                 f"Estimator 'expected' cannot serve node {info.name!r}: it sums a "
                 f"Categorical node's outcomes, not a {info.distribution} node's. Use "
                 "'local_expectation' or 'critic_cv'."
+            )
+        if _factorised(info):
+            raise ValueError(
+                f"Estimator 'expected' cannot serve node {info.name!r}: it sums the whole "
+                f"support of one categorical choice, and the node's samples "
+                f"{list(info.event_shape)} hold {int(np.prod(info.event_shape[:-1]))} "
+                "independent choices. Use 'local_expectation' (each choice's outcomes, "
+                "the others held) or 'critic_cv'."
             )
         if info.event_shape[-1] > MAX_SUPPORT:
             raise ValueError(
@@ -1021,7 +1098,8 @@ ESTIMATORS = {
 }
 
 # The largest categorical support that estimators summing over every outcome
-# accept (they evaluate the critic once per outcome).
+# accept, and the most outcomes of a categorical node's local sum for which
+# `auto` picks `CriticCV` (they evaluate the critic once per outcome).
 MAX_SUPPORT = 1024
 
 
@@ -1044,8 +1122,10 @@ def auto(info: graph.NodeInfo, num_samples: int = 1) -> Estimator:
       (`linearize=True`), the units drawn where the correction's variance
       lies (`unit_sampling="importance"`), which keeps most of the full sum's
       variance reduction at a small fraction of its cost on wide layers;
-    * `CriticCV` for Categorical nodes with at most `MAX_SUPPORT` outcomes
-      (exact sums over every outcome);
+    * `CriticCV` for Categorical nodes whose local sum has at most
+      `MAX_SUPPORT` outcomes (exact sums over every outcome; for a factorised
+      node of `n` choices of `K` outcomes, over each factor's `K - 1` other
+      outcomes, `n (K - 1)` in all);
     * otherwise `RLOO` when `num_samples >= 2`, else `Reinforce`.
     """
     if info.reparameterized:
@@ -1054,7 +1134,7 @@ def auto(info: graph.NodeInfo, num_samples: int = 1) -> Estimator:
         if int(np.prod(info.event_shape)) > AUTO_EXACT_FLIPS:
             return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True, unit_sampling="importance")
         return CriticCV()
-    if info.local_kind == "categorical" and info.event_shape[-1] <= MAX_SUPPORT:
+    if info.local_kind == "categorical" and _categorical_outcomes(info) <= MAX_SUPPORT:
         return CriticCV()
     return RLOO() if num_samples >= 2 else Reinforce()
 

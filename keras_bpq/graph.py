@@ -159,7 +159,7 @@ class NodeInfo:
     event_shape: Tuple[int, ...]
     reparameterized: bool
     support_size: Optional[int]  # int for finite supports, None otherwise
-    factorized_units: int  # independent units in a sample (1 for a categorical)
+    factorized_units: int  # independent units in a sample (a categorical's choices: 1, or its factors)
     local_kind: Optional[str]  # "binary", "categorical" or None (see nodes.StochasticNode)
     parents: Tuple[str, ...]
     ancestors: Tuple[str, ...]

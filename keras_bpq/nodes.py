@@ -364,6 +364,12 @@ class Categorical(StochasticNode):
     False get probability zero and are never sampled,
     `p(k) = m_k exp(logits_k) / sum_j m_j exp(logits_j)`.
 
+    Logits `[batch, *factors, K]` of rank 3 or more (and a mask of that
+    shape) make `n = prod(factors)` independent choices per example, each
+    one-hot along the last axis: `p(x) = prod_i p_i(x_i)`. Critic estimators
+    then sum each factor's outcomes with the others held at their samples
+    (`estimators.local_outcomes`).
+
     Every row of the mask must allow at least one outcome: a row that allows
     none raises `tf.errors.InvalidArgumentError` naming the node and the row
     (eagerly, in a traced step, in `predict` and in an exported SavedModel).
@@ -482,9 +488,19 @@ class Categorical(StochasticNode):
         return tf.one_hot(tf.argmax(dist.logits, axis=-1), tf.shape(dist.logits)[-1])
 
     def support(self, event_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
-        if len(event_shape) != 1:
+        """`eye(K)`; for `n` factors every joint choice, `[K^n, *factors, K]`
+        (None above `2^20` of them, as a Bernoulli node's 20 units)."""
+        k = event_shape[-1]
+        if len(event_shape) == 1:
+            return np.eye(k, dtype=np.float32)
+        factors = self.factorized_units(event_shape)
+        if k**factors > 2**20:
             return None
-        return np.eye(event_shape[0], dtype=np.float32)
+        choices = np.array(list(itertools.product(range(k), repeat=factors)))
+        return np.eye(k, dtype=np.float32)[choices].reshape((-1,) + tuple(event_shape))
+
+    def factorized_units(self, event_shape: Tuple[int, ...]) -> int:
+        return int(np.prod(event_shape[:-1]))
 
     def compute_output_shape(self, params_shape: Shape, mask_shape: Optional[Shape] = None) -> Shape:
         return tuple(params_shape)

@@ -1,11 +1,17 @@
 """A node's alternative outcomes, and the model's costs re-evaluated at them.
 
 Local expectations need `Q` at many outcomes of one node for every example:
-each one-unit flip of a Bernoulli sample, each class of a categorical.
+each one-unit flip of a Bernoulli sample, each class of a categorical, each
+other class of one factor of a factorised categorical.
 `UnitEdits` describes such outcomes without materialising them: outcome `a`
 of example `b` is a base value with at most one unit changed,
 
-    value[b, a] = base[b] + change[b, a] * e_{unit[b, a]}     (unit -1: unchanged).
+    value[b, a] = base[b] + change[b, a] * e_{unit[b, a]}     (unit -1: unchanged),
+
+or, with `E` edits per outcome (a factorised categorical's other class `k`
+of factor `i`: `+1` at `(i, k)`, `-1` at the sampled `(i, x_i)`),
+
+    value[b, a] = base[b] + sum_e change[b, a, e] * e_{unit[b, a, e]}.
 
 Evaluated naively, `batch x A` rows go through the whole forward pass.
 `DownstreamEvaluator` (functional models) instead evaluates only the
@@ -46,12 +52,14 @@ from keras_bpq import costs as costs_lib
 
 
 class UnitEdits:
-    """Outcomes `[batch, A, *event]` of a node as one-unit edits of a base value.
+    """Outcomes `[batch, A, *event]` of a node as edits of a few units of a base value.
 
     Args:
       base: `[batch, units]` float32, the flattened base value.
-      unit: `[batch, A]` int32, the unit each outcome changes (-1: none).
-      change: `[batch, A]` float32, the change of that unit (0 where unit is -1).
+      unit: `[batch, A]` int32, the unit each outcome changes (-1: none); or
+        `[batch, A, E]`, the `E` units each outcome changes.
+      change: float32 shaped like `unit`, the change of that unit (0 where
+        unit is -1).
       event_shape: the node's event shape (`prod(event_shape) == units`).
     """
 
@@ -70,11 +78,21 @@ class UnitEdits:
     def num_outcomes(self) -> Optional[int]:
         return self.unit.shape[1]
 
+    @property
+    def one_edit(self) -> bool:
+        """Whether every outcome changes one unit (`unit` is `[batch, A]`)."""
+        return self.unit.shape.rank == 2
+
+    def _edited(self, rows: tf.Tensor) -> tf.Tensor:
+        """`sum_e change[b, a, e] rows[b, a, e]` for `rows` gathered at `unit`
+        (`[batch, A(, E), out]`): `[batch, A, out]`."""
+        edits = tf.cast(self.change, rows.dtype)[..., None] * rows
+        return edits if self.one_edit else tf.reduce_sum(edits, axis=2)
+
     def dense(self) -> tf.Tensor:
         """The outcomes as a `[batch, A, *event]` tensor."""
         units = self.base.shape[1]
-        edits = self.change[..., None] * tf.one_hot(self.unit, units, dtype=self.base.dtype)
-        flat = self.base[:, None, :] + edits
+        flat = self.base[:, None, :] + self._edited(tf.one_hot(self.unit, units, dtype=self.base.dtype))
         return tf.reshape(flat, [tf.shape(flat)[0], self.num_outcomes] + list(self.event_shape))
 
     def with_first(self, value: tf.Tensor) -> UnitEdits:
@@ -83,29 +101,30 @@ class UnitEdits:
         diff = tf.reshape(tf.cast(value, self.base.dtype), tf.shape(self.base)) - self.base
         unit = tf.argmax(tf.abs(diff), axis=1, output_type=tf.int32)
         change = tf.gather(diff, unit, batch_dims=1)
-        unit = tf.where(change != 0, unit, -1)
+        unit, change = tf.where(change != 0, unit, -1)[:, None], change[:, None]
+        if not self.one_edit:  # its other edits change nothing
+            padding = [[0, 0], [0, 0], [0, self.unit.shape[2] - 1]]
+            unit = tf.pad(unit[..., None], padding, constant_values=-1)
+            change = tf.pad(change[..., None], padding)
         return UnitEdits(
             self.base,
-            tf.concat([unit[:, None], self.unit], axis=1),
-            tf.concat([change[:, None], self.change], axis=1),
+            tf.concat([unit, self.unit], axis=1),
+            tf.concat([change, self.change], axis=1),
             self.event_shape,
         )
 
     def linear(self, kernel: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
         """`[batch, A, out]` values of `x -> x W + bias` at the outcomes, given the
-        base's `offset = base W + bias` (`[batch, out]`): rank-one updates."""
-        rows = tf.gather(kernel, tf.maximum(self.unit, 0))
-        change = tf.cast(self.change, rows.dtype)
-        return offset[:, None, :] + change[..., None] * rows
+        base's `offset = base W + bias` (`[batch, out]`): rank-one updates (one
+        per edit)."""
+        return offset[:, None, :] + self._edited(tf.gather(kernel, tf.maximum(self.unit, 0)))
 
     def contract(self, table: tf.Tensor) -> tf.Tensor:
         """`[batch, A, out]` values of `x -> sum_u x_u table[b, u]` at the outcomes,
-        for a per-example `table` `[batch, units, out]`: one gather per outcome."""
+        for a per-example `table` `[batch, units, out]`: one gather per edit."""
         table = tf.convert_to_tensor(table)
         offset = tf.einsum("bu,buo->bo", tf.cast(self.base, table.dtype), table)
-        rows = tf.gather(table, tf.maximum(self.unit, 0), batch_dims=1)
-        change = tf.cast(self.change, table.dtype)
-        return offset[:, None, :] + change[..., None] * rows
+        return offset[:, None, :] + self._edited(tf.gather(table, tf.maximum(self.unit, 0), batch_dims=1))
 
 
 def plain_dense(layer: keras.layers.Layer) -> bool:
@@ -215,8 +234,9 @@ class Affine:
 
     @classmethod
     def of(cls, value: object) -> Optional[Affine]:
-        """`value` as an `Affine`, None if it is not one (or a flat `UnitEdits`)."""
-        if isinstance(value, UnitEdits) and len(value.event_shape) == 1:
+        """`value` as an `Affine`, None if it is not one (or a flat `UnitEdits`
+        of one edit per outcome)."""
+        if isinstance(value, UnitEdits) and len(value.event_shape) == 1 and value.one_edit:
             return cls(value, value.base, [(None, None)])
         return value if isinstance(value, Affine) else None
 

@@ -115,6 +115,27 @@ def masked_categorical():
     return model, inputs()
 
 
+def factorised_categorical():
+    """A Categorical node of two independent 3-way choices (logits and mask
+    `[batch, 2, 3]`): x -> z1 (2 bits) -> g (outcome 2 of choice 1 allowed
+    only where z1[0] = 1) -> z2 (1 bit) -> cost; g also feeds a cost of its
+    own. Not in ALL: the graphs there serve every test of the catalogue."""
+    x = keras.Input((INPUT_DIM,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(dense(2, "d1", 1)(x))
+    ones = keras.ops.ones_like(z1)
+    allowed = keras.ops.reshape(keras.ops.concatenate([ones, ones, ones[:, :1], z1[:, :1]], axis=-1) > 0.5, (-1, 2, 3))
+    logits = keras.layers.Reshape((2, 3))(dense(6, "dg", 2)(keras.layers.Concatenate()([z1, x])))
+    g = keras_bpq.Categorical(name="g", seed=2)(logits, mask=allowed)
+    flat = keras.layers.Flatten()(g)
+    z2 = keras_bpq.Bernoulli(name="z2", seed=3)(dense(1, "d2", 3)(keras.layers.Concatenate()([flat, x])))
+    cost = square_cost(dense(2, "dec", 4)(keras.layers.Concatenate()([z2, flat])), x)
+    cost_g = square_cost(dense(1, "dec_g", 5)(flat), x)
+    model = keras_bpq.BackpropQModel(
+        inputs=x, outputs=[g, z2], costs={"cost": cost, "cost_g": cost_g}, name="factorised_categorical"
+    )
+    return model, inputs()
+
+
 ALL = {"chain": chain, "tree": tree, "dag": dag, "two_costs": two_costs, "mixed": mixed}
 
 

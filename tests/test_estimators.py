@@ -53,6 +53,33 @@ def test_local_expectation_and_expected_with_oracle_critics_are_unbiased(name):
     assert_unbiased(model, x, num_draws=1000)
 
 
+@pytest.mark.parametrize("estimator", ["critic", "local_expectation", "relax"])
+def test_estimators_on_a_factorised_categorical_are_unbiased(estimator):
+    """`critic` and `local_expectation` (oracle critics) sum each choice's
+    outcomes with the other choices held; `relax` relaxes every choice."""
+    model, x = graphs.factorised_categorical()
+    model.compile(estimator="reinforce")
+    model.compile(estimator={"g": estimator}, critics=oracle_critics(model))
+    assert_unbiased(model, x, num_draws=1000)
+
+
+def test_factorised_categorical_nodes_get_an_estimator_that_serves_them():
+    """`expected` sums one choice's whole support: a clear error at compile for
+    a node of several choices. `auto` picks critic_cv while the local sum has
+    at most MAX_SUPPORT outcomes (n (K - 1)), else reinforce (rloo)."""
+    model, _ = graphs.factorised_categorical()
+    with pytest.raises(ValueError, match=r"'expected' cannot serve node 'g'.*\[2, 3\] hold 2 independent choices"):
+        model.compile(estimator={"g": "expected"})
+    for factors, chosen in ((341, "critic_cv"), (342, "reinforce")):  # 341 * 3 <= 1024 < 342 * 3
+        x = keras.Input((2,))
+        logits = keras.layers.Reshape((factors, 4))(keras.layers.Dense(factors * 4)(x))
+        grid = keras_bpq.Categorical(name="grid")(logits)
+        model = keras_bpq.BackpropQModel(inputs=x, outputs=grid, costs={"c": keras.ops.sum(grid, axis=(1, 2))})
+        model.compile(estimator="auto")
+        assert model.node_estimators["grid"].name == chosen, factors
+        assert model.scg().node("grid").factorized_units == factors
+
+
 def test_gumbel_is_biased_and_its_temperature_anneals():
     model, x = graphs.tree()
     model.compile(estimator="reinforce")

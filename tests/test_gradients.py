@@ -47,6 +47,19 @@ def test_critic_cv_with_untrained_critics_matches_exact_gradient(name, jit_compi
     assert_unbiased(model, x)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_critic_cv_on_a_factorised_categorical_matches_exact_gradient(jit_compile):
+    """A Categorical node of two independent masked choices (logits
+    `[batch, 2, 3]`): auto picks critic_cv, whose local sum runs over each
+    choice's outcomes with the other held at its sample; unbiased with an
+    untrained critic (the node's cost through z2) and an exact head (its own)."""
+    model, x = graphs.factorised_categorical()
+    model.compile(optimizer="adam", jit_compile=jit_compile)
+    assert {e.name for e in model.node_estimators.values()} == {"critic_cv"}
+    assert model.scg().node("g").support_size == 9
+    assert_unbiased(model, x)
+
+
 def test_eager_matches_exact_gradient():
     model, x = graphs.dag()
     model.compile(optimizer="adam", estimator="reinforce", run_eagerly=True)

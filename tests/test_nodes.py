@@ -292,7 +292,10 @@ def test_inference_under_xla_raises_the_assertion_error_for_a_mask_row_without_o
                 assert f"[Categorical node `hop1`: row] [5] [{EMPTY_ROW_TEXT}]" in message, (name, message)
 
 
-def test_inference_under_xla_names_the_row_of_a_rank_3_mask_as_its_assertion_does():
+def _grid_model():
+    """A Categorical node of 3 independent choices of 4 outcomes per example
+    (logits and mask `[batch, 3, 4]`), and 16 inputs whose position (5, 2) of
+    the second batch of 8 allows no outcome (row 13 of the inputs)."""
     x = keras.Input((3, 4))
     logits = keras.layers.Dense(4, name="grid_logits")(x)
     grid = keras_bpq.Categorical(name="grid", seed=3)(logits, mask=keras.ops.greater(x, 0.0))
@@ -300,15 +303,35 @@ def test_inference_under_xla_names_the_row_of_a_rank_3_mask_as_its_assertion_doe
         inputs=x, outputs=grid, costs={"c": keras.ops.sum(grid * x, axis=(1, 2))}, name="gridm"
     )
     inputs = np.random.RandomState(0).uniform(0.1, 1.0, (16, 3, 4)).astype("float32")
-    inputs[13, 2] = -1.0  # position (5, 2) of the second batch allows no outcome
+    inputs[13, 2] = -1.0
+    return model, inputs
+
+
+def test_inference_under_xla_names_the_row_of_a_rank_3_mask_as_its_assertion_does():
+    model, inputs = _grid_model()
     good = np.delete(inputs, 13, axis=0)
     messages = {}
     for jit_compile in (False, True):
-        model.compile(optimizer="sgd", estimator="reinforce", jit_compile=jit_compile)
+        model.compile(optimizer="sgd", jit_compile=jit_compile)  # auto: critic_cv
         messages[jit_compile] = inference_errors(model, inputs, good)
     for name, message in messages[True].items():
         assert message == f"Categorical node `grid`: row [5 2] {EMPTY_ROW_TEXT}", (name, message)
         assert f"[Categorical node `grid`: row] [5 2] [{EMPTY_ROW_TEXT}]" in messages[False][name], messages[False][name]
+
+
+def test_fit_under_xla_names_the_row_of_a_rank_3_mask_as_inference_does():
+    """fit's FloatingPointError gives the row's index along every axis but the
+    last, as predict and evaluate (and the assertion outside XLA) do, and the
+    step is skipped; the default estimator (critic_cv) serves the node."""
+    model, inputs = _grid_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    assert model.node_estimators["grid"].name == "critic_cv"
+    before = [v.numpy().copy() for v in model.weights]
+    message = r"Categorical node 'grid': row \[5 2\] of its mask allows no outcome in a training step \(its index"
+    with pytest.raises(FloatingPointError, match=message):
+        model.fit(inputs[8:], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for variable, value in zip(model.weights, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int32"])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import graphs
 import keras_bpq
 from keras_bpq import critics as critics_lib
 from keras_bpq import estimators
@@ -251,3 +252,73 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
         assert fast[cost].shape == (7, 6)
         np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(fast[cost][:, 0], out.costs[cost], rtol=1e-5, atol=1e-5)
+
+
+def test_unit_edits_with_several_edits_per_outcome():
+    """Outcome `a` is `base + sum_e change[a, e] e_{unit[a, e]}`: dense values,
+    a linear map, a contraction and a first outcome agree with that sum."""
+    rng = np.random.RandomState(4)
+    base = tf.constant([[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    unit = tf.constant([[[0, 1], [2, 3], [-1, -1]], [[1, 0], [3, -1], [2, 3]]])
+    change = tf.constant([[[1.0, -1.0], [1.0, -1.0], [0.0, 0.0]], [[1.0, -1.0], [-1.0, 0.0], [1.0, -1.0]]])
+    edits = outcomes.UnitEdits(base, unit, change, (2, 2))
+    assert not edits.one_edit and outcomes.Affine.of(edits) is None
+    want = base.numpy()[:, None] + np.sum(
+        change.numpy()[..., None] * (np.eye(4)[unit.numpy()] * (unit.numpy() >= 0)[..., None]), axis=2)
+    np.testing.assert_array_equal(edits.dense(), want.reshape(2, 3, 2, 2))
+    kernel = tf.constant(rng.randn(4, 5), tf.float32)
+    offset = tf.matmul(base, kernel) + 0.5
+    np.testing.assert_allclose(edits.linear(kernel, offset), want @ kernel.numpy() + 0.5, rtol=1e-5, atol=1e-6)
+    table = tf.constant(rng.randn(2, 4, 3), tf.float32)
+    contracted = np.einsum("bau,buo->bao", want, table.numpy())
+    np.testing.assert_allclose(edits.contract(table), contracted, rtol=1e-5, atol=1e-6)
+    sample = tf.constant([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])  # one unit from base, or none
+    first = edits.with_first(tf.reshape(sample, [2, 2, 2]))
+    assert first.unit.shape == (2, 4, 2)
+    np.testing.assert_array_equal(first.dense()[:, 0], tf.reshape(sample, [2, 2, 2]))
+    np.testing.assert_array_equal(first.dense()[:, 1:], want.reshape(2, 3, 2, 2))
+
+
+def test_factorised_categorical_outcomes_set_one_choice_at_a_time():
+    """A Categorical node of independent choices (logits `[batch, 2, 3]`): its
+    local outcomes are the sample with one choice set to each of its other
+    outcomes, weighted by their probabilities (zero where masked), the sample
+    weighted by the sum of its choices' probabilities; the critic's rank-one
+    first layer and the exact heads agree with evaluations on rows."""
+    model, x = graphs.factorised_categorical()
+    model.compile(optimizer="sgd", estimator="critic_cv")
+    data = tf.constant(np.repeat(x, 8, axis=0))
+    out = model.run_forward(data)
+    info = model.scg(data).node("g")
+    step = out.steps["g"]
+    local = estimators.local_outcomes(step)
+    values = local.values.with_first(step.record.sample)
+    dense = values.dense().numpy()
+    sample = step.record.sample.numpy()
+    probs = tf.nn.softmax(model.node_layer(info).distribution(step.record.params, step.record.mask).logits).numpy()
+    assert dense.shape == (24, 1 + 2 * 2, 2, 3)
+    np.testing.assert_array_equal(dense[:, 0], sample)
+    for b in range(24):
+        chosen = sample[b].argmax(-1)
+        wanted = []
+        for i in range(2):
+            for k in range(3):
+                if k != chosen[i]:
+                    outcome = sample[b].copy()
+                    outcome[i] = np.eye(3)[k]
+                    wanted.append((outcome, probs[b, i, k]))
+        np.testing.assert_array_equal(dense[b, 1:], [o for o, _ in wanted])
+        np.testing.assert_allclose(local.weights[b], [p for _, p in wanted], rtol=1e-6)
+        np.testing.assert_allclose(local.current[b], probs[b, [0, 1], chosen].sum(), rtol=1e-6)
+    np.testing.assert_allclose(np.sum(local.weights, 1) + local.current, 2.0, rtol=1e-6)
+    masked = ~step.record.mask.numpy()
+    assert masked.any() and np.all(probs[masked] == 0)
+    context = q_values.context(info, data, out.records)
+    critic = model.training_state.critics["g"]
+    fast = critic.q_outcomes(context, values, target=False)
+    slow = critics_lib.Critic.q_outcomes(critic, context, values, target=False)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    exact = model.q_function.heads(info, data, None, out.records, values)["cost_g"]
+    rerun = model.q_function.rerun_heads(info, data, None, context, values, ("cost_g",))["cost_g"]
+    np.testing.assert_allclose(exact, rerun, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exact[:, 0], out.costs["cost_g"], rtol=1e-5, atol=1e-5)
