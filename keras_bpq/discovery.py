@@ -23,7 +23,6 @@ from keras_bpq import critics as critics_lib
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import graph
 from keras_bpq import q_values
-from keras_bpq import replay as replay_lib
 
 
 class ScgDiscovery:
@@ -173,43 +172,6 @@ class ScgDiscovery:
                 if self.critic_optimizer is None:
                     self.critic_optimizer = keras.optimizers.Adam(1e-3)
                 self.critic_optimizer.build(critic_variables)
-
-    def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[replay_lib.ReplayLayout]:
-        """What a row of the replay buffer holds (`replay.ReplayLayout`), or
-        None without `compile(replay=...)`.
-
-        Raises a ValueError where the compiled options leave replay nothing
-        to train (no learned critic) or where an input cannot be stored; with
-        `check_targets`, also where the model has compiled losses, whose
-        targets the buffer stores, and their signature is unknown."""
-        replay = self._replay
-        if replay is None:
-            return None
-        heads = critics_lib.heads_to_learn(scg, self._node_estimators, self._critic_options)
-        if not heads:
-            raise ValueError(
-                f"compile(replay=...): model {self.name!r} has no learned critic for replay to "
-                "train: its estimators need none, or each of its nodes is the last stochastic "
-                "ancestor of all its costs (exact heads). Compile without replay."
-            )
-        targets = self._target_spec if self._compiled_losses.entries else None
-        if check_targets and self._compiled_losses.entries and targets is None:
-            raise ValueError(
-                f"compile(replay=...): model {self.name!r} has compiled losses, so the replay "
-                "buffer stores every row's targets, whose shapes are not known yet. Pass the "
-                "targets to fit() as arrays or in a tf.data.Dataset (its first call creates "
-                "the buffer), before anything else (save, evaluate) creates the training state."
-            )
-        layout = replay_lib.ReplayLayout(
-            inputs=self._scg_spec,
-            targets=targets,
-            samples={info.name: info.event_shape for info in scg.nodes},
-            costs=scg.costs,
-        )
-        replay_lib.check_storable(layout.inputs, "input")
-        if targets is not None:
-            replay_lib.check_storable(targets, "target")
-        return layout
 
     def _resolve_estimators(self, scg):
         built = self._node_estimators is not None and self.training_state.built

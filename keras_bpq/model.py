@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
-    _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward, keras.Model
+    _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
+    replay_lib.CriticReplay, keras.Model,
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -188,17 +189,7 @@ class BackpropQModel(
             critic_target, critic_lambda, tau, target_update_period, critic_steps,
             critic_warmup_steps, critic_hidden_units, critics, actor_reads,
         )
-        replay = replay_lib.check_option(replay)
-        buffer = self.training_state.replay_buffer
-        if self.training_state.built and (
-            (buffer is None) != (replay is None) or (buffer is not None and buffer.capacity != replay.capacity)
-        ):
-            raise ValueError(
-                f"compile(replay={replay!r}) cannot add, remove or resize the replay buffer of "
-                f"model {self.name!r}: its training state exists already (with "
-                f"{'no buffer' if buffer is None else f'capacity={buffer.capacity}'}). Build a "
-                "new model, or keep the buffer as it is."
-            )
+        replay = self._checked_replay_option(replay)
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = keras.optimizers.get(critic_optimizer or keras.optimizers.Adam(1e-3))
         self._critic_options = options
@@ -262,11 +253,6 @@ class BackpropQModel(
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
         return self._critic_options
 
-    @property
-    def replay_options(self) -> Optional[replay_lib.Replay]:
-        """The `keras_bpq.Replay` of the last `compile()`, or None."""
-        return self._replay
-
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
         x, y, sample_weight = data_lib.unpack(data)
@@ -297,12 +283,11 @@ class BackpropQModel(
         status, row = callbacks_lib.mask_status(scg, forward.records, status)
         critics = self.critic_set()
         evaluation = critics.evaluate(forward, with_gradient=True)
-        buffer = self.training_state.replay_buffer
         values = distribute.StepValues(
             grads, [] if evaluation is None else evaluation.grads,
             *forward_lib.estimator_signals(scg, self._node_estimators, forward),
             critics.inputs(forward, evaluation) if self._critic_options.steps > 1 else None,
-            None if buffer is None else replay_lib.rows(forward, buffer.layout),
+            self._replay_rows(forward),
         )
         # Apply: every update of the step, or none.
         skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
@@ -313,13 +298,7 @@ class BackpropQModel(
             target_copies=critics.update_target_copies,
             actor_ready=lambda: self.training_state.steps >= self._critic_options.warmup,
             warmup=self._critic_options.warmup,
-            replay=None if buffer is None else distribute.ReplayUpdates(
-                ready=lambda: buffer.filled() > 0,
-                update=lambda rows: critics.replay(
-                    buffer, self._replay, self._replay.batch_size or tf.shape(rows.weights)[0]
-                ),
-                store=buffer.write,
-            ),
+            replay=self._replay_updates(critics),
         )
         undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved)
         # A step that would have written a non-finite value was undone: code
@@ -465,13 +444,6 @@ class BackpropQModel(
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
-    def _note_targets(self, x, y):
-        """Keeps the targets' signature of data given to fit (or evaluate,
-        train_on_batch), for a replay buffer that stores targets."""
-        spec = data_lib.target_spec(x, y)
-        if spec is not None:
-            self._target_spec = spec
-
     def get_build_config(self) -> Optional[Dict[str, Any]]:
         config = dict(super().get_build_config() or {})
         spec = self.input_signature()
