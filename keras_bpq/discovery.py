@@ -12,7 +12,8 @@ first use, through the same code).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import types
+from typing import Any, Callable, Mapping, Optional
 
 import keras
 import tensorflow as tf
@@ -35,6 +36,21 @@ class ScgDiscovery:
         return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
+    @property
+    def known_scg(self) -> Optional[graph.SCG]:
+        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
+        before it. Unlike `scg()`, reading it never traces or discovers."""
+        return self._scg
+
+    @property
+    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
+        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
+        the SCG, read-only; None before the SCG is known. Reading it creates
+        nothing."""
+        if self._node_estimators is None:
+            return None
+        return types.MappingProxyType(self._node_estimators)
+
     def scg(self, x: Any = None) -> graph.SCG:
         """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
 
@@ -103,6 +119,30 @@ class ScgDiscovery:
                 f"nodes {self._scg.node_names} and costs {self._scg.costs}."
             )
         return scg
+
+    def _rediscover(self, contexts):
+        """For `compile()`: takes its `contexts=` and finds the SCG again with
+        the new options (where nothing is built from it yet; else chooses the
+        estimators again), so every error of the options shows in `compile()`."""
+        contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
+        if self.training_state.built and contexts != self._contexts:
+            raise ValueError(
+                "contexts= cannot change after the model's critics exist; build a new model."
+            )
+        self._contexts = contexts
+        spec = self._scg_spec
+        if not self.training_state.built:
+            # Nothing is built from the structure yet: rediscover it with the
+            # new options, so every error shows here.
+            self._scg, self._scg_cache = None, {}
+        if spec is not None:
+            self.scg(spec)
+        elif self.network is not None:
+            self.scg(self._input_spec_from_network())
+        if self.training_state.built:
+            self._resolve_estimators(self._scg)
+        if self._scg is not None:
+            self.replay_layout(self._scg)  # its errors show here
 
     def input_signature(self) -> Optional[Any]:
         """The model's inputs as a structure of `tf.TensorSpec` with a dynamic

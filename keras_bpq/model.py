@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import types
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
@@ -199,25 +198,7 @@ class BackpropQModel(
         self._num_samples = int(num_samples)
         self._compiled_losses = costs_lib.CompiledLosses(loss)
         self._estimator_option = estimator
-        contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
-        if self.training_state.built and contexts != self._contexts:
-            raise ValueError(
-                "contexts= cannot change after the model's critics exist; build a new model."
-            )
-        self._contexts = contexts
-        spec = self._scg_spec
-        if not self.training_state.built:
-            # Nothing is built from the structure yet: rediscover it with the
-            # new options, so every error shows here.
-            self._scg, self._scg_cache = None, {}
-        if spec is not None:
-            self.scg(spec)
-        elif self.network is not None:
-            self.scg(self._input_spec_from_network())
-        if self.training_state.built:
-            self._resolve_estimators(self._scg)
-        if self._scg is not None:
-            self.replay_layout(self._scg)  # its errors show here
+        self._rediscover(contexts)
         self._compile_arguments = arguments
 
     # -- variables ---------------------------------------------------------
@@ -232,21 +213,6 @@ class BackpropQModel(
         """Trainable variables other than critics, in `trainable_variables` order."""
         excluded = {id(v) for v in self.critic_variables}
         return [v for v in self.trainable_variables if id(v) not in excluded]
-
-    @property
-    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
-        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
-        the SCG, read-only; None before the SCG is known. Reading it creates
-        nothing."""
-        if self._node_estimators is None:
-            return None
-        return types.MappingProxyType(self._node_estimators)
-
-    @property
-    def known_scg(self) -> Optional[graph.SCG]:
-        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
-        before it. Unlike `scg()`, reading it never traces or discovers."""
-        return self._scg
 
     @property
     def critic_options(self) -> critics_lib.CriticOptions:
