@@ -328,18 +328,7 @@ class BackpropQModel(
             costs_lib.weighted_mean(total, sample_weight) + forward.regularization,
             sample_weight=tf.shape(total)[0],
         )
-        # Every cost's log is weighted as `loss` is, so they add up to it.
-        for metric in self.training_state.cost_metrics:
-            metric.update_state(
-                costs_lib.weighted_mean(forward.costs[metric.name], sample_weight),
-                sample_weight=tf.shape(total)[0],
-            )
-        if critics is not None:
-            for name, (loss_metric, td_metric, q_metric) in self.training_state.critic_metrics.items():
-                loss, td_error = critics.per_node[name]
-                loss_metric.update_state(loss)
-                td_metric.update_state(td_error)
-                q_metric.update_state(tf.add_n(list(critics.q_at_sample[name].values())))
+        self.training_state.update_metrics(forward, critics)
         return self.compute_metrics(forward.x, forward.y, forward.y_pred, sample_weight)
 
     def get_metrics_result(self) -> Dict[str, Any]:
