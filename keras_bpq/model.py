@@ -12,7 +12,6 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
     _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
-    replay_lib.CriticReplay, keras.Model,
+    replay_lib.CriticReplay, callbacks_lib.StepReports, keras.Model,
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -273,13 +272,6 @@ class BackpropQModel(
         self.training_state.report(status, row)
         return self._update_metrics(forward, evaluation)
 
-    def _step_variables(self):
-        return callbacks_lib.step_variables(
-            self.weights, self.training_state, self.critic_variables,
-            [(getattr(self, "optimizer", None), "actor optimizer variable"),
-             (self.critic_optimizer, "critic optimizer variable")],
-        )
-
     def test_step(self, data: Any) -> Dict[str, Any]:
         """`keras.Model.test_step` on the model's costs. Under XLA, which drops
         the masks' assertions, it also reports a Categorical mask row that
@@ -303,23 +295,6 @@ class BackpropQModel(
         records = {record.name: record for record in recorder.nodes}
         self.training_state.report(*callbacks_lib.mask_status(scg, records, tf.constant(0)))
         return y_pred
-
-    @contextlib.contextmanager
-    def _mask_rows_checked(self):
-        """Around `predict` and `evaluate` (and their `_on_batch` forms): raises
-        after the loop the error a node's mask assertion raises outside XLA,
-        for the first mask row without an outcome that a step reported."""
-        self.training_state.status.assign(0)
-        yield
-        code, row = self.training_state.take_report()
-        if code:
-            raise callbacks_lib.empty_mask_row_error(self._scg, code, row)
-
-    def raise_if_nonfinite(self) -> None:
-        """Raises `FloatingPointError` if a training step met a non-finite value."""
-        code, row = self.training_state.take_report()
-        if code:
-            raise callbacks_lib.nonfinite_error(self.name, self._scg, code, row, self._step_variables())
 
     # -- metrics -----------------------------------------------------------
     def _update_metrics(self, forward, critics=None):
