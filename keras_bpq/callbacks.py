@@ -8,7 +8,9 @@ after a failed step, and every checkpoint knows where `fit` stands),
 
 * Non-finite guard: every training step computes a status (`step_status`,
   `mask_status`; 0 when it stands) and keeps none of its updates when it is
-  not 0; `NonFiniteGuard` raises `nonfinite_error` after such a step.
+  not 0; `NonFiniteGuard` raises `nonfinite_error` after such a step
+  (`raise_if_nonfinite` of `StepReports`, a mixin of the model, which also
+  raises after `predict` or `evaluate` for a mask row without an outcome).
 * Exact resume: `FitPosition` records in the model (and so in every
   checkpoint) which epoch `fit` is in and how many of its batches are done.
   After `keras.callbacks.BackupAndRestore` restores a checkpoint,
@@ -20,6 +22,7 @@ after a failed step, and every checkpoint knows where `fit` stands),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -204,6 +207,36 @@ def nonfinite_error(
         "have written was kept, so every weight, critic, target copy, optimizer "
         f"slot and estimator state holds finite values. {fix}"
     )
+
+
+class StepReports:
+    """What the steps of a `BackpropQModel` report, read back (a mixin of the
+    model): the non-finite guard's error after a training step, and under XLA
+    the error of a mask row without an outcome after `predict` or `evaluate`."""
+
+    def _step_variables(self):
+        return step_variables(
+            self.weights, self.training_state, self.critic_variables,
+            [(getattr(self, "optimizer", None), "actor optimizer variable"),
+             (self.critic_optimizer, "critic optimizer variable")],
+        )
+
+    @contextlib.contextmanager
+    def _mask_rows_checked(self):
+        """Around `predict` and `evaluate` (and their `_on_batch` forms): raises
+        after the loop the error a node's mask assertion raises outside XLA,
+        for the first mask row without an outcome that a step reported."""
+        self.training_state.status.assign(0)
+        yield
+        code, row = self.training_state.take_report()
+        if code:
+            raise empty_mask_row_error(self._scg, code, row)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raises `FloatingPointError` if a training step met a non-finite value."""
+        code, row = self.training_state.take_report()
+        if code:
+            raise nonfinite_error(self.name, self._scg, code, row, self._step_variables())
 
 
 class NonFiniteGuard(keras.callbacks.Callback):

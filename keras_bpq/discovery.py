@@ -12,7 +12,8 @@ first use, through the same code).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import types
+from typing import Any, Callable, Mapping, Optional
 
 import keras
 import tensorflow as tf
@@ -23,7 +24,6 @@ from keras_bpq import critics as critics_lib
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import graph
 from keras_bpq import q_values
-from keras_bpq import replay as replay_lib
 
 
 class ScgDiscovery:
@@ -36,6 +36,21 @@ class ScgDiscovery:
         return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
+    @property
+    def known_scg(self) -> Optional[graph.SCG]:
+        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
+        before it. Unlike `scg()`, reading it never traces or discovers."""
+        return self._scg
+
+    @property
+    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
+        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
+        the SCG, read-only; None before the SCG is known. Reading it creates
+        nothing."""
+        if self._node_estimators is None:
+            return None
+        return types.MappingProxyType(self._node_estimators)
+
     def scg(self, x: Any = None) -> graph.SCG:
         """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
 
@@ -105,6 +120,30 @@ class ScgDiscovery:
             )
         return scg
 
+    def _rediscover(self, contexts):
+        """For `compile()`: takes its `contexts=` and finds the SCG again with
+        the new options (where nothing is built from it yet; else chooses the
+        estimators again), so every error of the options shows in `compile()`."""
+        contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
+        if self.training_state.built and contexts != self._contexts:
+            raise ValueError(
+                "contexts= cannot change after the model's critics exist; build a new model."
+            )
+        self._contexts = contexts
+        spec = self._scg_spec
+        if not self.training_state.built:
+            # Nothing is built from the structure yet: rediscover it with the
+            # new options, so every error shows here.
+            self._scg, self._scg_cache = None, {}
+        if spec is not None:
+            self.scg(spec)
+        elif self.network is not None:
+            self.scg(self._input_spec_from_network())
+        if self.training_state.built:
+            self._resolve_estimators(self._scg)
+        if self._scg is not None:
+            self.replay_layout(self._scg)  # its errors show here
+
     def input_signature(self) -> Optional[Any]:
         """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
         batch dimension, or None while they are unknown (a subclassed model
@@ -173,43 +212,6 @@ class ScgDiscovery:
                 if self.critic_optimizer is None:
                     self.critic_optimizer = keras.optimizers.Adam(1e-3)
                 self.critic_optimizer.build(critic_variables)
-
-    def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[replay_lib.ReplayLayout]:
-        """What a row of the replay buffer holds (`replay.ReplayLayout`), or
-        None without `compile(replay=...)`.
-
-        Raises a ValueError where the compiled options leave replay nothing
-        to train (no learned critic) or where an input cannot be stored; with
-        `check_targets`, also where the model has compiled losses, whose
-        targets the buffer stores, and their signature is unknown."""
-        replay = self._replay
-        if replay is None:
-            return None
-        heads = critics_lib.heads_to_learn(scg, self._node_estimators, self._critic_options)
-        if not heads:
-            raise ValueError(
-                f"compile(replay=...): model {self.name!r} has no learned critic for replay to "
-                "train: its estimators need none, or each of its nodes is the last stochastic "
-                "ancestor of all its costs (exact heads). Compile without replay."
-            )
-        targets = self._target_spec if self._compiled_losses.entries else None
-        if check_targets and self._compiled_losses.entries and targets is None:
-            raise ValueError(
-                f"compile(replay=...): model {self.name!r} has compiled losses, so the replay "
-                "buffer stores every row's targets, whose shapes are not known yet. Pass the "
-                "targets to fit() as arrays or in a tf.data.Dataset (its first call creates "
-                "the buffer), before anything else (save, evaluate) creates the training state."
-            )
-        layout = replay_lib.ReplayLayout(
-            inputs=self._scg_spec,
-            targets=targets,
-            samples={info.name: info.event_shape for info in scg.nodes},
-            costs=scg.costs,
-        )
-        replay_lib.check_storable(layout.inputs, "input")
-        if targets is not None:
-            replay_lib.check_storable(targets, "target")
-        return layout
 
     def _resolve_estimators(self, scg):
         built = self._node_estimators is not None and self.training_state.built

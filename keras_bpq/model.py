@@ -12,9 +12,7 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import types
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
@@ -40,7 +38,8 @@ if TYPE_CHECKING:
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
-    _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward, keras.Model
+    _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
+    replay_lib.CriticReplay, callbacks_lib.StepReports, keras.Model,
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -188,17 +187,7 @@ class BackpropQModel(
             critic_target, critic_lambda, tau, target_update_period, critic_steps,
             critic_warmup_steps, critic_hidden_units, critics, actor_reads,
         )
-        replay = replay_lib.check_option(replay)
-        buffer = self.training_state.replay_buffer
-        if self.training_state.built and (
-            (buffer is None) != (replay is None) or (buffer is not None and buffer.capacity != replay.capacity)
-        ):
-            raise ValueError(
-                f"compile(replay={replay!r}) cannot add, remove or resize the replay buffer of "
-                f"model {self.name!r}: its training state exists already (with "
-                f"{'no buffer' if buffer is None else f'capacity={buffer.capacity}'}). Build a "
-                "new model, or keep the buffer as it is."
-            )
+        replay = self._checked_replay_option(replay)
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = keras.optimizers.get(critic_optimizer or keras.optimizers.Adam(1e-3))
         self._critic_options = options
@@ -208,25 +197,7 @@ class BackpropQModel(
         self._num_samples = int(num_samples)
         self._compiled_losses = costs_lib.CompiledLosses(loss)
         self._estimator_option = estimator
-        contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
-        if self.training_state.built and contexts != self._contexts:
-            raise ValueError(
-                "contexts= cannot change after the model's critics exist; build a new model."
-            )
-        self._contexts = contexts
-        spec = self._scg_spec
-        if not self.training_state.built:
-            # Nothing is built from the structure yet: rediscover it with the
-            # new options, so every error shows here.
-            self._scg, self._scg_cache = None, {}
-        if spec is not None:
-            self.scg(spec)
-        elif self.network is not None:
-            self.scg(self._input_spec_from_network())
-        if self.training_state.built:
-            self._resolve_estimators(self._scg)
-        if self._scg is not None:
-            self.replay_layout(self._scg)  # its errors show here
+        self._rediscover(contexts)
         self._compile_arguments = arguments
 
     # -- variables ---------------------------------------------------------
@@ -243,29 +214,9 @@ class BackpropQModel(
         return [v for v in self.trainable_variables if id(v) not in excluded]
 
     @property
-    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
-        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
-        the SCG, read-only; None before the SCG is known. Reading it creates
-        nothing."""
-        if self._node_estimators is None:
-            return None
-        return types.MappingProxyType(self._node_estimators)
-
-    @property
-    def known_scg(self) -> Optional[graph.SCG]:
-        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
-        before it. Unlike `scg()`, reading it never traces or discovers."""
-        return self._scg
-
-    @property
     def critic_options(self) -> critics_lib.CriticOptions:
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
         return self._critic_options
-
-    @property
-    def replay_options(self) -> Optional[replay_lib.Replay]:
-        """The `keras_bpq.Replay` of the last `compile()`, or None."""
-        return self._replay
 
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
@@ -297,12 +248,11 @@ class BackpropQModel(
         status, row = callbacks_lib.mask_status(scg, forward.records, status)
         critics = self.critic_set()
         evaluation = critics.evaluate(forward, with_gradient=True)
-        buffer = self.training_state.replay_buffer
         values = distribute.StepValues(
             grads, [] if evaluation is None else evaluation.grads,
             *forward_lib.estimator_signals(scg, self._node_estimators, forward),
             critics.inputs(forward, evaluation) if self._critic_options.steps > 1 else None,
-            None if buffer is None else replay_lib.rows(forward, buffer.layout),
+            self._replay_rows(forward),
         )
         # Apply: every update of the step, or none.
         skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
@@ -313,13 +263,7 @@ class BackpropQModel(
             target_copies=critics.update_target_copies,
             actor_ready=lambda: self.training_state.steps >= self._critic_options.warmup,
             warmup=self._critic_options.warmup,
-            replay=None if buffer is None else distribute.ReplayUpdates(
-                ready=lambda: buffer.filled() > 0,
-                update=lambda rows: critics.replay(
-                    buffer, self._replay, self._replay.batch_size or tf.shape(rows.weights)[0]
-                ),
-                store=buffer.write,
-            ),
+            replay=self._replay_updates(critics),
         )
         undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved)
         # A step that would have written a non-finite value was undone: code
@@ -327,13 +271,6 @@ class BackpropQModel(
         status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
         self.training_state.report(status, row)
         return self._update_metrics(forward, evaluation)
-
-    def _step_variables(self):
-        return callbacks_lib.step_variables(
-            self.weights, self.training_state, self.critic_variables,
-            [(getattr(self, "optimizer", None), "actor optimizer variable"),
-             (self.critic_optimizer, "critic optimizer variable")],
-        )
 
     def test_step(self, data: Any) -> Dict[str, Any]:
         """`keras.Model.test_step` on the model's costs. Under XLA, which drops
@@ -359,23 +296,6 @@ class BackpropQModel(
         self.training_state.report(*callbacks_lib.mask_status(scg, records, tf.constant(0)))
         return y_pred
 
-    @contextlib.contextmanager
-    def _mask_rows_checked(self):
-        """Around `predict` and `evaluate` (and their `_on_batch` forms): raises
-        after the loop the error a node's mask assertion raises outside XLA,
-        for the first mask row without an outcome that a step reported."""
-        self.training_state.status.assign(0)
-        yield
-        code, row = self.training_state.take_report()
-        if code:
-            raise callbacks_lib.empty_mask_row_error(self._scg, code, row)
-
-    def raise_if_nonfinite(self) -> None:
-        """Raises `FloatingPointError` if a training step met a non-finite value."""
-        code, row = self.training_state.take_report()
-        if code:
-            raise callbacks_lib.nonfinite_error(self.name, self._scg, code, row, self._step_variables())
-
     # -- metrics -----------------------------------------------------------
     def _update_metrics(self, forward, critics=None):
         sample_weight, total = forward.weights, forward.total
@@ -383,18 +303,7 @@ class BackpropQModel(
             costs_lib.weighted_mean(total, sample_weight) + forward.regularization,
             sample_weight=tf.shape(total)[0],
         )
-        # Every cost's log is weighted as `loss` is, so they add up to it.
-        for metric in self.training_state.cost_metrics:
-            metric.update_state(
-                costs_lib.weighted_mean(forward.costs[metric.name], sample_weight),
-                sample_weight=tf.shape(total)[0],
-            )
-        if critics is not None:
-            for name, (loss_metric, td_metric, q_metric) in self.training_state.critic_metrics.items():
-                loss, td_error = critics.per_node[name]
-                loss_metric.update_state(loss)
-                td_metric.update_state(td_error)
-                q_metric.update_state(tf.add_n(list(critics.q_at_sample[name].values())))
+        self.training_state.update_metrics(forward, critics)
         return self.compute_metrics(forward.x, forward.y, forward.y_pred, sample_weight)
 
     def get_metrics_result(self) -> Dict[str, Any]:
@@ -465,13 +374,6 @@ class BackpropQModel(
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
-    def _note_targets(self, x, y):
-        """Keeps the targets' signature of data given to fit (or evaluate,
-        train_on_batch), for a replay buffer that stores targets."""
-        spec = data_lib.target_spec(x, y)
-        if spec is not None:
-            self._target_spec = spec
-
     def get_build_config(self) -> Optional[Dict[str, Any]]:
         config = dict(super().get_build_config() or {})
         spec = self.input_signature()

@@ -73,6 +73,10 @@ rows it computed and replays them (variables synchronised on read; a write
 rewrites the replica's copy of each field, where a single device updates only
 the written slots); a checkpoint holds the first replica's buffer, which a
 restore gives to every replica.
+
+`CriticReplay`, a mixin of `BackpropQModel`, is the model's side of replay:
+the compiled option, the layout of a row, the targets' signature the buffer
+stores, and the replay updates of a training step.
 """
 
 from __future__ import annotations
@@ -84,9 +88,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
+from keras_bpq import critics as critics_lib
+from keras_bpq import data as data_lib
+from keras_bpq import distribute
 
 if TYPE_CHECKING:
     from keras_bpq import forward as forward_lib
+    from keras_bpq import graph
 
 CORRECTIONS = ("expected", "retrace", "none")
 
@@ -373,3 +381,94 @@ class ReplayBuffer(keras.layers.Layer):
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         return inputs
+
+
+# -- the model's part ------------------------------------------------------------
+class CriticReplay:
+    """Replay's part of a `BackpropQModel` (a mixin of the model): the option
+    of `compile(replay=...)`, what a row of its buffer holds, the targets'
+    signature the buffer stores, and a training step's replay updates."""
+
+    @property
+    def replay_options(self) -> Optional[Replay]:
+        """The `keras_bpq.Replay` of the last `compile()`, or None."""
+        return self._replay
+
+    def _checked_replay_option(self, replay):
+        """`compile(replay=...)`'s value (`check_option`); a ValueError where it
+        would add, remove or resize the buffer of a training state that exists."""
+        replay = check_option(replay)
+        buffer = self.training_state.replay_buffer
+        if self.training_state.built and (
+            (buffer is None) != (replay is None) or (buffer is not None and buffer.capacity != replay.capacity)
+        ):
+            raise ValueError(
+                f"compile(replay={replay!r}) cannot add, remove or resize the replay buffer of "
+                f"model {self.name!r}: its training state exists already (with "
+                f"{'no buffer' if buffer is None else f'capacity={buffer.capacity}'}). Build a "
+                "new model, or keep the buffer as it is."
+            )
+        return replay
+
+    def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[ReplayLayout]:
+        """What a row of the replay buffer holds (`replay.ReplayLayout`), or
+        None without `compile(replay=...)`.
+
+        Raises a ValueError where the compiled options leave replay nothing
+        to train (no learned critic) or where an input cannot be stored; with
+        `check_targets`, also where the model has compiled losses, whose
+        targets the buffer stores, and their signature is unknown."""
+        replay = self._replay
+        if replay is None:
+            return None
+        heads = critics_lib.heads_to_learn(scg, self._node_estimators, self._critic_options)
+        if not heads:
+            raise ValueError(
+                f"compile(replay=...): model {self.name!r} has no learned critic for replay to "
+                "train: its estimators need none, or each of its nodes is the last stochastic "
+                "ancestor of all its costs (exact heads). Compile without replay."
+            )
+        targets = self._target_spec if self._compiled_losses.entries else None
+        if check_targets and self._compiled_losses.entries and targets is None:
+            raise ValueError(
+                f"compile(replay=...): model {self.name!r} has compiled losses, so the replay "
+                "buffer stores every row's targets, whose shapes are not known yet. Pass the "
+                "targets to fit() as arrays or in a tf.data.Dataset (its first call creates "
+                "the buffer), before anything else (save, evaluate) creates the training state."
+            )
+        layout = ReplayLayout(
+            inputs=self._scg_spec,
+            targets=targets,
+            samples={info.name: info.event_shape for info in scg.nodes},
+            costs=scg.costs,
+        )
+        check_storable(layout.inputs, "input")
+        if targets is not None:
+            check_storable(targets, "target")
+        return layout
+
+    def _note_targets(self, x, y):
+        """Keeps the targets' signature of data given to fit (or evaluate,
+        train_on_batch), for a replay buffer that stores targets."""
+        spec = data_lib.target_spec(x, y)
+        if spec is not None:
+            self._target_spec = spec
+
+    def _replay_rows(self, forward):
+        """This step's rows for the replay buffer (`rows`), None without one."""
+        buffer = self.training_state.replay_buffer
+        return None if buffer is None else rows(forward, buffer.layout)
+
+    def _replay_updates(self, critics):
+        """The step's `distribute.ReplayUpdates` for the model's critics
+        (`critics.CriticSet`), None without a replay buffer."""
+        buffer = self.training_state.replay_buffer
+        if buffer is None:
+            return None
+        return distribute.ReplayUpdates(
+            ready=lambda: buffer.filled() > 0,
+            update=lambda step_rows: critics.replay(
+                buffer, self._replay, self._replay.batch_size or tf.shape(step_rows.weights)[0]
+            ),
+            store=buffer.write,
+        )

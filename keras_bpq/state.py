@@ -14,6 +14,7 @@ from keras_bpq import replay as replay_lib
 
 if TYPE_CHECKING:
     from keras_bpq import estimators as estimators_lib
+    from keras_bpq import forward as forward_lib
     from keras_bpq import graph
 
 
@@ -147,6 +148,25 @@ class TrainingState(keras.layers.Layer):
 
         tf.cond(has_data, update, lambda: tf.constant(0)) if has_data is not None else update()
         self.steps.assign_add(1)
+
+    def update_metrics(
+        self, forward: forward_lib.ForwardPass, critics: Optional[critics_lib.CriticEvaluation] = None
+    ) -> None:
+        """Every cost's metric from a forward pass, weighted as the model's
+        `loss` is (so they add up to it), and with the critics' evaluation of
+        that pass, every critic's loss, TD error and Q at the sample."""
+        sample_weight, total = forward.weights, forward.total
+        for metric in self.cost_metrics:
+            metric.update_state(
+                costs_lib.weighted_mean(forward.costs[metric.name], sample_weight),
+                sample_weight=tf.shape(total)[0],
+            )
+        if critics is not None:
+            for name, (loss_metric, td_metric, q_metric) in self.critic_metrics.items():
+                loss, td_error = critics.per_node[name]
+                loss_metric.update_state(loss)
+                td_metric.update_state(td_error)
+                q_metric.update_state(tf.add_n(list(critics.q_at_sample[name].values())))
 
     def report(self, status: tf.Tensor, row: tf.Tensor) -> None:
         """Keeps a step's status (and mask row) unless an earlier step's is
