@@ -187,14 +187,11 @@ def estimator_option(name):
     `critic_cv_linear<S>` (every unit's flip to first order, corrected by S
     exact ones, `estimators.CriticCV(units=S, linearize=True)`) or
     `critic_cv_islinear<S>` (the same with the S units drawn in proportion to
-    p_u (1 - p_u), `unit_sampling="importance"`)."""
+    p_u (1 - p_u) times the expanded flip's size, `unit_sampling="importance"`)."""
     if name == "relax_tuned":
         return estimators.Relax(tune=True)
     if name.startswith("critic_cv_units"):
         return estimators.CriticCV(units=int(name[len("critic_cv_units"):]))
-    if name.startswith("critic_cv_islinear"):
-        return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
-                                   unit_sampling="importance")
     if name.startswith("critic_cv_islinear"):
         return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
                                    unit_sampling="importance")
