@@ -314,17 +314,22 @@ class Affine:
             sum_j softplus(l_j) + sum_j log(sigmoid(-l_j) + sigmoid(l_j) exp(change K[u, j])).
 
         With every change -1, 0 or +1 (one-unit flips of a binary sample, one-hot
-        outcomes) the exponentials come from the tables `exp(+-K)`: no
-        exponential per entry. Each factor lies between 1 and `exp(change K[u, j])`,
-        so with one logarithm per chunk of entries the products stay finite while
-        `chunk * max|K| <= 80`. Other changes or larger weights take
-        `softplus_sum` on the materialised values (a `tf.cond`)."""
+        outcomes) the exponentials come from the tables `exp(+-K)`: `2 U`
+        rows of exponentials for the `U` units instead of one per value and
+        outcome, `batch A`, so the tables serve only where `batch A > 2 U`
+        (all of a layer's flips; a few drawn flips, `CriticCV(units=S)`, do not
+        pay for them). Each factor lies between 1 and `exp(change K[u, j])`, so
+        with one logarithm per chunk of entries the products stay finite while
+        `chunk * max|K| <= 80`. Other changes, larger weights or fewer rows
+        take `softplus_sum` on the materialised values (a `tf.cond` where the
+        batch size is not known when tracing)."""
         edits, kernel = self.edits, self._rank_one_kernel()
         units, width = kernel.shape
         chunk = _chunk(width)
         change = tf.cast(edits.change, self.dtype)
-        steps_only = tf.reduce_all((change == 0.0) | (tf.abs(change) == 1.0))
-        bounded = tf.reduce_max(tf.abs(kernel)) * chunk <= _MAX_CHUNK_EXPONENT
+        rows = change.shape[0] * change.shape[1] if change.shape[:2].is_fully_defined() else None
+        if rows is not None and rows <= 2 * units:
+            return softplus_sum(self.materialize())
 
         def from_tables():
             logits = self.offset
@@ -334,7 +339,14 @@ class Affine:
             base = tf.reduce_sum(tf.nn.softplus(logits), axis=-1)
             return base[:, None] + _sum_of_logs(factors, chunk)
 
-        return tf.cond(steps_only & bounded, from_tables, lambda: softplus_sum(self.materialize()))
+        def if_bounded():
+            bounded = tf.reduce_max(tf.abs(kernel)) * chunk <= _MAX_CHUNK_EXPONENT
+            return tf.cond(bounded, from_tables, lambda: softplus_sum(self.materialize()))
+
+        steps_only = tf.reduce_all((change == 0.0) | (tf.abs(change) == 1.0))
+        if rows is None:
+            steps_only &= tf.shape(change)[0] * tf.shape(change)[1] > 2 * units
+        return tf.cond(steps_only, if_bounded, lambda: softplus_sum(self.materialize()))
 
     def _without_softplus(self):
         if not self.softplus:

@@ -322,3 +322,48 @@ def test_factorised_categorical_outcomes_set_one_choice_at_a_time():
     rerun = model.q_function.rerun_heads(info, data, None, context, values, ("cost_g",))["cost_g"]
     np.testing.assert_allclose(exact, rerun, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(exact[:, 0], out.costs["cost_g"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("outcomes_per_row", [2, 6])
+@pytest.mark.parametrize("known_batch", [True, False])
+def test_softplus_of_a_few_flips_skips_the_tables(outcomes_per_row, known_batch, monkeypatch):
+    """The tables of exp(+-K) serve only where `batch A > 2 U` (they cost `2 U`
+    rows of exponentials): fewer rows take `softplus_sum` of the values, decided
+    when tracing where the batch size is known and by a `tf.cond` where it is
+    not; every way equals the sum of softplus entry by entry."""
+    rng = np.random.RandomState(4)
+    base = (rng.rand(4, 5) < 0.5).astype(np.float32)
+    unit = np.tile(np.arange(-1, outcomes_per_row - 1), [4, 1]).astype(np.int32)
+    change = np.where(unit >= 0, 1.0 - 2.0 * np.take_along_axis(base, np.maximum(unit, 0), 1), 0.0)
+    change = change.astype(np.float32)
+    dense = keras.layers.Dense(48)
+    dense.build((None, 5))
+    dense.kernel.assign(rng.randn(5, 48).astype(np.float32) * 0.5)
+    dense.bias.assign(rng.randn(48).astype(np.float32))
+    values = base[:, None, :] + change[..., None] * np.eye(5, dtype=np.float32)[np.maximum(unit, 0)]
+    pre = -(values @ dense.kernel.numpy() + dense.bias.numpy())
+    want = np.sum(np.logaddexp(0.0, pre), axis=-1)
+
+    def total(base, unit, change):
+        edits = outcomes.UnitEdits(base, unit, change, (5,))
+        return outcomes.Affine.of(edits).dense_layer(dense).scaled(-1.0).with_softplus().sum()
+
+    batch = 4 if known_batch else None
+    signature = [
+        tf.TensorSpec([batch, 5], tf.float32),
+        tf.TensorSpec([batch, outcomes_per_row], tf.int32),
+        tf.TensorSpec([batch, outcomes_per_row], tf.float32),
+    ]
+    entrywise, softplus_sum = [], outcomes.softplus_sum
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes, "softplus_sum", lambda p: entrywise.append(p) or softplus_sum(p))
+        traced = tf.function(total, input_signature=signature).get_concrete_function()
+    # Traced: a cond between the tables and the values, unless a known batch
+    # has few rows (then the values only).
+    conds = [op for op in traced.graph.get_operations() if op.type in ("If", "StatelessIf")]
+    few = 4 * outcomes_per_row <= 2 * 5
+    assert bool(conds) == (not (known_batch and few))
+    assert entrywise
+    for jit in (False, True):
+        got = tf.function(total, input_signature=signature, jit_compile=jit)(base, unit, change)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
