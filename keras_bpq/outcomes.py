@@ -370,7 +370,9 @@ class Affine:
         return value if lazy.dense is None else value + lazy.dense
 
     def sum(self) -> tf.Tensor:
-        """`[batch, A]`: the sum over the last axis."""
+        """`[batch, A]`: the sum over the last axis (a term with a per-example
+        scale `s`: `(s K^T)[b, u]` from one matmul over the units, or from the
+        outcomes' own rows of `K` where they are fewer than the units)."""
         edits = self.edits
         unit = tf.maximum(edits.unit, 0)
         total = tf.reduce_sum(self.offset, axis=-1)[:, None]
@@ -382,6 +384,10 @@ class Affine:
                 picked = 1.0 if scale is None else tf.gather(scale, unit, batch_dims=1)
             elif scale is None:
                 picked = tf.gather(tf.reduce_sum(kernel, axis=-1), unit)
+            elif unit.shape[1] is not None and unit.shape[1] < kernel.shape[0]:
+                # Fewer outcomes than units: `batch x A` kernel rows, not a
+                # product of the scale with every unit's.
+                picked = tf.reduce_sum(tf.gather(kernel, unit) * scale[:, None, :], axis=-1)
             else:
                 picked = tf.gather(tf.matmul(scale, kernel, transpose_b=True), unit, batch_dims=1)
             total += change * picked

@@ -226,7 +226,10 @@ def _likelihood_model():
     return keras_bpq.BackpropQModel(inputs=x, outputs=logits, costs=costs)
 
 
-def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
+@pytest.mark.parametrize("units", [None, 2])
+def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(units, monkeypatch):
+    """Every flip (more outcomes than units: sums from matmuls over the units)
+    and two drawn flips (fewer: from the outcomes' own kernel rows)."""
     keras.utils.set_random_seed(1)
     model = _likelihood_model()
     model.compile(optimizer="sgd", estimator="critic_cv")
@@ -234,7 +237,7 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
     out = model.run_forward(data)
     info = model.scg(data).node("z")
     step = out.steps["z"]
-    values = estimators.local_outcomes(step)[0].with_first(step.record.sample)
+    values = estimators.local_outcomes(step, units)[0].with_first(step.record.sample)
     affine = ("recon", "chain", "prior")
     run_on_rows = outcomes.call_on_rows
 
@@ -249,7 +252,7 @@ def test_affine_heads_equal_a_full_rerun_without_rows_of_outcomes(monkeypatch):
     fast.update(model.q_function.downstream_evaluator(info, ("peak",))(data, {}, values))
     slow = model.q_function.rerun_heads(info, data, None, {"inputs": data}, values, affine + ("peak",))
     for cost in affine + ("peak",):
-        assert fast[cost].shape == (7, 6)
+        assert fast[cost].shape == (7, 6 if units is None else units + 1)
         np.testing.assert_allclose(fast[cost], slow[cost], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(fast[cost][:, 0], out.costs[cost], rtol=1e-5, atol=1e-5)
 
