@@ -73,11 +73,14 @@ def target_spec(x: Any, y: Any = None) -> Optional[Any]:
     with a dynamic batch dimension: of `y` (arrays or tensors; floating ones
     as Keras feeds them, in `floatx`), or of the
     targets in a `tf.data.Dataset` `x`'s elements; None where the data has no
-    targets or does not say (a generator, a `keras.utils.PyDataset`)."""
+    targets (a dataset of `(x, None, w)`), targets that are not dense tensors,
+    or does not say (a generator, a `keras.utils.PyDataset`)."""
     if isinstance(x, tf.data.Dataset):
         _, y, _ = keras.utils.unpack_x_y_sample_weight(x.element_spec)
         if y is None or (isinstance(y, tf.TensorSpec) and y.dtype == tf.bool and y.shape[1:] == [0]):
             return None
+        if not all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(y)):
+            return None  # elements (x, None, w), or targets that are not dense tensors
         return tf.nest.map_structure(lambda s: tf.TensorSpec((None,) + tuple(s.shape[1:]), s.dtype), y)
     if y is None or _is_no_targets(y) or not _array_like(y):
         return None
