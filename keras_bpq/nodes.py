@@ -40,10 +40,10 @@ def stateless_uniform(
 
     Drawn with Threefry where XLA compiles the graph (`jit_compile=True`) and
     with Philox elsewhere: on CPU, XLA compiles Philox into a much slower
-    loop than Threefry, and TF's own kernels have no Threefry (both much
-    faster under XLA than TFP's default `auto_select`; the timings are in
-    benchmarks/results/overhead.md). A seed therefore draws different noise
-    with and without XLA; each is reproducible on its own.
+    loop than Threefry, and TF's own kernels have no Threefry (both are much
+    faster under XLA than TFP's default `auto_select`). A seed therefore
+    draws different noise with and without XLA; each is reproducible on its
+    own, and a batch's first rows need not draw the noise of a smaller batch.
     """
     alg = "threefry" if _keras_compat.in_xla_context() else "philox"
     return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval, alg=alg)
