@@ -731,8 +731,8 @@ class LoggedModel(keras.Model):
 def _status(out, gradients=()):
     """The status of `estimate`'s `out`, or `_NONFINITE` for a valid batch whose
     estimates (or `gradients`) are not finite."""
-    values = [out["loss"], out["critic_loss"]] + list(gradients)
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+    values = [out["loss"], out["critic_loss"]] + [getattr(g, "values", g) for g in gradients]
+    finite = distribute.finite([tf.convert_to_tensor(v) for v in values])
     return tf.where(tf.logical_and(tf.equal(out["status"], _OK), tf.logical_not(finite)), _NONFINITE, out["status"])
 
 
