@@ -1,6 +1,7 @@
 """Every benchmark page, rendered from its results JSON alone.
 
-    python benchmarks/render.py                                  # every page of benchmarks/results/
+    python benchmarks/render.py                                  # every page of benchmarks/results/ and
+                                                                 # RESULTS.md's headline table
     python benchmarks/render.py benchmarks/results/kg.json       # one page: kg.md next to kg.json
     python benchmarks/render.py --check                          # exit 1 if a page differs from its JSON's
 
@@ -9,7 +10,10 @@ their JSON, then their page with `write(layout, report, path)`, and this entry
 point rewrites any page from the JSON without running anything (no TensorFlow
 is imported). `<name>.json` is rendered by the layout `<name>`, else by the
 longest layout name it starts with before an underscore (`overhead_threads1`
--> `overhead`).
+-> `overhead`). `benchmarks/RESULTS.md` is hand-written but for its headline
+table, between the markers HEADLINE_START and HEADLINE_END: `headline` renders
+it from equal_time.json, overhead.json and kg.json, and a run without JSON
+arguments rewrites (or, with `--check`, compares) what lies between them.
 
 Measured numbers live in the JSON only: a layout formats them, computes
 medians and ratios from them, and adds prose that holds no measured figure.
@@ -923,6 +927,136 @@ def variance_per_second(report):
     return page
 
 
+# ----------------------------------------------------------------------------- RESULTS.md's headline
+RESULTS_PAGE = os.path.join(common.ROOT, "benchmarks", "RESULTS.md")
+HEADLINE_START = "<!-- headline table: rendered by benchmarks/render.py from results/*.json -->"
+HEADLINE_END = "<!-- end headline table -->"
+# The tasks the headline expects, in its order: equal_time.json's sections
+# (`<dataset>_<arch>`), then kg.json's datasets. A task without results shows as "not run".
+HEADLINE_SBN = {
+    "fashion_mnist_linear": "Fashion-MNIST linear 784-200",
+    "fashion_mnist_two_layer": "Fashion-MNIST two-layer",
+    "fashion_mnist_nonlinear": "Fashion-MNIST nonlinear",
+    "digits_two_layer": "digits two-layer",
+}
+HEADLINE_KG = {"umls": "KG UMLS", "kinship": "KG Kinship"}
+KG_CRITIC_FREE = {"minerva": "MINERVA's estimator", "rloo": "`rloo`"}
+
+
+def bold(text, yes):
+    return f"**{text}**" if yes else text
+
+
+def span(values, spec):
+    """`lo-hi` of `values` formatted by `spec` (one value where they agree)."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def headline_overhead(overhead, tag):
+    """The range of overhead.json's package / hand-written ratios (median over
+    rounds) on the net of equal_time's `tag`, and of their 1-minute loads
+    (overhead.py's nets are Fashion-MNIST's)."""
+    rows = [r for r in overhead["results"] if f"fashion_mnist_{r['arch']}" == tag]
+    if not rows:
+        return None
+    return (span([r["arms"]["hand"]["package_ratio"]["median_of_rounds"] for r in rows], ".2f") + "x (load "
+            + span([r["load_1min"]["median"] for r in rows], ".1f") + ")")
+
+
+def headline_sbn_rows(tag, label, entry, overhead):
+    """A row per budget of equal_time.json's section `tag` (None: not run)."""
+    package = headline_overhead(overhead, tag)
+    if entry is None:
+        return [[label, "not run", "", "", "", "", package, ""]]
+    runs = entry["runs"]
+    step = (common.median([r["auto"]["ms_per_step"] for r in runs])
+            / common.median([r["reinforce"]["ms_per_step"] for r in runs]))
+    machine = entry["machine"]
+    load = [(machine.get("load_average") or machine.get("load_average_at_start"))[0], entry["load_end"][0]]
+    measured = f"{machine.get('commit') or 'commit not recorded'}, load {span(load, '.1f')}"
+    rows = []
+    for i, row in enumerate(entry["summary"]):
+        values, free, winner = row["values"], row["best_critic_free"], row["winner"]
+        rows.append([label if i == 0 else "", f"{row['budget']} s",
+                     bold(number(values["auto"], ".2f"), winner == "auto"),
+                     bold(number(values[free], ".2f"), winner == free) + f" (`{free}`)",
+                     "default" if winner == "auto" else f"`{winner}`",
+                     *([times(step), package, measured] if i == 0 else ["", "", ""])])
+    return rows
+
+
+def headline_kg_row(dataset, label, kg):
+    """kg.json's test Hits@1 on `dataset` at equal steps: the default's, and the
+    best critic-free estimator's with the other's."""
+    rows = kg_summary(kg, dataset)
+    if "auto" not in rows:
+        return [label, "not run", "", "", "", "", "", ""]
+    default = rows["auto"]
+    free = {name: rows[name]["hits@1"] for name in KG_CRITIC_FREE if name in rows}
+    best = max(free, key=free.get)
+    winner = "auto" if default["hits@1"] >= free[best] else best
+    others = "".join(f"; {KG_CRITIC_FREE[n]} {v:.3f}" for n, v in free.items() if n != best)
+    step = (f"{times(rows['minerva']['steps_per_second'] / default['steps_per_second'])} MINERVA's step"
+            if "minerva" in rows else None)
+    machines = kg["machine"] if isinstance(kg["machine"], list) else [kg["machine"]]
+    load = [m["load_average_at_start"][0] for m in machines if m.get("load_average_at_start")]
+    commits = {m.get("commit") for m in machines}
+    measured = (", ".join(sorted(c for c in commits if c)) or "commit not recorded") + (
+        f", load {span(load, '.1f')} at the start" if load else "")
+    return [label, f"equal steps only ({default['steps']})",
+            "Hits@1 " + bold(f"{default['hits@1']:.3f}", winner == "auto"),
+            bold(f"{free[best]:.3f}", winner == best) + f" ({KG_CRITIC_FREE[best]}{others})",
+            "default" if winner == "auto" else KG_CRITIC_FREE[winner], step, "", measured]
+
+
+def headline_table(equal_time, overhead, kg):
+    """RESULTS.md's headline table (markdown) from the reports of equal_time.json,
+    overhead.json and kg.json: each task of HEADLINE_SBN and HEADLINE_KG, "not
+    run" where its report has no section for it."""
+    equal_time = sections(equal_time)
+    rows = [row for tag, label in HEADLINE_SBN.items()
+            for row in headline_sbn_rows(tag, label, equal_time.get(tag), overhead)]
+    rows += [headline_kg_row(dataset, label, kg) for dataset, label in HEADLINE_KG.items()]
+    table = pages.table(
+        ["task", "budget", "default (`auto`)", "best critic-free", "winner",
+         "default's step / `reinforce`'s (target 2)", "package / hand-written step (target 3)",
+         "measured at (commit, 1-min load)"], rows, "llrrlrll")
+    note = (
+        "Rendered by `benchmarks/render.py` from `results/equal_time.json` (test -ELBO per "
+        "budget, medians over seeds; the default's step over `reinforce`'s: their median ms per step in the same "
+        "run; measured at: the section's commit and the 1-minute load average at its start and end), "
+        "`results/overhead.json` (package / hand-written step: the range over the estimators "
+        "run on that net of the median-over-rounds ratio, and of their 1-minute loads; commit "
+        f"{overhead['machine'].get('commit') or 'not recorded'}) and `results/kg.json` (test Hits@1, "
+        "higher is better, medians over seeds, every estimator trained for the same steps; the step ratio: "
+        "MINERVA's median steps/s over the default's). \"not run\": the results hold no section for that task.")
+    return "\n".join(table) + "\n\n" + note
+
+
+def headline(results=common.RESULTS):
+    """RESULTS.md's headline table from the committed JSON of `results`."""
+    reports = []
+    for name in ("equal_time", "overhead", "kg"):
+        with open(os.path.join(results, name + ".json")) as f:
+            reports.append(json.load(f))
+    return headline_table(*reports)
+
+
+def with_headline(text, table):
+    """`text` with what lies between HEADLINE_START and HEADLINE_END replaced by `table`."""
+    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {HEADLINE_START} ... {HEADLINE_END} in the page")
+    return text[:start + len(HEADLINE_START)] + "\n\n" + table + "\n\n" + text[end:]
+
+
+def results_page(path=RESULTS_PAGE, results=common.RESULTS):
+    """The text of RESULTS.md at `path` with its headline table rendered from `results`."""
+    with open(path) as f:
+        return with_headline(f.read(), headline(results))
+
+
 # ----------------------------------------------------------------------------- entry point
 LAYOUTS = {
     "bandit": bandit,
@@ -979,9 +1113,11 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page differs")
     args = parser.parse_args(argv)
     paths = [(p, os.path.splitext(p)[0] + ".md") for p in args.json] or committed_pages()
+    outputs = [(md_path, render(json_path)) for json_path, md_path in paths]
+    if not args.json:
+        outputs.append((RESULTS_PAGE, results_page()))
     stale = []
-    for json_path, md_path in paths:
-        text = render(json_path)
+    for md_path, text in outputs:
         if args.check:
             with open(md_path) as f:
                 if f.read() != text:
@@ -990,7 +1126,7 @@ def main(argv=None):
             common.write_atomically(md_path, text)
             print(f"wrote {md_path}")
     for md_path in stale:
-        print(f"{md_path} differs from what its JSON renders", file=sys.stderr)
+        print(f"{md_path} differs from what the results JSON renders", file=sys.stderr)
     return 1 if stale else 0
 
 

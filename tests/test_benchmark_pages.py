@@ -3,7 +3,9 @@
 `benchmarks/render.py` rebuilds each page of `benchmarks/results/` from its
 JSON alone; a page that differs holds text or numbers its JSON lacks (a note
 written into the page by hand, a figure typed in after the run) or was not
-rewritten after its JSON changed. Fast: no TensorFlow, no training.
+rewritten after its JSON changed. The same holds for the headline table of
+`benchmarks/RESULTS.md`, rendered from equal_time.json, overhead.json and
+kg.json between its markers. Fast: no TensorFlow, no training.
 """
 
 import difflib
@@ -50,6 +52,42 @@ def test_page_is_rendered_from_its_json(render, name):
     assert rendered == committed, (
         f"benchmarks/results/{name}.md is not what {name}.json renders: put hand-written text into the JSON's "
         f"notes, then run `python benchmarks/render.py benchmarks/results/{name}.json`.\n{diff[:4000]}")
+
+
+def test_results_headline_is_rendered_from_the_json(render):
+    committed = (BENCHMARKS / "RESULTS.md").read_text()
+    rendered = render.results_page(str(BENCHMARKS / "RESULTS.md"), str(RESULTS))
+    diff = "\n".join(difflib.unified_diff(
+        committed.splitlines(), rendered.splitlines(), "RESULTS.md (committed)", "RESULTS.md (rendered)",
+        lineterm="", n=1))
+    assert rendered == committed, (
+        "benchmarks/RESULTS.md's headline table is not what results/equal_time.json, overhead.json and kg.json "
+        f"render: run `python benchmarks/render.py`.\n{diff[:4000]}")
+
+
+def test_a_task_missing_from_equal_time_renders_as_not_run(render):
+    machine = {"commit": "abc1234", "load_average": [1.0, 1.0, 1.0]}
+    arm = {"ms_per_step": 2.0, "compile_seconds": 1.0}
+    equal_time = {"fashion_mnist_linear": {
+        "runs": [{"auto": {**arm, "ms_per_step": 3.0}, "disarm": arm, "rloo": arm, "reinforce": arm}],
+        "summary": [{"budget": "60", "values": {"auto": 250.0, "disarm": 251.0, "rloo": 252.0, "reinforce": 260.0},
+                     "best_critic_free": "disarm", "winner": "auto"}],
+        "machine": machine, "load_end": [2.0, 2.0, 2.0]}}
+    table = render.headline_table(equal_time, {"machine": machine, "results": []}, {"machine": [], "runs": []})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["Fashion-MNIST linear 784-200"].startswith(
+        "| Fashion-MNIST linear 784-200 | 60 s | **250.00** | 251.00 (`disarm`) | default | 1.50x |")
+    assert "abc1234, load 1.0-2.0" in rows["Fashion-MNIST linear 784-200"]
+    for task in ("Fashion-MNIST two-layer", "Fashion-MNIST nonlinear", "digits two-layer", "KG UMLS", "KG Kinship"):
+        assert rows[task].startswith(f"| {task} | not run |"), rows[task]
+
+
+def test_the_headline_replaces_only_what_lies_between_its_markers(render):
+    page = f"prose\n\n{render.HEADLINE_START}\n\nold table\n\n{render.HEADLINE_END}\n\nmore prose\n"
+    assert render.with_headline(page, "new table") == (
+        f"prose\n\n{render.HEADLINE_START}\n\nnew table\n\n{render.HEADLINE_END}\n\nmore prose\n")
+    with pytest.raises(ValueError, match="headline table"):
+        render.with_headline("prose without markers\n", "new table")
 
 
 def test_a_note_in_the_json_reaches_the_page(render):
