@@ -4,13 +4,15 @@ For each estimator (`examples/kg_reasoning.py --estimator` values) and one
 fixed training batch of a freshly initialised agent, draws `--draws` forward
 passes and takes the gradient of each hop's own surrogate `mean L_hop` with
 respect to the actor's variables. Reports, per hop, the mean gradient norm per
-draw and the mean cosine between draws: near 1 the hop's gradient is the same
-direction every draw (little sampling noise), near 0 it is mostly noise. The
+draw, the mean cosine between draws (near 1 the hop's gradient is the same
+direction every draw, little sampling noise; near 0 it is mostly noise) and
+the total variance over the draws (the sum of every parameter's variance). The
 two hops share the policy's variables, so under Adam the larger one sets the
 step normalisation of the other.
 
     python benchmarks/kg_gradients.py --dataset=kinship
     python benchmarks/kg_gradients.py --dataset=umls --estimators=minerva,auto,rloo
+    python benchmarks/kg_gradients.py --dataset=umls --estimators=auto,critic_cv_nodev --draws=16
 
 Writes `<out_dir>/kg_gradients_<dataset>.json` and prints a markdown table.
 """
@@ -60,7 +62,8 @@ def summarise(grads):
     unit = grads / np.maximum(norms[:, None], 1e-30)
     cosine = unit @ unit.T
     pairs = cosine[np.triu_indices(len(grads), k=1)]
-    return {"norm": float(norms.mean()), "cosine": float(pairs.mean())}
+    return {"norm": float(norms.mean()), "cosine": float(pairs.mean()),
+            "variance": float(grads.var(axis=0, ddof=1).sum())}
 
 
 def main(argv):
@@ -77,9 +80,10 @@ def main(argv):
     result = {"command": common.command_line(), "dataset": FLAGS.dataset, "batch_size": FLAGS.batch_size,
               "rollouts": FLAGS.rollouts, "seed": FLAGS.seed, "draws": FLAGS.draws, "rows": rows}
     common.write_json(os.path.join(FLAGS.out_dir, f"kg_gradients_{FLAGS.dataset}.json"), result)
-    print("| estimator | hop | gradient norm per draw | mean cosine between draws |\n|---|---|---|---|")
+    print("| estimator | hop | gradient norm per draw | mean cosine between draws | total variance |\n"
+          "|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['estimator']} | {r['hop']} | {r['norm']:.2e} | {r['cosine']:.2f} |")
+        print(f"| {r['estimator']} | {r['hop']} | {r['norm']:.2e} | {r['cosine']:.2f} | {r['variance']:.3g} |")
 
 
 if __name__ == "__main__":

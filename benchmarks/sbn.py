@@ -187,16 +187,23 @@ def estimator_option(name):
     `critic_cv_linear<S>` (every unit's flip to first order, corrected by S
     exact ones, `estimators.CriticCV(units=S, linearize=True)`) or
     `critic_cv_islinear<S>` (the same with the S units drawn in proportion to
-    p_u (1 - p_u) times the expanded flip's size, `unit_sampling="importance"`)."""
+    p_u (1 - p_u) times the expanded flip's size, `unit_sampling="importance"`).
+    A `critic_cv` name ending in `_nodev` leaves out the later nodes'
+    deviations (`successor_deviations=False`)."""
     if name == "relax_tuned":
         return estimators.Relax(tune=True)
+    options = {}
+    if name.startswith("critic_cv") and name.endswith("_nodev"):
+        name, options = name[: -len("_nodev")], {"successor_deviations": False}
     if name.startswith("critic_cv_units"):
-        return estimators.CriticCV(units=int(name[len("critic_cv_units"):]))
+        return estimators.CriticCV(units=int(name[len("critic_cv_units"):]), **options)
     if name.startswith("critic_cv_islinear"):
         return estimators.CriticCV(units=int(name[len("critic_cv_islinear"):]), linearize=True,
-                                   unit_sampling="importance")
+                                   unit_sampling="importance", **options)
     if name.startswith("critic_cv_linear"):
-        return estimators.CriticCV(units=int(name[len("critic_cv_linear"):]), linearize=True)
+        return estimators.CriticCV(units=int(name[len("critic_cv_linear"):]), linearize=True, **options)
+    if name == "critic_cv" and options:
+        return estimators.CriticCV(**options)
     return name
 
 

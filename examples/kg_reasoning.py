@@ -49,7 +49,8 @@ flags.DEFINE_integer("hops", 2, "Hops per walk (T).")
 flags.DEFINE_integer("rollouts", 20, "Rollouts per query (compile(num_samples=...)).")
 flags.DEFINE_string(
     "estimator", "auto", "'minerva' (reinforce, EMA baseline 0.95, standardised advantage), "
-    "any keras_bpq estimator name ('auto', 'rloo', 'reinforce', ...), or one per hop: "
+    "any keras_bpq estimator name ('auto', 'rloo', 'reinforce', ...), 'critic_cv_nodev' (critic_cv without "
+    "the later hop's deviation), or one per hop: "
     "'hop_1=critic_cv+hop_2=minerva'.",
 )
 flags.DEFINE_integer("steps", 2000, "Training steps.")
@@ -466,11 +467,15 @@ def critics_for(agent, dim=32, hidden=64):
 def estimator_option(name):
     """The `compile(estimator=...)` value of a flag value: 'minerva' is
     reinforce with MINERVA's baseline decay and advantage standardisation;
+    'critic_cv_nodev' is the default's `critic_cv` without the last hop's
+    deviation in the earlier hops' signal (an ablation);
     'hop_1=critic_cv+hop_2=minerva' gives each hop its own."""
     if "=" in name:
         return dict((hop, estimator_option(value)) for hop, value in (p.split("=") for p in name.split("+")))
     if name == "minerva":
         return keras_bpq.estimators.Reinforce(decay=0.95, normalize=True)
+    if name == "critic_cv_nodev":
+        return keras_bpq.estimators.CriticCV(successor_deviations=False)
     return name
 
 

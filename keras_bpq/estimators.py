@@ -12,6 +12,9 @@ interface:
 * `create_state(info, add_weight)`: the node's persistent state, a NamedTuple of
   Keras variables (`NoState`, `BaselineState`, ...);
 * `surrogate(step)`: the per-example surrogate `L_X`, shape `[batch]`;
+* `surrogate_and_deviation(step)`: the surrogate and, where the estimator
+  computes it, the node's deviation `delta_X` (`CriticCV`), which earlier
+  nodes subtract from their downstream cost (`NodeStep.successor_deviation`);
 * `update(state, downstream_mean)`: state updates after a finite training step;
 * `tuning_gradients(step)` / `apply_tuning(state, gradients)`: optional
   parameters of the estimator itself (a tuned control variate), fitted after
@@ -80,6 +83,13 @@ class NodeStep:
     # [batch]: each row's weight in `batch_mean` (for `tuning_gradients`, the
     # model sets it from the sample weights); None: every row counts alike.
     row_weights: Optional[tf.Tensor] = None
+    # [batch], stop-gradient: the sum of the deviations `delta_Y` of later
+    # nodes with exact heads whose costs all lie in C_X
+    # (`forward.build_surrogate`; `CriticCV`): zero in expectation given
+    # this node's sample and context, so `downstream - successor_deviation`
+    # has the expectation of `c_X` with less of the later nodes' noise.
+    # None: no such node.
+    successor_deviation: Optional[tf.Tensor] = None
 
     def batch_mean(self, value: tf.Tensor) -> tf.Tensor:
         """The mean over this replica's rows of a per-row `value` (`[batch]`),
@@ -118,6 +128,13 @@ class Estimator:
 
     def surrogate(self, step: NodeStep) -> tf.Tensor:
         raise NotImplementedError
+
+    def surrogate_and_deviation(self, step: NodeStep) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+        """`(surrogate, deviation)`: `surrogate(step)`, and the node's
+        deviation `delta_X` (`[batch]`, stop-gradient, zero in expectation
+        given the node's context; see `CriticCV`) or None where the estimator
+        computes none (every estimator but `CriticCV`)."""
+        return self.surrogate(step), None
 
     def update(self, state: tuple, downstream_mean: tf.Tensor) -> None:
         """Updates `state` after a finite training step; `downstream_mean` is
@@ -461,6 +478,14 @@ def _expansion_correction(step, expanded, unit, scale):
     return tf.reduce_sum(weighted, axis=1) - tf.reduce_sum(scale * tf.gather(weighted, unit, batch_dims=1), axis=1)
 
 
+def _deviation(q_x, q_alt, weights):
+    """`delta = sum_a weights_a (Q(x) - Q(values_a))` (`[batch]`, see
+    `local_outcomes`): the sample's `Q` less its local expectation, summed
+    over units (factors); outcomes of probability zero contribute nothing."""
+    q_x, q_alt = tf.stop_gradient(q_x), tf.stop_gradient(q_alt)
+    return tf.reduce_sum(tf.where(weights > 0, weights * (q_x[:, None] - q_alt), 0.0), axis=1)
+
+
 def _leave_one_out_mean(values, k):
     """`[rows]` -> for each row, the mean of the other `k - 1` rows of its
     example (rows come in consecutive groups of `k` draws per example)."""
@@ -503,6 +528,28 @@ class CriticCV(Estimator):
     variance over the full sum shrinks with the expansion's error
     `D_u - D^_u` rather than with `D_u` itself, as with `units` alone.
 
+    The node's deviation: where every head of `Q` is exact (the node is the
+    last stochastic ancestor of each of its costs, so `Q(x', s)` is the
+    downstream cost itself at `x'`), the estimator also gives
+
+        delta_X = sum_a w_a (Q(x) - Q(x'_a)) = sum_u [Q(x) - E_{x_u} Q(x)],
+
+    over the local sum's outcomes `x'_a` and weights `w_a` (for a Bernoulli
+    node `w_u = 1 - p_u(x_u)`: each unit's `Q` less its expectation over that
+    unit's value, the other units held; for a categorical node
+    `Q(x) - sum_k p_k Q(e_k)`). Given the node's context, `E[delta_X] = 0`
+    whatever `Q`. An earlier node `W` whose costs include all of `C_X`
+    subtracts `delta_X` from its realised cost: its residual is
+    `c_W - delta_X - Q_W(w, s)`, with the same expectation given `w`, and
+    `delta_X` takes `X`'s sampling noise out of `c_W` (for a categorical node
+    `c_W - delta_X` holds `sum_k p_k Q(e_k)` in place of `Q(x)`, its
+    conditional expectation; for a Bernoulli node, all of it where the costs
+    are linear in `x`, else the first-order part). Backprop-Q's value signal
+    passed from a stochastic node to the ones before it, at no cost beyond
+    the heads already evaluated. Only a local sum over every unit gives it:
+    over a drawn subset of units (`units=S`) its estimate is noisier than the
+    noise it removes (benchmarks/results/variance_per_second.md).
+
     Args:
       units: for Bernoulli nodes, sum the flips of this many drawn units per
         example (each scaled by one over its expected count; unbiased), not
@@ -518,12 +565,20 @@ class CriticCV(Estimator):
         `linearize`) the expanded flip's size `|D^_u|` plus its mean: about
         each unit's share of the subset's variance, which matters most once
         many units are near saturation.
+      successor_deviations: subtract the deviations of later nodes with exact
+        heads (`NodeStep.successor_deviation`) from the realised cost.
     """
 
     name = "critic_cv"
     needs_critic = True
 
-    def __init__(self, units: Optional[int] = None, linearize: bool = False, unit_sampling: str = "uniform") -> None:
+    def __init__(
+        self,
+        units: Optional[int] = None,
+        linearize: bool = False,
+        unit_sampling: str = "uniform",
+        successor_deviations: bool = True,
+    ) -> None:
         if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
             raise ValueError(f"CriticCV(units={units!r}): units must be a positive int or None.")
         if not isinstance(linearize, bool):
@@ -537,9 +592,14 @@ class CriticCV(Estimator):
             raise ValueError(
                 f"CriticCV(unit_sampling={unit_sampling!r}): unit_sampling must be one of {UNIT_SAMPLING}."
             )
+        if not isinstance(successor_deviations, bool):
+            raise ValueError(
+                f"CriticCV(successor_deviations={successor_deviations!r}): successor_deviations must be True or False."
+            )
         self.units = units
         self.linearize = linearize
         self.unit_sampling = unit_sampling
+        self.successor_deviations = successor_deviations
 
     def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
@@ -551,23 +611,34 @@ class CriticCV(Estimator):
             )
 
     def surrogate(self, step: NodeStep) -> tf.Tensor:
-        expanded = None
-        if self.linearize and self.units < int(np.prod(step.info.event_shape)):
-            expanded = _expanded_flips(step)
+        return self.surrogate_and_deviation(step)[0]
+
+    def surrogate_and_deviation(self, step: NodeStep) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+        every_unit = self.units is None or self.units >= int(np.prod(step.info.event_shape))
+        expanded = _expanded_flips(step) if self.linearize and not every_unit else None
         sizes = tf.abs(expanded) if expanded is not None and self.unit_sampling == "importance" else None
         local = local_outcomes(step, self.units, self.unit_sampling, sizes)
         q_values = step.q(local.values.with_first(step.record.sample))
         q_x, q_alt = q_values[:, 0], q_values[:, 1:]
-        residual = step.downstream - q_x
+        cost = step.downstream
+        if self.successor_deviations and step.successor_deviation is not None:
+            cost -= step.successor_deviation
+        residual = cost - q_x
         if step.num_samples > 1:
             residual -= _leave_one_out_mean(residual, step.num_samples)
         surrogate = _local_expectation(q_x, q_alt, local.weights, local.current)
         if expanded is not None:
             surrogate += _expansion_correction(step, expanded, local.values.unit, local.scale)
-        return surrogate + step.record.log_prob() * tf.stop_gradient(residual)
+        deviation = _deviation(q_x, q_alt, local.weights) if every_unit else None
+        return surrogate + step.record.log_prob() * tf.stop_gradient(residual), deviation
 
     def get_config(self) -> Dict[str, Any]:
-        return {"units": self.units, "linearize": self.linearize, "unit_sampling": self.unit_sampling}
+        return {
+            "units": self.units,
+            "linearize": self.linearize,
+            "unit_sampling": self.unit_sampling,
+            "successor_deviations": self.successor_deviations,
+        }
 
 
 class CriticAdvantage(Estimator):

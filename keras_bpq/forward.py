@@ -9,7 +9,7 @@ samples held fixed unless a node is reparameterised) estimates `grad J`,
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
 
@@ -19,9 +19,7 @@ from keras_bpq import critics as critics_lib
 from keras_bpq import distribute
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import graph
-
-if TYPE_CHECKING:
-    from keras_bpq import q_values
+from keras_bpq import q_values
 
 
 class Recording(NamedTuple):
@@ -86,12 +84,16 @@ def build_surrogate(
     costs, total, records = recording.costs, recording.total, recording.records
     steps = {}
     result = total
-    for info in scg.nodes:
+    # Later nodes first: a node with exact heads passes its deviation (see
+    # `estimators.CriticCV`) to the earlier nodes whose costs include all of its own.
+    deviations = {}
+    for info in reversed(scg.nodes):
         estimator = estimators[info.name]
         downstream = tf.add_n([costs[c] for c in info.costs]) if info.costs else tf.zeros_like(total)
         q = None
         if estimator.needs_critic and info.costs:
             q = q_function.node_q(info, x, y, records, reads_target)
+        later = [d for name, d in deviations.items() if set(scg.node(name).costs) <= set(info.costs)]
         step = estimators_lib.NodeStep(
             info=info,
             record=records[info.name],
@@ -100,11 +102,15 @@ def build_surrogate(
             q=q,
             num_samples=num_samples,
             rerun=q_function.rerun(info, x, y, records),
+            successor_deviation=tf.add_n(later) if later else None,
         )
         steps[info.name] = step
         if info.costs:
-            result = result + estimator.surrogate(step)
-    return steps, result
+            surrogate, deviation = estimator.surrogate_and_deviation(step)
+            result = result + surrogate
+            if deviation is not None and q_values.exact_costs(scg, info) == info.costs:
+                deviations[info.name] = deviation
+    return {info.name: steps[info.name] for info in scg.nodes}, result
 
 
 def estimator_signals(

@@ -40,6 +40,12 @@ def context(info: graph.NodeInfo, x: Any, records: Mapping[str, graph.NodeRecord
     return result
 
 
+def exact_costs(scg: graph.SCG, info: graph.NodeInfo) -> Tuple[str, ...]:
+    """The costs of node `info` whose heads are exact: those it is the last
+    stochastic ancestor of (deterministic functions of its value and context)."""
+    return tuple(c for c in info.costs if scg.cost_ancestors[c][-1] == info.name)
+
+
 class QFunction:
     """Every node's heads `Q^c_X` at any of its outcomes, given a recorded pass.
 
@@ -94,7 +100,7 @@ class QFunction:
         if critic is not None:
             learned = critic.q_outcomes(held, values, target=target)
             heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
-        exact = tuple(c for c in info.costs if self.scg.cost_ancestors[c][-1] == info.name)
+        exact = exact_costs(self.scg, info)
         if exact:
             evaluator = self.downstream_evaluator(info, exact)
             if evaluator is not None:
