@@ -12,7 +12,12 @@ an arm's value at a budget is its last one at or before that budget.
     python benchmarks/equal_time.py --dataset=fashion_mnist --arch=two_layer \
         --arms=auto,rloo,disarm,reinforce --budgets=60,180,600 --seeds=0,1,2
 
-Writes `<out_dir>/equal_time.json` (a section per `<dataset>_<arch>`) and
+An arm `<estimator>+replay_<correction>` trains with
+`compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates, correction))`
+(issue 19: the default with replay on and off at equal wall-clock).
+
+Writes `<out_dir>/equal_time.json` (a section per `--out_tag`, by default
+`<dataset>_<arch>`) and
 `equal_time.md` (rendered from the JSON by `render.equal_time`).
 """
 
@@ -28,6 +33,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
 import common  # noqa: E402
+import keras_bpq  # noqa: E402
 import render  # noqa: E402
 
 sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
@@ -37,8 +43,19 @@ flags.DEFINE_list("arms", ["auto", "rloo", "disarm", "reinforce"], "Estimators c
 flags.DEFINE_list("budgets", ["60", "180", "600"], "Training budgets in seconds (compile included).")
 flags.DEFINE_integer("chunk_steps", 250, "Steps per turn.")
 flags.DEFINE_bool("jit", True, "Train with jit_compile=True (the faster CPU mode on these nets).")
+flags.DEFINE_integer("replay_capacity", 5000, "Rows of a replay arm's buffer.")
+flags.DEFINE_integer("replay_updates", 1, "A replay arm's extra critic updates per step.")
+flags.DEFINE_string("out_tag", "", "Section name in the JSON (default <dataset>_<arch>).")
 
 CRITIC_FREE = ("rloo", "disarm", "reinforce")
+
+
+def compile_arm(name, pixels):
+    """A fresh SBN compiled for arm `name`: an estimator name, or
+    `<estimator>+replay_<correction>` for that estimator with replay."""
+    estimator, _, correction = name.partition("+replay_")
+    replay = keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, correction) if correction else None
+    return sbn.compile_sbn(sbn.build_sbn(pixels, FLAGS.arch), estimator, FLAGS.jit, replay)
 
 
 def run_seed(seed, train, test):
@@ -46,7 +63,7 @@ def run_seed(seed, train, test):
     models, clocks, curves, chunks = {}, {}, {}, {}
     for name in FLAGS.arms:
         keras.utils.set_random_seed(seed)
-        models[name] = sbn.compile_sbn(sbn.build_sbn(train.shape[1], FLAGS.arch), name, FLAGS.jit)
+        models[name] = compile_arm(name, train.shape[1])
         clocks[name], curves[name], chunks[name] = 0.0, [], []
     step = {name: 0 for name in FLAGS.arms}
     while any(clocks[n] < max(budgets) for n in FLAGS.arms):
@@ -98,7 +115,7 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     train, test_all = common.load_data(FLAGS.dataset, 0)
     test = common.fixed_binarisation(test_all[: FLAGS.test_size], 0)
-    tag = f"{FLAGS.dataset}_{FLAGS.arch}"
+    tag = FLAGS.out_tag or f"{FLAGS.dataset}_{FLAGS.arch}"
     machine = common.machine_info()
     sbn.log(f"{tag}: arms {FLAGS.arms}, budgets {FLAGS.budgets}; load {machine['load_average']}")
     runs = [run_seed(seed, train, test) for seed in seeds]

@@ -207,7 +207,9 @@ def estimator_option(name):
     return name
 
 
-def compile_sbn(model, estimator, jit):
+def compile_sbn(model, estimator, jit, replay=None):
+    """`model` compiled with Adam and `estimator` (a name, `estimator_option`),
+    steps_per_execution 50, and `replay` (a `keras_bpq.Replay` or None)."""
     num_samples = FLAGS.rloo_k if estimator == "rloo" else 1
     model.compile(
         optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
@@ -215,6 +217,7 @@ def compile_sbn(model, estimator, jit):
         num_samples=num_samples,
         steps_per_execution=50,
         jit_compile=jit,
+        replay=replay,
     )
     model.scg_summary(print_fn=lambda s: None)
     return model
