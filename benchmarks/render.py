@@ -138,6 +138,7 @@ KG_LABELS = {
     "minerva": "MINERVA's estimator (reinforce + EMA 0.95, std. advantage)",
     "rloo": "rloo",
     "auto": "Backprop-Q default (critic_cv)",
+    "critic_cv_nodev": "critic_cv without the last hop's deviation (ablation)",
 }
 
 
