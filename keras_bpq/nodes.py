@@ -484,6 +484,17 @@ class Categorical(StochasticNode):
     def distribution(self, params: tf.Tensor, mask: Optional[tf.Tensor] = None) -> tfd.Distribution:
         return tfd.OneHotCategorical(logits=self._masked_logits(params, mask), dtype=tf.float32)
 
+    def draw(self, dist: tfd.Distribution, seed: tf.Tensor) -> tf.Tensor:
+        """A one-hot sample by the Gumbel-max trick, `argmax_k (l_k + g_k)` with
+        `g_k = -log(-log u_k)`, `u ~ U(0, 1)` from `stateless_uniform`, `l` the
+        masked logits (a forbidden outcome's logit is so low that it never
+        wins). TFP's categorical sampler compiles under XLA on CPU into a very
+        slow computation."""
+        logits = dist.logits
+        uniform = stateless_uniform(tf.shape(logits), seed, minval=np.finfo(np.float32).tiny)
+        index = tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1)
+        return tf.one_hot(index, tf.shape(logits)[-1], dtype=tf.float32)
+
     def most_likely(self, dist: tfd.Distribution) -> tf.Tensor:
         return tf.one_hot(tf.argmax(dist.logits, axis=-1), tf.shape(dist.logits)[-1])
 

@@ -137,6 +137,30 @@ def test_categorical_frequencies_match_softmax():
     assert np.all(np.abs(sample.mean(axis=0) - p) <= 4 * stderr), (sample.mean(axis=0), p)
 
 
+def test_frequencies_under_xla_match_the_distribution():
+    """Under XLA the noise is Threefry's (`nodes.stateless_uniform`) and a
+    Categorical sample is a Gumbel-max of it: the frequencies still match
+    sigmoid / the renormalised softmax, and a masked outcome is never drawn."""
+    logits = np.array([[-1.0, 0.0, 2.0, 0.5]], np.float32)
+    bernoulli, categorical = keras_bpq.Bernoulli(seed=3), keras_bpq.Categorical(seed=4)
+    mask = np.tile(np.array([[True, False, True, True]]), (ROWS, 1))
+    draw = tf.function(
+        lambda t, m: (bernoulli(t), categorical(t), categorical(t, mask=m)), jit_compile=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # see test_masked_categorical_warns_nothing
+        ones, one_hot, masked = (np.asarray(v) for v in draw(np.repeat(logits, ROWS, axis=0), mask))
+    for sample, p in [
+        (ones, 1.0 / (1.0 + np.exp(-logits[0]))),
+        (one_hot, softmax(logits[0])),
+        (masked, renormalised(logits[0], mask[0])),
+    ]:
+        stderr = np.sqrt(p * (1 - p) / ROWS)
+        assert np.all(np.abs(sample.mean(axis=0) - p) <= 4 * stderr + 1e-9), (sample.mean(axis=0), p)
+    np.testing.assert_array_equal(one_hot.sum(axis=-1), 1.0)
+    assert not np.any(masked[:, 1]), "a masked outcome was sampled"
+
+
 # -- Categorical masks ------------------------------------------------------
 MASK_LOGITS = np.array([[1.0, 4.0, 0.0, 0.5], [2.0, 0.0, 3.0, -1.0]], np.float32)
 MASK = np.array([[True, False, True, True], [False, True, False, True]])
