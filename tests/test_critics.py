@@ -251,9 +251,21 @@ def all_outcomes_critic(num_entities=10, distinct=False):
     return keras_bpq.critics.AllOutcomes(scores, num_entities, distinct=distinct, name="hop1_q")
 
 
+def least_allowed_probability(model, x, repeats=400):
+    """The smallest probability of an allowed outcome of either hop of the
+    walk, over `repeats` draws of every row of `x` (hop 2's depends on hop 1's draw)."""
+    records = model.record_forward(np.repeat(x, repeats, axis=0)).records
+    least = 1.0
+    for record in (records["hop1"], records["hop2"]):
+        probs = np.asarray(record.layer.distribution(record.params, record.mask).probs_parameter())
+        least = min(least, float(probs[probs > 0].min()))  # a masked outcome's p is exactly 0
+    return least
+
+
 @pytest.mark.parametrize("distinct", [False, True])
 def test_critic_cv_with_an_all_outcomes_critic_is_unbiased(distinct):
     model, queries = graphs.walk_task()
+    x = queries[::7]
     model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=distinct)}, num_samples=2)
     model.build_training_state()
     critic = model.training_state.critics["hop1"]
@@ -261,7 +273,18 @@ def test_critic_cv_with_an_all_outcomes_critic_is_unbiased(distinct):
     # A critic far from the exact Q (the control variate must not bias the gradient).
     for variable in critic.target_network.weights:
         variable.assign(tf.random.normal(variable.shape, stddev=1.0, seed=7))
-    assert_unbiased(model, queries[::7], num_draws=1000)
+    # A policy whose every allowed outcome is drawn often in an example's
+    # 2 x 1000 draws: the z-test needs it. At the initial weights hop 1 of
+    # row 2 has an outcome of p = 7e-4, which all 2000 draws miss in about a
+    # quarter of seed streams, TFP's sampler's as the Gumbel-max one's. Then
+    # every draw gives that logit the same gradient (the local expectation's
+    # p_k (Q_k - V); the two draws' leave-one-out residuals sum to zero): the
+    # estimate has no spread and lacks the outcome's share, |z| ~ 6000.
+    for name in ("policy1", "policy2"):
+        for variable in model.get_layer(name).weights:
+            variable.assign(0.5 * variable)
+    assert least_allowed_probability(model, x) > 0.01
+    assert_unbiased(model, x, num_draws=1000)
 
 
 def test_all_outcomes_critic_learns_exact_q_and_round_trips():

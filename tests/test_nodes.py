@@ -5,6 +5,9 @@ deterministic; the tolerances (4 standard errors) are what a correct sampler
 passes for any seed.
 """
 
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -15,8 +18,11 @@ import tensorflow_probability as tfp
 
 import graphs
 import keras_bpq
+from keras_bpq import nodes
 
 tfd = tfp.distributions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = 4000  # rows for frequency checks
 
@@ -135,6 +141,81 @@ def test_categorical_frequencies_match_softmax():
     p = softmax(logits[0])
     stderr = np.sqrt(p * (1 - p) / ROWS)
     assert np.all(np.abs(sample.mean(axis=0) - p) <= 4 * stderr), (sample.mean(axis=0), p)
+
+
+def test_frequencies_under_xla_match_the_distribution():
+    """Under XLA the noise is Threefry's (`nodes.stateless_uniform`) and a
+    Categorical sample is a Gumbel-max of it: the frequencies still match
+    sigmoid / the renormalised softmax, and a masked outcome is never drawn."""
+    logits = np.array([[-1.0, 0.0, 2.0, 0.5]], np.float32)
+    bernoulli, categorical = keras_bpq.Bernoulli(seed=3), keras_bpq.Categorical(seed=4)
+    mask = np.tile(np.array([[True, False, True, True]]), (ROWS, 1))
+    draw = tf.function(
+        lambda t, m: (bernoulli(t), categorical(t), categorical(t, mask=m)), jit_compile=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # see test_masked_categorical_warns_nothing
+        ones, one_hot, masked = (np.asarray(v) for v in draw(np.repeat(logits, ROWS, axis=0), mask))
+    for sample, p in [
+        (ones, 1.0 / (1.0 + np.exp(-logits[0]))),
+        (one_hot, softmax(logits[0])),
+        (masked, renormalised(logits[0], mask[0])),
+    ]:
+        stderr = np.sqrt(p * (1 - p) / ROWS)
+        assert np.all(np.abs(sample.mean(axis=0) - p) <= 4 * stderr + 1e-9), (sample.mean(axis=0), p)
+    np.testing.assert_array_equal(one_hot.sum(axis=-1), 1.0)
+    assert not np.any(masked[:, 1]), "a masked outcome was sampled"
+
+
+def test_first_argmax_is_argmax_taking_the_first_of_a_tie():
+    values = params(6, 5, 7)
+    np.testing.assert_array_equal(nodes.first_argmax(values), np.argmax(values, axis=-1))
+    ties = np.array([[1.0, 3.0, 3.0], [2.0, 0.0, 2.0], [-1e9, -1e9, -1e9]], np.float32)
+    np.testing.assert_array_equal(nodes.first_argmax(ties), [1, 0, 0])
+
+
+def test_a_categorical_of_hundreds_of_outcomes_compiles_under_xla_in_seconds():
+    """`tf.argmax` of Threefry noise over 200 outcomes took XLA on CPU over
+    100 s to compile, `nodes.first_argmax` takes under a second. In a child
+    process, so that a regression fails at the timeout instead of hanging."""
+    code = (
+        "import numpy as np, tensorflow as tf, keras_bpq\n"
+        "sample = tf.function(keras_bpq.Categorical(seed=1), jit_compile=True)(np.zeros((128, 200), np.float32))\n"
+        "np.testing.assert_array_equal(np.sum(sample, axis=-1), 1.0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_the_num_samples_draws_of_an_example_are_independent(mode):
+    """With `compile(num_samples=2)` the two rows of an example draw
+    independently: given their parameters `p` and `p'`, they agree with
+    probability `sum_k p_k p'_k` (per Bernoulli unit, `p p' + (1 - p)(1 - p')`),
+    not more often (shared or correlated noise) and not less."""
+    model, x = graphs.tree()  # Bernoulli z1 and a; a 3-way Categorical b, which depends on z1
+    model.compile(estimator="reinforce", num_samples=2, jit_compile=mode == "xla")
+    data = tf.constant(np.repeat(x, ROWS // len(x), axis=0))
+
+    def draws(data):
+        """`{node: (sample, probabilities)}` of one pass."""
+        records = model.run_forward(data).records
+        return {
+            name: (r.sample, r.layer.distribution(r.params).probs_parameter()) for name, r in records.items()
+        }
+
+    run = draws if mode == "eager" else tf.function(draws, jit_compile=mode == "xla")
+    for name, (sample, probs) in run(data).items():
+        sample, probs = np.asarray(sample), np.asarray(probs)
+        if name != "b":  # each unit a two-outcome choice
+            probs, sample = np.stack([1 - probs, probs], -1), np.stack([1 - sample, sample], -1)
+        agree = np.sum(sample[0::2] * sample[1::2], axis=-1).ravel()
+        expected = np.sum(probs[0::2] * probs[1::2], axis=-1).ravel()
+        stderr = np.sqrt(np.sum(expected * (1 - expected))) / len(expected)
+        assert abs(agree.mean() - expected.mean()) <= 4 * stderr, (name, agree.mean(), expected.mean())
 
 
 # -- Categorical masks ------------------------------------------------------
