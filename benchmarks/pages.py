@@ -61,6 +61,24 @@ def table(header, rows, align=None, formats=None, absent=""):
     return lines
 
 
+def start_load(info):
+    """The 1/5/15-minute load average a run recorded at its start (`common.machine_info()`'s
+    key, or an older run's), or None."""
+    return info.get("load_average") or info.get("load_average_at_start")
+
+
+def commit_text(info):
+    """The commit a run recorded, as its pages show it (a full hash cut to 10
+    characters, with what follows it; "keras_bpq modified" where the run says
+    so), or None."""
+    commit = info.get("commit") or info.get("git_commit")
+    if commit and commit == info.get("git_commit"):
+        commit = commit[:10] + commit[40:]  # a full hash, and what follows it
+    if commit and info.get("keras_bpq_dirty") and "modified" not in commit:
+        commit += " (keras_bpq modified)"
+    return commit
+
+
 def machine_line(info, packages=DEFAULT_PACKAGES, load_end=None):
     """`Machine: ...`: CPU, cores, GPUs, platform, Python, the load average at the
     start (and at the end: `load_end`, else the info's own), the versions of
@@ -76,7 +94,7 @@ def machine_line(info, packages=DEFAULT_PACKAGES, load_end=None):
     if info.get("python"):
         hardware.append(f"Python {info['python']}")
     parts = [", ".join(hardware)]
-    start = info.get("load_average") or info.get("load_average_at_start")
+    start = start_load(info)
     end = load_end or info.get("load_average_at_end") or info.get("load_average_end")
     if start or end:
         load = [f"{load_text(v)} at the {when}" for v, when in ((start, "start"), (end, "end")) if v]
@@ -85,12 +103,8 @@ def machine_line(info, packages=DEFAULT_PACKAGES, load_end=None):
                 for key in packages]
     if any(version for _, version in versions):
         parts.append(", ".join(f"{name} {version}" for name, version in versions if version))
-    commit = info.get("commit") or info.get("git_commit")
-    if commit and commit == info.get("git_commit"):
-        commit = commit[:10] + commit[40:]  # a full hash, and what follows it
+    commit = commit_text(info)
     if commit:
-        if info.get("keras_bpq_dirty") and "modified" not in commit:
-            commit += " (keras_bpq modified)"
         parts.append(f"commit {commit}")
     return "Machine: " + "; ".join(parts) + "."
 

@@ -974,8 +974,8 @@ def headline_sbn_rows(tag, label, entry, overhead):
     step = (common.median([r["auto"]["ms_per_step"] for r in runs])
             / common.median([r["reinforce"]["ms_per_step"] for r in runs]))
     machine = entry["machine"]
-    load = [(machine.get("load_average") or machine.get("load_average_at_start"))[0], entry["load_end"][0]]
-    measured = f"{machine.get('commit') or 'commit not recorded'}, load {span(load, '.1f')}"
+    load = [pages.start_load(machine)[0], entry["load_end"][0]]
+    measured = f"{pages.commit_text(machine) or 'commit not recorded'}, load {span(load, '.1f')}"
     rows = []
     for i, row in enumerate(entry["summary"]):
         values, free, winner = row["values"], row["best_critic_free"], row["winner"]
@@ -1001,8 +1001,8 @@ def headline_kg_row(dataset, label, kg):
     step = (f"{times(rows['minerva']['steps_per_second'] / default['steps_per_second'])} MINERVA's step"
             if "minerva" in rows else None)
     machines = kg["machine"] if isinstance(kg["machine"], list) else [kg["machine"]]
-    load = [m["load_average_at_start"][0] for m in machines if m.get("load_average_at_start")]
-    commits = {m.get("commit") for m in machines}
+    load = [pages.start_load(m)[0] for m in machines if pages.start_load(m)]
+    commits = {pages.commit_text(m) for m in machines}
     measured = (", ".join(sorted(c for c in commits if c)) or "commit not recorded") + (
         f", load {span(load, '.1f')} at the start" if load else "")
     return [label, f"equal steps only ({default['steps']})",
@@ -1029,7 +1029,7 @@ def headline_table(equal_time, overhead, kg):
         "run; measured at: the section's commit and the 1-minute load average at its start and end), "
         "`results/overhead.json` (package / hand-written step: the range over the estimators "
         "run on that net of the median-over-rounds ratio, and of their 1-minute loads; commit "
-        f"{overhead['machine'].get('commit') or 'not recorded'}) and `results/kg.json` (test Hits@1, "
+        f"{pages.commit_text(overhead['machine']) or 'not recorded'}) and `results/kg.json` (test Hits@1, "
         "higher is better, medians over seeds, every estimator trained for the same steps; the step ratio: "
         "MINERVA's median steps/s over the default's). \"not run\": the results hold no section for that task.")
     return "\n".join(table) + "\n\n" + note
