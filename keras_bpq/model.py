@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
     _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
-    replay_lib.CriticReplay, callbacks_lib.StepReports, keras.Model,
+    replay_lib.CriticReplay, callbacks_lib.StepReports, saving_lib.AtomicCheckpoints, keras.Model,
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -405,46 +405,6 @@ class BackpropQModel(
         target copies, estimator state, optimizer slots) for the weights."""
         self.compile(**saving_lib.deserialize_compile_config(config))
         self.build_training_state()
-
-    def _check_savable(self, what):
-        self.build_training_state()
-        variables = list(self.variables)
-        for optimizer in (getattr(self, "optimizer", None), self.critic_optimizer):
-            if optimizer is not None:
-                variables += list(optimizer.variables)
-        saving_lib.check_finite(variables, f"{what} of {self.name!r}")
-
-    def save(
-        self, filepath: Union[str, os.PathLike], overwrite: bool = True, zipped: Optional[bool] = None, **kwargs: Any
-    ) -> None:
-        """`keras.Model.save`, written atomically (a temporary file renamed over
-        `filepath`), with the training state; refuses non-finite values."""
-        self._check_savable("the model")
-        if zipped is False or not saving_lib.atomic_target(filepath, ".keras", overwrite):
-            return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
-        with saving_lib.atomic_write(filepath) as temporary:
-            super().save(temporary, overwrite=True, zipped=zipped, **kwargs)
-
-    def save_weights(
-        self, filepath: Union[str, os.PathLike], overwrite: bool = True, max_shard_size: Optional[float] = None
-    ) -> None:
-        """`keras.Model.save_weights`, written atomically, with the training
-        state (critics, target copies, estimator state, seed generators, both
-        optimizers, the fit position); refuses non-finite values."""
-        self._check_savable("the weights")
-        if max_shard_size is not None or not saving_lib.atomic_target(filepath, ".weights.h5", overwrite):
-            return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
-        with saving_lib.atomic_write(filepath) as temporary:
-            super().save_weights(temporary, overwrite=True)
-
-    def load_weights(
-        self, filepath: Union[str, os.PathLike], skip_mismatch: bool = False, **kwargs: Any
-    ) -> None:
-        """`keras.Model.load_weights`, after creating the training state the
-        file holds (compile the model first, with the options it was saved with)."""
-        ready = self.build_training_state()
-        with saving_lib.explained_load_errors(self, filepath, ready, strict=not skip_mismatch):
-            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def export(
         self, filepath: Union[str, os.PathLike], format: str = "tf_saved_model", verbose: Optional[bool] = None,

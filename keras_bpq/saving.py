@@ -571,3 +571,50 @@ def explained_load_errors(
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if skipped:
         raise _mismatch_error(model, path, " ".join(skipped), compiled)
+
+
+# -- the model's save methods -------------------------------------------------
+class AtomicCheckpoints:
+    """`save`, `save_weights` and `load_weights` of a `BackpropQModel` (mixed in
+    before `keras.Model`): Keras' own, written atomically (`atomic_write`),
+    with the training state, refusing non-finite values (`check_finite`)."""
+
+    def _check_savable(self, what):
+        self.build_training_state()
+        variables = list(self.variables)
+        for optimizer in (getattr(self, "optimizer", None), self.critic_optimizer):
+            if optimizer is not None:
+                variables += list(optimizer.variables)
+        check_finite(variables, f"{what} of {self.name!r}")
+
+    def save(
+        self, filepath: Union[str, os.PathLike], overwrite: bool = True, zipped: Optional[bool] = None, **kwargs: Any
+    ) -> None:
+        """`keras.Model.save`, written atomically (a temporary file renamed over
+        `filepath`), with the training state; refuses non-finite values."""
+        self._check_savable("the model")
+        if zipped is False or not atomic_target(filepath, ".keras", overwrite):
+            return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+        with atomic_write(filepath) as temporary:
+            super().save(temporary, overwrite=True, zipped=zipped, **kwargs)
+
+    def save_weights(
+        self, filepath: Union[str, os.PathLike], overwrite: bool = True, max_shard_size: Optional[float] = None
+    ) -> None:
+        """`keras.Model.save_weights`, written atomically, with the training
+        state (critics, target copies, estimator state, seed generators, both
+        optimizers, the fit position); refuses non-finite values."""
+        self._check_savable("the weights")
+        if max_shard_size is not None or not atomic_target(filepath, ".weights.h5", overwrite):
+            return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
+        with atomic_write(filepath) as temporary:
+            super().save_weights(temporary, overwrite=True)
+
+    def load_weights(
+        self, filepath: Union[str, os.PathLike], skip_mismatch: bool = False, **kwargs: Any
+    ) -> None:
+        """`keras.Model.load_weights`, after creating the training state the
+        file holds (compile the model first, with the options it was saved with)."""
+        ready = self.build_training_state()
+        with explained_load_errors(self, filepath, ready, strict=not skip_mismatch):
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
