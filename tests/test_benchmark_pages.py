@@ -104,3 +104,23 @@ def test_a_page_without_a_layout_is_refused(render):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_the_kg_rows_show_equal_wall_clock_before_equal_steps(render):
+    machine = {"commit": "abc1234", "load_average": [1.0, 1.0, 1.0]}
+    arm = {"ms_per_step": 10.0, "compile_seconds": 1.0, "steps": 100, "at_budget": {}}
+    kg_time = {"umls": {
+        "runs": [{"minerva": arm, "rloo": arm, "auto": {**arm, "ms_per_step": 15.0}}],
+        "summary": [{"budget": "60", "hits@1": {"minerva": 0.40, "rloo": 0.45, "auto": 0.50},
+                     "best_critic_free": "rloo", "winner": "auto"},
+                    {"budget": "180", "hits@1": {"minerva": 0.60, "rloo": 0.55, "auto": 0.58},
+                     "best_critic_free": "minerva", "winner": "minerva"}],
+        "machine": machine, "load_end": [2.0, 2.0, 2.0]}}
+    table = render.headline_table({}, {"machine": machine, "results": []}, {"machine": [], "runs": []}, kg_time)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| KG UMLS |"))
+    assert lines[start].startswith(
+        "| KG UMLS | 60 s | Hits@1 **0.500** | 0.450 (`rloo`; MINERVA's estimator 0.400) | default | 1.50x MINERVA's step |")
+    assert lines[start + 1].startswith(
+        "|  | 180 s | Hits@1 0.580 | **0.600** (MINERVA's estimator; `rloo` 0.550) | MINERVA's estimator |")
+    assert lines[start + 2].startswith("| KG Kinship | not run |"), "no equal-steps row without kg.json runs"

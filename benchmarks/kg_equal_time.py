@@ -1,0 +1,159 @@
+"""The knowledge-graph agent at equal training wall-clock (issue 16, target 1).
+
+kg.py compares the estimators at equal steps; this compares them at equal
+training time. Every arm (a kg.py estimator: `minerva`, `rloo`, `auto`) trains
+its own agent of `examples/kg_reasoning.py` from the same seed, in turns of
+`--chunk_steps` steps (round robin, so machine load falls on every arm alike)
+until each has trained for the largest budget (and for two turns at least).
+An arm's clock counts only its own `fit` calls, its first compile included;
+the compile is also reported alone (its first turn's time less a turn at its
+steady per-step time). At each budget an arm is scored on the test split
+(beam search, filtered, as `--beam_pool` / `--beam_unique` say) with its
+weights at the end of its last turn that ended at or before the budget;
+evaluation is not on the clock. Data in memory, tf.data autotuning off.
+
+    python benchmarks/kg_equal_time.py --datasets=umls,kinship --budgets=60,180 \
+        --seeds=0 --batch_size=128
+
+Writes `<out_dir>/kg_equal_time.json` (a section per dataset) and
+`kg_equal_time.md` (rendered from the JSON by `render.kg_equal_time`).
+"""
+
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+
+import common  # noqa: E402
+import render  # noqa: E402
+
+kg_reasoning = common.example("kg_reasoning")
+
+# Shared with the example (defined there): --batch_size, --rollouts, --beam,
+# --beam_pool, --beam_unique, --learning_rate, --steps_per_execution,
+# --entropy_beta, --hops, --dim, --hidden.
+FLAGS = flags.FLAGS
+flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
+flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning --estimator values).")
+flags.DEFINE_list("budgets", ["60", "180"], "Training budgets in seconds (compile included).")
+flags.DEFINE_list("seeds", ["0"], "Seeds.")
+flags.DEFINE_integer("chunk_steps", 50, "Steps per turn (a multiple of --steps_per_execution).")
+flags.DEFINE_string("out_dir", common.RESULTS, "Where kg_equal_time.json and .md go.")
+
+SETTINGS = ("batch_size", "rollouts", "beam", "beam_pool", "beam_unique", "learning_rate",
+            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden")
+
+
+class Arm:
+    """One estimator's agent, its training clock and its last turn's weights."""
+
+    def __init__(self, kg, estimator, seed):
+        keras.utils.set_random_seed(seed)
+        self.estimator = estimator
+        self.agent = kg_reasoning.build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta)
+        kg_reasoning.compile_agent(self.agent, estimator, FLAGS.rollouts, FLAGS.learning_rate,
+                                   FLAGS.steps_per_execution)
+        self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, seed))
+        self.callbacks = [kg_reasoning.EntropyDecay(self.agent.entropy)] if self.agent.entropy is not None else []
+        self.clock, self.step, self.turns = 0.0, 0, []
+        self.last = (0.0, 0, self.weights())  # (clock, step, weights) after the last turn
+
+    def turn(self):
+        """Trains `--chunk_steps` steps; returns `(clock, step, weights)` before them."""
+        before = self.last
+        start = time.perf_counter()
+        self.agent.model.fit(self.data, epochs=1, steps_per_epoch=FLAGS.chunk_steps, callbacks=self.callbacks,
+                             verbose=0)
+        seconds = time.perf_counter() - start
+        self.clock += seconds
+        self.step += FLAGS.chunk_steps
+        self.turns.append(seconds)
+        self.last = (self.clock, self.step, self.weights())
+        return before
+
+    def weights(self):
+        """`[(variable, value)]` of every weight of the agent (its critics and
+        training state are created by the first step)."""
+        return [(v, v.numpy()) for v in self.agent.model.weights]
+
+    def score(self, state):
+        """Test metrics of the agent with the weights of `state` (`(clock, step,
+        weights)`); the agent's own weights are put back after."""
+        clock, step, weights = state
+        current = self.weights()
+        for variable, value in weights:
+            variable.assign(value)
+        metrics = kg_reasoning.evaluate(self.agent, "test", FLAGS.beam, pool=FLAGS.beam_pool,
+                                        unique=FLAGS.beam_unique)
+        for variable, value in current:
+            variable.assign(value)
+        return {"step": step, "train_seconds": clock, **metrics}
+
+
+def run_seed(kg, seed, budgets):
+    arms = {e: Arm(kg, e, seed) for e in FLAGS.estimators}
+    at_budget = {e: {} for e in arms}
+    def training(arm):  # to the largest budget, and at least two turns (a steady one to time)
+        return arm.clock < budgets[-1] or len(arm.turns) < 2
+
+    while any(training(arm) for arm in arms.values()):
+        for name, arm in arms.items():
+            if not training(arm):
+                continue
+            before = arm.turn()
+            for budget in budgets:
+                if str(int(budget)) not in at_budget[name] and arm.clock > budget:
+                    at_budget[name][str(int(budget))] = arm.score(before)
+            print(f"  [seed {seed}] {name}: step {arm.step} {arm.clock:.1f} s", flush=True)
+    result = {}
+    for name, arm in arms.items():
+        steady = common.median(arm.turns[1:])
+        result[name] = {"at_budget": at_budget[name], "compile_seconds": max(arm.turns[0] - steady, 0.0),
+                        "ms_per_step": 1e3 * steady / FLAGS.chunk_steps, "steps": arm.step}
+        print(f"  [seed {seed}] {name}: " + json.dumps(at_budget[name]), flush=True)
+    return result
+
+
+def summary(runs, budgets):
+    """Per budget: each arm's median test Hits@1, the best critic-free arm and
+    the winner (ties go to the default)."""
+    rows = []
+    for budget in budgets:
+        values = {name: common.median([r[name]["at_budget"][budget]["hits@1"] for r in runs]) for name in runs[0]}
+        free = {n: v for n, v in values.items() if n != "auto"}
+        best_free = max(free, key=free.get) if free else None
+        winner = max(values, key=lambda n: (values[n], n == "auto"))
+        rows.append({"budget": budget, "hits@1": values, "best_critic_free": best_free, "winner": winner})
+    return rows
+
+
+def main(argv):
+    del argv
+    if FLAGS.chunk_steps % FLAGS.steps_per_execution:
+        raise ValueError("--chunk_steps must be a multiple of --steps_per_execution.")
+    budgets = sorted(float(b) for b in FLAGS.budgets)
+    names = [str(int(b)) for b in budgets]
+    seeds = [int(s) for s in FLAGS.seeds]
+    path = os.path.join(FLAGS.out_dir, "kg_equal_time.json")
+    report = json.load(open(path)) if os.path.exists(path) else {}
+    for dataset in FLAGS.datasets:
+        machine = common.machine_info()
+        print(f"{dataset}: arms {FLAGS.estimators}, budgets {names}; load {machine['load_average']}", flush=True)
+        kg = kg_reasoning.load_graph(dataset)
+        runs = [run_seed(kg, seed, budgets) for seed in seeds]
+        report[dataset] = {"command": common.command_line(), "seeds": seeds, "budgets": names,
+                           "chunk_steps": FLAGS.chunk_steps, "settings": {k: FLAGS[k].value for k in SETTINGS},
+                           "runs": runs, "summary": summary(runs, names), "machine": machine,
+                           "load_end": os.getloadavg()}
+        common.write_json(path, report)
+        render.write("kg_equal_time", report, os.path.join(FLAGS.out_dir, "kg_equal_time.md"))
+    print(render.page("kg_equal_time", report))
+
+
+if __name__ == "__main__":
+    app.run(main)
