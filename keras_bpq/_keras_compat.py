@@ -106,6 +106,29 @@ def producing_operation(tensor):
     return getattr(getattr(tensor, "_keras_history", None), "operation", None)
 
 
+def node_operation(node):
+    """The operation (layer) a graph node calls (Keras' `Node.operation`)."""
+    return node.operation
+
+
+def is_input_node(node):
+    """Whether a graph node is a model input, which calls nothing (Keras'
+    `Node.is_input`)."""
+    return node.is_input
+
+
+def node_inputs(node):
+    """The symbolic tensors among a graph node's call arguments, flattened in
+    argument order (Keras' `Node.input_tensors`)."""
+    return node.input_tensors
+
+
+def node_outputs(node):
+    """The symbolic tensors a graph node's call returned, flattened in order
+    (Keras' `Node.outputs`)."""
+    return node.outputs
+
+
 def call_arguments(node, values):
     """`(args, kwargs)` of a graph node's call with its symbolic tensors
     replaced by `values` (`{id(symbolic tensor): value}`)."""
@@ -136,8 +159,17 @@ _ELEMENTWISE_OPS = {
 def elementwise_kind(operation):
     """`"add"`, `"subtract"`, `"multiply"`, `"negative"`, `"sum"` or
     `"softplus"` for the `keras.ops` operation of that name in a functional
-    graph (a `Sum` has `axis` and `keepdims`); None for any other operation."""
+    graph (for a `Sum`, `sum_reduction` gives its arguments); None for any
+    other operation."""
     return _ELEMENTWISE_OPS.get(f"{type(operation).__module__}.{type(operation).__name__}")
+
+
+def sum_reduction(operation):
+    """`(axis, keepdims)` of a `keras.ops.sum` operation (one that
+    `elementwise_kind` names `"sum"`): the list of axes it sums over (None: all
+    of them) and whether it keeps them with size 1 (the private
+    `keras.src.ops.numpy.Sum`'s `axis` and `keepdims`)."""
+    return operation.axis, operation.keepdims
 
 
 # -- the trainer -----------------------------------------------------------
