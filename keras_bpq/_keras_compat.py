@@ -3,12 +3,13 @@
 Keras 3 and TensorFlow give no public way to do a few things the package
 needs: read a functional model's graph of operations (to re-evaluate costs at
 a node's other outcomes), list a layer's sublayers and own losses, reach the
-trainer's loss tracker and initial epoch, read `BackupAndRestore`'s metadata
-file, know whether XLA compiles the graph being traced, ask a strategy whether
-it synchronises through `merge_call`, and work around two bugs of Keras' train
-and test loops under `tf.distribute`. Each is
-a small named function here; the rest of the package calls these and never a
-private attribute of Keras or TensorFlow.
+trainer's loss tracker and initial epoch, pass over batches at the start of
+`fit` (to resume mid-epoch), read `BackupAndRestore`'s metadata file, know
+whether XLA compiles the graph being traced, ask a strategy whether it
+synchronises through `merge_call`, and work around two bugs of Keras' train
+and test loops under `tf.distribute`. Each is a small named function here; the
+rest of the package calls these and never a private attribute of Keras or
+TensorFlow.
 
 None of this is covered by a compatibility promise, so importing this module
 checks the installed versions against the ones the test suite ran on
@@ -106,6 +107,29 @@ def producing_operation(tensor):
     return getattr(getattr(tensor, "_keras_history", None), "operation", None)
 
 
+def node_operation(node):
+    """The operation (layer) a graph node calls (Keras' `Node.operation`)."""
+    return node.operation
+
+
+def is_input_node(node):
+    """Whether a graph node is a model input, which calls nothing (Keras'
+    `Node.is_input`)."""
+    return node.is_input
+
+
+def node_inputs(node):
+    """The symbolic tensors among a graph node's call arguments, flattened in
+    argument order (Keras' `Node.input_tensors`)."""
+    return node.input_tensors
+
+
+def node_outputs(node):
+    """The symbolic tensors a graph node's call returned, flattened in order
+    (Keras' `Node.outputs`)."""
+    return node.outputs
+
+
 def call_arguments(node, values):
     """`(args, kwargs)` of a graph node's call with its symbolic tensors
     replaced by `values` (`{id(symbolic tensor): value}`)."""
@@ -136,8 +160,17 @@ _ELEMENTWISE_OPS = {
 def elementwise_kind(operation):
     """`"add"`, `"subtract"`, `"multiply"`, `"negative"`, `"sum"` or
     `"softplus"` for the `keras.ops` operation of that name in a functional
-    graph (a `Sum` has `axis` and `keepdims`); None for any other operation."""
+    graph (for a `Sum`, `sum_reduction` gives its arguments); None for any
+    other operation."""
     return _ELEMENTWISE_OPS.get(f"{type(operation).__module__}.{type(operation).__name__}")
+
+
+def sum_reduction(operation):
+    """`(axis, keepdims)` of a `keras.ops.sum` operation (one that
+    `elementwise_kind` names `"sum"`): the list of axes it sums over (None: all
+    of them) and whether it keeps them with size 1 (the private
+    `keras.src.ops.numpy.Sum`'s `axis` and `keepdims`)."""
+    return operation.axis, operation.keepdims
 
 
 # -- the trainer -----------------------------------------------------------
@@ -150,6 +183,64 @@ def set_initial_epoch(model, epoch):
     """Makes the running `fit` start at `epoch` (None: at its `initial_epoch`
     argument), as `BackupAndRestore` does after a restore."""
     model._initial_epoch = epoch
+
+
+def skip_train_batches(model, batches):
+    """Makes the running `fit` draw its next `batches` batches (whole
+    executions of `steps_per_execution`) from the data without training on
+    them, then train as usual. Call it from a callback's `on_train_begin`.
+
+    `fit` has no public way to start mid-epoch. This relies on the order of its
+    internals (Keras 3.15, TensorFlow backend): `fit` makes `model.train_function`
+    (`make_train_function`) before `callbacks.on_train_begin` and reads the
+    attribute anew at every step; it calls it with an iterator over the epoch's
+    batches (a `tf.data` or distributed iterator; a plain Python iterator is
+    handled too), from which one call draws up to `steps_per_execution` batches;
+    it takes what the call returns as the step's logs, and ends the epoch when
+    the call raises `StopIteration`. So the function put in place here draws
+    the batches without training, returns the metrics so far as the logs, and
+    puts Keras' function back once the batches are drawn."""
+    if batches > 0:
+        model.train_function = _skipping(model, model.train_function, batches)
+
+
+def _skipping(model, train_function, batches):
+    """A train function that draws `batches` batches (whole executions of
+    `steps_per_execution`) without training, then puts `train_function` back."""
+    remaining = [int(batches)]
+
+    def skip(iterator):
+        if remaining[0] <= 0:
+            model.train_function = train_function
+            return train_function(iterator)
+        steps = max(1, int(model.steps_per_execution or 1))
+        drawn = 0
+        for _ in range(min(steps, remaining[0])):
+            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+                if not iterator.get_next_as_optional().has_value():
+                    break
+            else:
+                try:
+                    next(iterator)
+                except StopIteration:
+                    break
+            drawn += 1
+        if drawn == 0:
+            raise StopIteration
+        remaining[0] -= drawn
+        if remaining[0] <= 0:
+            model.train_function = train_function
+        try:
+            return model.get_metrics_result()
+        except ValueError:
+            # In a fresh process nothing has been traced yet, so metrics given
+            # to `compile(metrics=...)` are not built (without a strategy Keras
+            # builds them when it traces the first step), and their
+            # `CompileMetrics.result()` raises "Cannot get result() since the
+            # metric has not yet been built."
+            return {}
+
+    return skip
 
 
 def backup_metadata_path(callback):

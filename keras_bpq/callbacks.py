@@ -329,43 +329,8 @@ class ResumeAtPosition(keras.callbacks.Callback):
             return
         self._restored = True
         _keras_compat.set_initial_epoch(model, epoch)
-        if batch > 0:
-            model.train_function = _skipping(model, model.train_function, batch)
+        _keras_compat.skip_train_batches(model, batch)
 
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
         if self._restored:
             _keras_compat.set_initial_epoch(self.model, None)
-
-
-def _skipping(model, train_function, batches):
-    """A train function that draws `batches` batches (whole executions of
-    `steps_per_execution`) without training, then puts `train_function` back."""
-    remaining = [int(batches)]
-
-    def skip(iterator):
-        if remaining[0] <= 0:
-            model.train_function = train_function
-            return train_function(iterator)
-        steps = max(1, int(model.steps_per_execution or 1))
-        drawn = 0
-        for _ in range(min(steps, remaining[0])):
-            if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
-                if not iterator.get_next_as_optional().has_value():
-                    break
-            else:
-                try:
-                    next(iterator)
-                except StopIteration:
-                    break
-            drawn += 1
-        if drawn == 0:
-            raise StopIteration
-        remaining[0] -= drawn
-        if remaining[0] <= 0:
-            model.train_function = train_function
-        try:
-            return model.get_metrics_result()
-        except Exception:  # metrics not built yet in a fresh process
-            return {}
-
-    return skip

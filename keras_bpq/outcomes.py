@@ -464,11 +464,11 @@ class DownstreamEvaluator:
         (`layer`, `layer@2`, ... in execution order)."""
         calls, names = {}, {}
         for node in _keras_compat.nodes_in_execution_order(self._network):
-            op = node.operation
-            if node.is_input or not isinstance(op, self._node_class):
+            op = _keras_compat.node_operation(node)
+            if _keras_compat.is_input_node(node) or not isinstance(op, self._node_class):
                 continue
             count = calls[op.name] = calls.get(op.name, 0) + 1
-            names[id(node.outputs[0])] = op.name if count == 1 else f"{op.name}@{count}"
+            names[id(_keras_compat.node_outputs(node)[0])] = op.name if count == 1 else f"{op.name}@{count}"
         return names
 
     def _schedule(self):
@@ -481,7 +481,7 @@ class DownstreamEvaluator:
             node = _keras_compat.producing_node(tensor)
             if id(node) in needed:
                 continue
-            op = node.operation
+            op = _keras_compat.node_operation(node)
             if isinstance(op, self._node_class):
                 raise Unsupported(f"the costs need node {op.name!r}, which is not forced")
             if isinstance(op, keras.layers.Layer) and any(
@@ -490,7 +490,7 @@ class DownstreamEvaluator:
             ):
                 raise Unsupported(f"layer {op.name!r} holds stochastic nodes")
             needed.add(id(node))
-            stack.extend(node.input_tensors)
+            stack.extend(_keras_compat.node_inputs(node))
         return [n for n in _keras_compat.nodes_in_execution_order(self._network) if id(n) in needed]
 
     def __call__(self, inputs, forced, outcomes, training=True):
@@ -509,8 +509,8 @@ class DownstreamEvaluator:
             else:
                 values[tensor_id] = forced[name]
         for node in self.plan:
-            args = [values[id(t)] for t in node.input_tensors]
-            op = node.operation
+            args = [values[id(t)] for t in _keras_compat.node_inputs(node)]
+            op = _keras_compat.node_operation(node)
             if _dot_ok(op, args):
                 edits, other = args if isinstance(args[0], UnitEdits) else args[::-1]
                 results = [_Expanded(edits.contract(tf.cast(other, edits.base.dtype)[..., None]))]
@@ -519,7 +519,7 @@ class DownstreamEvaluator:
                 results = [result] if result is not None else call_on_rows(node, values, num, training)
             else:
                 results = tf.nest.flatten(_call(node, values, training))
-            for tensor, value in zip(node.outputs, results):
+            for tensor, value in zip(_keras_compat.node_outputs(node), results):
                 values[id(tensor)] = value
         return {c: self._per_example(values[id(t)], num) for c, t in self._cost_tensors.items()}
 
@@ -538,11 +538,12 @@ def _affine_op(node, values):
     `Dense`, a sum over the last axis, a softplus, a product with a per-example
     tensor or a number, sums and differences. None where none of these applies
     (the caller runs the node on `batch x A` rows)."""
-    op = node.operation
+    op = _keras_compat.node_operation(node)
+    outputs = _keras_compat.node_outputs(node)
     args, kwargs = _keras_compat.call_arguments(node, values)
     symbolic = _keras_compat.symbolic_arguments(node)
     lazy = [Affine.of(a) for a in args]
-    if kwargs or len(node.outputs) != 1 or all(a is None for a in lazy):
+    if kwargs or len(outputs) != 1 or all(a is None for a in lazy):
         return None
     if plain_dense(op):
         return lazy[0].dense_layer(op) if len(args) == 1 else None
@@ -554,11 +555,12 @@ def _affine_op(node, values):
     if kind == "softplus":
         return lazy[0].with_softplus()
     if kind == "sum":
-        if len(node.input_tensors[0].shape) != 2 or tuple(op.axis or ()) not in ((-1,), (1,)):
+        axis, keepdims = _keras_compat.sum_reduction(op)
+        if len(_keras_compat.node_inputs(node)[0].shape) != 2 or tuple(axis or ()) not in ((-1,), (1,)):
             return None
         total = lazy[0].sum()
-        return _Expanded(total[..., None] if op.keepdims else total)
-    if kind is None or len(args) != 2 or len(node.outputs[0].shape) != 2:
+        return _Expanded(total[..., None] if keepdims else total)
+    if kind is None or len(args) != 2 or len(outputs[0].shape) != 2:
         return None
     dtype = next(a for a in lazy if a is not None).dtype
     if not all(a is not None or _operand_ok(s, v, dtype, kind) for a, s, v in zip(lazy, symbolic, args)):
@@ -610,16 +612,17 @@ def _dot_ok(op, args):
 def _call(node, values, training):
     """Runs one functional graph node on `values` (`{id(symbolic): tensor}`)."""
     args, kwargs = _keras_compat.call_arguments(node, values)
-    if _keras_compat.takes_training(node.operation):
+    op = _keras_compat.node_operation(node)
+    if _keras_compat.takes_training(op):
         kwargs["training"] = training
-    return node.operation(*args, **kwargs)
+    return op(*args, **kwargs)
 
 
 def call_on_rows(node: Any, values: Dict[int, Any], num: int, training: Optional[bool]) -> List[_Expanded]:
     """Runs `node` on `batch x A` rows: values with an outcome axis are
     flattened, the others repeated once per outcome. Returns its flat outputs."""
     rows = {}
-    for t in node.input_tensors:
+    for t in _keras_compat.node_inputs(node):
         value = _as_tensor(values[id(t)])
         rows[id(t)] = value.rows() if isinstance(value, _Expanded) else tf.repeat(value, num, axis=0)
     outputs = tf.nest.flatten(_call(node, rows, training))
