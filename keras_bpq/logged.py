@@ -57,6 +57,7 @@ from keras_bpq import callbacks as callbacks_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import distribute
 from keras_bpq import graph
+from keras_bpq import saving as saving_lib
 
 LOGGED_KEYS = ("action", "propensity", "cost")
 MAX_SUPPORT = 1024
@@ -573,7 +574,7 @@ class LoggedModel(keras.Model):
         report = (self.status, self.status_row)  # written after the check
         return callbacks_lib.step_variables(
             [v for v in self.weights if not any(v is r for r in report)], None, self.critic_variables,
-            [(self.optimizer, "policy optimizer variable"), (self.critic_optimizer, "critic optimizer variable")],
+            saving_lib.optimizers(self, "policy"),
         )
 
     def train_step(self, data: Any) -> Dict[str, Any]:

@@ -35,7 +35,7 @@ import warnings
 import weakref
 import zipfile
 import zlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -574,6 +574,21 @@ def explained_load_errors(
 
 
 # -- the model's save methods -------------------------------------------------
+def optimizers(
+    model: keras.Model, main: str = "actor"
+) -> List[Tuple[Optional[keras.optimizers.Optimizer], str]]:
+    """`[(optimizer or None, role)]`: the two optimizers of a model (a
+    `BackpropQModel`, a `logged.LoggedModel`), whose variables a training step
+    writes and a checkpoint holds: `model.optimizer` (role `"<main> optimizer
+    variable"`) and `model.critic_optimizer` (`"critic optimizer variable"`);
+    None where the model is not compiled. The roles name the variables in
+    errors (`callbacks.step_variables`)."""
+    return [
+        (getattr(model, "optimizer", None), f"{main} optimizer variable"),
+        (model.critic_optimizer, "critic optimizer variable"),
+    ]
+
+
 class AtomicCheckpoints:
     """`save`, `save_weights` and `load_weights` of a `BackpropQModel` (mixed in
     before `keras.Model`): Keras' own, written atomically (`atomic_write`),
@@ -582,7 +597,7 @@ class AtomicCheckpoints:
     def _check_savable(self, what):
         self.build_training_state()
         variables = list(self.variables)
-        for optimizer in (getattr(self, "optimizer", None), self.critic_optimizer):
+        for optimizer, _ in optimizers(self):
             if optimizer is not None:
                 variables += list(optimizer.variables)
         check_finite(variables, f"{what} of {self.name!r}")
