@@ -312,7 +312,7 @@ class _LoggedGuard(keras.callbacks.Callback):
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
-class LoggedModel(keras.Model):
+class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
     """Trains a stochastic policy from logged feedback with `compile()` / `fit()`.
 
     ```python
@@ -345,6 +345,11 @@ class LoggedModel(keras.Model):
     `FloatingPointError` naming that variable. `evaluate` reports the same
     estimates without training, and raises like `fit` for invalid data. Runs
     on one device.
+
+    `save`, `save_weights` and `load_weights` are a `BackpropQModel`'s
+    (`saving.AtomicCheckpoints`): a file is written atomically (a killed save
+    leaves the previous one), with both optimizers' slots, and a model
+    holding a NaN or inf is refused, naming the variables.
 
     Args:
       policy: a functional Keras model (a `BackpropQModel` built with
@@ -559,12 +564,19 @@ class LoggedModel(keras.Model):
     def metrics(self) -> List[keras.metrics.Metric]:
         return [self.loss_tracker, self.critic_loss_tracker]
 
-    def build_optimizers(self) -> None:
-        """Creates both optimizers' slots for the policy's and the critic's weights."""
-        if self.optimizer is not None and not self.optimizer.built:
+    def build_training_state(self) -> bool:
+        """Creates now what training creates on first use: both optimizers'
+        slots for the policy's and the critic's weights (the critic is built
+        with the model). Saving, loading and `fit` call it, so every
+        checkpoint has the layout of a model that has trained. Returns False
+        (doing nothing) while the model is not compiled."""
+        if getattr(self, "optimizer", None) is None:
+            return False
+        if not self.optimizer.built:
             self.optimizer.build(self.policy_variables)
-        if self.critic_optimizer is not None and not self.critic_optimizer.built:
+        if not self.critic_optimizer.built:
             self.critic_optimizer.build(self.critic_variables)
+        return True
 
     def step_variables(self) -> List[Tuple[tf.Variable, str]]:
         """`[(variable, role)]`: every variable a training step may write (the
@@ -680,12 +692,12 @@ class LoggedModel(keras.Model):
         return logs
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        self.build_optimizers()
+        self.build_training_state()
         callbacks = [_LoggedGuard()] + list(kwargs.pop("callbacks", None) or [])
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        self.build_optimizers()
+        self.build_training_state()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_skipped()
         return logs
@@ -726,7 +738,7 @@ class LoggedModel(keras.Model):
         """Recompiles a loaded model and creates both optimizers' slots."""
         config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
         self.compile(**{k: v for k, v in config.items() if v is not None})
-        self.build_optimizers()
+        self.build_training_state()
 
 
 def _status(out, gradients=()):

@@ -590,9 +590,16 @@ def optimizers(
 
 
 class AtomicCheckpoints:
-    """`save`, `save_weights` and `load_weights` of a `BackpropQModel` (mixed in
-    before `keras.Model`): Keras' own, written atomically (`atomic_write`),
-    with the training state, refusing non-finite values (`check_finite`)."""
+    """`save`, `save_weights` and `load_weights` of a `BackpropQModel` or a
+    `logged.LoggedModel` (mixed in before `keras.Model`): Keras' own, written
+    atomically (`atomic_write`), with the training state, refusing
+    non-finite values (`check_finite`) in the model's variables and its
+    `optimizers`.
+
+    The model provides `build_training_state()`, which creates every variable
+    that training creates on first use (so that each checkpoint has the
+    layout of a model that has trained) and returns whether the model is
+    compiled, and its `optimizer` and `critic_optimizer`."""
 
     def _check_savable(self, what):
         self.build_training_state()
