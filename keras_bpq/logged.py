@@ -754,10 +754,7 @@ def _trace(policy, node):
     ValueError naming what is wrong otherwise."""
     spec = policy.input_signature() if hasattr(policy, "input_signature") else None
     if spec is None and getattr(policy, "inputs", None):
-        spec = tf.nest.map_structure(
-            lambda t: tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype),
-            _keras_compat.functional_inputs(policy),
-        )
+        spec = tf.nest.map_structure(graph.batchless_spec, _keras_compat.functional_inputs(policy))
     if spec is None:
         raise ValueError(
             f"LoggedModel: policy {policy.name!r} does not know its inputs; build it as a "
