@@ -343,7 +343,8 @@ def test_cost_named_like_a_compiled_metric_fails_before_training():
 
 
 def test_history_loss_is_the_total_objective():
-    """`loss` is the batch mean of every cost (compiled ones too), each logged apart."""
+    """`loss` is the batch mean of every cost (compiled ones too), each logged
+    apart: in `evaluate`'s logs and in `fit`'s History, epoch by epoch."""
     model = named_costs_model(lambda z, x, out: {"recon": _sum(keras.ops.square(out - x)), "bits_used": _sum(z)})
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     x = inputs(8)
@@ -351,6 +352,32 @@ def test_history_loss_is_the_total_objective():
     assert {"recon", "bits_used", "output_loss"} <= set(result)
     total = result["recon"] + result["bits_used"] + result["output_loss"]
     np.testing.assert_allclose(result["loss"], total, rtol=1e-5)
+    history = model.fit(x, x, batch_size=8, epochs=3, verbose=0).history
+    assert {"recon", "bits_used", "output_loss"} <= set(history)
+    total = np.add(np.add(history["recon"], history["bits_used"]), history["output_loss"])
+    np.testing.assert_allclose(history["loss"], total, rtol=1e-5)
+
+
+def test_cost_named_like_the_compiled_loss_of_a_dict_output_fails_at_compile():
+    """With `compile(loss={key: ...})` on a model of dict outputs, the loss of
+    output `key` is logged as `<key>_loss`: a cost of that name is refused,
+    naming it; a compiled loss on the other output only leaves it alone."""
+
+    def model():
+        x = keras.Input((3,))
+        z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2, name="enc")(x))
+        out = {"recon": keras.layers.Dense(3, name="recon")(z), "aux": keras.layers.Dense(3, name="aux")(z)}
+        return keras_bpq.BackpropQModel(inputs=x, outputs=out, costs={"recon_loss": _sum(z)}, name="dictm")
+
+    clashing = model()
+    with pytest.raises(ValueError, match=r"Cost 'recon_loss' \(costs= of the constructor\) has the name that compile\(loss=...\) gives the loss of an output.* 'recon_loss_cost'"):
+        clashing.compile(optimizer="sgd", loss={"recon": "mse", "aux": "mse"})
+    apart = model()
+    apart.compile(optimizer=keras.optimizers.SGD(0.0), loss={"aux": "mse"})
+    x = inputs(8)
+    logs = apart.evaluate(x, {"aux": x}, batch_size=8, verbose=0, return_dict=True)
+    assert {"recon_loss", "aux_loss"} <= set(logs)
+    np.testing.assert_allclose(logs["loss"], logs["recon_loss"] + logs["aux_loss"], rtol=1e-5)
 
 
 # -- nothing non-finite is ever written -------------------------------------------
