@@ -216,9 +216,7 @@ class StepReports:
 
     def _step_variables(self):
         return step_variables(
-            self.weights, self.training_state, self.critic_variables,
-            [(getattr(self, "optimizer", None), "actor optimizer variable"),
-             (self.critic_optimizer, "critic optimizer variable")],
+            self.weights, self.training_state, self.critic_variables, saving_lib.optimizers(self)
         )
 
     @contextlib.contextmanager

@@ -57,6 +57,7 @@ from keras_bpq import callbacks as callbacks_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import distribute
 from keras_bpq import graph
+from keras_bpq import saving as saving_lib
 
 LOGGED_KEYS = ("action", "propensity", "cost")
 MAX_SUPPORT = 1024
@@ -311,7 +312,7 @@ class _LoggedGuard(keras.callbacks.Callback):
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
-class LoggedModel(keras.Model):
+class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
     """Trains a stochastic policy from logged feedback with `compile()` / `fit()`.
 
     ```python
@@ -344,6 +345,11 @@ class LoggedModel(keras.Model):
     `FloatingPointError` naming that variable. `evaluate` reports the same
     estimates without training, and raises like `fit` for invalid data. Runs
     on one device.
+
+    `save`, `save_weights` and `load_weights` are a `BackpropQModel`'s
+    (`saving.AtomicCheckpoints`): a file is written atomically (a killed save
+    leaves the previous one), with both optimizers' slots, and a model
+    holding a NaN or inf is refused, naming the variables.
 
     Args:
       policy: a functional Keras model (a `BackpropQModel` built with
@@ -558,12 +564,19 @@ class LoggedModel(keras.Model):
     def metrics(self) -> List[keras.metrics.Metric]:
         return [self.loss_tracker, self.critic_loss_tracker]
 
-    def build_optimizers(self) -> None:
-        """Creates both optimizers' slots for the policy's and the critic's weights."""
-        if self.optimizer is not None and not self.optimizer.built:
+    def build_training_state(self) -> bool:
+        """Creates now what training creates on first use: both optimizers'
+        slots for the policy's and the critic's weights (the critic is built
+        with the model). Saving, loading and `fit` call it, so every
+        checkpoint has the layout of a model that has trained. Returns False
+        (doing nothing) while the model is not compiled."""
+        if getattr(self, "optimizer", None) is None:
+            return False
+        if not self.optimizer.built:
             self.optimizer.build(self.policy_variables)
-        if self.critic_optimizer is not None and not self.critic_optimizer.built:
+        if not self.critic_optimizer.built:
             self.critic_optimizer.build(self.critic_variables)
+        return True
 
     def step_variables(self) -> List[Tuple[tf.Variable, str]]:
         """`[(variable, role)]`: every variable a training step may write (the
@@ -573,7 +586,7 @@ class LoggedModel(keras.Model):
         report = (self.status, self.status_row)  # written after the check
         return callbacks_lib.step_variables(
             [v for v in self.weights if not any(v is r for r in report)], None, self.critic_variables,
-            [(self.optimizer, "policy optimizer variable"), (self.critic_optimizer, "critic optimizer variable")],
+            saving_lib.optimizers(self, "policy"),
         )
 
     def train_step(self, data: Any) -> Dict[str, Any]:
@@ -679,12 +692,12 @@ class LoggedModel(keras.Model):
         return logs
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        self.build_optimizers()
+        self.build_training_state()
         callbacks = [_LoggedGuard()] + list(kwargs.pop("callbacks", None) or [])
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        self.build_optimizers()
+        self.build_training_state()
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_skipped()
         return logs
@@ -725,7 +738,7 @@ class LoggedModel(keras.Model):
         """Recompiles a loaded model and creates both optimizers' slots."""
         config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
         self.compile(**{k: v for k, v in config.items() if v is not None})
-        self.build_optimizers()
+        self.build_training_state()
 
 
 def _status(out, gradients=()):
@@ -741,10 +754,7 @@ def _trace(policy, node):
     ValueError naming what is wrong otherwise."""
     spec = policy.input_signature() if hasattr(policy, "input_signature") else None
     if spec is None and getattr(policy, "inputs", None):
-        spec = tf.nest.map_structure(
-            lambda t: tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype),
-            _keras_compat.functional_inputs(policy),
-        )
+        spec = tf.nest.map_structure(graph.batchless_spec, _keras_compat.functional_inputs(policy))
     if spec is None:
         raise ValueError(
             f"LoggedModel: policy {policy.name!r} does not know its inputs; build it as a "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ import warnings
 import weakref
 import zipfile
 import zlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -194,13 +195,23 @@ def atomic_target(filepath: Any, suffix: str, overwrite: bool) -> bool:
 # A save writes into a folder of its own beside the file, named
 # `.tmp-keras_bpq-<pid>-<8 hex digits>-<file name>`, holding the file being
 # written and `lock`, which the saving process holds (flock) until it is done.
-# A folder of that name whose lock nobody holds is left by a killed save.
+# Where the file's folder is read-only, the folder is in the system's
+# temporary folder (`tempfile.gettempdir()`), its name ending in
+# `<16 hex digits>-<file name>`, the digits naming the file's full path
+# (`_elsewhere`). A folder of either name whose lock nobody holds is left by a
+# killed save.
 _TEMPORARY = re.compile(r"\.tmp-keras_bpq-[0-9]+-[0-9a-f]{8}-(?P<base>.+)", re.DOTALL)
 _LOCK = "lock"
 
 
 def _temporary_folder(directory, base):
     return os.path.join(directory, f".tmp-keras_bpq-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+
+
+def _elsewhere(target):
+    """The end of the name of a temporary folder for `target` (a real path) in
+    the system's temporary folder: its file name after a digest of its path."""
+    return f"{hashlib.sha256(os.fsencode(target)).hexdigest()[:16]}-{os.path.basename(target)}"
 
 
 def _remove_folder(folder, base):
@@ -216,13 +227,9 @@ def _remove_folder(folder, base):
     return True
 
 
-def remove_leftovers(filepath: PathLike) -> List[str]:
-    """Removes what killed saves to `filepath` (through symlinks) left beside
-    it: our temporary folders for that file name whose lock no live process
-    holds. A save in progress, in this process or another, holds its lock and
-    is left alone; nothing not named and locked as ours is touched. Returns the
-    paths removed."""
-    directory, base = os.path.split(os.path.realpath(os.fspath(filepath)))
+def _remove_unlocked(directory, ending, base):
+    """Removes our temporary folders in `directory` whose names end in
+    `ending` and whose lock no live process holds; returns their paths."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -230,7 +237,7 @@ def remove_leftovers(filepath: PathLike) -> List[str]:
         return removed
     for name in names:
         match = _TEMPORARY.fullmatch(name)
-        if match is None or match.group("base") != base:
+        if match is None or match.group("base") != ending:
             continue
         folder = os.path.join(directory, name)
         try:
@@ -248,6 +255,20 @@ def remove_leftovers(filepath: PathLike) -> List[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def remove_leftovers(filepath: PathLike) -> List[str]:
+    """Removes what killed saves to `filepath` (through symlinks) left: our
+    temporary folders for that file, beside it or (where its folder is
+    read-only) in the system's temporary folder, whose lock no live process
+    holds. A save in progress, in this process or another, holds its lock and
+    is left alone; nothing not named and locked as ours is touched. Returns
+    the paths removed."""
+    target = os.path.realpath(os.fspath(filepath))
+    directory, base = os.path.split(target)
+    return _remove_unlocked(directory, base, base) + _remove_unlocked(
+        tempfile.gettempdir(), _elsewhere(target), base
+    )
 
 
 def _fsync(path, flags=os.O_RDONLY):
@@ -268,7 +289,8 @@ def atomic_write(filepath: PathLike) -> Iterator[str]:
     """Yields a temporary path with the file name of `filepath`; once the block
     has written it completely, puts it in place of `filepath`. On error or
     interruption `filepath` keeps its previous content, and the temporary file
-    is removed (a killed save's is removed by the next save to `filepath`).
+    is removed (a killed save's is removed by the next save to `filepath`,
+    `remove_leftovers`).
 
     Keeps the semantics of `keras.Model.save`, which writes `filepath` in
     place:
@@ -278,10 +300,11 @@ def atomic_write(filepath: PathLike) -> Iterator[str]:
       and a new file in a folder it may not write too.
     * The file keeps its permission bits (and its owner where the process may
       set it).
-    * Where the file cannot be replaced in one step (its folder is read-only,
-      or it has other hard links) the whole file is first written elsewhere,
-      then copied over `filepath` in place; only a kill during that copy can
-      leave it partial.
+    * Where the file cannot be replaced in one step (it has other hard links,
+      or its folder is read-only) the whole file is first written beside it
+      (in the system's temporary folder, `tempfile.gettempdir()`, where its
+      folder is read-only), then copied over `filepath` in place; only a kill
+      during that copy can leave it partial.
     """
     target = os.path.realpath(os.fspath(filepath))
     directory, base = os.path.split(target)
@@ -289,28 +312,26 @@ def atomic_write(filepath: PathLike) -> Iterator[str]:
     if existing is not None:
         os.close(os.open(target, os.O_WRONLY))  # a read-only file raises, as in Keras
     remove_leftovers(target)
-    lock = None
     in_place = existing is not None and existing.st_nlink > 1
-    if not in_place:
-        folder = _temporary_folder(directory, base)
-        try:
-            os.mkdir(folder, 0o700)
-        except OSError as error:
-            # Keras writes an existing file in place even in a read-only folder.
-            if existing is None or not isinstance(error, PermissionError):
-                raise type(error)(error.errno, error.strerror, target) from None
-            in_place = True
-    if in_place:
-        folder = tempfile.mkdtemp(prefix=".tmp-keras_bpq-")
-    else:
-        try:
-            lock = os.open(os.path.join(folder, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except BaseException:
-            if lock is not None:
-                os.close(lock)
-            _remove_folder(folder, base)
-            raise
+    folder = _temporary_folder(directory, base)
+    try:
+        os.mkdir(folder, 0o700)
+    except OSError as error:
+        # Keras writes an existing file in place even in a read-only folder.
+        if existing is None or not isinstance(error, PermissionError):
+            raise type(error)(error.errno, error.strerror, target) from None
+        folder = _temporary_folder(tempfile.gettempdir(), _elsewhere(target))
+        os.mkdir(folder, 0o700)
+        in_place = True
+    lock = None
+    try:
+        lock = os.open(os.path.join(folder, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        _remove_folder(folder, base)
+        raise
     temporary = os.path.join(folder, base)
     try:
         yield temporary
@@ -328,11 +349,8 @@ def atomic_write(filepath: PathLike) -> Iterator[str]:
             os.replace(temporary, target)
             _fsync(directory)
     finally:
-        if in_place:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            _remove_folder(folder, base)
-            os.close(lock)
+        _remove_folder(folder, base)
+        os.close(lock)
 
 
 # -- loading -------------------------------------------------------------------
@@ -574,15 +592,37 @@ def explained_load_errors(
 
 
 # -- the model's save methods -------------------------------------------------
+def optimizers(
+    model: keras.Model, main: str = "actor"
+) -> List[Tuple[Optional[keras.optimizers.Optimizer], str]]:
+    """`[(optimizer or None, role)]`: the two optimizers of a model (a
+    `BackpropQModel`, a `logged.LoggedModel`), whose variables a training step
+    writes and a checkpoint holds: `model.optimizer` (role `"<main> optimizer
+    variable"`) and `model.critic_optimizer` (`"critic optimizer variable"`);
+    None where the model is not compiled. The roles name the variables in
+    errors (`callbacks.step_variables`)."""
+    return [
+        (getattr(model, "optimizer", None), f"{main} optimizer variable"),
+        (model.critic_optimizer, "critic optimizer variable"),
+    ]
+
+
 class AtomicCheckpoints:
-    """`save`, `save_weights` and `load_weights` of a `BackpropQModel` (mixed in
-    before `keras.Model`): Keras' own, written atomically (`atomic_write`),
-    with the training state, refusing non-finite values (`check_finite`)."""
+    """`save`, `save_weights` and `load_weights` of a `BackpropQModel` or a
+    `logged.LoggedModel` (mixed in before `keras.Model`): Keras' own, written
+    atomically (`atomic_write`), with the training state, refusing
+    non-finite values (`check_finite`) in the model's variables and its
+    `optimizers`.
+
+    The model provides `build_training_state()`, which creates every variable
+    that training creates on first use (so that each checkpoint has the
+    layout of a model that has trained) and returns whether the model is
+    compiled, and its `optimizer` and `critic_optimizer`."""
 
     def _check_savable(self, what):
         self.build_training_state()
         variables = list(self.variables)
-        for optimizer in (getattr(self, "optimizer", None), self.critic_optimizer):
+        for optimizer, _ in optimizers(self):
             if optimizer is not None:
                 variables += list(optimizer.variables)
         check_finite(variables, f"{what} of {self.name!r}")

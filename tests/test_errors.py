@@ -1,6 +1,7 @@
 """Bad input fails early with an error naming the culprit, and never corrupts weights."""
 
 import os
+import re
 import tempfile
 
 import keras
@@ -343,7 +344,8 @@ def test_cost_named_like_a_compiled_metric_fails_before_training():
 
 
 def test_history_loss_is_the_total_objective():
-    """`loss` is the batch mean of every cost (compiled ones too), each logged apart."""
+    """`loss` is the batch mean of every cost (compiled ones too), each logged
+    apart: in `evaluate`'s logs and in `fit`'s History, epoch by epoch."""
     model = named_costs_model(lambda z, x, out: {"recon": _sum(keras.ops.square(out - x)), "bits_used": _sum(z)})
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     x = inputs(8)
@@ -351,6 +353,32 @@ def test_history_loss_is_the_total_objective():
     assert {"recon", "bits_used", "output_loss"} <= set(result)
     total = result["recon"] + result["bits_used"] + result["output_loss"]
     np.testing.assert_allclose(result["loss"], total, rtol=1e-5)
+    history = model.fit(x, x, batch_size=8, epochs=3, verbose=0).history
+    assert {"recon", "bits_used", "output_loss"} <= set(history)
+    total = np.add(np.add(history["recon"], history["bits_used"]), history["output_loss"])
+    np.testing.assert_allclose(history["loss"], total, rtol=1e-5)
+
+
+def test_cost_named_like_the_compiled_loss_of_a_dict_output_fails_at_compile():
+    """With `compile(loss={key: ...})` on a model of dict outputs, the loss of
+    output `key` is logged as `<key>_loss`: a cost of that name is refused,
+    naming it; a compiled loss on the other output only leaves it alone."""
+
+    def model():
+        x = keras.Input((3,))
+        z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2, name="enc")(x))
+        out = {"recon": keras.layers.Dense(3, name="recon")(z), "aux": keras.layers.Dense(3, name="aux")(z)}
+        return keras_bpq.BackpropQModel(inputs=x, outputs=out, costs={"recon_loss": _sum(z)}, name="dictm")
+
+    clashing = model()
+    with pytest.raises(ValueError, match=r"Cost 'recon_loss' \(costs= of the constructor\) has the name that compile\(loss=...\) gives the loss of an output.* 'recon_loss_cost'"):
+        clashing.compile(optimizer="sgd", loss={"recon": "mse", "aux": "mse"})
+    apart = model()
+    apart.compile(optimizer=keras.optimizers.SGD(0.0), loss={"aux": "mse"})
+    x = inputs(8)
+    logs = apart.evaluate(x, {"aux": x}, batch_size=8, verbose=0, return_dict=True)
+    assert {"recon_loss", "aux_loss"} <= set(logs)
+    np.testing.assert_allclose(logs["loss"], logs["recon_loss"] + logs["aux_loss"], rtol=1e-5)
 
 
 # -- nothing non-finite is ever written -------------------------------------------
@@ -400,6 +428,75 @@ def test_huge_finite_cost_never_leaves_a_non_finite_value(scale, estimator, jit_
         np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
     # The checkpoint guard agrees: nothing non-finite to refuse.
     model.save_weights(os.path.join(tempfile.mkdtemp(), "huge.weights.h5"))
+
+
+def huge_chain(scale):
+    """z1 -> z2 -> 'huge' = scale * |dec(z2) - x|^2: z1's learned critic (with
+    its target copy and the critic optimizer's slots) regresses on huge targets."""
+    x = keras.Input((3,))
+    z1 = keras_bpq.Bernoulli(name="z1", seed=1)(keras.layers.Dense(2, name="enc1")(x))
+    z2 = keras_bpq.Bernoulli(name="z2", seed=2)(keras.layers.Dense(2, name="enc2")(z1))
+    h = keras.layers.Dense(3, name="dec")(z2)
+    cost = scale * keras.ops.sum(keras.ops.square(h - x), axis=-1)
+    return keras_bpq.BackpropQModel(inputs=x, outputs=h, costs={"huge": cost}, name="hugem")
+
+
+def assert_skip_is_true(model, x, error):
+    """The `FloatingPointError` of an undone step says what happened: every
+    cost was finite (as it is on `x`), and the variable it names has the role
+    it gives it."""
+    found = re.search(
+        r"'hugem': the update would have written a non-finite value \(NaN or inf\) into (?P<role>.+?) "
+        r"'(?P<path>[^']+)', although every cost was finite", str(error),
+    )
+    assert found, str(error)
+    costs = model.run_forward(tf.constant(x), training=True).costs
+    assert all(np.all(np.isfinite(c.numpy())) for c in costs.values())
+    roles = {
+        "weight": model.actor_variables,
+        "critic weight": model.critic_variables,
+        "critic target copy": model.training_state.non_trainable_weights,
+        "actor optimizer variable": model.optimizer.variables,
+        "critic optimizer variable": model.critic_optimizer.variables,
+    }
+    assert found["role"] in roles, str(error)
+    assert found["path"] in [v.path for v in roles[found["role"]]], str(error)
+
+
+@pytest.mark.parametrize("jit_compile, steps_per_execution", [(False, 1), (True, 2)], ids=["graph", "xla_spe2"])
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_huge_finite_cost_under_mixed_precision_never_leaves_a_non_finite_value(
+    policy, scale, jit_compile, steps_per_execution, tmp_path
+):
+    """`test_huge_finite_cost_never_leaves_a_non_finite_value` under the 16-bit
+    policies, with a learned critic: every step is undone whole (weights,
+    critics, target copies, both optimizers' slots, the loss scale, estimator
+    state), and the error says truly what it would have written."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = huge_chain(scale)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01), estimator="critic_cv", critic_hidden_units=(8,),
+            jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model.build_training_state()
+    assert model.critic_variables and model.critic_optimizer.variables
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+    before = [v.numpy().copy() for v in everything(model)]
+    x = inputs(8)
+    with pytest.raises(FloatingPointError) as error:
+        model.fit(x, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    assert_skip_is_true(model, x[:4], error.value)
+    with pytest.raises(FloatingPointError) as error:
+        model.train_on_batch(x[:4])
+    assert_skip_is_true(model, x[:4], error.value)
+    for variable, value in zip(everything(model), before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+    model.save_weights(tmp_path / "huge.weights.h5")  # nothing non-finite to refuse
 
 
 def test_undone_step_names_the_optimizer_slot_that_overflowed():

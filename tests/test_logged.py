@@ -407,3 +407,121 @@ def test_critic_schedule_is_saved_and_checked(tmp_path):
             learner.compile(**bad)
     with pytest.raises(ValueError, match="no trainable critic"):
         logged.LoggedModel(bandit_policy(), node="action", estimator="ips").compile(critic_warmup_steps=10)
+
+
+# -- saving: atomic, never a NaN or inf ---------------------------------------------
+def trained_learner():
+    keras.utils.set_random_seed(2)
+    learner = logged.LoggedModel(bandit_policy(), node="action", name="savem")
+    learner.compile(optimizer=keras.optimizers.Adam(0.05))
+    x, t = draw_log(np.random.default_rng(12), 40)
+    learner.fit(x, t, batch_size=20, epochs=1, verbose=0)
+    return learner
+
+
+def theta_of(path):
+    """The policy kernel of the `LoggedModel` saved in `path` (`.keras` or `.weights.h5`)."""
+    if str(path).endswith(".keras"):
+        return keras.saving.load_model(path).policy.get_layer("theta").kernel.numpy()
+    reader = trained_learner()
+    reader.load_weights(path)
+    return reader.policy.get_layer("theta").kernel.numpy()
+
+
+@pytest.mark.parametrize("name", ["learner.keras", "learner.weights.h5"])
+def test_logged_model_saves_atomically_and_refuses_non_finite_values(tmp_path, name):
+    """A `LoggedModel` saves as a `BackpropQModel` does (`saving.AtomicCheckpoints`):
+    Keras writes a temporary file beside the target, which is renamed over it;
+    an interrupted save leaves the previous file and nothing else; a NaN or inf
+    in a weight, critic weight or optimizer slot is refused, naming it."""
+    learner = trained_learner()
+    path = tmp_path / name
+    method = "save" if name.endswith(".keras") else "save_weights"
+    save = getattr(learner, method)
+    original = getattr(keras.Model, method)
+    written = []
+
+    def recording(self, filepath, *args, **kwargs):
+        written.append(os.fspath(filepath))
+        return original(self, filepath, *args, **kwargs)
+
+    def interrupted(self, filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    theta = learner.policy.get_layer("theta").kernel
+    saved = theta.numpy()
+    setattr(keras.Model, method, recording)
+    try:
+        save(path)
+    finally:
+        setattr(keras.Model, method, original)
+    (temporary,) = written
+    assert temporary != os.fspath(path) and os.path.basename(temporary) == name
+    assert os.path.basename(os.path.dirname(temporary)).startswith(".tmp-keras_bpq-")
+    assert os.listdir(tmp_path) == [name]
+    before = path.read_bytes()
+
+    theta.assign(saved + 1.0)
+    setattr(keras.Model, method, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save(path)
+    finally:
+        setattr(keras.Model, method, original)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [name]
+
+    slot = next(v for v in learner.critic_optimizer.variables if v.path.endswith("_momentum"))
+    for variable in (theta, learner.critic_variables[0], slot):
+        good = variable.numpy()
+        variable.assign(np.full(good.shape, np.nan, good.dtype))
+        with pytest.raises(ValueError, match=rf"Refusing to save .* of 'savem': variables \['{re.escape(variable.path)}'\] hold NaN or inf"):
+            save(path)
+        variable.assign(good)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [name]
+    np.testing.assert_array_equal(theta_of(path), saved)
+
+
+KILLED = r'''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import keras
+import test_logged as tl
+
+path = sys.argv[2]
+learner = tl.trained_learner()
+learner.policy.get_layer("theta").kernel.assign(tl.THETA + 1.0)
+method = "save" if path.endswith(".keras") else "save_weights"
+
+def dying(self, filepath, *args, **kwargs):  # killed while Keras writes the file
+    with open(filepath, "wb") as f:
+        f.write(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(keras.Model, method, dying)
+getattr(learner, method)(path)
+'''
+
+
+@pytest.mark.parametrize("name", ["learner.keras", "learner.weights.h5"])
+def test_logged_model_save_killed_midway_leaves_the_previous_file(tmp_path, name):
+    learner = trained_learner()
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / name
+    method = "save" if name.endswith(".keras") else "save_weights"
+    getattr(learner, method)(path)
+    saved = learner.policy.get_layer("theta").kernel.numpy()
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(tests), os.environ.get("PYTHONPATH")) if p))
+    killed = subprocess.run([sys.executable, str(script), tests, str(path)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    np.testing.assert_array_equal(theta_of(path), saved)  # the previous file, whole
+    assert set(os.listdir(folder)) != {name}  # the kill left its temporary folder
+    getattr(learner, method)(path)  # the next save removes it
+    assert os.listdir(folder) == [name]

@@ -161,8 +161,8 @@ def test_every_estimator_trains_and_passes_the_gradient_check_under_each_policy(
     """Each estimator serves its node under the policy: the gradient estimate
     agrees with enumeration (bundles of estimators unbiased whatever the
     critics' state; 500 draws, 4 standard errors plus `rounding_slack`) and a
-    few training steps leave every weight, critic, optimizer slot and
-    estimator state finite."""
+    few training steps leave every weight, critic, estimator state and slot
+    of both optimizers (the actor's and the critics') finite."""
     graph, factories, num_samples, unbiased = BUNDLES[bundle]
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
@@ -193,7 +193,10 @@ def test_every_estimator_trains_and_passes_the_gradient_check_under_each_policy(
         keras.mixed_precision.set_global_policy(previous)
     for key, values in history.history.items():
         assert np.isfinite(values).all(), key
-    for variable in model.weights + model.training_state.weights + model.optimizer.variables:
+    variables = (
+        model.weights + model.training_state.weights + model.optimizer.variables + model.critic_optimizer.variables
+    )
+    for variable in variables:
         assert np.isfinite(keras.ops.convert_to_numpy(variable)).all(), variable.path
     assert any(not np.allclose(s, v.numpy()) for s, v in zip(start, model.actor_variables))
     if tuned:

@@ -10,7 +10,9 @@ up to 1e30, batch sizes from 1 and precision policies:
   estimator state finite, or is skipped whole with a message that is true.
 
 The CI profile (tests/conftest.py, the default) keeps the file under a minute;
-run more examples by hand with `--hypothesis-profile=long`.
+run more examples by hand with `--hypothesis-profile=long`. Every profile runs
+the train step's extremes (`EXTREME_LOGITS`, costs of 1e30, both 16-bit
+policies) as explicit examples.
 """
 
 import re
@@ -19,6 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -149,7 +152,14 @@ TRUE_SKIPS = (
 def cost_can_overflow(policy, scale):
     """Whether the cost of `step_model` can be non-finite: its inputs are cast
     to the compute dtype, where `scale` may not fit (float16 tops at 65504)."""
-    return policy == "mixed_float16" and not np.isfinite(np.float16(scale))
+    return policy == "mixed_float16" and scale > float(np.finfo(np.float16).max)
+
+
+# The extremes, run on every profile besides the drawn examples (the CI
+# profile draws only SLOW_EXAMPLES): logits of +-1e4 with the largest one
+# masked, costs of 1e30, under both 16-bit policies.
+EXTREME_LOGITS = np.array([[1e4, -1e4, 1e4], [-1e4, 1e4, -1e4]], np.float32)
+EXTREME_MASK = np.array([[False, True, True], [True, False, True]])
 
 
 @settings(max_examples=SLOW_EXAMPLES)
@@ -159,6 +169,8 @@ def cost_can_overflow(policy, scale):
     logits_and_mask(outcomes=OUTCOMES),
     st.integers(0, 30),
 )
+@example(("reinforce", "mixed_float16"), (EXTREME_LOGITS, EXTREME_MASK), 30)
+@example(("critic_cv", "mixed_bfloat16"), (EXTREME_LOGITS, EXTREME_MASK), 30)
 def test_a_train_step_leaves_everything_finite_or_is_skipped_truthfully(setting, data, exponent):
     logits, mask = data
     model = step_model(*setting)

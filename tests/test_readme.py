@@ -1,5 +1,7 @@
-"""The README's usage and replay snippets run as written."""
+"""The README's usage and replay snippets run as written, and the tests its
+Guarantees section names exist."""
 
+import ast
 import pathlib
 import re
 
@@ -31,3 +33,36 @@ def test_replay_snippet_runs():
     model = namespace["model"]
     assert int(model.training_state.replay_buffer.count.numpy()) == 40
     assert np.isfinite(model.history.history["loss"][-1])
+
+
+def guarantees():
+    return README.read_text().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+
+
+def guarantee_tests():
+    """`[(file, test)]`: the tests README.md's Guarantees section names, as
+    `file.py::test` or, after one, `::test` (same file)."""
+    section = guarantees()
+    named, current = [], None
+    for file, test in re.findall(r"`(test_\w+\.py)?::(test_\w+)`", section):
+        current = file or current
+        assert current is not None, f"README.md's Guarantees names `::{test}` before any test file"
+        named.append((current, test))
+    return named
+
+
+def test_every_test_the_guarantees_name_exists():
+    tests = README.parent / "tests"
+    named = guarantee_tests()
+    assert len(named) > 20  # the parse found the section's lists
+    defined = {}
+    for file in {file for file, _ in named}:
+        path = tests / file
+        tree = ast.parse(path.read_text(), str(path)) if path.exists() else ast.Module(body=[], type_ignores=[])
+        defined[file] = {
+            node.name for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")
+        }
+    missing = [f"{file}::{test}" for file, test in named if test not in defined[file]]
+    missing += [file for file in re.findall(r"`(test_\w+\.py)`", guarantees()) if not (tests / file).exists()]
+    assert not missing, f"README.md's Guarantees names tests that tests/ does not define: {missing}"

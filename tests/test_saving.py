@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import keras
@@ -546,6 +547,9 @@ if mode == "once":
 
     setattr(keras.Model, save.__name__, dying)
     save(path)
+elif mode == "mark 3":  # one save, mark 3
+    ts.set_mark(model, 3.0)
+    save(path)
 else:  # saves again and again, marks 2 and 3, until killed
     for i in range(10**6):
         ts.set_mark(model, 2.0 + i % 2)
@@ -601,6 +605,58 @@ def test_killed_save_leftovers_are_removed_by_the_next_save_and_nothing_else(tmp
     # Its lock released, the folder of the save that was in progress is a leftover too.
     (model.save if name.endswith(".keras") else model.save_weights)(path)
     assert others[1] not in os.listdir(folder)
+
+
+@pytest.mark.parametrize(
+    "scenario, name", [("hard link", "model.weights.h5"), ("read-only folder", "model.keras")]
+)
+def test_killed_in_place_save_leftovers_are_removed_by_the_next_save(tmp_path, scenario, name, monkeypatch):
+    """A save that cannot rename over the file (it has another hard link, or
+    its folder is read-only) writes it whole first, beside it or in the
+    system's temporary folder, then copies it in place: a kill while it
+    writes leaves the file untouched, and the next save removes what the kill
+    left, wherever it is. Run without the right to ignore file permissions."""
+    folder, temporaries = tmp_path / "models", tmp_path / "tmp"
+    folder.mkdir()
+    temporaries.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporaries))  # this process's gettempdir()
+    path = folder / name
+    model = marked_model(1.0)
+    (model.save if name.endswith(".keras") else model.save_weights)(path)
+    if scenario == "hard link":
+        os.link(path, folder / ("g" + name))
+    else:
+        os.chmod(folder, 0o555)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    prefix = ["-c", UNPRIVILEGED] if os.geteuid() == 0 else []
+    env = dict(child_env(), TMPDIR=str(temporaries))
+
+    def child(mode, *code):
+        args = [sys.executable] + prefix + (list(code) or [str(script), TESTS, str(path), mode])
+        return subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    try:
+        if scenario == "read-only folder":
+            probe = child(None, "-c", f"open({str(folder / 'probe')!r}, 'w')")
+            if probe.returncode == 0:
+                pytest.skip("file permissions do not apply here (root that cannot drop CAP_DAC_OVERRIDE)")
+        killed = child("once")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert read_mark(path) == 1.0  # the file is untouched
+        left = set(os.listdir(folder)) | set(os.listdir(temporaries))
+        assert left - {name, "g" + name}  # what the kill left
+        again = child("mark 3")
+        assert again.returncode == 0, again.stderr[-3000:]
+    finally:
+        os.chmod(folder, 0o755)
+    assert read_mark(path) == 3.0
+    assert os.listdir(temporaries) == []
+    if scenario == "hard link":
+        assert sorted(os.listdir(folder)) == sorted([name, "g" + name])
+        assert os.stat(path).st_nlink == 2 and read_mark(folder / ("g" + name)) == 3.0
+    else:
+        assert os.listdir(folder) == [name]
 
 
 def test_sigkill_during_repeated_saves_always_leaves_a_loadable_file(tmp_path):
