@@ -202,10 +202,11 @@ def without_autotuning(ds):
     With autotuning on, the end of every `fit` (the teardown of its tf.data
     iterator) waited for the autotuning thread's next wake-up, and that thread
     wakes 10 ms, 20 ms, 40 ms, ... apart from the iterator's creation: a fit's
-    wall time was rounded up to 10 ms x (2^k - 1), e.g. 1.27 s or 2.55 s, which
-    made 200-step fits read ~156 or ~78 steps/s whatever the model
-    (benchmarks/results/sbn.md, the throughput notes). The batches are the same
-    either way (stateless seeds, ordered map)."""
+    wall time was rounded up to 10 ms x (2^k - 1), so fits of a fixed number
+    of steps read the same few steps/s whatever the model
+    (benchmarks/results/sbn.md, the notes on the throughput ceiling, has the
+    measured fits). The batches are the same either way (stateless seeds,
+    ordered map)."""
     import tensorflow as tf
 
     options = tf.data.Options()
