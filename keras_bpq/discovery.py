@@ -30,10 +30,7 @@ class ScgDiscovery:
     """The SCG of a `BackpropQModel`, its estimators and its training state."""
 
     def _input_spec_from_network(self):
-        def spec(t):
-            return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
-
-        return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
+        return tf.nest.map_structure(graph.batchless_spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
     @property
@@ -86,7 +83,7 @@ class ScgDiscovery:
         compiled = self._compiled_losses
         if not self.built:
             # Build once outside any recorder: Keras may run call() to build.
-            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+            self._build_by_tracing(spec)
 
         def forward(inputs):
             return compiled.dependencies(self(inputs, training=True))
@@ -119,6 +116,11 @@ class ScgDiscovery:
                 f"nodes {self._scg.node_names} and costs {self._scg.costs}."
             )
         return scg
+
+    def _build_by_tracing(self, spec):
+        """Runs `call()` once, traced on inputs like `spec` (a structure of
+        `tf.TensorSpec`), so that its layers create their variables."""
+        tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
 
     def _rediscover(self, contexts):
         """For `compile()`: takes its `contexts=` and finds the SCG again with

@@ -391,7 +391,7 @@ class BackpropQModel(
         self._call_input_spec = spec
         if self.network is None and not self.built:
             # Subclassed: run call() once to create the layers' variables.
-            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+            self._build_by_tracing(spec)
         self.built = True
 
     def get_compile_config(self) -> Optional[Dict[str, Any]]:
