@@ -89,6 +89,17 @@ def cpu_model():
     return None
 
 
+def load_average():
+    """The 1-, 5- and 15-minute load averages now, as `os.getloadavg()` reads
+    them; None where the platform has none."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def rounded_load(load):
+    """A `load_average()` rounded to 2 decimals (None stays None)."""
+    return None if load is None else [round(x, 2) for x in load]
+
+
 def _version(package):
     try:
         return importlib.metadata.version(package)
@@ -131,7 +142,7 @@ def machine_info():
     import keras_bpq
 
     cpu = cpu_model()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = load_average()
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -142,7 +153,7 @@ def machine_info():
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
         "load_average": load,
-        "load_average_at_start": None if load is None else [round(x, 2) for x in load],
+        "load_average_at_start": rounded_load(load),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -202,10 +213,11 @@ def without_autotuning(ds):
     With autotuning on, the end of every `fit` (the teardown of its tf.data
     iterator) waited for the autotuning thread's next wake-up, and that thread
     wakes 10 ms, 20 ms, 40 ms, ... apart from the iterator's creation: a fit's
-    wall time was rounded up to 10 ms x (2^k - 1), e.g. 1.27 s or 2.55 s, which
-    made 200-step fits read ~156 or ~78 steps/s whatever the model
-    (benchmarks/results/sbn.md, the throughput notes). The batches are the same
-    either way (stateless seeds, ordered map)."""
+    wall time was rounded up to 10 ms x (2^k - 1), so fits of a fixed number
+    of steps read the same few steps/s whatever the model
+    (benchmarks/results/sbn.md, the notes on the throughput ceiling, has the
+    measured fits). The batches are the same either way (stateless seeds,
+    ordered map)."""
     import tensorflow as tf
 
     options = tf.data.Options()
@@ -238,14 +250,16 @@ def fixed_binarisation(images, seed):
 
 
 # ----------------------------------------------------------------------------- timing
+def seconds_of(fn):
+    """The wall seconds one call of `fn()` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def round_seconds(fn, rounds):
     """The wall seconds of each of `rounds` calls of `fn()`, in order."""
-    seconds = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return [seconds_of(fn) for _ in range(rounds)]
 
 
 def best_of(fn, rounds):

@@ -23,8 +23,6 @@ Writes `<out_dir>/equal_time.json` (a section per `--out_tag`, by default
 
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -71,9 +69,8 @@ def run_seed(seed, train, test):
             if clocks[name] >= max(budgets):
                 continue
             ds = common.binarised(train, FLAGS.batch_size, seed * 100_000 + len(chunks[name]))
-            start = time.perf_counter()
-            models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0)
-            seconds = time.perf_counter() - start
+            seconds = common.seconds_of(
+                lambda: models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0))
             clocks[name] += seconds
             chunks[name].append(seconds)
             step[name] += FLAGS.chunk_steps
@@ -82,7 +79,7 @@ def run_seed(seed, train, test):
             sbn.log(f"  [seed {seed}] {name}: step {step[name]} {clocks[name]:.1f} s test -ELBO {nelbo:.2f}")
     result = {}
     for name in FLAGS.arms:
-        steady = statistics.median(chunks[name][1:]) if len(chunks[name]) > 1 else chunks[name][0]
+        steady = common.median(chunks[name][1:]) if len(chunks[name]) > 1 else chunks[name][0]
         result[name] = {
             "curve": curves[name],
             "compile_seconds": max(chunks[name][0] - steady, 0.0),

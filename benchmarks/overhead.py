@@ -255,9 +255,7 @@ class Timer(keras.callbacks.Callback):
 
 
 def dataset(data):
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return tf.data.Dataset.from_tensor_slices(data).repeat().with_options(options)
+    return common.without_autotuning(tf.data.Dataset.from_tensor_slices(data).repeat())
 
 
 class Arm:
@@ -384,13 +382,13 @@ def compare(arch, estimator, data, pixels, seed):
         arm.compile_seconds = seconds - 2 * FLAGS.steps_per_execution * steady
     loads = []
     for index in range(FLAGS.rounds):
-        loads.append(os.getloadavg()[0])
+        loads.append(common.load_average()[0])
         order = arms if index % 2 == 0 else arms[::-1]
         for arm in order:
             wall, cpu, _ = arm.time(FLAGS.executions)
             arm.steady.append(wall)
             arm.steady_cpu.append(cpu)
-    loads.append(os.getloadavg()[0])
+    loads.append(common.load_average()[0])
     package = arms[0]
     result = {
         "arch": arch,
@@ -462,7 +460,7 @@ def main(argv):
             line += (f"  compile {a['package']['compile_seconds']:.1f}/{a['hand']['compile_seconds']:.1f} s"
                      f"  load {result['load_1min']['median']:.1f}")
             print(line, flush=True)
-    report["machine"]["load_average_end"] = os.getloadavg()
+    report["machine"]["load_average_end"] = common.load_average()
     report["seconds"] = time.perf_counter() - start
     common.write_json(os.path.join(out_dir, f"{FLAGS.out_name}.json"), report)
     render.write("overhead", report, os.path.join(out_dir, f"{FLAGS.out_name}.md"))

@@ -152,9 +152,6 @@ def kg_summary(results, dataset):
     runs = [r for r in results["runs"] if r["dataset"] == dataset]
     minerva = {r["seed"]: r for r in runs if r["estimator"] == "minerva"}
     rows = {}
-    def med(values):
-        return float(np.median(values))
-
     for estimator in dict.fromkeys(r["estimator"] for r in runs):
         mine = [r for r in runs if r["estimator"] == estimator]
         reach = [kg_steps_to_reach(r["curve"], minerva[r["seed"]]["curve"][-1]["hits@1"])
@@ -162,13 +159,13 @@ def kg_summary(results, dataset):
         rows[estimator] = {
             "seeds": sorted(r["seed"] for r in mine),
             "steps": mine[0]["steps"],
-            **{k: med([r["test"][k] for r in mine]) for k in KG_METRICS},
-            "dev_hits@1": med([r["curve"][-1]["hits@1"] for r in mine]),
-            "steps_per_second": med([r["steps_per_second"] for r in mine]),
-            "train_seconds": med([r["train_seconds"] for r in mine]),
-            "entities": med([r["test"].get("entities", np.nan) for r in mine]),
+            **{k: common.median([r["test"][k] for r in mine]) for k in KG_METRICS},
+            "dev_hits@1": common.median([r["curve"][-1]["hits@1"] for r in mine]),
+            "steps_per_second": common.median([r["steps_per_second"] for r in mine]),
+            "train_seconds": common.median([r["train_seconds"] for r in mine]),
+            "entities": common.median([r["test"].get("entities", np.nan) for r in mine]),
             "rankings": {
-                name: {k: med([r["test_rankings"][name][k] for r in mine]) for k in (*KG_METRICS, "entities")}
+                name: {k: common.median([r["test_rankings"][name][k] for r in mine]) for k in (*KG_METRICS, "entities")}
                 for name in mine[0].get("test_rankings", {})
             },
             "steps_to_minerva_final_dev": reach,

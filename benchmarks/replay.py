@@ -97,9 +97,8 @@ def run_arm(graph, arm, seed):
     ds = common.without_autotuning(tf.data.Dataset.from_tensor_slices(data).repeat().batch(batch))
     passes, chunk_seconds, errors = [], [], []
     for done in range(FLAGS.chunk, FLAGS.steps + 1, FLAGS.chunk):
-        start = time.perf_counter()
-        model.fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk, verbose=0)
-        chunk_seconds.append(time.perf_counter() - start)
+        chunk_seconds.append(
+            common.seconds_of(lambda: model.fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk, verbose=0)))
         passes.append(done * batch)
         errors.append(relative_mse(model, x, FLAGS.eval_rows))
     steady = float(np.median(chunk_seconds[1:]))
@@ -156,7 +155,7 @@ def main(argv):
                     f"relative MSE {curve['mse'][-1]:.4f}")
         report["graphs"][graph] = {"curves": curves, "summary": summarise(curves)}
     report["seconds"] = time.perf_counter() - started
-    report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    report["load_average_at_end"] = common.rounded_load(common.load_average())
     common.write_json(path, report)
     render.write("replay", report, md_path)
 

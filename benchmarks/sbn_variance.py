@@ -120,14 +120,17 @@ def copy_by_position(dst, src, what):
 def draw_encoder_gradients(model, x, num_draws):
     """`[num_draws, entries]` encoder gradients, in chunks; and the seconds spent."""
     index = encoder_indices(model)
-    chunks, left = [], num_draws
-    start = time.perf_counter()
-    while left > 0:
-        n = min(FLAGS.chunk, left)
-        grads = diagnostics.estimate_gradients(model, x, num_draws=n)
-        chunks.append(np.concatenate([grads[i].reshape(n, -1) for i in index], axis=1))
-        left -= n
-    seconds = time.perf_counter() - start
+    chunks = []
+
+    def draw():
+        left = num_draws
+        while left > 0:
+            n = min(FLAGS.chunk, left)
+            grads = diagnostics.estimate_gradients(model, x, num_draws=n)
+            chunks.append(np.concatenate([grads[i].reshape(n, -1) for i in index], axis=1))
+            left -= n
+
+    seconds = common.seconds_of(draw)
     return np.concatenate(chunks, axis=0), seconds
 
 
@@ -291,9 +294,8 @@ def time_training(train):
             runs[label].append(FLAGS.timing_steps / (time.perf_counter() - start))
             cpu_ms[label].append(1000 * (time.process_time() - cpu) / FLAGS.timing_steps)
             # A one-execution fit: its time is mostly the per-fit overhead.
-            start = time.perf_counter()
-            models[label].fit(data, epochs=1, steps_per_epoch=short_steps, verbose=0)
-            short[label].append(time.perf_counter() - start)
+            short[label].append(
+                common.seconds_of(lambda: models[label].fit(data, epochs=1, steps_per_epoch=short_steps, verbose=0)))
     out = {}
     for label, rates in runs.items():
         median, best = float(np.median(rates)), float(np.max(rates))
@@ -426,9 +428,8 @@ def main(argv):
     for index, checkpoint in enumerate(checkpoints):
         if checkpoint > done:
             data = binarised(train, FLAGS.batch_size, FLAGS.seed + index, repeat=True)
-            t = time.perf_counter()
-            model.fit(data, epochs=1, steps_per_epoch=checkpoint - done, verbose=0)
-            train_seconds += time.perf_counter() - t
+            train_seconds += common.seconds_of(
+                lambda: model.fit(data, epochs=1, steps_per_epoch=checkpoint - done, verbose=0))
             done = checkpoint
             log(f"[step {done}] trained ({train_seconds:.0f}s so far)")
         results.append(measure_checkpoint(model, train, test, x, checkpoint, rng))
@@ -437,9 +438,9 @@ def main(argv):
         model.fit(data, epochs=1, steps_per_epoch=FLAGS.steps - done, verbose=0)
 
     log("timing training steps")
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     timing = time_training(train)
-    load_after = os.getloadavg()
+    load_after = common.load_average()
 
     report = {
         "title": "SBN encoder gradient variance (digits)",

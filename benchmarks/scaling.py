@@ -68,18 +68,16 @@ def time_one(setup, spe, estimator, timed_steps, repeats, global_batch):
         model = build_sbn(train.shape[1], 32, 16)
         model.compile(optimizer=keras.optimizers.Adam(3e-3), estimator=estimator, steps_per_execution=spe)
     data = binarised(train, global_batch, 0, repeat=True)
-    start = time.perf_counter()
-    model.fit(data, epochs=1, steps_per_epoch=2 * spe, shuffle=False, verbose=0)
-    warmup = time.perf_counter() - start
+    warmup = common.seconds_of(lambda: model.fit(data, epochs=1, steps_per_epoch=2 * spe, shuffle=False, verbose=0))
     rates, cpu_ms, loads = [], [], []
     for _ in range(repeats):
-        load = os.getloadavg()[0]
+        load = common.load_average()[0]
         wall, cpu = time.perf_counter(), time.process_time()
         history = model.fit(data, epochs=1, steps_per_epoch=timed_steps, shuffle=False, verbose=0)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rates.append(timed_steps / wall)
         cpu_ms.append(1000 * cpu / timed_steps)
-        loads.append([load, os.getloadavg()[0]])
+        loads.append([load, common.load_average()[0]])
     return {
         "setup": setup,
         "steps_per_execution": spe,
@@ -102,7 +100,7 @@ SETUP_NAMES = {
 }
 
 
-def reading(results):
+def reading(results, cores):
     """Ratios worth stating, computed from the numbers."""
     by = {(r["estimator"], r["setup"], r["steps_per_execution"]): r["steps_per_s"] for r in results}
     lines = []
@@ -122,7 +120,7 @@ def reading(results):
                     f"{ratio:.2f}x the steps/s of one device without a strategy."
                 )
     lines.append(
-        f"Two logical devices on one machine share its cores (here {os.cpu_count()}, also used by other "
+        f"Two logical devices on one machine share its cores (here {cores}, also used by other "
         "jobs), so MirroredStrategy only adds the cost of splitting the batch and "
         "all-reducing every gradient; it pays with several GPUs or machines, not here."
     )
@@ -178,7 +176,7 @@ def main(argv):
         },
         "results": results,
         "load_range": [min(loads), max(loads)],
-        "reading": reading(results),
+        "reading": reading(results, machine["cores"]),
         "runtime_s": time.perf_counter() - start_all,
     }
     common.write_json(os.path.join(FLAGS.out_dir, "scaling.json"), report, indent=2)

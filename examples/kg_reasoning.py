@@ -356,6 +356,8 @@ class Agent:
     kg: KnowledgeGraph
     hops: int
     entropy: object = None  # EntropyBonus or None
+    # Compiled beam searches by (beam, pool, unique), filled by `beam_function`.
+    beam_functions: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
@@ -648,13 +650,12 @@ def evaluate(agent, split, beam=100, chunk=128, limit=None, pool="max", unique=T
 
 def beam_function(agent, beam, pool="max", unique=True):
     """A cached `tf.function` `(head, relation, tail, exclude) -> entity scores [Q, E]`."""
-    cache = agent.__dict__.setdefault("_beam_functions", {})
     key = (beam, pool, bool(unique))
-    if key not in cache:
-        cache[key] = tf.function(
+    if key not in agent.beam_functions:
+        agent.beam_functions[key] = tf.function(
             lambda h, r, t, x: beam_search(agent.policy, agent.hops, beam, h, r, t, x, pool, unique)["entity_scores"]
         )
-    return cache[key]
+    return agent.beam_functions[key]
 
 
 # -- training -------------------------------------------------------------------

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import graph
+
 
 def _no_targets(x):
     """A `[n, 0]` boolean array standing for "no targets" next to the `n`
@@ -81,7 +83,7 @@ def target_spec(x: Any, y: Any = None) -> Optional[Any]:
             return None
         if not all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(y)):
             return None  # elements (x, None, w), or targets that are not dense tensors
-        return tf.nest.map_structure(lambda s: tf.TensorSpec((None,) + tuple(s.shape[1:]), s.dtype), y)
+        return tf.nest.map_structure(graph.batchless_spec, y)
     if y is None or _is_no_targets(y) or not _array_like(y):
         return None
 

@@ -13,7 +13,7 @@ first use, through the same code).
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -30,10 +30,7 @@ class ScgDiscovery:
     """The SCG of a `BackpropQModel`, its estimators and its training state."""
 
     def _input_spec_from_network(self):
-        def spec(t):
-            return tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype)
-
-        return tf.nest.map_structure(spec, _keras_compat.functional_inputs(self.network))
+        return tf.nest.map_structure(graph.batchless_spec, _keras_compat.functional_inputs(self.network))
 
     # -- structure ---------------------------------------------------------
     @property
@@ -86,7 +83,7 @@ class ScgDiscovery:
         compiled = self._compiled_losses
         if not self.built:
             # Build once outside any recorder: Keras may run call() to build.
-            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+            self._build_by_tracing(spec)
 
         def forward(inputs):
             return compiled.dependencies(self(inputs, training=True))
@@ -120,6 +117,11 @@ class ScgDiscovery:
             )
         return scg
 
+    def _build_by_tracing(self, spec):
+        """Runs `call()` once, traced on inputs like `spec` (a structure of
+        `tf.TensorSpec`), so that its layers create their variables."""
+        tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+
     def _rediscover(self, contexts):
         """For `compile()`: takes its `contexts=` and finds the SCG again with
         the new options (where nothing is built from it yet; else chooses the
@@ -152,12 +154,12 @@ class ScgDiscovery:
             return self._scg_spec
         if self.network is not None:
             return self._input_spec_from_network()
-        return getattr(self, "_call_input_spec", None)
+        return self._call_input_spec
 
     def __call__(self, *args, **kwargs):
         # A subclassed model's input signature, for its build config and for
         # creating the training state before a checkpoint is restored.
-        if args and self.network is None and getattr(self, "_call_input_spec", None) is None:
+        if args and self.network is None and self._call_input_spec is None:
             try:
                 self._call_input_spec = tf.nest.map_structure(graph.batchless_spec, args[0])
             except (TypeError, ValueError, AttributeError):
@@ -210,7 +212,7 @@ class ScgDiscovery:
             critic_variables = self.critic_variables
             if critic_variables:
                 if self.critic_optimizer is None:
-                    self.critic_optimizer = keras.optimizers.Adam(1e-3)
+                    self.critic_optimizer = get_critic_optimizer()
                 self.critic_optimizer.build(critic_variables)
 
     def _resolve_estimators(self, scg):
@@ -239,6 +241,14 @@ class ScgDiscovery:
         )
         print_fn(text)
         return text
+
+
+def get_critic_optimizer(
+    identifier: Union[None, str, keras.optimizers.Optimizer] = None,
+) -> keras.optimizers.Optimizer:
+    """The critics' optimizer: `identifier` as `keras.optimizers.get` reads it,
+    or, without one, a fresh `Adam(1e-3)`."""
+    return keras.optimizers.get(identifier or keras.optimizers.Adam(1e-3))
 
 
 def _signature(spec):

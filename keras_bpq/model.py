@@ -90,6 +90,8 @@ class BackpropQModel(
         self._critic_options = critics_lib.critic_options()
         self._replay = None
         self._target_spec = None  # the targets' signature, where the data gave one
+        self._call_input_spec = None  # a subclassed model's input signature, once called or built
+        self._compile_arguments = None  # the last compile()'s arguments, for get_compile_config()
         self.critic_optimizer = None
 
     # -- forward -----------------------------------------------------------
@@ -189,7 +191,7 @@ class BackpropQModel(
         )
         replay = self._checked_replay_option(replay)
         super().compile(optimizer=optimizer, **kwargs)
-        self.critic_optimizer = keras.optimizers.get(critic_optimizer or keras.optimizers.Adam(1e-3))
+        self.critic_optimizer = discovery.get_critic_optimizer(critic_optimizer)
         self._critic_options = options
         self._replay = replay
         if int(num_samples) < 1:
@@ -391,14 +393,13 @@ class BackpropQModel(
         self._call_input_spec = spec
         if self.network is None and not self.built:
             # Subclassed: run call() once to create the layers' variables.
-            tf.function(lambda i: self(i, training=True), autograph=False).get_concrete_function(spec)
+            self._build_by_tracing(spec)
         self.built = True
 
     def get_compile_config(self) -> Optional[Dict[str, Any]]:
-        arguments = getattr(self, "_compile_arguments", None)
-        if not self.compiled or arguments is None:
+        if not self.compiled or self._compile_arguments is None:
             return super().get_compile_config()
-        return saving_lib.serialize_compile_config(arguments, self.optimizer, self.critic_optimizer)
+        return saving_lib.serialize_compile_config(self._compile_arguments, self.optimizer, self.critic_optimizer)
 
     def compile_from_config(self, config: Dict[str, Any]) -> None:
         """Recompiles a loaded model and recreates its training state (critics,

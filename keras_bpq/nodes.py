@@ -323,9 +323,9 @@ class Bernoulli(StochasticNode):
     def draw(self, dist: tfd.Distribution, seed: tf.Tensor) -> tf.Tensor:
         """`x_u = [u_u < sigmoid(logits_u)]`, `u ~ U(0, 1)` from
         `stateless_uniform`: TFP's default algorithm (`auto_select`) compiles
-        under XLA on CPU into a much slower fusion (benchmarks/results/sbn.md:
-        50 x 200 draws took 7.3-17.7 ms per call against 0.46-0.61 ms with
-        Philox)."""
+        under XLA on CPU into a much slower fusion than Philox's
+        (benchmarks/results/sbn.md, the notes on the throughput ceiling, has
+        the timings of both)."""
         return self.draw_with_noise(dist, seed)[0]
 
     def draw_with_noise(self, dist: tfd.Distribution, seed: tf.Tensor) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:

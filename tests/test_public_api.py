@@ -71,9 +71,25 @@ def test_accessors_read_without_side_effects():
 # NamedTuple's own API (`_fields`, `_asdict`, ...) is public despite its underscore.
 _NAMEDTUPLE_API = {"_fields", "_field_defaults", "_asdict", "_replace", "_make"}
 
+# The dunder names Python itself gives objects, classes, functions and modules
+# (`__name__`, `__class__`, `__init__`, `__spec__`, ...), plus the module and
+# wrapper attributes it sets on import and by `functools.wraps`/binding. Any
+# other dunder (`tf.__internal__`) is a library's private API, and `__dict__`
+# is an object's private state, read on `self` alone.
+_PYTHON_DUNDERS = (
+    set(dir(object)) | set(dir(type)) | set(dir(types.FunctionType)) | set(dir(types.ModuleType("m")))
+    | {"__file__", "__version__", "__wrapped__", "__self__", "__func__"}
+) - {"__dict__"}
+
+# Keras' and TensorFlow's implementation packages, as modules and as attributes.
+_INTERNAL_PACKAGES = ("keras.src", "tensorflow.python")
+_INTERNAL_ATTRIBUTES = {("keras", "src"), ("tf", "python"), ("tensorflow", "python")}
+
 
 def _private(name):
-    return name.startswith("_") and not name.endswith("__") and name not in _NAMEDTUPLE_API
+    if name.startswith("__") and name.endswith("__"):
+        return name not in _PYTHON_DUNDERS
+    return name.startswith("_") and name not in _NAMEDTUPLE_API
 
 
 def _owner_is_own(node):
@@ -83,25 +99,53 @@ def _owner_is_own(node):
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
 
 
+def _internal_module(name):
+    return any(name == package or name.startswith(package + ".") for package in _INTERNAL_PACKAGES)
+
+
+def _internal_import(node):
+    """`import keras.src...`, `from tensorflow.python... import x`, `from keras import src`."""
+    if isinstance(node, ast.Import):
+        return any(_internal_module(alias.name) for alias in node.names)
+    module = node.module or ""
+    return _internal_module(module) or any(_internal_module(f"{module}.{alias.name}") for alias in node.names)
+
+
+def _reaches_private(node):
+    """`obj._x`, `obj.__internal__`, `keras.src`, `obj.__dict__` (obj not `self`,
+    `cls` or `super()`) and `getattr`/`setattr`/`hasattr`/`delattr(obj, "_x")`."""
+    if isinstance(node, ast.Attribute):
+        if isinstance(node.value, ast.Name) and (node.value.id, node.attr) in _INTERNAL_ATTRIBUTES:
+            return True
+        return _private(node.attr) and not _owner_is_own(node.value)
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return False
+    if node.func.id == "vars":
+        return len(node.args) == 1 and not _owner_is_own(node.args[0])
+    return (
+        node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and _private(node.args[1].value)
+        and not _owner_is_own(node.args[0])
+    )
+
+
 def private_accesses(path):
     """`["path:line: expression"]`: every private member that `path` reaches in
-    another object or module: `obj._x` (obj not `self`, `cls` or `super()`),
-    `getattr`/`setattr`/`hasattr(obj, "_x")` and `from module import _x`."""
+    another object or module: `obj._x` and dunders Python does not define
+    (`tf.__internal__`), `obj.__dict__` and `vars(obj)`, the same through
+    `getattr`/`setattr`/`hasattr`/`delattr`, all with obj not `self`, `cls` or
+    `super()`; `from module import _x`; and Keras' and TensorFlow's
+    implementation packages (`keras.src`, `tensorflow.python`), imported or
+    reached as attributes."""
     tree = ast.parse(path.read_text(), str(path))
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _private(node.attr) and not _owner_is_own(node.value):
+        if _reaches_private(node):
             found.append(node)
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
-            and len(node.args) >= 2
-            and isinstance(node.args[1], ast.Constant)
-            and isinstance(node.args[1].value, str)
-            and _private(node.args[1].value)
-            and not _owner_is_own(node.args[0])
-        ):
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and _internal_import(node):
             found.append(node)
         elif isinstance(node, ast.ImportFrom) and any(_private(a.name) for a in node.names):
             if node.module == "keras_bpq" and [a.name for a in node.names] == ["_keras_compat"]:
@@ -110,9 +154,41 @@ def private_accesses(path):
     return [f"{path}:{n.lineno}: {ast.unparse(n)}" for n in found]
 
 
+@pytest.mark.parametrize(
+    "line, flagged",
+    [
+        ('cache = agent.__dict__.setdefault("_beam_functions", {})', True),
+        ("state = vars(agent)", True),
+        ('state = getattr(agent, "__dict__")', True),
+        ("value = agent._cache", True),
+        ("function = tf.__internal__.function", True),
+        ("import keras.src.backend", True),
+        ("from keras.src import ops", True),
+        ("from keras import src", True),
+        ("from tensorflow.python.ops import control_flow_util", True),
+        ("ops = keras.src.ops", True),
+        ("from keras_bpq.model import _helper", True),
+        ("state = self.__dict__", False),
+        ("state = vars(self)", False),
+        ("value = self._cache", False),
+        ("name = type(agent).__name__", False),
+        ("version = tf.__version__", False),
+        ("super().__init__()", False),
+        ("from __future__ import annotations", False),
+        ("from keras_bpq import _keras_compat", False),
+        ("fields = record._asdict()", False),
+    ],
+)
+def test_the_scan_flags_what_reaches_into_another_object(tmp_path, line, flagged):
+    path = tmp_path / "snippet.py"
+    path.write_text(line + "\n")
+    assert bool(private_accesses(path)) is flagged
+
+
 def test_no_private_member_is_reached_across_objects():
     """Users, diagnostics, benchmarks, examples and tests read the package's
-    public members only. Keras' and TensorFlow's private API is read in
+    public members only. Keras' and TensorFlow's private API (`keras.src`,
+    `tensorflow.python`, `tf.__internal__`) is read in
     `keras_bpq/_keras_compat.py` alone, which this scan leaves out."""
     root = pathlib.Path(ROOT)
     paths = [
