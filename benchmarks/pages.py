@@ -1,13 +1,16 @@
 """The one renderer of the benchmark pages: a page is a title, then blocks one
 blank line apart (free text, the exact command, the machine, notes, tables with
-their number formats, images), written atomically.
+their number formats, images), written atomically; its plots are PNGs drawn
+with matplotlib, written atomically too.
 
-Every benchmark's page is built from its results JSON alone by a layout in
-`render.py`; this module knows nothing of any benchmark. It imports neither
-TensorFlow nor the package, so a page renders in a fraction of a second.
+Every benchmark's page and plots are built from its results JSON alone by a
+layout in `render.py`; this module knows nothing of any benchmark. It imports
+neither TensorFlow nor the package, so a page renders in a fraction of a
+second; matplotlib (the `examples` extra) is imported only to draw a plot.
 """
 
 import math
+import os
 
 import common
 
@@ -171,3 +174,25 @@ class Page:
 
     def write(self, path):
         common.write_atomically(path, self.render())
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend (no display), or None where
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_figure(plt, fig, path):
+    """`fig` as a PNG at `path`, at `fig.dpi` (which a plot may set after laying
+    the figure out), written through a temporary file renamed over it, then closed."""
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=fig.dpi)
+    os.replace(tmp, path)
+    plt.close(fig)

@@ -1,19 +1,29 @@
-"""Every benchmark page, rendered from its results JSON alone.
+"""Every benchmark page and plot, rendered from its results JSON alone.
 
-    python benchmarks/render.py                                  # every page of benchmarks/results/ and
-                                                                 # RESULTS.md's headline table
-    python benchmarks/render.py benchmarks/results/kg.json       # one page: kg.md next to kg.json
-    python benchmarks/render.py --check                          # exit 1 if a page differs from its JSON's
+    python benchmarks/render.py                                  # every page and plot of benchmarks/results/
+                                                                 # and RESULTS.md's headline table
+    python benchmarks/render.py benchmarks/results/kg.json       # one page: kg.md (and its plots) next to kg.json
+    python benchmarks/render.py --check                          # exit 1 if a page differs from its JSON's, or
+                                                                 # a plot is missing or named by no JSON
 
 A layout per benchmark turns its JSON into a `pages.Page`; the scripts write
-their JSON, then their page with `write(layout, report, path)`, and this entry
-point rewrites any page from the JSON without running anything (no TensorFlow
-is imported). `<name>.json` is rendered by the layout `<name>`, else by the
-longest layout name it starts with before an underscore (`overhead_threads1`
--> `overhead`). `benchmarks/RESULTS.md` is hand-written but for its headline
-table, between the markers HEADLINE_START and HEADLINE_END: `headline` renders
-it from equal_time.json, overhead.json and kg.json, and a run without JSON
-arguments rewrites (or, with `--check`, compares) what lies between them.
+their JSON, then their page and its plots with `write(layout, report, path)`,
+and this entry point rewrites any page and plot from the JSON without running
+anything (no TensorFlow is imported). `<name>.json` is rendered by the layout
+`<name>`, else by the longest layout name it starts with before an underscore
+(`overhead_threads1` -> `overhead`). `benchmarks/RESULTS.md` is hand-written
+but for its headline table, between the markers HEADLINE_START and
+HEADLINE_END: `headline` renders it from equal_time.json, overhead.json and
+kg.json, and a run without JSON arguments rewrites (or, with `--check`,
+compares) what lies between them.
+
+Plots: a JSON names its PNGs (kg's `plots`, a file per dataset; each sbn
+section's `plot`; toy's `plots`), and the layout's entry in FIGURES draws each
+from the JSON's curves with matplotlib, next to the JSON; that includes the
+plots of superseded runs kept without a page (`kg_200steps.json`). matplotlib
+is the `examples` extra: without it the pages are written and the plots are
+not. `--check` compares the plots by name, not by pixel: every PNG a JSON
+names exists, and every PNG of benchmarks/results/ is named by a JSON.
 
 Measured numbers live in the JSON only: a layout formats them, computes
 medians and ratios from them, and adds prose that holds no measured figure.
@@ -24,6 +34,7 @@ sections (sbn.json's `_appendix`, hand-written markdown that ends its page).
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -214,7 +225,9 @@ def kg(results):
     metrics = [".3f"] * len(KG_METRICS)
     for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
         rows = kg_summary(results, dataset)
-        page.heading(dataset).image(f"kg_{dataset}.png", "dev Hits@1")
+        page.heading(dataset)
+        if dataset in results.get("plots", {}):
+            page.image(results["plots"][dataset], "dev Hits@1")
         table_rows = [[KG_LABELS.get(name, name), row["seeds"], row["steps"], *(row[k] for k in KG_METRICS),
                        row["dev_hits@1"], row["entities"], row["steps_per_second"], row["train_seconds"]]
                       for name, row in rows.items()]
@@ -277,6 +290,35 @@ def kg_equal_time(report):
         page.table(["arm", "compile (s, median)", "ms per step (median)"], rows, "lrr", [None, ".1f", ".1f"])
         page.bullets(entry.get("notes"), "Reading:")
     return page
+
+
+KG_COLORS = {"minerva": "tab:orange", "rloo": "tab:green", "auto": "tab:blue"}
+
+
+def kg_plot(results, dataset, plt):
+    """Dev Hits@1 of every run on `dataset` against steps and against training
+    wall-clock, one line per run."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results["runs"]:
+        if r["dataset"] == dataset:
+            hits = [p["hits@1"] for p in r["curve"]]
+            for ax, key in zip(axes, ("step", "seconds")):
+                ax.plot([p[key] for p in r["curve"]], hits, color=KG_COLORS.get(r["estimator"]), alpha=0.8,
+                        label=f"{r['estimator']} seed {r['seed']}", marker=".")
+    axes[0].set_xlabel("training steps")
+    axes[1].set_xlabel("training wall-clock (s, evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("dev Hits@1 (beam, filtered)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{dataset}: dev Hits@1")
+    fig.tight_layout()
+    return fig
+
+
+def kg_figures(results):
+    """The plots `results` names in `plots` (a file per dataset): `kg_plot` of each."""
+    return {name: functools.partial(kg_plot, results, dataset) for dataset, name in results.get("plots", {}).items()}
 
 
 # ----------------------------------------------------------------------------- overhead
@@ -479,6 +521,92 @@ def sbn(report):
     if report.get("_appendix"):
         page.block(report["_appendix"].strip("\n"))
     return page
+
+
+def sbn_plot(entry, plt):
+    """Test -ELBO against steps and training wall-clock, one colour per method
+    (each seed thin, the median over seeds at each checkpoint bold), and the
+    encoder gradient variance per checkpoint where the section measured it."""
+    from matplotlib import ticker
+
+    with_variance = any("encoder_variance" in c for runs in entry["methods"].values() for r in runs
+                        for c in r.get("curve", []))
+    if with_variance:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (name, runs) in enumerate(entry["methods"].items()):
+        curves = [r["curve"] for r in runs if "curve" in r]
+        if not curves:
+            continue
+        color = f"C{k % 10}"
+        for curve in curves:
+            nelbo = [c["test_nelbo"] for c in curve]
+            axes[0].plot([c["step"] for c in curve], nelbo, color=color, alpha=0.3, linewidth=0.8)
+            axes[1].plot([c["train_seconds"] for c in curve], nelbo, color=color, alpha=0.3, linewidth=0.8)
+        points = min(len(c) for c in curves)
+        median = [float(np.median([c[i]["test_nelbo"] for c in curves])) for i in range(points)]
+        seconds = [float(np.median([c[i]["train_seconds"] for c in curves])) for i in range(points)]
+        label = name if len(curves) == 1 else f"{name} (median of {len(curves)})"
+        axes[0].plot([c["step"] for c in curves[0][:points]], median, color=color, linewidth=2, label=label)
+        axes[1].plot(seconds, median, color=color, linewidth=2)
+    if with_variance:
+        sbn_variance_bars(axes[2], entry)
+    for ax, xl in zip(axes, ("training steps", "training wall-clock (s)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("test negative ELBO (nats)")
+        ax.grid(alpha=0.3)
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
+    lo = min(c["test_nelbo"] for runs in entry["methods"].values() for r in runs if "curve" in r
+             for c in r["curve"])
+    first = [r["curve"][1]["test_nelbo"] for runs in entry["methods"].values() for r in runs
+             if "curve" in r and len(r["curve"]) > 1]
+    if first:
+        for ax in axes[:2]:
+            ax.set_ylim(lo - 2, max(first) + 5)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO"
+                 + ("; encoder gradient variance" if with_variance else ""))
+    fig.tight_layout()
+    fig.set_dpi(90)  # laid out at matplotlib's default dpi, saved at 90
+    return fig
+
+
+def sbn_variance_bars(ax, entry):
+    """Bars of the total encoder gradient variance at each checkpoint (median
+    over seeds, log scale), per keras_bpq estimator, with `reinforce` at the
+    same weights (hatched) where it was measured."""
+    bars = []  # (label, colour, hatch, {step: [variances]})
+    for k, (name, runs) in enumerate(entry["methods"].items()):
+        own, same = {}, {}
+        for r in runs:
+            for c in r.get("curve", []):
+                if "encoder_variance" in c:
+                    own.setdefault(c["step"], []).append(c["encoder_variance"])
+                if c.get("reinforce_same_weights_variance"):
+                    same.setdefault(c["step"], []).append(c["reinforce_same_weights_variance"])
+        if own:
+            bars.append((name.replace("keras_bpq ", ""), f"C{k % 10}", None, own))
+        if same:
+            bars.append((f"reinforce at {name.replace('keras_bpq ', '')}'s weights", f"C{k % 10}", "//", same))
+    steps = sorted({s for _, _, _, v in bars for s in v})
+    width = 0.8 / len(bars)
+    for i, (label, color, hatch, values) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j, s in enumerate(steps) if s in values]
+        ys = [float(np.median(values[s])) for s in steps if s in values]
+        ax.bar(xs, ys, width, color="white" if hatch else color, edgecolor=color, hatch=hatch, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(steps)), [f"step {s}" for s in steps])
+    ax.set_ylabel("encoder gradient variance (total, median of seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+
+
+def sbn_figures(report):
+    """The plots sbn.json's sections name in `plot`: `sbn_plot` of each."""
+    return {entry["plot"]: functools.partial(sbn_plot, entry) for entry in sections(report).values()
+            if entry.get("plot")}
 
 
 # ----------------------------------------------------------------------------- sbn_variance
@@ -928,6 +1056,60 @@ def toy(results):
     return page.bullets(toy_reading(results))
 
 
+TOY_COLORS = {
+    "reinforce": "tab:red",
+    "critic": "tab:blue",
+    "critic_cv": "tab:green",
+    "local_expectation": "tab:olive",
+    "rloo": "tab:purple",
+    "disarm": "tab:brown",
+    "relax": "tab:cyan",
+    "gumbel": "tab:pink",
+    "gumbel_straight_through": "magenta",
+    "reinforce_warm_baseline": "tab:orange",
+    "reinforce_no_baseline": "tab:gray",
+}
+
+
+def toy_training_plot(results, t, plt):
+    """p(b=1) during training at `t`, one line per estimator and seed (the
+    references dashed, the estimators biased by design dotted), each estimator's
+    median steps to the threshold in the legend."""
+    s = results["settings"]
+    biased = {r["estimator"] for r in results["variance"] if r.get("biased_by_design")}
+    _, runs, _ = toy_grouped(results, t)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    seen = set()
+    for run in results["training"]:
+        if run["t"] != t:
+            continue
+        config = run["estimator"]
+        label = None
+        if config not in seen:
+            label = f"{config}: median {toy_steps_text(toy_median_steps(runs[config]), s['max_steps'])}"
+        ax.plot(s["check_every"] * (np.arange(len(run["curve_p"])) + 1), run["curve_p"],
+                color=TOY_COLORS.get(config), alpha=0.65, lw=1,
+                ls="--" if config in s["references"] else (":" if config in biased else "-"), label=label)
+        seen.add(config)
+    ax.axhline(s["threshold"], color="k", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("p(b=1) = sigmoid(theta)")
+    ax.set_title(f"REBAR toy, t = {t}: p(b=1) during training, one line per seed "
+                 f"(Adam {s['learning_rate']:g}, batch {s['batch_size']})", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def toy_figures(results):
+    """The plots toy.json names in `plots` (`toy_plot(t)` for each t): `toy_training_plot` of each."""
+    plots = {os.path.basename(p) for p in results.get("plots", [])}
+    return {toy_plot(t): functools.partial(toy_training_plot, results, t) for t in results["settings"]["targets"]
+            if toy_plot(t) in plots}
+
+
 # ----------------------------------------------------------------------------- variance_per_second
 def variance_per_second(report):
     page = pages.Page("Gradient variance per second of training")
@@ -1136,15 +1318,25 @@ LAYOUTS = {
 }
 
 
+# The layouts whose pages have plots: each maps a report to `{file name:
+# draw}`, `draw(plt)` the matplotlib figure of that file, for the plots the
+# report names.
+FIGURES = {"kg": kg_figures, "sbn": sbn_figures, "toy": toy_figures}
+
+
+def layout_name(stem):
+    """The name of the layout of `<stem>.json`: `stem` if a layout has that
+    name, else the longest layout name `stem` starts with followed by `_`;
+    None if none."""
+    return max((n for n in LAYOUTS if stem == n or stem.startswith(n + "_")), key=len, default=None)
+
+
 def layout_for(stem):
-    """The layout of `<stem>.json`: `stem`'s own, else the longest layout name
-    `stem` starts with followed by `_`."""
-    if stem in LAYOUTS:
-        return LAYOUTS[stem]
-    names = [n for n in LAYOUTS if stem.startswith(n + "_")]
-    if not names:
+    """The layout of `<stem>.json` (`layout_name`)."""
+    name = layout_name(stem)
+    if name is None:
         raise KeyError(f"no page layout for {stem}.json (layouts: {', '.join(LAYOUTS)})")
-    return LAYOUTS[max(names, key=len)]
+    return LAYOUTS[name]
 
 
 def render(json_path):
@@ -1159,9 +1351,42 @@ def page(layout, report):
     return LAYOUTS[layout](report).render()
 
 
+def plots(layout, report, folder):
+    """`{png path: draw}` of the plots `report` names (none where the layout
+    named `layout` has no plots), each in `folder`."""
+    figures = FIGURES[layout](report) if layout in FIGURES else {}
+    return {os.path.join(folder, name): draw for name, draw in figures.items()}
+
+
+def json_plots(json_path):
+    """`plots` of the JSON at `json_path` (none where no layout has its name), next to it."""
+    layout = layout_name(os.path.splitext(os.path.basename(json_path))[0])
+    if layout not in FIGURES:
+        return {}
+    with open(json_path) as f:
+        return plots(layout, json.load(f), os.path.dirname(json_path))
+
+
+def draw(figures):
+    """Writes each PNG of `figures` (`{png path: draw}`) atomically; draws
+    none, and says why, where matplotlib is not installed."""
+    if not figures:
+        return
+    plt = pages.pyplot()
+    if plt is None:
+        print(f"matplotlib is not installed (the `examples` extra): {len(figures)} plots not drawn",
+              file=sys.stderr)
+        return
+    for path, figure in figures.items():
+        pages.write_figure(plt, figure(plt), path)
+        print(f"wrote {path}")
+
+
 def write(layout, report, path):
-    """The page of `report` by the layout named `layout`, written atomically to `path`."""
+    """The page of `report` by the layout named `layout`, written atomically to
+    `path`, and the plots it names next to it."""
     LAYOUTS[layout](report).write(path)
+    draw(plots(layout, report, os.path.dirname(path)))
 
 
 def committed_pages(results=common.RESULTS):
@@ -1171,26 +1396,58 @@ def committed_pages(results=common.RESULTS):
             for n in names if os.path.exists(os.path.join(results, n + ".json"))]
 
 
+def committed_plots(results=common.RESULTS):
+    """`{png path: draw}` of every plot a JSON of `results` names (pages'
+    and superseded runs' alike)."""
+    figures = {}
+    for name in sorted(os.listdir(results)):
+        if name.endswith(".json"):
+            figures.update(json_plots(os.path.join(results, name)))
+    return figures
+
+
+def stale_plots(figures, results=None):
+    """What `--check` reports of the plots: each PNG of `figures` that is
+    missing and, given `results`, each PNG there that no JSON names."""
+    problems = [f"{path} is missing: run `python benchmarks/render.py`"
+                for path in figures if not os.path.exists(path)]
+    if results is not None:
+        named = {os.path.basename(path) for path in figures}
+        problems += [f"{os.path.join(results, n)} is named by no results JSON (render.py's docstring: how a "
+                     "JSON names its plots)"
+                     for n in sorted(os.listdir(results)) if n.endswith(".png") and n not in named]
+    return problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", nargs="*", help="results JSON files (default: every page of benchmarks/results/)")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page differs")
+    parser.add_argument("json", nargs="*", help="results JSON files (default: every page and plot of "
+                        "benchmarks/results/)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a page differs or a plot is missing or named by no JSON")
     args = parser.parse_args(argv)
     paths = [(p, os.path.splitext(p)[0] + ".md") for p in args.json] or committed_pages()
     outputs = [(md_path, render(json_path)) for json_path, md_path in paths]
-    if not args.json:
+    if args.json:
+        figures = {path: figure for p in args.json for path, figure in json_plots(p).items()}
+    else:
         outputs.append((RESULTS_PAGE, results_page()))
+        figures = committed_plots()
     stale = []
     for md_path, text in outputs:
         if args.check:
             with open(md_path) as f:
                 if f.read() != text:
-                    stale.append(md_path)
+                    stale.append(f"{md_path} differs from what the results JSON renders")
         else:
             common.write_atomically(md_path, text)
             print(f"wrote {md_path}")
-    for md_path in stale:
-        print(f"{md_path} differs from what the results JSON renders", file=sys.stderr)
+    if args.check:
+        stale += stale_plots(figures, None if args.json else common.RESULTS)
+    else:
+        draw(figures)
+    for problem in stale:
+        print(problem, file=sys.stderr)
     return 1 if stale else 0
 
 
