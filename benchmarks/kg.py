@@ -22,9 +22,10 @@ agent's test split is then ranked under every beam option (paths or distinct
 entities at the last hop, x max or sum pooling), with the distinct entities
 ranked per query, so the options compare on the same agents. Results go to
 `<out_dir>/kg.json` after every run (a cut-off benchmark keeps what it
-finished), then `kg.md` (rendered from the JSON by `render.kg`, with the notes
-written by hand into kg.json's "notes") and `kg_<dataset>.png` (dev Hits@1
-against steps and against training wall-clock).
+finished), then, with kg.json's `plots` naming `kg_<dataset>.png`, `kg.md`
+and those PNGs (dev Hits@1 against steps and against training wall-clock),
+both rendered from the JSON by `render.write` (the notes written by hand into
+kg.json's "notes").
 
     python benchmarks/kg.py                       # the full benchmark
     python benchmarks/kg.py --from_json           # re-renders kg.md / PNGs from kg.json
@@ -40,7 +41,6 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import common  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import render  # noqa: E402
 
 ROOT = pathlib.Path(common.ROOT)
@@ -113,36 +113,6 @@ def ranking_name(pool, unique):
     return f"{'entities' if unique else 'paths'}/{pool}"
 
 
-def plot(results, dataset, path):
-    """Dev Hits@1 against steps and against training seconds, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"minerva": "tab:orange", "rloo": "tab:green", "auto": "tab:blue"}
-    for r in results["runs"]:
-        if r["dataset"] != dataset:
-            continue
-        steps = [0] + [p["step"] for p in r["curve"]]
-        seconds = [0] + [p["seconds"] for p in r["curve"]]
-        hits = [r["curve"][0].get("initial_hits@1", np.nan)] + [p["hits@1"] for p in r["curve"]]
-        label = f"{r['estimator']} seed {r['seed']}"
-        for ax, xs in zip(axes, (steps, seconds)):
-            ax.plot(xs[1:], hits[1:], color=colors.get(r["estimator"]), alpha=0.8, label=label, marker=".")
-    axes[0].set_xlabel("training steps")
-    axes[1].set_xlabel("training wall-clock (s, evaluation excluded)")
-    for ax in axes:
-        ax.set_ylabel("dev Hits@1 (beam, filtered)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{dataset}: dev Hits@1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def merge(paths):
     """One results dict from several kg.json files (runs concatenated)."""
     parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
@@ -160,11 +130,11 @@ def main(argv):
     path = out_dir / "kg.json"
     if FLAGS.merge:
         results = merge(FLAGS.merge)
-        common.write_json(str(path), results)
     else:
         results = json.loads(path.read_text()) if FLAGS.from_json else run_all(path)
-    for dataset in dict.fromkeys(r["dataset"] for r in results["runs"]):
-        plot(results, dataset, out_dir / f"kg_{dataset}.png")
+    results["plots"] = {dataset: f"kg_{dataset}.png"
+                        for dataset in dict.fromkeys(r["dataset"] for r in results["runs"])}
+    common.write_json(str(path), results)
     render.write("kg", results, str(out_dir / "kg.md"))
     print((out_dir / "kg.md").read_text())
 

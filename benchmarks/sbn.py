@@ -46,7 +46,7 @@ evaluation schedule.
 Results are merged into --out_dir/sbn.json (one entry per dataset/arch: a rerun
 replaces its section whole, reading notes kept) and --out_dir/sbn.md is
 rendered from it (`render.sbn`), with PNG curves sbn_<dataset>_<arch>.png (all redrawn from the JSON
-on every write: -ELBO against steps and time, one colour per method, seeds thin,
+on every write by `render.sbn_plot`: -ELBO against steps and time, one colour per method, seeds thin,
 their median bold; encoder gradient variance per checkpoint). An entry's
 "title" overrides its heading (an older section kept under another tag); the
 "_appendix" string of sbn.json (hand-written text) ends the page.
@@ -391,96 +391,11 @@ def summarise(entry):
     return rows
 
 
-def plot(entry, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib import ticker
-    except ImportError:
-        return None
-    with_variance = any("encoder_variance" in c for runs in entry["methods"].values() for r in runs
-                        for c in r.get("curve", []))
-    if with_variance:
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]})
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for k, (name, runs) in enumerate(entry["methods"].items()):
-        # One colour per method: each seed thin, the median over seeds at each checkpoint bold.
-        curves = [r["curve"] for r in runs if "curve" in r]
-        if not curves:
-            continue
-        color = f"C{k % 10}"
-        for curve in curves:
-            nelbo = [c["test_nelbo"] for c in curve]
-            axes[0].plot([c["step"] for c in curve], nelbo, color=color, alpha=0.3, linewidth=0.8)
-            axes[1].plot([c["train_seconds"] for c in curve], nelbo, color=color, alpha=0.3, linewidth=0.8)
-        points = min(len(c) for c in curves)
-        median = [float(np.median([c[i]["test_nelbo"] for c in curves])) for i in range(points)]
-        seconds = [float(np.median([c[i]["train_seconds"] for c in curves])) for i in range(points)]
-        label = name if len(curves) == 1 else f"{name} (median of {len(curves)})"
-        axes[0].plot([c["step"] for c in curves[0][:points]], median, color=color, linewidth=2, label=label)
-        axes[1].plot(seconds, median, color=color, linewidth=2)
-    if with_variance:
-        plot_variance(axes[2], entry)
-    for ax, xl in zip(axes, ("training steps", "training wall-clock (s)")):
-        ax.set_xlabel(xl)
-        ax.set_ylabel("test negative ELBO (nats)")
-        ax.grid(alpha=0.3)
-    axes[1].set_xscale("log")
-    axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
-    lo = min(c["test_nelbo"] for runs in entry["methods"].values() for r in runs if "curve" in r
-             for c in r["curve"])
-    first = [r["curve"][1]["test_nelbo"] for runs in entry["methods"].values() for r in runs
-             if "curve" in r and len(r["curve"]) > 1]
-    if first:
-        for ax in axes[:2]:
-            ax.set_ylim(lo - 2, max(first) + 5)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"SBN {entry['dataset']} {entry['arch']}: test -ELBO"
-                 + ("; encoder gradient variance" if with_variance else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return os.path.basename(path)
-
-
-def plot_variance(ax, entry):
-    """Bars of the total encoder gradient variance at each checkpoint (median
-    over seeds, log scale), per keras_bpq estimator, with `reinforce` at the
-    same weights (hatched) where it was measured."""
-    bars = []  # (label, colour, hatch, {step: [variances]})
-    for k, (name, runs) in enumerate(entry["methods"].items()):
-        own, same = {}, {}
-        for r in runs:
-            for c in r.get("curve", []):
-                if "encoder_variance" in c:
-                    own.setdefault(c["step"], []).append(c["encoder_variance"])
-                if c.get("reinforce_same_weights_variance"):
-                    same.setdefault(c["step"], []).append(c["reinforce_same_weights_variance"])
-        if own:
-            bars.append((name.replace("keras_bpq ", ""), f"C{k % 10}", None, own))
-        if same:
-            bars.append((f"reinforce at {name.replace('keras_bpq ', '')}'s weights", f"C{k % 10}", "//", same))
-    steps = sorted({s for _, _, _, v in bars for s in v})
-    width = 0.8 / len(bars)
-    for i, (label, color, hatch, values) in enumerate(bars):
-        xs = [j + (i - (len(bars) - 1) / 2) * width for j, s in enumerate(steps) if s in values]
-        ys = [float(np.median(values[s])) for s in steps if s in values]
-        ax.bar(xs, ys, width, color="white" if hatch else color, edgecolor=color, hatch=hatch, label=label)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(steps)), [f"step {s}" for s in steps])
-    ax.set_ylabel("encoder gradient variance (total, median of seeds)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-
-
 def write_report(report):
-    """sbn.json, sbn.md (`render.sbn`) and every section's PNG (`sbn_<tag>.png`
-    unless the entry names another), redrawn from the JSON."""
+    """sbn.json, then sbn.md and every section's PNG (its `plot`: `sbn_<tag>.png`
+    unless the entry names another), rendered from the JSON (`render.write`)."""
     for tag, entry in render.sections(report).items():
-        entry["plot"] = plot(entry, os.path.join(FLAGS.out_dir, entry.get("plot") or f"sbn_{tag}.png"))
+        entry["plot"] = entry.get("plot") or f"sbn_{tag}.png"
     common.write_json(os.path.join(FLAGS.out_dir, "sbn.json"), report)
     render.write("sbn", report, os.path.join(FLAGS.out_dir, "sbn.md"))
 

@@ -118,7 +118,6 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("variance_seed", 1234, "Seed of the gradient-variance draws.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where toy.json, toy.md and plots go.")
-flags.DEFINE_bool("plots", True, "Write PNG plots (skipped if matplotlib is missing).")
 
 
 def sigmoid(x):
@@ -519,8 +518,8 @@ def throughput(models, steps, k, repeats):
 
 
 # -- reporting -------------------------------------------------------------------
-# toy.md is rendered from toy.json by render.toy; the console summary and the
-# plots use its helpers.
+# toy.md and its plots are rendered from toy.json by render.toy; the console
+# summary uses its helpers.
 def versions():
     """The library versions and the commit toy.md names, from `common.machine_info()`."""
     info = common.machine_info()
@@ -539,70 +538,6 @@ def gumbel_settle_points(results):
     s = results["settings"]
     return {str(t): {c: gumbel_stationary_p(as_float32(t), c) for c in s["configs"] if c in BIASED}
             for t in s["targets"]}
-
-
-COLORS = {
-    "reinforce": "tab:red",
-    "critic": "tab:blue",
-    "critic_cv": "tab:green",
-    "local_expectation": "tab:olive",
-    "rloo": "tab:purple",
-    "disarm": "tab:brown",
-    "relax": "tab:cyan",
-    "gumbel": "tab:pink",
-    "gumbel_straight_through": "magenta",
-    "reinforce_warm_baseline": "tab:orange",
-    "reinforce_no_baseline": "tab:gray",
-}
-
-
-def make_plots(results, out_dir):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping plots.")
-        return []
-    k = results["settings"]["check_every"]
-    paths = []
-    for t in results["settings"]["targets"]:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        seen = set()
-        for run in results["training"]:
-            if run["t"] != t:
-                continue
-            config = run["estimator"]
-            steps = k * (np.arange(len(run["curve_p"])) + 1)
-            label = None
-            if config not in seen:
-                _, runs, _ = render.toy_grouped(results, t)
-                median = render.toy_median_steps(runs[config])
-                label = f"{config}: median {render.toy_steps_text(median, results['settings']['max_steps'])}"
-            ax.plot(
-                steps, run["curve_p"], color=COLORS.get(config), alpha=0.65, lw=1,
-                ls="--" if config in REFERENCES else (":" if config in BIASED else "-"),
-                label=label,
-            )
-            seen.add(config)
-        ax.axhline(results["settings"]["threshold"], color="k", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("p(b=1) = sigmoid(theta)")
-        ax.set_title(
-            f"REBAR toy, t = {t}: p(b=1) during training, one line per seed "
-            f"(Adam {results['settings']['learning_rate']:g}, batch {results['settings']['batch_size']})",
-            fontsize=10,
-        )
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
-        fig.tight_layout()
-        path = os.path.join(out_dir, render.toy_plot(t))
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 def print_report(results):
@@ -631,10 +566,10 @@ def print_report(results):
 
 
 def write_outputs(results, out_dir):
-    """The plots, the settle points of the biased estimators (once), the console
-    summary, toy.md and toy.json (with the plots' paths)."""
-    if FLAGS.plots:
-        results["plots"] = make_plots(results, out_dir)
+    """The settle points of the biased estimators (once), the console summary,
+    toy.md and its plots (`plots`: a PNG per t, drawn by `render.toy_training_plot`)
+    and toy.json."""
+    results["plots"] = [render.toy_plot(t) for t in results["settings"]["targets"]]
     if "gumbel_stationary_p" not in results:
         results["gumbel_stationary_p"] = gumbel_settle_points(results)
     print_report(results)
