@@ -5,12 +5,17 @@ JSON alone; a page that differs holds text or numbers its JSON lacks (a note
 written into the page by hand, a figure typed in after the run) or was not
 rewritten after its JSON changed. The same holds for the headline table of
 `benchmarks/RESULTS.md`, rendered from equal_time.json, overhead.json and
-kg.json between its markers. Fast: no TensorFlow, no training.
+kg.json between its markers. The plots too are drawn from the JSON alone:
+every PNG of `benchmarks/results/` is one a JSON names, and one plot per
+layout that has plots is redrawn (with matplotlib, where installed) at the
+committed one's size. Fast: no TensorFlow, no training.
 """
 
 import difflib
 import json
 import pathlib
+import shutil
+import struct
 import sys
 
 import pytest
@@ -100,6 +105,46 @@ def test_a_page_without_a_layout_is_refused(render):
     with pytest.raises(KeyError, match="no page layout"):
         render.layout_for("unknown")
     assert render.layout_for("overhead_threads1") is render.layout_for("overhead")
+
+
+def test_every_plot_is_named_by_a_json_and_committed(render):
+    figures = render.committed_plots(str(RESULTS))
+    assert figures, f"no plots named by the JSON of {RESULTS}"
+    assert render.stale_plots(figures, str(RESULTS)) == []
+
+
+def png_size(data):
+    """`(width, height)` of a PNG's bytes, from its IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def one_plot(name):
+    """`(layout, report)`: a report of `<name>.json` that names one of its committed plots."""
+    report = json.loads((RESULTS / f"{name}.json").read_text())
+    if name == "sbn":
+        return "sbn", {"fashion_mnist_two_layer_units_xla": report["fashion_mnist_two_layer_units_xla"]}
+    if name == "toy":
+        return "toy", {**report, "plots": report["plots"][:1]}
+    return "kg", report
+
+
+@pytest.mark.parametrize("name", ["kg_ablation", "sbn", "toy"])
+def test_a_plot_is_drawn_from_its_json(render, tmp_path, name):
+    pytest.importorskip("matplotlib")
+    layout, report = one_plot(name)
+    figures = render.plots(layout, report, str(tmp_path))
+    assert len(figures) == 1
+    render.draw(figures)
+    drawn = pathlib.Path(next(iter(figures)))
+    assert png_size(drawn.read_bytes()) == png_size((RESULTS / drawn.name).read_bytes())
+
+
+def test_the_renderer_draws_no_plot_without_matplotlib(render, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    render.draw(render.plots(*one_plot("kg_ablation"), str(tmp_path)))
+    assert not list(tmp_path.iterdir())
+    assert "matplotlib is not installed" in capsys.readouterr().err
 
 
 if __name__ == "__main__":
