@@ -1355,7 +1355,7 @@ def plots(layout, report, folder):
     """`{png path: draw}` of the plots `report` names (none where the layout
     named `layout` has no plots), each in `folder`."""
     figures = FIGURES[layout](report) if layout in FIGURES else {}
-    return {os.path.join(folder, name): draw for name, draw in figures.items()}
+    return {os.path.join(folder, name): figure for name, figure in figures.items()}
 
 
 def json_plots(json_path):
