@@ -12,10 +12,15 @@ steady per-step time). At each budget an arm is scored on the test split
 weights at the end of its last turn that ended at or before the budget;
 evaluation is not on the clock. Data in memory, tf.data autotuning off.
 
+An arm `<estimator>+replay_<correction>` trains that estimator with
+`compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates,
+correction))` (issue 19: the default with replay on and off at equal
+wall-clock; replay trains the first hop's learned critic).
+
     python benchmarks/kg_equal_time.py --datasets=umls,kinship --budgets=60,180 \
         --seeds=0 --batch_size=128
 
-Writes `<out_dir>/kg_equal_time.json` (a section per dataset) and
+Writes `<out_dir>/kg_equal_time.json` (a section per dataset, or `--out_tag`) and
 `kg_equal_time.md` (rendered from the JSON by `render.kg_equal_time`).
 """
 
@@ -30,6 +35,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
 import common  # noqa: E402
+import keras_bpq  # noqa: E402
 import render  # noqa: E402
 
 kg_reasoning = common.example("kg_reasoning")
@@ -43,21 +49,26 @@ flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning
 flags.DEFINE_list("budgets", ["60", "180"], "Training budgets in seconds (compile included).")
 flags.DEFINE_list("seeds", ["0"], "Seeds.")
 flags.DEFINE_integer("chunk_steps", 50, "Steps per turn (a multiple of --steps_per_execution).")
+flags.DEFINE_integer("replay_capacity", 5000, "Rows of a replay arm's buffer.")
+flags.DEFINE_integer("replay_updates", 1, "A replay arm's extra critic updates per step.")
+flags.DEFINE_string("out_tag", "", "Section name in the JSON (default: the dataset; needs one dataset).")
 flags.DEFINE_string("out_dir", common.RESULTS, "Where kg_equal_time.json and .md go.")
 
 SETTINGS = ("batch_size", "rollouts", "beam", "beam_pool", "beam_unique", "learning_rate",
-            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden")
+            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden", "replay_capacity", "replay_updates")
 
 
 class Arm:
     """One estimator's agent, its training clock and its last turn's weights."""
 
-    def __init__(self, kg, estimator, seed):
+    def __init__(self, kg, name, seed):
         keras.utils.set_random_seed(seed)
+        estimator, _, correction = name.partition("+replay_")
+        replay = {"replay": keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, correction)} if correction else {}
         self.estimator = estimator
         self.agent = kg_reasoning.build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta)
         kg_reasoning.compile_agent(self.agent, estimator, FLAGS.rollouts, FLAGS.learning_rate,
-                                   FLAGS.steps_per_execution)
+                                   FLAGS.steps_per_execution, **replay)
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, seed))
         self.callbacks = [kg_reasoning.EntropyDecay(self.agent.entropy)] if self.agent.entropy is not None else []
         self.clock, self.step, self.turns = 0.0, 0, []
@@ -120,12 +131,13 @@ def run_seed(kg, seed, budgets):
 
 
 def summary(runs, budgets):
-    """Per budget: each arm's median test Hits@1, the best critic-free arm and
-    the winner (ties go to the default)."""
+    """Per budget: each arm's median test Hits@1, the best critic-free arm (one
+    whose estimator is not the default, with or without replay) and the winner
+    (ties go to the default)."""
     rows = []
     for budget in budgets:
         values = {name: common.median([r[name]["at_budget"][budget]["hits@1"] for r in runs]) for name in runs[0]}
-        free = {n: v for n, v in values.items() if n != "auto"}
+        free = {n: v for n, v in values.items() if n.partition("+replay_")[0] != "auto"}
         best_free = max(free, key=free.get) if free else None
         winner = max(values, key=lambda n: (values[n], n == "auto"))
         rows.append({"budget": budget, "hits@1": values, "best_critic_free": best_free, "winner": winner})
@@ -136,6 +148,8 @@ def main(argv):
     del argv
     if FLAGS.chunk_steps % FLAGS.steps_per_execution:
         raise ValueError("--chunk_steps must be a multiple of --steps_per_execution.")
+    if FLAGS.out_tag and len(FLAGS.datasets) != 1:
+        raise ValueError("--out_tag names the section of one dataset: pass one --datasets value.")
     budgets = sorted(float(b) for b in FLAGS.budgets)
     names = [str(int(b)) for b in budgets]
     seeds = [int(s) for s in FLAGS.seeds]
@@ -146,7 +160,7 @@ def main(argv):
         print(f"{dataset}: arms {FLAGS.estimators}, budgets {names}; load {machine['load_average']}", flush=True)
         kg = kg_reasoning.load_graph(dataset)
         runs = [run_seed(kg, seed, budgets) for seed in seeds]
-        report[dataset] = {"command": common.command_line(), "seeds": seeds, "budgets": names,
+        report[FLAGS.out_tag or dataset] = {"command": common.command_line(), "seeds": seeds, "budgets": names,
                            "chunk_steps": FLAGS.chunk_steps, "settings": {k: FLAGS[k].value for k in SETTINGS},
                            "runs": runs, "summary": summary(runs, names), "machine": machine,
                            "load_end": os.getloadavg()}
