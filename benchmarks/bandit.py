@@ -114,7 +114,7 @@ def load(dataset, seed):
         x, y = data.data.astype("float32")[order] / 16.0, data.target[order]
         return x[:1500], y[:1500], x[1500:], y[1500:]
     x_train, x_test = common.load_data("fashion_mnist", seed)
-    labels = [_read_labels(os.path.join(sbn.FASHION_DIR, f"{s}-labels-idx1-ubyte.gz")) for s in ("train", "t10k")]
+    labels = [_read_labels(os.path.join(common.FASHION_DIR, f"{s}-labels-idx1-ubyte.gz")) for s in ("train", "t10k")]
     return x_train, labels[0], x_test, labels[1]
 
 
