@@ -84,13 +84,21 @@ def bandit(report):
                 rows.append([arm, scores["expected_accuracy"], scores["greedy_accuracy"],
                              None if final_loss is None else -final_loss,
                              common.median([r[arm].get("mean_ratio") for r in runs]),
+                             common.median([r[arm].get("off_support_mass") for r in runs]),
                              common.median([r["seconds"].get(arm) for r in runs])])
+            floor = c.get("support_floor")
             page.heading(f"{size} logged rows", 3).table(
                 ["policy", "expected accuracy", "greedy accuracy", "own estimate of its reward",
-                 "mean ratio pi/mu on the log", "fit seconds (median)"],
-                rows, "lrrrrr", [None, ".3f", ".3f", ".3f", ".2f", ".1f"])
+                 "mean ratio pi/mu on the log", f"test mass where mu < {floor:g}" if floor else "test mass off support",
+                 "fit seconds (median)"],
+                rows, "lrrrrrr", [None, ".3f", ".3f", ".3f", ".2f", ".3f", ".1f"])
             logged_reward = np.median([r["logged_reward"] for r in runs])
-            page.text(f"Logged reward (median over seeds): {logged_reward:.3f}.",
+            support = ""
+            if floor:
+                support = (f" Test pairs `(x, a)` with `mu(a|x) < {floor:g}` (outside the log's support): "
+                           f"{common.median([r['off_support_pairs'] for r in runs]):.1%}; smallest logged "
+                           f"propensity {common.median([r['min_propensity'] for r in runs]):.2g} (medians).")
+            page.text(f"Logged reward (median over seeds): {logged_reward:.3f}.{support}",
                       "**" + "; ".join(block["verdicts"]) + ".**")
     page.heading("Reading").text(
         "Doubly robust is unbiased for every fixed policy (tests/test_logged.py checks it against exact "
