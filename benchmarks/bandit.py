@@ -48,8 +48,10 @@ validation values and the critic's fit under the old schedule.
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000,60000
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000 --temperature=2  # deficient support
 
-Each run replaces its data set's (and temperature's) section of benchmarks/results/bandit.json and
-renders bandit.md from the JSON (`render.bandit`; both written atomically).
+Each run replaces its data set's (and temperature's) section of
+benchmarks/results/bandit.json, keeping the sizes it did not run when the
+rest of the protocol is the same (`merged`), and renders bandit.md from the
+JSON (`render.bandit`; both written atomically).
 """
 
 import gzip
@@ -291,6 +293,28 @@ def verdicts(table):
     return lines
 
 
+def merged(previous, section):
+    """`section`, with the sizes of `previous` (the same key's old section) that
+    it did not run, when both ran the same protocol (`config`); their commands
+    and machines then become lists, and their run times add up."""
+    if previous is None or previous.get("config") != section["config"]:
+        return section
+    kept = {k: v for k, v in previous["sizes"].items() if k not in section["sizes"]}
+    if not kept:
+        return section
+
+    def as_list(value, single):
+        return [value] if isinstance(value, single) else list(value)
+
+    return dict(
+        section,
+        sizes=dict(sorted({**kept, **section["sizes"]}.items(), key=lambda item: int(item[0]))),
+        command=as_list(previous["command"], str) + [section["command"]],
+        machine=as_list(previous["machine"], dict) + [section["machine"]],
+        runtime_s=previous["runtime_s"] + section["runtime_s"],
+    )
+
+
 def main(argv):
     del argv
     path = os.path.join(FLAGS.out_dir, "bandit.json")
@@ -306,7 +330,9 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     sizes = [int(s) for s in FLAGS.sizes] or [len(load(FLAGS.dataset, 0)[0])]
     section = {"sizes": {}}
-    key = FLAGS.dataset if temperature() == TEMPERATURE[FLAGS.dataset] else f"{FLAGS.dataset}, temperature {temperature():g}"
+    key = FLAGS.dataset
+    if temperature() != TEMPERATURE[FLAGS.dataset]:
+        key = f"{FLAGS.dataset}, temperature {temperature():g}"
     for size in sizes:
         runs = []
         for seed in seeds:
@@ -315,22 +341,22 @@ def main(argv):
         table = median_table(runs)
         section["sizes"][str(size)] = {"runs": runs, "median": table, "verdicts": verdicts(table)}
         log("; ".join(section["sizes"][str(size)]["verdicts"]))
+    config = {"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": temperature(),
+              "support_floor": SUPPORT_FLOOR, "logging_epochs": FLAGS.logging_epochs,
+              "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
+              "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units,
+              "critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps,
+              "cost": "-reward", "tf_data_autotune": False, "jit_compile": True}
     section.update(
         title={"digits": "digits (scikit-learn, 1500 train / 297 test)",
                "fashion_mnist": "Fashion-MNIST (60000 train / 10000 test)"}[FLAGS.dataset]
         + f", logging temperature {temperature():g}",
         command=common.command_line(),
         machine=machine,
-        config={"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": temperature(), "support_floor": SUPPORT_FLOOR,
-                "logging_epochs": FLAGS.logging_epochs,
-                "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-                "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units,
-                "critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps,
-                "cost": "-reward",
-                "tf_data_autotune": False, "jit_compile": True},
+        config=config,
         runtime_s=time.perf_counter() - start,
     )
-    report[key] = section
+    report[key] = merged(report.get(key), section)
     common.write_json(path, report)
     render.write("bandit", report, os.path.join(FLAGS.out_dir, "bandit.md"))
     log(f"wrote {path} and bandit.md in {section['runtime_s']:.0f}s")
