@@ -67,7 +67,8 @@ def bandit(report):
         "it); the mean ratio `mean_i pi(a_i|x_i) / mu_i` of each learned policy on its own log is 1 in "
         "expectation for a policy that does not depend on the log, and far below 1 for one that has learned to "
         "avoid the logged actions (propensity overfitting, Swaminathan and Joachims 2015; BanditNet's "
-        "diagnostic).")
+        "diagnostic); the test mass where `mu` is below the support floor is each policy's expected "
+        "probability, on the test images, of actions the logging policy (almost) never tries there.")
     for section in sections(report).values():
         c = section["config"]
         page.heading(section["title"]).command(section["command"]).text(
@@ -101,18 +102,22 @@ def bandit(report):
             page.text(f"Logged reward (median over seeds): {logged_reward:.3f}.{support}",
                       "**" + "; ".join(block["verdicts"]) + ".**")
     page.heading("Reading").text(
-        "Doubly robust is unbiased for every fixed policy (tests/test_logged.py checks it against exact "
-        "enumeration), but a policy optimised on one finite log finds where the estimate overrates it. With "
-        "costs -reward <= 0, IPS credits only the logged actions that paid (the true classes here) and is "
-        "blind elsewhere. Doubly robust's IPS term weighs `c - Q` instead, which is positive on every logged "
-        "action that paid less than the critic predicted: minimising it pushes probability off those "
-        "actions, towards actions the log rarely tried; SNIPS, IPS on the costs minus the batch's estimate, "
-        "does the same. A mean ratio well below 1 is the sign; where the direct method, which has no IPS "
-        "term, shows it too, the critic's values on actions the log rarely tried (no logged cost corrects "
-        "them) draw the policy there. The constant-critic row isolates the shift: doubly robust with `Q` "
-        "fixed at the mean logged cost is IPS on shifted costs. Where doubly robust is not above IPS or the "
-        "logging policy in the tables above, the package's recommended estimator lost on that data; the "
-        "numbers are as measured.")
+        "Off-policy estimation sees the cost of an action in a context only if the logging policy tries it "
+        "there. Where it does not (`U(x) = {a : mu(a|x) = 0}`), the expectation over the log of IPS is "
+        "`V(pi)` with the untried actions' costs replaced by 0, and that of doubly robust with them replaced "
+        "by the critic's `Q` (keras_bpq/logged.py's docstring; tests/test_logged.py checks both by exact "
+        "enumeration). With costs -reward <= 0, 0 is the worst cost: IPS is pessimistic about untried "
+        "actions, while the direct method and doubly robust take the critic's extrapolation, which nothing in "
+        "the log corrects, and a policy optimised on that estimate moves there (Sachdeva, Su and Joachims "
+        "2020, deficient support). The column `test mass where mu < ...` measures it: each policy's "
+        "probability on test pairs the logging policy (almost) never tries; the mean ratio `pi/mu` on the log "
+        "is below 1 by about that mass. A weak logging policy with support everywhere (the default "
+        "temperatures) leaves no such pairs; the Fashion-MNIST section at temperature 2 keeps the earlier, "
+        "almost deterministic logging policy, whose log lacks support for about half the test pairs. The "
+        "constant-critic row is doubly robust with `Q` fixed at the mean logged cost: IPS on costs shifted by "
+        "it (BanditNet's translation), which credits untried actions with that mean instead of 0. Where "
+        "doubly robust is not above IPS or the logging policy in the tables above, the package's recommended "
+        "estimator lost on that data; the numbers are as measured.")
     return page
 
 

@@ -30,16 +30,17 @@ trained by the policy's objective; it trains on its own regression loss
 `critic_warmup_steps` and `critic_steps`). The sums over `a` run exactly over the node's
 support. `DoublyRobust` is the default: unbiased like IPS, with the critic
 removing most of its variance; a good critic makes it as precise as the
-direct method, a bad one costs variance, never bias. Unbiased for a fixed
-policy is not the same as good to optimise on one finite log: its IPS term
+direct method, a bad one costs variance, never bias (given support, below).
+Unbiased for a fixed policy is not the same as good to optimise on one
+finite log: its IPS term
 weighs `c - Q`, and like IPS on shifted costs it can push probability onto
-actions the log rarely tried (benchmarks/results/bandit.md: above IPS on
-digits, far below it on Fashion-MNIST, where its policy learned to avoid the
-logged actions).
+actions the log rarely tried; on actions the log never tries it is the
+direct method (below).
 
 Where the log lacks support (`U(x) = {a : mu(a | x) = 0}`, actions the
 logging policy never tries in context `x`), no estimator sees their costs,
-and without clipping the expectations over the log are exactly
+and without clipping the expectations over the log, for a policy that does
+not depend on it, are exactly
 
     E[IPS] = V(pi) - E_x sum_{a in U(x)} pi(a | x) c(x, a)       (U credited with cost 0)
     E[DR]  = V(pi) + E_x sum_{a in U(x)} pi(a | x) (Q - c)(x, a)  (U credited with Q)
@@ -55,10 +56,8 @@ policy's probability on untried actions (BanditNet's diagnostic; on the
 policy's own training log it is also lowered or raised by propensity
 overfitting, so read it on held-out logged rows with `evaluate`). The
 remedy is a log that explores: a logging policy with `mu > 0` wherever a
-new policy may act (benchmarks/results/bandit.md: on Fashion-MNIST with an
-almost deterministic logging policy the direct method's and doubly robust's
-policies put most of their mass on untried actions; with a weak logging
-policy they do not).
+new policy may act (benchmarks/results/bandit.md learns from Fashion-MNIST
+logs of both kinds: an almost deterministic logging policy and a weak one).
 
 The logged node must have a finite support of at most `MAX_SUPPORT` outcomes
 (a `Categorical`; a `Bernoulli` with up to 10 units), and its parameters must
