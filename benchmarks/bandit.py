@@ -11,8 +11,9 @@ logits divided by a temperature) draws one action per training image and logs
 The temperature is per data set (`--temperature`, default `TEMPERATURE`):
 a linear classifier's logits on Fashion-MNIST's 784 pixels spread about four
 times as far as on digits' 64, so one temperature makes a weak logging policy
-on digits and an almost deterministic one on Fashion-MNIST, which never tries
-most wrong classes (`mu(a | x) < SUPPORT_FLOOR` for most pairs). Off-policy
+on digits and an almost deterministic one on Fashion-MNIST, which almost
+never tries most wrong classes (`mu(a | x) < SUPPORT_FLOOR` for about half
+the pairs `(x, a)` at temperature 2). Off-policy
 estimation needs `mu > 0` wherever the learned policy acts (Dudik et al.
 2011); where the log lacks that support no estimator can see the cost of the
 untried actions, and the direct method and doubly robust credit them with the
@@ -187,6 +188,7 @@ def mean_ratio(layer, x, targets):
 
 
 def temperature():
+    """The logging policy's temperature: `--temperature`, else `TEMPERATURE[--dataset]`."""
     return FLAGS.temperature if FLAGS.temperature is not None else TEMPERATURE[FLAGS.dataset]
 
 
