@@ -32,10 +32,9 @@ support. `DoublyRobust` is the default: unbiased like IPS, with the critic
 removing most of its variance; a good critic makes it as precise as the
 direct method, a bad one costs variance, never bias (given support, below).
 Unbiased for a fixed policy is not the same as good to optimise on one
-finite log: its IPS term
-weighs `c - Q`, and like IPS on shifted costs it can push probability onto
-actions the log rarely tried; on actions the log never tries it is the
-direct method (below).
+finite log: its IPS term weighs `c - Q`, and like IPS on shifted costs it
+can push probability onto actions the log rarely tried; on actions the log
+never tries it is the direct method (below).
 
 Where the log lacks support (`U(x) = {a : mu(a | x) = 0}`, actions the
 logging policy never tries in context `x`), no estimator sees their costs,
@@ -44,6 +43,7 @@ not depend on it, are exactly
 
     E[IPS] = V(pi) - E_x sum_{a in U(x)} pi(a | x) c(x, a)       (U credited with cost 0)
     E[DR]  = V(pi) + E_x sum_{a in U(x)} pi(a | x) (Q - c)(x, a)  (U credited with Q)
+    E[DM]  = E_x sum_a pi(a | x) Q(x, a)                          (every action credited with Q)
     E[mean_i w_i] = 1 - E_x sum_{a in U(x)} pi(a | x)            (the `mean_ratio` metric)
 
 so a policy optimised on such a log is drawn to the untried actions wherever
@@ -498,10 +498,11 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
             batch.update(
                 probs=tf.exp(log_probs), q=tf.stop_gradient(q), q_logged=tf.stop_gradient(q_logged)
             )
+        batch = LoggedBatch(**batch)
         return {
-            "loss": self.estimator.value(LoggedBatch(**batch)),
+            "loss": self.estimator.value(batch),
             "critic_loss": critic_loss,
-            "mean_ratio": tf.stop_gradient(tf.reduce_mean(LoggedBatch(**batch).ratio())),
+            "mean_ratio": tf.stop_gradient(tf.reduce_mean(batch.ratio())),
             "status": status,
             "row": row,
         }
