@@ -6,7 +6,25 @@ actions are the classes; the reward is 1 when the action names the image's
 class, 0 otherwise (cost = -reward). A deliberately weak logging policy (a
 softmax classifier trained on a small subset of the training images, its
 logits divided by a temperature) draws one action per training image and logs
-`(image, action, propensity, cost)`; the labels are then forgotten. Policies
+`(image, action, propensity, cost)`; the labels are then forgotten.
+
+The temperature is per data set (`--temperature`, default `TEMPERATURE`):
+a linear classifier's logits on Fashion-MNIST's 784 pixels spread about four
+times as far as on digits' 64, so one temperature makes a weak logging policy
+on digits and an almost deterministic one on Fashion-MNIST, which almost
+never tries most wrong classes (`mu(a | x) < SUPPORT_FLOOR` for about half
+the pairs `(x, a)` at temperature 2). Off-policy
+estimation needs `mu > 0` wherever the learned policy acts (Dudik et al.
+2011); where the log lacks that support no estimator can see the cost of the
+untried actions, and the direct method and doubly robust credit them with the
+critic's extrapolation (Sachdeva, Su and Joachims 2020, "Off-policy bandits
+with deficient support"). Each run records that support: the logging policy's
+share of test pairs `(x, a)` with `mu(a | x) < SUPPORT_FLOOR`, and each
+learned policy's probability mass on such pairs. The default temperatures
+make both logging policies about equally weak (expected accuracy about a
+third, almost no pair below `SUPPORT_FLOOR`; chosen from the logging policy's
+own accuracy and support, not from any learner's result); a run with another
+`--temperature` gets its own section. Policies
 learned from that log with `keras_bpq.logged.LoggedModel` are scored on the
 full-information test set: expected accuracy `mean_x pi(y | x)` and greedy
 accuracy (the most likely action). The full-information supervised classifier
@@ -29,9 +47,12 @@ validation values and the critic's fit under the old schedule.
 
     python benchmarks/bandit.py                              # digits, full train split
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000,60000
+    python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000 --temperature=2  # deficient support
 
-Each run replaces its data set's section of benchmarks/results/bandit.json and
-renders bandit.md from the JSON (`render.bandit`; both written atomically).
+Each run replaces its data set's (and temperature's) section of
+benchmarks/results/bandit.json, keeping the sizes it did not run when the
+rest of the protocol is the same (`merged`), and renders bandit.md from the
+JSON (`render.bandit`; both written atomically).
 """
 
 import gzip
@@ -60,7 +81,7 @@ FLAGS.set_default("seeds", ["0", "1", "2"])
 FLAGS.set_default("batch_size", 128)
 flags.DEFINE_list("sizes", [], "Logged sample sizes (default: the full train split).")
 flags.DEFINE_float("logging_fraction", 0.02, "Fraction of the train split the logging policy is trained on.")
-flags.DEFINE_float("temperature", 2.0, "The logging policy's logits are divided by this.")
+flags.DEFINE_float("temperature", None, "The logging policy's logits are divided by this (default: TEMPERATURE).")
 flags.DEFINE_integer("logging_epochs", 100, "Epochs of the logging policy over its subset.")
 flags.DEFINE_integer("epochs", 30, "Epochs over the log (and of the supervised ceiling).")
 flags.DEFINE_float("lr", 0.01, "Adam learning rate of the policies.")
@@ -69,6 +90,13 @@ flags.DEFINE_integer("critic_units", 64, "Hidden units of the critic.")
 flags.DEFINE_integer("critic_steps", 4, "Critic updates per policy update (LoggedModel.compile).")
 flags.DEFINE_integer("critic_warmup_steps", 100, "Steps that train only the critic (LoggedModel.compile).")
 flags.DEFINE_bool("render_only", False, "Only rewrite bandit.md from bandit.json.")
+
+# The logging policy's temperature per data set (the module docstring).
+TEMPERATURE = {"digits": 2.0, "fashion_mnist": 8.0}
+# A pair (x, a) with mu(a | x) below this is outside the log's support: 10000
+# logged rows hold such an action fewer than 10 times in expectation even were
+# every context alike.
+SUPPORT_FLOOR = 1e-3
 
 SHIFTED = "doubly robust, constant critic (IPS on shifted costs)"
 ARMS = ("logging policy", "IPS", "SNIPS", "direct method", "doubly robust", SHIFTED, "supervised (ceiling)")
@@ -114,7 +142,7 @@ def load(dataset, seed):
         x, y = data.data.astype("float32")[order] / 16.0, data.target[order]
         return x[:1500], y[:1500], x[1500:], y[1500:]
     x_train, x_test = common.load_data("fashion_mnist", seed)
-    labels = [_read_labels(os.path.join(sbn.FASHION_DIR, f"{s}-labels-idx1-ubyte.gz")) for s in ("train", "t10k")]
+    labels = [_read_labels(os.path.join(common.FASHION_DIR, f"{s}-labels-idx1-ubyte.gz")) for s in ("train", "t10k")]
     return x_train, labels[0], x_test, labels[1]
 
 
@@ -159,9 +187,27 @@ def mean_ratio(layer, x, targets):
     return float(np.mean(np.sum(probs * targets["action"], axis=1) / targets["propensity"]))
 
 
+def temperature():
+    """The logging policy's temperature: `--temperature`, else `TEMPERATURE[--dataset]`."""
+    return FLAGS.temperature if FLAGS.temperature is not None else TEMPERATURE[FLAGS.dataset]
+
+
+def logging_probs(layer, x):
+    """`mu(. | x)`, `[n, classes]`: the tempered softmax of the logging classifier."""
+    return keras.ops.convert_to_numpy(keras.ops.softmax(layer(x) / temperature())).astype(np.float64)
+
+
+def off_support_mass(logits_fn, x, mu):
+    """`mean_x sum_a pi(a | x) [mu(a | x) < SUPPORT_FLOOR]`: the policy's probability
+    on actions the log (almost) never tries in those contexts, where its costs
+    are not observed and only extrapolated."""
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(logits_fn(x)))
+    return float(np.mean(np.sum(probs * (mu < SUPPORT_FLOOR), axis=1)))
+
+
 def make_log(layer, x, y, classes, rng):
     """One action per image from the tempered logging policy; its propensity and cost."""
-    probs = keras.ops.convert_to_numpy(keras.ops.softmax(layer(x) / FLAGS.temperature)).astype(np.float64)
+    probs = logging_probs(layer, x)
     probs /= probs.sum(axis=1, keepdims=True)
     action = (probs.cumsum(axis=1) > rng.random((len(x), 1))).argmax(axis=1)
     return {
@@ -203,22 +249,28 @@ def run(dataset, size, seed):
     logging_layer = supervised_logits(x_train[:small], y_train[:small], classes, seed, FLAGS.logging_epochs)
     x_log, y_log = x_train[:size], y_train[:size]
     targets = make_log(logging_layer, x_log, y_log, classes, rng)
+    mu_test = logging_probs(logging_layer, x_test)
     result = {
-        "logging policy": scores(lambda v: logging_layer(v) / FLAGS.temperature, x_test, y_test),
+        "logging policy": scores(lambda v: logging_layer(v) / temperature(), x_test, y_test),
         "logged_reward": float(-targets["cost"].mean()),
         "min_propensity": float(targets["propensity"].min()),
+        "off_support_pairs": float(np.mean(mu_test < SUPPORT_FLOOR)),
         "seconds": {},
     }
+    result["logging policy"]["off_support_mass"] = off_support_mass(
+        lambda v: logging_layer(v) / temperature(), x_test, mu_test)
     for name in ESTIMATORS:
         layer, seconds, history = learn(name, x_log, targets, classes, seed)
         result[name] = scores(layer, x_test, y_test)
         result[name]["final_loss"] = history["loss"][-1]
         result[name]["mean_ratio"] = mean_ratio(layer, x_log, targets)
+        result[name]["off_support_mass"] = off_support_mass(layer, x_test, mu_test)
         result["seconds"][name] = seconds
         log(f"  {name}: {result[name]} ({seconds:.1f}s)")
     start = time.perf_counter()
-    result["supervised (ceiling)"] = scores(supervised_logits(x_log, y_log, classes, seed, FLAGS.epochs),
-                                            x_test, y_test)
+    ceiling = supervised_logits(x_log, y_log, classes, seed, FLAGS.epochs)
+    result["supervised (ceiling)"] = scores(ceiling, x_test, y_test)
+    result["supervised (ceiling)"]["off_support_mass"] = off_support_mass(ceiling, x_test, mu_test)
     result["seconds"]["supervised (ceiling)"] = time.perf_counter() - start
     log(f"  logging: {result['logging policy']}, supervised: {result['supervised (ceiling)']}")
     return result
@@ -243,6 +295,28 @@ def verdicts(table):
     return lines
 
 
+def merged(previous, section):
+    """`section`, with the sizes of `previous` (the same key's old section) that
+    it did not run, when both ran the same protocol (`config`); their commands
+    and machines then become lists, and their run times add up."""
+    if previous is None or previous.get("config") != section["config"]:
+        return section
+    kept = {k: v for k, v in previous["sizes"].items() if k not in section["sizes"]}
+    if not kept:
+        return section
+
+    def as_list(value, single):
+        return [value] if isinstance(value, single) else list(value)
+
+    return dict(
+        section,
+        sizes=dict(sorted({**kept, **section["sizes"]}.items(), key=lambda item: int(item[0]))),
+        command=as_list(previous["command"], str) + [section["command"]],
+        machine=as_list(previous["machine"], dict) + [section["machine"]],
+        runtime_s=previous["runtime_s"] + section["runtime_s"],
+    )
+
+
 def main(argv):
     del argv
     path = os.path.join(FLAGS.out_dir, "bandit.json")
@@ -258,6 +332,9 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     sizes = [int(s) for s in FLAGS.sizes] or [len(load(FLAGS.dataset, 0)[0])]
     section = {"sizes": {}}
+    key = FLAGS.dataset
+    if temperature() != TEMPERATURE[FLAGS.dataset]:
+        key = f"{FLAGS.dataset}, temperature {temperature():g}"
     for size in sizes:
         runs = []
         for seed in seeds:
@@ -266,21 +343,22 @@ def main(argv):
         table = median_table(runs)
         section["sizes"][str(size)] = {"runs": runs, "median": table, "verdicts": verdicts(table)}
         log("; ".join(section["sizes"][str(size)]["verdicts"]))
+    config = {"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": temperature(),
+              "support_floor": SUPPORT_FLOOR, "logging_epochs": FLAGS.logging_epochs,
+              "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
+              "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units,
+              "critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps,
+              "cost": "-reward", "tf_data_autotune": False, "jit_compile": True}
     section.update(
         title={"digits": "digits (scikit-learn, 1500 train / 297 test)",
-               "fashion_mnist": "Fashion-MNIST (60000 train / 10000 test)"}[FLAGS.dataset],
+               "fashion_mnist": "Fashion-MNIST (60000 train / 10000 test)"}[FLAGS.dataset]
+        + f", logging temperature {temperature():g}",
         command=common.command_line(),
         machine=machine,
-        config={"seeds": seeds, "logging_fraction": FLAGS.logging_fraction, "temperature": FLAGS.temperature,
-                "logging_epochs": FLAGS.logging_epochs,
-                "epochs": FLAGS.epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-                "critic_lr": FLAGS.critic_lr, "critic_units": FLAGS.critic_units,
-                "critic_steps": FLAGS.critic_steps, "critic_warmup_steps": FLAGS.critic_warmup_steps,
-                "cost": "-reward",
-                "tf_data_autotune": False, "jit_compile": True},
+        config=config,
         runtime_s=time.perf_counter() - start,
     )
-    report[FLAGS.dataset] = section
+    report[key] = merged(report.get(key), section)
     common.write_json(path, report)
     render.write("bandit", report, os.path.join(FLAGS.out_dir, "bandit.md"))
     log(f"wrote {path} and bandit.md in {section['runtime_s']:.0f}s")

@@ -21,7 +21,7 @@ gradient) are:
 | `IPS(clip)` | `mean_i w_i c_i` | none without `clip` (if `mu > 0` wherever `pi > 0`) |
 | `SNIPS(clip)` | `sum_i w_i c_i / sum_i w_i` | `O(1/n)`; invariant to a constant shift of the costs |
 | `DirectMethod()` | `mean_i sum_a pi(a | x_i) Qbar(x_i, a)` | that of `Q`: `E_x sum_a pi (Q - c)` |
-| `DoublyRobust(clip)` | `mean_i [sum_a pi(a | x_i) Qbar(x_i, a) + w_i (c_i - Qbar(x_i, a_i))]` | none without `clip`, for any `Q` |
+| `DoublyRobust(clip)` | `mean_i [sum_a pi(a | x_i) Qbar(x_i, a) + w_i (c_i - Qbar(x_i, a_i))]` | none without `clip`, for any `Q` (if `mu > 0` wherever `pi > 0`) |
 
 `Qbar = stop_gradient(Q)`: the critic is a control variate (doubly robust:
 `critic_cv` off-policy) or a model (direct method) of the costs, never
@@ -30,12 +30,34 @@ trained by the policy's objective; it trains on its own regression loss
 `critic_warmup_steps` and `critic_steps`). The sums over `a` run exactly over the node's
 support. `DoublyRobust` is the default: unbiased like IPS, with the critic
 removing most of its variance; a good critic makes it as precise as the
-direct method, a bad one costs variance, never bias. Unbiased for a fixed
-policy is not the same as good to optimise on one finite log: its IPS term
-weighs `c - Q`, and like IPS on shifted costs it can push probability onto
-actions the log rarely tried (benchmarks/results/bandit.md: above IPS on
-digits, far below it on Fashion-MNIST, where its policy learned to avoid the
-logged actions).
+direct method, a bad one costs variance, never bias (given support, below).
+Unbiased for a fixed policy is not the same as good to optimise on one
+finite log: its IPS term weighs `c - Q`, and like IPS on shifted costs it
+can push probability onto actions the log rarely tried; on actions the log
+never tries it is the direct method (below).
+
+Where the log lacks support (`U(x) = {a : mu(a | x) = 0}`, actions the
+logging policy never tries in context `x`), no estimator sees their costs,
+and without clipping the expectations over the log, for a policy that does
+not depend on it, are exactly
+
+    E[IPS] = V(pi) - E_x sum_{a in U(x)} pi(a | x) c(x, a)       (U credited with cost 0)
+    E[DR]  = V(pi) + E_x sum_{a in U(x)} pi(a | x) (Q - c)(x, a)  (U credited with Q)
+    E[DM]  = E_x sum_a pi(a | x) Q(x, a)                          (every action credited with Q)
+    E[mean_i w_i] = 1 - E_x sum_{a in U(x)} pi(a | x)            (the `mean_ratio` metric)
+
+so a policy optimised on such a log is drawn to the untried actions wherever
+the critic (doubly robust, direct method) or the zero of the costs (IPS)
+rates them above what they cost (Sachdeva, Su and Joachims 2020, "Off-policy
+bandits with deficient support"). `LoggedModel` reports the batch mean of
+`w_i` (unclipped) as the `mean_ratio` metric: for a policy that keeps to the
+log's support it is 1 in expectation, and `1 - mean_ratio` estimates the
+policy's probability on untried actions (BanditNet's diagnostic; on the
+policy's own training log it is also lowered or raised by propensity
+overfitting, so read it on held-out logged rows with `evaluate`). The
+remedy is a log that explores: a logging policy with `mu > 0` wherever a
+new policy may act (benchmarks/results/bandit.md learns from Fashion-MNIST
+logs of both kinds: an almost deterministic logging policy and a weak one).
 
 The logged node must have a finite support of at most `MAX_SUPPORT` outcomes
 (a `Categorical`; a `Bernoulli` with up to 10 units), and its parameters must
@@ -334,7 +356,10 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
     Every step minimises the estimator's `value` (reported as `loss`: the
     estimated expected cost of the policy) in the policy's weights and, for
     estimators with a critic, the critic's regression loss (`critic_loss`) in
-    the critic's weights, with `critic_optimizer`. A step whose logged data is
+    the critic's weights, with `critic_optimizer`; the `mean_ratio` metric is
+    the mean importance ratio `pi(a_i | x_i) / mu_i` (below 1 in expectation
+    by the policy's probability on actions the log never tries; the module
+    docstring). A step whose logged data is
     invalid (a propensity not in `(0, 1]`, an action outside the node's
     support, a non-finite cost) or whose estimate or gradient is not finite
     changes nothing, and `fit` (or `train_on_batch`) then raises a
@@ -401,6 +426,7 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         self.critic_steps, self.critic_warmup_steps = 1, 0
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.critic_loss_tracker = keras.metrics.Mean(name="critic_loss")
+        self.mean_ratio_tracker = keras.metrics.Mean(name="mean_ratio")
         self.built = True
 
     # -- forward -----------------------------------------------------------
@@ -430,8 +456,12 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         Returns a dict: `loss`, the estimate (a scalar whose gradient in
         `policy_variables` is the policy gradient); `critic_loss`, the
         critic's mean squared error on the logged costs (0 without a critic;
-        gradient in `critic_variables` only); `status`, 0 if the batch is valid,
-        else the code of its first problem; `row`, that problem's row.
+        gradient in `critic_variables` only); `mean_ratio`, `mean_i pi(a_i |
+        x_i) / mu_i` unclipped and without gradient (its expectation is the
+        policy's probability on actions the logging policy tries, 1 when
+        `mu > 0` wherever `pi > 0`; the module docstring); `status`, 0 if the
+        batch is valid, else the code of its first problem; `row`, that
+        problem's row.
         """
         action, propensity, cost = self._checked(logged)
         with graph.Recorder(forced={self.node: action}) as recorder:
@@ -468,9 +498,11 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
             batch.update(
                 probs=tf.exp(log_probs), q=tf.stop_gradient(q), q_logged=tf.stop_gradient(q_logged)
             )
+        batch = LoggedBatch(**batch)
         return {
-            "loss": self.estimator.value(LoggedBatch(**batch)),
+            "loss": self.estimator.value(batch),
             "critic_loss": critic_loss,
+            "mean_ratio": tf.stop_gradient(tf.reduce_mean(batch.ratio())),
             "status": status,
             "row": row,
         }
@@ -562,7 +594,7 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
 
     @property
     def metrics(self) -> List[keras.metrics.Metric]:
-        return [self.loss_tracker, self.critic_loss_tracker]
+        return [self.loss_tracker, self.critic_loss_tracker, self.mean_ratio_tracker]
 
     def build_training_state(self) -> bool:
         """Creates now what training creates on first use: both optimizers'
@@ -645,7 +677,8 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         self.status.assign(tf.where(first, status, self.status))
         ok = tf.equal(status, _OK)
         weight = tf.cast(ok, tf.float32)
-        for tracker, key in ((self.loss_tracker, "loss"), (self.critic_loss_tracker, "critic_loss")):
+        for tracker, key in ((self.loss_tracker, "loss"), (self.critic_loss_tracker, "critic_loss"),
+                             (self.mean_ratio_tracker, "mean_ratio")):
             tracker.update_state(tf.where(ok, out[key], 0.0), sample_weight=weight)
         return {m.name: m.result() for m in self.metrics}
 
