@@ -121,16 +121,15 @@ def loss_scale_status(
     persistent = tf.logical_and(
         tf.logical_and(overflow, tf.cast(scale, tf.float32) <= 1.0), tf.equal(status, 0)
     )
-    if not scg.costs:
-        return status, row, overflow
+    # (A model has at least one cost: `scg` refuses one without.)
     largest = tf.stack([
         tf.reduce_max(tf.abs(tf.cast(costs[name], tf.float32))) for name in scg.costs
     ])
     index = tf.cast(tf.argmax(largest), tf.int32)
     # Decimal exponent; a cost of 0 (or below float32's normal range) counts as 1e-38.
-    exponent = tf.cast(
-        tf.floor(tf.math.log(tf.maximum(tf.reduce_max(largest), 1e-38)) / tf.math.log(10.0)), tf.int32
-    )
+    # (in float64, so that a power of 10 is not rounded below its exponent).
+    magnitude = tf.maximum(tf.cast(tf.reduce_max(largest), tf.float64), 1e-38)
+    exponent = tf.cast(tf.floor(tf.math.log(magnitude) / tf.math.log(tf.constant(10.0, tf.float64))), tf.int32)
     status = tf.where(persistent, loss_scale_code(scg, 0) + index, status)
     row = tf.where(persistent, exponent, row)
     return status, row, overflow
@@ -239,16 +238,18 @@ def nonfinite_error(
         name = scg.costs[code - loss_scale_code(scg, 0)]
         now = "" if loss_scale is None else f" (now {loss_scale:g})"
         return FloatingPointError(
-            f"Model {model_name!r}: the actor's gradient overflowed float16 (largest value 65504) "
-            "in a training step at a loss scale of at most 1, although every cost was finite: the "
-            f"gradient of the unscaled loss is out of float16's range. The largest cost, {name!r}, "
-            f"is of order 1e{row} in an example of the step's batch. The step was skipped: nothing "
-            "it would have written was kept, the LossScaleOptimizer's loss scale included"
-            f"{now}. Every earlier step whose gradient overflowed was skipped too, except that "
-            "the LossScaleOptimizer halved its loss scale; so every weight, critic, target copy, "
-            "optimizer slot and estimator state holds finite values. Scale the costs down (divide "
-            f"{name!r} by a constant so that it is of order 1), or train under the float32 or "
-            "mixed_bfloat16 policy, whose range is float32's."
+            f"Model {model_name!r}: the actor's gradient was not finite in a training step at a loss "
+            f"scale of at most 1{now}, although every cost was finite. The LossScaleOptimizer (of the "
+            "mixed_float16 policy) skips the update of a step whose scaled gradient overflows and "
+            "halves its loss scale; at a scale of at most 1 the gradient of the loss itself overflows "
+            "(float16 tops at 65504), which loss scaling, meant to keep small gradients from "
+            f"underflowing, cannot cure. The largest cost, {name!r}, is of order 1e{row} in an example "
+            "of the step's batch. Nothing that step would have written was kept, its loss scale "
+            "included; every earlier step whose gradient overflowed was skipped whole too, but for "
+            "the halving of the loss scale. So every weight, critic, target copy, optimizer slot and "
+            "estimator state holds finite values, as the last step that stood left them. Scale the "
+            f"costs down (divide {name!r} by a constant so that it is of order 1), or train under the "
+            "float32 or mixed_bfloat16 policy, whose range is float32's."
         )
     if code > 0 and code > len(scg.costs):
         info = scg.nodes[code - len(scg.costs) - 1]
