@@ -559,9 +559,10 @@ def test_loss_scale_optimizer_skipping_every_update_stops_fit(scale, estimator, 
     gradient at every loss scale the LossScaleOptimizer tries. Each such step
     is skipped whole: only the loss scale falls (halved per step); weights,
     estimator state, the step counter, critics, target copies and both
-    optimizers' other variables stay as they were. Once it overflows at a
-    scale of 1, `fit` stops with a FloatingPointError naming the cost and its
-    magnitude, and keeps nothing of that step (the scale stays 1)."""
+    optimizers' other variables (and, with `replay=`, the replay buffer) stay
+    as they were. Once it overflows at a scale of 1, `fit` stops with a
+    FloatingPointError naming the cost and its magnitude, and keeps nothing of
+    that step (the scale stays 1)."""
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -569,6 +570,7 @@ def test_loss_scale_optimizer_skipping_every_update_stops_fit(scale, estimator, 
         model.compile(
             optimizer=keras.optimizers.Adam(0.01), estimator=estimator, critic_hidden_units=(8,),
             jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+            replay=keras_bpq.Replay(8) if estimator == "critic_cv" else None,
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)
@@ -576,6 +578,7 @@ def test_loss_scale_optimizer_skipping_every_update_stops_fit(scale, estimator, 
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     if estimator == "critic_cv":
         assert model.critic_variables and model.critic_optimizer.variables
+        assert any("replay" in v.path for v in model.weights), [v.path for v in model.weights]
     model.optimizer.build(model.actor_variables)
     initial = float(model.optimizer.initial_scale)
     scale_state = loss_scale_state(model)
