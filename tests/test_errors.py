@@ -629,6 +629,8 @@ def test_mixed_float16_training_through_early_overflows_keeps_its_steps_whole(ji
     history = model.fit(inputs(8), batch_size=4, epochs=epochs, shuffle=False, verbose=0)
     scale = float(model.optimizer.dynamic_scale.numpy())
     assert 1.0 < scale < initial, "the initial scale was expected to overflow, and a lower one not to"
+    # The scale only fell: it doubles after dynamic_growth_steps finite steps in a row.
+    assert epochs * batches < model.optimizer.dynamic_growth_steps
     skipped = int(round(np.log2(initial / scale)))
     steps = int(model.training_state.steps.numpy())
     assert steps == int(model.optimizer.iterations.numpy()) == epochs * batches - skipped
