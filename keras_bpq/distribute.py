@@ -87,6 +87,20 @@ def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
     return tf.where(tf.reduce_all(finite), -1, first)
 
 
+def overflowed(grads: Sequence[Optional[tf.Tensor]]) -> list:
+    """`grads` with NaN in every value (None stays None; a `tf.IndexedSlices`
+    keeps its indices): what a replica gives the actor's `LossScaleOptimizer`
+    on a step whose gradient overflowed on some replica, so that it skips the
+    update and lowers its loss scale whichever replica overflowed."""
+    nan = float("nan")
+    return [
+        None if g is None
+        else tf.IndexedSlices(g.values + tf.cast(nan, g.values.dtype), g.indices, g.dense_shape)
+        if isinstance(g, tf.IndexedSlices) else g + tf.cast(nan, g.dtype)
+        for g in grads
+    ]
+
+
 class StepUpdates(NamedTuple):
     """What a training step writes, as functions `apply_updates` calls in order.
 
@@ -235,7 +249,10 @@ def apply_updates(
             updates.target_copies()
 
         def actor_only():
-            each(updates.actor, args=(values.grads,))
+            # Keras' LossScaleOptimizer decides here on the first replica's
+            # gradient alone, but would apply their all-reduced sum: every
+            # replica's must read as overflowed when any one's did.
+            each(lambda grads: updates.actor(overflowed(grads)), args=(values.grads,))
 
         tf.cond(skip, lambda: None, apply if overflow is None else lambda: tf.cond(overflow, actor_only, apply))
         finite = strategy.experimental_local_results(each(lambda: all_finite(variables)))
