@@ -5,8 +5,9 @@ needs: read a functional model's graph of operations (to re-evaluate costs at
 a node's other outcomes), list a layer's sublayers and own losses, reach the
 trainer's loss tracker and initial epoch, pass over batches at the start of
 `fit` (to resume mid-epoch), read `BackupAndRestore`'s metadata file, know
-whether XLA compiles the graph being traced, ask a strategy whether it
-synchronises through `merge_call`, and work around two bugs of Keras' train
+whether XLA compiles the graph being traced, read a `LossScaleOptimizer`'s
+current loss scale, ask a strategy whether it synchronises through
+`merge_call`, and work around two bugs of Keras' train
 and test loops under `tf.distribute`. Each is a small named function here; the
 rest of the package calls these and never a private attribute of Keras or
 TensorFlow.
@@ -259,6 +260,15 @@ def in_xla_context():
     from tensorflow.python.ops import control_flow_util
 
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+# -- loss scaling ----------------------------------------------------------
+def loss_scale(optimizer):
+    """The loss scale a `keras.optimizers.LossScaleOptimizer` multiplies the
+    loss by now: its `dynamic_scale` variable (halved at every step whose
+    scaled gradient overflows, doubled after `dynamic_growth_steps` finite
+    ones), or `initial_scale` before it is built."""
+    return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
 
 
 # -- tf.distribute ---------------------------------------------------------

@@ -7,8 +7,9 @@ after a failed step, and every checkpoint knows where `fit` stands),
 `ResumeAtPosition` after them (so it runs after `BackupAndRestore` restored).
 
 * Non-finite guard: every training step computes a status (`step_status`,
-  `mask_status`; 0 when it stands) and keeps none of its updates when it is
-  not 0; `NonFiniteGuard` raises `nonfinite_error` after such a step
+  `mask_status`, `loss_scale_status`; 0 when it stands) and keeps none of its
+  updates when it is not 0 (nor when a `LossScaleOptimizer` skips its
+  update); `NonFiniteGuard` raises `nonfinite_error` after such a step
   (`raise_if_nonfinite` of `StepReports`, a mixin of the model, which also
   raises after `predict` or `evaluate` for a mask row without an outcome).
 * Exact resume: `FitPosition` records in the model (and so in every
@@ -81,6 +82,64 @@ def mask_status(
         status = tf.where(found, len(scg.costs) + 1 + index, status)
         row = tf.where(found, tf.argmax(tf.cast(empty, tf.int32), output_type=tf.int32), row)
     return status, row
+
+
+def loss_scale_status(
+    scg: graph.SCG,
+    costs: Mapping[str, tf.Tensor],
+    grads: Sequence[Optional[tf.Tensor]],
+    scale: tf.Tensor,
+    ready: tf.Tensor,
+    status: tf.Tensor,
+    row: tf.Tensor,
+) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`(status, row, overflow)` of a step whose actor optimizer is a
+    `keras.optimizers.LossScaleOptimizer`, from `status` and `row` (those of
+    `step_status` without the gradients and `mask_status`).
+
+    Such an optimizer skips the update of a step whose gradient `grads`
+    (scaled by `scale`, its loss scale in the step) holds a NaN or inf, and
+    halves its scale. `overflow` (a boolean, the same on every replica) is
+    whether it will skip this step's update: the gradient overflowed on some
+    replica and `ready` (the critics' warm-up is over, so the actor is
+    updated). `apply_updates` then lets the optimizer lower its scale and
+    applies nothing else, so the step is skipped whole.
+
+    Overflow is the ordinary course at the start of `mixed_float16` training
+    (the scale starts at 2**15) and the status stays 0 then. But loss scaling
+    is there to keep small float16 gradients from underflowing: at a scale of
+    1 or less the gradient of the loss itself overflows, which no loss scale
+    meant for that cures (a lower one flushes the gradients' small parts to
+    zero instead). A step that overflows at a scale of at most 1 (and whose
+    status is 0) gets the status `loss_scale_code(scg, i)`, `i` the index of
+    the cost of largest magnitude in the step, with `row` the decimal
+    exponent of that magnitude; it is skipped whole, the loss scale included.
+    """
+    grads = [getattr(g, "values", g) for g in grads if g is not None]
+    overflow = distribute.global_sum(tf.cast(tf.logical_not(distribute.finite(grads)), tf.float32)) > 0
+    overflow = tf.logical_and(overflow, ready)
+    persistent = tf.logical_and(
+        tf.logical_and(overflow, tf.cast(scale, tf.float32) <= 1.0), tf.equal(status, 0)
+    )
+    # (A model has at least one cost: `scg` refuses one without.)
+    largest = tf.stack([
+        tf.reduce_max(tf.abs(tf.cast(costs[name], tf.float32))) for name in scg.costs
+    ])
+    index = tf.cast(tf.argmax(largest), tf.int32)
+    # Decimal exponent; a cost of 0 (or below float32's normal range) counts as 1e-38.
+    # (in float64, so that a power of 10 is not rounded below its exponent).
+    magnitude = tf.maximum(tf.cast(tf.reduce_max(largest), tf.float64), 1e-38)
+    exponent = tf.cast(tf.floor(tf.math.log(magnitude) / tf.math.log(tf.constant(10.0, tf.float64))), tf.int32)
+    status = tf.where(persistent, loss_scale_code(scg, 0) + index, status)
+    row = tf.where(persistent, exponent, row)
+    return status, row, overflow
+
+
+def loss_scale_code(scg: graph.SCG, index: int) -> int:
+    """The status of a step that overflowed a `LossScaleOptimizer` at a loss
+    scale of at most 1 (`loss_scale_status`), cost `index` of `scg.costs` the
+    largest: after the codes of the costs and of the nodes' masks."""
+    return len(scg.costs) + len(scg.nodes) + 1 + index
 
 
 def mask_row_index(info: graph.NodeInfo, row: int) -> Union[int, np.ndarray]:
@@ -165,12 +224,33 @@ def nonfinite_error(
     code: int,
     row: int,
     variables: Sequence[Tuple[tf.Variable, str]],
+    loss_scale: Optional[float] = None,
 ) -> FloatingPointError:
-    """The error for a step whose status (`step_status`, `mask_status`, or
-    `-2 - i` for an update that wrote a non-finite value into `variables[i]`,
-    `step_variables`) is `code`, not 0; `row` is the flattened row of a mask
-    (`mask_status`), named as the node's assertion names it (`mask_row_index`).
-    `scg` names the costs and nodes (it may be None for a code `-2 - i`)."""
+    """The error for a step whose status (`step_status`, `mask_status`,
+    `loss_scale_status`, or `-2 - i` for an update that wrote a non-finite
+    value into `variables[i]`, `step_variables`) is `code`, not 0; `row` is
+    the flattened row of a mask (`mask_status`), named as the node's assertion
+    names it (`mask_row_index`), or for `loss_scale_status` the decimal
+    exponent of the largest cost; `loss_scale` is the actor's
+    `LossScaleOptimizer`'s loss scale now (None without one). `scg` names the
+    costs and nodes (it may be None for a code `-2 - i`)."""
+    if code > 0 and code >= loss_scale_code(scg, 0):
+        name = scg.costs[code - loss_scale_code(scg, 0)]
+        now = "" if loss_scale is None else f" (now {loss_scale:g})"
+        return FloatingPointError(
+            f"Model {model_name!r}: the actor's gradient was not finite in a training step at a loss "
+            f"scale of at most 1{now}, although every cost was finite. The LossScaleOptimizer (of the "
+            "mixed_float16 policy) skips the update of a step whose scaled gradient overflows and "
+            "halves its loss scale; at a scale of at most 1 the gradient of the loss itself overflows "
+            "(float16 tops at 65504), which loss scaling, meant to keep small gradients from "
+            f"underflowing, cannot cure. The largest cost, {name!r}, is of order 1e{row} in an example "
+            "of the step's batch. Nothing that step would have written was kept, its loss scale "
+            "included; every earlier step whose gradient overflowed was skipped whole too, but for "
+            "the halving of the loss scale. So every weight, critic, target copy, optimizer slot and "
+            "estimator state holds finite values, as the last step that stood left them. Scale the "
+            f"costs down (divide {name!r} by a constant so that it is of order 1), or train under the "
+            "float32 or mixed_bfloat16 policy, whose range is float32's."
+        )
     if code > 0 and code > len(scg.costs):
         info = scg.nodes[code - len(scg.costs) - 1]
         index = mask_row_index(info, row)
@@ -234,7 +314,10 @@ class StepReports:
         """Raises `FloatingPointError` if a training step met a non-finite value."""
         code, row = self.training_state.take_report()
         if code:
-            raise nonfinite_error(self.name, self._scg, code, row, self._step_variables())
+            scale = None
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                scale = float(keras.ops.convert_to_numpy(_keras_compat.loss_scale(self.optimizer)))
+            raise nonfinite_error(self.name, self._scg, code, row, self._step_variables(), scale)
 
 
 class NonFiniteGuard(keras.callbacks.Callback):

@@ -87,6 +87,20 @@ def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
     return tf.where(tf.reduce_all(finite), -1, first)
 
 
+def overflowed(grads: Sequence[Optional[tf.Tensor]]) -> list:
+    """`grads` with NaN in every value (None stays None; a `tf.IndexedSlices`
+    keeps its indices): what a replica gives the actor's `LossScaleOptimizer`
+    on a step whose gradient overflowed on some replica, so that it skips the
+    update and lowers its loss scale whichever replica overflowed."""
+    nan = float("nan")
+    return [
+        None if g is None
+        else tf.IndexedSlices(g.values + tf.cast(nan, g.values.dtype), g.indices, g.dense_shape)
+        if isinstance(g, tf.IndexedSlices) else g + tf.cast(nan, g.dtype)
+        for g in grads
+    ]
+
+
 class StepUpdates(NamedTuple):
     """What a training step writes, as functions `apply_updates` calls in order.
 
@@ -141,11 +155,15 @@ class StepValues(NamedTuple):
 
 def apply_updates(
     skip: tf.Tensor, updates: StepUpdates, values: StepValues, variables: Sequence[tf.Variable],
-    saved: Sequence[tf.Tensor],
+    saved: Sequence[tf.Tensor], overflow: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
     """Critics and their replay, then actor (after warm-up), then estimator
     state and target copies; nothing at all when `skip` (a non-finite cost or
-    gradient on any replica).
+    gradient on any replica). When `overflow` (a boolean, the same on every
+    replica; None for never) and not `skip`, only `updates.actor` runs: the
+    actor's `LossScaleOptimizer` skips that update (its scaled gradient
+    overflowed) and lowers its loss scale, and the rest of the step is skipped
+    with it (`callbacks.loss_scale_status`).
 
     `variables` are all a step may write and `saved` their values before it.
     After the updates every floating one is checked: if any holds a NaN or inf
@@ -191,7 +209,11 @@ def apply_updates(
             updates.target_copies()
             return noop()
 
-        tf.cond(skip, noop, apply)
+        def actor_only():
+            updates.actor(values.grads)
+            return noop()
+
+        tf.cond(skip, noop, apply if overflow is None else lambda: tf.cond(overflow, actor_only, apply))
         # Replicas hold the same values; agree anyway on undoing the step.
         undo = global_sum(tf.cast(tf.logical_not(all_finite(variables)), tf.float32)) > 0
 
@@ -202,10 +224,12 @@ def apply_updates(
 
         return tf.cond(undo, undo_step, lambda: tf.constant(-1))
 
-    def cross_replica(strategy, skip, values, saved):
+    def cross_replica(strategy, skip, overflow, values, saved):
         each = strategy.extended.call_for_each_replica
-        # Every replica holds the same all-reduced flag; take the first's.
+        # Every replica holds the same all-reduced flags; take the first's.
         skip = strategy.experimental_local_results(each(tf.identity, args=(skip,)))[0]
+        if overflow is not None:
+            overflow = strategy.experimental_local_results(each(tf.identity, args=(overflow,)))[0]
 
         def apply():
             each(updates.critics, args=(values.critic_grads, values.critic_inputs))
@@ -224,7 +248,13 @@ def apply_updates(
             each(updates.state, args=(values.means, values.tuning, values.has_data))
             updates.target_copies()
 
-        tf.cond(skip, lambda: None, apply)
+        def actor_only():
+            # Keras' LossScaleOptimizer decides here on the first replica's
+            # gradient alone, but would apply their all-reduced sum: every
+            # replica's must read as overflowed when any one's did.
+            each(lambda grads: updates.actor(overflowed(grads)), args=(values.grads,))
+
+        tf.cond(skip, lambda: None, apply if overflow is None else lambda: tf.cond(overflow, actor_only, apply))
         finite = strategy.experimental_local_results(each(lambda: all_finite(variables)))
         undo = tf.logical_not(tf.reduce_all(finite))
 
@@ -235,4 +265,4 @@ def apply_updates(
 
         return tf.cond(undo, undo_step, lambda: tf.constant(-1))
 
-    return context.merge_call(cross_replica, args=(skip, values, saved))
+    return context.merge_call(cross_replica, args=(skip, overflow, values, saved))

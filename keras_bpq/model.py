@@ -244,10 +244,17 @@ class BackpropQModel(
         # Gradients: the actor's, the critics' (on their targets), the estimators' own.
         grads = tape.gradient(scaled, actor_variables)
         # A LossScaleOptimizer skips steps whose scaled gradient overflows, and
-        # lowers its scale: only the costs decide here then.
+        # lowers its scale: the step is skipped whole then (`overflow`), and
+        # reported only when it overflowed at a scale of at most 1.
         loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         status = callbacks_lib.step_status(scg, forward.costs, [] if loss_scaled else grads)
         status, row = callbacks_lib.mask_status(scg, forward.records, status)
+        overflow = None
+        if loss_scaled:
+            status, row, overflow = callbacks_lib.loss_scale_status(
+                scg, forward.costs, grads, _keras_compat.loss_scale(self.optimizer),
+                self.training_state.steps >= self._critic_options.warmup, status, row,
+            )
         critics = self.critic_set()
         evaluation = critics.evaluate(forward, with_gradient=True)
         values = distribute.StepValues(
@@ -267,7 +274,7 @@ class BackpropQModel(
             warmup=self._critic_options.warmup,
             replay=self._replay_updates(critics),
         )
-        undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved)
+        undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved, overflow)
         # A step that would have written a non-finite value was undone: code
         # -2 - i names the first such variable, written[i].
         status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)

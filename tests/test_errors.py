@@ -12,6 +12,7 @@ import tensorflow_probability as tfp
 from test_distribute import run as run_distributed
 
 import keras_bpq
+from keras_bpq import _keras_compat
 from keras_bpq import diagnostics
 from keras_bpq import distribute
 
@@ -470,9 +471,12 @@ def test_huge_finite_cost_under_mixed_precision_never_leaves_a_non_finite_value(
     policy, scale, jit_compile, steps_per_execution, tmp_path
 ):
     """`test_huge_finite_cost_never_leaves_a_non_finite_value` under the 16-bit
-    policies, with a learned critic: every step is undone whole (weights,
-    critics, target copies, both optimizers' slots, the loss scale, estimator
-    state), and the error says truly what it would have written."""
+    policies, with a learned critic. Under mixed_bfloat16 every step is undone
+    whole (weights, critics, target copies, both optimizers' slots, estimator
+    state), and the error says truly what it would have written. Under
+    mixed_float16 the actor's scaled gradient overflows first: every step is
+    skipped whole but for the LossScaleOptimizer halving its loss scale, and
+    at a scale of 1 (the 16th step) the error says so."""
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -485,18 +489,193 @@ def test_huge_finite_cost_under_mixed_precision_never_leaves_a_non_finite_value(
         keras.mixed_precision.set_global_policy(previous)
     model.build_training_state()
     assert model.critic_variables and model.critic_optimizer.variables
-    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+    loss_scaled = policy == "mixed_float16"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == loss_scaled
+    loss_scale = _keras_compat.loss_scale(model.optimizer) if loss_scaled else None
+    assert_true = assert_overflow_is_true if loss_scaled else assert_skip_is_true
+    before = [v.numpy().copy() for v in everything(model)]
+    x = inputs(8)
+    with pytest.raises(FloatingPointError) as error:
+        model.fit(x, batch_size=4, epochs=20 if loss_scaled else 2, shuffle=False, verbose=0)
+    assert_true(model, x[:4], error.value)
+    with pytest.raises(FloatingPointError) as error:
+        model.train_on_batch(x[:4])
+    assert_true(model, x[:4], error.value)
+    assert int(model.training_state.steps.numpy()) == 0
+    for variable, value in zip(everything(model), before):
+        if variable is loss_scale:
+            assert float(variable.numpy()) == 1.0  # 2**15 halved by the 15 steps skipped before
+            continue
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+    model.save_weights(tmp_path / "huge.weights.h5")  # nothing non-finite to refuse
+
+
+def assert_overflow_is_true(model, x, error):
+    """The `FloatingPointError` of a step that overflowed the LossScaleOptimizer
+    at a loss scale of at most 1 says what happened: every cost was finite (as
+    it is on `x`), the scale is at most 1 now, and the largest cost's magnitude
+    is that of the costs on `x` (within a decade: the samples differ)."""
+    found = re.search(
+        r"'hugem': the actor's gradient was not finite in a training step at a loss scale of at most 1 "
+        r"\(now (?P<scale>[^)]+)\), although every cost was finite.* The largest cost, 'huge', is of order "
+        r"1e(?P<exponent>-?\d+) in an example of the step's batch\. Nothing that step would have written was "
+        r"kept, its loss scale included.* Scale the costs down .* or train under the float32 or mixed_bfloat16 "
+        r"policy",
+        str(error),
+    )
+    assert found, str(error)
+    costs = model.run_forward(tf.constant(x), training=True).costs
+    assert all(np.all(np.isfinite(c.numpy())) for c in costs.values())
+    largest = max(float(np.abs(c.numpy()).max()) for c in costs.values())
+    assert abs(int(found["exponent"]) - np.floor(np.log10(largest))) <= 1, (str(error), largest)
+    scale = float(keras.ops.convert_to_numpy(_keras_compat.loss_scale(model.optimizer)))
+    assert float(found["scale"]) == scale <= 1.0, str(error)
+
+
+LOSS_SCALE_ERROR = (
+    r"'hugem': the actor's gradient was not finite in a training step at a loss scale of at most 1 "
+    r"\(now 1\), although every cost was finite.* The largest cost, 'huge', is of order 1e(?P<exponent>\d+) "
+)
+
+
+def loss_scale_state(model):
+    """The variables a `LossScaleOptimizer` changes on a step whose update it
+    skips: its loss scale and its count of finite steps."""
+    return {id(model.optimizer.dynamic_scale), id(model.optimizer.step_counter)}
+
+
+@pytest.mark.parametrize(
+    "scale, estimator, jit_compile, steps_per_execution",
+    [
+        (1e20, "reinforce", False, 1),
+        (1e30, "auto", True, 2),
+        (1e25, "reinforce", True, 1),
+        (1e6, "critic_cv", False, 2),
+    ],
+    ids=["1e20_reinforce_graph", "1e30_auto_xla_spe2", "1e25_reinforce_xla", "1e6_critic_cv_graph_spe2"],
+)
+def test_loss_scale_optimizer_skipping_every_update_stops_fit(scale, estimator, jit_compile, steps_per_execution):
+    """Under mixed_float16 a huge but finite cost overflows the actor's float16
+    gradient at every loss scale the LossScaleOptimizer tries. Each such step
+    is skipped whole: only the loss scale falls (halved per step); weights,
+    estimator state, the step counter, critics, target copies and both
+    optimizers' other variables (and, with `replay=`, the replay buffer) stay
+    as they were. Once it overflows at a scale of 1, `fit` stops with a
+    FloatingPointError naming the cost and its magnitude, and keeps nothing of
+    that step (the scale stays 1)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = huge_chain(scale) if estimator == "critic_cv" else huge_model(scale)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01), estimator=estimator, critic_hidden_units=(8,),
+            jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+            replay=keras_bpq.Replay(8) if estimator == "critic_cv" else None,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model.build_training_state()
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    if estimator == "critic_cv":
+        assert model.critic_variables and model.critic_optimizer.variables
+        assert any("replay" in v.path for v in model.weights), [v.path for v in model.weights]
+    model.optimizer.build(model.actor_variables)
+    initial = float(model.optimizer.initial_scale)
+    scale_state = loss_scale_state(model)
+    kept = [v for v in everything(model) if id(v) not in scale_state]
+    before = [v.numpy().copy() for v in kept]
+    x = inputs(8)
+    with pytest.raises(FloatingPointError, match=LOSS_SCALE_ERROR) as error:
+        model.fit(x, batch_size=4, epochs=int(np.log2(initial)) + 2, shuffle=False, verbose=0)
+    exponent = int(re.search(LOSS_SCALE_ERROR, str(error.value))["exponent"])
+    assert abs(exponent - np.log10(scale)) <= 3, str(error.value)
+    assert "Scale the costs down" in str(error.value) and "mixed_bfloat16" in str(error.value)
+    # The scale fell from its initial value to 1, and nothing else moved.
+    assert float(model.optimizer.dynamic_scale.numpy()) == 1.0
+    for variable, value in zip(kept, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+    assert int(model.training_state.steps.numpy()) == 0
+    # The next step overflows at a scale of 1 too: the same error, nothing kept.
+    with pytest.raises(FloatingPointError, match=LOSS_SCALE_ERROR):
+        model.train_on_batch(x[:4])
+    assert float(model.optimizer.dynamic_scale.numpy()) == 1.0
+    for variable, value in zip(kept, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+@pytest.mark.parametrize("jit_compile, steps_per_execution", [(False, 1), (True, 2)], ids=["graph", "xla_spe2"])
+def test_mixed_float16_training_through_early_overflows_keeps_its_steps_whole(jit_compile, steps_per_execution):
+    """A cost whose float16 gradient overflows at the initial loss scale but
+    not at a lower one: the LossScaleOptimizer halves its scale on each
+    overflowing step and then trains, without an error. Every step it skipped
+    was skipped whole, so the package's step counter (advanced by every step
+    that stands) equals the actor optimizer's iterations, the steps run less
+    one per halving of the scale."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = huge_model(100.0)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01), estimator="reinforce",
+            jit_compile=jit_compile, steps_per_execution=steps_per_execution,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model.build_training_state()
+    model.optimizer.build(model.actor_variables)
+    initial = float(model.optimizer.initial_scale)
+    weights = snapshot(model)
+    epochs, batches = 10, 2
+    history = model.fit(inputs(8), batch_size=4, epochs=epochs, shuffle=False, verbose=0)
+    scale = float(model.optimizer.dynamic_scale.numpy())
+    assert 1.0 < scale < initial, "the initial scale was expected to overflow, and a lower one not to"
+    # The scale only fell: it doubles after dynamic_growth_steps finite steps in a row.
+    assert epochs * batches < model.optimizer.dynamic_growth_steps
+    skipped = int(round(np.log2(initial / scale)))
+    steps = int(model.training_state.steps.numpy())
+    assert steps == int(model.optimizer.iterations.numpy()) == epochs * batches - skipped
+    assert any(not np.array_equal(a, b) for a, b in zip(snapshot(model), weights))
+    assert all(np.isfinite(history.history["loss"]))
+    for variable in everything(model):
+        value = variable.numpy()
+        if value.dtype.kind == "f":
+            assert np.all(np.isfinite(value)), variable.path
+
+
+@pytest.mark.parametrize(
+    "policy, scale, estimator, jit_compile, steps_per_execution",
+    [
+        ("mixed_bfloat16", 1e20, "reinforce", False, 1),
+        ("mixed_bfloat16", 1e30, "auto", True, 2),
+        ("float32", 1e30, "auto", False, 2),
+    ],
+    ids=["bf16_1e20_reinforce_graph", "bf16_1e30_auto_xla_spe2", "f32_1e30_auto_graph_spe2"],
+)
+def test_huge_finite_cost_without_loss_scaling_is_undone_and_named(
+    policy, scale, estimator, jit_compile, steps_per_execution
+):
+    """The one-node models of `test_loss_scale_optimizer_skipping_every_update_stops_fit`
+    under the policies without a LossScaleOptimizer: the first step's update
+    would overflow Adam's slots, is undone whole, and `fit` says so."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = huge_model(scale)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01), estimator=estimator, jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model.build_training_state()
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     before = [v.numpy().copy() for v in everything(model)]
     x = inputs(8)
     with pytest.raises(FloatingPointError) as error:
         model.fit(x, batch_size=4, epochs=2, shuffle=False, verbose=0)
     assert_skip_is_true(model, x[:4], error.value)
-    with pytest.raises(FloatingPointError) as error:
-        model.train_on_batch(x[:4])
-    assert_skip_is_true(model, x[:4], error.value)
     for variable, value in zip(everything(model), before):
         np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
-    model.save_weights(tmp_path / "huge.weights.h5")  # nothing non-finite to refuse
 
 
 def test_undone_step_names_the_optimizer_slot_that_overflowed():
@@ -551,6 +730,42 @@ def test_distributed_step_never_leaves_a_non_finite_value():
     )
     assert "would have written a non-finite value" in result["message"], result
     assert result["changed"] == [], result
+
+
+def test_distributed_steps_the_loss_scale_optimizer_skips_are_skipped_whole():
+    """`test_loss_scale_optimizer_skipping_every_update_stops_fit` under
+    `tf.distribute`: every replica skips the steps whose gradient overflowed,
+    only the loss scale falls (to 1), and `fit` then raises."""
+    result = run_distributed(
+        """
+        import keras_bpq
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        with strategy.scope():
+            x_in = keras.Input((3,))
+            z = keras_bpq.Bernoulli(name="bits", seed=1)(keras.layers.Dense(2, name="enc")(x_in))
+            h = keras.layers.Dense(3, name="dec")(z)
+            cost = 1e20 * keras.ops.sum(keras.ops.square(h - x_in), axis=-1)
+            model = keras_bpq.BackpropQModel(inputs=x_in, outputs=h, costs={"huge": cost})
+            model.compile(optimizer=keras.optimizers.Adam(0.01), estimator="reinforce", steps_per_execution=2)
+        keras.mixed_precision.set_global_policy("float32")
+        model.build_training_state()
+        model.optimizer.build(model.actor_variables)
+        variables = list(model.weights) + list(model.optimizer.variables)
+        before = [v.numpy().copy() for v in variables]
+        try:
+            model.fit(np.ones((8, 3), "float32"), batch_size=4, epochs=20, verbose=0)
+            message = ""
+        except FloatingPointError as error:
+            message = str(error)
+        changed = [v.path for v, b in zip(variables, before) if not np.array_equal(v.numpy(), b)]
+        scale = float(model.optimizer.dynamic_scale.numpy())
+        print(json.dumps({"message": message, "changed": changed, "scale": scale,
+                          "scale_path": model.optimizer.dynamic_scale.path}))
+        """
+    )
+    assert "the actor's gradient was not finite in a training step at a loss scale of at most 1" in result["message"], result
+    assert result["scale"] == 1.0, result
+    assert result["changed"] == [result["scale_path"]], result
 
 
 @pytest.mark.parametrize("jit", [False, True])
