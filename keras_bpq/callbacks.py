@@ -8,8 +8,8 @@ after a failed step, and every checkpoint knows where `fit` stands),
 
 * Non-finite guard: every training step computes a status (`step_status`,
   `mask_status`, `loss_scale_status`; 0 when it stands) and keeps none of its
-  updates when it is not 0 (nor when a `LossScaleOptimizer` skips its
-  update); `NonFiniteGuard` raises `nonfinite_error` after such a step
+  updates when it is not 0 (nor, but for the lowering of its loss scale,
+  when a `LossScaleOptimizer` skips its update); `NonFiniteGuard` raises `nonfinite_error` after such a step
   (`raise_if_nonfinite` of `StepReports`, a mixin of the model, which also
   raises after `predict` or `evaluate` for a mask row without an outcome).
 * Exact resume: `FitPosition` records in the model (and so in every

@@ -86,8 +86,9 @@ MAX_SUPPORT = 1024
 
 # What a skipped step met, in `LoggedModel`'s status variable (`_UNDONE`: its
 # updates wrote a non-finite value, and the status row is that variable's index
-# in `LoggedModel.step_variables()`).
-_OK, _BAD_PROPENSITY, _BAD_ACTION, _BAD_COST, _NONFINITE, _UNDONE = range(6)
+# in `LoggedModel.step_variables()`; `_LOSS_SCALE`: the policy's gradient
+# overflowed a `LossScaleOptimizer` at a loss scale of at most 1).
+_OK, _BAD_PROPENSITY, _BAD_ACTION, _BAD_COST, _NONFINITE, _UNDONE, _LOSS_SCALE = range(7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -630,10 +631,28 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         saved = [tf.identity(v.value) for v, _ in written]
         with tf.GradientTape(persistent=True) as tape:
             out = self.estimate(x, logged)
-        grads = tape.gradient(out["loss"], policy_variables)
+            # Loss scaling (mixed_float16 wraps the optimizer in a
+            # LossScaleOptimizer; or loss_scale_factor=): apply() unscales.
+            scaled = self.optimizer.scale_loss(out["loss"])
+        grads = tape.gradient(scaled, policy_variables)
         critic_grads = tape.gradient(out["critic_loss"], critic_variables) if critic_variables else []
         del tape
-        status = _status(out, [g for g in grads + critic_grads if g is not None])
+        # A LossScaleOptimizer skips a step whose scaled gradient overflows and
+        # halves its scale: the step is skipped whole then (`overflow`), and
+        # stops `fit` only when it overflowed at a scale of at most 1, where
+        # the gradient of the estimate itself overflows (as BackpropQModel).
+        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        status = _status(out, [g for g in critic_grads + ([] if loss_scaled else grads) if g is not None])
+        overflow = None
+        if loss_scaled:
+            finite = distribute.finite([getattr(g, "values", g) for g in grads if g is not None])
+            overflow = tf.logical_and(
+                distribute.global_sum(tf.cast(tf.logical_not(finite), tf.float32)) > 0,
+                self.steps >= self.critic_warmup_steps,
+            )
+            scale = tf.cast(_keras_compat.loss_scale(self.optimizer), tf.float32)
+            persistent = tf.logical_and(tf.logical_and(overflow, scale <= 1.0), tf.equal(status, _OK))
+            status = tf.where(persistent, _LOSS_SCALE, status)
 
         def update_critic(critic_grads, critic_inputs=None):
             if not critic_variables:
@@ -656,7 +675,7 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         )
         values = distribute.StepValues(grads, critic_grads, means=[], has_data=None, tuning=[])
         undone = distribute.apply_updates(
-            tf.not_equal(status, _OK), updates, values, [v for v, _ in written], saved
+            tf.not_equal(status, _OK), updates, values, [v for v, _ in written], saved, overflow
         )
         # A step undone for a non-finite value it wrote names that variable.
         undone_now = tf.logical_and(tf.equal(status, _OK), undone >= 0)
@@ -695,7 +714,9 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         """Raises a ValueError if a step (of `fit`, `train_on_batch` or `evaluate`)
         met invalid logged data or a non-finite estimate or gradient, naming
         why, or a `FloatingPointError` naming the variable if a training step
-        was undone for a non-finite value it would have written."""
+        was undone for a non-finite value it would have written, or saying so
+        if the policy's gradient overflowed the `LossScaleOptimizer` of
+        `mixed_float16` at a loss scale of at most 1."""
         code = int(self.status.numpy())
         if code == _OK:
             return
@@ -704,6 +725,18 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         self.status_row.assign(0)
         if code == _UNDONE:
             raise callbacks_lib.nonfinite_error(self.name, None, -2 - row, 0, self.step_variables())
+        if code == _LOSS_SCALE:
+            raise FloatingPointError(
+                f"LoggedModel: the policy's gradient was not finite in a training step at a loss scale "
+                "of at most 1, although the estimate was finite. The LossScaleOptimizer (of the "
+                "mixed_float16 policy) skips the update of a step whose scaled gradient overflows and "
+                "halves its loss scale; at a scale of at most 1 the gradient itself overflows float16 "
+                "(it tops at 65504), which loss scaling cannot cure. Nothing that step would have "
+                "written was kept, its loss scale included; every earlier step whose gradient "
+                "overflowed was skipped whole too, but for the halving of the loss scale. Scale the "
+                "logged costs down (divide them by a constant so that they are of order 1), or train "
+                "under the float32 or mixed_bfloat16 policy."
+            )
         where = f"row {row} of " if code != _NONFINITE else ""
         where += "a batch" if batch is None else f"batch {batch}"
         problem = {

@@ -581,3 +581,56 @@ def test_logged_model_save_killed_midway_leaves_the_previous_file(tmp_path, name
     assert set(os.listdir(folder)) != {name}  # the kill left its temporary folder
     getattr(learner, method)(path)  # the next save removes it
     assert os.listdir(folder) == [name]
+
+
+def trained_under(policy_name, costs_scale=1.0, jit_compile=False, estimator="ips"):
+    """`(theta - THETA, learner)` after two epochs of SGD on the bandit's log under
+    the dtype policy `policy_name` (restored after), the logged costs times
+    `costs_scale`."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy_name)
+    try:
+        keras.utils.set_random_seed(0)
+        policy = bandit_policy()
+        learner = logged.LoggedModel(policy, node="action", estimator=estimator)
+        learner.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile)
+        x, t = draw_log(np.random.default_rng(5), 1000)
+        t["cost"] = t["cost"] * np.float32(costs_scale)
+        learner.fit(x, t, batch_size=100, epochs=2, verbose=0)
+        return policy.get_layer("theta").kernel.numpy() - THETA, learner
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_mixed_float16_updates_the_policy_as_float32_does(jit_compile):
+    # The LossScaleOptimizer of mixed_float16 unscales the gradient: the
+    # estimate must be scaled before it is differentiated, else every update
+    # is 1/32768 of float32's (the step ran, and nothing was learned).
+    change32, _ = trained_under("float32", jit_compile=jit_compile)
+    change16, learner = trained_under("mixed_float16", jit_compile=jit_compile)
+    assert isinstance(learner.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.abs(change32).sum() > 0.1
+    np.testing.assert_allclose(change16, change32, rtol=0.05, atol=2e-3)
+    # Steps the optimizer skipped for overflow (none expected here) are skipped whole.
+    assert int(learner.steps.numpy()) == int(learner.optimizer.iterations.numpy())
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_mixed_float16_huge_costs_stop_fit_at_a_loss_scale_of_one_and_change_nothing(jit_compile):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        policy = bandit_policy()
+        learner = logged.LoggedModel(policy, node="action", estimator="ips")
+        learner.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile)
+        x, t = draw_log(np.random.default_rng(5), 1000)
+        t["cost"] = t["cost"] * np.float32(1e20)
+        with pytest.raises(FloatingPointError, match="loss scale of at most 1.*Scale the logged costs down"):
+            learner.fit(x, t, batch_size=10, epochs=3, verbose=0)
+        np.testing.assert_array_equal(policy.get_layer("theta").kernel.numpy(), THETA)
+        assert int(learner.steps.numpy()) == 0
+        assert float(keras.ops.convert_to_numpy(learner.optimizer.dynamic_scale)) <= 1.0
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
