@@ -12,6 +12,7 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -259,11 +260,11 @@ class BackpropQModel(
         # Apply: every update of the step, or none.
         skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
         updates = distribute.StepUpdates(
-            critics=lambda grads, inputs=None: evaluation and critics.update(grads, evaluation, forward, inputs),
-            actor=lambda grads: self.optimizer.apply(grads, actor_variables),
-            state=lambda *signals: self.training_state.update_estimators(scg.nodes, self._node_estimators, *signals),
+            critics=functools.partial(critics.update, evaluation, forward),
+            actor=functools.partial(self.optimizer.apply, trainable_variables=actor_variables),
+            state=functools.partial(self.training_state.update_estimators, scg.nodes, self._node_estimators),
             target_copies=critics.update_target_copies,
-            actor_ready=lambda: self.training_state.steps >= self._critic_options.warmup,
+            actor_ready=functools.partial(self.training_state.past_warmup, self._critic_options.warmup),
             warmup=self._critic_options.warmup,
             replay=self._replay_updates(critics),
         )

@@ -81,6 +81,7 @@ stores, and the replay updates of a training step.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import keras
@@ -326,6 +327,11 @@ class ReplayBuffer(keras.layers.Layer):
         """The number of slots holding a row, `min(count, capacity)` (int64)."""
         return tf.minimum(self.count.value, self.capacity)
 
+    def holds_rows(self) -> tf.Tensor:
+        """Whether any slot holds a row (a boolean tensor,
+        `distribute.ReplayUpdates.ready`)."""
+        return self.filled() > 0
+
     def write(self, rows: ReplayRows) -> None:
         """Stores `rows` (`n` of them) in the slots after the last written one;
         where `n > capacity` only the last `capacity` rows are kept."""
@@ -466,9 +472,7 @@ class CriticReplay:
         if buffer is None:
             return None
         return distribute.ReplayUpdates(
-            ready=lambda: buffer.filled() > 0,
-            update=lambda step_rows: critics.replay(
-                buffer, self._replay, self._replay.batch_size or tf.shape(step_rows.weights)[0]
-            ),
+            ready=buffer.holds_rows,
+            update=functools.partial(critics.replay, buffer, self._replay),
             store=buffer.write,
         )
