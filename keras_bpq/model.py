@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
     _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
-    replay_lib.CriticReplay, callbacks_lib.StepReports, saving_lib.AtomicCheckpoints, keras.Model,
+    replay_lib.CriticReplay, saving_lib.AtomicCheckpoints, keras.Model,
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -232,7 +232,7 @@ class BackpropQModel(
         replicas = distribute.num_replicas()
         # What the step may write, read before anything writes it (the forward
         # pass too: it may update statistics such as BatchNormalization's).
-        written = self._step_variables()
+        written = callbacks_lib.model_step_variables(self)
         saved = [tf.identity(v.value) for v, _ in written]
         # Forward pass and surrogate.
         with tf.GradientTape() as tape:
@@ -317,24 +317,29 @@ class BackpropQModel(
         )
 
     # -- fit ---------------------------------------------------------------
+    def raise_if_nonfinite(self) -> None:
+        """Raises `FloatingPointError` if a training step met a non-finite value
+        (`keras_bpq.callbacks.raise_if_nonfinite`)."""
+        callbacks_lib.raise_if_nonfinite(self)
+
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
         # Training state is created before Keras traces a (distributed) step.
         self._note_targets(kwargs.get("x"), kwargs.get("y"))
         self.build_training_state()
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().evaluate(**kwargs)
 
     def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().test_on_batch(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().predict(*args, **kwargs)
 
     def predict_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().predict_on_batch(*args, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
