@@ -9,9 +9,10 @@ after a failed step, and every checkpoint knows where `fit` stands),
 * Non-finite guard: every training step computes a status (`step_status`,
   `mask_status`, `loss_scale_status`; 0 when it stands) and keeps none of its
   updates when it is not 0 (nor, but for the lowering of its loss scale,
-  when a `LossScaleOptimizer` skips its update); `NonFiniteGuard` raises `nonfinite_error` after such a step
-  (`raise_if_nonfinite` of `StepReports`, a mixin of the model, which also
-  raises after `predict` or `evaluate` for a mask row without an outcome).
+  when a `LossScaleOptimizer` skips its update); `NonFiniteGuard` raises
+  `nonfinite_error` after such a step (`raise_if_nonfinite`;
+  `mask_rows_checked` raises after `predict` or `evaluate` for a mask row
+  without an outcome).
 * Exact resume: `FitPosition` records in the model (and so in every
   checkpoint) which epoch `fit` is in and how many of its batches are done.
   After `keras.callbacks.BackupAndRestore` restores a checkpoint,
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -289,35 +290,41 @@ def nonfinite_error(
     )
 
 
-class StepReports:
-    """What the steps of a `BackpropQModel` report, read back (a mixin of the
-    model): the non-finite guard's error after a training step, and under XLA
-    the error of a mask row without an outcome after `predict` or `evaluate`."""
+# -- what the steps of a BackpropQModel report, read back ---------------------
+def model_step_variables(model: keras.Model) -> List[Tuple[tf.Variable, str]]:
+    """`step_variables` of a `BackpropQModel`: takes the model, reads its
+    public `weights`, `training_state`, `critic_variables` and optimizers, and
+    gives `[(variable, role)]`, every variable its training step may write."""
+    return step_variables(
+        model.weights, model.training_state, model.critic_variables, saving_lib.optimizers(model)
+    )
 
-    def _step_variables(self):
-        return step_variables(
-            self.weights, self.training_state, self.critic_variables, saving_lib.optimizers(self)
-        )
 
-    @contextlib.contextmanager
-    def _mask_rows_checked(self):
-        """Around `predict` and `evaluate` (and their `_on_batch` forms): raises
-        after the loop the error a node's mask assertion raises outside XLA,
-        for the first mask row without an outcome that a step reported."""
-        self.training_state.status.assign(0)
-        yield
-        code, row = self.training_state.take_report()
-        if code:
-            raise empty_mask_row_error(self._scg, code, row)
+@contextlib.contextmanager
+def mask_rows_checked(model: keras.Model) -> Iterator[None]:
+    """Around a `BackpropQModel`'s `predict` and `evaluate` (and their
+    `_on_batch` forms): takes the model, clears its `training_state`'s status
+    before the loop, and after it raises the error a node's mask assertion
+    raises outside XLA (`empty_mask_row_error` of the model's `known_scg`)
+    for the first mask row without an outcome that a step reported."""
+    model.training_state.status.assign(0)
+    yield
+    code, row = model.training_state.take_report()
+    if code:
+        raise empty_mask_row_error(model.known_scg, code, row)
 
-    def raise_if_nonfinite(self) -> None:
-        """Raises `FloatingPointError` if a training step met a non-finite value."""
-        code, row = self.training_state.take_report()
-        if code:
-            scale = None
-            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-                scale = float(keras.ops.convert_to_numpy(_keras_compat.loss_scale(self.optimizer)))
-            raise nonfinite_error(self.name, self._scg, code, row, self._step_variables(), scale)
+
+def raise_if_nonfinite(model: keras.Model) -> None:
+    """Takes a `BackpropQModel`, reads and clears its `training_state`'s
+    report, and raises `nonfinite_error` (a `FloatingPointError`) if a
+    training step met a non-finite value, with the loss scale of its actor's
+    `LossScaleOptimizer` where it has one."""
+    code, row = model.training_state.take_report()
+    if code:
+        scale = None
+        if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+            scale = float(keras.ops.convert_to_numpy(_keras_compat.loss_scale(model.optimizer)))
+        raise nonfinite_error(model.name, model.known_scg, code, row, model_step_variables(model), scale)
 
 
 class NonFiniteGuard(keras.callbacks.Callback):

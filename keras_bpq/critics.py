@@ -457,16 +457,22 @@ class CriticSet:
 
     def update(
         self,
-        grads: Sequence[Optional[tf.Tensor]],
-        evaluation: CriticEvaluation,
+        evaluation: Optional[CriticEvaluation],
         forward: forward_lib.ForwardPass,
+        grads: Sequence[Optional[tf.Tensor]],
         inputs: Optional[CriticInputs] = None,
     ) -> None:
-        """Fits the learned critics on this step's targets (`critic_steps` times).
+        """Fits the learned critics on this step's targets (`critic_steps` times);
+        nothing where `evaluation` is None (no learned critics).
 
-        `inputs` (`inputs()`) are this replica's own when the update runs
-        from a cross-replica `merge_call`, where `forward` is the first replica's.
+        Takes the step's `evaluation` and `forward` pass first, so a training
+        step binds them (`functools.partial`, `distribute.StepUpdates.critics`)
+        and each replica passes its gradients `grads`. `inputs` (`inputs()`)
+        are this replica's own when the update runs from a cross-replica
+        `merge_call`, where `forward` is the first replica's.
         """
+        if evaluation is None:
+            return
         variables, optimizer = self.variables, self.optimizer
         optimizer.apply(grads, variables)
         if self.options.steps == 1:
@@ -509,10 +515,15 @@ class CriticSet:
         )
         return targets, recording
 
-    def replay(self, buffer: replay_lib.ReplayBuffer, options: replay_lib.Replay, batch_size: tf.Tensor) -> None:
-        """`options.updates_per_step` critic updates, each on `batch_size` rows
-        drawn from `buffer` (`replay_targets`); only for a buffer that holds
-        rows (`distribute.ReplayUpdates.ready`)."""
+    def replay(
+        self, buffer: replay_lib.ReplayBuffer, options: replay_lib.Replay, step_rows: replay_lib.ReplayRows
+    ) -> None:
+        """`options.updates_per_step` critic updates, each on `options.batch_size`
+        rows (default: as many as this step's `step_rows`) drawn from `buffer`
+        (`replay_targets`); only for a buffer that holds rows
+        (`distribute.ReplayUpdates.ready`). A step binds `buffer` and
+        `options` (`distribute.ReplayUpdates.update`)."""
+        batch_size = options.batch_size or tf.shape(step_rows.weights)[0]
         for _ in range(options.updates_per_step):
             rows = buffer.draw(batch_size)
             targets, recording = self.replay_targets(rows, options.correction, buffer.next_seed())

@@ -12,6 +12,7 @@ first use, through the same code).
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -22,6 +23,7 @@ from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import estimators as estimators_lib
+from keras_bpq import forward as forward_lib
 from keras_bpq import graph
 from keras_bpq import q_values
 
@@ -108,7 +110,7 @@ class ScgDiscovery:
             self._resolve_estimators(scg)
             self._scg = scg
             self._scg_spec = spec
-            self.q_function = q_values.QFunction(scg, self.training_state.critics, self.network, self.record_forward)
+            self.q_function = self._q_function(scg)
         elif scg.node_names != self._scg.node_names or scg.costs != self._scg.costs:
             raise ValueError(
                 f"Model {self.name!r} built a different SCG for inputs {spec}: nodes "
@@ -116,6 +118,13 @@ class ScgDiscovery:
                 f"nodes {self._scg.node_names} and costs {self._scg.costs}."
             )
         return scg
+
+    def _q_function(self, scg):
+        """The `q_values.QFunction` of `scg` for the last `compile()`: its
+        re-runs are `forward.record` of the model's Keras call with the
+        compiled losses bound."""
+        rerun = functools.partial(forward_lib.record, self, self._compiled_losses, scg.costs)
+        return q_values.QFunction(scg, self.training_state.critics, self.network, rerun)
 
     def _build_by_tracing(self, spec):
         """Runs `call()` once, traced on inputs like `spec` (a structure of
@@ -144,6 +153,7 @@ class ScgDiscovery:
         if self.training_state.built:
             self._resolve_estimators(self._scg)
         if self._scg is not None:
+            self.q_function = self._q_function(self._scg)  # with this compile()'s losses
             self.replay_layout(self._scg)  # its errors show here
 
     def input_signature(self) -> Optional[Any]:

@@ -102,7 +102,11 @@ def overflowed(grads: Sequence[Optional[tf.Tensor]]) -> list:
 
 
 class StepUpdates(NamedTuple):
-    """What a training step writes, as functions `apply_updates` calls in order.
+    """What a training step writes, as functions `apply_updates` calls in order:
+    bound methods (or `functools.partial`s of them) of the objects that own
+    each update (the `critics.CriticSet`, the actor's optimizer, the
+    `state.TrainingState`, the `replay.ReplayBuffer`), not closures over the
+    model.
 
     `critics(critic_grads, critic_inputs)`, `actor(grads)` and
     `state(means, tuning, has_data)` run on every replica with that replica's

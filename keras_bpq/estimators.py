@@ -62,9 +62,27 @@ class RelaxState(NamedTuple):
     tune_steps: tf.Variable
 
 
-@dataclasses.dataclass
+class PassCache:
+    """Values an estimator computes once per forward pass and reuses: the one
+    mutable part of a `NodeStep`, filled lazily by the estimator. A new
+    `NodeStep` gets a fresh, empty cache; `dataclasses.replace` of a step keeps
+    the same cache, so the copies see the same values.
+
+    Attributes:
+      relax_noise: `Relax`'s two uniform noise tensors `(v, v~)`, shaped like
+        the node's logits, drawn once and shared by `surrogate` and
+        `tuning_gradients`; None until drawn.
+    """
+
+    def __init__(self) -> None:
+        self.relax_noise: Optional[Tuple[tf.Tensor, tf.Tensor]] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeStep:
-    """What an estimator sees of one node in one forward pass."""
+    """What an estimator sees of one node in one forward pass (immutable:
+    `dataclasses.replace` makes a changed copy; the values computed lazily in
+    the pass live in its `cache`, a `PassCache`)."""
 
     info: graph.NodeInfo
     record: graph.NodeRecord
@@ -78,8 +96,8 @@ class NodeStep:
     # values [batch, A, *event] -> [batch, A]: realised c_X with the node forced.
     rerun: Optional[Callable] = None
     # Values an estimator computes once per pass and reuses (the same noise in
-    # `surrogate` and `tuning_gradients`).
-    cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # `surrogate` and `tuning_gradients`), shared by the step's replaced copies.
+    cache: PassCache = dataclasses.field(default_factory=PassCache)
     # [batch]: each row's weight in `batch_mean` (for `tuning_gradients`, the
     # model sets it from the sample weights); None: every row counts alike.
     row_weights: Optional[tf.Tensor] = None
@@ -1050,13 +1068,13 @@ class Relax(Estimator):
         """`(z, z~)` for `logits` (`_logits`), with this pass's noise (drawn
         once per pass, shared by `surrogate` and `tuning_gradients`)."""
         sample = _float32(step.record.sample)
-        if "relax_noise" not in step.cache:
+        if step.cache.relax_noise is None:
             # Categorical noise above float32's smallest normal, so -log v is finite.
             low = 0.0 if step.info.local_kind == "binary" else np.finfo(np.float32).tiny
-            step.cache["relax_noise"] = tuple(
+            step.cache.relax_noise = tuple(
                 step.uniform(tf.shape(logits), minval=low) for _ in range(2)
             )
-        noise, noise_cond = step.cache["relax_noise"]
+        noise, noise_cond = step.cache.relax_noise
         if step.info.local_kind == "binary":
             b = _flat(sample)
             p = tf.sigmoid(logits)

@@ -9,7 +9,7 @@ samples held fixed unless a node is reparameterised) estimates `grad J`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -63,6 +63,31 @@ def repeat_rows(
     y = None if y is None else tf.nest.map_structure(repeat, y)
     sample_weight = None if sample_weight is None else repeat(sample_weight)
     return x, y, sample_weight
+
+
+def record(
+    call: Callable[..., Any],
+    compiled_losses: costs_lib.CompiledLosses,
+    cost_names: Sequence[str],
+    x: Any,
+    y: Any = None,
+    training: bool = True,
+    forced: Optional[Mapping[str, tf.Tensor]] = None,
+    keep_gradient: Iterable[str] = (),
+) -> Recording:
+    """One recorded forward pass: takes the model's Keras `call` (the model
+    itself, `call(x, training=...)`), its `compiled_losses` (per-example
+    costs of `compile(loss=...)`), the SCG's `cost_names` and a batch, and
+    gives a `Recording` whose `total` sums the named costs. `forced` fixes
+    node samples by name; only the nodes in `keep_gradient` keep their
+    samples' gradient."""
+    with graph.Recorder(forced=forced, keep_gradient=keep_gradient) as rec:
+        y_pred = call(x, training=training)
+    costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
+    if compiled_losses.entries:
+        costs.update(compiled_losses(y, y_pred))
+    total = tf.add_n([costs[name] for name in cost_names])
+    return Recording(y_pred, costs, total, {r.name: r for r in rec.nodes})
 
 
 def build_surrogate(
@@ -163,13 +188,7 @@ class RecordedForward:
             keep_gradient = {
                 i.name for i in scg.nodes if self._node_estimators[i.name].keeps_gradient
             }
-        with graph.Recorder(forced=forced, keep_gradient=keep_gradient) as rec:
-            y_pred = self(x, training=training)
-        costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
-        if self._compiled_losses.entries:
-            costs.update(self._compiled_losses(y, y_pred))
-        total = tf.add_n([costs[name] for name in scg.costs])
-        return Recording(y_pred, costs, total, {r.name: r for r in rec.nodes})
+        return record(self, self._compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
 
     def run_forward(
         self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 _STACK = threading.local()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NodeRecord:
-    """What one call of a stochastic node produced inside a `Recorder`."""
+    """What one call of a stochastic node produced inside a `Recorder`
+    (immutable: a pass with other samples makes new records,
+    `dataclasses.replace`)."""
 
     name: str
     layer: StochasticNode

@@ -12,6 +12,7 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
     _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
-    replay_lib.CriticReplay, callbacks_lib.StepReports, saving_lib.AtomicCheckpoints, keras.Model,
+    saving_lib.AtomicCheckpoints, keras.Model,
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -189,7 +190,7 @@ class BackpropQModel(
             critic_target, critic_lambda, tau, target_update_period, critic_steps,
             critic_warmup_steps, critic_hidden_units, critics, actor_reads,
         )
-        replay = self._checked_replay_option(replay)
+        replay = replay_lib.checked_option(replay, self.training_state, self.name)
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = discovery.get_critic_optimizer(critic_optimizer)
         self._critic_options = options
@@ -220,6 +221,29 @@ class BackpropQModel(
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
         return self._critic_options
 
+    # -- replay ------------------------------------------------------------
+    @property
+    def replay_options(self) -> Optional[replay_lib.Replay]:
+        """The `keras_bpq.Replay` of the last `compile()`, or None."""
+        return self._replay
+
+    def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[replay_lib.ReplayLayout]:
+        """What a row of the replay buffer holds (`replay.ReplayLayout`), or
+        None without `compile(replay=...)`: `keras_bpq.replay.layout` of the
+        compiled options, with its errors (`check_targets`: also where the
+        targets' signature the buffer stores is unknown)."""
+        return replay_lib.layout(
+            self._replay, scg, self._node_estimators, self._critic_options, self._compiled_losses,
+            self._scg_spec, self._target_spec, self.name, check_targets,
+        )
+
+    def _note_targets(self, x: Any, y: Any) -> None:
+        """Keeps the targets' signature of data given to fit (or evaluate,
+        train_on_batch), for a replay buffer that stores targets."""
+        spec = data_lib.target_spec(x, y)
+        if spec is not None:
+            self._target_spec = spec
+
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
         x, y, sample_weight = data_lib.unpack(data)
@@ -231,7 +255,7 @@ class BackpropQModel(
         replicas = distribute.num_replicas()
         # What the step may write, read before anything writes it (the forward
         # pass too: it may update statistics such as BatchNormalization's).
-        written = self._step_variables()
+        written = callbacks_lib.model_step_variables(self)
         saved = [tf.identity(v.value) for v, _ in written]
         # Forward pass and surrogate.
         with tf.GradientTape() as tape:
@@ -261,18 +285,18 @@ class BackpropQModel(
             grads, [] if evaluation is None else evaluation.grads,
             *forward_lib.estimator_signals(scg, self._node_estimators, forward),
             critics.inputs(forward, evaluation) if self._critic_options.steps > 1 else None,
-            self._replay_rows(forward),
+            replay_lib.step_rows(self.training_state.replay_buffer, forward),
         )
         # Apply: every update of the step, or none.
         skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
         updates = distribute.StepUpdates(
-            critics=lambda grads, inputs=None: evaluation and critics.update(grads, evaluation, forward, inputs),
-            actor=lambda grads: self.optimizer.apply(grads, actor_variables),
-            state=lambda *signals: self.training_state.update_estimators(scg.nodes, self._node_estimators, *signals),
+            critics=functools.partial(critics.update, evaluation, forward),
+            actor=functools.partial(self.optimizer.apply, trainable_variables=actor_variables),
+            state=functools.partial(self.training_state.update_estimators, scg.nodes, self._node_estimators),
             target_copies=critics.update_target_copies,
-            actor_ready=lambda: self.training_state.steps >= self._critic_options.warmup,
+            actor_ready=functools.partial(self.training_state.past_warmup, self._critic_options.warmup),
             warmup=self._critic_options.warmup,
-            replay=self._replay_updates(critics),
+            replay=replay_lib.step_updates(self.training_state.replay_buffer, self._replay, critics),
         )
         undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved, overflow)
         # A step that would have written a non-finite value was undone: code
@@ -323,24 +347,29 @@ class BackpropQModel(
         )
 
     # -- fit ---------------------------------------------------------------
+    def raise_if_nonfinite(self) -> None:
+        """Raises `FloatingPointError` if a training step met a non-finite value
+        (`keras_bpq.callbacks.raise_if_nonfinite`)."""
+        callbacks_lib.raise_if_nonfinite(self)
+
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
         # Training state is created before Keras traces a (distributed) step.
         self._note_targets(kwargs.get("x"), kwargs.get("y"))
         self.build_training_state()
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().evaluate(**kwargs)
 
     def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().test_on_batch(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().predict(*args, **kwargs)
 
     def predict_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with self._mask_rows_checked():
+        with callbacks_lib.mask_rows_checked(self):
             return super().predict_on_batch(*args, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:

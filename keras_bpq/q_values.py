@@ -56,9 +56,11 @@ class QFunction:
       network: the model's functional network, or None (subclassed): where
         there is one, exact heads evaluate only the operations downstream of
         the node.
-      forward: the model's recorded forward pass, `forward(x, y, training=True,
+      forward: a recorded forward pass, `forward(x, y, training=True,
         forced={node: sample}, keep_gradient=names) -> forward.Recording`, for
-        re-runs.
+        re-runs: `forward.record` with the model's Keras call, compiled
+        losses and cost names bound (`functools.partial`), so that a re-run
+        goes to the Keras layers and never back to the model's own methods.
     """
 
     def __init__(

@@ -74,13 +74,15 @@ rewrites the replica's copy of each field, where a single device updates only
 the written slots); a checkpoint holds the first replica's buffer, which a
 restore gives to every replica.
 
-`CriticReplay`, a mixin of `BackpropQModel`, is the model's side of replay:
-the compiled option, the layout of a row, the targets' signature the buffer
-stores, and the replay updates of a training step.
+The model's side of replay are module functions that take what they need as
+arguments: the compiled option (`checked_option`), the layout of a row
+(`layout`), and a training step's rows and replay updates (`step_rows`,
+`step_updates`); the model keeps the targets' signature the buffer stores.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import keras
@@ -89,12 +91,14 @@ import tensorflow as tf
 
 from keras_bpq import _keras_compat
 from keras_bpq import critics as critics_lib
-from keras_bpq import data as data_lib
 from keras_bpq import distribute
 
 if TYPE_CHECKING:
+    from keras_bpq import costs as costs_lib
+    from keras_bpq import estimators as estimators_lib
     from keras_bpq import forward as forward_lib
     from keras_bpq import graph
+    from keras_bpq import state as state_lib
 
 CORRECTIONS = ("expected", "retrace", "none")
 
@@ -326,6 +330,11 @@ class ReplayBuffer(keras.layers.Layer):
         """The number of slots holding a row, `min(count, capacity)` (int64)."""
         return tf.minimum(self.count.value, self.capacity)
 
+    def holds_rows(self) -> tf.Tensor:
+        """Whether any slot holds a row (a boolean tensor,
+        `distribute.ReplayUpdates.ready`)."""
+        return self.filled() > 0
+
     def write(self, rows: ReplayRows) -> None:
         """Stores `rows` (`n` of them) in the slots after the last written one;
         where `n > capacity` only the last `capacity` rows are kept."""
@@ -384,91 +393,90 @@ class ReplayBuffer(keras.layers.Layer):
 
 
 # -- the model's part ------------------------------------------------------------
-class CriticReplay:
-    """Replay's part of a `BackpropQModel` (a mixin of the model): the option
-    of `compile(replay=...)`, what a row of its buffer holds, the targets'
-    signature the buffer stores, and a training step's replay updates."""
-
-    @property
-    def replay_options(self) -> Optional[Replay]:
-        """The `keras_bpq.Replay` of the last `compile()`, or None."""
-        return self._replay
-
-    def _checked_replay_option(self, replay):
-        """`compile(replay=...)`'s value (`check_option`); a ValueError where it
-        would add, remove or resize the buffer of a training state that exists."""
-        replay = check_option(replay)
-        buffer = self.training_state.replay_buffer
-        if self.training_state.built and (
-            (buffer is None) != (replay is None) or (buffer is not None and buffer.capacity != replay.capacity)
-        ):
-            raise ValueError(
-                f"compile(replay={replay!r}) cannot add, remove or resize the replay buffer of "
-                f"model {self.name!r}: its training state exists already (with "
-                f"{'no buffer' if buffer is None else f'capacity={buffer.capacity}'}). Build a "
-                "new model, or keep the buffer as it is."
-            )
-        return replay
-
-    def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[ReplayLayout]:
-        """What a row of the replay buffer holds (`replay.ReplayLayout`), or
-        None without `compile(replay=...)`.
-
-        Raises a ValueError where the compiled options leave replay nothing
-        to train (no learned critic) or where an input cannot be stored; with
-        `check_targets`, also where the model has compiled losses, whose
-        targets the buffer stores, and their signature is unknown."""
-        replay = self._replay
-        if replay is None:
-            return None
-        heads = critics_lib.heads_to_learn(scg, self._node_estimators, self._critic_options)
-        if not heads:
-            raise ValueError(
-                f"compile(replay=...): model {self.name!r} has no learned critic for replay to "
-                "train: its estimators need none, or each of its nodes is the last stochastic "
-                "ancestor of all its costs (exact heads). Compile without replay."
-            )
-        targets = self._target_spec if self._compiled_losses.entries else None
-        if check_targets and self._compiled_losses.entries and targets is None:
-            raise ValueError(
-                f"compile(replay=...): model {self.name!r} has compiled losses, so the replay "
-                "buffer stores every row's targets, whose shapes are not known yet. Pass the "
-                "targets to fit() as arrays or in a tf.data.Dataset (its first call creates "
-                "the buffer), before anything else (save, evaluate) creates the training state."
-            )
-        layout = ReplayLayout(
-            inputs=self._scg_spec,
-            targets=targets,
-            samples={info.name: info.event_shape for info in scg.nodes},
-            costs=scg.costs,
+def checked_option(replay: Any, training_state: state_lib.TrainingState, model_name: str) -> Optional[Replay]:
+    """Takes `compile(replay=...)`'s value, the model's `training_state` and
+    name, and gives the option (`check_option`); a ValueError where it would
+    add, remove or resize the buffer of a training state that exists."""
+    replay = check_option(replay)
+    buffer = training_state.replay_buffer
+    if training_state.built and (
+        (buffer is None) != (replay is None) or (buffer is not None and buffer.capacity != replay.capacity)
+    ):
+        raise ValueError(
+            f"compile(replay={replay!r}) cannot add, remove or resize the replay buffer of "
+            f"model {model_name!r}: its training state exists already (with "
+            f"{'no buffer' if buffer is None else f'capacity={buffer.capacity}'}). Build a "
+            "new model, or keep the buffer as it is."
         )
-        check_storable(layout.inputs, "input")
-        if targets is not None:
-            check_storable(targets, "target")
-        return layout
+    return replay
 
-    def _note_targets(self, x, y):
-        """Keeps the targets' signature of data given to fit (or evaluate,
-        train_on_batch), for a replay buffer that stores targets."""
-        spec = data_lib.target_spec(x, y)
-        if spec is not None:
-            self._target_spec = spec
 
-    def _replay_rows(self, forward):
-        """This step's rows for the replay buffer (`rows`), None without one."""
-        buffer = self.training_state.replay_buffer
-        return None if buffer is None else rows(forward, buffer.layout)
+def layout(
+    replay: Optional[Replay],
+    scg: graph.SCG,
+    estimators: Mapping[str, estimators_lib.Estimator],
+    options: critics_lib.CriticOptions,
+    compiled_losses: costs_lib.CompiledLosses,
+    input_spec: Any,
+    target_spec: Any,
+    model_name: str,
+    check_targets: bool = False,
+) -> Optional[ReplayLayout]:
+    """What a row of the replay buffer holds (`ReplayLayout`), or None without
+    `replay`. Takes the compiled option, the SCG with its node `estimators`
+    and critic `options`, the `compiled_losses`, the model's `input_spec` and
+    the targets' `target_spec` (None while unknown).
 
-    def _replay_updates(self, critics):
-        """The step's `distribute.ReplayUpdates` for the model's critics
-        (`critics.CriticSet`), None without a replay buffer."""
-        buffer = self.training_state.replay_buffer
-        if buffer is None:
-            return None
-        return distribute.ReplayUpdates(
-            ready=lambda: buffer.filled() > 0,
-            update=lambda step_rows: critics.replay(
-                buffer, self._replay, self._replay.batch_size or tf.shape(step_rows.weights)[0]
-            ),
-            store=buffer.write,
+    Raises a ValueError where the compiled options leave replay nothing
+    to train (no learned critic) or where an input cannot be stored; with
+    `check_targets`, also where the model has compiled losses, whose
+    targets the buffer stores, and their signature is unknown."""
+    if replay is None:
+        return None
+    heads = critics_lib.heads_to_learn(scg, estimators, options)
+    if not heads:
+        raise ValueError(
+            f"compile(replay=...): model {model_name!r} has no learned critic for replay to "
+            "train: its estimators need none, or each of its nodes is the last stochastic "
+            "ancestor of all its costs (exact heads). Compile without replay."
         )
+    targets = target_spec if compiled_losses.entries else None
+    if check_targets and compiled_losses.entries and targets is None:
+        raise ValueError(
+            f"compile(replay=...): model {model_name!r} has compiled losses, so the replay "
+            "buffer stores every row's targets, whose shapes are not known yet. Pass the "
+            "targets to fit() as arrays or in a tf.data.Dataset (its first call creates "
+            "the buffer), before anything else (save, evaluate) creates the training state."
+        )
+    result = ReplayLayout(
+        inputs=input_spec,
+        targets=targets,
+        samples={info.name: info.event_shape for info in scg.nodes},
+        costs=scg.costs,
+    )
+    check_storable(result.inputs, "input")
+    if targets is not None:
+        check_storable(targets, "target")
+    return result
+
+
+def step_rows(buffer: Optional[ReplayBuffer], forward: forward_lib.ForwardPass) -> Optional[ReplayRows]:
+    """Takes the training state's replay `buffer` (None without one) and a
+    step's forward pass, and gives the step's rows for the buffer (`rows`),
+    None without a buffer."""
+    return None if buffer is None else rows(forward, buffer.layout)
+
+
+def step_updates(
+    buffer: Optional[ReplayBuffer], options: Optional[Replay], critics: critics_lib.CriticSet
+) -> Optional[distribute.ReplayUpdates]:
+    """Takes the training state's replay `buffer` (None without one), the
+    compiled `Replay` options and the model's `critics.CriticSet`, and gives
+    the step's `distribute.ReplayUpdates`, None without a buffer."""
+    if buffer is None:
+        return None
+    return distribute.ReplayUpdates(
+        ready=buffer.holds_rows,
+        update=functools.partial(critics.replay, buffer, options),
+        store=buffer.write,
+    )

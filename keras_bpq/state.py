@@ -149,6 +149,11 @@ class TrainingState(keras.layers.Layer):
         tf.cond(has_data, update, lambda: tf.constant(0)) if has_data is not None else update()
         self.steps.assign_add(1)
 
+    def past_warmup(self, warmup: int) -> tf.Tensor:
+        """Whether the step counter has reached `warmup` steps (a boolean
+        tensor): the actor trains from then on."""
+        return self.steps >= warmup
+
     def update_metrics(
         self, forward: forward_lib.ForwardPass, critics: Optional[critics_lib.CriticEvaluation] = None
     ) -> None:

@@ -426,7 +426,7 @@ def _masked_pass(estimator, rows_per_example=100):
             values.append(tf.convert_to_tensor(v))
             return recorded.q(v)
 
-        step = dataclasses.replace(recorded, q=spy, cache={})
+        step = dataclasses.replace(recorded, q=spy, cache=keras_bpq.estimators.PassCache())
         loss = tf.reduce_sum(estimator.surrogate(step))
     return step, [v.numpy() for v in values], tape.gradient(loss, step.record.params).numpy()
 
