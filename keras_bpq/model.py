@@ -277,7 +277,7 @@ class BackpropQModel(
         if loss_scaled:
             status, row, overflow = callbacks_lib.loss_scale_status(
                 scg, forward.costs, grads, _keras_compat.loss_scale(self.optimizer),
-                self.training_state.steps >= self._critic_options.warmup, status, row,
+                self.training_state.past_warmup(self._critic_options.warmup), status, row,
             )
         critics = self.critic_set()
         evaluation = critics.evaluate(forward, with_gradient=True)
