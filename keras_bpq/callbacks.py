@@ -116,9 +116,7 @@ def loss_scale_status(
     the cost of largest magnitude in the step, with `row` the decimal
     exponent of that magnitude; it is skipped whole, the loss scale included.
     """
-    grads = [getattr(g, "values", g) for g in grads if g is not None]
-    overflow = distribute.global_sum(tf.cast(tf.logical_not(distribute.finite(grads)), tf.float32)) > 0
-    overflow = tf.logical_and(overflow, ready)
+    overflow = distribute.overflow(grads, ready)
     persistent = tf.logical_and(
         tf.logical_and(overflow, tf.cast(scale, tf.float32) <= 1.0), tf.equal(status, 0)
     )

@@ -87,6 +87,16 @@ def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
     return tf.where(tf.reduce_all(finite), -1, first)
 
 
+def overflow(grads: Sequence[Optional[tf.Tensor]], ready: tf.Tensor) -> tf.Tensor:
+    """Whether the actor's `LossScaleOptimizer` skips this step's update: some
+    replica's gradient `grads` (scaled; a `tf.IndexedSlices` checked on its
+    values) holds a NaN or inf, and `ready` (the critics' warm-up is over, so
+    the actor is updated). The same boolean on every replica."""
+    values = [getattr(g, "values", g) for g in grads if g is not None]
+    overflowed_here = tf.cast(tf.logical_not(finite(values)), tf.float32)
+    return tf.logical_and(global_sum(overflowed_here) > 0, ready)
+
+
 def overflowed(grads: Sequence[Optional[tf.Tensor]]) -> list:
     """`grads` with NaN in every value (None stays None; a `tf.IndexedSlices`
     keeps its indices): what a replica gives the actor's `LossScaleOptimizer`

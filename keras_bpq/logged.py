@@ -645,11 +645,7 @@ class LoggedModel(saving_lib.AtomicCheckpoints, keras.Model):
         status = _status(out, [g for g in critic_grads + ([] if loss_scaled else grads) if g is not None])
         overflow = None
         if loss_scaled:
-            finite = distribute.finite([getattr(g, "values", g) for g in grads if g is not None])
-            overflow = tf.logical_and(
-                distribute.global_sum(tf.cast(tf.logical_not(finite), tf.float32)) > 0,
-                self.steps >= self.critic_warmup_steps,
-            )
+            overflow = distribute.overflow(grads, self.steps >= self.critic_warmup_steps)
             scale = tf.cast(_keras_compat.loss_scale(self.optimizer), tf.float32)
             persistent = tf.logical_and(tf.logical_and(overflow, scale <= 1.0), tf.equal(status, _OK))
             status = tf.where(persistent, _LOSS_SCALE, status)
