@@ -99,7 +99,8 @@ def bandit(report):
                              common.median([r[arm].get("off_support_mass") for r in runs]),
                              common.median([r["seconds"].get(arm) for r in runs])])
             floor = c.get("support_floor")
-            page.heading(f"{size} logged rows", 3).table(
+            seeds = f" (seeds {block['seeds']})" if "seeds" in block else ""  # where not the section's
+            page.heading(f"{size} logged rows{seeds}", 3).table(
                 ["policy", "expected accuracy", "greedy accuracy", "own estimate of its reward",
                  "mean ratio pi/mu on the log", f"test mass where mu < {floor:g}" if floor else "test mass off support",
                  "fit seconds (median)"],
@@ -118,7 +119,8 @@ def bandit(report):
         for size, block in section["sizes"].items():
             median, runs = block["median"], block["runs"]
             dr, ips, mu = (median[arm]["expected_accuracy"] for arm in ("doubly robust", "IPS", "logging policy"))
-            line = (f"{section['title']}, {size} logged rows: doubly robust {dr:.3f} is "
+            seeds = f" (seeds {block['seeds']})" if "seeds" in block else ""
+            line = (f"{section['title']}, {size} logged rows{seeds}: doubly robust {dr:.3f} is "
                     f"{'above' if dr > ips else 'not above'} IPS ({ips:.3f}) and "
                     f"{'above' if dr > mu else 'not above'} the logging policy ({mu:.3f}); it beat IPS on "
                     f"{sum(r['doubly robust']['expected_accuracy'] > r['IPS']['expected_accuracy'] for r in runs)} "
