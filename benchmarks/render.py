@@ -113,6 +113,7 @@ def bandit(report):
                            f"propensity {common.median([r['min_propensity'] for r in runs]):.2g} (medians).")
             page.text(f"Logged reward (median over seeds): {logged_reward:.3f}.{support}",
                       "**" + "; ".join(block["verdicts"]) + ".**")
+        page.bullets(section.get("notes"), "Reading (written by hand after the runs):")
     measured = []
     for section in sections(report).values():
         floor = section["config"].get("support_floor")
@@ -146,10 +147,10 @@ def bandit(report):
         "that leave almost no such pairs; the Fashion-MNIST section at temperature 2 keeps the earlier, "
         "almost deterministic logging policy, whose log lacks support for about half the test pairs, and "
         "there the direct method and doubly robust fail for that reason (docs/logged.md measures the critic "
-        "there). Where doubly robust loses to IPS on a log with support, its policy keeps to the support, "
-        "and these runs do not show why. The constant-critic row is doubly robust with `Q` fixed at the mean "
-        "logged cost: IPS on costs shifted by it (BanditNet's translation), which credits untried actions "
-        "with that mean instead of 0. The numbers are as measured.")
+        "there). Where doubly robust loses to IPS on a log with support, its policy keeps to the support; "
+        "what was measured about why is in that section's reading. The constant-critic row is doubly robust "
+        "with `Q` fixed at the mean logged cost: IPS on costs shifted by it (BanditNet's translation), which "
+        "credits untried actions with that mean instead of 0. The numbers are as measured.")
     return page
 
 
