@@ -50,9 +50,13 @@ validation values and the critic's fit under the old schedule.
     python benchmarks/bandit.py --dataset=fashion_mnist --sizes=10000 --temperature=2  # deficient support
 
 Each run replaces its data set's (and temperature's) section of
-benchmarks/results/bandit.json, keeping the sizes it did not run when the
-rest of the protocol is the same (`merged`), and renders bandit.md from the
-JSON (`render.bandit`; both written atomically).
+benchmarks/results/bandit.json, keeping the sizes and seeds it did not run
+when the rest of the protocol is the same (`merged`), and renders bandit.md
+from the JSON (`render.bandit`; both written atomically). A long run can be
+split by seed, each written elsewhere and merged in after:
+
+    python benchmarks/bandit.py --dataset=fashion_mnist --sizes=60000 --seeds=1 --out_dir=/tmp/s1
+    python benchmarks/bandit.py --dataset=fashion_mnist --merge_from=/tmp/s0/bandit.json,/tmp/s1/bandit.json
 """
 
 import gzip
@@ -74,7 +78,7 @@ from keras_bpq import critics  # noqa: E402
 from keras_bpq import logged  # noqa: E402
 import keras_bpq  # noqa: E402
 
-sbn = common.sbn_benchmark()  # its flags too: --dataset, --seeds, --out_dir, --batch_size
+sbn = common.sbn_benchmark()  # its flags too: --dataset, --seeds, --out_dir, --batch_size, --merge_from
 
 FLAGS = flags.FLAGS
 FLAGS.set_default("seeds", ["0", "1", "2"])
@@ -192,6 +196,13 @@ def temperature():
     return FLAGS.temperature if FLAGS.temperature is not None else TEMPERATURE[FLAGS.dataset]
 
 
+def section_key():
+    """The JSON's section of this run: the data set, and the temperature where not the default."""
+    if temperature() != TEMPERATURE[FLAGS.dataset]:
+        return f"{FLAGS.dataset}, temperature {temperature():g}"
+    return FLAGS.dataset
+
+
 def logging_probs(layer, x):
     """`mu(. | x)`, `[n, classes]`: the tempered softmax of the logging classifier."""
     return keras.ops.convert_to_numpy(keras.ops.softmax(layer(x) / temperature())).astype(np.float64)
@@ -295,24 +306,59 @@ def verdicts(table):
     return lines
 
 
+def _protocol(section):
+    """A section's `config` but for its seeds: runs that agree on it can share a table."""
+    return {k: v for k, v in section["config"].items() if k != "seeds"}
+
+
+def _seeded_runs(block, section):
+    """`[(seed, run)]` of a size's block: its `seeds`, else its section's."""
+    return list(zip(block.get("seeds", section["config"]["seeds"]), block["runs"]))
+
+
+def _block(pairs):
+    pairs = sorted(pairs, key=lambda pair: pair[0])
+    runs = [run for _, run in pairs]
+    table = median_table(runs)
+    return {"seeds": [seed for seed, _ in pairs], "runs": runs, "median": table, "verdicts": verdicts(table)}
+
+
 def merged(previous, section):
-    """`section`, with the sizes of `previous` (the same key's old section) that
-    it did not run, when both ran the same protocol (`config`); their commands
-    and machines then become lists, and their run times add up."""
-    if previous is None or previous.get("config") != section["config"]:
+    """`section`, with what `previous` (the same key's old section) ran that it
+    did not, when both ran the same protocol (`config` but for the seeds): the
+    sizes it did not run, and at a size both ran, the runs of the seeds it did
+    not (its medians recomputed; a block then names its `seeds`, the section's
+    `config` the seeds of all). Their commands and machines then become lists,
+    and their run times add up. A run per seed (`--seeds=0`, `--seeds=1`, ...)
+    thus builds the same table as one run of all seeds."""
+    if previous is None or _protocol(previous) != _protocol(section):
         return section
-    kept = {k: v for k, v in previous["sizes"].items() if k not in section["sizes"]}
-    if not kept:
+    sizes, kept_any = {}, False
+    for size in set(previous["sizes"]) | set(section["sizes"]):
+        old, new = previous["sizes"].get(size), section["sizes"].get(size)
+        if new is None:
+            sizes[size], kept_any = dict(old, seeds=[s for s, _ in _seeded_runs(old, previous)]), True
+            continue
+        new_pairs = _seeded_runs(new, section)
+        ran = {seed for seed, _ in new_pairs}
+        kept = [] if old is None else [(s, r) for s, r in _seeded_runs(old, previous) if s not in ran]
+        kept_any = kept_any or bool(kept)
+        sizes[size] = _block(kept + new_pairs) if kept else dict(new, seeds=[s for s, _ in new_pairs])
+    if not kept_any:
         return section
 
     def as_list(value, single):
         return [value] if isinstance(value, single) else list(value)
 
+    seeds = sorted({s for block in sizes.values() for s in block["seeds"]})
+    if all(block["seeds"] == seeds for block in sizes.values()):  # the section's seeds say it
+        sizes = {size: {k: v for k, v in block.items() if k != "seeds"} for size, block in sizes.items()}
     return dict(
         section,
-        sizes=dict(sorted({**kept, **section["sizes"]}.items(), key=lambda item: int(item[0]))),
-        command=as_list(previous["command"], str) + [section["command"]],
-        machine=as_list(previous["machine"], dict) + [section["machine"]],
+        config=dict(section["config"], seeds=seeds),
+        sizes=dict(sorted(sizes.items(), key=lambda item: int(item[0]))),
+        command=as_list(previous["command"], str) + as_list(section["command"], str),
+        machine=as_list(previous["machine"], dict) + as_list(section["machine"], dict),
         runtime_s=previous["runtime_s"] + section["runtime_s"],
     )
 
@@ -324,7 +370,13 @@ def main(argv):
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
-    if FLAGS.render_only:
+    if FLAGS.merge_from:
+        for other in FLAGS.merge_from:
+            with open(other) as f:
+                section = json.load(f)[section_key()]
+            report[section_key()] = merged(report.get(section_key()), section)
+        common.write_json(path, report)
+    if FLAGS.render_only or FLAGS.merge_from:
         render.write("bandit", report, os.path.join(FLAGS.out_dir, "bandit.md"))
         return
     start = time.perf_counter()
@@ -332,9 +384,7 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     sizes = [int(s) for s in FLAGS.sizes] or [len(load(FLAGS.dataset, 0)[0])]
     section = {"sizes": {}}
-    key = FLAGS.dataset
-    if temperature() != TEMPERATURE[FLAGS.dataset]:
-        key = f"{FLAGS.dataset}, temperature {temperature():g}"
+    key = section_key()
     for size in sizes:
         runs = []
         for seed in seeds:

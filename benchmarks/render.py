@@ -99,7 +99,8 @@ def bandit(report):
                              common.median([r[arm].get("off_support_mass") for r in runs]),
                              common.median([r["seconds"].get(arm) for r in runs])])
             floor = c.get("support_floor")
-            page.heading(f"{size} logged rows", 3).table(
+            seeds = f" (seeds {block['seeds']})" if "seeds" in block else ""  # where not the section's
+            page.heading(f"{size} logged rows{seeds}", 3).table(
                 ["policy", "expected accuracy", "greedy accuracy", "own estimate of its reward",
                  "mean ratio pi/mu on the log", f"test mass where mu < {floor:g}" if floor else "test mass off support",
                  "fit seconds (median)"],
@@ -112,13 +113,15 @@ def bandit(report):
                            f"propensity {common.median([r['min_propensity'] for r in runs]):.2g} (medians).")
             page.text(f"Logged reward (median over seeds): {logged_reward:.3f}.{support}",
                       "**" + "; ".join(block["verdicts"]) + ".**")
+        page.bullets(section.get("notes"), "Reading (written by hand after the runs):")
     measured = []
     for section in sections(report).values():
         floor = section["config"].get("support_floor")
         for size, block in section["sizes"].items():
             median, runs = block["median"], block["runs"]
             dr, ips, mu = (median[arm]["expected_accuracy"] for arm in ("doubly robust", "IPS", "logging policy"))
-            line = (f"{section['title']}, {size} logged rows: doubly robust {dr:.3f} is "
+            seeds = f" (seeds {block['seeds']})" if "seeds" in block else ""
+            line = (f"{section['title']}, {size} logged rows{seeds}: doubly robust {dr:.3f} is "
                     f"{'above' if dr > ips else 'not above'} IPS ({ips:.3f}) and "
                     f"{'above' if dr > mu else 'not above'} the logging policy ({mu:.3f}); it beat IPS on "
                     f"{sum(r['doubly robust']['expected_accuracy'] > r['IPS']['expected_accuracy'] for r in runs)} "
@@ -144,10 +147,10 @@ def bandit(report):
         "that leave almost no such pairs; the Fashion-MNIST section at temperature 2 keeps the earlier, "
         "almost deterministic logging policy, whose log lacks support for about half the test pairs, and "
         "there the direct method and doubly robust fail for that reason (docs/logged.md measures the critic "
-        "there). Where doubly robust loses to IPS on a log with support, its policy keeps to the support, "
-        "and these runs do not show why. The constant-critic row is doubly robust with `Q` fixed at the mean "
-        "logged cost: IPS on costs shifted by it (BanditNet's translation), which credits untried actions "
-        "with that mean instead of 0. The numbers are as measured.")
+        "there). Where doubly robust loses to IPS on a log with support, its policy keeps to the support; "
+        "what was measured about why is in that section's reading. The constant-critic row is doubly robust "
+        "with `Q` fixed at the mean logged cost: IPS on costs shifted by it (BanditNet's translation), which "
+        "credits untried actions with that mean instead of 0. The numbers are as measured.")
     return page
 
 
