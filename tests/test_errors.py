@@ -464,9 +464,25 @@ def assert_skip_is_true(model, x, error):
     assert found["path"] in [v.path for v in roles[found["role"]]], str(error)
 
 
-@pytest.mark.parametrize("jit_compile, steps_per_execution", [(False, 1), (True, 2)], ids=["graph", "xla_spe2"])
-@pytest.mark.parametrize("scale", [1e20, 1e30])
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "policy, scale, jit_compile, steps_per_execution",
+    [
+        # Every pair of (policy, cost scale, compile mode) appears once: half
+        # of the 2 x 2 x 2 cross product, none of whose factors depends on
+        # another (the claim is per policy; the scale and the compile mode
+        # vary it).
+        ("mixed_float16", 1e20, False, 1),
+        ("mixed_float16", 1e30, True, 2),
+        ("mixed_bfloat16", 1e20, True, 2),
+        ("mixed_bfloat16", 1e30, False, 1),
+    ],
+    ids=[
+        "mixed_float16-1e20-graph",
+        "mixed_float16-1e30-xla_spe2",
+        "mixed_bfloat16-1e20-xla_spe2",
+        "mixed_bfloat16-1e30-graph",
+    ],
+)
 def test_huge_finite_cost_under_mixed_precision_never_leaves_a_non_finite_value(
     policy, scale, jit_compile, steps_per_execution, tmp_path
 ):
@@ -476,7 +492,9 @@ def test_huge_finite_cost_under_mixed_precision_never_leaves_a_non_finite_value(
     state), and the error says truly what it would have written. Under
     mixed_float16 the actor's scaled gradient overflows first: every step is
     skipped whole but for the LossScaleOptimizer halving its loss scale, and
-    at a scale of 1 (the 16th step) the error says so."""
+    at a scale of 1 (the 16th step) the error says so. Each policy runs with
+    each cost scale and each compile mode (graph, XLA with two steps per
+    execution), each scale under both compile modes."""
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
