@@ -189,12 +189,16 @@ def estimator_option(name):
     `critic_cv_islinear<S>` (the same with the S units drawn in proportion to
     p_u (1 - p_u) times the expanded flip's size, `unit_sampling="importance"`).
     A `critic_cv` name ending in `_nodev` leaves out the later nodes'
-    deviations (`successor_deviations=False`)."""
+    deviations (`successor_deviations=False`); one ending in `_noise` serves
+    the costs past later Bernoulli nodes with common-noise heads
+    (`common_noise=True`)."""
     if name == "relax_tuned":
         return estimators.Relax(tune=True)
     options = {}
-    if name.startswith("critic_cv") and name.endswith("_nodev"):
-        name, options = name[: -len("_nodev")], {"successor_deviations": False}
+    for suffix, option in (("_noise", {"common_noise": True}), ("_nodev", {"successor_deviations": False})):
+        if name.startswith("critic_cv") and name.endswith(suffix):
+            name = name[: -len(suffix)]
+            options.update(option)
     if name.startswith("critic_cv_units"):
         return estimators.CriticCV(units=int(name[len("critic_cv_units"):]), **options)
     if name.startswith("critic_cv_islinear"):

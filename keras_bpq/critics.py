@@ -325,12 +325,26 @@ def heads_to_learn(
     if any(e.needs_critic for e in estimators.values()):
         # Every learned head gets a critic, so bootstrapped targets always
         # find their successor's critic.
-        heads = {n: h for n, h in targets_lib.learned_heads(scg).items() if h}
+        # Common-noise heads (`q_values`) need no critic.
+        noise = q_values.common_noise_nodes(estimators)
+        heads = {
+            n: tuple(c for c in h if c not in q_values.common_noise_costs(scg, scg.node(n), noise))
+            for n, h in targets_lib.learned_heads(scg).items()
+        }
+        heads = {n: h for n, h in heads.items() if h}
     unknown = set(options.models) - set(scg.node_names)
     if unknown:
         raise ValueError(
             f"compile(critics=...) names unknown nodes {sorted(unknown)}; the "
             f"model's nodes are {list(scg.node_names)}."
+        )
+    unused = set(options.models) - set(heads)
+    if unused:
+        raise ValueError(
+            f"compile(critics=...) gives critics to nodes {sorted(unused)}, which learn no "
+            "head: their estimators need no critic, or every cost they influence has an "
+            "exact head (the node is its last stochastic ancestor) or a common-noise head "
+            "(CriticCV(common_noise=True)). Leave them out of critics=."
         )
     if options.target == "expected":
         targets_lib.check_supports(scg, heads, "critic_target='expected'", "Use 'td'.")
@@ -552,17 +566,17 @@ class CriticSet:
 def describe(
     scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], critics: Mapping[str, Critic]
 ) -> Dict[str, str]:
-    """`{node: "learned[...] exact[...]"}`: the heads of every node whose
-    estimator needs a critic (`graph.format_scg`'s `critics`)."""
+    """`{node: "learned[...] common-noise[...] exact[...]"}`: the heads of every
+    node whose estimator needs a critic (`graph.format_scg`'s `critics`)."""
     described = {}
+    noise_nodes = q_values.common_noise_nodes(estimators)
     for info in scg.nodes:
         if not estimators[info.name].needs_critic:
             continue
         critic = critics.get(info.name)
         learned = list(critic.heads) if critic is not None else []
-        exact = [c for c in info.costs if c not in learned]
-        parts = ([f"learned[{', '.join(learned)}]"] if learned else []) + (
-            [f"exact[{', '.join(exact)}]"] if exact else []
-        )
-        described[info.name] = " ".join(parts)
+        noise = [c for c in q_values.common_noise_costs(scg, info, noise_nodes) if c not in learned]
+        exact = [c for c in info.costs if c not in learned and c not in noise]
+        kinds = (("learned", learned), ("common-noise", noise), ("exact", exact))
+        described[info.name] = " ".join(f"{kind}[{', '.join(costs)}]" for kind, costs in kinds if costs)
     return described

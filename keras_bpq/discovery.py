@@ -124,7 +124,10 @@ class ScgDiscovery:
         re-runs are `forward.record` of the model's Keras call with the
         compiled losses bound."""
         rerun = functools.partial(forward_lib.record, self, self._compiled_losses, scg.costs)
-        return q_values.QFunction(scg, self.training_state.critics, self.network, rerun)
+        return q_values.QFunction(
+            scg, self.training_state.critics, self.network, rerun,
+            q_values.common_noise_nodes(self._node_estimators),
+        )
 
     def _build_by_tracing(self, spec):
         """Runs `call()` once, traced on inputs like `spec` (a structure of
@@ -154,7 +157,9 @@ class ScgDiscovery:
             self._resolve_estimators(self._scg)
         if self._scg is not None:
             self.q_function = self._q_function(self._scg)  # with this compile()'s losses
-            self.replay_layout(self._scg)  # its errors show here
+            # Their errors show here.
+            critics_lib.heads_to_learn(self._scg, self._node_estimators, self._critic_options)
+            self.replay_layout(self._scg)
 
     def input_signature(self) -> Optional[Any]:
         """The model's inputs as a structure of `tf.TensorSpec` with a dynamic

@@ -135,6 +135,9 @@ class Estimator:
     name: Optional[str] = None
     keeps_gradient: bool = False
     needs_critic: bool = False
+    # Whether the node's heads past later Bernoulli nodes re-evaluate the cost
+    # with those nodes drawn from this pass's noise (`CriticCV`'s option).
+    common_noise: bool = False
 
     def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         """Raises a ValueError naming the node if this estimator cannot serve it."""
@@ -585,6 +588,22 @@ class CriticCV(Estimator):
         many units are near saturation.
       successor_deviations: subtract the deviations of later nodes with exact
         heads (`NodeStep.successor_deviation`) from the realised cost.
+      common_noise: for each cost whose stochastic ancestors after this node
+        are all Bernoulli nodes, a common-noise head instead of a learned one
+        (`q_values`): the cost re-evaluated at every outcome `x'` with those
+        later nodes drawn again from the uniform noise `u` of this pass,
+        `y' = [u < sigmoid(logits_y(x', ...))]` (common random numbers).
+        Given `u`, `c(x', s, u)` is a fixed function of `x'` and equals the
+        realised cost at the sample, so the residual `c_X - Q(x, s)` of those
+        costs is zero and the local sum `sum_x' p(x') c(x', s, u)` is the whole
+        estimate; `u` is independent of `x`, so its expectation over `u` is the
+        exact gradient: unbiased, with no critic to train for those heads, at
+        the price of evaluating every later node's downstream operations at
+        the outcomes. A later deviation (`successor_deviations`) of a cost
+        served so is not subtracted (it would only add noise to a zero
+        residual). The first-order expansion (`linearize`) sees a common-noise
+        head's change through the later samples as zero (a step function of
+        the logits): its expansion holds them fixed.
     """
 
     name = "critic_cv"
@@ -596,6 +615,7 @@ class CriticCV(Estimator):
         linearize: bool = False,
         unit_sampling: str = "uniform",
         successor_deviations: bool = True,
+        common_noise: bool = False,
     ) -> None:
         if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
             raise ValueError(f"CriticCV(units={units!r}): units must be a positive int or None.")
@@ -617,7 +637,10 @@ class CriticCV(Estimator):
         self.units = units
         self.linearize = linearize
         self.unit_sampling = unit_sampling
+        if not isinstance(common_noise, bool):
+            raise ValueError(f"CriticCV(common_noise={common_noise!r}): common_noise must be True or False.")
         self.successor_deviations = successor_deviations
+        self.common_noise = common_noise
 
     def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
         _check_local(self.name, info)
@@ -656,6 +679,7 @@ class CriticCV(Estimator):
             "linearize": self.linearize,
             "unit_sampling": self.unit_sampling,
             "successor_deviations": self.successor_deviations,
+            "common_noise": self.common_noise,
         }
 
 
@@ -1279,5 +1303,11 @@ def resolve(
                 f"Node {name!r} was set up for estimator "
                 f"{created[name].name!r} when it first ran; changing "
                 f"it to {est.name!r} afterwards is not supported. Build a new model."
+            )
+        if created is not None and est.common_noise != created[name].common_noise:
+            raise ValueError(
+                f"Node {name!r} was set up with common_noise={created[name].common_noise} "
+                "when it first ran (its critic's heads depend on it); changing it afterwards "
+                "is not supported. Build a new model."
             )
     return resolved

@@ -74,14 +74,16 @@ def record(
     training: bool = True,
     forced: Optional[Mapping[str, tf.Tensor]] = None,
     keep_gradient: Iterable[str] = (),
+    noise: Optional[Mapping[str, tf.Tensor]] = None,
 ) -> Recording:
     """One recorded forward pass: takes the model's Keras `call` (the model
     itself, `call(x, training=...)`), its `compiled_losses` (per-example
     costs of `compile(loss=...)`), the SCG's `cost_names` and a batch, and
     gives a `Recording` whose `total` sums the named costs. `forced` fixes
     node samples by name; only the nodes in `keep_gradient` keep their
-    samples' gradient."""
-    with graph.Recorder(forced=forced, keep_gradient=keep_gradient) as rec:
+    samples' gradient; Bernoulli nodes named in `noise` draw their samples
+    from that uniform noise (`graph.Recorder`)."""
+    with graph.Recorder(forced=forced, keep_gradient=keep_gradient, noise=noise) as rec:
         y_pred = call(x, training=training)
     costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
     if compiled_losses.entries:
@@ -118,7 +120,13 @@ def build_surrogate(
         q = None
         if estimator.needs_critic and info.costs:
             q = q_function.node_q(info, x, y, records, reads_target)
-        later = [d for name, d in deviations.items() if set(scg.node(name).costs) <= set(info.costs)]
+        # Not the deviations of costs with common-noise heads here: their
+        # residual is zero (`estimators.CriticCV`'s `common_noise`).
+        noise = set(q_function.common_noise_costs(info))
+        later = [
+            d for name, d in deviations.items()
+            if set(scg.node(name).costs) <= set(info.costs) and not noise & set(scg.node(name).costs)
+        ]
         step = estimators_lib.NodeStep(
             info=info,
             record=records[info.name],

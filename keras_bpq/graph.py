@@ -94,6 +94,9 @@ class Recorder:
         samples, whatever else is in the batch.
       most_likely: nodes return their most likely value (mode or mean, as
         outside a recorder with `training=False`) instead of sampling.
+      noise: `{node_name: u}` uniform noise that Bernoulli nodes draw their
+        samples from, `[u < sigmoid(logits)]`, instead of fresh noise: the
+        common random numbers of `estimators.CriticCV(common_noise=True)`.
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class Recorder:
         keep_gradient: Iterable[str] = (),
         seeds: Optional[tf.Tensor] = None,
         most_likely: bool = False,
+        noise: Optional[Mapping[str, tf.Tensor]] = None,
     ) -> None:
         self.forced = dict(forced or {})
+        self.noise = dict(noise or {})
         self.keep_gradient = frozenset(keep_gradient)
         self.seeds = seeds
         self.most_likely = bool(most_likely)

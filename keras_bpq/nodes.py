@@ -160,6 +160,9 @@ class StochasticNode(keras.layers.Layer):
         noise = None
         if recorder is not None and name in recorder.forced:
             sample = tf.cast(recorder.forced[name], self.compute_dtype)
+        elif recorder is not None and name in recorder.noise:
+            noise = tf.cast(recorder.noise[name], tf.float32)
+            sample = tf.cast(self.sample_from_noise(params, noise), self.compute_dtype)
         else:
             if (training is False and recorder is None) or (
                 recorder is not None and recorder.most_likely
@@ -197,6 +200,15 @@ class StochasticNode(keras.layers.Layer):
         """`(sample, noise)`: `draw`'s sample and the uniform noise it was
         computed from, or None where the node keeps none."""
         return self.draw(dist, seed), None
+
+    def sample_from_noise(self, params: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
+        """The sample `draw_with_noise` gives for parameters `params` and its
+        recorded `noise` (common random numbers); only nodes that keep their
+        noise have one."""
+        raise ValueError(
+            f"{_describe(self)} keeps no noise to draw a sample from: common random "
+            "numbers (CriticCV(common_noise=True)) redraw Bernoulli nodes only."
+        )
 
     def sample_per_example(
         self, params: tf.Tensor, mask: Optional[tf.Tensor], seeds: tf.Tensor, index: int
@@ -331,9 +343,13 @@ class Bernoulli(StochasticNode):
     def draw_with_noise(self, dist: tfd.Distribution, seed: tf.Tensor) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
         """`(x, u)`: the sample `x = [u < sigmoid(logits)]` and its noise `u`
         (recorded, so that `disarm` reuses it instead of drawing `u` again)."""
-        logits = dist.logits
-        uniform = stateless_uniform(tf.shape(logits), seed)
-        return tf.cast(uniform < tf.sigmoid(logits), tf.float32), uniform
+        uniform = stateless_uniform(tf.shape(dist.logits), seed)
+        return self.sample_from_noise(dist.logits, uniform), uniform
+
+    def sample_from_noise(self, params: tf.Tensor, noise: tf.Tensor) -> tf.Tensor:
+        """`x = [u < sigmoid(logits)]` for the noise `u`, float32: the same
+        sample as `draw_with_noise`'s from that noise."""
+        return tf.cast(noise < tf.sigmoid(tf.cast(params, tf.float32)), tf.float32)
 
     def most_likely(self, dist: tfd.Distribution) -> tf.Tensor:
         return tf.cast(dist.logits > 0, tf.float32)

@@ -427,13 +427,17 @@ class DownstreamEvaluator:
       node: the name of the node whose outcomes are evaluated.
       forced: names of the nodes held at their recorded samples.
       costs: the cost names to evaluate.
+      redrawn: names of later nodes drawn again at every outcome from their
+        recorded noise `u` (`sample_from_noise`, `[u < sigmoid(logits)]` for
+        a Bernoulli node): the costs at an outcome are then those of one pass
+        with the same random numbers (`estimators.CriticCV`'s `common_noise`).
 
     Its `plan` lists the nodes of the functional graph that the costs need, in
     execution order: only those are evaluated.
 
-    Raises `Unsupported` when the costs need a node that is not forced, an
-    operation that holds stochastic nodes inside it, or a cost that is not a
-    network output. Operations may have several outputs.
+    Raises `Unsupported` when the costs need a node that is neither forced nor
+    redrawn, an operation that holds stochastic nodes inside it, or a cost that
+    is not a network output. Operations may have several outputs.
     """
 
     def __init__(
@@ -443,6 +447,7 @@ class DownstreamEvaluator:
         node: str,
         forced: Sequence[str],
         costs: Sequence[str],
+        redrawn: Sequence[str] = (),
     ) -> None:
         structure = _keras_compat.functional_outputs(network)
         if not isinstance(structure, dict) or not set(costs) <= set(structure.get("costs", {})):
@@ -454,6 +459,7 @@ class DownstreamEvaluator:
         names = self._node_call_names()
         wanted = set(forced) | {node}
         self._forced_ids = {i: n for i, n in names.items() if n in wanted}
+        self._redrawn_ids = {i: n for i, n in names.items() if n in set(redrawn)}
         if node not in self._forced_ids.values():
             raise Unsupported(f"node {node!r} is not a call in the functional graph")
         self._inputs = {id(t): i for i, t in enumerate(network.inputs)}
@@ -482,8 +488,8 @@ class DownstreamEvaluator:
             if id(node) in needed:
                 continue
             op = _keras_compat.node_operation(node)
-            if isinstance(op, self._node_class):
-                raise Unsupported(f"the costs need node {op.name!r}, which is not forced")
+            if isinstance(op, self._node_class) and id(tensor) not in self._redrawn_ids:
+                raise Unsupported(f"the costs need node {op.name!r}, which is neither forced nor redrawn")
             if isinstance(op, keras.layers.Layer) and any(
                 isinstance(layer, self._node_class)
                 for layer in _keras_compat.flatten_layers(op, include_self=False)
@@ -493,13 +499,14 @@ class DownstreamEvaluator:
             stack.extend(_keras_compat.node_inputs(node))
         return [n for n in _keras_compat.nodes_in_execution_order(self._network) if id(n) in needed]
 
-    def __call__(self, inputs, forced, outcomes, training=True):
+    def __call__(self, inputs, forced, outcomes, training=True, noise=None):
         """`{cost: [batch, A]}`.
 
         Args:
           inputs: the model inputs, `[batch, ...]` each.
           forced: `{name: [batch, *event]}` samples of the forced nodes.
           outcomes: `UnitEdits`, or `[batch, A, *event]` values of the node.
+          noise: `{name: [batch, *event]}` uniform noise of the redrawn nodes.
         """
         values = {i: t for i, t in zip(self._inputs, tf.nest.flatten(inputs))}
         num = outcomes.shape[1]
@@ -511,7 +518,10 @@ class DownstreamEvaluator:
         for node in self.plan:
             args = [values[id(t)] for t in _keras_compat.node_inputs(node)]
             op = _keras_compat.node_operation(node)
-            if _dot_ok(op, args):
+            redrawn = self._redrawn_ids.get(id(_keras_compat.node_outputs(node)[0]))
+            if redrawn is not None:
+                results = [_redraw(op, args[0], noise[redrawn])]
+            elif _dot_ok(op, args):
                 edits, other = args if isinstance(args[0], UnitEdits) else args[::-1]
                 results = [_Expanded(edits.contract(tf.cast(other, edits.base.dtype)[..., None]))]
             elif any(isinstance(a, (UnitEdits, Affine, _Expanded)) for a in args):
@@ -531,6 +541,17 @@ class DownstreamEvaluator:
             return tf.reshape(rows, [-1, num])
         per = costs_lib.as_per_example(value)
         return tf.repeat(per[:, None], num, axis=1)
+
+
+def _redraw(node_layer, params, noise):
+    """A node's sample drawn from its recorded `noise` (`[batch, *event]`) at
+    parameters `params`: `[batch, A, *event]` (`_Expanded`) where they vary with
+    the outcomes, else `[batch, *event]`."""
+    params = _as_tensor(params)
+    if isinstance(params, _Expanded):
+        sample = node_layer.sample_from_noise(params.tensor, noise[:, None])
+        return _Expanded(tf.cast(sample, node_layer.compute_dtype))
+    return tf.cast(node_layer.sample_from_noise(params, noise), node_layer.compute_dtype)
 
 
 def _affine_op(node, values):

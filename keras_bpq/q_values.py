@@ -7,13 +7,20 @@ earlier samples of `NodeInfo.context`; docs/method.md, "Contexts"). Where `X`
 is the last stochastic ancestor of `c`, the head is exact: `c` is then a
 deterministic function of `(x, s)`, re-evaluated with the context held and the
 node forced (`outcomes.DownstreamEvaluator` on a functional model, else a
-re-run of the forward pass on `batch x A` rows). Every other head is learned
+re-run of the forward pass on `batch x A` rows). Where the node's estimator
+asks for common random numbers (`estimators.CriticCV(common_noise=True)`) and
+every stochastic ancestor of `c` after `X` is a Bernoulli node, the head is the
+cost re-evaluated the same way with those later nodes drawn again from the
+uniform noise `u` they drew in this pass, `[u < sigmoid(logits)]` at the
+outcome's logits: `Q^c_X(x', s) = c(x', s, u)`, a random head whose noise `u` is independent
+of the node's own sample, so the estimator stays unbiased; at the sample it
+is the realised cost. Every other head is learned
 (`critics.NodeCritic`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
 import keras
 import tensorflow as tf
@@ -23,6 +30,7 @@ from keras_bpq import outcomes as outcomes_lib
 
 if TYPE_CHECKING:
     from keras_bpq import critics as critics_lib
+    from keras_bpq import estimators as estimators_lib
     from keras_bpq import forward as forward_lib
     from keras_bpq import graph
 
@@ -46,6 +54,26 @@ def exact_costs(scg: graph.SCG, info: graph.NodeInfo) -> Tuple[str, ...]:
     return tuple(c for c in info.costs if scg.cost_ancestors[c][-1] == info.name)
 
 
+def common_noise_nodes(estimators: Mapping[str, estimators_lib.Estimator]) -> FrozenSet[str]:
+    """The nodes whose estimators ask for common-noise heads."""
+    return frozenset(name for name, estimator in estimators.items() if estimator.common_noise)
+
+
+def common_noise_costs(scg: graph.SCG, info: graph.NodeInfo, nodes: AbstractSet[str]) -> Tuple[str, ...]:
+    """The costs of node `info` (one of `nodes`, `common_noise_nodes`) whose
+    heads re-evaluate the cost with the later nodes drawn from this pass's
+    noise: those with stochastic ancestors after `info`, all Bernoulli."""
+    if info.name not in nodes:
+        return ()
+    result = []
+    for cost in info.costs:
+        chain = scg.cost_ancestors[cost]
+        later = chain[chain.index(info.name) + 1:]
+        if later and all(scg.node(n).local_kind == "binary" for n in later):
+            result.append(cost)
+    return tuple(result)
+
+
 class QFunction:
     """Every node's heads `Q^c_X` at any of its outcomes, given a recorded pass.
 
@@ -61,6 +89,7 @@ class QFunction:
         re-runs: `forward.record` with the model's Keras call, compiled
         losses and cost names bound (`functools.partial`), so that a re-run
         goes to the Keras layers and never back to the model's own methods.
+      common_noise: the nodes with common-noise heads (`common_noise_nodes`).
     """
 
     def __init__(
@@ -69,12 +98,18 @@ class QFunction:
         critics: Mapping[str, critics_lib.Critic],
         network: Optional[keras.Model],
         forward: Callable[..., forward_lib.Recording],
+        common_noise: AbstractSet[str] = frozenset(),
     ) -> None:
         self.scg = scg
         self.critics = critics
         self.network = network
         self.forward = forward
+        self.common_noise = frozenset(common_noise)
         self._evaluators = {}
+
+    def common_noise_costs(self, info: graph.NodeInfo) -> Tuple[str, ...]:
+        """The costs of node `info` served by common-noise heads (`common_noise_costs`)."""
+        return common_noise_costs(self.scg, info, self.common_noise)
 
     def heads(
         self,
@@ -94,7 +129,10 @@ class QFunction:
         re-evaluate the costs with the context and the node forced: on a
         functional model only the operations downstream of the node, with
         rank-one updates through `Dense` layers (`outcomes`); otherwise by
-        re-running the whole forward pass on `batch x A` rows.
+        re-running the whole forward pass on `batch x A` rows. Common-noise
+        heads re-evaluate their costs the same way with the later nodes drawn
+        again from their recorded noise (fresh noise where a record has none:
+        a forced or replayed pass).
         """
         held = context(info, x, records)
         heads = {}
@@ -102,30 +140,46 @@ class QFunction:
         if critic is not None:
             learned = critic.q_outcomes(held, values, target=target)
             heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
-        exact = exact_costs(self.scg, info)
-        if exact:
-            evaluator = self.downstream_evaluator(info, exact)
-            if evaluator is not None:
-                forced = {n: held[n] for n in info.context if n != "inputs"}
-                heads.update(evaluator(x, forced, values, training=True))
-            else:
-                heads.update(self.rerun_heads(info, x, y, held, values, exact))
+        for costs, redrawn in (
+            (exact_costs(self.scg, info), ()),
+            (self.common_noise_costs(info), self._later_nodes(info)),
+        ):
+            if costs:
+                heads.update(self._evaluated_heads(info, x, y, records, held, values, costs, redrawn))
         missing = [c for c in info.costs if c not in heads]
         if missing:
             raise ValueError(f"Node {info.name!r} has no critic for costs {missing}.")
         return heads
 
+    def _later_nodes(self, info):
+        """The stochastic ancestors after `info` of its common-noise costs."""
+        later = set()
+        for cost in self.common_noise_costs(info):
+            chain = self.scg.cost_ancestors[cost]
+            later.update(chain[chain.index(info.name) + 1:])
+        return tuple(n for n in self.scg.node_names if n in later)
+
+    def _evaluated_heads(self, info, x, y, records, held, values, costs, redrawn):
+        """Exact (`redrawn` empty) or common-noise heads of `costs` at `values`."""
+        noise = {n: _noise(records[n]) for n in redrawn}
+        evaluator = self.downstream_evaluator(info, costs, redrawn)
+        if evaluator is not None:
+            forced = {n: held[n] for n in info.context if n != "inputs"}
+            return evaluator(x, forced, values, training=True, noise=noise)
+        return self.rerun_heads(info, x, y, held, values, costs, noise)
+
     def downstream_evaluator(
-        self, info: graph.NodeInfo, costs: Tuple[str, ...]
+        self, info: graph.NodeInfo, costs: Tuple[str, ...], redrawn: Tuple[str, ...] = ()
     ) -> Optional[outcomes_lib.DownstreamEvaluator]:
-        """The cached `outcomes.DownstreamEvaluator` of `costs` at node `info`,
-        or None where the model is not functional or the graph needs a re-run."""
-        key = (info.name, costs)
+        """The cached `outcomes.DownstreamEvaluator` of `costs` at node `info`
+        (the later nodes `redrawn` from their noise), or None where the model
+        is not functional or the graph needs a re-run."""
+        key = (info.name, costs, redrawn)
         if key not in self._evaluators:
             try:
                 evaluator = outcomes_lib.DownstreamEvaluator(
                     self.network, nodes_lib.StochasticNode, info.name,
-                    [n for n in info.context if n != "inputs"], costs,
+                    [n for n in info.context if n != "inputs"], costs, redrawn,
                 )
             except outcomes_lib.Unsupported:
                 evaluator = None
@@ -140,19 +194,21 @@ class QFunction:
         held: Mapping[str, Any],
         values: Values,
         costs: Tuple[str, ...],
+        noise: Optional[Mapping[str, tf.Tensor]] = None,
     ) -> Dict[str, tf.Tensor]:
         """Exact heads by a forward pass on `batch x A` rows with the context
-        `held` (`context()`) and the node forced."""
+        `held` (`context()`) and the node forced (and the nodes of `noise`
+        drawn from it: common-noise heads)."""
         if isinstance(values, outcomes_lib.UnitEdits):
             values = values.dense()
         held = {n: held[n] for n in info.context if n != "inputs"}
-        return self._forced_rerun(info, x, y, held, values, keep_gradient={info.name}, costs=costs)
+        return self._forced_rerun(info, x, y, held, values, keep_gradient={info.name}, costs=costs, noise=noise)
 
-    def _forced_rerun(self, info, x, y, held, values, keep_gradient, costs):
+    def _forced_rerun(self, info, x, y, held, values, keep_gradient, costs, noise=None):
         """`{cost: [batch, A]}`: one forward pass on `batch x A` rows with the
         samples `held` (`{name: [batch, *event]}`) repeated per outcome, node
-        `info` forced to `values` (`[batch, A, *event]`) and the other nodes
-        sampled afresh."""
+        `info` forced to `values` (`[batch, A, *event]`), the nodes of `noise`
+        drawn from it and the other nodes sampled afresh."""
         num = values.shape[1]
         repeat = lambda t: tf.repeat(t, num, axis=0)  # noqa: E731
         forced = {n: repeat(v) for n, v in held.items()}
@@ -163,6 +219,7 @@ class QFunction:
             training=True,
             forced=forced,
             keep_gradient=keep_gradient,
+            noise={n: repeat(u) for n, u in (noise or {}).items()},
         ).costs
         return {c: tf.reshape(rerun[c], [-1, num]) for c in costs}
 
@@ -197,3 +254,12 @@ class QFunction:
             return tf.add_n([heads[c] for c in info.costs])
 
         return q
+
+
+def _noise(record: graph.NodeRecord) -> tf.Tensor:
+    """The uniform noise a Bernoulli node drew its sample from in this pass, or
+    fresh noise where its record keeps none (a forced or replayed sample)."""
+    if record.noise is not None:
+        return record.noise
+    seed = tf.cast(record.layer.seed_generator.next(), tf.int32)
+    return nodes_lib.stateless_uniform(tf.shape(record.sample), seed)

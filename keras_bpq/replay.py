@@ -438,7 +438,8 @@ def layout(
         raise ValueError(
             f"compile(replay=...): model {model_name!r} has no learned critic for replay to "
             "train: its estimators need none, or each of its nodes is the last stochastic "
-            "ancestor of all its costs (exact heads). Compile without replay."
+            "ancestor of all its costs (exact heads) or serves them with common-noise heads "
+            "(CriticCV(common_noise=True)). Compile without replay."
         )
     targets = target_spec if compiled_losses.entries else None
     if check_targets and compiled_losses.entries and targets is None:

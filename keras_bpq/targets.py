@@ -164,7 +164,9 @@ def evaluate(
     (`truncated_ratios`)."""
     q_at_sample, value = {}, {}
     for info in scg.nodes:
-        heads = {c: costs[c] for c in info.costs if scg.cost_ancestors[c][-1] == info.name}
+        # Exact and common-noise heads at the sample: the realised cost.
+        realised = q_values.exact_costs(scg, info) + q_function.common_noise_costs(info)
+        heads = {c: costs[c] for c in realised}
         critic = critics.get(info.name)
         if critic is not None:
             learned = critic.q(q_values.context(info, x, records), records[info.name].sample, target=True)

@@ -2,12 +2,14 @@
 
 import keras
 import numpy as np
+import tensorflow as tf
 import pytest
 
 import graphs
 import keras_bpq
 from keras_bpq import diagnostics
 from keras_bpq import estimators
+from keras_bpq import q_values
 from keras_bpq import saving
 
 NUM_DRAWS = 2000
@@ -270,3 +272,123 @@ def test_successor_deviations_are_checked_and_saved():
     assert estimator.successor_deviations is False
     assert estimators.CriticCV().describe() == "critic_cv"
     assert "successor_deviations=False" in estimators.CriticCV(successor_deviations=False).describe()
+
+
+def _common_noise(model, **options):
+    """`CriticCV(common_noise=True, **options)` on every Bernoulli and
+    Categorical node, 'auto' on the others."""
+    model.compile(estimator="reinforce")
+    return {
+        info.name: estimators.CriticCV(common_noise=True, **options) if info.local_kind else "auto"
+        for info in model.scg().nodes
+    }
+
+
+@pytest.mark.parametrize("name,jit_compile", [
+    ("chain", True), ("dag", False), ("two_costs", True), ("mixed", False), ("tree", True)])
+def test_common_noise_heads_match_exact_gradient(name, jit_compile):
+    """Heads past later Bernoulli nodes re-evaluated with those nodes drawn
+    from this pass's noise: unbiased against enumeration; on the chain every
+    head is common-noise or exact, so no critic is made."""
+    model, x = graphs.ALL[name]()
+    model.compile(optimizer="adam", estimator=_common_noise(model), jit_compile=jit_compile)
+    assert_unbiased(model, x)
+    if name == "chain":
+        assert model.critic_variables == []
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_common_noise_heads_with_drawn_expanded_flips_match_exact_gradient(jit_compile):
+    """With auto's expansion and 4 exact flips drawn by importance (the
+    expansion holds the later samples fixed): unbiased, no critic."""
+    model, x = _wide()
+    flips = estimators.AUTO_EXACT_FLIPS
+    options = dict(units=flips, linearize=True, unit_sampling="importance")
+    model.compile(optimizer="adam", estimator=_common_noise(model, **options), jit_compile=jit_compile)
+    assert model.critic_variables == []
+    assert_unbiased(model, x, num_draws=1500)
+
+
+def _noise_heads_and_records(model, x):
+    """z1's heads at its sample and at its other outcomes (each unit flipped),
+    and the pass they belong to."""
+    forward = model.run_forward(x)
+    info = model.scg().node("z1")
+    sample = forward.records["z1"].sample
+    flips = tf.abs(sample[:, None, :] - tf.eye(sample.shape[1])[None])
+    values = tf.concat([sample[:, None], flips], axis=1)
+    heads = model.q_function.heads(info, forward.x, forward.y, forward.records, values)
+    return forward, info, values, heads
+
+
+def test_common_noise_heads_at_the_sample_are_the_realised_costs():
+    model, x = graphs.two_costs()
+    model.compile(optimizer="adam", estimator=_common_noise(model))
+    forward, _, _, heads = _noise_heads_and_records(model, x)
+    assert model.q_function.common_noise_costs(model.scg().node("z1")) == ("far",)
+    for cost in ("near", "far"):
+        np.testing.assert_allclose(heads[cost][:, 0], forward.costs[cost], rtol=1e-5, atol=1e-5)
+    assert forward.steps["z1"].successor_deviation is None
+
+
+def test_common_noise_heads_are_a_forward_pass_with_the_same_noise():
+    """The downstream evaluator's heads equal a re-run of the whole forward
+    pass (the path of subclassed models) with z1 forced to each outcome and z2
+    drawn from the recorded noise; with other noise they differ."""
+    model, x = graphs.two_costs()
+    model.compile(optimizer="adam", estimator=_common_noise(model))
+    forward, info, values, heads = _noise_heads_and_records(model, x)
+    noise = forward.records["z2"].noise
+    held = q_values.context(info, forward.x, forward.records)
+    rerun = model.q_function.rerun_heads(info, forward.x, forward.y, held, values, ("far",), {"z2": noise})
+    np.testing.assert_allclose(heads["far"], rerun["far"], rtol=1e-5, atol=1e-5)
+    other = model.q_function.rerun_heads(info, forward.x, forward.y, held, values, ("far",), {"z2": 1.0 - noise})
+    assert not np.allclose(heads["far"], other["far"])
+
+
+def _d1_variance(model, x):
+    _, draws = assert_unbiased(model, x, num_draws=1500)
+    index = [i for i, v in enumerate(model.actor_variables) if v.path.startswith("d1/")]
+    return sum(float(draws[i].var(axis=0).sum()) for i in index)
+
+
+def test_common_noise_heads_cut_the_variance_of_an_untrained_critic():
+    """On the chain, z1's gradient variance with common-noise heads is below
+    half of `critic_cv`'s with its (untrained) learned critic."""
+    model, x = graphs.chain()
+    model.compile(optimizer="adam", estimator=_common_noise(model))
+    noise = _d1_variance(model, x)
+    model, x = graphs.chain()
+    model.compile(optimizer="adam", estimator="critic_cv")
+    learned = _d1_variance(model, x)
+    assert noise < 0.5 * learned, (noise, learned)
+
+
+def test_common_noise_is_checked_saved_and_summarised():
+    with pytest.raises(ValueError, match="common_noise must be True or False"):
+        estimators.CriticCV(common_noise="yes")
+    estimator = saving.decode_estimator(saving.encode_estimator(
+        estimators.CriticCV(units=3, linearize=True, common_noise=True), "estimator"))
+    assert estimator.common_noise is True and estimator.units == 3
+    model, x = graphs.two_costs()
+    model.compile(optimizer="adam", estimator=_common_noise(model))
+    text = model.scg_summary(x, print_fn=lambda s: None)
+    assert "critic_cv(common_noise=True)" in text and "common-noise[far] exact[near]" in text
+    model.fit(x, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="common_noise=True when it first ran"):
+        model.compile(optimizer="adam", estimator="critic_cv")
+
+
+def test_replay_names_common_noise_heads_when_nothing_is_learned():
+    model, _ = graphs.chain()
+    with pytest.raises(ValueError, match="common-noise heads"):
+        model.compile(optimizer="adam", estimator=_common_noise(model), replay=keras_bpq.Replay(64, 1))
+
+
+def test_a_critic_for_a_node_that_learns_no_head_is_refused():
+    """compile(critics=...) for a node whose heads are all common-noise or
+    exact is an error, not a critic silently left unused."""
+    model, _ = graphs.two_costs()
+    estimator = _common_noise(model)
+    with pytest.raises(ValueError, match=r"gives critics to nodes \['z1'\], which learn no head"):
+        model.compile(optimizer="adam", estimator=estimator, critics={"z1": keras.Sequential([keras.layers.Dense(2)])})
