@@ -634,11 +634,11 @@ class CriticCV(Estimator):
             raise ValueError(
                 f"CriticCV(successor_deviations={successor_deviations!r}): successor_deviations must be True or False."
             )
+        if not isinstance(common_noise, bool):
+            raise ValueError(f"CriticCV(common_noise={common_noise!r}): common_noise must be True or False.")
         self.units = units
         self.linearize = linearize
         self.unit_sampling = unit_sampling
-        if not isinstance(common_noise, bool):
-            raise ValueError(f"CriticCV(common_noise={common_noise!r}): common_noise must be True or False.")
         self.successor_deviations = successor_deviations
         self.common_noise = common_noise
 

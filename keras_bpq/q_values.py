@@ -59,6 +59,12 @@ def common_noise_nodes(estimators: Mapping[str, estimators_lib.Estimator]) -> Fr
     return frozenset(name for name, estimator in estimators.items() if estimator.common_noise)
 
 
+def _later_ancestors(scg, info, cost):
+    """The stochastic ancestors of `cost` after node `info`."""
+    chain = scg.cost_ancestors[cost]
+    return chain[chain.index(info.name) + 1:]
+
+
 def common_noise_costs(scg: graph.SCG, info: graph.NodeInfo, nodes: AbstractSet[str]) -> Tuple[str, ...]:
     """The costs of node `info` (one of `nodes`, `common_noise_nodes`) whose
     heads re-evaluate the cost with the later nodes drawn from this pass's
@@ -67,8 +73,7 @@ def common_noise_costs(scg: graph.SCG, info: graph.NodeInfo, nodes: AbstractSet[
         return ()
     result = []
     for cost in info.costs:
-        chain = scg.cost_ancestors[cost]
-        later = chain[chain.index(info.name) + 1:]
+        later = _later_ancestors(scg, info, cost)
         if later and all(scg.node(n).local_kind == "binary" for n in later):
             result.append(cost)
     return tuple(result)
@@ -155,8 +160,7 @@ class QFunction:
         """The stochastic ancestors after `info` of its common-noise costs."""
         later = set()
         for cost in self.common_noise_costs(info):
-            chain = self.scg.cost_ancestors[cost]
-            later.update(chain[chain.index(info.name) + 1:])
+            later.update(_later_ancestors(self.scg, info, cost))
         return tuple(n for n in self.scg.node_names if n in later)
 
     def _evaluated_heads(self, info, x, y, records, held, values, costs, redrawn):
