@@ -315,23 +315,31 @@ def critic_options(
     )
 
 
+def learned_heads(
+    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator]
+) -> Dict[str, Tuple[str, ...]]:
+    """`{node: (cost, ...)}`: the heads each node's critic predicts, for nodes
+    that have any: none when no estimator needs a critic; otherwise every head
+    that is neither exact (`targets.learned_heads`) nor served by common noise
+    (`q_values.common_noise_costs`). Every learned head gets a critic, so
+    bootstrapped targets always find their successor's critic."""
+    if not any(e.needs_critic for e in estimators.values()):
+        return {}
+    noise = q_values.common_noise_nodes(estimators)
+    heads = {
+        n: tuple(c for c in h if c not in q_values.common_noise_costs(scg, scg.node(n), noise))
+        for n, h in targets_lib.learned_heads(scg).items()
+    }
+    return {n: h for n, h in heads.items() if h}
+
+
 def heads_to_learn(
     scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], options: CriticOptions
 ) -> Dict[str, Tuple[str, ...]]:
-    """`{node: (cost, ...)}`: the learned heads the model needs critics for
-    (none when no estimator needs a critic); raises a ValueError for options
-    that do not fit the SCG."""
-    heads = {}
-    if any(e.needs_critic for e in estimators.values()):
-        # Every learned head gets a critic, so bootstrapped targets always
-        # find their successor's critic.
-        # Common-noise heads (`q_values`) need no critic.
-        noise = q_values.common_noise_nodes(estimators)
-        heads = {
-            n: tuple(c for c in h if c not in q_values.common_noise_costs(scg, scg.node(n), noise))
-            for n, h in targets_lib.learned_heads(scg).items()
-        }
-        heads = {n: h for n, h in heads.items() if h}
+    """`learned_heads(scg, estimators)`; raises a ValueError for options that
+    do not fit them: critics given for unknown nodes or nodes that learn no
+    head, or a given `Critic` whose `heads` are not the node's learned heads."""
+    heads = learned_heads(scg, estimators)
     unknown = set(options.models) - set(scg.node_names)
     if unknown:
         raise ValueError(
@@ -344,11 +352,25 @@ def heads_to_learn(
             f"compile(critics=...) gives critics to nodes {sorted(unused)}, which learn no "
             "head: their estimators need no critic, or every cost they influence has an "
             "exact head (the node is its last stochastic ancestor) or a common-noise head "
-            "(CriticCV(common_noise=True)). Leave them out of critics=."
+            "(CriticCV(common_noise=True), which 'auto' uses). Leave them out of critics=, "
+            "or pass an estimator without common noise (e.g. 'critic_cv')."
         )
+    for name, given in options.models.items():
+        if is_injected(given) and tuple(given.heads) != heads[name]:
+            raise ValueError(
+                f"compile(critics=...): the critic given for node {name!r} predicts heads "
+                f"{list(given.heads)}, but the node learns heads {list(heads[name])} (the "
+                "others are exact or served by common noise). Give it exactly those heads."
+            )
     if options.target == "expected":
         targets_lib.check_supports(scg, heads, "critic_target='expected'", "Use 'td'.")
     return heads
+
+
+def is_injected(critic: Any) -> bool:
+    """Whether a `compile(critics=...)` entry is a ready `Critic` used as given
+    (not a Keras network that a `NodeCritic` wraps and trains)."""
+    return isinstance(critic, Critic) and not isinstance(critic, keras.layers.Layer)
 
 
 def feature_dims(scg: graph.SCG, spec: Any) -> Dict[str, int]:

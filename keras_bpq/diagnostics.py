@@ -25,7 +25,6 @@ import tensorflow as tf
 from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
-from keras_bpq import targets as targets_lib
 
 if TYPE_CHECKING:
     from keras_bpq.model import BackpropQModel
@@ -274,7 +273,7 @@ class ExactCritic(critics_lib.Critic):
 
     @property
     def heads(self) -> Tuple[str, ...]:
-        return targets_lib.learned_heads(self.model.known_scg)[self.node]
+        return critics_lib.learned_heads(self.model.known_scg, self.model.node_estimators)[self.node]
 
     def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         model, scg = self.model, self.model.known_scg

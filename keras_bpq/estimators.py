@@ -1245,10 +1245,10 @@ def auto(info: graph.NodeInfo, num_samples: int = 1) -> Estimator:
         return Reparam()
     if info.local_kind == "binary":
         if int(np.prod(info.event_shape)) > AUTO_EXACT_FLIPS:
-            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True, unit_sampling="importance")
-        return CriticCV()
+            return CriticCV(units=AUTO_EXACT_FLIPS, linearize=True, unit_sampling="importance", common_noise=True)
+        return CriticCV(common_noise=True)
     if info.local_kind == "categorical" and _categorical_outcomes(info) <= MAX_SUPPORT:
-        return CriticCV()
+        return CriticCV(common_noise=True)
     return RLOO() if num_samples >= 2 else Reinforce()
 
 

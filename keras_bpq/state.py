@@ -81,7 +81,7 @@ class TrainingState(keras.layers.Layer):
             )
         for name, heads in critic_heads.items():
             given = critic_models.get(name)
-            if isinstance(given, critics_lib.Critic) and not isinstance(given, keras.layers.Layer):
+            if critics_lib.is_injected(given):
                 self.critics[name] = given
                 continue
             self.critics[name] = critics_lib.NodeCritic(

@@ -7,6 +7,7 @@ import pytest
 
 import graphs
 import keras_bpq
+from keras_bpq import critics
 from keras_bpq import diagnostics
 from keras_bpq import estimators
 from keras_bpq import q_values
@@ -392,3 +393,29 @@ def test_a_critic_for_a_node_that_learns_no_head_is_refused():
     estimator = _common_noise(model)
     with pytest.raises(ValueError, match=r"gives critics to nodes \['z1'\], which learn no head"):
         model.compile(optimizer="adam", estimator=estimator, critics={"z1": keras.Sequential([keras.layers.Dense(2)])})
+
+
+class _Constant(critics.Critic):
+    """An injected critic predicting zero for the heads it is given."""
+
+    def __init__(self, heads):
+        self.heads = tuple(heads)
+
+    def q(self, context, values, target=True):
+        return tf.zeros([tf.shape(values)[0], len(self.heads)])
+
+
+def test_a_given_critic_must_predict_exactly_the_heads_its_node_learns():
+    """On the tree `auto` serves z1's `cost_a` by common noise (its later node
+    `a` is Bernoulli) and learns `cost_b` (`b` is Categorical): a given critic
+    claiming both is refused, not silently overridden; `ExactCritic` predicts
+    the learned one, and the estimator with it stays unbiased."""
+    model, x = graphs.tree()
+    model.compile(optimizer="adam")
+    assert critics.learned_heads(model.scg(), model.node_estimators) == {"z1": ("cost_b",)}
+    with pytest.raises(ValueError, match=r"predicts heads \['cost_a', 'cost_b'\], but the node learns heads \['cost_b'\]"):
+        model.compile(optimizer="adam", critics={"z1": _Constant(("cost_a", "cost_b"))})
+    oracle = diagnostics.ExactCritic(model, "z1")
+    model.compile(optimizer="adam", critics={"z1": oracle}, jit_compile=True)
+    assert oracle.heads == ("cost_b",)
+    assert_unbiased(model, x, num_draws=1000)
