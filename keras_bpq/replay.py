@@ -439,7 +439,8 @@ def layout(
             f"compile(replay=...): model {model_name!r} has no learned critic for replay to "
             "train: its estimators need none, or each of its nodes is the last stochastic "
             "ancestor of all its costs (exact heads) or serves them with common-noise heads "
-            "(CriticCV(common_noise=True)). Compile without replay."
+            "(CriticCV(common_noise=True), as 'auto' does on Bernoulli nodes). Compile without "
+            "replay, or pass estimator='critic_cv' to learn critics for replay to train."
         )
     targets = target_spec if compiled_losses.entries else None
     if check_targets and compiled_losses.entries and targets is None:

@@ -80,6 +80,7 @@ def test_learned_critics_converge_to_exact_q(name, target):
     model.compile(
         optimizer=keras.optimizers.SGD(0.0),  # hold the policy fixed
         critic_optimizer=keras.optimizers.Adam(3e-3),
+        estimator="critic_cv",  # learned heads (auto serves most by common noise)
         critic_target=target,
         critic_hidden_units=(32,),
         tau=0.05,
@@ -129,7 +130,7 @@ def test_per_cost_routing_is_unbiased_where_summing_successors_double_counts():
 
 def test_every_critic_trains_under_xla():
     model, x = graphs.dag()
-    model.compile(jit_compile=True, critic_optimizer=keras.optimizers.Adam(1e-2))
+    model.compile(jit_compile=True, critic_optimizer=keras.optimizers.Adam(1e-2), estimator="critic_cv")
     model.build_training_state()
     before = [v.numpy().copy() for v in model.critic_variables]
     assert len(model.training_state.learned_critics) == 3  # z1, z2, z3 have learned heads
@@ -142,6 +143,7 @@ def test_warmup_trains_only_critics_and_period_copies_targets():
     model, x = graphs.chain()
     model.compile(
         optimizer=keras.optimizers.Adam(0.05),
+        estimator="critic_cv",
         critic_warmup_steps=3,
         target_update_period=2,
         critic_steps=2,
@@ -150,6 +152,7 @@ def test_warmup_trains_only_critics_and_period_copies_targets():
     model.fit(np.repeat(x, 2, axis=0), batch_size=6, epochs=3, verbose=0)
     for old, var in zip(actor, model.actor_variables):
         np.testing.assert_array_equal(old, var.numpy())
+    assert len(model.training_state.learned_critics) == 2  # z1, z2
     for critic in model.training_state.learned_critics.values():
         # 3 steps: copies after steps 2 (steps counter 2): target == online after step 2,
         # the online copy moved again at step 3.
@@ -163,7 +166,7 @@ def test_warmup_trains_only_critics_and_period_copies_targets():
 
 def test_summary_shows_learned_and_exact_heads():
     model, x = graphs.two_costs()
-    model.compile()
+    model.compile(estimator="critic_cv")
     text = model.scg_summary(print_fn=lambda s: None)
     assert "learned[far]" in text and "exact[near]" in text and "exact[far]" in text
 
@@ -182,7 +185,7 @@ def test_estimator_node_mismatch_fails_at_compile():
 
 def test_user_critic_model_must_match_heads():
     model, x = graphs.two_costs()
-    model.compile(critics={"z1": keras.Sequential([keras.layers.Dense(3)])})
+    model.compile(estimator="critic_cv", critics={"z1": keras.Sequential([keras.layers.Dense(3)])})
     with pytest.raises(ValueError, match="must output 1 heads"):
         model.build_training_state()
 

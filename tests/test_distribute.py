@@ -124,7 +124,7 @@ def build():
     cost = keras.ops.sum(keras.ops.square(out - inp[:, :2]), axis=-1)
     model = keras_bpq.BackpropQModel(inputs=inp, outputs=out, costs={"cost": cost})
     model.compile(optimizer=keras.optimizers.SGD(0.1), critic_optimizer=keras.optimizers.SGD(0.05),
-                  critic_steps=3, critic_target="mc", tau=0.5)
+                  critic_steps=3, critic_target="mc", tau=0.5, estimator="critic_cv")
     return model
 
 # Replica 0 gets the first two rows of a batch, replica 1 the last two: their
@@ -170,7 +170,7 @@ def test_steps_per_execution_matches_one_step_per_call_on_two_replicas():
             keras.utils.set_random_seed(0)
             with strategy.scope():
                 model, x = graphs.chain()
-                model.compile(optimizer="adam", estimator={"z1": "reinforce"}, steps_per_execution=steps)
+                model.compile(optimizer="adam", estimator={"z1": "reinforce", "z2": "critic_cv"}, steps_per_execution=steps)
             history = model.fit(np.tile(x, (8, 1)), batch_size=4, epochs=1, shuffle=False, verbose=0)
             variables = model.weights + model.optimizer.variables + model.critic_optimizer.variables
             states.append([v.numpy() for v in variables])
@@ -194,7 +194,7 @@ def test_one_device_mirrored_strategy_trains():
         """
         with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
             model, x = graphs.chain()
-            model.compile(optimizer="adam", estimator={"z1": "reinforce"}, critic_steps=2)
+            model.compile(optimizer="adam", estimator={"z1": "reinforce", "z2": "critic_cv"}, critic_steps=2)
         history = model.fit(np.tile(x, (4, 1)), batch_size=3, epochs=2, verbose=0)
         print(json.dumps({"steps": int(model.training_state.steps.numpy()),
                           "loss": history.history["loss"][-1]}))

@@ -201,7 +201,7 @@ def test_summary_names_the_expansion():
     model.compile(optimizer="adam")
     text = model.scg_summary(x, print_fn=lambda s: None)
     flips = estimators.AUTO_EXACT_FLIPS
-    assert f"critic_cv(units={flips}, linearize=True, unit_sampling='importance')" in text
+    assert f"critic_cv(units={flips}, linearize=True, unit_sampling='importance', common_noise=True)" in text
 
 
 def _linear_in_z2():
@@ -253,14 +253,15 @@ def test_a_later_exact_nodes_deviation_takes_its_noise_out_of_an_earlier_node(bu
 
 
 def test_a_drawn_subset_of_units_passes_no_deviation():
-    """`auto` on wide Bernoulli nodes sums 4 drawn flips: no deviation from
-    z2 reaches z1 (its estimate over a subset is noisier than what it removes)."""
+    """Over 4 drawn flips of wide Bernoulli nodes no deviation from z2
+    reaches z1 (its estimate over a subset is noisier than what it removes);
+    with every flip exact it does."""
     model, x = _wide()
-    model.compile(optimizer="adam")
+    model.compile(optimizer="adam", estimator=estimators.CriticCV(units=4, linearize=True))
     steps = model.run_forward(x).steps
     assert steps["z1"].successor_deviation is None
     model, x = _linear_in_z2()
-    model.compile(optimizer="adam")
+    model.compile(optimizer="adam", estimator="critic_cv")
     steps = model.run_forward(x).steps
     assert steps["z1"].successor_deviation is not None and steps["z2"].successor_deviation is None
 

@@ -23,7 +23,7 @@ def test_fit_reduces_the_exact_objective():
 
 def test_cost_only_layers_are_actor_variables_and_train():
     model, x = graphs.two_costs()
-    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    model.compile(optimizer=keras.optimizers.Adam(0.05), estimator="critic_cv")
     paths = [v.path for v in model.actor_variables]
     assert any("dec1" in p for p in paths), paths  # feeds only the cost "near"
     dec1 = model.get_layer("dec1")

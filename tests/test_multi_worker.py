@@ -38,8 +38,8 @@ WORKER = textwrap.dedent(
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model, x = graphs.chain()
-        # z1: an EMA baseline; z2, z3: critics with target copies.
-        model.compile(optimizer=keras.optimizers.Adam(0.05), estimator={{"z1": "reinforce"}},
+        # z1: an EMA baseline; z1, z2: learned critics with target copies; z3: exact heads.
+        model.compile(optimizer=keras.optimizers.Adam(0.05), estimator={{"z1": "reinforce", "z2": "critic_cv"}},
                       steps_per_execution=1)
     model.build_training_state()
     start = [v.numpy() for v in model.weights]

@@ -17,8 +17,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 def _chain(**compile_args):
     keras.utils.set_random_seed(0)
     model, x = graphs.chain()
-    # z1: an EMA baseline; z2, z3: critics with target copies.
-    model.compile(optimizer="adam", estimator={"z1": "reinforce"}, **compile_args)
+    # z1: an EMA baseline; z1, z2: learned critics with target copies (every
+    # learned head gets one once an estimator needs a critic; `auto` would
+    # serve z2's head by common noise); z3: exact heads.
+    model.compile(optimizer="adam", estimator={"z1": "reinforce", "z2": "critic_cv"}, **compile_args)
     return model, x
 
 

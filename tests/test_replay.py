@@ -33,9 +33,11 @@ def rows_data(rows=24):
 
 
 def compiled_chain(replay=None, **kwargs):
+    """The chain with learned critics (`critic_cv`: `auto` serves its heads by
+    common noise, leaving replay nothing to train)."""
     model, x = graphs.chain()
     options = dict(optimizer=keras.optimizers.Adam(0.02), critic_optimizer=keras.optimizers.Adam(0.01),
-                   critic_hidden_units=(8,))
+                   critic_hidden_units=(8,), estimator="critic_cv")
     options.update(kwargs)
     model.compile(replay=replay, **options)
     return model, x
@@ -65,13 +67,15 @@ def test_compile_checks_the_replay_option_against_the_model():
         model.compile(replay={"capacity": 8})
     with pytest.raises(ValueError, match="no learned critic for replay to train"):
         model.compile(estimator="reinforce", replay=keras_bpq.Replay(8))
-    model.compile(replay=keras_bpq.Replay(8))
+    with pytest.raises(ValueError, match="no learned critic for replay to train.*common-noise heads"):
+        model.compile(replay=keras_bpq.Replay(8))  # auto: every head common-noise or exact
+    model.compile(estimator="critic_cv", replay=keras_bpq.Replay(8))
     model.build_training_state()
     with pytest.raises(ValueError, match="cannot add, remove or resize the replay buffer"):
-        model.compile(replay=keras_bpq.Replay(16))
+        model.compile(estimator="critic_cv", replay=keras_bpq.Replay(16))
     with pytest.raises(ValueError, match="cannot add, remove or resize the replay buffer"):
-        model.compile()
-    model.compile(replay=keras_bpq.Replay(8, updates_per_step=3, correction="none"))  # same buffer
+        model.compile(estimator="critic_cv")
+    model.compile(estimator="critic_cv", replay=keras_bpq.Replay(8, updates_per_step=3, correction="none"))
     assert model.replay_options == keras_bpq.Replay(8, updates_per_step=3, correction="none")
 
 
@@ -156,7 +160,8 @@ def test_targets_of_compiled_losses_are_stored_and_replayed():
     z1 = keras_bpq.Bernoulli(name="z1", seed=1)(graphs.dense(2, "d1", 1)(x))
     z2 = keras_bpq.Bernoulli(name="z2", seed=2)(graphs.dense(2, "d2", 2)(z1))
     model = keras_bpq.BackpropQModel(inputs=x, outputs=graphs.dense(2, "out", 3)(z2), name="regression")
-    model.compile(loss="mse", critic_hidden_units=(8,), replay=keras_bpq.Replay(8, correction="retrace"))
+    model.compile(loss="mse", estimator="critic_cv", critic_hidden_units=(8,),
+                  replay=keras_bpq.Replay(8, correction="retrace"))
     data = rows_data(12)
     targets = np.stack([data[:, 0], 2 * data[:, 0]], 1)
     model.fit(data, targets, batch_size=4, epochs=2, shuffle=False, verbose=0)
@@ -165,7 +170,7 @@ def test_targets_of_compiled_losses_are_stored_and_replayed():
     assert model.get_build_config()["target_spec"] == {"tensor_spec": {"shape": [None, 2], "dtype": "float32"}}
 
     unknown = keras_bpq.BackpropQModel(inputs=x, outputs=graphs.dense(2, "out2", 3)(z2))
-    unknown.compile(loss="mse", replay=keras_bpq.Replay(8))
+    unknown.compile(loss="mse", estimator="critic_cv", replay=keras_bpq.Replay(8))
     with pytest.raises(ValueError, match="stores every row's targets, whose shapes are not known yet"):
         unknown.build_training_state()
 
@@ -204,7 +209,7 @@ def test_replay_changes_the_critics_only():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
-def test_the_default_estimator_stays_unbiased_with_replay(jit_compile):
+def test_critic_cv_stays_unbiased_with_replay(jit_compile):
     keras.utils.set_random_seed(1)
     model, x = compiled_chain(keras_bpq.Replay(64, updates_per_step=2, correction="retrace"), jit_compile=jit_compile)
     model.fit(np.repeat(x, 4, axis=0), batch_size=6, epochs=3, verbose=0)
@@ -222,7 +227,8 @@ def test_critics_learn_exact_q_at_least_as_well_per_forward_pass():
         keras.utils.set_random_seed(0)
         model, x = graphs.chain()
         model.compile(optimizer=keras.optimizers.SGD(0.0), critic_optimizer=keras.optimizers.Adam(3e-3),
-                      critic_hidden_units=(32,), tau=0.05, steps_per_execution=10, replay=replay)
+                      critic_hidden_units=(32,), tau=0.05, steps_per_execution=10, replay=replay,
+                      estimator="critic_cv")
         model.fit(np.repeat(x, 16, axis=0), batch_size=48, epochs=40, verbose=0)
         errors[replay is not None] = np.mean(list(learned_vs_exact(model, x).values()))
     assert errors[True] <= errors[False], errors
@@ -372,7 +378,7 @@ DISTRIBUTED = textwrap.dedent(
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model, x = graphs.chain()
-        model.compile(critic_hidden_units=(8,), replay=keras_bpq.Replay(8, correction="retrace"))
+        model.compile(estimator="critic_cv", critic_hidden_units=(8,), replay=keras_bpq.Replay(8, correction="retrace"))
     model.build_training_state()
     before = [v.numpy() for v in model.critic_variables]
     data = np.zeros((12, 3), "float32")

@@ -143,7 +143,7 @@ def test_untrained_model_and_weights_files(tmp_path):
     """A model saved before training, and weights loaded into a fresh model."""
     keras.utils.set_random_seed(3)
     model, _ = graphs.chain()
-    model.compile(optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
+    model.compile(estimator="critic_cv", optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
     model.save(tmp_path / "fresh.keras")
     loaded = keras.saving.load_model(tmp_path / "fresh.keras")
     assert_same(state(loaded), state(model))
@@ -151,7 +151,7 @@ def test_untrained_model_and_weights_files(tmp_path):
     model.fit(data(), batch_size=6, epochs=1, shuffle=False, verbose=0)
     model.save_weights(tmp_path / "trained.weights.h5")
     other, _ = graphs.chain()
-    other.compile(optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
+    other.compile(estimator="critic_cv", optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
     other.load_weights(tmp_path / "trained.weights.h5")
     assert_same(state(other), state(model))
     assert sorted(os.listdir(tmp_path)) == ["fresh.keras", "trained.weights.h5"]  # no temporaries
@@ -166,7 +166,7 @@ class Oracle(critics_lib.Critic):
 
 def test_unsavable_compile_options_are_named(tmp_path):
     model, _ = graphs.chain()
-    model.compile(critics={"z1": Oracle()}, critic_hidden_units=(8,))
+    model.compile(estimator="critic_cv", critics={"z1": Oracle()}, critic_hidden_units=(8,))
     with pytest.raises(ValueError, match=r"critics=\{'z1': Oracle\}"):
         model.save(tmp_path / "oracle.keras")
     assert not os.listdir(tmp_path)
@@ -196,7 +196,7 @@ class Snapshots(keras.callbacks.Callback):
 
 def test_checkpoints_around_a_failed_step_hold_the_last_good_state(tmp_path):
     model = log_model()
-    model.compile(optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
+    model.compile(estimator="critic_cv", optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
     x = np.abs(data(16)) + 0.5
     x[9, 0] = -1.0  # batch 2 (of 4): a NaN cost
     snapshots = Snapshots()
@@ -216,7 +216,7 @@ def test_checkpoints_around_a_failed_step_hold_the_last_good_state(tmp_path):
             np.testing.assert_array_equal(before, now)
     for path in (backup / "latest.weights.h5", tmp_path / "ckpt.weights.h5"):
         fresh = log_model()
-        fresh.compile(optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
+        fresh.compile(estimator="critic_cv", optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(8,))
         fresh.load_weights(path)
         restored = state(fresh)
         assert all(np.all(np.isfinite(v)) for v in restored)
@@ -292,7 +292,7 @@ import graphs
 backup, out, kill_epoch, kill_batch = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 keras.utils.set_random_seed(0)
 model, _ = graphs.two_costs()
-model.compile(optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(16,))
+model.compile(estimator="critic_cv", optimizer=keras.optimizers.Adam(0.05), critic_hidden_units=(16,))
 x = np.random.RandomState(0).normal(size=(24, graphs.INPUT_DIM)).astype("float32")
 
 
@@ -810,7 +810,7 @@ def test_stale_backup_from_another_model_says_so(tmp_path):
 
     def chain(**options):
         model, _ = graphs.chain()
-        model.compile(**{"optimizer": keras.optimizers.Adam(0.05), "critic_hidden_units": (8,), **options})
+        model.compile(**{"optimizer": keras.optimizers.Adam(0.05), "critic_hidden_units": (8,), "estimator": "critic_cv", **options})
         return model
 
     with pytest.raises(RuntimeError, match="interrupted"):
