@@ -655,7 +655,7 @@ def sbn_variance(report):
     page.heading("Setup").block([
         f"* Model: `examples/sbn.py` two-layer SBN, 64 -> z1[{cfg['z1']}] -> z2[{cfg['z2']}] Bernoulli, costs "
         "recon, kl1, kl2 (negative ELBO).",
-        "* One model trained with the default estimator (`auto` = `critic_cv` for both nodes, learned critics, TD "
+        "* One model trained with `critic_cv` (the default when this ran; both nodes, learned critics, TD "
         f"targets, actor reads the Polyak target copies) for {cfg['steps']} steps: batch {cfg['batch_size']}, "
         f"Adam {cfg['learning_rate']}, steps_per_execution {cfg['steps_per_execution']}, seed {cfg['seed']}.",
         f"* At each checkpoint, {cfg['num_draws']} independent draws of the gradient of the encoder variables "

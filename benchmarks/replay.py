@@ -3,7 +3,8 @@ per forward pass and per second, with replay off and on (each correction).
 
 On the chain and DAG graphs of tests/graphs.py (`x -> z1 -> z2 -> z3 -> cost`,
 and `z1 -> {z2, z3} -> z4 -> cost` with a shared descendant), every arm trains a
-model from the same weights with the default estimator (`critic_cv`): the actor
+model from the same weights with `critic_cv` (learned critics; `auto` would
+serve these graphs' heads by common noise and learn none): the actor
 learns too (Adam, `--actor_lr`), so the policy moves and replayed rows are
 off-policy. The arms differ only in `compile(replay=...)`: none, or
 `Replay(--capacity, --updates_per_step, correction)` for each correction.
@@ -91,7 +92,7 @@ def run_arm(graph, arm, seed):
     replay = None if arm == "off" else keras_bpq.Replay(FLAGS.capacity, FLAGS.updates_per_step, correction=arm)
     model.compile(optimizer=keras.optimizers.Adam(FLAGS.actor_lr) if FLAGS.actor_lr else keras.optimizers.SGD(0.0),
                   critic_optimizer=keras.optimizers.Adam(FLAGS.critic_lr), critic_hidden_units=(32,), tau=0.05,
-                  steps_per_execution=FLAGS.chunk, replay=replay)
+                  steps_per_execution=FLAGS.chunk, replay=replay, estimator="critic_cv")
     data = np.repeat(x, FLAGS.batch_size // len(x), axis=0)
     batch = len(data)
     ds = common.without_autotuning(tf.data.Dataset.from_tensor_slices(data).repeat().batch(batch))

@@ -1,7 +1,8 @@
 """Encoder gradient variance of the two-layer SBN (examples/sbn.py) on digits.
 
 The claim under test: on the sigmoid belief net of `examples/sbn.py`, the
-default estimator (`"auto"` = `critic_cv` with learned per-node critics) gives
+`critic_cv` estimator with learned per-node critics (the default before
+common-noise heads) gives
 encoder gradients of much lower variance than `reinforce` (score function with
 an EMA baseline), at a bounded cost per step, while the pure-advantage
 `critic` estimator is biased wherever its critic is learned.
