@@ -12,9 +12,10 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -35,13 +36,11 @@ from keras_bpq import state as state_lib
 
 if TYPE_CHECKING:
     from keras_bpq import estimators as estimators_lib
+    from keras_bpq import q_values
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
-class BackpropQModel(
-    _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
-    saving_lib.AtomicCheckpoints, keras.Model,
-):
+class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckpoints, keras.Model):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
     Functional use:
@@ -79,20 +78,8 @@ class BackpropQModel(
             raise ValueError("BackpropQModel(costs=...) needs inputs= and outputs= too.")
         self.network = network
         self.training_state = state_lib.TrainingState(name="training_state")
-        self.q_function = None  # a q_values.QFunction, once the SCG is known
-        self._scg_cache = {}
-        self._scg = None
-        self._scg_spec = None
-        self._contexts = {}
-        self._num_samples = 1
-        self._node_estimators = None
-        self._estimator_option = "auto"
-        self._compiled_losses = costs_lib.CompiledLosses(None)
-        self._critic_options = critics_lib.critic_options()
-        self._replay = None
-        self._target_spec = None  # the targets' signature, where the data gave one
+        self._setup = discovery.Setup()  # what compile() and discovery decided, replaced whole
         self._call_input_spec = None  # a subclassed model's input signature, once called or built
-        self._compile_arguments = None  # the last compile()'s arguments, for get_compile_config()
         self.critic_optimizer = None
 
     # -- forward -----------------------------------------------------------
@@ -108,6 +95,16 @@ class BackpropQModel(
             for name, value in result.get("costs", {}).items():
                 recorder.add_cost(name, value, origin="costs= of the constructor")
         return result["outputs"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A subclassed model's input signature, for its build config and for
+        # creating the training state before a checkpoint is restored.
+        if args and self.network is None and self._call_input_spec is None:
+            try:
+                self._call_input_spec = tf.nest.map_structure(graph.batchless_spec, args[0])
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return super().__call__(*args, **kwargs)
 
     def build(self, input_shape: Any = None) -> None:
         if self.network is None:
@@ -193,15 +190,132 @@ class BackpropQModel(
         replay = replay_lib.checked_option(replay, self.training_state, self.name)
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = discovery.get_critic_optimizer(critic_optimizer)
-        self._critic_options = options
-        self._replay = replay
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be at least 1; got {num_samples}.")
-        self._num_samples = int(num_samples)
-        self._compiled_losses = costs_lib.CompiledLosses(loss)
-        self._estimator_option = estimator
-        self._rediscover(contexts)
-        self._compile_arguments = arguments
+        built = self.training_state.built
+        self._setup = discovery.compiled(
+            self._setup, contexts, built, critic_options=options, replay=replay, num_samples=int(num_samples),
+            compiled_losses=costs_lib.CompiledLosses(loss), estimator_option=estimator,
+        )
+        self._setup = discovery.rediscover(self._setup, self, self.training_state.critics, self.network, built)
+        self._setup = dataclasses.replace(self._setup, compile_arguments=arguments)
+
+    # -- the SCG -----------------------------------------------------------
+    @property
+    def known_scg(self) -> Optional[graph.SCG]:
+        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
+        before it. Unlike `scg()`, reading it never traces or discovers."""
+        return self._setup.scg
+
+    @property
+    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
+        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
+        the SCG, read-only; None before the SCG is known. Reading it creates
+        nothing."""
+        return self._setup.node_estimators
+
+    @property
+    def q_function(self) -> Optional[q_values.QFunction]:
+        """Every node's heads at any of its outcomes (`q_values.QFunction`) for
+        the SCG and the last `compile()`; None before the SCG is known."""
+        return self._setup.q_function
+
+    def scg(self, x: Any = None) -> graph.SCG:
+        """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
+
+        `x` is a batch of inputs or a structure of `tf.TensorSpec`; it may be
+        omitted once the structure is known. The SCG of an input signature
+        seen before is answered from the cache; a new one is discovered
+        (`discover`).
+        """
+        if x is None and self._setup.scg is not None:
+            return self._setup.scg
+        if x is None and self.network is None:
+            raise ValueError(
+                f"The SCG of {self.name!r} is not known yet: pass a batch of "
+                "inputs, or train or evaluate first."
+            )
+        scg, self._setup = discovery.find_scg(self._setup, x, self, self.training_state.critics, self.network)
+        return scg
+
+    def discover(self, x: Any) -> graph.SCG:
+        """Traces the forward pass on inputs like `x` (a batch or a structure
+        of `tf.TensorSpec`) and returns the SCG it shows, cached for `x`'s
+        input signature. The first discovery fixes the model's SCG
+        (`known_scg`), its estimators and its Q-function; a later one that
+        differs from it is a ValueError (`discovery.discover`)."""
+        scg, self._setup = discovery.discover(self._setup, x, self, self.training_state.critics, self.network)
+        return scg
+
+    def input_signature(self) -> Optional[Any]:
+        """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
+        batch dimension, or None while they are unknown (a subclassed model
+        never called)."""
+        if self._setup.spec is not None:
+            return self._setup.spec
+        if self.network is not None:
+            return discovery.input_spec(self.network)
+        return self._call_input_spec
+
+    def node_layer(self, info: graph.NodeInfo) -> keras.layers.Layer:
+        """The node layer that made node `info` (a `keras_bpq.graph.NodeInfo` of
+        `scg()`); a KeyError naming the layer if the model holds none."""
+        return discovery.node_layer(self, info)
+
+    def scg_summary(self, x: Any = None, print_fn: Callable[[str], Any] = print) -> str:
+        """Prints the SCG: node, distribution, context, costs, estimator, critic."""
+        scg = self.scg(x)
+        self._create_training_state()
+        estimators = self._setup.node_estimators
+        text = graph.format_scg(
+            scg,
+            estimators={n: e.describe() for n, e in estimators.items()},
+            critics=critics_lib.describe(scg, estimators, self.training_state.critics),
+        )
+        print_fn(text)
+        return text
+
+    # -- the training state ------------------------------------------------
+    def build_training_state(self) -> bool:
+        """Creates now what training creates on first use: the critics, their
+        target copies, estimator state and both optimizers' slots.
+
+        Saving, loading and `fit` call it, so every checkpoint has the layout
+        of a model that has trained. Returns False (doing nothing) while the
+        model is not compiled or its inputs are unknown.
+        """
+        spec = self.input_signature()
+        if not self.compiled or spec is None:
+            return False
+        self.scg(spec)
+        self._create_training_state()
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.actor_variables)
+            critic_variables = self.critic_variables
+            if critic_variables and not self.critic_optimizer.built:
+                self.critic_optimizer.build(critic_variables)
+        return True
+
+    def _create_training_state(self):
+        """Creates estimator state and critics on first use
+        (`discovery.create_training_state`); `build_training_state` also
+        builds the optimizers."""
+        if not self.training_state.built:
+            self.critic_optimizer = discovery.create_training_state(
+                self._setup, self.training_state, self.distribute_strategy, self.critic_optimizer, self.name
+            )
+
+    def critic_set(self) -> Optional[critics_lib.CriticSet]:
+        """The model's critics with what trains them (`critics.CriticSet`), as
+        compiled; None before the training state exists."""
+        if not self.training_state.built:
+            return None
+        setup = self._setup
+        return critics_lib.CriticSet(
+            setup.scg, self.training_state.critics, self.critic_variables, setup.critic_options,
+            self.critic_optimizer, setup.q_function, self.training_state.steps,
+        )
 
     # -- variables ---------------------------------------------------------
     @property
@@ -219,30 +333,71 @@ class BackpropQModel(
     @property
     def critic_options(self) -> critics_lib.CriticOptions:
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
-        return self._critic_options
+        return self._setup.critic_options
 
     # -- replay ------------------------------------------------------------
     @property
     def replay_options(self) -> Optional[replay_lib.Replay]:
         """The `keras_bpq.Replay` of the last `compile()`, or None."""
-        return self._replay
+        return self._setup.replay
 
     def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[replay_lib.ReplayLayout]:
         """What a row of the replay buffer holds (`replay.ReplayLayout`), or
         None without `compile(replay=...)`: `keras_bpq.replay.layout` of the
         compiled options, with its errors (`check_targets`: also where the
         targets' signature the buffer stores is unknown)."""
-        return replay_lib.layout(
-            self._replay, scg, self._node_estimators, self._critic_options, self._compiled_losses,
-            self._scg_spec, self._target_spec, self.name, check_targets,
-        )
+        return self._setup.replay_layout(scg, self.name, check_targets)
 
     def _note_targets(self, x: Any, y: Any) -> None:
         """Keeps the targets' signature of data given to fit (or evaluate,
         train_on_batch), for a replay buffer that stores targets."""
         spec = data_lib.target_spec(x, y)
         if spec is not None:
-            self._target_spec = spec
+            self._setup = dataclasses.replace(self._setup, target_spec=spec)
+
+    # -- the forward pass --------------------------------------------------
+    def record_forward(
+        self,
+        x: Any,
+        y: Any = None,
+        training: bool = True,
+        forced: Optional[Mapping[str, tf.Tensor]] = None,
+        keep_gradient: Optional[Iterable[str]] = None,
+    ) -> forward_lib.Recording:
+        """One recorded forward pass, a `forward.Recording`: `y_pred`, `costs`
+        (every cost's per-example value `[batch]`), `total` (their sum, with
+        gradients along deterministic paths) and `records` (`graph.NodeRecord`s
+        by node name). `forced` fixes node samples by name; `keep_gradient`
+        names the nodes whose samples keep their gradient (by default those
+        whose estimator asks for it). It builds no surrogate (`run_forward`)."""
+        scg = self.scg(x)
+        self._create_training_state()
+        if keep_gradient is None:
+            keep_gradient = forward_lib.kept_gradients(scg, self._setup.node_estimators)
+        return forward_lib.record(self, self._setup.compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
+
+    def run_forward(
+        self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
+    ) -> forward_lib.ForwardPass:
+        """A recorded forward pass and its surrogate loss, a `forward.ForwardPass`
+        (`forward.run`): with `compile(num_samples=K)` every example is
+        repeated `K` times (consecutive rows); besides `record_forward`'s values
+        it holds the per-node `estimators.NodeStep`s, `surrogate` (`[rows]`:
+        `total + sum_X L_X`, whose gradient estimates `grad J`),
+        `regularization` (`regularization_loss()` of this pass), and the
+        repeated `x`, `y` and sample `weights`."""
+        scg = self.scg(x)
+        self._create_training_state()
+        return forward_lib.run(
+            self._setup, scg, self, self.training_state.node_state, self.regularization_loss,
+            x, y, training, sample_weight,
+        )
+
+    def regularization_loss(self) -> tf.Tensor:
+        """The scalar sum of the actor's Keras regularisation losses: `add_loss`
+        terms of the model's layers from the last call (the critics' excluded)
+        and the weight regularisers of `actor_variables`."""
+        return forward_lib.regularization_loss(self, self.training_state, self.actor_variables)
 
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
@@ -277,14 +432,14 @@ class BackpropQModel(
         if loss_scaled:
             status, row, overflow = callbacks_lib.loss_scale_status(
                 scg, forward.costs, grads, _keras_compat.loss_scale(self.optimizer),
-                self.training_state.past_warmup(self._critic_options.warmup), status, row,
+                self.training_state.past_warmup(self._setup.critic_options.warmup), status, row,
             )
         critics = self.critic_set()
         evaluation = critics.evaluate(forward, with_gradient=True)
         values = distribute.StepValues(
             grads, [] if evaluation is None else evaluation.grads,
-            *forward_lib.estimator_signals(scg, self._node_estimators, forward),
-            critics.inputs(forward, evaluation) if self._critic_options.steps > 1 else None,
+            *forward_lib.estimator_signals(scg, self._setup.node_estimators, forward),
+            critics.inputs(forward, evaluation) if self._setup.critic_options.steps > 1 else None,
             replay_lib.step_rows(self.training_state.replay_buffer, forward),
         )
         # Apply: every update of the step, or none.
@@ -292,11 +447,11 @@ class BackpropQModel(
         updates = distribute.StepUpdates(
             critics=functools.partial(critics.update, evaluation, forward),
             actor=functools.partial(self.optimizer.apply, trainable_variables=actor_variables),
-            state=functools.partial(self.training_state.update_estimators, scg.nodes, self._node_estimators),
+            state=functools.partial(self.training_state.update_estimators, scg.nodes, self._setup.node_estimators),
             target_copies=critics.update_target_copies,
-            actor_ready=functools.partial(self.training_state.past_warmup, self._critic_options.warmup),
-            warmup=self._critic_options.warmup,
-            replay=replay_lib.step_updates(self.training_state.replay_buffer, self._replay, critics),
+            actor_ready=functools.partial(self.training_state.past_warmup, self._setup.critic_options.warmup),
+            warmup=self._setup.critic_options.warmup,
+            replay=replay_lib.step_updates(self.training_state.replay_buffer, self._setup.replay, critics),
         )
         undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved, overflow)
         # A step that would have written a non-finite value was undone: code
@@ -417,25 +572,27 @@ class BackpropQModel(
         spec = self.input_signature()
         if spec is not None:
             config["input_spec"] = saving_lib.serialize_spec(spec)
-        if self._target_spec is not None:
-            config["target_spec"] = saving_lib.serialize_spec(self._target_spec)
+        if self._setup.target_spec is not None:
+            config["target_spec"] = saving_lib.serialize_spec(self._setup.target_spec)
         return config or None
 
     def build_from_config(self, config: Optional[Dict[str, Any]]) -> None:
-        self._target_spec = saving_lib.deserialize_spec((config or {}).get("target_spec"))
+        target_spec = saving_lib.deserialize_spec((config or {}).get("target_spec"))
+        self._setup = dataclasses.replace(self._setup, target_spec=target_spec)
         spec = saving_lib.deserialize_spec((config or {}).get("input_spec"))
         if spec is None:
             return super().build_from_config(config)
         self._call_input_spec = spec
         if self.network is None and not self.built:
             # Subclassed: run call() once to create the layers' variables.
-            self._build_by_tracing(spec)
+            discovery.build_by_tracing(self, spec)
         self.built = True
 
     def get_compile_config(self) -> Optional[Dict[str, Any]]:
-        if not self.compiled or self._compile_arguments is None:
+        arguments = self._setup.compile_arguments
+        if not self.compiled or arguments is None:
             return super().get_compile_config()
-        return saving_lib.serialize_compile_config(self._compile_arguments, self.optimizer, self.critic_optimizer)
+        return saving_lib.serialize_compile_config(arguments, self.optimizer, self.critic_optimizer)
 
     def compile_from_config(self, config: Dict[str, Any]) -> None:
         """Recompiles a loaded model and recreates its training state (critics,
