@@ -269,6 +269,18 @@ def node_layer(model: keras.Model, info: graph.NodeInfo) -> keras.layers.Layer:
     raise KeyError(info.layer_name)
 
 
+def summary(
+    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], critics: Mapping[str, critics_lib.Critic]
+) -> str:
+    """The text of `BackpropQModel.scg_summary` (`graph.format_scg`): every node
+    of `scg` with its distribution, context, costs, estimator and critic."""
+    return graph.format_scg(
+        scg,
+        estimators={n: e.describe() for n, e in estimators.items()},
+        critics=critics_lib.describe(scg, estimators, critics),
+    )
+
+
 def get_critic_optimizer(
     identifier: Union[None, str, keras.optimizers.Optimizer] = None,
 ) -> keras.optimizers.Optimizer:

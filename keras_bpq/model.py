@@ -26,13 +26,13 @@ from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import data as data_lib
 from keras_bpq import discovery
-from keras_bpq import distribute
 from keras_bpq import export as export_lib
 from keras_bpq import forward as forward_lib
 from keras_bpq import graph
 from keras_bpq import replay as replay_lib
 from keras_bpq import saving as saving_lib
 from keras_bpq import state as state_lib
+from keras_bpq import step as step_lib
 
 if TYPE_CHECKING:
     from keras_bpq import estimators as estimators_lib
@@ -239,11 +239,10 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         return scg
 
     def discover(self, x: Any) -> graph.SCG:
-        """Traces the forward pass on inputs like `x` (a batch or a structure
-        of `tf.TensorSpec`) and returns the SCG it shows, cached for `x`'s
-        input signature. The first discovery fixes the model's SCG
-        (`known_scg`), its estimators and its Q-function; a later one that
-        differs from it is a ValueError (`discovery.discover`)."""
+        """Traces the forward pass on inputs like `x` (a batch or a structure of
+        `tf.TensorSpec`) and returns the SCG it shows (`discovery.discover`);
+        the first discovery fixes `known_scg`, a later one that differs is a
+        ValueError."""
         scg, self._setup = discovery.discover(self._setup, x, self, self.training_state.critics, self.network)
         return scg
 
@@ -264,14 +263,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     def scg_summary(self, x: Any = None, print_fn: Callable[[str], Any] = print) -> str:
         """Prints the SCG: node, distribution, context, costs, estimator, critic."""
-        scg = self.scg(x)
-        self._create_training_state()
-        estimators = self._setup.node_estimators
-        text = graph.format_scg(
-            scg,
-            estimators={n: e.describe() for n, e in estimators.items()},
-            critics=critics_lib.describe(scg, estimators, self.training_state.critics),
-        )
+        text = discovery.summary(self._ready(x), self._setup.node_estimators, self.training_state.critics)
         print_fn(text)
         return text
 
@@ -287,8 +279,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         spec = self.input_signature()
         if not self.compiled or spec is None:
             return False
-        self.scg(spec)
-        self._create_training_state()
+        self._ready(spec)
         with self.distribute_strategy.scope():
             if self.optimizer is not None and not self.optimizer.built:
                 self.optimizer.build(self.actor_variables)
@@ -297,14 +288,16 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
                 self.critic_optimizer.build(critic_variables)
         return True
 
-    def _create_training_state(self):
-        """Creates estimator state and critics on first use
-        (`discovery.create_training_state`); `build_training_state` also
-        builds the optimizers."""
+    def _ready(self, x):
+        """The SCG of inputs like `x` (`scg`), with the estimator state and
+        critics created on first use (`discovery.create_training_state`;
+        `build_training_state` also builds the optimizers)."""
+        scg = self.scg(x)
         if not self.training_state.built:
             self.critic_optimizer = discovery.create_training_state(
                 self._setup, self.training_state, self.distribute_strategy, self.critic_optimizer, self.name
             )
+        return scg
 
     def critic_set(self) -> Optional[critics_lib.CriticSet]:
         """The model's critics with what trains them (`critics.CriticSet`), as
@@ -364,14 +357,11 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         forced: Optional[Mapping[str, tf.Tensor]] = None,
         keep_gradient: Optional[Iterable[str]] = None,
     ) -> forward_lib.Recording:
-        """One recorded forward pass, a `forward.Recording`: `y_pred`, `costs`
-        (every cost's per-example value `[batch]`), `total` (their sum, with
-        gradients along deterministic paths) and `records` (`graph.NodeRecord`s
-        by node name). `forced` fixes node samples by name; `keep_gradient`
-        names the nodes whose samples keep their gradient (by default those
-        whose estimator asks for it). It builds no surrogate (`run_forward`)."""
-        scg = self.scg(x)
-        self._create_training_state()
+        """One recorded forward pass (`forward.record`), a `forward.Recording`.
+        `forced` fixes node samples by name; `keep_gradient` names the nodes
+        whose samples keep their gradient (by default those whose estimator
+        asks for it). It builds no surrogate (`run_forward`)."""
+        scg = self._ready(x)
         if keep_gradient is None:
             keep_gradient = forward_lib.kept_gradients(scg, self._setup.node_estimators)
         return forward_lib.record(self, self._setup.compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
@@ -379,17 +369,11 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
     def run_forward(
         self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
     ) -> forward_lib.ForwardPass:
-        """A recorded forward pass and its surrogate loss, a `forward.ForwardPass`
-        (`forward.run`): with `compile(num_samples=K)` every example is
-        repeated `K` times (consecutive rows); besides `record_forward`'s values
-        it holds the per-node `estimators.NodeStep`s, `surrogate` (`[rows]`:
-        `total + sum_X L_X`, whose gradient estimates `grad J`),
-        `regularization` (`regularization_loss()` of this pass), and the
-        repeated `x`, `y` and sample `weights`."""
-        scg = self.scg(x)
-        self._create_training_state()
+        """A recorded forward pass and its surrogate loss (`forward.run`), a
+        `forward.ForwardPass`; with `compile(num_samples=K)` every example is
+        repeated `K` times (consecutive rows)."""
         return forward_lib.run(
-            self._setup, scg, self, self.training_state.node_state, self.regularization_loss,
+            self._setup, self._ready(x), self, self.training_state.node_state, self.regularization_loss,
             x, y, training, sample_weight,
         )
 
@@ -401,63 +385,18 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
+        """`keras.Model.train_step`: one step of `keras_bpq.step.train` on the batch."""
         x, y, sample_weight = data_lib.unpack(data)
-        scg = self.scg(x)
-        self._create_training_state()
+        scg = self._ready(x)
         actor_variables = self.actor_variables
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
-        replicas = distribute.num_replicas()
-        # What the step may write, read before anything writes it (the forward
-        # pass too: it may update statistics such as BatchNormalization's).
+        # What the step may write, read before anything writes it (`step.train`).
         written = callbacks_lib.model_step_variables(self)
-        saved = [tf.identity(v.value) for v, _ in written]
-        # Forward pass and surrogate.
-        with tf.GradientTape() as tape:
-            forward = self.run_forward(x, y, training=True, sample_weight=sample_weight)
-            # Optimizers sum gradients over replicas: this makes the global mean.
-            loss = (costs_lib.weighted_mean(forward.surrogate, forward.weights) + forward.regularization) / replicas
-            # Loss scaling (mixed_float16 wraps the optimizer in a
-            # LossScaleOptimizer; or loss_scale_factor=): apply() unscales.
-            scaled = self.optimizer.scale_loss(loss)
-        # Gradients: the actor's, the critics' (on their targets), the estimators' own.
-        grads = tape.gradient(scaled, actor_variables)
-        # A LossScaleOptimizer skips steps whose scaled gradient overflows, and
-        # lowers its scale: the step is skipped whole then (`overflow`), and
-        # reported only when it overflowed at a scale of at most 1.
-        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        status = callbacks_lib.step_status(scg, forward.costs, [] if loss_scaled else grads)
-        status, row = callbacks_lib.mask_status(scg, forward.records, status)
-        overflow = None
-        if loss_scaled:
-            status, row, overflow = callbacks_lib.loss_scale_status(
-                scg, forward.costs, grads, _keras_compat.loss_scale(self.optimizer),
-                self.training_state.past_warmup(self._setup.critic_options.warmup), status, row,
-            )
-        critics = self.critic_set()
-        evaluation = critics.evaluate(forward, with_gradient=True)
-        values = distribute.StepValues(
-            grads, [] if evaluation is None else evaluation.grads,
-            *forward_lib.estimator_signals(scg, self._setup.node_estimators, forward),
-            critics.inputs(forward, evaluation) if self._setup.critic_options.steps > 1 else None,
-            replay_lib.step_rows(self.training_state.replay_buffer, forward),
+        forward, evaluation = step_lib.train(
+            functools.partial(self.run_forward, x, y, training=True, sample_weight=sample_weight), scg,
+            self._setup, self.training_state, self.optimizer, actor_variables, self.critic_set(), written,
         )
-        # Apply: every update of the step, or none.
-        skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
-        updates = distribute.StepUpdates(
-            critics=functools.partial(critics.update, evaluation, forward),
-            actor=functools.partial(self.optimizer.apply, trainable_variables=actor_variables),
-            state=functools.partial(self.training_state.update_estimators, scg.nodes, self._setup.node_estimators),
-            target_copies=critics.update_target_copies,
-            actor_ready=functools.partial(self.training_state.past_warmup, self._setup.critic_options.warmup),
-            warmup=self._setup.critic_options.warmup,
-            replay=replay_lib.step_updates(self.training_state.replay_buffer, self._setup.replay, critics),
-        )
-        undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved, overflow)
-        # A step that would have written a non-finite value was undone: code
-        # -2 - i names the first such variable, written[i].
-        status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
-        self.training_state.report(status, row)
         return self._update_metrics(forward, evaluation)
 
     def test_step(self, data: Any) -> Dict[str, Any]:
@@ -568,18 +507,11 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     # -- saving and export -------------------------------------------------
     def get_build_config(self) -> Optional[Dict[str, Any]]:
-        config = dict(super().get_build_config() or {})
-        spec = self.input_signature()
-        if spec is not None:
-            config["input_spec"] = saving_lib.serialize_spec(spec)
-        if self._setup.target_spec is not None:
-            config["target_spec"] = saving_lib.serialize_spec(self._setup.target_spec)
-        return config or None
+        return saving_lib.build_config(super().get_build_config(), self.input_signature(), self._setup.target_spec)
 
     def build_from_config(self, config: Optional[Dict[str, Any]]) -> None:
-        target_spec = saving_lib.deserialize_spec((config or {}).get("target_spec"))
+        spec, target_spec = saving_lib.build_config_specs(config)
         self._setup = dataclasses.replace(self._setup, target_spec=target_spec)
-        spec = saving_lib.deserialize_spec((config or {}).get("input_spec"))
         if spec is None:
             return super().build_from_config(config)
         self._call_input_spec = spec

@@ -143,6 +143,22 @@ def serialize_spec(spec: Any) -> Dict[str, Any]:
     raise ValueError(f"Cannot save input signature entry {spec!r}.")
 
 
+def build_config(config: Optional[Mapping[str, Any]], input_spec: Any, target_spec: Any) -> Optional[Dict[str, Any]]:
+    """A `BackpropQModel`'s build config: Keras' `config` with the model's
+    input signature and the targets' (`serialize_spec`; each where known)."""
+    config = dict(config or {})
+    for key, spec in (("input_spec", input_spec), ("target_spec", target_spec)):
+        if spec is not None:
+            config[key] = serialize_spec(spec)
+    return config or None
+
+
+def build_config_specs(config: Optional[Mapping[str, Any]]) -> Tuple[Any, Any]:
+    """`(input_spec, target_spec)` of a `build_config` (each None where absent)."""
+    config = config or {}
+    return deserialize_spec(config.get("input_spec")), deserialize_spec(config.get("target_spec"))
+
+
 def deserialize_spec(config: Optional[Mapping[str, Any]]) -> Any:
     """Inverse of `serialize_spec` (None for None)."""
     if config is None:
