@@ -68,11 +68,15 @@ class Setup:
     num_samples: int = 1
     critic_options: critics_lib.CriticOptions = dataclasses.field(default_factory=critics_lib.critic_options)
     replay: Optional[replay_lib.Replay] = None
-    contexts: Mapping[str, Tuple[str, ...]] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    contexts: Mapping[str, Tuple[str, ...]] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
     compile_arguments: Optional[saving_lib.CompileArguments] = None
     scg: Optional[graph.SCG] = None
     spec: Any = None
-    cache: Mapping[Tuple[Any, ...], graph.SCG] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    cache: Mapping[Tuple[Any, ...], graph.SCG] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
     node_estimators: Optional[Mapping[str, estimators_lib.Estimator]] = None
     q_function: Optional[q_values.QFunction] = None
     target_spec: Any = None
@@ -115,10 +119,11 @@ def discover(
 ) -> Tuple[graph.SCG, Setup]:
     """Traces `model`'s forward pass (its Keras call) on inputs like `x` (a
     batch or a structure of `tf.TensorSpec`) and returns `(scg, setup)`: the
-    SCG it shows, and `setup` with it cached for `x`'s input signature. The first discovery fixes the
-    SCG (`Setup.scg`, `Setup.spec`), its estimators and its Q-function (on
-    the model's `critics` and functional `network`, None for a subclassed
-    model); a later one that differs from it is a ValueError."""
+    SCG it shows, and `setup` with it cached for `x`'s input signature. The
+    first discovery fixes the SCG (`Setup.scg`, `Setup.spec`), its
+    estimators and its Q-function (on the model's `critics` and functional
+    `network`, None for a subclassed model); a later one that differs from it
+    is a ValueError."""
     spec = tf.nest.map_structure(graph.batchless_spec, x)
     compiled = setup.compiled_losses
     if not model.built:
@@ -156,7 +161,8 @@ def discover(
             f"{scg.node_names} and costs {scg.costs}, where earlier inputs gave "
             f"nodes {setup.scg.node_names} and costs {setup.scg.costs}."
         )
-    return scg, dataclasses.replace(setup, cache=types.MappingProxyType({**setup.cache, _signature(spec): scg}))
+    cache = types.MappingProxyType({**setup.cache, _signature(spec): scg})
+    return scg, dataclasses.replace(setup, cache=cache)
 
 
 def q_function(
@@ -270,7 +276,9 @@ def node_layer(model: keras.Model, info: graph.NodeInfo) -> keras.layers.Layer:
 
 
 def summary(
-    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], critics: Mapping[str, critics_lib.Critic]
+    scg: graph.SCG,
+    estimators: Mapping[str, estimators_lib.Estimator],
+    critics: Mapping[str, critics_lib.Critic],
 ) -> str:
     """The text of `BackpropQModel.scg_summary` (`graph.format_scg`): every node
     of `scg` with its distribution, context, costs, estimator and critic."""

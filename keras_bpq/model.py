@@ -197,7 +197,8 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
             self._setup, contexts, built, critic_options=options, replay=replay, num_samples=int(num_samples),
             compiled_losses=costs_lib.CompiledLosses(loss), estimator_option=estimator,
         )
-        self._setup = discovery.rediscover(self._setup, self, self.training_state.critics, self.network, built)
+        critics = self.training_state.critics
+        self._setup = discovery.rediscover(self._setup, self, critics, self.network, built)
         self._setup = dataclasses.replace(self._setup, compile_arguments=arguments)
 
     # -- the SCG -----------------------------------------------------------
@@ -341,12 +342,15 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         targets' signature the buffer stores is unknown)."""
         return self._setup.replay_layout(scg, self.name, check_targets)
 
-    def _note_targets(self, x: Any, y: Any) -> None:
-        """Keeps the targets' signature of data given to fit (or evaluate,
-        train_on_batch), for a replay buffer that stores targets."""
+    def _prepare(self, x: Any, y: Any) -> None:
+        """Before fit (or evaluate, train_on_batch) on data `x`, `y`: keeps the
+        targets' signature, for a replay buffer that stores targets, and
+        creates the training state before Keras traces a (distributed) step
+        (and optimizer slots before BackupAndRestore restores)."""
         spec = data_lib.target_spec(x, y)
         if spec is not None:
             self._setup = dataclasses.replace(self._setup, target_spec=spec)
+        self.build_training_state()
 
     # -- the forward pass --------------------------------------------------
     def record_forward(
@@ -364,7 +368,8 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         scg = self._ready(x)
         if keep_gradient is None:
             keep_gradient = forward_lib.kept_gradients(scg, self._setup.node_estimators)
-        return forward_lib.record(self, self._setup.compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
+        compiled_losses = self._setup.compiled_losses
+        return forward_lib.record(self, compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
 
     def run_forward(
         self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
@@ -448,9 +453,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
-        # Training state is created before Keras traces a (distributed) step.
-        self._note_targets(kwargs.get("x"), kwargs.get("y"))
-        self.build_training_state()
+        self._prepare(kwargs.get("x"), kwargs.get("y"))
         with callbacks_lib.mask_rows_checked(self):
             return super().evaluate(**kwargs)
 
@@ -470,9 +473,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`
         around the user's (the non-finite guard, the fit position and the resume)."""
         kwargs = data_lib.weights_without_targets(super().fit, args, kwargs)
-        # Before tracing, and optimizer slots before BackupAndRestore restores.
-        self._note_targets(kwargs.get("x"), kwargs.get("y"))
-        self.build_training_state()
+        self._prepare(kwargs.get("x"), kwargs.get("y"))
         callbacks = callbacks_lib.fit_callbacks(kwargs.pop("callbacks", None) or [])
         try:
             return super().fit(callbacks=callbacks, **kwargs)
@@ -481,8 +482,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs.get("x")
-        self._note_targets(x, args[1] if len(args) > 1 else kwargs.get("y"))
-        self.build_training_state()
+        self._prepare(x, args[1] if len(args) > 1 else kwargs.get("y"))
         logs = super().train_on_batch(*args, **kwargs)
         self.raise_if_nonfinite()
         return logs
@@ -507,7 +507,8 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     # -- saving and export -------------------------------------------------
     def get_build_config(self) -> Optional[Dict[str, Any]]:
-        return saving_lib.build_config(super().get_build_config(), self.input_signature(), self._setup.target_spec)
+        config = super().get_build_config()
+        return saving_lib.build_config(config, self.input_signature(), self._setup.target_spec)
 
     def build_from_config(self, config: Optional[Dict[str, Any]]) -> None:
         spec, target_spec = saving_lib.build_config_specs(config)

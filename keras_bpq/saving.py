@@ -143,7 +143,9 @@ def serialize_spec(spec: Any) -> Dict[str, Any]:
     raise ValueError(f"Cannot save input signature entry {spec!r}.")
 
 
-def build_config(config: Optional[Mapping[str, Any]], input_spec: Any, target_spec: Any) -> Optional[Dict[str, Any]]:
+def build_config(
+    config: Optional[Mapping[str, Any]], input_spec: Any, target_spec: Any
+) -> Optional[Dict[str, Any]]:
     """A `BackpropQModel`'s build config: Keras' `config` with the model's
     input signature and the targets' (`serialize_spec`; each where known)."""
     config = dict(config or {})
