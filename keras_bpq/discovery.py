@@ -105,9 +105,17 @@ def find_scg(
     network: Optional[keras.Model],
 ) -> Tuple[graph.SCG, Setup]:
     """`(scg, setup)`: the SCG of inputs like `x` (a batch or a structure of
-    `tf.TensorSpec`; None: the functional `network`'s inputs), answered from
-    `setup.cache` for an input signature seen before and else discovered
-    (`discover`), and `setup` with it cached."""
+    `tf.TensorSpec`; None: `setup.scg` once known, else the functional
+    `network`'s inputs, and a ValueError for a subclassed `model` not called
+    yet), answered from `setup.cache` for an input signature seen before and
+    else discovered (`discover`), and `setup` with it cached."""
+    if x is None and setup.scg is not None:
+        return setup.scg, setup
+    if x is None and network is None:
+        raise ValueError(
+            f"The SCG of {model.name!r} is not known yet: pass a batch of "
+            "inputs, or train or evaluate first."
+        )
     spec = tf.nest.map_structure(graph.batchless_spec, input_spec(network) if x is None else x)
     cached = setup.cache.get(_signature(spec))
     return (cached, setup) if cached is not None else discover(setup, spec, model, critics, network)
@@ -183,19 +191,49 @@ def build_by_tracing(model: keras.Model, spec: Any) -> None:
     tf.function(lambda i: model(i, training=True), autograph=False).get_concrete_function(spec)
 
 
+def compile_options(
+    arguments: saving_lib.CompileArguments, training_state: state_lib.TrainingState, model_name: str
+) -> Tuple[critics_lib.CriticOptions, Optional[replay_lib.Replay]]:
+    """For `compile()`, before Keras compiles: the critic settings
+    (`critics.critic_options`) and the replay option
+    (`replay.checked_option`, against the model's `training_state`) of
+    `compile()`'s `arguments`; a ValueError for `loss_weights=`, which a
+    model of costs does not take."""
+    values = arguments.values
+    if values.get("loss_weights") is not None:
+        raise ValueError(
+            "BackpropQModel does not take loss_weights: scale a cost where it "
+            "is computed instead."
+        )
+    options = critics_lib.critic_options(*(values[k] for k in (
+        "critic_target", "critic_lambda", "tau", "target_update_period", "critic_steps",
+        "critic_warmup_steps", "critic_hidden_units", "critics", "actor_reads",
+    )))
+    return options, replay_lib.checked_option(values["replay"], training_state, model_name)
+
+
 def compiled(
-    setup: Setup, contexts: Optional[Mapping[str, Sequence[str]]], state_built: bool, **options: Any
+    setup: Setup, arguments: saving_lib.CompileArguments, options: critics_lib.CriticOptions,
+    replay: Optional[replay_lib.Replay], state_built: bool,
 ) -> Setup:
-    """For `compile()`: `setup` with the compiled `options` (`Setup` fields)
-    and `contexts=`, its SCG forgotten where nothing is built from it yet
-    (`state_built` is whether the training state exists; `rediscover` finds
-    it again with the new options)."""
-    contexts = {k: tuple(v) for k, v in (contexts or {}).items()}
+    """For `compile()`, after Keras compiled: `setup` with the compiled
+    options (`options` and `replay` of `compile_options`; `num_samples`,
+    `loss`, `estimator` and `contexts` of `arguments`), its SCG forgotten
+    where nothing is built from it yet (`state_built` is whether the training
+    state exists; `rediscover` finds it again with the new options)."""
+    values = arguments.values
+    if int(values["num_samples"]) < 1:
+        raise ValueError(f"num_samples must be at least 1; got {values['num_samples']}.")
+    contexts = {k: tuple(v) for k, v in (values["contexts"] or {}).items()}
     if state_built and contexts != setup.contexts:
         raise ValueError(
             "contexts= cannot change after the model's critics exist; build a new model."
         )
-    setup = dataclasses.replace(setup, contexts=types.MappingProxyType(contexts), **options)
+    setup = dataclasses.replace(
+        setup, critic_options=options, replay=replay, num_samples=int(values["num_samples"]),
+        compiled_losses=costs_lib.CompiledLosses(values["loss"]), estimator_option=values["estimator"],
+        contexts=types.MappingProxyType(contexts),
+    )
     if not state_built:
         setup = dataclasses.replace(setup, scg=None, cache=types.MappingProxyType({}))
     return setup
@@ -203,13 +241,14 @@ def compiled(
 
 def rediscover(
     setup: Setup, model: keras.Model, critics: Mapping[str, critics_lib.Critic],
-    network: Optional[keras.Model], state_built: bool,
+    network: Optional[keras.Model], state_built: bool, arguments: saving_lib.CompileArguments,
 ) -> Setup:
     """For `compile()`, after `compiled`: `setup` with the SCG found again for
     its known inputs (`Setup.spec`, else the functional `network`'s; none
     for a subclassed model not called yet) where nothing is built from it
     yet, else (`state_built`) the estimators chosen again. The Q-function
-    takes the new compiled losses, and every error of the options shows here."""
+    takes the new compiled losses, every error of the options shows here,
+    and then `compile()`'s `arguments` are kept (for saving)."""
     if setup.spec is not None or network is not None:
         _, setup = find_scg(setup, setup.spec, model, critics, network)
     if state_built:
@@ -223,7 +262,7 @@ def rediscover(
         # Their errors show here.
         critics_lib.heads_to_learn(setup.scg, setup.node_estimators, setup.critic_options)
         setup.replay_layout(setup.scg, model.name)
-    return setup
+    return dataclasses.replace(setup, compile_arguments=arguments)
 
 
 def create_training_state(
@@ -256,6 +295,21 @@ def create_training_state(
                 critic_optimizer = get_critic_optimizer()
             critic_optimizer.build(critic_variables)
     return critic_optimizer
+
+
+def build_optimizers(
+    strategy: tf.distribute.Strategy,
+    optimizer: Optional[keras.optimizers.Optimizer], actor_variables: Sequence[tf.Variable],
+    critic_optimizer: Optional[keras.optimizers.Optimizer], critic_variables: Sequence[tf.Variable],
+) -> None:
+    """Builds, under `strategy`, the actor's `optimizer` for `actor_variables`
+    and the `critic_optimizer` for `critic_variables` (where there are any),
+    each unless it is built already."""
+    with strategy.scope():
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(actor_variables)
+        if critic_variables and not critic_optimizer.built:
+            critic_optimizer.build(critic_variables)
 
 
 def _resolve_estimators(setup, scg, model, created):

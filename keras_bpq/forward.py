@@ -185,6 +185,25 @@ def kept_gradients(scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estim
     return {info.name for info in scg.nodes if estimators[info.name].keeps_gradient}
 
 
+def record_pass(
+    setup: discovery.Setup,
+    scg: graph.SCG,
+    call: Callable[..., Any],
+    x: Any,
+    y: Any = None,
+    training: bool = True,
+    forced: Optional[Mapping[str, tf.Tensor]] = None,
+    keep_gradient: Optional[Iterable[str]] = None,
+) -> Recording:
+    """`record` of a model's Keras `call` with its compiled `setup`'s losses
+    (a `discovery.Setup`), for the SCG of the batch's input signature (`scg`):
+    `keep_gradient` is by default the nodes whose estimator asks for it
+    (`kept_gradients`)."""
+    if keep_gradient is None:
+        keep_gradient = kept_gradients(scg, setup.node_estimators)
+    return record(call, setup.compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
+
+
 def run(
     setup: discovery.Setup,
     scg: graph.SCG,

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
-class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckpoints, keras.Model):
+class BackpropQModel(
+    _keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckpoints, callbacks_lib.GuardedLoops, keras.Model
+):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
     Functional use:
@@ -65,17 +67,8 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         network: Optional[keras.Model] = None, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if inputs is not None:
-            if outputs is None:
-                raise ValueError("BackpropQModel(inputs=...) also needs outputs=.")
-            structure = {"outputs": outputs}
-            if costs:
-                for name in costs:
-                    costs_lib.check_name(name, "costs= of the constructor")
-                structure["costs"] = dict(costs)
-            network = keras.Model(inputs=inputs, outputs=structure, name=f"{self.name}_network")
-        elif costs:
-            raise ValueError("BackpropQModel(costs=...) needs inputs= and outputs= too.")
+        if inputs is not None or costs:
+            network = costs_lib.constructor_network(f"{self.name}_network", inputs, outputs, costs)
         self.network = network
         self.training_state = state_lib.TrainingState(name="training_state")
         self._setup = discovery.Setup()  # what compile() and discovery decided, replaced whole
@@ -84,17 +77,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
 
     # -- forward -----------------------------------------------------------
     def call(self, inputs: Any, training: Optional[bool] = None) -> Any:
-        if self.network is None:
-            raise NotImplementedError(
-                "Subclass BackpropQModel and define call(), or pass inputs=, outputs= "
-                "and costs= to the constructor."
-            )
-        result = self.network(inputs, training=training)
-        recorder = graph.current_recorder()
-        if recorder is not None:
-            for name, value in result.get("costs", {}).items():
-                recorder.add_cost(name, value, origin="costs= of the constructor")
-        return result["outputs"]
+        return costs_lib.call_network(self.network, inputs, training)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A subclassed model's input signature, for its build config and for
@@ -178,28 +161,13 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         """
         # Every argument, for get_compile_config() (saving).
         arguments = saving_lib.CompileArguments(locals())
-        if "loss_weights" in kwargs and kwargs["loss_weights"] is not None:
-            raise ValueError(
-                "BackpropQModel does not take loss_weights: scale a cost where it "
-                "is computed instead."
-            )
-        options = critics_lib.critic_options(
-            critic_target, critic_lambda, tau, target_update_period, critic_steps,
-            critic_warmup_steps, critic_hidden_units, critics, actor_reads,
-        )
-        replay = replay_lib.checked_option(replay, self.training_state, self.name)
+        options, replay = discovery.compile_options(arguments, self.training_state, self.name)
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = discovery.get_critic_optimizer(critic_optimizer)
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be at least 1; got {num_samples}.")
         built = self.training_state.built
-        self._setup = discovery.compiled(
-            self._setup, contexts, built, critic_options=options, replay=replay, num_samples=int(num_samples),
-            compiled_losses=costs_lib.CompiledLosses(loss), estimator_option=estimator,
-        )
+        self._setup = discovery.compiled(self._setup, arguments, options, replay, built)
         critics = self.training_state.critics
-        self._setup = discovery.rediscover(self._setup, self, critics, self.network, built)
-        self._setup = dataclasses.replace(self._setup, compile_arguments=arguments)
+        self._setup = discovery.rediscover(self._setup, self, critics, self.network, built, arguments)
 
     # -- the SCG -----------------------------------------------------------
     @property
@@ -229,13 +197,6 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         seen before is answered from the cache; a new one is discovered
         (`discover`).
         """
-        if x is None and self._setup.scg is not None:
-            return self._setup.scg
-        if x is None and self.network is None:
-            raise ValueError(
-                f"The SCG of {self.name!r} is not known yet: pass a batch of "
-                "inputs, or train or evaluate first."
-            )
         scg, self._setup = discovery.find_scg(self._setup, x, self, self.training_state.critics, self.network)
         return scg
 
@@ -269,24 +230,26 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         return text
 
     # -- the training state ------------------------------------------------
-    def build_training_state(self) -> bool:
+    def build_training_state(self, x: Any = None, y: Any = None) -> bool:
         """Creates now what training creates on first use: the critics, their
         target copies, estimator state and both optimizers' slots.
 
         Saving, loading and `fit` call it, so every checkpoint has the layout
-        of a model that has trained. Returns False (doing nothing) while the
-        model is not compiled or its inputs are unknown.
+        of a model that has trained. Returns False (doing nothing else) while
+        the model is not compiled or its inputs are unknown. Given the data
+        training reads (`x`, `y`, as `fit` takes them), it first keeps their
+        targets' signature, for a replay buffer that stores targets.
         """
+        targets = data_lib.target_spec(x, y)
+        if targets is not None:
+            self._setup = dataclasses.replace(self._setup, target_spec=targets)
         spec = self.input_signature()
         if not self.compiled or spec is None:
             return False
         self._ready(spec)
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.actor_variables)
-            critic_variables = self.critic_variables
-            if critic_variables and not self.critic_optimizer.built:
-                self.critic_optimizer.build(critic_variables)
+        discovery.build_optimizers(
+            self.distribute_strategy, self.optimizer, self.actor_variables, self.critic_optimizer, self.critic_variables
+        )
         return True
 
     def _ready(self, x):
@@ -342,16 +305,6 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         targets' signature the buffer stores is unknown)."""
         return self._setup.replay_layout(scg, self.name, check_targets)
 
-    def _prepare(self, x: Any, y: Any) -> None:
-        """Before fit (or evaluate, train_on_batch) on data `x`, `y`: keeps the
-        targets' signature, for a replay buffer that stores targets, and
-        creates the training state before Keras traces a (distributed) step
-        (and optimizer slots before BackupAndRestore restores)."""
-        spec = data_lib.target_spec(x, y)
-        if spec is not None:
-            self._setup = dataclasses.replace(self._setup, target_spec=spec)
-        self.build_training_state()
-
     # -- the forward pass --------------------------------------------------
     def record_forward(
         self,
@@ -365,11 +318,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         `forced` fixes node samples by name; `keep_gradient` names the nodes
         whose samples keep their gradient (by default those whose estimator
         asks for it). It builds no surrogate (`run_forward`)."""
-        scg = self._ready(x)
-        if keep_gradient is None:
-            keep_gradient = forward_lib.kept_gradients(scg, self._setup.node_estimators)
-        compiled_losses = self._setup.compiled_losses
-        return forward_lib.record(self, compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
+        return forward_lib.record_pass(self._setup, self._ready(x), self, x, y, training, forced, keep_gradient)
 
     def run_forward(
         self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
@@ -445,64 +394,16 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
             self.name, self.metrics, _keras_compat.loss_tracker(self), self.training_state.cost_metrics
         )
 
-    # -- fit ---------------------------------------------------------------
-    def raise_if_nonfinite(self) -> None:
-        """Raises `FloatingPointError` if a training step met a non-finite value
-        (`keras_bpq.callbacks.raise_if_nonfinite`)."""
-        callbacks_lib.raise_if_nonfinite(self)
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
-        self._prepare(kwargs.get("x"), kwargs.get("y"))
-        with callbacks_lib.mask_rows_checked(self):
-            return super().evaluate(**kwargs)
-
-    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with callbacks_lib.mask_rows_checked(self):
-            return super().test_on_batch(*args, **kwargs)
-
-    def predict(self, *args: Any, **kwargs: Any) -> Any:
-        with callbacks_lib.mask_rows_checked(self):
-            return super().predict(*args, **kwargs)
-
-    def predict_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with callbacks_lib.mask_rows_checked(self):
-            return super().predict_on_batch(*args, **kwargs)
-
-    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`
-        around the user's (the non-finite guard, the fit position and the resume)."""
-        kwargs = data_lib.weights_without_targets(super().fit, args, kwargs)
-        self._prepare(kwargs.get("x"), kwargs.get("y"))
-        callbacks = callbacks_lib.fit_callbacks(kwargs.pop("callbacks", None) or [])
-        try:
-            return super().fit(callbacks=callbacks, **kwargs)
-        finally:
-            callbacks_lib.FitPosition.clear(self)
-
-    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        x = args[0] if args else kwargs.get("x")
-        self._prepare(x, args[1] if len(args) > 1 else kwargs.get("y"))
-        logs = super().train_on_batch(*args, **kwargs)
-        self.raise_if_nonfinite()
-        return logs
-
     # -- config ------------------------------------------------------------
     def get_config(self) -> Dict[str, Any]:
         if self.network is None:
             return super().get_config()
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "network": keras.saving.serialize_keras_object(self.network),
-        }
+        return saving_lib.network_config(self.name, self.trainable, self.network)
 
     @classmethod
     def from_config(cls, config: Dict[str, Any], custom_objects: Optional[Mapping[str, Any]] = None) -> BackpropQModel:
         if "network" in config:
-            config = dict(config)
-            network = saving_lib.deserialize_network(config.pop("network"), custom_objects)
-            return cls(network=network, **config)
+            return cls(**saving_lib.network_from_config(config, custom_objects))
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
@@ -544,13 +445,7 @@ class BackpropQModel(_keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckp
         critics, target copies, estimator state or optimizer state. See
         `keras_bpq.export.export`.
         """
-        if format != "tf_saved_model":
-            raise ValueError(
-                f"BackpropQModel.export supports format='tf_saved_model' only; got "
-                f"{format!r}. Stochastic nodes need TF's stateless random ops."
-            )
-        if kwargs:
-            raise TypeError(f"Unexpected export arguments {sorted(kwargs)}.")
+        export_lib.check_arguments(format, kwargs)
         return export_lib.export(
             self, filepath, input_signature=input_signature, verbose=verbose is None or verbose
         )

@@ -489,6 +489,21 @@ def deserialize_network(
         raise unknown_objects_error("the network of a BackpropQModel", names) from error
 
 
+def network_config(name: str, trainable: bool, network: keras.Model) -> Dict[str, Any]:
+    """The config of a `BackpropQModel` named `name` made from a functional
+    `network` (`network_from_config` reads it back)."""
+    return {"name": name, "trainable": trainable, "network": keras.saving.serialize_keras_object(network)}
+
+
+def network_from_config(
+    config: Mapping[str, Any], custom_objects: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
+    """The constructor arguments of a `BackpropQModel` saved by `network_config`,
+    its network deserialised with `custom_objects` (`deserialize_network`)."""
+    config = dict(config)
+    return dict(config, network=deserialize_network(config.pop("network"), custom_objects))
+
+
 def load_model(
     filepath: PathLike,
     custom_objects: Optional[Mapping[str, Any]] = None,
