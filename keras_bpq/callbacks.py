@@ -5,6 +5,8 @@ status codes they report.
 `FitPosition` before the user's callbacks (so no checkpointing callback saves
 after a failed step, and every checkpoint knows where `fit` stands),
 `ResumeAtPosition` after them (so it runs after `BackupAndRestore` restored).
+`GuardedLoops` gives a `BackpropQModel` these loops: Keras' own, with those
+callbacks and checks.
 
 * Non-finite guard: every training step computes a status (`step_status`,
   `mask_status`, `loss_scale_status`; 0 when it stands) and keeps none of its
@@ -34,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
+from keras_bpq import data as data_lib
 from keras_bpq import distribute
 from keras_bpq import nodes
 from keras_bpq import saving as saving_lib
@@ -420,3 +423,57 @@ class ResumeAtPosition(keras.callbacks.Callback):
     def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
         if self._restored:
             _keras_compat.set_initial_epoch(self.model, None)
+
+
+class GuardedLoops:
+    """`fit`, `evaluate`, `train_on_batch`, `test_on_batch`, `predict` and
+    `predict_on_batch` of a `BackpropQModel` (mixed in before `keras.Model`,
+    as `saving.AtomicCheckpoints`): Keras' own, with the callbacks of
+    `fit_callbacks` around `fit`'s, `raise_if_nonfinite` after
+    `train_on_batch` and `mask_rows_checked` around the others.
+
+    Before `fit`, `evaluate` and `train_on_batch` the model's public
+    `build_training_state(x, y)` keeps the targets' signature of the data and
+    creates the training state, before Keras traces a (distributed) step and
+    (the optimizers' slots) before `BackupAndRestore` restores."""
+
+    def raise_if_nonfinite(self) -> None:
+        """Raises `FloatingPointError` if a training step met a non-finite value
+        (`keras_bpq.callbacks.raise_if_nonfinite`)."""
+        raise_if_nonfinite(self)
+
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`
+        around the user's (the non-finite guard, the fit position and the resume)."""
+        kwargs = data_lib.weights_without_targets(super().fit, args, kwargs)
+        self.build_training_state(kwargs.get("x"), kwargs.get("y"))
+        callbacks = fit_callbacks(kwargs.pop("callbacks", None) or [])
+        try:
+            return super().fit(callbacks=callbacks, **kwargs)
+        finally:
+            FitPosition.clear(self)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
+        self.build_training_state(kwargs.get("x"), kwargs.get("y"))
+        with mask_rows_checked(self):
+            return super().evaluate(**kwargs)
+
+    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs.get("x")
+        self.build_training_state(x, args[1] if len(args) > 1 else kwargs.get("y"))
+        logs = super().train_on_batch(*args, **kwargs)
+        self.raise_if_nonfinite()
+        return logs
+
+    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        with mask_rows_checked(self):
+            return super().test_on_batch(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with mask_rows_checked(self):
+            return super().predict(*args, **kwargs)
+
+    def predict_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        with mask_rows_checked(self):
+            return super().predict_on_batch(*args, **kwargs)

@@ -89,6 +89,40 @@ def check_names(
             )
 
 
+def constructor_network(
+    name: str, inputs: Any, outputs: Any, costs: Optional[Mapping[str, Any]] = None
+) -> keras.Model:
+    """The network of `BackpropQModel(inputs, outputs, costs)` named `name`: a
+    functional `keras.Model` from `inputs` to `{"outputs": outputs, "costs":
+    costs}` (`call_network` runs it)."""
+    if inputs is None:
+        raise ValueError("BackpropQModel(costs=...) needs inputs= and outputs= too.")
+    if outputs is None:
+        raise ValueError("BackpropQModel(inputs=...) also needs outputs=.")
+    structure = {"outputs": outputs}
+    if costs:
+        for cost in costs:
+            check_name(cost, "costs= of the constructor")
+        structure["costs"] = dict(costs)
+    return keras.Model(inputs=inputs, outputs=structure, name=name)
+
+
+def call_network(network: Optional[keras.Model], inputs: Any, training: Optional[bool]) -> Any:
+    """Runs a `constructor_network` on `inputs`: gives its outputs and adds its
+    costs to the recorder that records the pass, if any."""
+    if network is None:
+        raise NotImplementedError(
+            "Subclass BackpropQModel and define call(), or pass inputs=, outputs= "
+            "and costs= to the constructor."
+        )
+    result = network(inputs, training=training)
+    recorder = graph.current_recorder()
+    if recorder is not None:
+        for name, value in result.get("costs", {}).items():
+            recorder.add_cost(name, value, origin="costs= of the constructor")
+    return result["outputs"]
+
+
 def add_cost(name: str, value: tf.Tensor) -> tf.Tensor:
     """Adds a named per-example cost (shape `[batch]`) to the model's objective.
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -70,6 +70,19 @@ SIGNATURES = ("serving_default", "mode", "seeded")
 SEED_KEY = "seed"
 LOG_PROB_SUFFIX = "_log_prob"
 _AUTO_INPUT_NAME = re.compile(r"input_layer(_\d+)?")
+
+
+def check_arguments(format: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuses what `BackpropQModel.export` cannot write: a `format` other than
+    `"tf_saved_model"` (a ValueError) and any other `keras.Model.export`
+    argument in `kwargs` (a TypeError)."""
+    if format != "tf_saved_model":
+        raise ValueError(
+            f"BackpropQModel.export supports format='tf_saved_model' only; got "
+            f"{format!r}. Stochastic nodes need TF's stateless random ops."
+        )
+    if kwargs:
+        raise TypeError(f"Unexpected export arguments {sorted(kwargs)}.")
 
 
 def export(

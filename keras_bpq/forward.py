@@ -1,5 +1,7 @@
-"""The values a training step passes between its stages: a recorded forward
-pass, and the same pass with every node's estimator step and the surrogate.
+"""The values a training step passes between its stages, a recorded forward
+pass and the same pass with every node's estimator step and the surrogate,
+and the functions that make them (`record`, `run`) from a model's Keras
+call and its compiled `discovery.Setup`.
 
 The surrogate is `L = sum_X L_X + sum_c c` per row: its gradient (with the
 samples held fixed unless a node is reparameterised) estimates `grad J`,
@@ -9,21 +11,26 @@ samples held fixed unless a node is reparameterised) estimates `grad J`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple,
+)
 
+import keras
 import tensorflow as tf
 
 from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
-from keras_bpq import critics as critics_lib
 from keras_bpq import distribute
 from keras_bpq import estimators as estimators_lib
 from keras_bpq import graph
 from keras_bpq import q_values
 
+if TYPE_CHECKING:
+    from keras_bpq import discovery
+
 
 class Recording(NamedTuple):
-    """One recorded forward pass (`BackpropQModel.record_forward`)."""
+    """One recorded forward pass (`record`, `BackpropQModel.record_forward`)."""
 
     y_pred: Any  # the model's outputs
     costs: Dict[str, tf.Tensor]  # every cost's per-example value, [batch]
@@ -32,7 +39,7 @@ class Recording(NamedTuple):
 
 
 class ForwardPass(NamedTuple):
-    """A recorded forward pass and its surrogate (`BackpropQModel.run_forward`).
+    """A recorded forward pass and its surrogate (`run`, `BackpropQModel.run_forward`).
 
     With `compile(num_samples=K)` every example is repeated `K` times
     (consecutive rows), so every row is one (example, draw) pair, and `x`, `y`
@@ -172,77 +179,83 @@ def estimator_signals(
     return means, has_data, tuning
 
 
-class RecordedForward:
-    """The forward passes of a `BackpropQModel` (a mixin of the model): recorded,
-    and with the surrogate."""
+def kept_gradients(scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator]) -> Set[str]:
+    """The nodes whose samples keep their gradient in a recorded pass: those
+    whose estimator asks for it (`Estimator.keeps_gradient`)."""
+    return {info.name for info in scg.nodes if estimators[info.name].keeps_gradient}
 
-    def record_forward(
-        self,
-        x: Any,
-        y: Any = None,
-        training: bool = True,
-        forced: Optional[Mapping[str, tf.Tensor]] = None,
-        keep_gradient: Optional[Iterable[str]] = None,
-    ) -> Recording:
-        """One recorded forward pass, a `forward.Recording`: `y_pred`, `costs`
-        (every cost's per-example value `[batch]`), `total` (their sum, with
-        gradients along deterministic paths) and `records` (`graph.NodeRecord`s
-        by node name). `forced` fixes node samples by name; `keep_gradient`
-        names the nodes whose samples keep their gradient (by default those
-        whose estimator asks for it). It builds no surrogate (`run_forward`)."""
-        scg = self.scg(x)
-        self._create_training_state()
-        if keep_gradient is None:
-            keep_gradient = {
-                i.name for i in scg.nodes if self._node_estimators[i.name].keeps_gradient
-            }
-        return record(self, self._compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
 
-    def run_forward(
-        self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
-    ) -> ForwardPass:
-        """A recorded forward pass and its surrogate loss, a `forward.ForwardPass`.
+def record_pass(
+    setup: discovery.Setup,
+    scg: graph.SCG,
+    call: Callable[..., Any],
+    x: Any,
+    y: Any = None,
+    training: bool = True,
+    forced: Optional[Mapping[str, tf.Tensor]] = None,
+    keep_gradient: Optional[Iterable[str]] = None,
+) -> Recording:
+    """`record` of a model's Keras `call` with its compiled `setup`'s losses
+    (a `discovery.Setup`), for the SCG of the batch's input signature (`scg`):
+    `keep_gradient` is by default the nodes whose estimator asks for it
+    (`kept_gradients`)."""
+    if keep_gradient is None:
+        keep_gradient = kept_gradients(scg, setup.node_estimators)
+    return record(call, setup.compiled_losses, scg.costs, x, y, training, forced, keep_gradient)
 
-        With `compile(num_samples=K)` every example is repeated `K` times
-        (consecutive rows). Besides `record_forward`'s values it holds the
-        per-node `estimators.NodeStep`s, `surrogate` (`[rows]`: `total + sum_X
-        L_X`, whose gradient estimates `grad J`), `regularization`
-        (`regularization_loss()` of this pass), and the repeated `x`, `y` and
-        sample `weights`.
-        """
-        scg = self.scg(x)
-        x, y, sample_weight = repeat_rows(self._num_samples, x, y, sample_weight)
-        recording = self.record_forward(x, y, training=training)
-        # Read before any re-run of the model's layers replaces their losses.
-        regularization = self.regularization_loss()
-        steps, surrogate = build_surrogate(
-            scg, self._node_estimators, self.training_state.node_state, recording, self.q_function,
-            x, y, self._num_samples, self._critic_options.actor_reads_target,
-        )
-        return ForwardPass(
-            *recording, surrogate=surrogate, regularization=regularization, weights=sample_weight,
-            x=x, y=y, steps=steps,
-        )
 
-    def regularization_loss(self) -> tf.Tensor:
-        """The scalar sum of the actor's Keras regularisation losses: `add_loss`
-        terms of the model's layers from the last call (the critics' excluded)
-        and the weight regularisers of `actor_variables`."""
-        critic_layers = {id(layer) for layer in _keras_compat.flatten_layers(self.training_state)}
-        losses = [
-            loss
-            for layer in _keras_compat.flatten_layers(self)
-            if id(layer) not in critic_layers
-            for loss in _keras_compat.own_losses(layer)
-        ]
-        return costs_lib.sum_losses(losses + costs_lib.weight_penalties(self.actor_variables))
+def run(
+    setup: discovery.Setup,
+    scg: graph.SCG,
+    call: Callable[..., Any],
+    node_state: Mapping[str, tuple],
+    regularization: Callable[[], tf.Tensor],
+    x: Any,
+    y: Any = None,
+    training: bool = True,
+    sample_weight: Optional[tf.Tensor] = None,
+) -> ForwardPass:
+    """A recorded forward pass and its surrogate loss, a `ForwardPass`, for a
+    model's compiled `setup` (a `discovery.Setup`): takes the SCG of the
+    batch's input signature (`scg`), the model's Keras `call`, the estimators' `node_state`
+    (`TrainingState.node_state`) and `regularization`, which gives the
+    actor's regularisation losses of the last call, and a batch.
 
-    def critic_set(self) -> Optional[critics_lib.CriticSet]:
-        """The model's critics with what trains them (`critics.CriticSet`), as
-        compiled; None before the training state exists."""
-        if not self.training_state.built:
-            return None
-        return critics_lib.CriticSet(
-            self._scg, self.training_state.critics, self.critic_variables, self._critic_options,
-            self.critic_optimizer, self.q_function, self.training_state.steps,
-        )
+    With `compile(num_samples=K)` every example is repeated `K` times
+    (consecutive rows). Besides `record`'s values it holds the per-node
+    `estimators.NodeStep`s, `surrogate` (`[rows]`: `total + sum_X L_X`, whose
+    gradient estimates `grad J`), `regularization` (of this pass), and the
+    repeated `x`, `y` and sample `weights`.
+    """
+    estimators = setup.node_estimators
+    x, y, sample_weight = repeat_rows(setup.num_samples, x, y, sample_weight)
+    recording = record(
+        call, setup.compiled_losses, scg.costs, x, y, training, keep_gradient=kept_gradients(scg, estimators)
+    )
+    # Read before any re-run of the model's layers replaces their losses.
+    regularization = regularization()
+    steps, surrogate = build_surrogate(
+        scg, estimators, node_state, recording, setup.q_function,
+        x, y, setup.num_samples, setup.critic_options.actor_reads_target,
+    )
+    return ForwardPass(
+        *recording, surrogate=surrogate, regularization=regularization, weights=sample_weight,
+        x=x, y=y, steps=steps,
+    )
+
+
+def regularization_loss(
+    model: keras.layers.Layer, critics: keras.layers.Layer, actor_variables: Sequence[tf.Variable]
+) -> tf.Tensor:
+    """The scalar sum of the actor's Keras regularisation losses: `add_loss`
+    terms of `model`'s layers from the last call, those of the layers inside
+    `critics` (the training state) excluded, and the weight regularisers of
+    `actor_variables`."""
+    critic_layers = {id(layer) for layer in _keras_compat.flatten_layers(critics)}
+    losses = [
+        loss
+        for layer in _keras_compat.flatten_layers(model)
+        if id(layer) not in critic_layers
+        for loss in _keras_compat.own_losses(layer)
+    ]
+    return costs_lib.sum_losses(losses + costs_lib.weight_penalties(actor_variables))

@@ -12,9 +12,10 @@ the samples is not estimated (make such a term a cost if it should be).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -25,22 +26,22 @@ from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
 from keras_bpq import data as data_lib
 from keras_bpq import discovery
-from keras_bpq import distribute
 from keras_bpq import export as export_lib
 from keras_bpq import forward as forward_lib
 from keras_bpq import graph
 from keras_bpq import replay as replay_lib
 from keras_bpq import saving as saving_lib
 from keras_bpq import state as state_lib
+from keras_bpq import step as step_lib
 
 if TYPE_CHECKING:
     from keras_bpq import estimators as estimators_lib
+    from keras_bpq import q_values
 
 
 @keras.saving.register_keras_serializable(package="keras_bpq")
 class BackpropQModel(
-    _keras_compat.DistributedLoopFixes, discovery.ScgDiscovery, forward_lib.RecordedForward,
-    saving_lib.AtomicCheckpoints, keras.Model,
+    _keras_compat.DistributedLoopFixes, saving_lib.AtomicCheckpoints, callbacks_lib.GuardedLoops, keras.Model
 ):
     """A Keras model with stochastic nodes inside, trained with `compile()`/`fit()`.
 
@@ -66,48 +67,27 @@ class BackpropQModel(
         network: Optional[keras.Model] = None, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if inputs is not None:
-            if outputs is None:
-                raise ValueError("BackpropQModel(inputs=...) also needs outputs=.")
-            structure = {"outputs": outputs}
-            if costs:
-                for name in costs:
-                    costs_lib.check_name(name, "costs= of the constructor")
-                structure["costs"] = dict(costs)
-            network = keras.Model(inputs=inputs, outputs=structure, name=f"{self.name}_network")
-        elif costs:
-            raise ValueError("BackpropQModel(costs=...) needs inputs= and outputs= too.")
+        if inputs is not None or costs:
+            network = costs_lib.constructor_network(f"{self.name}_network", inputs, outputs, costs)
         self.network = network
         self.training_state = state_lib.TrainingState(name="training_state")
-        self.q_function = None  # a q_values.QFunction, once the SCG is known
-        self._scg_cache = {}
-        self._scg = None
-        self._scg_spec = None
-        self._contexts = {}
-        self._num_samples = 1
-        self._node_estimators = None
-        self._estimator_option = "auto"
-        self._compiled_losses = costs_lib.CompiledLosses(None)
-        self._critic_options = critics_lib.critic_options()
-        self._replay = None
-        self._target_spec = None  # the targets' signature, where the data gave one
+        self._setup = discovery.Setup()  # what compile() and discovery decided, replaced whole
         self._call_input_spec = None  # a subclassed model's input signature, once called or built
-        self._compile_arguments = None  # the last compile()'s arguments, for get_compile_config()
         self.critic_optimizer = None
 
     # -- forward -----------------------------------------------------------
     def call(self, inputs: Any, training: Optional[bool] = None) -> Any:
-        if self.network is None:
-            raise NotImplementedError(
-                "Subclass BackpropQModel and define call(), or pass inputs=, outputs= "
-                "and costs= to the constructor."
-            )
-        result = self.network(inputs, training=training)
-        recorder = graph.current_recorder()
-        if recorder is not None:
-            for name, value in result.get("costs", {}).items():
-                recorder.add_cost(name, value, origin="costs= of the constructor")
-        return result["outputs"]
+        return costs_lib.call_network(self.network, inputs, training)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A subclassed model's input signature, for its build config and for
+        # creating the training state before a checkpoint is restored.
+        if args and self.network is None and self._call_input_spec is None:
+            try:
+                self._call_input_spec = tf.nest.map_structure(graph.batchless_spec, args[0])
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return super().__call__(*args, **kwargs)
 
     def build(self, input_shape: Any = None) -> None:
         if self.network is None:
@@ -181,27 +161,118 @@ class BackpropQModel(
         """
         # Every argument, for get_compile_config() (saving).
         arguments = saving_lib.CompileArguments(locals())
-        if "loss_weights" in kwargs and kwargs["loss_weights"] is not None:
-            raise ValueError(
-                "BackpropQModel does not take loss_weights: scale a cost where it "
-                "is computed instead."
-            )
-        options = critics_lib.critic_options(
-            critic_target, critic_lambda, tau, target_update_period, critic_steps,
-            critic_warmup_steps, critic_hidden_units, critics, actor_reads,
-        )
-        replay = replay_lib.checked_option(replay, self.training_state, self.name)
+        options, replay = discovery.compile_options(arguments, self.training_state, self.name)
         super().compile(optimizer=optimizer, **kwargs)
         self.critic_optimizer = discovery.get_critic_optimizer(critic_optimizer)
-        self._critic_options = options
-        self._replay = replay
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be at least 1; got {num_samples}.")
-        self._num_samples = int(num_samples)
-        self._compiled_losses = costs_lib.CompiledLosses(loss)
-        self._estimator_option = estimator
-        self._rediscover(contexts)
-        self._compile_arguments = arguments
+        built = self.training_state.built
+        self._setup = discovery.compiled(self._setup, arguments, options, replay, built)
+        critics = self.training_state.critics
+        self._setup = discovery.rediscover(self._setup, self, critics, self.network, built, arguments)
+
+    # -- the SCG -----------------------------------------------------------
+    @property
+    def known_scg(self) -> Optional[graph.SCG]:
+        """The SCG found by the first discovery (`keras_bpq.graph.SCG`), or None
+        before it. Unlike `scg()`, reading it never traces or discovers."""
+        return self._setup.scg
+
+    @property
+    def node_estimators(self) -> Optional[Mapping[str, estimators_lib.Estimator]]:
+        """`{node name: estimator}` (`keras_bpq.estimators.Estimator`) chosen for
+        the SCG, read-only; None before the SCG is known. Reading it creates
+        nothing."""
+        return self._setup.node_estimators
+
+    @property
+    def q_function(self) -> Optional[q_values.QFunction]:
+        """Every node's heads at any of its outcomes (`q_values.QFunction`) for
+        the SCG and the last `compile()`; None before the SCG is known."""
+        return self._setup.q_function
+
+    def scg(self, x: Any = None) -> graph.SCG:
+        """The model's stochastic computation graph (`keras_bpq.graph.SCG`).
+
+        `x` is a batch of inputs or a structure of `tf.TensorSpec`; it may be
+        omitted once the structure is known. The SCG of an input signature
+        seen before is answered from the cache; a new one is discovered
+        (`discover`).
+        """
+        scg, self._setup = discovery.find_scg(self._setup, x, self, self.training_state.critics, self.network)
+        return scg
+
+    def discover(self, x: Any) -> graph.SCG:
+        """Traces the forward pass on inputs like `x` (a batch or a structure of
+        `tf.TensorSpec`) and returns the SCG it shows (`discovery.discover`);
+        the first discovery fixes `known_scg`, a later one that differs is a
+        ValueError."""
+        scg, self._setup = discovery.discover(self._setup, x, self, self.training_state.critics, self.network)
+        return scg
+
+    def input_signature(self) -> Optional[Any]:
+        """The model's inputs as a structure of `tf.TensorSpec` with a dynamic
+        batch dimension, or None while they are unknown (a subclassed model
+        never called)."""
+        if self._setup.spec is not None:
+            return self._setup.spec
+        if self.network is not None:
+            return discovery.input_spec(self.network)
+        return self._call_input_spec
+
+    def node_layer(self, info: graph.NodeInfo) -> keras.layers.Layer:
+        """The node layer that made node `info` (a `keras_bpq.graph.NodeInfo` of
+        `scg()`); a KeyError naming the layer if the model holds none."""
+        return discovery.node_layer(self, info)
+
+    def scg_summary(self, x: Any = None, print_fn: Callable[[str], Any] = print) -> str:
+        """Prints the SCG: node, distribution, context, costs, estimator, critic."""
+        text = discovery.summary(self._ready(x), self._setup.node_estimators, self.training_state.critics)
+        print_fn(text)
+        return text
+
+    # -- the training state ------------------------------------------------
+    def build_training_state(self, x: Any = None, y: Any = None) -> bool:
+        """Creates now what training creates on first use: the critics, their
+        target copies, estimator state and both optimizers' slots.
+
+        Saving, loading and `fit` call it, so every checkpoint has the layout
+        of a model that has trained. Returns False (doing nothing else) while
+        the model is not compiled or its inputs are unknown. Given the data
+        training reads (`x`, `y`, as `fit` takes them), it first keeps their
+        targets' signature, for a replay buffer that stores targets.
+        """
+        targets = data_lib.target_spec(x, y)
+        if targets is not None:
+            self._setup = dataclasses.replace(self._setup, target_spec=targets)
+        spec = self.input_signature()
+        if not self.compiled or spec is None:
+            return False
+        self._ready(spec)
+        discovery.build_optimizers(
+            self.distribute_strategy, self.optimizer, self.actor_variables, self.critic_optimizer, self.critic_variables
+        )
+        return True
+
+    def _ready(self, x):
+        """The SCG of inputs like `x` (`scg`), with the estimator state and
+        critics created on first use (`discovery.create_training_state`;
+        `build_training_state` also builds the optimizers)."""
+        scg = self.scg(x)
+        if not self.training_state.built:
+            self.critic_optimizer = discovery.create_training_state(
+                self._setup, self.training_state, self.distribute_strategy, self.critic_optimizer, self.name
+            )
+        return scg
+
+    def critic_set(self) -> Optional[critics_lib.CriticSet]:
+        """The model's critics with what trains them (`critics.CriticSet`), as
+        compiled; None before the training state exists."""
+        if not self.training_state.built:
+            return None
+        setup = self._setup
+        return critics_lib.CriticSet(
+            setup.scg, self.training_state.critics, self.critic_variables, setup.critic_options,
+            self.critic_optimizer, setup.q_function, self.training_state.steps,
+        )
 
     # -- variables ---------------------------------------------------------
     @property
@@ -219,90 +290,67 @@ class BackpropQModel(
     @property
     def critic_options(self) -> critics_lib.CriticOptions:
         """The critic settings of the last `compile()` (`critics.CriticOptions`)."""
-        return self._critic_options
+        return self._setup.critic_options
 
     # -- replay ------------------------------------------------------------
     @property
     def replay_options(self) -> Optional[replay_lib.Replay]:
         """The `keras_bpq.Replay` of the last `compile()`, or None."""
-        return self._replay
+        return self._setup.replay
 
     def replay_layout(self, scg: graph.SCG, check_targets: bool = False) -> Optional[replay_lib.ReplayLayout]:
         """What a row of the replay buffer holds (`replay.ReplayLayout`), or
         None without `compile(replay=...)`: `keras_bpq.replay.layout` of the
         compiled options, with its errors (`check_targets`: also where the
         targets' signature the buffer stores is unknown)."""
-        return replay_lib.layout(
-            self._replay, scg, self._node_estimators, self._critic_options, self._compiled_losses,
-            self._scg_spec, self._target_spec, self.name, check_targets,
+        return self._setup.replay_layout(scg, self.name, check_targets)
+
+    # -- the forward pass --------------------------------------------------
+    def record_forward(
+        self,
+        x: Any,
+        y: Any = None,
+        training: bool = True,
+        forced: Optional[Mapping[str, tf.Tensor]] = None,
+        keep_gradient: Optional[Iterable[str]] = None,
+    ) -> forward_lib.Recording:
+        """One recorded forward pass (`forward.record`), a `forward.Recording`.
+        `forced` fixes node samples by name; `keep_gradient` names the nodes
+        whose samples keep their gradient (by default those whose estimator
+        asks for it). It builds no surrogate (`run_forward`)."""
+        return forward_lib.record_pass(self._setup, self._ready(x), self, x, y, training, forced, keep_gradient)
+
+    def run_forward(
+        self, x: Any, y: Any = None, training: bool = True, sample_weight: Optional[tf.Tensor] = None
+    ) -> forward_lib.ForwardPass:
+        """A recorded forward pass and its surrogate loss (`forward.run`), a
+        `forward.ForwardPass`; with `compile(num_samples=K)` every example is
+        repeated `K` times (consecutive rows)."""
+        return forward_lib.run(
+            self._setup, self._ready(x), self, self.training_state.node_state, self.regularization_loss,
+            x, y, training, sample_weight,
         )
 
-    def _note_targets(self, x: Any, y: Any) -> None:
-        """Keeps the targets' signature of data given to fit (or evaluate,
-        train_on_batch), for a replay buffer that stores targets."""
-        spec = data_lib.target_spec(x, y)
-        if spec is not None:
-            self._target_spec = spec
+    def regularization_loss(self) -> tf.Tensor:
+        """The scalar sum of the actor's Keras regularisation losses: `add_loss`
+        terms of the model's layers from the last call (the critics' excluded)
+        and the weight regularisers of `actor_variables`."""
+        return forward_lib.regularization_loss(self, self.training_state, self.actor_variables)
 
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
+        """`keras.Model.train_step`: one step of `keras_bpq.step.train` on the batch."""
         x, y, sample_weight = data_lib.unpack(data)
-        scg = self.scg(x)
-        self._create_training_state()
+        scg = self._ready(x)
         actor_variables = self.actor_variables
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
-        replicas = distribute.num_replicas()
-        # What the step may write, read before anything writes it (the forward
-        # pass too: it may update statistics such as BatchNormalization's).
+        # What the step may write, read before anything writes it (`step.train`).
         written = callbacks_lib.model_step_variables(self)
-        saved = [tf.identity(v.value) for v, _ in written]
-        # Forward pass and surrogate.
-        with tf.GradientTape() as tape:
-            forward = self.run_forward(x, y, training=True, sample_weight=sample_weight)
-            # Optimizers sum gradients over replicas: this makes the global mean.
-            loss = (costs_lib.weighted_mean(forward.surrogate, forward.weights) + forward.regularization) / replicas
-            # Loss scaling (mixed_float16 wraps the optimizer in a
-            # LossScaleOptimizer; or loss_scale_factor=): apply() unscales.
-            scaled = self.optimizer.scale_loss(loss)
-        # Gradients: the actor's, the critics' (on their targets), the estimators' own.
-        grads = tape.gradient(scaled, actor_variables)
-        # A LossScaleOptimizer skips steps whose scaled gradient overflows, and
-        # lowers its scale: the step is skipped whole then (`overflow`), and
-        # reported only when it overflowed at a scale of at most 1.
-        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        status = callbacks_lib.step_status(scg, forward.costs, [] if loss_scaled else grads)
-        status, row = callbacks_lib.mask_status(scg, forward.records, status)
-        overflow = None
-        if loss_scaled:
-            status, row, overflow = callbacks_lib.loss_scale_status(
-                scg, forward.costs, grads, _keras_compat.loss_scale(self.optimizer),
-                self.training_state.past_warmup(self._critic_options.warmup), status, row,
-            )
-        critics = self.critic_set()
-        evaluation = critics.evaluate(forward, with_gradient=True)
-        values = distribute.StepValues(
-            grads, [] if evaluation is None else evaluation.grads,
-            *forward_lib.estimator_signals(scg, self._node_estimators, forward),
-            critics.inputs(forward, evaluation) if self._critic_options.steps > 1 else None,
-            replay_lib.step_rows(self.training_state.replay_buffer, forward),
+        forward, evaluation = step_lib.train(
+            functools.partial(self.run_forward, x, y, training=True, sample_weight=sample_weight), scg,
+            self._setup, self.training_state, self.optimizer, actor_variables, self.critic_set(), written,
         )
-        # Apply: every update of the step, or none.
-        skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
-        updates = distribute.StepUpdates(
-            critics=functools.partial(critics.update, evaluation, forward),
-            actor=functools.partial(self.optimizer.apply, trainable_variables=actor_variables),
-            state=functools.partial(self.training_state.update_estimators, scg.nodes, self._node_estimators),
-            target_copies=critics.update_target_copies,
-            actor_ready=functools.partial(self.training_state.past_warmup, self._critic_options.warmup),
-            warmup=self._critic_options.warmup,
-            replay=replay_lib.step_updates(self.training_state.replay_buffer, self._replay, critics),
-        )
-        undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved, overflow)
-        # A step that would have written a non-finite value was undone: code
-        # -2 - i names the first such variable, written[i].
-        status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
-        self.training_state.report(status, row)
         return self._update_metrics(forward, evaluation)
 
     def test_step(self, data: Any) -> Dict[str, Any]:
@@ -346,96 +394,39 @@ class BackpropQModel(
             self.name, self.metrics, _keras_compat.loss_tracker(self), self.training_state.cost_metrics
         )
 
-    # -- fit ---------------------------------------------------------------
-    def raise_if_nonfinite(self) -> None:
-        """Raises `FloatingPointError` if a training step met a non-finite value
-        (`keras_bpq.callbacks.raise_if_nonfinite`)."""
-        callbacks_lib.raise_if_nonfinite(self)
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = data_lib.weights_without_targets(super().evaluate, args, kwargs)
-        # Training state is created before Keras traces a (distributed) step.
-        self._note_targets(kwargs.get("x"), kwargs.get("y"))
-        self.build_training_state()
-        with callbacks_lib.mask_rows_checked(self):
-            return super().evaluate(**kwargs)
-
-    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with callbacks_lib.mask_rows_checked(self):
-            return super().test_on_batch(*args, **kwargs)
-
-    def predict(self, *args: Any, **kwargs: Any) -> Any:
-        with callbacks_lib.mask_rows_checked(self):
-            return super().predict(*args, **kwargs)
-
-    def predict_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        with callbacks_lib.mask_rows_checked(self):
-            return super().predict_on_batch(*args, **kwargs)
-
-    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        """`keras.Model.fit`, with the callbacks of `keras_bpq.callbacks.fit_callbacks`
-        around the user's (the non-finite guard, the fit position and the resume)."""
-        kwargs = data_lib.weights_without_targets(super().fit, args, kwargs)
-        # Before tracing, and optimizer slots before BackupAndRestore restores.
-        self._note_targets(kwargs.get("x"), kwargs.get("y"))
-        self.build_training_state()
-        callbacks = callbacks_lib.fit_callbacks(kwargs.pop("callbacks", None) or [])
-        try:
-            return super().fit(callbacks=callbacks, **kwargs)
-        finally:
-            callbacks_lib.FitPosition.clear(self)
-
-    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
-        x = args[0] if args else kwargs.get("x")
-        self._note_targets(x, args[1] if len(args) > 1 else kwargs.get("y"))
-        self.build_training_state()
-        logs = super().train_on_batch(*args, **kwargs)
-        self.raise_if_nonfinite()
-        return logs
-
     # -- config ------------------------------------------------------------
     def get_config(self) -> Dict[str, Any]:
         if self.network is None:
             return super().get_config()
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "network": keras.saving.serialize_keras_object(self.network),
-        }
+        return saving_lib.network_config(self.name, self.trainable, self.network)
 
     @classmethod
     def from_config(cls, config: Dict[str, Any], custom_objects: Optional[Mapping[str, Any]] = None) -> BackpropQModel:
         if "network" in config:
-            config = dict(config)
-            network = saving_lib.deserialize_network(config.pop("network"), custom_objects)
-            return cls(network=network, **config)
+            return cls(**saving_lib.network_from_config(config, custom_objects))
         return super().from_config(config)
 
     # -- saving and export -------------------------------------------------
     def get_build_config(self) -> Optional[Dict[str, Any]]:
-        config = dict(super().get_build_config() or {})
-        spec = self.input_signature()
-        if spec is not None:
-            config["input_spec"] = saving_lib.serialize_spec(spec)
-        if self._target_spec is not None:
-            config["target_spec"] = saving_lib.serialize_spec(self._target_spec)
-        return config or None
+        config = super().get_build_config()
+        return saving_lib.build_config(config, self.input_signature(), self._setup.target_spec)
 
     def build_from_config(self, config: Optional[Dict[str, Any]]) -> None:
-        self._target_spec = saving_lib.deserialize_spec((config or {}).get("target_spec"))
-        spec = saving_lib.deserialize_spec((config or {}).get("input_spec"))
+        spec, target_spec = saving_lib.build_config_specs(config)
+        self._setup = dataclasses.replace(self._setup, target_spec=target_spec)
         if spec is None:
             return super().build_from_config(config)
         self._call_input_spec = spec
         if self.network is None and not self.built:
             # Subclassed: run call() once to create the layers' variables.
-            self._build_by_tracing(spec)
+            discovery.build_by_tracing(self, spec)
         self.built = True
 
     def get_compile_config(self) -> Optional[Dict[str, Any]]:
-        if not self.compiled or self._compile_arguments is None:
+        arguments = self._setup.compile_arguments
+        if not self.compiled or arguments is None:
             return super().get_compile_config()
-        return saving_lib.serialize_compile_config(self._compile_arguments, self.optimizer, self.critic_optimizer)
+        return saving_lib.serialize_compile_config(arguments, self.optimizer, self.critic_optimizer)
 
     def compile_from_config(self, config: Dict[str, Any]) -> None:
         """Recompiles a loaded model and recreates its training state (critics,
@@ -454,13 +445,7 @@ class BackpropQModel(
         critics, target copies, estimator state or optimizer state. See
         `keras_bpq.export.export`.
         """
-        if format != "tf_saved_model":
-            raise ValueError(
-                f"BackpropQModel.export supports format='tf_saved_model' only; got "
-                f"{format!r}. Stochastic nodes need TF's stateless random ops."
-            )
-        if kwargs:
-            raise TypeError(f"Unexpected export arguments {sorted(kwargs)}.")
+        export_lib.check_arguments(format, kwargs)
         return export_lib.export(
             self, filepath, input_signature=input_signature, verbose=verbose is None or verbose
         )

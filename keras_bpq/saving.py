@@ -143,6 +143,24 @@ def serialize_spec(spec: Any) -> Dict[str, Any]:
     raise ValueError(f"Cannot save input signature entry {spec!r}.")
 
 
+def build_config(
+    config: Optional[Mapping[str, Any]], input_spec: Any, target_spec: Any
+) -> Optional[Dict[str, Any]]:
+    """A `BackpropQModel`'s build config: Keras' `config` with the model's
+    input signature and the targets' (`serialize_spec`; each where known)."""
+    config = dict(config or {})
+    for key, spec in (("input_spec", input_spec), ("target_spec", target_spec)):
+        if spec is not None:
+            config[key] = serialize_spec(spec)
+    return config or None
+
+
+def build_config_specs(config: Optional[Mapping[str, Any]]) -> Tuple[Any, Any]:
+    """`(input_spec, target_spec)` of a `build_config` (each None where absent)."""
+    config = config or {}
+    return deserialize_spec(config.get("input_spec")), deserialize_spec(config.get("target_spec"))
+
+
 def deserialize_spec(config: Optional[Mapping[str, Any]]) -> Any:
     """Inverse of `serialize_spec` (None for None)."""
     if config is None:
@@ -469,6 +487,21 @@ def deserialize_network(
         if not names:
             raise
         raise unknown_objects_error("the network of a BackpropQModel", names) from error
+
+
+def network_config(name: str, trainable: bool, network: keras.Model) -> Dict[str, Any]:
+    """The config of a `BackpropQModel` named `name` made from a functional
+    `network` (`network_from_config` reads it back)."""
+    return {"name": name, "trainable": trainable, "network": keras.saving.serialize_keras_object(network)}
+
+
+def network_from_config(
+    config: Mapping[str, Any], custom_objects: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
+    """The constructor arguments of a `BackpropQModel` saved by `network_config`,
+    its network deserialised with `custom_objects` (`deserialize_network`)."""
+    config = dict(config)
+    return dict(config, network=deserialize_network(config.pop("network"), custom_objects))
 
 
 def load_model(
