@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import critics as critics_lib
+from keras_bpq import targets as targets_lib
 
 if TYPE_CHECKING:
     from keras_bpq.model import BackpropQModel
@@ -257,6 +258,13 @@ class ExactCritic(critics_lib.Critic):
     and averaging over `num_continuous_draws` draws of later continuous nodes.
     Inject it with `model.compile(critics={node: ExactCritic(model, node)})` to
     test estimators that are unbiased when their critic is exact.
+
+    Its `heads` are fixed when it is made, from the model's discovered SCG
+    (`model.scg()` first): by default every head of `node` that is not exact
+    (`targets.learned_heads`). Where the compiled estimators serve some of
+    them by common noise (`CriticCV(common_noise=True)`, as `auto` does),
+    pass the heads the node learns (`critics.learned_heads`) as `heads`:
+    `compile` refuses a critic whose heads differ from them.
     """
 
     def __init__(
@@ -265,15 +273,18 @@ class ExactCritic(critics_lib.Critic):
         node: str,
         num_continuous_draws: int = 64,
         max_configurations: int = 4096,
+        heads: Optional[Sequence[str]] = None,
     ) -> None:
+        if model.known_scg is None:
+            raise ValueError(
+                f"ExactCritic(model, {node!r}): the model's SCG is not known yet. "
+                "Compile the model and call model.scg(example_inputs) first."
+            )
         self.model = model
         self.node = node
         self.num_continuous_draws = num_continuous_draws
         self.max_configurations = max_configurations
-
-    @property
-    def heads(self) -> Tuple[str, ...]:
-        return critics_lib.learned_heads(self.model.known_scg, self.model.node_estimators)[self.node]
+        self.heads = tuple(heads) if heads is not None else targets_lib.learned_heads(model.known_scg)[node]
 
     def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         model, scg = self.model, self.model.known_scg

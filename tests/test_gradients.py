@@ -409,14 +409,17 @@ class _Constant(critics.Critic):
 def test_a_given_critic_must_predict_exactly_the_heads_its_node_learns():
     """On the tree `auto` serves z1's `cost_a` by common noise (its later node
     `a` is Bernoulli) and learns `cost_b` (`b` is Categorical): a given critic
-    claiming both is refused, not silently overridden; `ExactCritic` predicts
-    the learned one, and the estimator with it stays unbiased."""
+    claiming both (as `ExactCritic` does by default) is refused, not silently
+    overridden; an `ExactCritic` of the learned one keeps the estimator
+    unbiased."""
     model, x = graphs.tree()
     model.compile(optimizer="adam")
-    assert critics.learned_heads(model.scg(), model.node_estimators) == {"z1": ("cost_b",)}
+    learned = critics.learned_heads(model.scg(), model.node_estimators)
+    assert learned == {"z1": ("cost_b",)}
+    every, oracle = diagnostics.ExactCritic(model, "z1"), diagnostics.ExactCritic(model, "z1", heads=learned["z1"])
     with pytest.raises(ValueError, match=r"predicts heads \['cost_a', 'cost_b'\], but the node learns heads \['cost_b'\]"):
         model.compile(optimizer="adam", critics={"z1": _Constant(("cost_a", "cost_b"))})
-    oracle = diagnostics.ExactCritic(model, "z1")
+    with pytest.raises(ValueError, match=r"predicts heads \['cost_a', 'cost_b'\]"):
+        model.compile(optimizer="adam", critics={"z1": every})
     model.compile(optimizer="adam", critics={"z1": oracle}, jit_compile=True)
-    assert oracle.heads == ("cost_b",)
     assert_unbiased(model, x, num_draws=1000)
