@@ -1229,13 +1229,15 @@ def auto(info: graph.NodeInfo, num_samples: int = 1) -> Estimator:
     whatever the critic's state are chosen:
 
     * `Reparam` for reparameterised nodes;
-    * for Bernoulli nodes `CriticCV`: with at most `AUTO_EXACT_FLIPS` units,
+    * for Bernoulli nodes `CriticCV(common_noise=True)` (the costs past later
+      Bernoulli nodes re-evaluated with those nodes redrawn from this pass's
+      noise, so no critic is learned for them): with at most `AUTO_EXACT_FLIPS` units,
       every unit's flip exact; with more, every flip expanded to first order
       and `AUTO_EXACT_FLIPS` exact flips per example correcting it
       (`linearize=True`), the units drawn where the correction's variance
       lies (`unit_sampling="importance"`), which keeps most of the full sum's
       variance reduction at a small fraction of its cost on wide layers;
-    * `CriticCV` for Categorical nodes whose local sum has at most
+    * `CriticCV(common_noise=True)` for Categorical nodes whose local sum has at most
       `MAX_SUPPORT` outcomes (exact sums over every outcome; for a factorised
       node of `n` choices of `K` outcomes, over each factor's `K - 1` other
       outcomes, `n (K - 1)` in all);
