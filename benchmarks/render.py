@@ -1184,6 +1184,9 @@ HEADLINE_SBN = {
     "fashion_mnist_nonlinear": "Fashion-MNIST nonlinear",
     "digits_two_layer": "digits two-layer",
 }
+# equal_time.json's section `<task's section><HEADLINE_LONG>` (`--out_tag`) holds
+# a task's run at longer budgets, its rows under the task's own.
+HEADLINE_LONG = "_long"
 HEADLINE_KG = {"umls": "KG UMLS", "kinship": "KG Kinship"}
 KG_CRITIC_FREE = {"minerva": "MINERVA's estimator", "rloo": "`rloo`"}
 
@@ -1210,13 +1213,16 @@ def headline_overhead(overhead, tag):
 
 
 def headline_sbn_rows(tag, label, entry, overhead):
-    """A row per budget of equal_time.json's section `tag` (None: not run)."""
-    package = headline_overhead(overhead, tag)
+    """A row per budget of equal_time.json's section `tag` (None: not run);
+    `overhead` None leaves target 3's cell empty (a task's long-budget run).
+    The step ratio is blank where the run trained no `reinforce` arm."""
+    package = headline_overhead(overhead, tag) if overhead is not None else ""
     if entry is None:
         return [[label, "not run", "", "", "", "", package, ""]]
     runs = entry["runs"]
-    step = (common.median([r["auto"]["ms_per_step"] for r in runs])
-            / common.median([r["reinforce"]["ms_per_step"] for r in runs]))
+    step = (times(common.median([r["auto"]["ms_per_step"] for r in runs])
+                  / common.median([r["reinforce"]["ms_per_step"] for r in runs]))
+            if "reinforce" in runs[0] else "")
     machine = entry["machine"]
     load = [pages.start_load(machine)[0], entry["load_end"][0]]
     measured = f"{pages.commit_text(machine) or 'commit not recorded'}, load {span(load, '.1f')}"
@@ -1227,8 +1233,16 @@ def headline_sbn_rows(tag, label, entry, overhead):
                      bold(number(values["auto"], ".2f"), winner == "auto"),
                      bold(number(values[free], ".2f"), winner == free) + f" (`{free}`)",
                      "default" if winner == "auto" else f"`{winner}`",
-                     *([times(step), package, measured] if i == 0 else ["", "", ""])])
+                     *([step, package, measured] if i == 0 else ["", "", ""])])
     return rows
+
+
+def headline_task_rows(tag, label, equal_time, overhead):
+    """The task's rows (`headline_sbn_rows`), then those of its long-budget
+    section where equal_time.json holds one."""
+    long = equal_time.get(tag + HEADLINE_LONG)
+    return (headline_sbn_rows(tag, label, equal_time.get(tag), overhead)
+            + (headline_sbn_rows(tag, "", long, None) if long is not None else []))
 
 
 def kg_measured(machines):
@@ -1287,7 +1301,7 @@ def headline_table(equal_time, overhead, kg, kg_time=None):
     HEADLINE_SBN and HEADLINE_KG, "not run" where its report has no section for it."""
     equal_time = sections(equal_time)
     rows = [row for tag, label in HEADLINE_SBN.items()
-            for row in headline_sbn_rows(tag, label, equal_time.get(tag), overhead)]
+            for row in headline_task_rows(tag, label, equal_time, overhead)]
     kg_time = sections(kg_time or {})
     rows += [row for dataset, label in HEADLINE_KG.items()
              for row in headline_kg_rows(dataset, label, kg, kg_time)]
@@ -1297,8 +1311,9 @@ def headline_table(equal_time, overhead, kg, kg_time=None):
          "measured at (commit, 1-min load)"], rows, "llrrlrll")
     note = (
         "Rendered by `benchmarks/render.py` from `results/equal_time.json` (test -ELBO per "
-        "budget, medians over seeds; the default's step over `reinforce`'s: their median ms per step in the same "
-        "run; measured at: the section's commit and the 1-minute load average at its start and end), "
+        "budget, medians over seeds, the best critic-free of the arms each run trained; a task's longer budgets "
+        f"from its section `<task>{HEADLINE_LONG}`; the default's step over `reinforce`'s: their median ms per "
+        "step in the same run; measured at: the section's commit and the 1-minute load average at its start and end), "
         "`results/overhead.json` (package / hand-written step: the range over the estimators "
         "run on that net of the median-over-rounds ratio, and of their 1-minute loads; commit "
         f"{pages.commit_text(overhead['machine']) or 'not recorded'}), `results/kg_equal_time.json` (KG rows "

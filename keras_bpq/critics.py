@@ -142,9 +142,12 @@ class AllOutcomes(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> AllOutcomes:
-        config = dict(config)
-        config["network"] = keras.saving.deserialize_keras_object(config["network"])
-        return cls(**config)
+        return cls(**_with_network(config))
+
+
+def _with_network(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A layer's config with its `network` deserialised (`from_config`)."""
+    return dict(config, network=keras.saving.deserialize_keras_object(config["network"]))
 
 
 class Critic:
@@ -266,9 +269,7 @@ class NodeCritic(keras.layers.Layer, Critic):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> NodeCritic:
-        config = dict(config)
-        config["network"] = keras.saving.deserialize_keras_object(config["network"])
-        return cls(**config)
+        return cls(**_with_network(config))
 
 
 # -- the critic set --------------------------------------------------------------

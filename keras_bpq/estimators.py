@@ -259,12 +259,7 @@ class Reparam(Estimator):
     keeps_gradient = True
 
     def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
-        if not info.reparameterized:
-            raise ValueError(
-                f"Estimator 'reparam' cannot serve node {info.name!r}: its "
-                f"{info.distribution} distribution is not reparameterised. Use "
-                "'reinforce' (or 'auto')."
-            )
+        _check_reparameterized(self.name, info, "'reinforce' (or 'auto')")
 
     def surrogate(self, step: NodeStep) -> tf.Tensor:
         return tf.zeros_like(step.downstream)
@@ -450,6 +445,14 @@ def _check_binary(name, info):
         raise ValueError(
             f"Estimator {name!r} cannot serve node {info.name!r}: it needs a "
             f"Bernoulli node, not {info.distribution}."
+        )
+
+
+def _check_reparameterized(name, info, instead):
+    if not info.reparameterized:
+        raise ValueError(
+            f"Estimator {name!r} cannot serve node {info.name!r}: its "
+            f"{info.distribution} distribution is not reparameterised. Use {instead}."
         )
 
 
@@ -739,12 +742,7 @@ class Pathwise(Estimator):
     needs_critic = True
 
     def check(self, info: graph.NodeInfo, num_samples: int = 1) -> None:
-        if not info.reparameterized:
-            raise ValueError(
-                f"Estimator 'pathwise' cannot serve node {info.name!r}: its "
-                f"{info.distribution} distribution is not reparameterised. Use "
-                "'critic_cv' or 'reinforce' (or 'auto')."
-            )
+        _check_reparameterized(self.name, info, "'critic_cv' or 'reinforce' (or 'auto')")
 
     def surrogate(self, step: NodeStep) -> tf.Tensor:
         record = step.record

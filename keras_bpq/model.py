@@ -13,7 +13,6 @@ the samples is not estimated (make such a term a cost if it should be).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -253,9 +252,7 @@ class BackpropQModel(
         return True
 
     def _ready(self, x):
-        """The SCG of inputs like `x` (`scg`), with the estimator state and
-        critics created on first use (`discovery.create_training_state`;
-        `build_training_state` also builds the optimizers)."""
+        """`scg(x)`, with the training state created on first use (`discovery.create_training_state`)."""
         scg = self.scg(x)
         if not self.training_state.built:
             self.critic_optimizer = discovery.create_training_state(
@@ -268,11 +265,9 @@ class BackpropQModel(
         compiled; None before the training state exists."""
         if not self.training_state.built:
             return None
-        setup = self._setup
-        return critics_lib.CriticSet(
-            setup.scg, self.training_state.critics, self.critic_variables, setup.critic_options,
-            self.critic_optimizer, setup.q_function, self.training_state.steps,
-        )
+        setup, state = self._setup, self.training_state
+        return critics_lib.CriticSet(setup.scg, state.critics, self.critic_variables, setup.critic_options,
+                                     self.critic_optimizer, setup.q_function, state.steps)
 
     # -- variables ---------------------------------------------------------
     @property
@@ -339,17 +334,21 @@ class BackpropQModel(
 
     # -- the step ----------------------------------------------------------
     def train_step(self, data: Any) -> Dict[str, Any]:
-        """`keras.Model.train_step`: one step of `keras_bpq.step.train` on the batch."""
+        """`keras.Model.train_step`: the stages of `keras_bpq.step` (forward pass and surrogate,
+        gradients, the critics' evaluation, every update or none), then the metrics."""
         x, y, sample_weight = data_lib.unpack(data)
-        scg = self._ready(x)
-        actor_variables = self.actor_variables
+        scg, actor_variables, critics = self._ready(x), self.actor_variables, self.critic_set()
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
-        # What the step may write, read before anything writes it (`step.train`).
-        written = callbacks_lib.model_step_variables(self)
-        forward, evaluation = step_lib.train(
-            functools.partial(self.run_forward, x, y, training=True, sample_weight=sample_weight), scg,
-            self._setup, self.training_state, self.optimizer, actor_variables, self.critic_set(), written,
+        snapshot = step_lib.Snapshot.read(callbacks_lib.model_step_variables(self))
+        with tf.GradientTape() as tape:
+            forward = self.run_forward(x, y, training=True, sample_weight=sample_weight)
+            loss = step_lib.actor_loss(forward, self.optimizer)
+        grads = tape.gradient(loss, actor_variables)
+        evaluation = critics.evaluate(forward, with_gradient=True)
+        step_lib.apply(
+            scg, self._setup, self.training_state, self.optimizer, actor_variables, critics, forward, grads,
+            evaluation, snapshot,
         )
         return self._update_metrics(forward, evaluation)
 

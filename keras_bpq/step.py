@@ -1,20 +1,30 @@
-"""One training step of a `BackpropQModel`, from its forward pass to its
-updates (`train`).
+"""The stages of a `BackpropQModel`'s training step, from its forward pass to
+its updates; `BackpropQModel.train_step` runs them in order.
 
 The actor minimises the surrogate `L = sum_X L_X + sum_c c + R` of the pass
 (`forward.run`), whose gradient estimates `grad J`, `J(theta) = E[sum_c c]`;
 the critics regress on their targets (`critics.CriticSet`); the estimators
-update their own state. The step's status (`callbacks.step_status`: a
-non-finite cost or gradient, a Categorical mask row that allows no outcome, a
-loss-scale overflow) decides whether any of it happens: every update of the
-step is applied, or none (`distribute.apply_updates`), and a step that would
-write a non-finite value is undone.
+update their own state. The stages:
+
+1. `Snapshot.read`: the values of every variable the step may write, read
+   before anything writes them (the forward pass too: it may update
+   statistics such as BatchNormalization's);
+2. the forward pass and its surrogate under a gradient tape, and
+   `actor_loss`, the loss whose gradient the actor's optimizer takes;
+3. the actor's gradients (`tape.gradient`) and the critics' evaluation of
+   the pass (`critics.CriticSet.evaluate`);
+4. `apply`: the step's status (`callbacks.step_status`: a non-finite cost
+   or gradient, a Categorical mask row that allows no outcome, a loss-scale
+   overflow) decides whether any update happens: every update of the step is
+   applied, or none (`distribute.apply_updates`), and a step that would
+   write a non-finite value is undone from the snapshot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -33,41 +43,54 @@ if TYPE_CHECKING:
     from keras_bpq import state as state_lib
 
 
-def train(
-    run_forward: Callable[[], forward_lib.ForwardPass],
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The values of every variable a step may write, taken before it writes
+    any: `variables[i]` held `values[i]`."""
+
+    variables: List[tf.Variable]
+    values: List[tf.Tensor]
+
+    @classmethod
+    def read(cls, written: Sequence[Tuple[tf.Variable, str]]) -> Snapshot:
+        """Reads `written`, `[(variable, role)]` (`callbacks.model_step_variables`)."""
+        variables = [v for v, _ in written]
+        return cls(variables, [tf.identity(v.value) for v in variables])
+
+
+def actor_loss(forward: forward_lib.ForwardPass, optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
+    """The loss whose gradient the actor's `optimizer` applies: the weighted
+    mean of the pass's surrogate plus its regularisation, divided by the
+    number of replicas (optimizers sum gradients over replicas: this makes
+    the global mean), and scaled by the optimizer's loss scale (a
+    `LossScaleOptimizer` under mixed_float16, or `loss_scale_factor=`;
+    `apply` unscales)."""
+    loss = costs_lib.weighted_mean(forward.surrogate, forward.weights) + forward.regularization
+    return optimizer.scale_loss(loss / distribute.num_replicas())
+
+
+def apply(
     scg: graph.SCG,
     setup: discovery.Setup,
     training_state: state_lib.TrainingState,
     optimizer: keras.optimizers.Optimizer,
     actor_variables: Sequence[tf.Variable],
     critics: critics_lib.CriticSet,
-    written: Sequence[Tuple[tf.Variable, str]],
-) -> Tuple[forward_lib.ForwardPass, Optional[critics_lib.CriticEvaluation]]:
-    """Runs one training step and returns its forward pass and the critics'
-    evaluation of it (for the metrics).
+    forward: forward_lib.ForwardPass,
+    grads: Sequence[Optional[tf.Tensor]],
+    evaluation: Optional[critics_lib.CriticEvaluation],
+    snapshot: Snapshot,
+) -> None:
+    """Applies every update of one step, or none, and reports the step's
+    status to `training_state`.
 
-    Takes the step's forward pass (`run_forward()`, a `forward.ForwardPass`
-    of the batch, run under the gradient tape), the batch's `scg`, the
-    model's compiled `setup` (`discovery.Setup`), its `training_state`, the
-    actor's `optimizer` and `actor_variables`, its `critics`
-    (`critics.CriticSet`) and `written`, `[(variable, role)]`, every variable
-    the step may write (`callbacks.model_step_variables`), whose values it
-    reads before anything writes them (the forward pass too: it may update
-    statistics such as BatchNormalization's) to undo a step that would write
-    a non-finite value. Reports the step's status to `training_state`.
+    Takes the batch's `scg`, the model's compiled `setup`
+    (`discovery.Setup`), its `training_state`, the actor's `optimizer`,
+    `actor_variables` and their `grads` (of `actor_loss`), its `critics`
+    (`critics.CriticSet`) and their `evaluation` of the step's `forward`
+    pass, and the `snapshot` read before the step, from which a step that
+    would write a non-finite value is undone.
     """
-    replicas = distribute.num_replicas()
-    saved = [tf.identity(v.value) for v, _ in written]
-    # Forward pass and surrogate.
-    with tf.GradientTape() as tape:
-        forward = run_forward()
-        # Optimizers sum gradients over replicas: this makes the global mean.
-        loss = (costs_lib.weighted_mean(forward.surrogate, forward.weights) + forward.regularization) / replicas
-        # Loss scaling (mixed_float16 wraps the optimizer in a
-        # LossScaleOptimizer; or loss_scale_factor=): apply() unscales.
-        scaled = optimizer.scale_loss(loss)
-    # Gradients: the actor's, the critics' (on their targets), the estimators' own.
-    grads = tape.gradient(scaled, actor_variables)
     # A LossScaleOptimizer skips steps whose scaled gradient overflows, and
     # lowers its scale: the step is skipped whole then (`overflow`), and
     # reported only when it overflowed at a scale of at most 1.
@@ -81,14 +104,12 @@ def train(
             scg, forward.costs, grads, _keras_compat.loss_scale(optimizer),
             training_state.past_warmup(options.warmup), status, row,
         )
-    evaluation = critics.evaluate(forward, with_gradient=True)
     values = distribute.StepValues(
         grads, [] if evaluation is None else evaluation.grads,
         *forward_lib.estimator_signals(scg, estimators, forward),
         critics.inputs(forward, evaluation) if options.steps > 1 else None,
         replay_lib.step_rows(training_state.replay_buffer, forward),
     )
-    # Apply: every update of the step, or none.
     skip = distribute.global_sum(tf.cast(tf.not_equal(status, 0), tf.float32)) > 0
     updates = distribute.StepUpdates(
         critics=functools.partial(critics.update, evaluation, forward),
@@ -99,9 +120,8 @@ def train(
         warmup=options.warmup,
         replay=replay_lib.step_updates(training_state.replay_buffer, setup.replay, critics),
     )
-    undone = distribute.apply_updates(skip, updates, values, [v for v, _ in written], saved, overflow)
+    undone = distribute.apply_updates(skip, updates, values, snapshot.variables, snapshot.values, overflow)
     # A step that would have written a non-finite value was undone: code
     # -2 - i names the first such variable, written[i].
     status = tf.where(tf.logical_and(tf.equal(status, 0), undone >= 0), -2 - undone, status)
     training_state.report(status, row)
-    return forward, evaluation

@@ -87,6 +87,31 @@ def test_a_task_missing_from_equal_time_renders_as_not_run(render):
         assert rows[task].startswith(f"| {task} | not run |"), rows[task]
 
 
+def test_a_tasks_long_budget_section_renders_under_the_task(render):
+    machine = {"commit": "abc1234", "load_average": [1.0, 1.0, 1.0]}
+    arm = {"ms_per_step": 2.0, "compile_seconds": 1.0}
+
+    def section(budget, values, winner, commit):
+        arms = {name: {**arm, "ms_per_step": 3.0 if name == "auto" else 2.0} for name in values}
+        return {"runs": [arms], "machine": {**machine, "commit": commit}, "load_end": [2.0, 2.0, 2.0],
+                "summary": [{"budget": budget, "values": values, "best_critic_free": "disarm", "winner": winner}]}
+
+    equal_time = {
+        "fashion_mnist_linear": section(
+            "60", {"auto": 250.0, "disarm": 251.0, "rloo": 252.0, "reinforce": 260.0}, "auto", "abc1234"),
+        "fashion_mnist_linear" + render.HEADLINE_LONG: section(
+            "600", {"auto": 241.0, "disarm": 240.0, "rloo": 242.0}, "disarm", "def5678"),
+    }
+    table = render.headline_table(equal_time, {"machine": machine, "results": []}, {"machine": [], "runs": []})
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    task = next(i for i, line in enumerate(lines) if line.startswith("| Fashion-MNIST linear 784-200 |"))
+    assert lines[task].startswith(
+        "| Fashion-MNIST linear 784-200 | 60 s | **250.00** | 251.00 (`disarm`) | default | 1.50x |")
+    # The long run trained no reinforce arm: no step ratio; its own commit.
+    assert lines[task + 1].startswith("|  | 600 s | 241.00 | **240.00** (`disarm`) | `disarm` |  |  | def5678, load ")
+    assert lines[task + 2].startswith("| Fashion-MNIST two-layer | not run |")
+
+
 def test_the_headline_replaces_only_what_lies_between_its_markers(render):
     page = f"prose\n\n{render.HEADLINE_START}\n\nold table\n\n{render.HEADLINE_END}\n\nmore prose\n"
     assert render.with_headline(page, "new table") == (
