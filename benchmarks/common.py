@@ -6,9 +6,11 @@ Importing: the scripts run as `python benchmarks/<script>.py`, so this folder
 is first on `sys.path` and they `import common`. This module is the one place
 that reaches outside the folder: `example(name)` loads `examples/<name>.py`,
 `sbn_benchmark()` loads `benchmarks/sbn.py`, `test_graphs()` loads the small
-graphs of `tests/graphs.py`, and `checkout_first()` puts this
-checkout's `keras_bpq` ahead of an installed one. No script edits `sys.path`
-or uses `importlib` itself.
+graphs of `tests/graphs.py`, and importing it puts this checkout's
+`keras_bpq` ahead of an installed one (`checkout_first`: an editable install
+of another checkout would otherwise be the one timed, while the results
+record this checkout's commit). No script edits `sys.path` or uses
+`importlib` itself.
 
 TensorFlow is imported inside the functions that need it, so a script can set
 up its devices (e.g. `scaling.py`'s virtual CPUs) after importing this module.
@@ -71,9 +73,13 @@ def test_graphs():
 
 def checkout_first():
     """Puts this checkout ahead of an installed `keras_bpq` on `sys.path`, so a
-    script times this checkout's package (call it before importing keras_bpq)."""
+    script times this checkout's package (done when this module is imported,
+    before the scripts import keras_bpq)."""
     if sys.path[:2] != [sys.path[0], ROOT]:
         sys.path.insert(1, ROOT)
+
+
+checkout_first()
 
 
 # ----------------------------------------------------------------------------- machine

@@ -58,8 +58,6 @@ import tensorflow as tf  # noqa: E402
 import common  # noqa: E402
 import render  # noqa: E402
 
-# Time this checkout's package, not whichever keras_bpq is installed.
-common.checkout_first()
 from keras_bpq import estimators  # noqa: E402
 
 # benchmarks/profile_step.py (its batches; it loads benchmarks/sbn.py: flags,

@@ -34,10 +34,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import common  # noqa: E402
 from keras_bpq import estimators  # noqa: E402
 from keras_bpq import q_values  # noqa: E402
-
-import common  # noqa: E402
 
 sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
 

@@ -31,9 +31,8 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_bpq import diagnostics  # noqa: E402
-
 import common  # noqa: E402
+from keras_bpq import diagnostics  # noqa: E402
 import render  # noqa: E402
 
 sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models

@@ -380,6 +380,9 @@ def _factor_outcomes(record):
 
 
 UNIT_SAMPLING = ("uniform", "importance")
+# The uniform share of `subset_units`' importance draws: every weight is at
+# most `U / (S IMPORTANCE_FLOOR)`, whatever the logits.
+IMPORTANCE_FLOOR = 1e-3
 
 
 def subset_units(
@@ -396,18 +399,23 @@ def subset_units(
       uniform offset, `S` evenly spaced points on the CDF: `n_u` is the floor
       or the ceiling of `S pi_u`), `scale = 1 / (S pi_u)`, where
 
-          pi_u  proportional to  w_u (s_u + mean_v s_v),   w_u = p_u (1 - p_u),
+          pi_u = (1 - eps) q_u + eps / U,   q_u  proportional to  w_u (s_u + mean_v s_v),
 
-      and `s = sizes` (`[batch, U]`, e.g. `|D^_u|`, the expanded flips; ones
-      when None). Unit `u`'s term in the local sum's gradient is
-      `grad p_u(x_u) D_u`, `grad p_u(x_u) = +-w_u grad logit_u`, so its share
-      of the subset's variance grows with `w_u |D_u|` (`|D_u - D^_u|` with
-      `linearize`), and a draw in proportion to it is the variance-minimising
-      one. Units near saturation (most units, late in training) carry almost
-      none; adding the mean size keeps every unit with `w_u > 0` drawable
-      whatever `sizes` says. A unit with `w_u = 0` (saturated in float32) is
-      never drawn and its term is zero. `pi` is held fixed (stop-gradient):
-      the identity above holds for any `pi`.
+      `w_u = p_u (1 - p_u)`, and `s = sizes` (`[batch, U]`, e.g. `|D^_u|`,
+      the expanded flips; ones when None). Unit `u`'s term in the local sum's
+      gradient is `grad p_u(x_u) D_u`, `grad p_u(x_u) = +-w_u grad logit_u`,
+      so its share of the subset's variance grows with `w_u |D_u|`
+      (`|D_u - D^_u|` with `linearize`), and a draw in proportion to it is the
+      variance-minimising one. Units near saturation (most units, late in
+      training) carry almost none; adding the mean size keeps every unit with
+      `w_u > 0` drawable whatever `sizes` says. The uniform share
+      `eps = IMPORTANCE_FLOOR` bounds every weight by `U / (S eps)`: a unit
+      saturated in float32 (`w_u` about `exp(-|logit_u|)`) would otherwise
+      get a weight that overflows when a draw reaches it (its term is about
+      zero). `pi_u` is the width of unit `u`'s interval of the CDF as float32
+      holds it (the CDF ends at exactly 1), the probability the draw really
+      gives it. `pi` is held fixed (stop-gradient): the identity above holds
+      for any `pi`.
     """
     record = step.record
     logits = _flat(tf.cast(record.params, tf.float32))
@@ -415,21 +423,35 @@ def subset_units(
     if unit_sampling == "uniform":
         unit = tf.math.top_k(step.uniform(tf.shape(logits)), k=units).indices
         return unit, tf.fill(tf.shape(unit), total / units)
-    # log w_u, finite for finite logits; the CDF of pi over the units in order.
+    # log w_u, finite for finite logits; q, normalised in log space.
     log_w = tf.stop_gradient(tf.math.log_sigmoid(logits) + tf.math.log_sigmoid(-logits))
     if sizes is not None:
         mean = tf.reduce_mean(sizes, axis=1, keepdims=True)
         log_w += tf.math.log(tf.where(mean > 0, sizes + mean, 1.0))
-    log_pi = log_w - tf.reduce_logsumexp(log_w, axis=1, keepdims=True)
-    cdf = tf.math.cumsum(tf.exp(log_pi), axis=1)
-    # One uniform offset per example, S evenly spaced points: unit u is drawn
-    # floor or ceil of S pi_u times, S pi_u in expectation.
-    offset = step.uniform([tf.shape(logits)[0], 1])
-    points = (offset + tf.range(units, dtype=tf.float32)[None]) / units
-    below = tf.cast(cdf[:, None, :] <= points[:, :, None], tf.int32)
-    unit = tf.minimum(tf.reduce_sum(below, axis=2), total - 1)
-    scale = tf.exp(-tf.gather(log_pi, unit, batch_dims=1)) / units
-    return unit, scale
+    q = tf.exp(log_w - tf.reduce_logsumexp(log_w, axis=1, keepdims=True))
+    pi = (1.0 - IMPORTANCE_FLOOR) * q + IMPORTANCE_FLOOR / total
+    return systematic_draw(pi, step.uniform([tf.shape(logits)[0], 1]), units)
+
+
+def systematic_draw(pi: tf.Tensor, offset: tf.Tensor, units: int) -> Tuple[tf.Tensor, tf.Tensor]:
+    """`(unit, scale)`, both `[batch, S]` (`S = units`): systematic sampling
+    of `S` units per row of `pi` (`[batch, U]`, probabilities summing to 1)
+    with `offset` (`[batch, 1]`, uniform on `[0, 1)`): the `S` evenly spaced
+    points `(offset + k) / S` on the CDF of `pi`, so unit `u` is drawn the
+    floor or the ceiling of `S pi_u` times, `S pi_u` in expectation, and its
+    weight `scale = 1 / (S pi_u)` makes `E[sum_s scale_s f(unit_s)] = sum_u
+    f(u)`. Float32 rounding leaves the running sum of `pi` a little off 1:
+    the CDF is the running sum over its total, ending at exactly 1, the
+    points stay below 1, and `pi_u` is read back as the width of unit `u`'s
+    interval, the probability the draw gives it (a drawn unit's is never
+    zero), so no point falls past the end and no weight inverts a
+    probability that rounding changed."""
+    cumulative = tf.math.cumsum(pi, axis=1)
+    cdf = tf.concat([cumulative[:, :-1] / cumulative[:, -1:], tf.ones_like(cumulative[:, -1:])], axis=1)
+    width = cdf - tf.concat([tf.zeros_like(cdf[:, :1]), cdf[:, :-1]], axis=1)
+    points = tf.minimum((offset + tf.range(units, dtype=tf.float32)[None]) / units, np.nextafter(1.0, 0.0, dtype=np.float32))
+    unit = tf.reduce_sum(tf.cast(cdf[:, None, :] <= points[:, :, None], tf.int32), axis=2)
+    return unit, 1.0 / (units * tf.gather(width, unit, batch_dims=1))
 
 
 def _bernoulli_sample_and_probability(record):

@@ -194,3 +194,19 @@ def test_the_kg_rows_show_equal_wall_clock_before_equal_steps(render):
     assert lines[start + 1].startswith(
         "|  | 180 s | Hits@1 0.580 | **0.600** (MINERVA's estimator; `rloo` 0.550) | MINERVA's estimator |")
     assert lines[start + 2].startswith("| KG Kinship | not run |"), "no equal-steps row without kg.json runs"
+
+
+def test_every_benchmark_imports_common_before_keras_bpq():
+    """Importing `common` puts the benchmark's own checkout first on
+    `sys.path`: a script that imported keras_bpq before it would time an
+    installed (editable) keras_bpq of another checkout, under this one's commit."""
+    late = []
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        lines = path.read_text().splitlines()
+        first = lambda test: next((i for i, line in enumerate(lines) if test(line)), None)  # noqa: E731
+        bpq = first(lambda line: line.startswith(("import keras_bpq", "from keras_bpq")))
+        if bpq is not None and path.name != "common.py":
+            common_at = first(lambda line: line.startswith("import common"))
+            if common_at is None or common_at > bpq:
+                late.append(path.name)
+    assert not late, f"import common before keras_bpq in {late}"

@@ -483,3 +483,37 @@ def test_gumbel_on_masked_categorical_nodes_has_a_measured_bias(record_property)
     assert np.isfinite(samples).all() and np.isfinite(relative)
     # Unbiased, chi2 would be about `live` (sd sqrt(2 live)): the bias shows at 1000 draws.
     assert chi2 > live.sum() + 6 * np.sqrt(2 * live.sum())
+
+
+def test_importance_draws_keep_finite_weights_and_their_expectation_when_units_saturate():
+    """`subset_units(..., "importance")` on logits a trained net reaches (most
+    units saturated, up to |logit| = 100, the last unit among them) and at the
+    offsets' extremes (0 and the largest float32 below 1): every weight is
+    finite and at most `U / (S IMPORTANCE_FLOOR)` (before the floor, a draw
+    past the float32 CDF's end went to the last unit with weight
+    `exp(100) / S`, inf), and over a grid of offsets `E[sum_s scale_s f(unit_s)]
+    = sum_u f(u)` for an `f` shaped like the units' gradient terms."""
+    from types import SimpleNamespace
+
+    from keras_bpq import estimators
+
+    rng = np.random.RandomState(0)
+    units, total, rows = 4, 200, 2**15
+    logits = rng.randn(total).astype(np.float32) * 2.0
+    saturated = rng.rand(total) < 0.75
+    saturated[-1] = True
+    logits[saturated] = rng.choice([-100.0, -60.0, 40.0, 100.0], saturated.sum())
+    sizes = np.abs(rng.randn(total)).astype(np.float32)
+    offsets = np.concatenate([(np.arange(rows - 2) + 0.5) / (rows - 2), [0.0, np.nextafter(1.0, 0.0)]])
+    step = SimpleNamespace(
+        record=SimpleNamespace(params=tf.constant(np.tile(logits, (rows, 1)))),
+        uniform=lambda shape: tf.constant(offsets.astype(np.float32)[:, None]),
+    )
+    unit, scale = estimators.subset_units(step, units, "importance", tf.constant(np.tile(sizes, (rows, 1))))
+    unit, scale = unit.numpy(), scale.numpy()
+    assert np.all(np.isfinite(scale)) and np.all(scale > 0)
+    assert scale.max() <= 1.05 * total / (units * estimators.IMPORTANCE_FLOOR)  # float32 widths: about 1%
+    w = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) / (1.0 + np.exp(logits.astype(np.float64)))
+    f = w * (sizes + sizes.mean()) * rng.choice([-1.0, 1.0], total)
+    estimate = np.mean(np.sum(scale * f[unit], axis=1))
+    assert abs(estimate - f.sum()) <= 1e-3 * np.abs(f).sum(), (estimate, f.sum())
