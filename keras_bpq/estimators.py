@@ -449,7 +449,8 @@ def systematic_draw(pi: tf.Tensor, offset: tf.Tensor, units: int) -> Tuple[tf.Te
     cumulative = tf.math.cumsum(pi, axis=1)
     cdf = tf.concat([cumulative[:, :-1] / cumulative[:, -1:], tf.ones_like(cumulative[:, -1:])], axis=1)
     width = cdf - tf.concat([tf.zeros_like(cdf[:, :1]), cdf[:, :-1]], axis=1)
-    points = tf.minimum((offset + tf.range(units, dtype=tf.float32)[None]) / units, np.nextafter(1.0, 0.0, dtype=np.float32))
+    below_one = np.nextafter(np.float32(1.0), np.float32(0.0))
+    points = tf.minimum((offset + tf.range(units, dtype=tf.float32)[None]) / units, below_one)
     unit = tf.reduce_sum(tf.cast(cdf[:, None, :] <= points[:, :, None], tf.int32), axis=2)
     return unit, 1.0 / (units * tf.gather(width, unit, batch_dims=1))
 
