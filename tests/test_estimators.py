@@ -487,11 +487,13 @@ def test_gumbel_on_masked_categorical_nodes_has_a_measured_bias(record_property)
 
 def test_importance_draws_keep_finite_weights_and_their_expectation_when_units_saturate():
     """`subset_units(..., "importance")` on logits a trained net reaches (most
-    units saturated, up to |logit| = 100, the last unit among them) and at the
-    offsets' extremes (0 and the largest float32 below 1): every weight is
-    finite and at most `U / (S IMPORTANCE_FLOOR)` (before the floor, a draw
-    past the float32 CDF's end went to the last unit with weight
-    `exp(100) / S`, inf), and over a grid of offsets `E[sum_s scale_s f(unit_s)]
+    units saturated, up to |logit| = 100, the first and last units among
+    them) and at the offsets' extremes (0 and the largest float32 below 1):
+    every weight is finite and at most about `U / (S IMPORTANCE_FLOOR)`
+    (before the floor, offset 0 drew a unit of probability about
+    `exp(-60)` with weight `exp(60) / S`, and a point past the float32 CDF's
+    end the last unit with weight `exp(100) / S`, inf), and over a grid of
+    offsets `E[sum_s scale_s f(unit_s)]
     = sum_u f(u)` for an `f` shaped like the units' gradient terms."""
     from types import SimpleNamespace
 
@@ -501,8 +503,9 @@ def test_importance_draws_keep_finite_weights_and_their_expectation_when_units_s
     units, total, rows = 4, 200, 2**15
     logits = rng.randn(total).astype(np.float32) * 2.0
     saturated = rng.rand(total) < 0.75
-    saturated[-1] = True
+    saturated[[0, -1]] = True
     logits[saturated] = rng.choice([-100.0, -60.0, 40.0, 100.0], saturated.sum())
+    logits[[0, -1]] = 100.0
     sizes = np.abs(rng.randn(total)).astype(np.float32)
     offsets = np.concatenate([(np.arange(rows - 2) + 0.5) / (rows - 2), [0.0, np.nextafter(1.0, 0.0)]])
     step = SimpleNamespace(
