@@ -9,6 +9,9 @@ interface:
 
 * `check(info)`: raises at `compile()` if the estimator cannot serve the node;
 * `keeps_gradient`: whether the node's sample keeps its pathwise gradient;
+* `wants_sample_slope(info)`: whether the estimator reads the slope of the
+  node's downstream cost in its sample from the recorded pass
+  (`NodeStep.sample_slope`);
 * `create_state(info, add_weight)`: the node's persistent state, a NamedTuple of
   Keras variables (`NoState`, `BaselineState`, ...);
 * `surrogate(step)`: the per-example surrogate `L_X`, shape `[batch]`;
@@ -108,6 +111,13 @@ class NodeStep:
     # has the expectation of `c_X` with less of the later nodes' noise.
     # None: no such node.
     successor_deviation: Optional[tf.Tensor] = None
+    # [batch, *event] float32, stop-gradient: `g = dc_X/dx`, the slope of the
+    # node's realised downstream cost in its sample read as a real vector
+    # (later samples held), from the recorded pass (`forward.record`). Set
+    # only for estimators that ask (`Estimator.wants_sample_slope`) where
+    # every head of `Q` is exact at the sample, `Q(x, s) = c_X`
+    # (`forward.slope_nodes`); None elsewhere.
+    sample_slope: Optional[tf.Tensor] = None
 
     def batch_mean(self, value: tf.Tensor) -> tf.Tensor:
         """The mean over this replica's rows of a per-row `value` (`[batch]`),
@@ -146,6 +156,11 @@ class Estimator:
         """The node's state, a NamedTuple of variables made by
         `add_weight(name, shape, dtype, initializer="zeros")`."""
         return NoState()
+
+    def wants_sample_slope(self, info: graph.NodeInfo) -> bool:
+        """Whether `surrogate` reads `NodeStep.sample_slope` where the model
+        can give it (every head exact at the sample)."""
+        return False
 
     def surrogate(self, step: NodeStep) -> tf.Tensor:
         raise NotImplementedError
@@ -501,22 +516,28 @@ def _q_at_sample_and_outcomes(step, units=None):
     return q_values[:, 0], q_values[:, 1:], local.weights, local.current
 
 
-def _expanded_flips(step):
-    """`[batch, U]`, stop-gradient: `D^_u = g_u (2 x_u - 1)`, the first-order
-    expansion of `Q(x) - Q(x with unit u flipped)` around the sample, with
-    `g = dQ/dx` from one backward pass through the heads at `x`."""
+def expanded_flips(step):
+    """`(Q(x), D^)`, `[batch]` and `[batch, U]`, stop-gradient: the heads at
+    the sample and `D^_u = g_u (2 x_u - 1)`, the first-order expansion of
+    `Q(x) - Q(x with unit u flipped)` around the sample, with `g = dQ/dx`.
+    Where every head is exact at the sample, `Q(x) = c_X` and `g` is the
+    recorded pass's `NodeStep.sample_slope`: no pass of its own. Else `g`
+    comes from one backward pass through the heads at `x`."""
     sample = step.record.sample
     flat = tf.cast(_flat(sample), tf.float32)
+    if step.sample_slope is not None:
+        slope = tf.cast(_flat(step.sample_slope), tf.float32)
+        return tf.stop_gradient(step.downstream), tf.stop_gradient(slope * (2.0 * flat - 1.0))
     with tf.GradientTape() as tape:
         tape.watch(flat)
         q = step.q(tf.reshape(flat, [-1, 1] + list(sample.shape[1:])))
     slope = tape.gradient(q, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return tf.stop_gradient(slope * (2.0 * flat - 1.0))
+    return tf.stop_gradient(q[:, 0]), tf.stop_gradient(slope * (2.0 * flat - 1.0))
 
 
 def _expansion_correction(step, expanded, unit, scale):
     """`sum_u p_u(x_u) D^_u - sum_s scale_s p_s(x_s) D^_s` (`CriticCV`'s
-    `linearize`; `expanded` is `D^`, `_expanded_flips`): the expansion summed
+    `linearize`; `expanded` is `D^`, `expanded_flips`): the expansion summed
     over every unit, less its weighted sum over the drawn subset `unit`
     (`[batch, S]`, weights `scale` from `subset_units`), whose exact flips
     replace it in the local sum."""
@@ -559,7 +580,9 @@ class CriticCV(Estimator):
     With `linearize=True` (Bernoulli nodes, `units=S`), every unit's flip
     first gets the first-order expansion of `Q` around the sample, from one
     backward pass through the heads (`g = dQ/dx` at `x`, the sample read as a
-    real vector):
+    real vector; where every head is exact at the sample, `Q(x) = c_X` and
+    `g` is the slope of `c_X` that one backward pass of the recorded forward
+    pass gives every such node, `NodeStep.sample_slope`):
 
         D^_u = Q(x) - Q(x with u flipped) ~= g_u (2 x_u - 1),
 
@@ -677,16 +700,27 @@ class CriticCV(Estimator):
                 "Leave units=None for it (a per-node dict of estimators)."
             )
 
+    def wants_sample_slope(self, info: graph.NodeInfo) -> bool:
+        return self.linearize and not self._every_unit(info)
+
+    def _every_unit(self, info):
+        return self.units is None or self.units >= int(np.prod(info.event_shape))
+
     def surrogate(self, step: NodeStep) -> tf.Tensor:
         return self.surrogate_and_deviation(step)[0]
 
     def surrogate_and_deviation(self, step: NodeStep) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
-        every_unit = self.units is None or self.units >= int(np.prod(step.info.event_shape))
-        expanded = _expanded_flips(step) if self.linearize and not every_unit else None
+        every_unit = self._every_unit(step.info)
+        expanded = None
+        if self.linearize and not every_unit:  # the heads at the sample come with the expansion
+            q_x, expanded = expanded_flips(step)
         sizes = tf.abs(expanded) if expanded is not None and self.unit_sampling == "importance" else None
         local = local_outcomes(step, self.units, self.unit_sampling, sizes)
-        q_values = step.q(local.values.with_first(step.record.sample))
-        q_x, q_alt = q_values[:, 0], q_values[:, 1:]
+        if expanded is not None:
+            q_alt = step.q(local.values)
+        else:
+            q_values = step.q(local.values.with_first(step.record.sample))
+            q_x, q_alt = q_values[:, 0], q_values[:, 1:]
         cost = step.downstream
         if self.successor_deviations and step.successor_deviation is not None:
             cost -= step.successor_deviation

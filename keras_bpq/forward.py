@@ -10,9 +10,11 @@ samples held fixed unless a node is reparameterised) estimates `grad J`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import (
-    TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple,
+    TYPE_CHECKING, AbstractSet, Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, NamedTuple, Optional,
+    Sequence, Set, Tuple,
 )
 
 import keras
@@ -82,6 +84,7 @@ def record(
     forced: Optional[Mapping[str, tf.Tensor]] = None,
     keep_gradient: Iterable[str] = (),
     noise: Optional[Mapping[str, tf.Tensor]] = None,
+    slopes: AbstractSet[str] = frozenset(),
 ) -> Recording:
     """One recorded forward pass: takes the model's Keras `call` (the model
     itself, `call(x, training=...)`), its `compiled_losses` (per-example
@@ -89,14 +92,32 @@ def record(
     gives a `Recording` whose `total` sums the named costs. `forced` fixes
     node samples by name; only the nodes in `keep_gradient` keep their
     samples' gradient; Bernoulli nodes named in `noise` draw their samples
-    from that uniform noise (`graph.Recorder`)."""
-    with graph.Recorder(forced=forced, keep_gradient=keep_gradient, noise=noise) as rec:
-        y_pred = call(x, training=training)
-    costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
-    if compiled_losses.entries:
-        costs.update(compiled_losses(y, y_pred))
-    total = tf.add_n([costs[name] for name in cost_names])
-    return Recording(y_pred, costs, total, {r.name: r for r in rec.nodes})
+    from that uniform noise (`graph.Recorder`).
+
+    For the nodes named in `slopes`, one backward pass of the recorded pass
+    gives `d total / dx`, per row, at each one's sample `x` read as a real
+    vector (later samples held: they are stop-gradient), in their records'
+    `slope`. The costs outside `C_X` do not depend on `x`, so it is the slope
+    of `c_X`."""
+    tape = tf.GradientTape(watch_accessed_variables=False) if slopes else contextlib.nullcontext()
+    with tape:
+        with graph.Recorder(
+            forced=forced, keep_gradient=keep_gradient, noise=noise, slopes=(tape, slopes) if slopes else None
+        ) as rec:
+            y_pred = call(x, training=training)
+        costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}
+        if compiled_losses.entries:
+            costs.update(compiled_losses(y, y_pred))
+        total = tf.add_n([costs[name] for name in cost_names])
+    records = {r.name: r for r in rec.nodes}
+    if rec.watched:
+        names = sorted(rec.watched)
+        gradients = tape.gradient(
+            total, [rec.watched[n] for n in names], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        for name, gradient in zip(names, gradients):
+            records[name] = dataclasses.replace(records[name], slope=tf.stop_gradient(tf.cast(gradient, tf.float32)))
+    return Recording(y_pred, costs, total, records)
 
 
 def build_surrogate(
@@ -143,6 +164,7 @@ def build_surrogate(
             num_samples=num_samples,
             rerun=q_function.rerun(info, x, y, records),
             successor_deviation=tf.add_n(later) if later else None,
+            sample_slope=records[info.name].slope,
         )
         steps[info.name] = step
         if info.costs:
@@ -177,6 +199,21 @@ def estimator_signals(
         for n in scg.node_names
     ]
     return means, has_data, tuning
+
+
+def slope_nodes(
+    scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator], q_function: q_values.QFunction
+) -> FrozenSet[str]:
+    """The nodes whose recorded pass gives their samples' slopes
+    (`record`, `estimators.NodeStep.sample_slope`): those whose estimator
+    asks (`Estimator.wants_sample_slope`) and whose every head is exact at
+    the sample, exact or common-noise (`q_values`), so that `Q(x, s) = c_X`
+    and the slope of `c_X` is the slope of `Q`."""
+    return frozenset(
+        info.name for info in scg.nodes
+        if estimators[info.name].wants_sample_slope(info)
+        and set(info.costs) <= set(q_values.exact_costs(scg, info)) | set(q_function.common_noise_costs(info))
+    )
 
 
 def kept_gradients(scg: graph.SCG, estimators: Mapping[str, estimators_lib.Estimator]) -> Set[str]:
@@ -230,7 +267,8 @@ def run(
     estimators = setup.node_estimators
     x, y, sample_weight = repeat_rows(setup.num_samples, x, y, sample_weight)
     recording = record(
-        call, setup.compiled_losses, scg.costs, x, y, training, keep_gradient=kept_gradients(scg, estimators)
+        call, setup.compiled_losses, scg.costs, x, y, training, keep_gradient=kept_gradients(scg, estimators),
+        slopes=slope_nodes(scg, estimators, setup.q_function),
     )
     # Read before any re-run of the model's layers replaces their losses.
     regularization = regularization()

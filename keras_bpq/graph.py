@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -46,6 +46,10 @@ class NodeRecord:
     # The uniform noise `u` of a drawn Bernoulli sample `[u < sigmoid(logits)]`
     # (None where the sample was forced, is a mode, or the node keeps none).
     noise: Optional[tf.Tensor] = None
+    # `[batch, *event]` float32, stop-gradient: the slope of the pass's total
+    # cost in the sample read as a real vector, for the nodes `forward.record`
+    # was asked for (`slopes`); None for the others.
+    slope: Optional[tf.Tensor] = None
 
     def log_prob(self) -> tf.Tensor:
         """Per-example `log p(sample | params)`, summed over the event axes."""
@@ -97,6 +101,10 @@ class Recorder:
       noise: `{node_name: u}` uniform noise that Bernoulli nodes draw their
         samples from, `[u < sigmoid(logits)]`, instead of fresh noise: the
         common random numbers of `estimators.CriticCV(common_noise=True)`.
+      slopes: `(tape, names)`: the samples of the nodes named are watched by
+        `tape` (a `tf.GradientTape`) as the nodes return them, and kept by
+        name in `watched`, so that the costs' slopes in them can be taken
+        (`forward.record`). None: nothing is watched.
     """
 
     def __init__(
@@ -106,8 +114,11 @@ class Recorder:
         seeds: Optional[tf.Tensor] = None,
         most_likely: bool = False,
         noise: Optional[Mapping[str, tf.Tensor]] = None,
+        slopes: Optional[Tuple[tf.GradientTape, AbstractSet[str]]] = None,
     ) -> None:
         self.forced = dict(forced or {})
+        self.slopes = slopes
+        self.watched = {}
         self.noise = dict(noise or {})
         self.keep_gradient = frozenset(keep_gradient)
         self.seeds = seeds
@@ -136,6 +147,12 @@ class Recorder:
 
     def add_node(self, record: NodeRecord) -> None:
         self.nodes.append(record)
+
+    def watch(self, name: str, sample: tf.Tensor) -> None:
+        """Watches node `name`'s returned `sample` if its slope is asked for."""
+        if self.slopes is not None and name in self.slopes[1]:
+            self.slopes[0].watch(sample)
+            self.watched[name] = sample
 
     def add_cost(self, name: str, value: tf.Tensor, origin: str = "keras_bpq.add_cost") -> None:
         """Records cost `name`; `origin` says where it comes from (for errors)."""

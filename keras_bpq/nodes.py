@@ -185,6 +185,7 @@ class StochasticNode(keras.layers.Layer):
         if recorder is not None and name not in recorder.keep_gradient:
             sample = tf.stop_gradient(sample)
         if recorder is not None:
+            recorder.watch(name, sample)
             recorder.add_node(graph.NodeRecord(name, self, sample, params, mask, raw_sample, noise))
         return sample
 

@@ -1,5 +1,7 @@
 """Every estimator's mean agrees with the exact gradient computed by enumeration."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -178,6 +180,31 @@ def test_auto_expands_wide_bernoulli_nodes_and_stays_unbiased(jit_compile):
     flips = estimators.AUTO_EXACT_FLIPS
     assert chosen == {n: ("critic_cv", flips, True, "importance") for n in ("z1", "z2")}
     assert_unbiased(model, x, num_draws=1500)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_the_recorded_pass_gives_the_expansion_the_heads_give(jit_compile):
+    """Where every head is exact at the sample (auto on `_wide`: z2's heads
+    exact, z1's exact or common-noise), `Q(x) = c_X` and the slope of `c_X`
+    from the recorded pass replace a pass through the heads, with the same values."""
+    model, x = _wide()
+    model.compile(optimizer="adam")
+    model.run_forward(x)
+
+    @tf.function(jit_compile=jit_compile)
+    def both(x):
+        steps = model.run_forward(x).steps
+        assert all(steps[n].sample_slope is not None for n in ("z1", "z2"))
+        return [
+            (estimators.expanded_flips(steps[n]),
+             estimators.expanded_flips(dataclasses.replace(steps[n], sample_slope=None)))
+            for n in ("z1", "z2")
+        ]
+
+    for (q_x, expanded), (q_heads, expanded_heads) in both(tf.constant(x)):
+        np.testing.assert_allclose(q_x, q_heads, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(expanded, expanded_heads, rtol=1e-4, atol=1e-5)
+        assert np.abs(expanded_heads).max() > 0.1  # the heads' slopes are not trivially zero
 
 
 def test_auto_sums_every_flip_of_narrow_bernoulli_nodes():
