@@ -8,20 +8,13 @@ on fixed binarised batches, so neither Python nor tf.data is in it; each is the
 best of `--repeats` rounds, and the estimators alternate within a round, so a
 ratio compares times taken minutes apart at most.
 
-Pieces of the default's step (`--breakdown`), each timed alone:
+The stages of every compared estimator's step (`--breakdown`, `stages`), each
+timed alone and each a prefix of the next: the recorded forward pass; with
+every node's estimator step and the surrogate; with the actor's gradient; and
+the whole step. Their differences say what an estimator's step adds where.
 
-* `forward`: the recorded forward pass (sampling and costs);
-* `exact <node>` / `learned <node>`: a forward pass and the node's exact heads
-  (costs re-evaluated downstream at the sample and its one-unit flips), or its
-  learned critic heads at the same outcomes;
-* `forward + critics`: critic targets, loss and gradient;
-* `forward + surrogate + backward`: every node's surrogate (all of the above
-  heads) and the actor's gradient.
-
-    python benchmarks/profile_step.py --dataset=fashion_mnist --arch=two_layer
-
-`--breakdown_of=critic_cv_units<S>` (with it in --compare) breaks down
-`estimators.CriticCV(units=S)`'s step instead, its heads at S + 1 outcomes.
+    python benchmarks/profile_step.py --dataset=fashion_mnist --arch=two_layer \
+        --compare=reinforce,disarm,auto
 """
 
 import os
@@ -35,8 +28,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402
-from keras_bpq import estimators  # noqa: E402
-from keras_bpq import q_values  # noqa: E402
 
 sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
 
@@ -45,11 +36,7 @@ flags.DEFINE_list("compare", ["reinforce", "auto"], "Estimators whose whole step
 flags.DEFINE_integer("fit_steps", 200, "Steps per timed fit (whole steps).")
 flags.DEFINE_integer("iterations", 20, "Calls per timed loop (pieces).")
 flags.DEFINE_integer("repeats", 3, "Timed rounds (best reported).")
-flags.DEFINE_bool("breakdown", True, "Also time the pieces of the default's step.")
-flags.DEFINE_string(
-    "breakdown_of", "auto",
-    "The --compare estimator whose step is broken down: 'auto', or 'critic_cv_units<S>' (its local "
-    "sums over S random units per node).")
+flags.DEFINE_bool("breakdown", True, "Also time the cumulative stages of each compared step.")
 
 
 def batches(train, count, seed):
@@ -74,47 +61,26 @@ def loop(fn, jit):
     return timed
 
 
-def pieces(model, x, units=None):
-    """`{name: x -> tensors}` for the pieces of one critic_cv step (local sums
-    over `units` random units per node, None: all)."""
-    scg = model.scg(x)
+def stages(model):
+    """`{name: x -> tensors}`: the cumulative stages of one training step of
+    `model`, each a prefix of the next, so their differences say where the
+    step's time goes: the recorded forward pass; with every node's estimator
+    step and the surrogate (`run_forward`: the heads, draws and expansions);
+    with the actor's gradient. The whole step (fit) adds the critics, the
+    optimizer and the metrics."""
 
     def forward(x):
-        return model.record_forward(x)[2]
+        return model.record_forward(x).total
 
-    def heads(info, kind):
-        def fn(x):
-            _, _, _, records = model.record_forward(x)
-            record = records[info.name]
-            step = estimators.NodeStep(info=info, record=record, downstream=None, state=estimators.NoState())
-            values = estimators.local_outcomes(step, units)[0].with_first(record.sample)
-            context = q_values.context(info, x, records)
-            if kind == "learned":
-                return model.training_state.critics[info.name].q_outcomes(context, values, target=True)
-            exact = tuple(c for c in info.costs if scg.cost_ancestors[c][-1] == info.name)
-            forced = {n: context[n] for n in info.context if n != "inputs"}
-            return model.q_function.downstream_evaluator(info, exact)(x, forced, values, training=True)
+    def surrogate(x):
+        return model.run_forward(x).surrogate
 
-        return fn
-
-    def critics(x):
-        out = model.run_forward(x)
-        return model.critic_set().evaluate(out, with_gradient=True).grads
-
-    def backward(x):
+    def gradient(x):
         with tf.GradientTape() as tape:
-            out = model.run_forward(x)
-            loss = tf.reduce_mean(out.surrogate)
+            loss = tf.reduce_mean(model.run_forward(x).surrogate)
         return tape.gradient(loss, model.actor_variables)
 
-    result = {"forward": forward}
-    for info in scg.nodes:
-        result[f"exact {info.name}"] = heads(info, "exact")
-        if info.name in model.training_state.critics:
-            result[f"learned {info.name}"] = heads(info, "learned")
-    result["forward + critics"] = critics
-    result["forward + surrogate + backward"] = backward
-    return result
+    return {"forward": forward, "+ estimators' surrogates": surrogate, "+ actor gradient": gradient}
 
 
 def main(argv):
@@ -136,16 +102,18 @@ def main(argv):
         print(f"\njit_compile={jit}: whole training step (fit, steps_per_execution 50)")
         for name, seconds in best.items():
             print(f"  {name:<12} {1e3 * seconds:8.2f} ms/step  {seconds / base:5.1f}x {FLAGS.compare[0]}")
-        if not FLAGS.breakdown or FLAGS.breakdown_of not in models:
+        if not FLAGS.breakdown:
             continue
-        model = models[FLAGS.breakdown_of]
-        units = getattr(sbn.estimator_option(FLAGS.breakdown_of), "units", None)  # CriticCV(units=S)
         x = tf.constant(data[0])
-        print(f"  pieces of the {FLAGS.breakdown_of} step (each alone, {FLAGS.iterations} calls per loop):")
-        for name, fn in pieces(model, x, units).items():
-            seconds = loop(fn, jit)(x)
-            print(f"    {name:<32} {1e3 * seconds:8.2f} ms")
-
+        print(f"  stages of the step, cumulative (ms; {FLAGS.iterations} calls per loop, best of {FLAGS.repeats}):")
+        print("    " + " " * 28 + "".join(f"{name:>12}" for name in models))
+        timed = {
+            name: {stage: loop(fn, jit)(x) for stage, fn in stages(model).items()}
+            for name, model in models.items()
+        }
+        for stage in stages(next(iter(models.values()))):
+            print(f"    {stage:<28}" + "".join(f"{1e3 * timed[name][stage]:12.2f}" for name in models))
+        print(f"    {'whole step (fit)':<28}" + "".join(f"{1e3 * best[name]:12.2f}" for name in models))
 
 if __name__ == "__main__":
     flags.FLAGS.set_default("dataset", "fashion_mnist")
