@@ -321,7 +321,7 @@ def learned_heads(
 ) -> Dict[str, Tuple[str, ...]]:
     """`{node: (cost, ...)}`: the heads each node's critic predicts, for nodes
     that have any: none when no estimator needs a critic; otherwise every head
-    that is neither exact (`targets.learned_heads`) nor served by common noise
+    that is neither exact (`targets.inexact_heads`) nor served by common noise
     (`q_values.common_noise_costs`). Every learned head gets a critic, so
     bootstrapped targets always find their successor's critic."""
     if not any(e.needs_critic for e in estimators.values()):
@@ -329,7 +329,7 @@ def learned_heads(
     noise = q_values.common_noise_nodes(estimators)
     heads = {
         n: tuple(c for c in h if c not in q_values.common_noise_costs(scg, scg.node(n), noise))
-        for n, h in targets_lib.learned_heads(scg).items()
+        for n, h in targets_lib.inexact_heads(scg).items()
     }
     return {n: h for n, h in heads.items() if h}
 

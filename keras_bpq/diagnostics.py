@@ -261,7 +261,7 @@ class ExactCritic(critics_lib.Critic):
 
     Its `heads` are fixed when it is made, from the model's discovered SCG
     (`model.scg()` first): by default every head of `node` that is not exact
-    (`targets.learned_heads`). Where the compiled estimators serve some of
+    (`targets.inexact_heads`). Where the compiled estimators serve some of
     them by common noise (`CriticCV(common_noise=True)`, as `auto` does),
     pass the heads the node learns (`critics.learned_heads`) as `heads`:
     `compile` refuses a critic whose heads differ from them.
@@ -284,7 +284,7 @@ class ExactCritic(critics_lib.Critic):
         self.node = node
         self.num_continuous_draws = num_continuous_draws
         self.max_configurations = max_configurations
-        self.heads = tuple(heads) if heads is not None else targets_lib.learned_heads(model.known_scg)[node]
+        self.heads = tuple(heads) if heads is not None else targets_lib.inexact_heads(model.known_scg)[node]
 
     def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         model, scg = self.model, self.model.known_scg

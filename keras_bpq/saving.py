@@ -500,8 +500,7 @@ def network_from_config(
 ) -> Dict[str, Any]:
     """The constructor arguments of a `BackpropQModel` saved by `network_config`,
     its network deserialised with `custom_objects` (`deserialize_network`)."""
-    config = dict(config)
-    return dict(config, network=deserialize_network(config.pop("network"), custom_objects))
+    return dict(config, network=deserialize_network(config["network"], custom_objects))
 
 
 def load_model(

@@ -82,9 +82,10 @@ def truncated_ratios(
     }
 
 
-def learned_heads(scg: graph.SCG) -> Dict[str, Tuple[str, ...]]:
-    """`{node: (cost, ...)}`: the heads of each node that must be learned (the
-    node is not its cost's last stochastic ancestor)."""
+def inexact_heads(scg: graph.SCG) -> Dict[str, Tuple[str, ...]]:
+    """`{node: (cost, ...)}`: the heads of each node that are not exact (the
+    node is not its cost's last stochastic ancestor), which a critic learns
+    unless common noise serves them (`critics.learned_heads`)."""
     heads = {}
     for info in scg.nodes:
         heads[info.name] = tuple(c for c in info.costs if scg.cost_ancestors[c][-1] != info.name)

@@ -14,9 +14,9 @@ from test_gradients import assert_unbiased
 
 
 def oracle_critics(model):
-    """An exact critic for every node that has learned heads."""
+    """An exact critic for every node that has inexact heads."""
     scg = model.scg()
-    heads = targets_lib.learned_heads(scg)
+    heads = targets_lib.inexact_heads(scg)
     return {n: diagnostics.ExactCritic(model, n) for n in scg.node_names if heads[n]}
 
 
