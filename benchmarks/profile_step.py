@@ -15,7 +15,12 @@ the whole step. Their differences say what an estimator's step adds where.
 
     python benchmarks/profile_step.py --dataset=fashion_mnist --arch=two_layer \
         --compare=reinforce,disarm,auto
+
+Writes `<out_dir>/step_stages.json` (a section per `--out_tag`, by default
+`<dataset>_<arch>`) and `step_stages.md` (rendered by `render.step_stages`).
 """
+
+import json
 
 import os
 
@@ -28,6 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402
+import render  # noqa: E402
 
 sbn = common.sbn_benchmark()  # benchmarks/sbn.py: flags, data and models
 
@@ -37,6 +43,7 @@ flags.DEFINE_integer("fit_steps", 200, "Steps per timed fit (whole steps).")
 flags.DEFINE_integer("iterations", 20, "Calls per timed loop (pieces).")
 flags.DEFINE_integer("repeats", 3, "Timed rounds (best reported).")
 flags.DEFINE_bool("breakdown", True, "Also time the cumulative stages of each compared step.")
+flags.DEFINE_string("out_tag", "", "Section name in step_stages.json (default <dataset>_<arch>).")
 
 
 def batches(train, count, seed):
@@ -89,7 +96,9 @@ def main(argv):
     train, _ = common.load_data(FLAGS.dataset, 0)
     data = batches(train, 20, 0)
     pixels = train.shape[1]
-    print(f"{FLAGS.dataset} {FLAGS.arch}, batch {FLAGS.batch_size}; load {os.getloadavg()}")
+    machine = common.machine_info()
+    print(f"{FLAGS.dataset} {FLAGS.arch}, batch {FLAGS.batch_size}; load {machine['load_average']}")
+    settings = {}
     for jit in (False, True):
         models = {e: sbn.compile_sbn(sbn.build_sbn(pixels, FLAGS.arch), e, jit) for e in FLAGS.compare}
         for model in models.values():
@@ -102,18 +111,26 @@ def main(argv):
         print(f"\njit_compile={jit}: whole training step (fit, steps_per_execution 50)")
         for name, seconds in best.items():
             print(f"  {name:<12} {1e3 * seconds:8.2f} ms/step  {seconds / base:5.1f}x {FLAGS.compare[0]}")
-        if not FLAGS.breakdown:
-            continue
-        x = tf.constant(data[0])
-        print(f"  stages of the step, cumulative (ms; {FLAGS.iterations} calls per loop, best of {FLAGS.repeats}):")
-        print("    " + " " * 28 + "".join(f"{name:>12}" for name in models))
-        timed = {
-            name: {stage: loop(fn, jit)(x) for stage, fn in stages(model).items()}
-            for name, model in models.items()
-        }
-        for stage in stages(next(iter(models.values()))):
-            print(f"    {stage:<28}" + "".join(f"{1e3 * timed[name][stage]:12.2f}" for name in models))
-        print(f"    {'whole step (fit)':<28}" + "".join(f"{1e3 * best[name]:12.2f}" for name in models))
+        result = {"whole_ms": {name: 1e3 * seconds for name, seconds in best.items()}}
+        if FLAGS.breakdown:
+            x = tf.constant(data[0])
+            timed = {name: {stage: 1e3 * loop(fn, jit)(x) for stage, fn in stages(model).items()}
+                     for name, model in models.items()}
+            result["stages_ms"] = {stage: {name: timed[name][stage] for name in models}
+                                   for stage in next(iter(timed.values()))}
+            print(f"  stages of the step, cumulative (ms; {FLAGS.iterations} calls per loop):")
+            for stage, row in result["stages_ms"].items():
+                print(f"    {stage:<28}" + "".join(f"{ms:12.2f}" for ms in row.values()))
+        settings["on" if jit else "off"] = result
+    tag = FLAGS.out_tag or f"{FLAGS.dataset}_{FLAGS.arch}"
+    path = os.path.join(FLAGS.out_dir, "step_stages.json")
+    report = json.load(open(path)) if os.path.exists(path) else {}
+    report[tag] = {"command": common.command_line(), "batch_size": FLAGS.batch_size,
+                   "fit_steps": FLAGS.fit_steps, "iterations": FLAGS.iterations, "repeats": FLAGS.repeats,
+                   "jit_compile": settings, "machine": machine, "load_end": os.getloadavg()}
+    common.write_json(path, report)
+    render.write("step_stages", report, os.path.join(FLAGS.out_dir, "step_stages.md"))
+
 
 if __name__ == "__main__":
     flags.FLAGS.set_default("dataset", "fashion_mnist")
