@@ -6,8 +6,11 @@ falls on every arm alike) until each has trained for the largest budget.
 An arm's clock counts only its own `fit` calls, its first XLA compile
 included; the compile is also reported alone (its first chunk's time less the
 chunk at its steady per-step time). After every turn each arm's test
-objective (-ELBO, one sample per image, the fixed test subset) is recorded;
-an arm's value at a budget is its last one at or before that budget.
+objective (-ELBO, one sample per image, the fixed test subset) is recorded,
+with the mean -ELBO of the turn's training batches (`train_nelbo`, at the
+weights as they trained: whether a lead at equal steps is lost in training
+or only on the test set); an arm's value at a budget is its last one at or
+before that budget.
 
     python benchmarks/equal_time.py --dataset=fashion_mnist --arch=two_layer \
         --arms=auto,rloo,disarm,reinforce --budgets=60,180,600 --seeds=0,1,2
@@ -69,14 +72,18 @@ def run_seed(seed, train, test):
             if clocks[name] >= max(budgets):
                 continue
             ds = common.binarised(train, FLAGS.batch_size, seed * 100_000 + len(chunks[name]))
-            seconds = common.seconds_of(
-                lambda: models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0))
+            fitted = []
+            seconds = common.seconds_of(lambda: fitted.append(
+                models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0)))
             clocks[name] += seconds
             chunks[name].append(seconds)
             step[name] += FLAGS.chunk_steps
             nelbo = float(models[name].evaluate(test, batch_size=len(test), verbose=0, return_dict=True)["loss"])
-            curves[name].append({"step": step[name], "train_seconds": clocks[name], "test_nelbo": nelbo})
-            sbn.log(f"  [seed {seed}] {name}: step {step[name]} {clocks[name]:.1f} s test -ELBO {nelbo:.2f}")
+            train_nelbo = float(fitted[0].history["loss"][-1])  # the mean over this turn's training batches
+            curves[name].append({"step": step[name], "train_seconds": clocks[name], "test_nelbo": nelbo,
+                                 "train_nelbo": train_nelbo})
+            sbn.log(f"  [seed {seed}] {name}: step {step[name]} {clocks[name]:.1f} s test -ELBO {nelbo:.2f}"
+                    f" (training batches {train_nelbo:.2f})")
     result = {}
     for name in FLAGS.arms:
         steady = common.median(chunks[name][1:]) if len(chunks[name]) > 1 else chunks[name][0]
