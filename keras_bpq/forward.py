@@ -116,7 +116,8 @@ def record(
             total, [rec.watched[n] for n in names], unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         for name, gradient in zip(names, gradients):
-            records[name] = dataclasses.replace(records[name], slope=tf.stop_gradient(tf.cast(gradient, tf.float32)))
+            slope = tf.stop_gradient(tf.cast(gradient, tf.float32))
+            records[name] = dataclasses.replace(records[name], slope=slope)
     return Recording(y_pred, costs, total, records)
 
 
