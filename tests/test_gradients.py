@@ -207,6 +207,19 @@ def test_the_recorded_pass_gives_the_expansion_the_heads_give(jit_compile):
         assert np.abs(expanded_heads).max() > 0.1  # the heads' slopes are not trivially zero
 
 
+@pytest.mark.parametrize("common_noise,with_slope", [(False, set()), (True, {"z1", "z2"})])
+def test_only_nodes_whose_heads_are_all_exact_at_the_sample_get_the_recorded_slope(common_noise, with_slope):
+    """A learned head's `Q(x)` is not `c_X`: a node with one keeps the
+    expansion's own pass through its heads (chain: z1 and z2 have heads past
+    later nodes, learned, or common-noise with `common_noise=True`; z3's one
+    unit is summed exactly, no expansion)."""
+    model, x = graphs.chain()
+    model.compile(estimator={
+        n: estimators.CriticCV(units=1, linearize=True, common_noise=common_noise) for n in ("z1", "z2", "z3")})
+    steps = model.run_forward(x).steps
+    assert {n for n, step in steps.items() if step.sample_slope is not None} == with_slope
+
+
 def test_auto_sums_every_flip_of_narrow_bernoulli_nodes():
     model, _ = graphs.chain()
     model.compile(optimizer="adam")
