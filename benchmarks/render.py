@@ -1163,13 +1163,30 @@ def variance_per_second(report):
         page.text(f"Weights after {entry['train_steps']} `{entry['train_estimator']}` steps; {entry['num_draws']} "
                   "draws per arm." + (f" Note: {entry['note']}." if "note" in entry else ""))
         page.machine(entry["machine"], load_end=entry["load"])
+        agreement = [r["mean_agreement"] for r in entry["arms"].values() if "mean_agreement" in r]
         page.table(["arm", "variance", "variance / reinforce's", "ms per step", "step / reinforce's",
-                    "var x step / reinforce's"],
+                    "var x step / reinforce's"] + (["mean against the reference's"] if agreement else []),
                    [[name, r["variance"], r.get("variance_ratio"), r["step_ms"], r.get("step_ratio"),
                      r.get("signal_per_second_ratio") and 1 / r["signal_per_second_ratio"]]
+                    + ([mean_agreement_text(r.get("mean_agreement"))] if agreement else [])
                     for name, r in entry["arms"].items()],
-                   "lrrrrr", [None, ".4g", ".2e", ".2f", ".2f", ".2e"], absent="-")
+                   "lrrrrr" + ("l" if agreement else ""), [None, ".4g", ".2e", ".2f", ".2f", ".2e"]
+                   + ([None] if agreement else []), absent="-")
+        if agreement:
+            page.text(
+                f"Mean against the reference's (`{agreement[0]['reference']}`, every arm unbiased): per encoder "
+                "coordinate `z` = the difference of the two means over its standard error; the share of "
+                "coordinates with `|z| > 4` (about 6e-5 for Gaussian means), the largest `|z|`, and the "
+                "difference's norm over the reference mean's.")
     return page
+
+
+def mean_agreement_text(agreement):
+    """`variance_per_second.mean_agreement`'s numbers as a cell ('-': the reference itself)."""
+    if agreement is None:
+        return "-"
+    return (f"{agreement['beyond_4_se']:.1e} beyond 4 SE, max {agreement['max_abs_z']:.1f}, "
+            f"{agreement['relative_difference']:.2f} of its norm")
 
 
 # ----------------------------------------------------------------------------- step_stages

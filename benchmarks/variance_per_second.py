@@ -46,6 +46,8 @@ flags.DEFINE_integer("rounds", 3, "Timing rounds (arms interleaved; best round).
 flags.DEFINE_integer("fit_steps", 200, "Steps per timed fit.")
 flags.DEFINE_string("out_tag", "", "Section name in the JSON (default <dataset>_<arch>).")
 flags.DEFINE_bool("render_only", False, "Only rewrite the page from the JSON.")
+flags.DEFINE_string("reference", "disarm",
+                    "The arm every other arm's mean encoder gradient is compared with (all are unbiased).")
 
 
 def arm_model(name, trained, pixels, train):
@@ -64,6 +66,22 @@ def arm_model(name, trained, pixels, train):
     for a, b in zip(ours, theirs):
         a.assign(b)
     return model
+
+
+def mean_agreement(draws, reference):
+    """How far the mean of gradient `draws` (`[draws, P]`) is from the mean
+    of `reference`'s, both unbiased estimates of one gradient: per coordinate
+    `z = (mean - mean_ref) / sqrt(se^2 + se_ref^2)`; the share of coordinates
+    with `|z| > 4` (about 6e-5 for Gaussian means), the largest `|z|`, and
+    `|mean - mean_ref| / |mean_ref|`."""
+    def mean_and_se2(d):
+        return d.mean(axis=0), d.var(axis=0, ddof=1) / len(d)
+
+    (mean, se2), (ref, ref_se2) = mean_and_se2(draws), mean_and_se2(reference)
+    spread = np.sqrt(se2 + ref_se2)
+    z = np.where(spread > 0, (mean - ref) / np.where(spread > 0, spread, 1.0), 0.0)
+    return {"beyond_4_se": float(np.mean(np.abs(z) > 4)), "max_abs_z": float(np.max(np.abs(z))),
+            "relative_difference": float(np.linalg.norm(mean - ref) / np.linalg.norm(ref))}
 
 
 def main(argv):
@@ -94,13 +112,19 @@ def main(argv):
         start = time.perf_counter()
         model.fit(common.binarised(train, FLAGS.batch_size, 777), epochs=1, steps_per_epoch=50, verbose=0)
         print(f"  {name}: warm-up and compile {time.perf_counter() - start:.1f} s", flush=True)
-    results = {}
+    results, draws = {}, {}
     for name, model in arms.items():
         index = sbn.encoder_indices(model)
         grads = diagnostics.estimate_gradients(model, x, num_draws=FLAGS.num_draws, chunk_size=FLAGS.chunk)
-        results[name] = {"variance": diagnostics.gradient_variance(
-            [grads[i].reshape(FLAGS.num_draws, -1) for i in index])}
+        draws[name] = np.concatenate([grads[i].reshape(FLAGS.num_draws, -1) for i in index], axis=1)
+        results[name] = {"variance": diagnostics.gradient_variance([draws[name]])}
         print(f"  {name}: variance {results[name]['variance']:.4g}", flush=True)
+    if FLAGS.reference in draws:
+        for name in draws:
+            if name != FLAGS.reference:
+                results[name]["mean_agreement"] = mean_agreement(draws[name], draws[FLAGS.reference])
+                results[name]["mean_agreement"]["reference"] = FLAGS.reference
+                print(f"  {name}: mean against {FLAGS.reference}'s {results[name]['mean_agreement']}", flush=True)
     best = {name: float("inf") for name in arms}
     for _ in range(FLAGS.rounds):
         for name, model in arms.items():
