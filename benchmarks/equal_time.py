@@ -9,8 +9,9 @@ chunk at its steady per-step time). After every turn each arm's test
 objective (-ELBO, one sample per image, the fixed test subset) is recorded,
 with the mean -ELBO of the turn's training batches (`train_nelbo`, at the
 weights as they trained: whether a lead at equal steps is lost in training
-or only on the test set); an arm's value at a budget is its last one at or
-before that budget.
+or only on the test set) and each node's active units on the test subset
+(`sbn.active_units`: the units whose posterior mean varies with the image);
+an arm's value at a budget is its last one at or before that budget.
 
     python benchmarks/equal_time.py --dataset=fashion_mnist --arch=two_layer \
         --arms=auto,rloo,disarm,reinforce --budgets=60,180,600 --seeds=0,1,2
@@ -80,10 +81,11 @@ def run_seed(seed, train, test):
             step[name] += FLAGS.chunk_steps
             nelbo = float(models[name].evaluate(test, batch_size=len(test), verbose=0, return_dict=True)["loss"])
             train_nelbo = float(fitted[0].history["loss"][-1])  # the mean over this turn's training batches
+            active = sbn.active_units(models[name], test)
             curves[name].append({"step": step[name], "train_seconds": clocks[name], "test_nelbo": nelbo,
-                                 "train_nelbo": train_nelbo})
+                                 "train_nelbo": train_nelbo, "active_units": active})
             sbn.log(f"  [seed {seed}] {name}: step {step[name]} {clocks[name]:.1f} s test -ELBO {nelbo:.2f}"
-                    f" (training batches {train_nelbo:.2f})")
+                    f" (training batches {train_nelbo:.2f}; active units {active})")
     result = {}
     for name in FLAGS.arms:
         steady = common.median(chunks[name][1:]) if len(chunks[name]) > 1 else chunks[name][0]

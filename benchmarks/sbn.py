@@ -231,6 +231,23 @@ def encoder_indices(model):
     return [i for i, v in enumerate(model.actor_variables) if v.path.split("/")[0].startswith("q_")]
 
 
+# A latent unit is active when its posterior mean varies over the data by
+# more than this (Burda, Grosse and Salakhutdinov 2016, `Cov_x E[z | x]`).
+ACTIVE_UNIT_VARIANCE = 0.01
+
+
+def active_units(model, x):
+    """`{node: count}`: each stochastic node's units whose posterior mean
+    `E[z_u | x]` has a variance over the rows of `x` above `ACTIVE_UNIT_VARIANCE`
+    (the others ignore the input: collapsed to one value for every image)."""
+    records = model.record_forward(tf.constant(x, tf.float32)).records
+    counts = {}
+    for name, record in records.items():
+        mean = record.layer.distribution(record.params, record.mask).mean().numpy()
+        counts[name] = int(np.sum(np.var(mean.reshape(len(mean), -1), axis=0) > ACTIVE_UNIT_VARIANCE))
+    return counts
+
+
 def encoder_variance(model, x):
     index = encoder_indices(model)
     start = time.perf_counter()
