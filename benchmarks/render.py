@@ -1211,6 +1211,7 @@ def step_stages(report):
             rows.append([f"step / {names[0]}'s", *(times(result["whole_ms"][n] / base) for n in names)])
             page.table(["stage (cumulative)", *names], rows, "l" + "r" * len(names),
                        [None] + [".2f"] * len(names), lead=f"`jit_compile` {setting}, batch {entry['batch_size']}:")
+        page.bullets(entry.get("notes"), "Reading:")
     return page
 
 
