@@ -3,7 +3,7 @@ signal per second on an SBN, all measured at the same weights.
 
 A model is trained with `--train_estimator` for `--train_steps` steps; then,
 at those weights (every arm reads the same actor weights and the trained
-critics where it has any), each estimator in `--estimators` gets
+critics where it has any), each estimator in `--arms` gets
 
 * `variance`: the encoder gradient's total variance over `--num_draws` draws
   on one fixed batch (`diagnostics.estimate_gradients`), the critics frozen;
@@ -11,7 +11,10 @@ critics where it has any), each estimator in `--estimators` gets
   data in memory), timed in rounds that interleave the arms (best round);
 * `variance x step`: the variance of the gradient averaged over one second of
   steps is `variance x step / 1 s`, so smaller is better; its ratio to
-  reinforce's says how much more signal per second an arm gives.
+  reinforce's says how much more signal per second an arm gives;
+* `mean_agreement`: its mean encoder gradient against `--reference`'s
+  (`mean_agreement`): every arm is unbiased, so the means should agree
+  within their standard errors on the trained net too.
 
     python benchmarks/variance_per_second.py --dataset=fashion_mnist --arch=two_layer
 
