@@ -102,7 +102,8 @@ def record(
     tape = tf.GradientTape(watch_accessed_variables=False) if slopes else contextlib.nullcontext()
     with tape:
         with graph.Recorder(
-            forced=forced, keep_gradient=keep_gradient, noise=noise, slopes=(tape, slopes) if slopes else None
+            forced=forced, keep_gradient=keep_gradient, noise=noise,
+            slope_tape=tape if slopes else None, slope_nodes=slopes,
         ) as rec:
             y_pred = call(x, training=training)
         costs = {name: costs_lib.as_per_example(v) for name, v in rec.costs.items()}

@@ -101,10 +101,10 @@ class Recorder:
       noise: `{node_name: u}` uniform noise that Bernoulli nodes draw their
         samples from, `[u < sigmoid(logits)]`, instead of fresh noise: the
         common random numbers of `estimators.CriticCV(common_noise=True)`.
-      slopes: `(tape, names)`: the samples of the nodes named are watched by
-        `tape` (a `tf.GradientTape`) as the nodes return them, and kept by
-        name in `watched`, so that the costs' slopes in them can be taken
-        (`forward.record`). None: nothing is watched.
+      slope_tape, slope_nodes: the samples of the nodes named in
+        `slope_nodes` are watched by `slope_tape` (a `tf.GradientTape`) as
+        the nodes return them, and kept by name in `watched`, so that the
+        costs' slopes in them can be taken (`forward.record`).
     """
 
     def __init__(
@@ -114,10 +114,12 @@ class Recorder:
         seeds: Optional[tf.Tensor] = None,
         most_likely: bool = False,
         noise: Optional[Mapping[str, tf.Tensor]] = None,
-        slopes: Optional[Tuple[tf.GradientTape, AbstractSet[str]]] = None,
+        slope_tape: Optional[tf.GradientTape] = None,
+        slope_nodes: AbstractSet[str] = frozenset(),
     ) -> None:
         self.forced = dict(forced or {})
-        self.slopes = slopes
+        self.slope_tape = slope_tape
+        self.slope_nodes = frozenset(slope_nodes)
         self.watched = {}
         self.noise = dict(noise or {})
         self.keep_gradient = frozenset(keep_gradient)
@@ -150,8 +152,8 @@ class Recorder:
 
     def watch(self, name: str, sample: tf.Tensor) -> None:
         """Watches node `name`'s returned `sample` if its slope is asked for."""
-        if self.slopes is not None and name in self.slopes[1]:
-            self.slopes[0].watch(sample)
+        if name in self.slope_nodes:
+            self.slope_tape.watch(sample)
             self.watched[name] = sample
 
     def add_cost(self, name: str, value: tf.Tensor, origin: str = "keras_bpq.add_cost") -> None:
