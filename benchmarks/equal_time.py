@@ -73,14 +73,14 @@ def run_seed(seed, train, test):
             if clocks[name] >= max(budgets):
                 continue
             ds = common.binarised(train, FLAGS.batch_size, seed * 100_000 + len(chunks[name]))
-            fitted = []
-            seconds = common.seconds_of(lambda: fitted.append(
-                models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0)))
+            seconds = common.seconds_of(
+                lambda: models[name].fit(ds, epochs=1, steps_per_epoch=FLAGS.chunk_steps, verbose=0))
             clocks[name] += seconds
             chunks[name].append(seconds)
             step[name] += FLAGS.chunk_steps
+            # The mean over this turn's training batches (read before `evaluate` resets the metrics).
+            train_nelbo = float(models[name].get_metrics_result()["loss"])
             nelbo = float(models[name].evaluate(test, batch_size=len(test), verbose=0, return_dict=True)["loss"])
-            train_nelbo = float(fitted[0].history["loss"][-1])  # the mean over this turn's training batches
             active = sbn.active_units(models[name], test)
             curves[name].append({"step": step[name], "train_seconds": clocks[name], "test_nelbo": nelbo,
                                  "train_nelbo": train_nelbo, "active_units": active})
