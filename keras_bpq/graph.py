@@ -101,10 +101,11 @@ class Recorder:
       noise: `{node_name: u}` uniform noise that Bernoulli nodes draw their
         samples from, `[u < sigmoid(logits)]`, instead of fresh noise: the
         common random numbers of `estimators.CriticCV(common_noise=True)`.
-      slope_tape, slope_nodes: the samples of the nodes named in
-        `slope_nodes` are watched by `slope_tape` (a `tf.GradientTape`) as
-        the nodes return them, and kept by name in `watched`, so that the
-        costs' slopes in them can be taken (`forward.record`).
+      slope_tape: a `tf.GradientTape` that watches the samples of the
+        nodes in `slope_nodes` as they return them (kept by name in
+        `watched`), so that the costs' slopes in them can be taken
+        (`forward.record`).
+      slope_nodes: the names of those nodes.
     """
 
     def __init__(
