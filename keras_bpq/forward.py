@@ -30,6 +30,12 @@ from keras_bpq import q_values
 if TYPE_CHECKING:
     from keras_bpq import discovery
 
+# The name scopes of `run`'s two stages in a traced step: the recorded pass and
+# the estimators' steps with the surrogate (`step.STAGE_SCOPES`; the actor's
+# gradient of each is under `gradient_tape/<scope>`).
+RECORD_SCOPE = "record"
+ESTIMATORS_SCOPE = "estimators"
+
 
 class Recording(NamedTuple):
     """One recorded forward pass (`record`, `BackpropQModel.record_forward`)."""
@@ -268,16 +274,18 @@ def run(
     """
     estimators = setup.node_estimators
     x, y, sample_weight = repeat_rows(setup.num_samples, x, y, sample_weight)
-    recording = record(
-        call, setup.compiled_losses, scg.costs, x, y, training, keep_gradient=kept_gradients(scg, estimators),
-        slopes=slope_nodes(scg, estimators, setup.q_function),
-    )
-    # Read before any re-run of the model's layers replaces their losses.
-    regularization = regularization()
-    steps, surrogate = build_surrogate(
-        scg, estimators, node_state, recording, setup.q_function,
-        x, y, setup.num_samples, setup.critic_options.actor_reads_target,
-    )
+    with tf.name_scope(RECORD_SCOPE):
+        recording = record(
+            call, setup.compiled_losses, scg.costs, x, y, training, keep_gradient=kept_gradients(scg, estimators),
+            slopes=slope_nodes(scg, estimators, setup.q_function),
+        )
+        # Read before any re-run of the model's layers replaces their losses.
+        regularization = regularization()
+    with tf.name_scope(ESTIMATORS_SCOPE):
+        steps, surrogate = build_surrogate(
+            scg, estimators, node_state, recording, setup.q_function,
+            x, y, setup.num_samples, setup.critic_options.actor_reads_target,
+        )
     return ForwardPass(
         *recording, surrogate=surrogate, regularization=regularization, weights=sample_weight,
         x=x, y=y, steps=steps,

@@ -340,17 +340,21 @@ class BackpropQModel(
         scg, actor_variables, critics = self._ready(x), self.actor_variables, self.critic_set()
         if not self.optimizer.built:
             self.optimizer.build(actor_variables)
-        snapshot = step_lib.Snapshot.read(callbacks_lib.model_step_variables(self))
+        with tf.name_scope(step_lib.UPDATE_SCOPE):
+            snapshot = step_lib.Snapshot.read(callbacks_lib.model_step_variables(self))
         with tf.GradientTape() as tape:
             forward = self.run_forward(x, y, training=True, sample_weight=sample_weight)
             loss = step_lib.actor_loss(forward, self.optimizer)
         grads = tape.gradient(loss, actor_variables)
-        evaluation = critics.evaluate(forward, with_gradient=True)
-        step_lib.apply(
-            scg, self._setup, self.training_state, self.optimizer, actor_variables, critics, forward, grads,
-            evaluation, snapshot,
-        )
-        return self._update_metrics(forward, evaluation)
+        with tf.name_scope(step_lib.CRITICS_SCOPE):
+            evaluation = critics.evaluate(forward, with_gradient=True)
+        with tf.name_scope(step_lib.UPDATE_SCOPE):
+            step_lib.apply(
+                scg, self._setup, self.training_state, self.optimizer, actor_variables, critics, forward, grads,
+                evaluation, snapshot,
+            )
+        with tf.name_scope(step_lib.METRICS_SCOPE):
+            return self._update_metrics(forward, evaluation)
 
     def test_step(self, data: Any) -> Dict[str, Any]:
         """`keras.Model.test_step` on the model's costs. Under XLA, which drops

@@ -18,6 +18,11 @@ update their own state. The stages:
    overflow) decides whether any update happens: every update of the step is
    applied, or none (`distribute.apply_updates`), and a step that would
    write a non-finite value is undone from the snapshot.
+
+A traced step names each stage's operations by a name scope, `STAGE_SCOPES`
+(the actor's gradient of a stage under `gradient_tape/<scope>`), so a
+profile of the compiled step says what each stage costs
+(`benchmarks/profile_step.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ if TYPE_CHECKING:
     from keras_bpq import discovery
     from keras_bpq import graph
     from keras_bpq import state as state_lib
+
+
+CRITICS_SCOPE = "critics"  # the critics' evaluation of the pass
+UPDATE_SCOPE = "update"  # `apply`: the status, the snapshot and every update
+METRICS_SCOPE = "metrics"
+STAGE_SCOPES = (forward_lib.RECORD_SCOPE, forward_lib.ESTIMATORS_SCOPE, CRITICS_SCOPE, UPDATE_SCOPE, METRICS_SCOPE)
 
 
 @dataclasses.dataclass(frozen=True)

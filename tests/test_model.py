@@ -252,3 +252,20 @@ def test_evaluate_and_validation_weigh_examples_without_targets():
     )
     np.testing.assert_allclose(history.history["val_fit"][0], want, rtol=1e-5)
     np.testing.assert_allclose(history.history["fit"][0], want, rtol=1e-5)
+
+
+def test_a_traced_step_names_its_stages():
+    """Every stage of the step has its own name scope (`step.STAGE_SCOPES`), and
+    the actor's gradient of the forward stages theirs under `gradient_tape/`,
+    which is how benchmarks/profile_step.py attributes a profiled step's time."""
+    from keras_bpq import step
+
+    model, x = graphs.two_costs()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), estimator="critic_cv")
+    model.fit(x, batch_size=len(x), epochs=1, verbose=0)
+    graph = tf.function(model.train_step).get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
+    scopes = {op.name.split("/")[0].rstrip("0123456789").rstrip("_") for op in graph.get_operations()}
+    gradients = {"/".join(op.name.split("/")[:2]) for op in graph.get_operations()
+                 if op.name.startswith("gradient_tape/")}
+    assert set(step.STAGE_SCOPES) <= scopes, scopes
+    assert {"gradient_tape/record", "gradient_tape/estimators"} <= gradients, gradients
