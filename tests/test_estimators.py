@@ -520,3 +520,30 @@ def test_importance_draws_keep_finite_weights_and_their_expectation_when_units_s
     f = w * (sizes + sizes.mean()) * rng.choice([-1.0, 1.0], total)
     estimate = np.mean(np.sum(scale * f[unit], axis=1))
     assert abs(estimate - f.sum()) <= 1e-3 * np.abs(f).sum(), (estimate, f.sum())
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("total", [1, 7, 200, 785])
+def test_systematic_draw_draws_the_units_whose_cdf_intervals_hold_the_points(total, jit_compile):
+    """`systematic_draw` against a float64 numpy reference: each of the `S`
+    points `(offset + k) / S` falls in its unit's interval of the CDF of `pi`,
+    and each weight is one over `S` times that interval's width (its CDF is
+    a running sum computed as matrix products; a point within float32
+    rounding of an interval's end may fall either side)."""
+    from keras_bpq import estimators
+
+    rng = np.random.RandomState(total)
+    rows, units = 64, 4
+    pi = rng.gamma(0.3, size=(rows, total))
+    pi /= pi.sum(axis=1, keepdims=True)
+    offset = rng.rand(rows, 1)
+    draw = tf.function(estimators.systematic_draw, jit_compile=jit_compile, reduce_retracing=True)
+    unit, scale = (t.numpy() for t in draw(tf.constant(pi, tf.float32), tf.constant(offset, tf.float32), units))
+    cdf = np.cumsum(pi, axis=1)
+    points = (offset + np.arange(units)) / units
+    expected = np.minimum((cdf[:, None, :] <= points[:, :, None]).sum(axis=2), total - 1)
+    near_an_end = np.min(np.abs(cdf[:, None, :] - points[:, :, None]), axis=2) < 1e-5
+    assert np.all((unit == expected) | near_an_end), np.argwhere((unit != expected) & ~near_an_end)
+    width = np.take_along_axis(pi, unit, axis=1)
+    ok = ~near_an_end
+    np.testing.assert_allclose(scale[ok], 1.0 / (units * width[ok]), rtol=1e-3)
