@@ -48,7 +48,7 @@ kg_reasoning = common.example("kg_reasoning")
 
 # Shared with the example (defined there): --steps, --batch_size, --rollouts,
 # --eval_every, --beam, --beam_pool, --beam_unique, --learning_rate,
-# --steps_per_execution, --entropy_beta.
+# --steps_per_execution, --entropy_beta, --action_dropout.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Estimators (kg_reasoning --estimator values).")
@@ -85,7 +85,7 @@ def run_all(path):
     results.update(command=common.command_line(), machine=common.machine_info(), published=PUBLISHED,
                    settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
                                                         "beam_pool", "beam_unique", "learning_rate",
-                                                        "steps_per_execution", "entropy_beta")})
+                                                        "steps_per_execution", "entropy_beta", "action_dropout")})
     done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
     for dataset, seed, estimator in schedule():
         if (dataset, seed, estimator) in done:
@@ -96,7 +96,7 @@ def run_all(path):
             dataset, estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, beam=FLAGS.beam, seed=seed,
             learning_rate=FLAGS.learning_rate, eval_every=FLAGS.eval_every,
             steps_per_execution=FLAGS.steps_per_execution, entropy_beta=FLAGS.entropy_beta, verbose=2,
-            pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
+            pool=FLAGS.beam_pool, unique=FLAGS.beam_unique, action_dropout=FLAGS.action_dropout,
         )
         result["test_rankings"] = {
             ranking_name(pool, unique): kg_reasoning.evaluate(agent, "test", FLAGS.beam, pool=pool, unique=unique)

@@ -68,6 +68,10 @@ flags.DEFINE_integer("hidden", 64, "Policy (GRU and MLP) width.")
 flags.DEFINE_float(
     "entropy_beta", 0.05, "Entropy bonus on every hop's policy (a regularisation loss, the same for every "
     "estimator; decayed x0.9 every 200 steps, as MINERVA's). 0 turns it off.")
+flags.DEFINE_float(
+    "action_dropout", 0.0, "While training, each allowed action of a hop is hidden with this probability "
+    "(a row keeps its mask if none would stay): MultiHopKG's action dropout made part of the policy, so "
+    "every estimator stays unbiased for the thinned policy; evaluation uses the whole mask.")
 flags.DEFINE_integer("eval_every", 100, "Evaluate on the dev split every this many steps.")
 flags.DEFINE_integer("steps_per_execution", 10, "Steps per compiled call.")
 flags.DEFINE_string("out_json", "", "If set, write the run's curve and test metrics there.")
@@ -265,18 +269,39 @@ class Start(keras.layers.Layer):
         return self.policy.start(head, relation)
 
 
-class HopLogits(keras.layers.Layer):
-    """`[h, entity, head, relation, tail, exclude] -> (logits, mask)` of one hop."""
+def drop_actions(mask, rate, seed):
+    """`mask` (`[B, A]` bool) with each allowed action hidden with probability
+    `rate` (`seed`: a `keras.random.SeedGenerator`); a row that would keep
+    none keeps its whole mask."""
+    kept = mask & (keras.random.uniform(tf.shape(mask), seed=seed) >= rate)
+    return tf.where(tf.reduce_any(kept, axis=1, keepdims=True), kept, mask)
 
-    def __init__(self, policy, last, **kwargs):
+
+class HopLogits(keras.layers.Layer):
+    """`[h, entity, head, relation, tail, exclude] -> (logits, mask)` of one hop.
+
+    With `action_dropout > 0`, while training the mask also hides each allowed
+    action with that probability (`drop_actions`, MultiHopKG's action dropout):
+    the hop's Categorical is then the policy over the actions left, so every
+    estimator's gradient is that of the expected cost under the dropout draws
+    (MultiHopKG samples from the thinned policy but differentiates the whole
+    one's log-probability, a biased gradient). Beam search and export read the
+    policy's whole mask."""
+
+    def __init__(self, policy, last, action_dropout=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.policy = policy
         self.last = last
+        self.action_dropout = action_dropout
+        self.seed_generator = keras.random.SeedGenerator(seed) if action_dropout else None
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         h, entity, head, relation, tail, exclude = inputs
         logits = self.policy.logits(h, entity, relation)
-        return logits, self.policy.mask(entity, head, relation, tail, exclude, self.last)
+        mask = self.policy.mask(entity, head, relation, tail, exclude, self.last)
+        if training and self.action_dropout:
+            mask = drop_actions(mask, self.action_dropout, self.seed_generator)
+        return logits, mask
 
 
 class Advance(keras.layers.Layer):
@@ -360,11 +385,12 @@ class Agent:
     beam_functions: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
-def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
+def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0, action_dropout=0.0):
     """The agent as a functional `BackpropQModel`: a chain of `hops` masked
     Categorical nodes `hop_1..hop_T` and cost `miss` (with an entropy bonus on
     every hop's policy if beta > 0, a regularisation loss that every estimator
-    shares); its output is the one-hot answer entity.
+    shares; with `action_dropout`, `HopLogits`'s while training); its output is
+    the one-hot answer entity.
 
     `miss` is `1 - <last action, actions into the tail>` (a `Dot`), so the last
     hop's exact Q at all its actions is one gather per query
@@ -382,7 +408,8 @@ def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0):
     entropy = EntropyBonus(entropy_beta, name="entropy_bonus") if entropy_beta else None
     h, entity = Start(policy, name="start")([head, relation]), head
     for t in range(1, hops + 1):
-        logits, mask = HopLogits(policy, t == hops, name=f"policy_{t}")([h, entity, head, relation, tail, exclude])
+        hop = HopLogits(policy, t == hops, action_dropout, seed=seed * 1000 + 100 + t, name=f"policy_{t}")
+        logits, mask = hop([h, entity, head, relation, tail, exclude])
         if entropy is not None:
             logits = entropy([logits, mask])
         action = keras_bpq.Categorical(name=f"hop_{t}", seed=seed * 1000 + t)(logits, mask=mask)
@@ -767,17 +794,17 @@ def export_agent(agent, path, beam=100, pool="max", unique=True):
 # -- main ---------------------------------------------------------------------------
 def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
         learning_rate=1e-3, dim=32, hidden=64, entropy_beta=0.05, eval_every=100,
-        steps_per_execution=10, verbose=1, pool="max", unique=True):
+        steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0):
     """Trains one agent and evaluates it on test; returns `(agent, result)`."""
     kg = load_graph(dataset)
-    agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta)
+    agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta, action_dropout)
     start = time.perf_counter()
     dev = train(agent, steps, batch_size, estimator, rollouts, learning_rate, seed, eval_every, beam,
                 steps_per_execution, verbose, pool, unique)
     result = {
         "dataset": dataset, "estimator": estimator, "seed": seed, "steps": steps, "batch_size": batch_size,
         "rollouts": rollouts, "hops": hops, "beam": beam, "beam_pool": pool, "beam_unique": bool(unique),
-        "entropy_beta": entropy_beta,
+        "entropy_beta": entropy_beta, "action_dropout": action_dropout,
         "wall_seconds": time.perf_counter() - start, "train_seconds": dev.train_seconds,
         "steps_per_second": steps / max(dev.train_seconds, 1e-9),
         "curve": dev.curve, "test": evaluate(agent, "test", beam, pool=pool, unique=unique),
@@ -791,6 +818,7 @@ def main(argv):
         FLAGS.dataset, FLAGS.estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, FLAGS.hops,
         FLAGS.beam, FLAGS.seed, FLAGS.learning_rate, FLAGS.dim, FLAGS.hidden, FLAGS.entropy_beta,
         FLAGS.eval_every, FLAGS.steps_per_execution, pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
+        action_dropout=FLAGS.action_dropout,
     )
     test = result["test"]
     print(

@@ -324,3 +324,28 @@ def test_default_estimator_on_the_agent_matches_the_exact_gradient(rollouts):
     data = {k: v[:3] for k, v in kg_reasoning.queries(kg, "test").items()}
     exact, _ = assert_unbiased(agent.model, data, num_draws=2000)
     assert max(float(np.abs(g).max()) for g in exact) > 1e-3
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_action_dropout_thins_the_training_masks_only(jit_compile):
+    """`build_agent(action_dropout=r)`: a training pass hides about a share `r`
+    of each hop's allowed actions, never all of a row's and never one the
+    policy's mask hides; a pass with `training=False` (and beam search, which
+    reads the policy's mask) sees the whole mask; the agent trains."""
+    kg = synthetic_graph()
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=8, hidden=16, seed=1, action_dropout=0.5)
+    kg_reasoning.compile_agent(agent, "auto", rollouts=4, jit_compile=jit_compile)
+    agent.model.build_training_state()
+    data = {k: tf.constant(v) for k, v in kg_reasoning.queries(kg, "test").items()}
+    whole = agent.model.run_forward(data, training=False).records["hop_1"].mask.numpy()
+    thinned = agent.model.run_forward(data, training=True).records["hop_1"].mask.numpy()
+    rows = len(data["head"])
+    policy_mask = agent.policy.mask(
+        data["head"], data["head"], data["relation"], data["tail"], data["exclude"], last=False
+    ).numpy()
+    np.testing.assert_array_equal(whole, np.repeat(policy_mask, len(whole) // rows, axis=0))
+    assert np.all(thinned <= whole) and np.all(thinned.any(axis=1))
+    share = thinned.sum() / whole.sum()
+    assert 0.35 < share < 0.75, share
+    history = agent.model.fit(kg_reasoning.train_dataset(kg, 16, 0, "test"), steps_per_epoch=20, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
