@@ -19,6 +19,11 @@ beam and removed from the ranking (the filtered setting). Evaluation is beam
 search over the policy's log-probabilities, filtered, on the tail only:
 Hits@1/3/10 and MRR (see `beam_search` for how answers are pooled).
 
+Exploration, the same for every estimator: an entropy bonus on each hop's
+policy (`--entropy_beta`) and, optionally, action dropout (`--action_dropout`,
+`HopLogits`: a training pass hides a share of each hop's allowed actions, and
+the hop's Categorical is the policy over those left).
+
 Data: UMLS and Kinship in their standard splits, vendored under
 `examples/data/` (see its README); inverse edges are added to the graph.
 
