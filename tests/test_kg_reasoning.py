@@ -347,5 +347,5 @@ def test_action_dropout_thins_the_training_masks_only(jit_compile):
     assert np.all(thinned <= whole) and np.all(thinned.any(axis=1))
     share = thinned.sum() / whole.sum()
     assert 0.35 < share < 0.75, share
-    history = agent.model.fit(kg_reasoning.train_dataset(kg, 16, 0, "test"), steps_per_epoch=20, epochs=1, verbose=0)
+    history = agent.model.fit(kg_reasoning.train_dataset(kg, 16, 0, "test"), steps_per_epoch=4, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
