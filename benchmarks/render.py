@@ -1199,7 +1199,8 @@ def step_stages(report):
         "ratio is each whole step over the first column's. Under XLA, where it goes: CPU milliseconds per "
         "step of the compiled step's operations, summed over the threads that ran them, by the stage whose "
         "name scope they carry (`keras_bpq.step.STAGE_SCOPES`; \"(gradient)\": that stage's share of the "
-        "actor's gradient; \"other\": operations under no stage's scope, the actor's loss and the copies of the step's inputs and outputs), from one profiled `fit` of each step.")
+        "actor's gradient; \"other\": operations under no stage's scope, the actor's loss and the copies of "
+        "the step's inputs and outputs), from one profiled `fit` of each step.")
     for tag, entry in sections(report).items():
         page.heading(tag).command(entry.get("command"))
         page.machine(entry["machine"], load_end=entry["load_end"])
