@@ -105,12 +105,12 @@ def hlo_instructions(dump_dir):
     return found
 
 
-def op_profile(model, data, steps, dump_dir):
+def op_profile(model, data, steps, instructions):
     """`{stage: ms}`: CPU milliseconds per step of the compiled step's XLA
-    operations by stage (`stage_of` their TensorFlow op names), summed over
-    the threads that ran them, from the TensorFlow profiler's trace of one
-    `fit` of `steps` steps (XLA's own events: `--xla_cpu_enable_xprof_traceme`,
-    set by `main`)."""
+    operations by stage (`stage_of` their TensorFlow op names, read from
+    `instructions`, `hlo_instructions`), summed over the threads that ran
+    them, from the TensorFlow profiler's trace of one `fit` of `steps` steps
+    (XLA's own events: `--xla_cpu_enable_xprof_traceme`, set by `main`)."""
     logdir = tempfile.mkdtemp(prefix="profile_step_")
     try:
         tf.profiler.experimental.start(logdir)
@@ -121,7 +121,6 @@ def op_profile(model, data, steps, dump_dir):
             space.ParseFromString(f.read())
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
-    instructions = hlo_instructions(dump_dir)
     picoseconds = {}
     for plane in space.planes:
         names = {key: meta.name for key, meta in plane.stat_metadata.items()}
@@ -173,7 +172,8 @@ def run(dump_dir):
             print(f"  {name:<12} {1e3 * seconds:8.2f} ms/step  {seconds / base:5.1f}x {FLAGS.compare[0]}")
         result = {"whole_ms": {name: 1e3 * seconds for name, seconds in best.items()}}
         if FLAGS.breakdown and jit:
-            profiles = {name: op_profile(model, data, FLAGS.fit_steps, dump_dir) for name, model in models.items()}
+            instructions = hlo_instructions(dump_dir)  # every model's step compiled by the timings above
+            profiles = {name: op_profile(model, data, FLAGS.fit_steps, instructions) for name, model in models.items()}
             order = [s for base in step_lib.STAGE_SCOPES for s in (base, f"{base} (gradient)")] + ["other"]
             result["op_ms"] = {stage: {name: profiles[name].get(stage, 0.0) for name in models}
                                for stage in order if any(stage in p for p in profiles.values())}
