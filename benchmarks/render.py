@@ -164,7 +164,7 @@ def equal_time(report):
         arms = list(entry["runs"][0])
         page.heading(tag).command(entry.get("command"))
         page.text(f"Seeds {entry['seeds']}; {entry['chunk_steps']} steps per turn; jit_compile={entry['jit']}.")
-        page.machine(entry["machine"], load_end=entry["load_end"])
+        page.machine(entry["machine"], load_end=entry.get("load_end"))
         page.table(["budget", *arms, "best critic-free", "winner"],
                    [[f"{row['budget']} s", *(row["values"][a] for a in arms), row["best_critic_free"],
                      f"**{row['winner']}**"] for row in entry["summary"]],
@@ -1258,6 +1258,15 @@ def headline_overhead(overhead, tag):
             + span([r["load_1min"]["median"] for r in rows], ".1f") + ")")
 
 
+def section_runs(entry):
+    """[(machine info, load average at the end)] of each run an equal_time.json
+    section holds: one, or several where `equal_time.py --extend` added seeds
+    (each machine then carries its own end load)."""
+    if "load_end" in entry:
+        return [(entry["machine"], entry["load_end"])]
+    return [(machine, machine["load_average_at_end"]) for machine in entry["machine"]]
+
+
 def headline_sbn_rows(tag, label, entry, overhead):
     """A row per budget of equal_time.json's section `tag` (None: not run);
     `overhead` None leaves target 3's cell empty (a task's long-budget run).
@@ -1269,9 +1278,10 @@ def headline_sbn_rows(tag, label, entry, overhead):
     step = (times(common.median([r["auto"]["ms_per_step"] for r in runs])
                   / common.median([r["reinforce"]["ms_per_step"] for r in runs]))
             if "reinforce" in runs[0] else "")
-    machine = entry["machine"]
-    load = [pages.start_load(machine)[0], entry["load_end"][0]]
-    measured = f"{pages.commit_text(machine) or 'commit not recorded'}, load {span(load, '.1f')}"
+    made = section_runs(entry)
+    load = [value for machine, end in made for value in (pages.start_load(machine)[0], end[0])]
+    commits = sorted({pages.commit_text(machine) or "commit not recorded" for machine, _ in made})
+    measured = f"{', '.join(commits)}, load {span(load, '.1f')}"
     rows = []
     for i, row in enumerate(entry["summary"]):
         values, free, winner = row["values"], row["best_critic_free"], row["winner"]

@@ -1,0 +1,81 @@
+"""`benchmarks/equal_time.py --extend`: seeds of a later run added to a section.
+
+A 10-minute comparison of 3 seeds takes hours; `--extend` lets it be made in
+more than one run and keeps what each run was (command, machine, load) on the
+pages. Fake sections, no training.
+"""
+
+import sys
+
+import pytest
+
+from test_benchmark_pages import BENCHMARKS
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    """benchmarks/equal_time.py and render.py, imported as the scripts import them."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import equal_time
+        import render
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return equal_time, render
+
+
+def section(seeds, auto, disarm, commit, start, end, budgets=("600",)):
+    """An equal_time.json section as one run of the script writes it."""
+    arm = {"ms_per_step": 2.0, "compile_seconds": 1.0, "curve": [{"step": 1000}]}
+    runs = [{"auto": {**arm, "at_budget": {b: a for b in budgets}},
+             "disarm": {**arm, "at_budget": {b: d for b in budgets}}} for a, d in zip(auto, disarm)]
+    return {"command": f"equal_time.py --seeds={','.join(map(str, seeds))}", "seeds": list(seeds),
+            "budgets": list(budgets), "chunk_steps": 250, "jit": True, "runs": runs, "summary": None,
+            "machine": {"commit": commit, "load_average": [start, start, start]}, "load_end": [end, end, end]}
+
+
+def test_extend_adds_the_seeds_and_takes_the_summary_over_all(scripts):
+    equal_time, render = scripts
+    first = section([0], [251.0], [252.0], "abc1234", 2.5, 4.0)
+    later = section([1, 2], [250.0, 249.0], [248.0, 247.0], "def5678", 1.0, 1.5)
+    merged = equal_time.extended(first, later)
+    assert merged["seeds"] == [0, 1, 2]
+    assert merged["command"] == ["equal_time.py --seeds=0", "equal_time.py --seeds=1,2"]
+    assert [m["load_average_at_end"] for m in merged["machine"]] == [[4.0] * 3, [1.5] * 3]
+    assert "load_end" not in merged
+    # Medians of 3 seeds: auto 250 (251, 250, 249), disarm 248 (252, 248, 247).
+    assert merged["summary"] == [{"budget": "600", "values": {"auto": 250.0, "disarm": 248.0},
+                                  "best_critic_free": "disarm", "winner": "disarm"}]
+    # A third run extends the extended section.
+    again = equal_time.extended(merged, section([3], [240.0], [250.0], "def5678", 1.0, 1.0))
+    assert again["seeds"] == [0, 1, 2, 3] and len(again["command"]) == 3 and len(again["machine"]) == 3
+
+    # Its pages: both commands, both machines; the headline's row names both commits and every load.
+    page = render.page("equal_time", {"fashion_mnist_linear_long": merged})
+    assert "equal_time.py --seeds=0\nequal_time.py --seeds=1,2" in page
+    assert "abc1234" in page and "def5678" in page
+    rows = render.headline_sbn_rows("fashion_mnist_linear", "", merged, None)
+    assert rows[0][1:5] == ["600 s", "250.00", "**248.00** (`disarm`)", "`disarm`"]
+    assert rows[0][-1] == "abc1234, def5678, load 1.0-4.0"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budgets": ["60"]}, "budgets"),
+    ({"jit": False}, "jit"),
+    ({"seeds": [0]}, r"seeds \[0\] are in the section"),
+])
+def test_extend_refuses_runs_that_do_not_compare(scripts, change, message):
+    equal_time, _ = scripts
+    first = section([0], [251.0], [252.0], "abc1234", 1.0, 1.0)
+    later = {**section([1], [250.0], [248.0], "abc1234", 1.0, 1.0), **change}
+    with pytest.raises(ValueError, match=message):
+        equal_time.extended(first, later)
+
+
+def test_extend_refuses_other_arms(scripts):
+    equal_time, _ = scripts
+    first = section([0], [251.0], [252.0], "abc1234", 1.0, 1.0)
+    later = section([1], [250.0], [248.0], "abc1234", 1.0, 1.0)
+    later["runs"] = [{"auto": later["runs"][0]["auto"]}]
+    with pytest.raises(ValueError, match="arms"):
+        equal_time.extended(first, later)
