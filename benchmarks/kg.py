@@ -48,7 +48,8 @@ kg_reasoning = common.example("kg_reasoning")
 
 # Shared with the example (defined there): --steps, --batch_size, --rollouts,
 # --eval_every, --beam, --beam_pool, --beam_unique, --learning_rate,
-# --steps_per_execution, --entropy_beta, --action_dropout.
+# --steps_per_execution, --entropy_beta, --action_dropout, --dim, --hidden,
+# --entity_embeddings.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Estimators (kg_reasoning --estimator values).")
@@ -85,7 +86,8 @@ def run_all(path):
     results.update(command=common.command_line(), machine=common.machine_info(), published=PUBLISHED,
                    settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
                                                         "beam_pool", "beam_unique", "learning_rate",
-                                                        "steps_per_execution", "entropy_beta", "action_dropout")})
+                                                        "steps_per_execution", "entropy_beta", "action_dropout",
+                                                        "dim", "hidden", "entity_embeddings")})
     done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
     for dataset, seed, estimator in schedule():
         if (dataset, seed, estimator) in done:
@@ -94,9 +96,10 @@ def run_all(path):
         print(f"== {dataset} seed {seed} {estimator}", flush=True)
         agent, result = kg_reasoning.run(
             dataset, estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, beam=FLAGS.beam, seed=seed,
-            learning_rate=FLAGS.learning_rate, eval_every=FLAGS.eval_every,
+            learning_rate=FLAGS.learning_rate, dim=FLAGS.dim, hidden=FLAGS.hidden, eval_every=FLAGS.eval_every,
             steps_per_execution=FLAGS.steps_per_execution, entropy_beta=FLAGS.entropy_beta, verbose=2,
             pool=FLAGS.beam_pool, unique=FLAGS.beam_unique, action_dropout=FLAGS.action_dropout,
+            entity_embeddings=FLAGS.entity_embeddings,
         )
         result["test_rankings"] = {
             ranking_name(pool, unique): kg_reasoning.evaluate(agent, "test", FLAGS.beam, pool=pool, unique=unique)

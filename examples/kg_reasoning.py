@@ -77,6 +77,9 @@ flags.DEFINE_float(
     "action_dropout", 0.0, "While training, each allowed action of a hop is hidden with this probability "
     "(a row keeps its mask if none would stay): MultiHopKG's action dropout made part of the policy, so "
     "every estimator stays unbiased for the thinned policy; evaluation uses the whole mask.")
+flags.DEFINE_bool(
+    "entity_embeddings", True, "The policy reads entity embeddings (off: their vectors stay zero and the policy "
+    "reads relations only, MINERVA's `use_entity_embeddings=0`, its UMLS and Kinship setting).")
 flags.DEFINE_integer("eval_every", 100, "Evaluate on the dev split every this many steps.")
 flags.DEFINE_integer("steps_per_execution", 10, "Steps per compiled call.")
 flags.DEFINE_string("out_json", "", "If set, write the run's curve and test metrics there.")
@@ -190,7 +193,7 @@ class KGPolicy(keras.layers.Layer):
     The functional model calls it through `Start`, `HopLogits` and `Advance`;
     beam search and the walk call its methods directly."""
 
-    def __init__(self, kg, dim=32, hidden=64, **kwargs):
+    def __init__(self, kg, dim=32, hidden=64, entity_embeddings=True, **kwargs):
         super().__init__(**kwargs)
         self.num_entities = kg.num_entities
         self.num_base = kg.num_base_relations
@@ -199,7 +202,10 @@ class KGPolicy(keras.layers.Layer):
         self.action_ent = tf.constant(kg.action_ent)
         self.action_mask = tf.constant(kg.action_mask)
         init = keras.initializers.GlorotUniform()
-        self.entity_emb = keras.layers.Embedding(kg.num_entities, dim, embeddings_initializer=init, name="entity_emb")
+        # Without entity embeddings (MINERVA's `use_entity_embeddings=0`, its UMLS and Kinship setting) the
+        # entities' vectors stay zero: the policy reads the relations of the path and of the actions only.
+        self.entity_emb = keras.layers.Embedding(kg.num_entities, dim, embeddings_initializer=init if entity_embeddings
+                                                 else "zeros", trainable=entity_embeddings, name="entity_emb")
         self.relation_emb = keras.layers.Embedding(len(kg.relations), dim, embeddings_initializer=init,
                                                    name="relation_emb")
         self.cell = keras.layers.GRUCell(hidden, name="path_cell")
@@ -390,11 +396,12 @@ class Agent:
     beam_functions: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
-def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0, action_dropout=0.0):
+def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0, action_dropout=0.0, entity_embeddings=True):
     """The agent as a functional `BackpropQModel`: a chain of `hops` masked
     Categorical nodes `hop_1..hop_T` and cost `miss` (with an entropy bonus on
     every hop's policy if beta > 0, a regularisation loss that every estimator
-    shares; with `action_dropout`, `HopLogits`'s while training); its output is
+    shares; with `action_dropout`, `HopLogits`'s while training; without
+    `entity_embeddings`, a policy that reads relations only); its output is
     the one-hot answer entity.
 
     `miss` is `1 - <last action, actions into the tail>` (a `Dot`), so the last
@@ -408,7 +415,7 @@ def build_agent(kg, hops=2, dim=32, hidden=64, seed=0, entropy_beta=0.0, action_
         "exclude": keras.Input((kg.num_entities,), name="exclude"),
     }
     head, relation, tail, exclude = (inputs[k] for k in ("head", "relation", "tail", "exclude"))
-    policy = KGPolicy(kg, dim, hidden, name="policy")
+    policy = KGPolicy(kg, dim, hidden, entity_embeddings, name="policy")
     policy.build()
     entropy = EntropyBonus(entropy_beta, name="entropy_bonus") if entropy_beta else None
     h, entity = Start(policy, name="start")([head, relation]), head
@@ -799,17 +806,17 @@ def export_agent(agent, path, beam=100, pool="max", unique=True):
 # -- main ---------------------------------------------------------------------------
 def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
         learning_rate=1e-3, dim=32, hidden=64, entropy_beta=0.05, eval_every=100,
-        steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0):
+        steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0, entity_embeddings=True):
     """Trains one agent and evaluates it on test; returns `(agent, result)`."""
     kg = load_graph(dataset)
-    agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta, action_dropout)
+    agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta, action_dropout, entity_embeddings)
     start = time.perf_counter()
     dev = train(agent, steps, batch_size, estimator, rollouts, learning_rate, seed, eval_every, beam,
                 steps_per_execution, verbose, pool, unique)
     result = {
         "dataset": dataset, "estimator": estimator, "seed": seed, "steps": steps, "batch_size": batch_size,
         "rollouts": rollouts, "hops": hops, "beam": beam, "beam_pool": pool, "beam_unique": bool(unique),
-        "entropy_beta": entropy_beta, "action_dropout": action_dropout,
+        "entropy_beta": entropy_beta, "action_dropout": action_dropout, "entity_embeddings": bool(entity_embeddings),
         "wall_seconds": time.perf_counter() - start, "train_seconds": dev.train_seconds,
         "steps_per_second": steps / max(dev.train_seconds, 1e-9),
         "curve": dev.curve, "test": evaluate(agent, "test", beam, pool=pool, unique=unique),
@@ -823,7 +830,7 @@ def main(argv):
         FLAGS.dataset, FLAGS.estimator, FLAGS.steps, FLAGS.batch_size, FLAGS.rollouts, FLAGS.hops,
         FLAGS.beam, FLAGS.seed, FLAGS.learning_rate, FLAGS.dim, FLAGS.hidden, FLAGS.entropy_beta,
         FLAGS.eval_every, FLAGS.steps_per_execution, pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
-        action_dropout=FLAGS.action_dropout,
+        action_dropout=FLAGS.action_dropout, entity_embeddings=FLAGS.entity_embeddings,
     )
     test = result["test"]
     print(

@@ -349,3 +349,26 @@ def test_action_dropout_thins_the_training_masks_only(jit_compile):
     assert 0.35 < share < 0.75, share
     history = agent.model.fit(kg_reasoning.train_dataset(kg, 16, 0, "test"), steps_per_epoch=4, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+
+
+def test_a_policy_without_entity_embeddings_reads_relations_only():
+    """`build_agent(entity_embeddings=False)` (MINERVA's `use_entity_embeddings=0`):
+    the entities' vectors are zero and stay zero through training (they are not
+    trainable weights), so two actions of one relation into different entities
+    get the same logit; the agent trains."""
+    kg = synthetic_graph()
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=8, hidden=16, seed=1, entity_embeddings=False)
+    kg_reasoning.compile_agent(agent, "auto", rollouts=4)
+    emb = agent.policy.entity_emb
+    assert not emb.trainable and all(w is not emb.embeddings for w in agent.model.trainable_weights)
+    history = agent.model.fit(kg_reasoning.train_dataset(kg, 16, 0, "test"), steps_per_epoch=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    np.testing.assert_array_equal(emb.embeddings.numpy(), 0.0)
+    data = kg_reasoning.queries(kg, "test")
+    head, relation = tf.constant(data["head"]), tf.constant(data["relation"])
+    logits = agent.policy.logits(agent.policy.start(head, relation), head, relation).numpy()
+    rel = kg.action_rel[data["head"]]
+    for row, rels in zip(logits, rel):
+        for r in np.unique(rels):
+            same = row[rels == r]
+            np.testing.assert_allclose(same, same[0], rtol=1e-6, atol=1e-6)
