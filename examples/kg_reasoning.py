@@ -662,27 +662,36 @@ def rank_answers(candidate_score, candidate, last, path_rel, path_ent, exclude, 
     }
 
 
+def ranks(scores, tails):
+    """Each query's rank of its answer: `scores` `[Q, E]` (entities no beam
+    reached score -inf), `tails` `[Q]`. Entities tied with the answer share
+    their mean rank, `1 + #higher + #tied others / 2` (the expected rank under
+    a random order of the ties, PyKEEN's "realistic" rank), so a policy whose
+    scores tie, one that reads relations only, gains nothing by the ties; an
+    answer no beam reached ranks nowhere (`inf`)."""
+    own = scores[np.arange(len(tails)), tails][:, None]
+    rank = 1.0 + np.sum(scores > own, axis=1) + (np.sum(scores == own, axis=1) - 1) / 2.0
+    return np.where(np.isfinite(own[:, 0]), rank, np.inf)
+
+
 def evaluate(agent, split, beam=100, chunk=128, limit=None, pool="max", unique=True):
-    """Filtered tail-only Hits@1/3/10 and MRR of beam search on a split (an
-    answer no beam reached ranks nowhere: reciprocal rank 0; ties rank
-    first), and `entities`: the mean number of distinct entities ranked per
-    query."""
+    """Filtered tail-only Hits@1/3/10 and MRR of beam search on a split (the
+    answer's rank as `ranks` gives it: ties share their mean rank; one no beam
+    reached has reciprocal rank 0), and `entities`: the mean number of
+    distinct entities ranked per query."""
     data = queries(agent.kg, split)
     if limit:
         data = {k: v[:limit] for k, v in data.items()}
     search = beam_function(agent, beam, pool, unique)
-    ranks, counts = [], []
+    answer_ranks, counts = [], []
     for start in range(0, len(data["head"]), chunk):
         part = {k: tf.constant(v[start : start + chunk]) for k, v in data.items()}
         scores = search(part["head"], part["relation"], part["tail"], part["exclude"]).numpy()
-        tails = data["tail"][start : start + chunk]
-        own = scores[np.arange(len(tails)), tails]
-        rank = 1.0 + np.sum(scores > own[:, None], axis=1)
-        ranks.append(np.where(np.isfinite(own), rank, np.inf))
+        answer_ranks.append(ranks(scores, data["tail"][start : start + chunk]))
         counts.append(np.isfinite(scores).sum(axis=1))
-    ranks = np.concatenate(ranks)
-    metrics = {f"hits@{k}": float(np.mean(ranks <= k)) for k in (1, 3, 10)}
-    metrics["mrr"] = float(np.mean(1.0 / ranks))
+    answer_ranks = np.concatenate(answer_ranks)
+    metrics = {f"hits@{k}": float(np.mean(answer_ranks <= k)) for k in (1, 3, 10)}
+    metrics["mrr"] = float(np.mean(1.0 / answer_ranks))
     metrics["entities"] = float(np.mean(np.concatenate(counts)))
     return metrics
 

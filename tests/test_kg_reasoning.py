@@ -83,6 +83,15 @@ def test_training_masks_come_from_training_triples_only():
         assert set(np.flatnonzero(excl)) == umls.train_tails[(int(h), int(r))] - {int(t)}
 
 
+def test_ties_share_their_mean_rank_and_unreached_answers_rank_nowhere():
+    """`ranks`: the answer's rank is 1 + the entities scored above it + half the
+    others tied with it (never the optimistic first place of a tie), and inf
+    for an answer no beam reached."""
+    inf = np.inf
+    scores = np.array([[3.0, 1.0, 3.0, 3.0, -inf]] * 3 + [[0.5, 2.0, 1.0, -inf, -inf]])
+    np.testing.assert_array_equal(kg_reasoning.ranks(scores, np.array([0, 1, 4, 2])), [2.0, 4.0, inf, 2.0])
+
+
 def test_agent_learns_to_answer_its_queries(trained):
     agent, _ = trained
     metrics = kg_reasoning.evaluate(agent, "test", beam=8)
