@@ -35,6 +35,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
 import common  # noqa: E402
+import equal_time_sections  # noqa: E402
 import keras_bpq  # noqa: E402
 import render  # noqa: E402
 
@@ -51,9 +52,6 @@ flags.DEFINE_string("out_tag", "", "Section name in the JSON (default <dataset>_
 flags.DEFINE_bool("extend", False, "Add this run's seeds to the section --out_tag already in the JSON (same arms, "
                   "budgets, chunk_steps and jit; new seeds only): its command and machine are listed beside the "
                   "earlier run's and the summary is taken over all the seeds.")
-
-CRITIC_FREE = ("rloo", "disarm", "reinforce")
-
 
 def compile_arm(name, pixels):
     """A fresh SBN compiled for arm `name`: an estimator name, or
@@ -106,51 +104,6 @@ def _at(curve, budget):
     return done[-1] if done else None
 
 
-def summary(runs, budgets):
-    """Per budget: each arm's median test -ELBO, the best critic-free arm, and the winner."""
-    rows = []
-    for b in budgets:
-        values = {name: common.median([r[name]["at_budget"][b] for r in runs]) for name in runs[0]}
-        free = {n: v for n, v in values.items() if n in CRITIC_FREE and v is not None}
-        best_free = min(free, key=free.get) if free else None
-        known = {n: v for n, v in values.items() if v is not None}
-        rows.append({"budget": b, "values": values, "best_critic_free": best_free,
-                     "winner": min(known, key=known.get) if known else None})
-    return rows
-
-
-def _listed(entry, key):
-    value = entry[key]
-    return value if isinstance(value, list) else [value]
-
-
-def extended(old, new):
-    """The section `old` with the seeds of the section `new` (one run of this
-    script) added: runs and seeds appended, commands and machines listed (each
-    machine with its own end-of-run load), the summary over all the seeds.
-    Raises ValueError where the two runs do not compare (other arms, budgets,
-    turns or jit) or share a seed."""
-    for key in ("budgets", "chunk_steps", "jit"):
-        if old[key] != new[key]:
-            raise ValueError(f"--extend: the section has {key}={old[key]!r}, this run {new[key]!r}; pass the same.")
-    if list(old["runs"][0]) != list(new["runs"][0]):
-        raise ValueError(f"--extend: the section's arms are {list(old['runs'][0])}, this run's "
-                         f"{list(new['runs'][0])}; pass the same --arms.")
-    shared = sorted(set(old["seeds"]) & set(new["seeds"]))
-    if shared:
-        raise ValueError(f"--extend: seeds {shared} are in the section already; pass other --seeds.")
-
-    def machines(entry):
-        if "load_end" not in entry:
-            return entry["machine"]
-        return [{**m, "load_average_at_end": list(entry["load_end"])} for m in _listed(entry, "machine")]
-
-    runs = old["runs"] + new["runs"]
-    kept = {key: value for key, value in old.items() if key != "load_end"}
-    return {**kept, "command": _listed(old, "command") + _listed(new, "command"), "seeds": old["seeds"] + new["seeds"],
-            "runs": runs, "summary": summary(runs, old["budgets"]), "machine": machines(old) + machines(new)}
-
-
 def main(argv):
     del argv
     seeds = [int(s) for s in FLAGS.seeds]
@@ -164,13 +117,14 @@ def main(argv):
     path = os.path.join(FLAGS.out_dir, "equal_time.json")
     report = json.load(open(path)) if os.path.exists(path) else {}
     entry = {"command": common.command_line(), "seeds": seeds, "budgets": budgets,
-             "chunk_steps": FLAGS.chunk_steps, "jit": FLAGS.jit, "runs": runs, "summary": summary(runs, budgets),
+             "chunk_steps": FLAGS.chunk_steps, "jit": FLAGS.jit, "runs": runs,
+             "summary": equal_time_sections.summary(runs, budgets),
              "machine": machine, "load_end": os.getloadavg()}
     if FLAGS.extend:
         if tag not in report:
             raise ValueError(f"--extend: {path} has no section {tag!r} to add seeds {seeds} to; run without "
                              "--extend to start it.")
-        entry = extended(report[tag], entry)
+        entry = equal_time_sections.extended(report[tag], entry)
     report[tag] = entry
     common.write_json(path, report)
     render.write("equal_time", report, os.path.join(FLAGS.out_dir, "equal_time.md"))

@@ -1,27 +1,29 @@
-"""`benchmarks/equal_time.py --extend`: seeds of a later run added to a section.
+"""`benchmarks/equal_time.py --extend` (`equal_time_sections.extended`): seeds of
+a later run added to a section.
 
 A 10-minute comparison of 3 seeds takes hours; `--extend` lets it be made in
 more than one run and keeps what each run was (command, machine, load) on the
-pages. Fake sections, no training.
+pages. Fake sections, no training, no TensorFlow.
 """
 
+import pathlib
 import sys
 
 import pytest
 
-from test_benchmark_pages import BENCHMARKS
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def scripts():
-    """benchmarks/equal_time.py and render.py, imported as the scripts import them."""
+    """benchmarks/equal_time_sections.py and render.py, imported as the scripts import them."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import equal_time
+        import equal_time_sections
         import render
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return equal_time, render
+    return equal_time_sections, render
 
 
 def section(seeds, auto, disarm, commit, start, end, budgets=("600",)):

@@ -1,0 +1,54 @@
+"""equal_time.json's sections: the summary of a run's seeds, and a section
+extended by a later run's seeds (`equal_time.py --extend`).
+
+No TensorFlow: the tests import it beside the page renderer.
+"""
+
+import common
+
+CRITIC_FREE = ("rloo", "disarm", "reinforce")
+
+
+def summary(runs, budgets):
+    """Per budget: each arm's median test -ELBO, the best critic-free arm, and the winner."""
+    rows = []
+    for b in budgets:
+        values = {name: common.median([r[name]["at_budget"][b] for r in runs]) for name in runs[0]}
+        free = {n: v for n, v in values.items() if n in CRITIC_FREE and v is not None}
+        best_free = min(free, key=free.get) if free else None
+        known = {n: v for n, v in values.items() if v is not None}
+        rows.append({"budget": b, "values": values, "best_critic_free": best_free,
+                     "winner": min(known, key=known.get) if known else None})
+    return rows
+
+
+def _listed(entry, key):
+    value = entry[key]
+    return value if isinstance(value, list) else [value]
+
+
+def extended(old, new):
+    """The section `old` with the seeds of the section `new` (one run of this
+    script) added: runs and seeds appended, commands and machines listed (each
+    machine with its own end-of-run load), the summary over all the seeds.
+    Raises ValueError where the two runs do not compare (other arms, budgets,
+    turns or jit) or share a seed."""
+    for key in ("budgets", "chunk_steps", "jit"):
+        if old[key] != new[key]:
+            raise ValueError(f"--extend: the section has {key}={old[key]!r}, this run {new[key]!r}; pass the same.")
+    if list(old["runs"][0]) != list(new["runs"][0]):
+        raise ValueError(f"--extend: the section's arms are {list(old['runs'][0])}, this run's "
+                         f"{list(new['runs'][0])}; pass the same --arms.")
+    shared = sorted(set(old["seeds"]) & set(new["seeds"]))
+    if shared:
+        raise ValueError(f"--extend: seeds {shared} are in the section already; pass other --seeds.")
+
+    def machines(entry):
+        if "load_end" not in entry:
+            return entry["machine"]
+        return [{**m, "load_average_at_end": list(entry["load_end"])} for m in _listed(entry, "machine")]
+
+    runs = old["runs"] + new["runs"]
+    kept = {key: value for key, value in old.items() if key != "load_end"}
+    return {**kept, "command": _listed(old, "command") + _listed(new, "command"), "seeds": old["seeds"] + new["seeds"],
+            "runs": runs, "summary": summary(runs, old["budgets"]), "machine": machines(old) + machines(new)}
