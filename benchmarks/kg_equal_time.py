@@ -42,7 +42,7 @@ kg_reasoning = common.example("kg_reasoning")
 
 # Shared with the example (defined there): --batch_size, --rollouts, --beam,
 # --beam_pool, --beam_unique, --learning_rate, --steps_per_execution,
-# --entropy_beta, --hops, --dim, --hidden.
+# --entropy_beta, --hops, --dim, --hidden, --action_dropout, --entity_embeddings.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning --estimator values).")
@@ -55,7 +55,8 @@ flags.DEFINE_string("out_tag", "", "Section name in the JSON (default: the datas
 flags.DEFINE_string("out_dir", common.RESULTS, "Where kg_equal_time.json and .md go.")
 
 SETTINGS = ("batch_size", "rollouts", "beam", "beam_pool", "beam_unique", "learning_rate",
-            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden", "replay_capacity", "replay_updates")
+            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden", "action_dropout", "entity_embeddings",
+            "replay_capacity", "replay_updates")
 
 
 class Arm:
@@ -66,7 +67,8 @@ class Arm:
         estimator, _, correction = name.partition("+replay_")
         replay = {"replay": keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, correction)} if correction else {}
         self.estimator = estimator
-        self.agent = kg_reasoning.build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta)
+        self.agent = kg_reasoning.build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta,
+                                              FLAGS.action_dropout, FLAGS.entity_embeddings)
         kg_reasoning.compile_agent(self.agent, estimator, FLAGS.rollouts, FLAGS.learning_rate,
                                    FLAGS.steps_per_execution, **replay)
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, seed))
