@@ -53,6 +53,7 @@ flags.DEFINE_bool("extend", False, "Add this run's seeds to the section --out_ta
                   "budgets, chunk_steps and jit; new seeds only): its command and machine are listed beside the "
                   "earlier run's and the summary is taken over all the seeds.")
 
+
 def compile_arm(name, pixels):
     """A fresh SBN compiled for arm `name`: an estimator name, or
     `<estimator>+replay_<correction>` for that estimator with replay."""

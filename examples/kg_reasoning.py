@@ -7,7 +7,9 @@ where it ends, at cost 0 on the true tail and 1 elsewhere. Every hop is a
 masked `keras_bpq.Categorical` over the entity's padded action list, so the
 model is a chain of `T` categorical nodes. The policy reads embeddings of the
 query relation, the current entity and the path so far (a GRU cell over the
-`(relation, entity)` edges taken).
+`(relation, entity)` edges taken); with `--noentity_embeddings` the entities'
+vectors stay zero and it reads relations only (MINERVA's setting for UMLS and
+Kinship: path rules that hold for every entity).
 
 Masks (MINERVA's protocol, its `create_triple_store`): padded actions; the
 query's own edge `(head, r, tail)` and its inverse `(tail, r_inv, head)`; and
@@ -17,7 +19,8 @@ dev and test answers are never shown to training. For a dev or test query they
 are the tails of `(head, r)` over every split, masked at the last hop of the
 beam and removed from the ranking (the filtered setting). Evaluation is beam
 search over the policy's log-probabilities, filtered, on the tail only:
-Hits@1/3/10 and MRR (see `beam_search` for how answers are pooled).
+Hits@1/3/10 and MRR (see `beam_search` for how answers are pooled; `ranks`:
+entities tied with the answer share their mean rank).
 
 Exploration, the same for every estimator: an entropy bonus on each hop's
 policy (`--entropy_beta`) and, optionally, action dropout (`--action_dropout`,
