@@ -31,6 +31,8 @@ Data: UMLS and Kinship in their standard splits, vendored under
 `examples/data/` (see its README); inverse edges are added to the graph.
 
     python examples/kg_reasoning.py --dataset=umls --estimator=auto --steps=2000
+    # the agent of benchmarks/results/kg.md:
+    python examples/kg_reasoning.py --dataset=umls --noentity_embeddings --dim=64 --hidden=128 --action_dropout=0.5
     python examples/kg_reasoning.py --estimator=minerva --export_dir=serving/kg/1
 """
 
