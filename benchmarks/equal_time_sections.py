@@ -27,6 +27,15 @@ def _listed(entry, key):
     return value if isinstance(value, list) else [value]
 
 
+def section_runs(entry):
+    """[(machine info, load average at the end)] of each run a section holds:
+    one (the machine and the section's `load_end`), or several where `--extend`
+    added seeds (each machine then carries its own `load_average_at_end`)."""
+    if "load_end" in entry:
+        return [(machine, entry["load_end"]) for machine in _listed(entry, "machine")]
+    return [(machine, machine["load_average_at_end"]) for machine in entry["machine"]]
+
+
 def extended(old, new):
     """The section `old` with the seeds of the section `new` (one run of this
     script) added: runs and seeds appended, commands and machines listed (each
@@ -44,9 +53,7 @@ def extended(old, new):
         raise ValueError(f"--extend: seeds {shared} are in the section already; pass other --seeds.")
 
     def machines(entry):
-        if "load_end" not in entry:
-            return entry["machine"]
-        return [{**m, "load_average_at_end": list(entry["load_end"])} for m in _listed(entry, "machine")]
+        return [{**machine, "load_average_at_end": list(end)} for machine, end in section_runs(entry)]
 
     runs = old["runs"] + new["runs"]
     kept = {key: value for key, value in old.items() if key != "load_end"}

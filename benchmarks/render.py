@@ -43,6 +43,7 @@ import sys
 import numpy as np
 
 import common
+import equal_time_sections
 import pages
 from pages import number
 from pages import numbers
@@ -1258,15 +1259,6 @@ def headline_overhead(overhead, tag):
             + span([r["load_1min"]["median"] for r in rows], ".1f") + ")")
 
 
-def section_runs(entry):
-    """[(machine info, load average at the end)] of each run an equal_time.json
-    section holds: one, or several where `equal_time.py --extend` added seeds
-    (each machine then carries its own end load)."""
-    if "load_end" in entry:
-        return [(entry["machine"], entry["load_end"])]
-    return [(machine, machine["load_average_at_end"]) for machine in entry["machine"]]
-
-
 def headline_sbn_rows(tag, label, entry, overhead):
     """A row per budget of equal_time.json's section `tag` (None: not run);
     `overhead` None leaves target 3's cell empty (a task's long-budget run).
@@ -1278,7 +1270,7 @@ def headline_sbn_rows(tag, label, entry, overhead):
     step = (times(common.median([r["auto"]["ms_per_step"] for r in runs])
                   / common.median([r["reinforce"]["ms_per_step"] for r in runs]))
             if "reinforce" in runs[0] else "")
-    made = section_runs(entry)
+    made = equal_time_sections.section_runs(entry)
     load = [value for machine, end in made for value in (pages.start_load(machine)[0], end[0])]
     commits = sorted({pages.commit_text(machine) or "commit not recorded" for machine, _ in made})
     measured = f"{', '.join(commits)}, load {span(load, '.1f')}"

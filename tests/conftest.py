@@ -1,11 +1,17 @@
 """Shared pytest configuration for keras_bpq tests."""
 
+import importlib
 import os
+import pathlib
+import sys
 
 # Quiet TensorFlow's C++ logging; must run before anything imports TF.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest  # noqa: E402
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 # Property-based tests (tests/test_properties.py). "ci", the default, keeps the
 # file under a minute; run `pytest tests/test_properties.py
@@ -27,3 +33,16 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Imports a module of benchmarks/ by name as the scripts import it: their
+    folder first on sys.path while it (and what it imports) loads."""
+    def load(name):
+        sys.path.insert(0, str(BENCHMARKS))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(BENCHMARKS))
+    return load

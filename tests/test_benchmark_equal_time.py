@@ -6,24 +6,13 @@ more than one run and keeps what each run was (command, machine, load) on the
 pages. Fake sections, no training, no TensorFlow.
 """
 
-import pathlib
-import sys
-
 import pytest
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def scripts():
-    """benchmarks/equal_time_sections.py and render.py, imported as the scripts import them."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import equal_time_sections
-        import render
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return equal_time_sections, render
+def scripts(benchmark_script):
+    """benchmarks/equal_time_sections.py and render.py."""
+    return benchmark_script("equal_time_sections"), benchmark_script("render")
 
 
 def section(seeds, auto, disarm, commit, start, end, budgets=("600",)):

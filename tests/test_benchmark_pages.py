@@ -27,14 +27,9 @@ PAGES = sorted(p.stem for p in RESULTS.glob("*.md"))
 
 
 @pytest.fixture(scope="module")
-def render():
-    """benchmarks/render.py, imported as the scripts import it (their folder first on the path)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import render as module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+def render(benchmark_script):
+    """benchmarks/render.py."""
+    return benchmark_script("render")
 
 
 def test_every_page_has_its_json():
