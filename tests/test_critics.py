@@ -86,7 +86,8 @@ def test_learned_critics_converge_to_exact_q(name, target):
         tau=0.05,
         steps_per_execution=50,
     )
-    model.fit(np.repeat(x, 64, axis=0), batch_size=96, epochs=300, verbose=0)
+    # 600 steps of 96 rows in one epoch: 12 calls of 50 steps, not 300 epochs of 2.
+    model.fit(np.repeat(x, 64 * 300, axis=0), batch_size=96, epochs=1, verbose=0)
     errors = learned_vs_exact(model, x)
     assert errors and max(errors.values()) < 0.05, errors
 
@@ -195,8 +196,10 @@ def learning_curve(estimator, seed, checkpoints=6, steps_each=25):
     model, queries = graphs.walk_task(seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(0.03), estimator=estimator, steps_per_execution=25)
     curve = []
+    # Every step one batch of all the queries: `steps_each` of them per call.
+    data = np.tile(queries, (steps_each, 1))
     for _ in range(checkpoints):
-        model.fit(queries, batch_size=len(queries), epochs=steps_each, verbose=0)
+        model.fit(data, batch_size=len(queries), shuffle=False, verbose=0)
         curve.append(diagnostics.exact_gradients(model, queries, return_objective=True)[1])
     return np.array(curve)
 
@@ -300,8 +303,9 @@ def test_all_outcomes_critic_learns_exact_q_and_round_trips():
         steps_per_execution=50,
     )
     before = learned_vs_exact(model, queries)["hop1"]
-    data = np.repeat(queries, 4, axis=0)  # repeated contexts: `distinct` evaluates each once
-    model.fit(data, batch_size=len(data), epochs=400, verbose=0)
+    batch = np.repeat(queries, 4, axis=0)  # repeated contexts: `distinct` evaluates each once
+    # 400 steps of that batch, 50 per call.
+    model.fit(np.tile(batch, (400, 1)), batch_size=len(batch), shuffle=False, verbose=0)
     after = learned_vs_exact(model, queries)["hop1"]
     assert after < 0.1 and after < before / 5, (before, after)
     critic = model.training_state.critics["hop1"]
