@@ -299,6 +299,30 @@ def command_line():
     return "python " + shlex.join([script, *sys.argv[1:]])
 
 
+def listed(value):
+    """`value` as a list: a JSON field that holds one entry or, once runs are
+    combined, a list of them (`command`/`commands`, `machine`)."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def resumed(report, settings, command, machine):
+    """The results `report` of an earlier, cut-off or shorter run, resumed by
+    this one: its runs kept (the script skips those it holds), every run's
+    command in `commands` and machine in `machine`, `settings` this run's.
+
+    Raises ValueError where the report's runs were made with other settings:
+    runs of two budgets on one page would be medians of neither."""
+    if report.get("settings", settings) != settings:
+        changed = sorted(k for k in settings if report["settings"].get(k) != settings[k])
+        raise ValueError(f"the results to resume were run with other settings ({', '.join(changed)}: "
+                         f"{[report['settings'].get(k) for k in changed]}, this run "
+                         f"{[settings[k] for k in changed]}); pass the same flags or another --out_dir.")
+    kept = {k: v for k, v in report.items() if k not in ("command", "commands", "machine")}
+    return {**kept, "settings": settings,
+            "commands": listed(report.get("commands") or report["command"]) + [command],
+            "machine": listed(report["machine"]) + [machine]}
+
+
 def write_atomically(path, text):
     """Writes `text` to `path` (its folder made if missing) through a temporary
     file renamed over it, so an interrupted run never leaves a half-written page."""

@@ -22,17 +22,12 @@ def summary(runs, budgets):
     return rows
 
 
-def _listed(entry, key):
-    value = entry[key]
-    return value if isinstance(value, list) else [value]
-
-
 def section_runs(entry):
     """[(machine info, load average at the end)] of each run a section holds:
     one (the machine and the section's `load_end`), or several where `--extend`
     added seeds (each machine then carries its own `load_average_at_end`)."""
     if "load_end" in entry:
-        return [(machine, entry["load_end"]) for machine in _listed(entry, "machine")]
+        return [(machine, entry["load_end"]) for machine in common.listed(entry["machine"])]
     return [(machine, machine["load_average_at_end"]) for machine in entry["machine"]]
 
 
@@ -57,5 +52,6 @@ def extended(old, new):
 
     runs = old["runs"] + new["runs"]
     kept = {key: value for key, value in old.items() if key != "load_end"}
-    return {**kept, "command": _listed(old, "command") + _listed(new, "command"), "seeds": old["seeds"] + new["seeds"],
+    return {**kept, "command": common.listed(old["command"]) + common.listed(new["command"]),
+            "seeds": old["seeds"] + new["seeds"],
             "runs": runs, "summary": summary(runs, old["budgets"]), "machine": machines(old) + machines(new)}

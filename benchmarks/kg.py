@@ -82,12 +82,16 @@ def schedule():
 
 def run_all(path):
     """Trains every scheduled run (skipping those already in the json)."""
-    results = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    results.update(command=common.command_line(), machine=common.machine_info(), published=PUBLISHED,
-                   settings={k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam",
-                                                        "beam_pool", "beam_unique", "learning_rate",
-                                                        "steps_per_execution", "entropy_beta", "action_dropout",
-                                                        "dim", "hidden", "entity_embeddings")})
+    settings = {k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam", "beam_pool",
+                                            "beam_unique", "learning_rate", "steps_per_execution", "entropy_beta",
+                                            "action_dropout", "dim", "hidden", "entity_embeddings")}
+    if path.exists():  # a cut-off or earlier run: resumed, every run's command kept
+        results = common.resumed(json.loads(path.read_text()), settings, common.command_line(),
+                                 common.machine_info())
+    else:
+        results = {"command": common.command_line(), "machine": common.machine_info(), "settings": settings,
+                   "runs": []}
+    results["published"] = PUBLISHED
     done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
     for dataset, seed, estimator in schedule():
         if (dataset, seed, estimator) in done:
@@ -122,7 +126,8 @@ def merge(paths):
     settings = [p["settings"] for p in parts]
     if any(x != settings[0] for x in settings):
         raise ValueError(f"--merge: the files were run with different settings: {settings}")
-    return {"commands": [p["command"] for p in parts], "machine": [p["machine"] for p in parts],
+    return {"commands": [c for p in parts for c in common.listed(p.get("commands") or p["command"])],
+            "machine": [m for p in parts for m in common.listed(p["machine"])],
             "settings": settings[0], "published": PUBLISHED, "runs": [r for p in parts for r in p["runs"]]}
 
 

@@ -156,7 +156,7 @@ class Page:
 
     def machine(self, info, packages=DEFAULT_PACKAGES, load_end=None):
         """`machine_line` of each distinct machine in `info` (a dict or a list)."""
-        infos = info if isinstance(info, list) else [info]
+        infos = common.listed(info)
         lines = [machine_line(i, packages, load_end) for i in infos]
         return self.block(list(dict.fromkeys(lines)))
 

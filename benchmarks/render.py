@@ -1337,7 +1337,7 @@ def headline_kg_rows(dataset, label, kg, kg_time):
     winner = max(["auto", *free], key=lambda n: (default["hits@1"] if n == "auto" else free[n], n == "auto"))
     step = (f"{times(summary['minerva']['steps_per_second'] / default['steps_per_second'])} MINERVA's step"
             if "minerva" in summary else None)
-    machines = kg["machine"] if isinstance(kg["machine"], list) else [kg["machine"]]
+    machines = common.listed(kg["machine"])
     budget = f"equal steps ({default['steps']})" if rows else f"equal steps only ({default['steps']})"
     return rows + [["" if rows else label, budget, *headline_kg_versus(default["hits@1"], free, winner), step, "",
                     kg_measured(machines)]]
