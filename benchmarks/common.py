@@ -312,11 +312,12 @@ def resumed(report, settings, command, machine):
 
     Raises ValueError where the report's runs were made with other settings:
     runs of two budgets on one page would be medians of neither."""
-    if report.get("settings", settings) != settings:
-        changed = sorted(k for k in settings if report["settings"].get(k) != settings[k])
+    before = report.get("settings", settings)
+    if before != settings:
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         raise ValueError(f"the results to resume were run with other settings ({', '.join(changed)}: "
-                         f"{[report['settings'].get(k) for k in changed]}, this run "
-                         f"{[settings[k] for k in changed]}); pass the same flags or another --out_dir.")
+                         f"{[before.get(k) for k in changed]}, this run {[settings.get(k) for k in changed]}); "
+                         "pass the same flags or another --out_dir.")
     kept = {k: v for k, v in report.items() if k not in ("command", "commands", "machine")}
     return {**kept, "settings": settings,
             "commands": listed(report.get("commands") or report["command"]) + [command],
