@@ -305,6 +305,12 @@ def listed(value):
     return list(value) if isinstance(value, list) else [value]
 
 
+def commands(report):
+    """Every command a results JSON records: its `commands` (runs combined or
+    resumed) or its one `command`."""
+    return listed(report.get("commands") or report["command"])
+
+
 def resumed(report, settings, command, machine):
     """The results `report` of an earlier, cut-off or shorter run, resumed by
     this one: its runs kept (the script skips those it holds), every run's
@@ -320,7 +326,7 @@ def resumed(report, settings, command, machine):
                          "pass the same flags or another --out_dir.")
     kept = {k: v for k, v in report.items() if k not in ("command", "commands", "machine")}
     return {**kept, "settings": settings,
-            "commands": listed(report.get("commands") or report["command"]) + [command],
+            "commands": commands(report) + [command],
             "machine": listed(report["machine"]) + [machine]}
 
 

@@ -85,12 +85,11 @@ def run_all(path):
     settings = {k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam", "beam_pool",
                                             "beam_unique", "learning_rate", "steps_per_execution", "entropy_beta",
                                             "action_dropout", "dim", "hidden", "entity_embeddings")}
+    command, machine = common.command_line(), common.machine_info()
     if path.exists():  # a cut-off or earlier run: resumed, every run's command kept
-        results = common.resumed(json.loads(path.read_text()), settings, common.command_line(),
-                                 common.machine_info())
+        results = common.resumed(json.loads(path.read_text()), settings, command, machine)
     else:
-        results = {"command": common.command_line(), "machine": common.machine_info(), "settings": settings,
-                   "runs": []}
+        results = {"command": command, "machine": machine, "settings": settings, "runs": []}
     results["published"] = PUBLISHED
     done = {(r["dataset"], r["seed"], r["estimator"]) for r in results["runs"]}
     for dataset, seed, estimator in schedule():
@@ -126,7 +125,7 @@ def merge(paths):
     settings = [p["settings"] for p in parts]
     if any(x != settings[0] for x in settings):
         raise ValueError(f"--merge: the files were run with different settings: {settings}")
-    return {"commands": [c for p in parts for c in common.listed(p.get("commands") or p["command"])],
+    return {"commands": [c for p in parts for c in common.commands(p)],
             "machine": [m for p in parts for m in common.listed(p["machine"])],
             "settings": settings[0], "published": PUBLISHED, "runs": [r for p in parts for r in p["runs"]]}
 

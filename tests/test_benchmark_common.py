@@ -33,6 +33,12 @@ def test_a_run_with_other_settings_is_refused(common):
         common.resumed(first, {**SETTINGS, "steps": 500}, "c2", {})
 
 
+def test_commands_reads_either_form(common):
+    assert common.commands({"command": "python a.py"}) == ["python a.py"]
+    assert common.commands({"commands": ["python a.py", "python b.py"], "command": "old"}) == ["python a.py",
+                                                                                              "python b.py"]
+
+
 def test_listed_wraps_one_entry_and_keeps_a_list(common):
     assert common.listed({"commit": "a"}) == [{"commit": "a"}]
     assert common.listed("python x.py") == ["python x.py"]
