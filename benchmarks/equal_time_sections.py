@@ -1,5 +1,6 @@
-"""equal_time.json's sections: the summary of a run's seeds, and a section
-extended by a later run's seeds (`equal_time.py --extend`).
+"""The sections of equal_time.json and kg_equal_time.json: the summary of a
+run's seeds, and a section extended by a later run's seeds (`equal_time.py
+--extend`, `kg_equal_time.py --extend`).
 
 No TensorFlow: the tests import it beside the page renderer.
 """
@@ -10,7 +11,8 @@ CRITIC_FREE = ("rloo", "disarm", "reinforce")
 
 
 def summary(runs, budgets):
-    """Per budget: each arm's median test -ELBO, the best critic-free arm, and the winner."""
+    """equal_time.json: per budget, each arm's median test -ELBO, the best
+    critic-free arm, and the winner."""
     rows = []
     for b in budgets:
         values = {name: common.median([r[name]["at_budget"][b] for r in runs]) for name in runs[0]}
@@ -19,6 +21,20 @@ def summary(runs, budgets):
         known = {n: v for n, v in values.items() if v is not None}
         rows.append({"budget": b, "values": values, "best_critic_free": best_free,
                      "winner": min(known, key=known.get) if known else None})
+    return rows
+
+
+def kg_summary(runs, budgets):
+    """kg_equal_time.json: per budget, each arm's median test Hits@1, the best
+    critic-free arm (one whose estimator is not the default, with or without
+    replay) and the winner (ties go to the default)."""
+    rows = []
+    for budget in budgets:
+        values = {name: common.median([r[name]["at_budget"][budget]["hits@1"] for r in runs]) for name in runs[0]}
+        free = {n: v for n, v in values.items() if n.partition("+replay_")[0] != "auto"}
+        best_free = max(free, key=free.get) if free else None
+        winner = max(values, key=lambda n: (values[n], n == "auto"))
+        rows.append({"budget": budget, "hits@1": values, "best_critic_free": best_free, "winner": winner})
     return rows
 
 
@@ -31,18 +47,20 @@ def section_runs(entry):
     return [(machine, machine["load_average_at_end"]) for machine in entry["machine"]]
 
 
-def extended(old, new):
-    """The section `old` with the seeds of the section `new` (one run of this
+def extended(old, new, summarize=summary, same=("budgets", "chunk_steps", "jit")):
+    """The section `old` with the seeds of the section `new` (one run of the
     script) added: runs and seeds appended, commands and machines listed (each
-    machine with its own end-of-run load), the summary over all the seeds.
-    Raises ValueError where the two runs do not compare (other arms, budgets,
-    turns or jit) or share a seed."""
-    for key in ("budgets", "chunk_steps", "jit"):
+    machine with its own end-of-run load), the summary over all the seeds
+    (`summarize(runs, budgets)`: `summary`, or `kg_summary` for
+    kg_equal_time.json). Raises ValueError where the two runs do not compare
+    (other arms, or another value of a key in `same`: budgets, turns, jit or
+    the KG agent's settings) or share a seed."""
+    for key in same:
         if old[key] != new[key]:
             raise ValueError(f"--extend: the section has {key}={old[key]!r}, this run {new[key]!r}; pass the same.")
     if list(old["runs"][0]) != list(new["runs"][0]):
         raise ValueError(f"--extend: the section's arms are {list(old['runs'][0])}, this run's "
-                         f"{list(new['runs'][0])}; pass the same --arms.")
+                         f"{list(new['runs'][0])}; pass the same arms.")
     shared = sorted(set(old["seeds"]) & set(new["seeds"]))
     if shared:
         raise ValueError(f"--extend: seeds {shared} are in the section already; pass other --seeds.")
@@ -54,4 +72,4 @@ def extended(old, new):
     kept = {key: value for key, value in old.items() if key != "load_end"}
     return {**kept, "command": common.listed(old["command"]) + common.listed(new["command"]),
             "seeds": old["seeds"] + new["seeds"],
-            "runs": runs, "summary": summary(runs, old["budgets"]), "machine": machines(old) + machines(new)}
+            "runs": runs, "summary": summarize(runs, old["budgets"]), "machine": machines(old) + machines(new)}

@@ -21,7 +21,10 @@ wall-clock; replay trains the first hop's learned critic).
         --seeds=0 --batch_size=128
 
 Writes `<out_dir>/kg_equal_time.json` (a section per dataset, or `--out_tag`) and
-`kg_equal_time.md` (rendered from the JSON by `render.kg_equal_time`).
+`kg_equal_time.md` (rendered from the JSON by `render.kg_equal_time`). A
+10-minute budget of 3 seeds takes hours: `--extend` adds a later run's seeds to
+the section (`equal_time_sections.extended`). RESULTS.md's headline reads a
+dataset's section and, for budgets that one lacks, its section `<dataset>_long`.
 """
 
 import json
@@ -35,6 +38,7 @@ from absl import flags  # noqa: E402
 import keras  # noqa: E402
 
 import common  # noqa: E402
+import equal_time_sections  # noqa: E402
 import keras_bpq  # noqa: E402
 import render  # noqa: E402
 
@@ -52,6 +56,9 @@ flags.DEFINE_integer("chunk_steps", 50, "Steps per turn (a multiple of --steps_p
 flags.DEFINE_integer("replay_capacity", 5000, "Rows of a replay arm's buffer.")
 flags.DEFINE_integer("replay_updates", 1, "A replay arm's extra critic updates per step.")
 flags.DEFINE_string("out_tag", "", "Section name in the JSON (default: the dataset; needs one dataset).")
+flags.DEFINE_bool("extend", False, "Add this run's seeds to the section already in the JSON (same arms, budgets, "
+                  "chunk_steps and settings; new seeds only): its command and machine are listed beside the earlier "
+                  "run's and the summary is taken over all the seeds.")
 flags.DEFINE_string("out_dir", common.RESULTS, "Where kg_equal_time.json and .md go.")
 
 SETTINGS = ("batch_size", "rollouts", "beam", "beam_pool", "beam_unique", "learning_rate",
@@ -132,20 +139,6 @@ def run_seed(kg, seed, budgets):
     return result
 
 
-def summary(runs, budgets):
-    """Per budget: each arm's median test Hits@1, the best critic-free arm (one
-    whose estimator is not the default, with or without replay) and the winner
-    (ties go to the default)."""
-    rows = []
-    for budget in budgets:
-        values = {name: common.median([r[name]["at_budget"][budget]["hits@1"] for r in runs]) for name in runs[0]}
-        free = {n: v for n, v in values.items() if n.partition("+replay_")[0] != "auto"}
-        best_free = max(free, key=free.get) if free else None
-        winner = max(values, key=lambda n: (values[n], n == "auto"))
-        rows.append({"budget": budget, "hits@1": values, "best_critic_free": best_free, "winner": winner})
-    return rows
-
-
 def main(argv):
     del argv
     if FLAGS.chunk_steps % FLAGS.steps_per_execution:
@@ -162,10 +155,18 @@ def main(argv):
         print(f"{dataset}: arms {FLAGS.estimators}, budgets {names}; load {machine['load_average']}", flush=True)
         kg = kg_reasoning.load_graph(dataset)
         runs = [run_seed(kg, seed, budgets) for seed in seeds]
-        report[FLAGS.out_tag or dataset] = {"command": common.command_line(), "seeds": seeds, "budgets": names,
-                           "chunk_steps": FLAGS.chunk_steps, "settings": {k: FLAGS[k].value for k in SETTINGS},
-                           "runs": runs, "summary": summary(runs, names), "machine": machine,
-                           "load_end": os.getloadavg()}
+        tag = FLAGS.out_tag or dataset
+        entry = {"command": common.command_line(), "seeds": seeds, "budgets": names,
+                 "chunk_steps": FLAGS.chunk_steps, "settings": {k: FLAGS[k].value for k in SETTINGS},
+                 "runs": runs, "summary": equal_time_sections.kg_summary(runs, names), "machine": machine,
+                 "load_end": os.getloadavg()}
+        if FLAGS.extend:
+            if tag not in report:
+                raise ValueError(f"--extend: {path} has no section {tag!r} to add seeds {seeds} to; run without "
+                                 "--extend to start it.")
+            entry = equal_time_sections.extended(report[tag], entry, equal_time_sections.kg_summary,
+                                                 ("budgets", "chunk_steps", "settings"))
+        report[tag] = entry
         common.write_json(path, report)
         render.write("kg_equal_time", report, os.path.join(FLAGS.out_dir, "kg_equal_time.md"))
     print(render.page("kg_equal_time", report))

@@ -310,7 +310,7 @@ def kg_equal_time(report):
         page.heading(dataset).command(entry.get("command"))
         page.text(f"Seeds {entry['seeds']}; {entry['chunk_steps']} steps per turn; settings "
                   f"{json.dumps(entry['settings'])}.")
-        page.machine(entry["machine"], load_end=entry["load_end"])
+        page.machine(entry["machine"], load_end=entry.get("load_end"))
         rows = []
         for row in entry["summary"]:
             budget = row["budget"]
@@ -1231,8 +1231,8 @@ HEADLINE_SBN = {
     "fashion_mnist_nonlinear": "Fashion-MNIST nonlinear",
     "digits_two_layer": "digits two-layer",
 }
-# equal_time.json's section `<task's section><HEADLINE_LONG>` (`--out_tag`) holds
-# a task's run at longer budgets, its rows under the task's own.
+# equal_time.json's (kg_equal_time.json's) section `<task's section><HEADLINE_LONG>`
+# (`--out_tag`) holds a task's run at longer budgets, its rows under the task's own.
 HEADLINE_LONG = "_long"
 HEADLINE_KG = {"umls": "KG UMLS", "kinship": "KG Kinship"}
 KG_CRITIC_FREE = {"minerva": "MINERVA's estimator", "rloo": "`rloo`"}
@@ -1311,24 +1311,40 @@ def headline_kg_versus(default, free, winner):
             "default" if winner == "auto" else KG_CRITIC_FREE[winner]]
 
 
-def headline_kg_rows(dataset, label, kg, kg_time):
-    """A row per budget of kg_equal_time.json's section `dataset` (test Hits@1
-    at equal wall-clock), then kg.json's row at equal steps: the default's,
-    and the best critic-free estimator's with the other's."""
+def headline_kg_time_rows(entry, label, skip=()):
+    """A row per budget of a kg_equal_time.json section (test Hits@1 at equal
+    wall-clock; budgets in `skip` left out), the first labelled `label`."""
+    runs = entry["runs"]
+    step = (times(common.median([r["auto"]["ms_per_step"] for r in runs])
+                  / common.median([r["minerva"]["ms_per_step"] for r in runs])) + " MINERVA's step"
+            if "minerva" in runs[0] else None)
+    made = equal_time_sections.section_runs(entry)
+    measured = (kg_measured([machine for machine, _ in made])
+                + f", {span([end[0] for _, end in made], '.1f')} at the end")
     rows = []
-    entry = kg_time.get(dataset)
+    for row in entry["summary"]:
+        if row["budget"] in skip:
+            continue
+        values = row["hits@1"]
+        free = {n: values[n] for n in KG_CRITIC_FREE if n in values}
+        rows.append([label if not rows else "", f"{row['budget']} s",
+                     *headline_kg_versus(values["auto"], free, row["winner"]),
+                     *([step, "", measured] if not rows else ["", "", ""])])
+    return rows
+
+
+def headline_kg_rows(dataset, label, kg, kg_time):
+    """The rows of kg_equal_time.json's section `dataset` (test Hits@1 at equal
+    wall-clock), then those of its section `<dataset>_long` at the budgets the
+    first lacks, then kg.json's row at equal steps: the default's, and the best
+    critic-free estimator's with the other's."""
+    rows = []
+    entry, long = kg_time.get(dataset), kg_time.get(dataset + HEADLINE_LONG)
     if entry is not None:
-        runs = entry["runs"]
-        step = (times(common.median([r["auto"]["ms_per_step"] for r in runs])
-                      / common.median([r["minerva"]["ms_per_step"] for r in runs])) + " MINERVA's step"
-                if "minerva" in runs[0] else None)
-        measured = kg_measured([entry["machine"]]) + f", {span([entry['load_end'][0]], '.1f')} at the end"
-        for i, row in enumerate(entry["summary"]):
-            values = row["hits@1"]
-            free = {n: values[n] for n in KG_CRITIC_FREE if n in values}
-            rows.append([label if i == 0 else "", f"{row['budget']} s",
-                         *headline_kg_versus(values["auto"], free, row["winner"]),
-                         *([step, "", measured] if i == 0 else ["", "", ""])])
+        rows += headline_kg_time_rows(entry, label)
+    if long is not None:
+        rows += headline_kg_time_rows(long, "" if rows else label,
+                                      {row["budget"] for row in entry["summary"]} if entry else ())
     summary = kg_summary(kg, dataset)
     if "auto" not in summary:
         return rows or [[label, "not run", "", "", "", "", "", ""]]
@@ -1365,7 +1381,8 @@ def headline_table(equal_time, overhead, kg, kg_time=None):
         "`results/overhead.json` (package / hand-written step: the range over the estimators "
         "run on that net of the median-over-rounds ratio, and of their 1-minute loads; commit "
         f"{pages.commit_text(overhead['machine']) or 'not recorded'}), `results/kg_equal_time.json` (KG rows "
-        "per budget: test Hits@1 at equal training wall-clock, higher is better, medians over seeds; the step "
+        "per budget: test Hits@1 at equal training wall-clock, higher is better, medians over seeds; a dataset's "
+        f"longer budgets from its section `<dataset>{HEADLINE_LONG}`; the step "
         "ratio: the default's median ms per step over MINERVA's estimator's in the same run) and "
         "`results/kg.json` (KG rows at equal steps: test Hits@1, medians over seeds, every estimator trained "
         "for the same steps; the step ratio: MINERVA's median steps/s over the default's). \"not run\": the "

@@ -1,5 +1,5 @@
-"""`benchmarks/equal_time.py --extend` (`equal_time_sections.extended`): seeds of
-a later run added to a section.
+"""`benchmarks/equal_time.py --extend` and `kg_equal_time.py --extend`
+(`equal_time_sections.extended`): seeds of a later run added to a section.
 
 A 10-minute comparison of 3 seeds takes hours; `--extend` lets it be made in
 more than one run and keeps what each run was (command, machine, load) on the
@@ -70,3 +70,40 @@ def test_extend_refuses_other_arms(scripts):
     later["runs"] = [{"auto": later["runs"][0]["auto"]}]
     with pytest.raises(ValueError, match="arms"):
         equal_time.extended(first, later)
+
+
+def kg_section(seeds, auto, minerva, commit, budgets=("60", "180", "600"), settings=None):
+    """A kg_equal_time.json section as one run of the script writes it (Hits@1
+    `auto` / `minerva` per seed, the same at every budget)."""
+    def arm(hits):
+        return {"ms_per_step": 300.0, "compile_seconds": 10.0, "steps": 1000,
+                "at_budget": {b: {"step": 100, "hits@1": hits, "hits@3": hits, "hits@10": hits, "mrr": hits}
+                              for b in budgets}}
+    return {"command": f"kg_equal_time.py --seeds={','.join(map(str, seeds))}", "seeds": list(seeds),
+            "budgets": list(budgets), "chunk_steps": 50, "settings": settings or {"dim": 64},
+            "runs": [{"minerva": arm(m), "auto": arm(a)} for a, m in zip(auto, minerva)], "summary": None,
+            "machine": {"commit": commit, "load_average": [2.0] * 3}, "load_end": [3.0] * 3}
+
+
+def test_kg_extend_and_the_headline_reads_the_long_section(scripts):
+    sections, render = scripts
+    first = kg_section([0], [0.70], [0.60], "abc1234")
+    later = kg_section([1, 2], [0.50, 0.65], [0.55, 0.66], "def5678")
+    merged = sections.extended(first, later, sections.kg_summary, ("budgets", "chunk_steps", "settings"))
+    assert merged["seeds"] == [0, 1, 2]
+    # Medians of 3 seeds: auto 0.65 (0.70, 0.50, 0.65), minerva 0.60 (0.60, 0.55, 0.66).
+    assert merged["summary"][-1] == {"budget": "600", "hits@1": {"minerva": 0.60, "auto": 0.65},
+                                     "best_critic_free": "minerva", "winner": "auto"}
+    with pytest.raises(ValueError, match="settings"):
+        sections.extended(first, kg_section([3], [0.5], [0.5], "abc1234", settings={"dim": 32}),
+                          sections.kg_summary, ("budgets", "chunk_steps", "settings"))
+    assert "abc1234" in render.page("kg_equal_time", {"umls_long": merged})
+
+    # The headline: the 3-seed section's budgets, then the long section's other budgets only.
+    base = kg_section([0], [0.30], [0.40], "0000aaa", budgets=("60", "180"))
+    base["summary"] = sections.kg_summary(base["runs"], base["budgets"])
+    rows = render.headline_kg_time_rows(base, "KG UMLS") + render.headline_kg_time_rows(
+        merged, "", {"60", "180"})
+    assert [r[1] for r in rows] == ["60 s", "180 s", "600 s"]
+    assert rows[2][2:5] == ["Hits@1 **0.650**", "0.600 (MINERVA's estimator)", "default"]
+    assert rows[2][-1] == "abc1234, def5678, load 2.0 at the start, 3.0 at the end"
