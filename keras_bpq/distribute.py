@@ -48,43 +48,54 @@ def global_weighted_mean(value: tf.Tensor, sample_weight: Optional[tf.Tensor]) -
     return tf.math.divide_no_nan(sums[0], sums[1])
 
 
-def finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Whether every floating tensor in `tensors` holds finite values only.
+def zero_products(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """`[len(tensors)]` float32: for each floating tensor `T`, read as a matrix
+    `[rows, n]`, the sum of `T 0` (`0` a zero column): exactly 0 where `T` is
+    finite and NaN where it holds a NaN or an inf (`inf * 0 = NaN`), whatever
+    the finite magnitudes; 0 for a tensor that is empty or not floating.
 
-    Each tensor `T`, read as a matrix `[rows, n]`, is multiplied by a zero
-    vector: `T 0` is exactly 0 where `T` is finite and NaN where it holds a NaN
-    or an inf (`inf * 0 = NaN`), whatever the finite magnitudes, and the sum
-    of those products is finite exactly when every tensor is. A matrix-vector
-    product reads each tensor once with the BLAS kernels and writes nothing
-    of its size: under XLA on CPU it is much cheaper than one concatenation
-    of every tensor checked with `is_finite` (the step's cost:
-    `benchmarks/overhead.py`)."""
-    products = []
+    A matrix product reads each tensor once with the BLAS kernels and writes
+    nothing of its size: under XLA on CPU it is much cheaper than one
+    concatenation of every tensor checked with `is_finite` (the step's cost:
+    `benchmarks/overhead.py`), and it costs few operations to trace (a step
+    checks every variable it may write)."""
+    zeros, products = {}, []
     for t in tensors:
-        if t.dtype.is_floating and t.shape.num_elements() != 0:
-            columns = t.shape[-1] if t.shape.rank else 1
-            matrix = tf.reshape(t, [-1, columns])
-            product = tf.linalg.matvec(matrix, tf.zeros([columns], matrix.dtype))
-            products.append(tf.cast(tf.reduce_sum(product), tf.float32))
-    return tf.math.is_finite(tf.add_n(products)) if products else tf.constant(True)
+        if not t.dtype.is_floating or t.shape.num_elements() == 0:
+            products.append(tf.constant(0.0))
+            continue
+        columns = t.shape[-1] if t.shape.rank else 1
+        matrix = t if t.shape.rank == 2 else tf.reshape(t, [-1, columns])
+        key = (columns, t.dtype)
+        if key not in zeros:
+            zeros[key] = tf.zeros([columns, 1], t.dtype)
+        products.append(tf.cast(tf.reduce_sum(tf.linalg.matmul(matrix, zeros[key])), tf.float32))
+    return tf.stack(products) if products else tf.zeros([0])
 
 
-def all_finite(variables: Sequence[tf.Variable]) -> tf.Tensor:
-    """Whether every floating variable holds finite values only (`finite`)."""
-    return finite([v.value for v in variables if tf.as_dtype(v.dtype).is_floating])
+def finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Whether every floating tensor in `tensors` holds finite values only
+    (`zero_products`)."""
+    return tf.math.is_finite(tf.reduce_sum(zero_products(tensors)))
 
 
-def first_nonfinite(variables: Sequence[tf.Variable]) -> tf.Tensor:
-    """The index of the first floating variable holding a NaN or inf, or -1."""
-    finite = [
-        tf.reduce_all(tf.math.is_finite(v.value)) if tf.as_dtype(v.dtype).is_floating else tf.constant(True)
-        for v in variables
-    ]
-    if not finite:
-        return tf.constant(-1)
-    finite = tf.stack(finite)
-    first = tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32)
-    return tf.where(tf.reduce_all(finite), -1, first)
+def variable_products(variables: Sequence[tf.Variable]) -> tf.Tensor:
+    """`zero_products` of the variables' values: NaN at each one holding a
+    NaN or inf (`all_finite`, `first_nonfinite`)."""
+    return zero_products([v.value for v in variables])
+
+
+def all_finite(products: tf.Tensor) -> tf.Tensor:
+    """Whether the variables of `products` (`variable_products`) hold finite values only."""
+    return tf.math.is_finite(tf.reduce_sum(products))
+
+
+def first_nonfinite(products: tf.Tensor) -> tf.Tensor:
+    """The index of the first variable of `products` (`variable_products`)
+    holding a NaN or inf, or -1."""
+    bad = tf.logical_not(tf.math.is_finite(products))
+    first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
+    return tf.where(tf.reduce_any(bad), first, -1)
 
 
 def overflow(grads: Sequence[Optional[tf.Tensor]], ready: tf.Tensor) -> tf.Tensor:
@@ -229,10 +240,11 @@ def apply_updates(
 
         tf.cond(skip, noop, apply if overflow is None else lambda: tf.cond(overflow, actor_only, apply))
         # Replicas hold the same values; agree anyway on undoing the step.
-        undo = global_sum(tf.cast(tf.logical_not(all_finite(variables)), tf.float32)) > 0
+        products = variable_products(variables)  # read before any restore
+        undo = global_sum(tf.cast(tf.logical_not(all_finite(products)), tf.float32)) > 0
 
         def undo_step():
-            first = tf.maximum(first_nonfinite(variables), 0)  # read before restoring
+            first = tf.maximum(first_nonfinite(products), 0)
             restore(saved)
             return first
 
@@ -269,11 +281,11 @@ def apply_updates(
             each(lambda grads: updates.actor(overflowed(grads)), args=(values.grads,))
 
         tf.cond(skip, lambda: None, apply if overflow is None else lambda: tf.cond(overflow, actor_only, apply))
-        finite = strategy.experimental_local_results(each(lambda: all_finite(variables)))
-        undo = tf.logical_not(tf.reduce_all(finite))
+        products = strategy.experimental_local_results(each(lambda: variable_products(variables)))
+        undo = tf.logical_not(tf.reduce_all([all_finite(p) for p in products]))
 
         def undo_step():
-            first = tf.reduce_max(strategy.experimental_local_results(each(lambda: first_nonfinite(variables))))
+            first = tf.reduce_max([first_nonfinite(p) for p in products])
             each(restore, args=(saved,))
             return tf.maximum(first, 0)
 

@@ -788,10 +788,11 @@ def test_distributed_steps_the_loss_scale_optimizer_skips_are_skipped_whole():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_all_finite_finds_every_nonfinite_value(jit):
-    """The write guard's check (`distribute.all_finite`, and `finite` on the
-    step's gradients): any NaN or inf in any floating variable or tensor, of
-    any shape, is found, under XLA too; huge finite values and integer
-    variables are not flagged."""
+    """The write guard's check (`distribute.all_finite` and `first_nonfinite`
+    of the variables' `variable_products`, and `finite` on the step's
+    gradients): any NaN or inf in any floating variable or tensor, of any
+    shape, is found and the first such variable named, under XLA too; huge
+    finite values and integer variables are not flagged."""
     variables = [
         keras.Variable(np.full((784, 200), 3e38, np.float32)),
         keras.Variable(np.ones((7,), np.float32)),
@@ -799,19 +800,29 @@ def test_all_finite_finds_every_nonfinite_value(jit):
         keras.Variable(np.ones((2, 3, 4)) * 1e300, dtype="float64"),
         keras.Variable(np.ones((0, 3), np.float32)),
         keras.Variable(2**62, dtype="int64"),
+        keras.Variable(np.ones((5, 200), np.float16)),
     ]
-    check = tf.function(lambda: distribute.all_finite(variables), jit_compile=jit)
-    assert bool(check())
+
+    def guard():
+        products = distribute.variable_products(variables)
+        return distribute.all_finite(products), distribute.first_nonfinite(products)
+
+    check = tf.function(guard, jit_compile=jit)
+    assert [int(v) for v in check()] == [1, -1]
     values = tf.function(lambda: distribute.finite([tf.identity(v.value) for v in variables]), jit_compile=jit)
     assert bool(values())
-    for index in range(4):
+    for index in (0, 1, 2, 3, 6):
         for bad in (np.nan, np.inf, -np.inf):
             v = variables[index]
             original = keras.ops.convert_to_numpy(v)
             flat = original.reshape(-1).copy()
             flat[len(flat) // 2] = bad
             v.assign(flat.reshape(original.shape))
-            assert not bool(check()), (index, bad)
+            assert [int(x) for x in check()] == [0, index], (index, bad)
             assert not bool(values()), (index, bad)
+            if index:  # the first non-finite variable is named, not a later one
+                variables[0].assign(np.full((784, 200), np.nan, np.float32))
+                assert int(check()[1]) == 0, (index, bad)
+                variables[0].assign(np.full((784, 200), 3e38, np.float32))
             v.assign(original)
-    assert bool(check())
+    assert [int(v) for v in check()] == [1, -1]
