@@ -93,6 +93,8 @@ def all_finite(products: tf.Tensor) -> tf.Tensor:
 def first_nonfinite(products: tf.Tensor) -> tf.Tensor:
     """The index of the first variable of `products` (`variable_products`)
     holding a NaN or inf, or -1."""
+    if products.shape[0] == 0:
+        return tf.constant(-1)
     bad = tf.logical_not(tf.math.is_finite(products))
     first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
     return tf.where(tf.reduce_any(bad), first, -1)

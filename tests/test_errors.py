@@ -826,3 +826,5 @@ def test_all_finite_finds_every_nonfinite_value(jit):
                 variables[0].assign(np.full((784, 200), 3e38, np.float32))
             v.assign(original)
     assert [int(v) for v in check()] == [1, -1]
+    nothing = distribute.variable_products([])
+    assert bool(distribute.all_finite(nothing)) and int(distribute.first_nonfinite(nothing)) == -1
