@@ -122,10 +122,7 @@ def main(argv):
              "summary": equal_time_sections.summary(runs, budgets),
              "machine": machine, "load_end": os.getloadavg()}
     if FLAGS.extend:
-        if tag not in report:
-            raise ValueError(f"--extend: {path} has no section {tag!r} to add seeds {seeds} to; run without "
-                             "--extend to start it.")
-        entry = equal_time_sections.extended(report[tag], entry)
+        entry = equal_time_sections.extended_in(report, tag, entry, path)
     report[tag] = entry
     common.write_json(path, report)
     render.write("equal_time", report, os.path.join(FLAGS.out_dir, "equal_time.md"))

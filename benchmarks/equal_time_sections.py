@@ -8,6 +8,9 @@ No TensorFlow: the tests import it beside the page renderer.
 import common
 
 CRITIC_FREE = ("rloo", "disarm", "reinforce")
+# What two runs of a section must share: equal_time.json's, kg_equal_time.json's.
+SAME = ("budgets", "chunk_steps", "jit")
+KG_SAME = ("budgets", "chunk_steps", "settings")
 
 
 def summary(runs, budgets):
@@ -47,14 +50,14 @@ def section_runs(entry):
     return [(machine, machine["load_average_at_end"]) for machine in entry["machine"]]
 
 
-def extended(old, new, summarize=summary, same=("budgets", "chunk_steps", "jit")):
+def extended(old, new, summarize=summary, same=SAME):
     """The section `old` with the seeds of the section `new` (one run of the
     script) added: runs and seeds appended, commands and machines listed (each
     machine with its own end-of-run load), the summary over all the seeds
     (`summarize(runs, budgets)`: `summary`, or `kg_summary` for
     kg_equal_time.json). Raises ValueError where the two runs do not compare
-    (other arms, or another value of a key in `same`: budgets, turns, jit or
-    the KG agent's settings) or share a seed."""
+    (other arms, or another value of a key in `same`: `SAME`, or `KG_SAME`
+    for kg_equal_time.json) or share a seed."""
     for key in same:
         if old[key] != new[key]:
             raise ValueError(f"--extend: the section has {key}={old[key]!r}, this run {new[key]!r}; pass the same.")
@@ -73,3 +76,13 @@ def extended(old, new, summarize=summary, same=("budgets", "chunk_steps", "jit")
     return {**kept, "command": common.listed(old["command"]) + common.listed(new["command"]),
             "seeds": old["seeds"] + new["seeds"],
             "runs": runs, "summary": summarize(runs, old["budgets"]), "machine": machines(old) + machines(new)}
+
+
+def extended_in(report, tag, new, path, summarize=summary, same=SAME):
+    """`extended` of the section `tag` of `report` (the JSON at `path`) with
+    `new`: what a script's `--extend` writes. Raises ValueError where `report`
+    has no section `tag`."""
+    if tag not in report:
+        raise ValueError(f"--extend: {path} has no section {tag!r} to add seeds {new['seeds']} to; run without "
+                         "--extend to start it.")
+    return extended(report[tag], new, summarize, same)

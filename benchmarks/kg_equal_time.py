@@ -161,11 +161,8 @@ def main(argv):
                  "runs": runs, "summary": equal_time_sections.kg_summary(runs, names), "machine": machine,
                  "load_end": os.getloadavg()}
         if FLAGS.extend:
-            if tag not in report:
-                raise ValueError(f"--extend: {path} has no section {tag!r} to add seeds {seeds} to; run without "
-                                 "--extend to start it.")
-            entry = equal_time_sections.extended(report[tag], entry, equal_time_sections.kg_summary,
-                                                 ("budgets", "chunk_steps", "settings"))
+            entry = equal_time_sections.extended_in(report, tag, entry, path, equal_time_sections.kg_summary,
+                                                    equal_time_sections.KG_SAME)
         report[tag] = entry
         common.write_json(path, report)
         render.write("kg_equal_time", report, os.path.join(FLAGS.out_dir, "kg_equal_time.md"))

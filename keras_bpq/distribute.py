@@ -76,7 +76,7 @@ def zero_products(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
 def finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     """Whether every floating tensor in `tensors` holds finite values only
     (`zero_products`)."""
-    return tf.math.is_finite(tf.reduce_sum(zero_products(tensors)))
+    return all_finite(zero_products(tensors))
 
 
 def variable_products(variables: Sequence[tf.Variable]) -> tf.Tensor:

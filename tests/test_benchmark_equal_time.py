@@ -89,14 +89,18 @@ def test_kg_extend_and_the_headline_reads_the_long_section(scripts):
     sections, render = scripts
     first = kg_section([0], [0.70], [0.60], "abc1234")
     later = kg_section([1, 2], [0.50, 0.65], [0.55, 0.66], "def5678")
-    merged = sections.extended(first, later, sections.kg_summary, ("budgets", "chunk_steps", "settings"))
+    merged = sections.extended_in({"umls_long": first}, "umls_long", later, "kg_equal_time.json",
+                                  sections.kg_summary, sections.KG_SAME)
     assert merged["seeds"] == [0, 1, 2]
     # Medians of 3 seeds: auto 0.65 (0.70, 0.50, 0.65), minerva 0.60 (0.60, 0.55, 0.66).
     assert merged["summary"][-1] == {"budget": "600", "hits@1": {"minerva": 0.60, "auto": 0.65},
                                      "best_critic_free": "minerva", "winner": "auto"}
     with pytest.raises(ValueError, match="settings"):
         sections.extended(first, kg_section([3], [0.5], [0.5], "abc1234", settings={"dim": 32}),
-                          sections.kg_summary, ("budgets", "chunk_steps", "settings"))
+                          sections.kg_summary, sections.KG_SAME)
+    with pytest.raises(ValueError, match="has no section 'kinship_long' to add seeds \\[1, 2\\]"):
+        sections.extended_in({"umls_long": first}, "kinship_long", later, "kg_equal_time.json",
+                             sections.kg_summary, sections.KG_SAME)
     assert "abc1234" in render.page("kg_equal_time", {"umls_long": merged})
 
     # The headline: the 3-seed section's budgets, then the long section's other budgets only.
