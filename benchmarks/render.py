@@ -1220,6 +1220,11 @@ def step_stages(report):
 
 
 # ----------------------------------------------------------------------------- kg_step_stages
+def seconds_or_count(value):
+    """A count of operations as `4,941`, seconds as `8.4`."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.1f}"
+
+
 def kg_step_stages(report):
     page = pages.Page("Where the knowledge-graph agent's first compile and step go")
     page.text(
@@ -1245,7 +1250,6 @@ def kg_step_stages(report):
         rows += [[f"traced ops: {stage}", *(arms[n]["traced_ops"].get(stage, 0) for n in names)] for stage in order
                  if any(stage in arms[n]["traced_ops"] for n in names)]
         rows.append(["traced ops: all", *(sum(arms[n]["traced_ops"].values()) for n in names)])
-        seconds_or_count = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:.1f}"  # noqa: E731
         page.table(["first compile", *names], rows, "l" + "r" * len(names), [None] + [seconds_or_count] * len(names),
                    lead="The first compile:")
         rows = [[stage, *(arms[n]["op_ms"].get(stage, 0.0) for n in names)] for stage in order
