@@ -329,19 +329,17 @@ def local_outcomes(
         flat, p_current = _bernoulli_sample_and_probability(record)
         total = flat.shape[1]
         if units is None or units >= total:
-            unit = tf.tile(tf.range(total)[None], [tf.shape(flat)[0], 1])
+            values = outcomes.UnitEdits.each_unit(flat, 1.0 - 2.0 * flat, x.shape[1:])
             scale = tf.ones_like(p_current)
         else:
             unit, scale = subset_units(step, units, unit_sampling, sizes)
             p_current = tf.gather(p_current, unit, batch_dims=1)
-        change = 1.0 - 2.0 * tf.gather(flat, unit, batch_dims=1)
-        values = outcomes.UnitEdits(flat, unit, change, x.shape[1:])
+            values = outcomes.UnitEdits(flat, unit, 1.0 - 2.0 * tf.gather(flat, unit, batch_dims=1), x.shape[1:])
         return LocalSum(values, scale * (1.0 - p_current), tf.reduce_sum(scale * p_current, axis=1), scale)
     if info.local_kind == "categorical":
         k = x.shape[-1]
         batch = tf.shape(x)[0]
-        unit = tf.tile(tf.range(k)[None], [batch, 1])
-        values = outcomes.UnitEdits(tf.zeros([batch, k]), unit, tf.ones([batch, k]), x.shape[1:])
+        values = outcomes.UnitEdits.each_unit(tf.zeros([batch, k]), tf.ones([batch, k]), x.shape[1:])
         probs = tf.nn.softmax(record.layer.distribution(record.params, record.mask).logits)
         return LocalSum(values, probs, tf.zeros_like(probs[:, 0]), tf.ones_like(probs))
     raise ValueError(f"Node {info.name!r} has no local outcomes to sum a critic over.")

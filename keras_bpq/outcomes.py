@@ -61,13 +61,37 @@ class UnitEdits:
       change: float32 shaped like `unit`, the change of that unit (0 where
         unit is -1).
       event_shape: the node's event shape (`prod(event_shape) == units`).
+      ordered: None, or the number of leading outcomes after which outcome
+        `ordered + u` edits unit `u`, for every unit in order (`each_unit`):
+        `contract` then reads those outcomes' rows of a table as they stand,
+        not by a gather.
     """
 
-    def __init__(self, base: tf.Tensor, unit: tf.Tensor, change: tf.Tensor, event_shape: Sequence[int]) -> None:
+    def __init__(
+        self,
+        base: tf.Tensor,
+        unit: tf.Tensor,
+        change: tf.Tensor,
+        event_shape: Sequence[int],
+        ordered: Optional[int] = None,
+    ) -> None:
         self.base = base
         self.unit = unit
         self.change = change
         self.event_shape = tuple(event_shape)
+        self.ordered = ordered
+        if ordered is not None and (unit.shape.rank != 2 or unit.shape[1] != ordered + base.shape[1]):
+            raise ValueError(
+                f"UnitEdits: {ordered} leading outcomes and then one per unit in order need `unit` "
+                f"[batch, {ordered} + {base.shape[1]}], not {unit.shape}."
+            )
+
+    @classmethod
+    def each_unit(cls, base: tf.Tensor, change: tf.Tensor, event_shape: Sequence[int]) -> UnitEdits:
+        """Outcome `u` edits unit `u` of `base` by `change[:, u]`, for every
+        unit `u` of `base` (`[batch, units]`) in order."""
+        unit = tf.tile(tf.range(base.shape[1])[None], [tf.shape(base)[0], 1])
+        return cls(base, unit, change, event_shape, ordered=0)
 
     @property
     def shape(self) -> tf.TensorShape:
@@ -111,6 +135,7 @@ class UnitEdits:
             tf.concat([unit, self.unit], axis=1),
             tf.concat([change, self.change], axis=1),
             self.event_shape,
+            None if self.ordered is None else self.ordered + 1,
         )
 
     def linear(self, kernel: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
@@ -124,7 +149,12 @@ class UnitEdits:
         for a per-example `table` `[batch, units, out]`: one gather per edit."""
         table = tf.convert_to_tensor(table)
         offset = tf.einsum("bu,buo->bo", tf.cast(self.base, table.dtype), table)
-        return offset[:, None, :] + self._edited(tf.gather(table, tf.maximum(self.unit, 0), batch_dims=1))
+        if self.ordered is None:
+            rows = tf.gather(table, tf.maximum(self.unit, 0), batch_dims=1)
+        else:  # the ordered outcomes' rows are the table's own
+            leading = tf.gather(table, tf.maximum(self.unit[:, : self.ordered], 0), batch_dims=1)
+            rows = tf.concat([leading, table], axis=1)
+        return offset[:, None, :] + self._edited(rows)
 
 
 def plain_dense(layer: keras.layers.Layer) -> bool:

@@ -282,6 +282,30 @@ def test_unit_edits_with_several_edits_per_outcome():
     np.testing.assert_array_equal(first.dense()[:, 1:], want.reshape(2, 3, 2, 2))
 
 
+def test_edits_of_every_unit_in_order_contract_without_a_gather():
+    """`UnitEdits.each_unit` (a categorical node's outcomes, every flip of a
+    Bernoulli layer): its contraction, with a first outcome or not and under
+    XLA, equals that of the same edits read by a gather, and the dense sum."""
+    rng = np.random.RandomState(5)
+    base = tf.constant(rng.randint(2, size=(3, 4)), tf.float32)
+    ordered = outcomes.UnitEdits.each_unit(base, 1.0 - 2.0 * base, (4,))
+    plain = outcomes.UnitEdits(base, ordered.unit, ordered.change, (4,))
+    np.testing.assert_array_equal(ordered.unit, np.tile(np.arange(4), [3, 1]))
+    assert ordered.ordered == 0 and plain.ordered is None
+    sample = base.numpy().copy()
+    sample[0, 2] = 1.0 - sample[0, 2]  # one unit from base, or none
+    table = tf.constant(rng.randn(3, 4, 2), tf.float32)
+    xla = tf.function(lambda edits: edits.contract(table), jit_compile=True)
+    for fast, slow in ((ordered, plain), (ordered.with_first(sample), plain.with_first(sample))):
+        want = np.einsum("bau,buo->bao", slow.dense(), table.numpy())
+        np.testing.assert_allclose(slow.contract(table), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fast.contract(table), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(xla(fast), want, rtol=1e-5, atol=1e-6)
+    assert ordered.with_first(sample).ordered == 1
+    with pytest.raises(ValueError, match="one per unit in order"):
+        outcomes.UnitEdits(base, ordered.unit[:, :3], ordered.change[:, :3], (4,), ordered=0)
+
+
 def test_factorised_categorical_outcomes_set_one_choice_at_a_time():
     """A Categorical node of independent choices (logits `[batch, 2, 3]`): its
     local outcomes are the sample with one choice set to each of its other
