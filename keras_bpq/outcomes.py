@@ -146,7 +146,8 @@ class UnitEdits:
 
     def contract(self, table: tf.Tensor) -> tf.Tensor:
         """`[batch, A, out]` values of `x -> sum_u x_u table[b, u]` at the outcomes,
-        for a per-example `table` `[batch, units, out]`: one gather per edit."""
+        for a per-example `table` `[batch, units, out]`: one gather per edit (for
+        `ordered` outcomes, the table's rows themselves)."""
         table = tf.convert_to_tensor(table)
         offset = tf.einsum("bu,buo->bo", tf.cast(self.base, table.dtype), table)
         if self.ordered is None:
