@@ -1191,6 +1191,20 @@ def mean_agreement_text(agreement):
 
 
 # ----------------------------------------------------------------------------- step_stages
+def stage_rows(op_ms, whole_ms):
+    """The rows of a table of where a step goes: each stage of `op_ms`
+    (`{stage: {column: CPU ms per step}}`, in order), their sum, the whole
+    step (`whole_ms`, `{column: wall ms per step}`) and its ratio to the first
+    column's."""
+    names = list(whole_ms)
+    rows = [[stage, *(row[n] for n in names)] for stage, row in op_ms.items()]
+    if rows:
+        rows.append(["all operations", *(sum(row[n] for row in op_ms.values()) for n in names)])
+    rows.append(["whole step (fit, wall)", *(whole_ms[n] for n in names)])
+    rows.append([f"step / {names[0]}'s", *(times(whole_ms[n] / whole_ms[names[0]]) for n in names)])
+    return rows
+
+
 def step_stages(report):
     page = pages.Page("Where a training step's time goes")
     page.text(
@@ -1207,12 +1221,7 @@ def step_stages(report):
         page.machine(entry["machine"], load_end=entry["load_end"])
         for setting, result in entry["jit_compile"].items():
             names = list(result["whole_ms"])
-            base = result["whole_ms"][names[0]]
-            rows = [[stage, *(row[n] for n in names)] for stage, row in result.get("op_ms", {}).items()]
-            if rows:
-                rows.append(["all operations", *(sum(r[n] for r in result["op_ms"].values()) for n in names)])
-            rows.append(["whole step (fit, wall)", *(result["whole_ms"][n] for n in names)])
-            rows.append([f"step / {names[0]}'s", *(times(result["whole_ms"][n] / base) for n in names)])
+            rows = stage_rows(result.get("op_ms", {}), result["whole_ms"])
             page.table(["stage", *names], rows, "l" + "r" * len(names),
                        [None] + [".2f"] * len(names), lead=f"`jit_compile` {setting}, batch {entry['batch_size']}:")
         page.bullets(entry.get("notes"), "Reading:")
@@ -1252,12 +1261,9 @@ def kg_step_stages(report):
         rows.append(["traced ops: all", *(sum(arms[n]["traced_ops"].values()) for n in names)])
         page.table(["first compile", *names], rows, "l" + "r" * len(names), [None] + [seconds_or_count] * len(names),
                    lead="The first compile:")
-        rows = [[stage, *(arms[n]["op_ms"].get(stage, 0.0) for n in names)] for stage in order
-                if any(stage in arms[n]["op_ms"] for n in names)]
-        rows.append(["all operations", *(sum(arms[n]["op_ms"].values()) for n in names)])
-        rows.append(["whole step (fit, wall)", *(arms[n]["whole_ms"] for n in names)])
-        base = arms[names[0]]["whole_ms"]
-        rows.append([f"step / {names[0]}'s", *(times(arms[n]["whole_ms"] / base) for n in names)])
+        op_ms = {stage: {n: arms[n]["op_ms"].get(stage, 0.0) for n in names} for stage in order
+                 if any(stage in arms[n]["op_ms"] for n in names)}
+        rows = stage_rows(op_ms, {n: arms[n]["whole_ms"] for n in names})
         page.table(["stage (CPU ms per step)", *names], rows, "l" + "r" * len(names), [None] + [".1f"] * len(names),
                    lead="The steady step:")
         page.bullets(entry.get("notes"), "Reading:")
