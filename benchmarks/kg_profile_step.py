@@ -83,6 +83,7 @@ class Arm:
 
 
 def jit_option():
+    """`compile_agent`'s keyword for `--jit_compile` (none for "auto": Keras' own choice)."""
     return {} if FLAGS.jit_compile == "auto" else {"jit_compile": FLAGS.jit_compile == "true"}
 
 
@@ -106,9 +107,9 @@ def profile(kg, dump_dir):
         for estimator, arm in arms.items():
             best[estimator] = min(best[estimator], arm.fit(FLAGS.fit_steps) / FLAGS.fit_steps)
     jit = bool(next(iter(arms.values())).agent.model.jit_compile)
+    instructions = stage_profile.hlo_instructions(dump_dir) if jit else None  # every arm's compiled step
     results = {}
     for estimator, arm in arms.items():
-        instructions = stage_profile.hlo_instructions(dump_dir) if jit else None
         op_ms = stage_profile.op_profile(lambda arm=arm: arm.fit(FLAGS.fit_steps), FLAGS.fit_steps, instructions)
         compiles = [f - FLAGS.steps_per_execution * best[estimator] for f in first[estimator]]
         results[estimator] = {
@@ -134,8 +135,8 @@ def main(argv):
     tag = FLAGS.out_tag or FLAGS.dataset
     report[tag] = {"command": common.command_line(), "settings": {k: FLAGS[k].value for k in SETTINGS},
                    "compile_rounds": FLAGS.compile_rounds, "fit_steps": FLAGS.fit_steps, "repeats": FLAGS.repeats,
-                   "xla": jit, "stages": stage_profile.stages(), "arms": results, "machine": machine, "load_end": os.getloadavg(),
-                   "notes": report.get(tag, {}).get("notes", [])}
+                   "xla": jit, "stages": stage_profile.stages(), "arms": results, "machine": machine,
+                   "load_end": os.getloadavg(), "notes": report.get(tag, {}).get("notes", [])}
     common.write_json(path, report)
     render.write("kg_step_stages", report, os.path.join(FLAGS.out_dir, "kg_step_stages.md"))
     print(render.page("kg_step_stages", report))
