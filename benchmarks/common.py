@@ -311,6 +311,12 @@ def commands(report):
     return listed(report.get("commands") or report["command"])
 
 
+def changed_settings(before, after):
+    """The keys, sorted, whose values differ between two runs' `settings`
+    (a key one of them lacks counts as changed)."""
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
 def resumed(report, settings, command, machine):
     """The results `report` of an earlier, cut-off or shorter run, resumed by
     this one: its runs kept (the script skips those it holds), every run's
@@ -319,8 +325,8 @@ def resumed(report, settings, command, machine):
     Raises ValueError where the report's runs were made with other settings:
     runs of two budgets on one page would be medians of neither."""
     before = report.get("settings", settings)
-    if before != settings:
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    changed = changed_settings(before, settings)
+    if changed:
         raise ValueError(f"the results to resume were run with other settings ({', '.join(changed)}: "
                          f"{[before.get(k) for k in changed]}, this run {[settings.get(k) for k in changed]}); "
                          "pass the same flags or another --out_dir.")

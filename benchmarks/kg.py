@@ -122,12 +122,17 @@ def ranking_name(pool, unique):
 def merge(paths):
     """One results dict from several kg.json files (runs concatenated)."""
     parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
-    settings = [p["settings"] for p in parts]
-    if any(x != settings[0] for x in settings):
-        raise ValueError(f"--merge: the files were run with different settings: {settings}")
+    first = parts[0]["settings"]
+    for path, part in zip(paths[1:], parts[1:]):
+        changed = common.changed_settings(first, part["settings"])
+        if changed:
+            raise ValueError(
+                f"--merge: {path} was run with other settings than {paths[0]} ({', '.join(changed)}: "
+                f"{[part['settings'].get(k) for k in changed]} against {[first.get(k) for k in changed]}); "
+                "merge runs made with the same flags.")
     return {"commands": [c for p in parts for c in common.commands(p)],
             "machine": [m for p in parts for m in common.listed(p["machine"])],
-            "settings": settings[0], "published": PUBLISHED, "runs": [r for p in parts for r in p["runs"]]}
+            "settings": first, "published": PUBLISHED, "runs": [r for p in parts for r in p["runs"]]}
 
 
 def main(argv):

@@ -74,10 +74,7 @@ class Arm:
         estimator, _, correction = name.partition("+replay_")
         replay = {"replay": keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, correction)} if correction else {}
         self.estimator = estimator
-        self.agent = kg_reasoning.build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta,
-                                              FLAGS.action_dropout, FLAGS.entity_embeddings)
-        kg_reasoning.compile_agent(self.agent, estimator, FLAGS.rollouts, FLAGS.learning_rate,
-                                   FLAGS.steps_per_execution, **replay)
+        self.agent = kg_reasoning.agent_from_flags(kg, estimator, seed, **replay)
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, seed))
         self.callbacks = [kg_reasoning.EntropyDecay(self.agent.entropy)] if self.agent.entropy is not None else []
         self.clock, self.step, self.turns = 0.0, 0, []

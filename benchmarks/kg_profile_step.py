@@ -63,10 +63,7 @@ class Arm:
     """One estimator's agent, compiled, and a `fit` of its data."""
 
     def __init__(self, kg, estimator):
-        self.agent = kg_reasoning.build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, FLAGS.seed,
-                                              FLAGS.entropy_beta, FLAGS.action_dropout, FLAGS.entity_embeddings)
-        kg_reasoning.compile_agent(self.agent, estimator, FLAGS.rollouts, FLAGS.learning_rate,
-                                   FLAGS.steps_per_execution, **jit_option())
+        self.agent = kg_reasoning.agent_from_flags(kg, estimator, FLAGS.seed, **jit_option())
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, FLAGS.seed))
 
     def fit(self, steps):

@@ -554,6 +554,18 @@ def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, step
     )
 
 
+def agent_from_flags(kg, estimator, seed, **compile_kwargs):
+    """An agent on `kg` as the command line's flags say (`--hops`, `--dim`,
+    `--hidden`, `--entropy_beta`, `--action_dropout`, `--entity_embeddings`),
+    built from `seed` and compiled with `estimator` and the flags'
+    `--rollouts`, `--learning_rate` and `--steps_per_execution`
+    (`compile_agent`, which takes `compile_kwargs` too)."""
+    agent = build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta, FLAGS.action_dropout,
+                        FLAGS.entity_embeddings)
+    compile_agent(agent, estimator, FLAGS.rollouts, FLAGS.learning_rate, FLAGS.steps_per_execution, **compile_kwargs)
+    return agent
+
+
 def train_dataset(kg, batch_size, seed, split="train"):
     """Shuffled, repeated `(inputs, tail)` batches of the split's queries."""
     data = queries(kg, split)

@@ -33,6 +33,11 @@ def test_a_run_with_other_settings_is_refused(common):
         common.resumed(first, {**SETTINGS, "steps": 500}, "c2", {})
 
 
+def test_changed_settings_counts_a_missing_key(common):
+    assert common.changed_settings(SETTINGS, dict(SETTINGS)) == []
+    assert common.changed_settings(SETTINGS, {"steps": 500}) == ["batch_size", "steps"]
+
+
 def test_commands_reads_either_form(common):
     assert common.commands({"command": "python a.py"}) == ["python a.py"]
     assert common.commands({"commands": ["python a.py", "python b.py"], "command": "old"}) == ["python a.py",

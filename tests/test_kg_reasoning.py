@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+from absl.testing import flagsaver
 import keras
 import numpy as np
 import pytest
@@ -31,6 +32,23 @@ def synthetic_graph(seed=0):
     composed = [(name(e), "fg", name(g[f[e]])) for e in range(NUM_ENTITIES)]
     composed += [(name(e), "gf", name(f[g[e]])) for e in range(NUM_ENTITIES)]
     return kg_reasoning.build_graph({"train": triples + composed, "valid": composed[:8], "test": composed})
+
+
+def test_agent_from_flags_takes_sizes_and_compile_settings_from_the_flags():
+    """The benchmarks' agents (`agent_from_flags`): hops, sizes, rollouts,
+    learning rate and steps per execution from the command line's flags;
+    other compile arguments passed on."""
+    kg = synthetic_graph()
+    if not kg_reasoning.FLAGS.is_parsed():
+        kg_reasoning.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(hops=3, dim=4, hidden=8, rollouts=3, learning_rate=0.01, steps_per_execution=2):
+        agent = kg_reasoning.agent_from_flags(kg, "rloo", 0, jit_compile=False)
+    assert agent.hops == 3
+    assert [n.name for n in agent.model.scg().nodes] == ["hop_1", "hop_2", "hop_3"]
+    config = agent.model.get_compile_config()
+    assert (config["estimator"], config["num_samples"], config["steps_per_execution"]) == ("rloo", 3, 2)
+    assert config["jit_compile"] is False
+    assert config["optimizer"]["config"]["learning_rate"] == pytest.approx(0.01)
 
 
 @pytest.fixture(scope="module")
