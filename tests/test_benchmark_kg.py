@@ -39,4 +39,3 @@ def test_merge_refuses_other_settings_and_names_them(kg, tmp_path):
     with pytest.raises(ValueError, match=r"kinship\.json was run with other settings than .*umls\.json "
                                          r"\(dim, hops: \[32, 3\] against \[64, None\]\)"):
         kg.merge([umls, other])
-
