@@ -1179,6 +1179,7 @@ def variance_per_second(report):
                 "coordinate `z` = the difference of the two means over its standard error; the share of "
                 "coordinates with `|z| > 4` (about 6e-5 for Gaussian means), the largest `|z|`, and the "
                 "difference's norm over the reference mean's.")
+        page.bullets(entry.get("notes"), "Reading:")
     return page
 
 
