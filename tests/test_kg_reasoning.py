@@ -45,6 +45,7 @@ def test_agent_from_flags_takes_sizes_and_compile_settings_from_the_flags():
         agent = kg_reasoning.agent_from_flags(kg, "rloo", 0, jit_compile=False)
     assert agent.hops == 3
     assert [n.name for n in agent.model.scg().nodes] == ["hop_1", "hop_2", "hop_3"]
+    assert (agent.policy.dim, agent.policy.hidden) == (4, 8)
     config = agent.model.get_compile_config()
     assert (config["estimator"], config["num_samples"], config["steps_per_execution"]) == ("rloo", 3, 2)
     assert config["jit_compile"] is False
