@@ -288,8 +288,11 @@ class Start(keras.layers.Layer):
 def drop_actions(mask, rate, seed):
     """`mask` (`[B, A]` bool) with each allowed action hidden with probability
     `rate` (`seed`: a `keras.random.SeedGenerator`); a row that would keep
-    none keeps its whole mask."""
-    kept = mask & (keras.random.uniform(tf.shape(mask), seed=seed) >= rate)
+    none keeps its whole mask. The noise is `keras_bpq.nodes.stateless_uniform`'s
+    (Threefry under XLA): Keras' default algorithm compiles under XLA on CPU
+    into a fusion that costs many times the rest of the step."""
+    noise = keras_bpq.nodes.stateless_uniform(tf.shape(mask), tf.cast(seed.next(), tf.int32))
+    kept = mask & (noise >= rate)
     return tf.where(tf.reduce_any(kept, axis=1, keepdims=True), kept, mask)
 
 

@@ -35,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bpq import _keras_compat
 from keras_bpq import costs as costs_lib
 from keras_bpq import distribute
 from keras_bpq import outcomes as outcomes_lib
@@ -96,7 +97,9 @@ class AllOutcomes(keras.layers.Layer):
       num_outcomes: `K`, the node's number of categories.
       distinct: evaluate `network` once per distinct context row (e.g. once per
         example, not per draw, under `compile(num_samples=...)`) and gather
-        (a `tf.unique` over the rows; XLA compiles it too).
+        (a `tf.unique` over the rows). Under XLA every row is evaluated, as
+        with `distinct=False`: XLA's shapes are static, so the unique rows
+        would fill a batch-sized buffer anyway, after a sort of the rows.
     """
 
     def __init__(
@@ -113,7 +116,7 @@ class AllOutcomes(keras.layers.Layer):
 
     def scores(self, context_features: tf.Tensor) -> tf.Tensor:
         """`[batch, K, heads]` Q-values of every outcome."""
-        if self.distinct:
+        if self.distinct and not _keras_compat.in_xla_context():
             rows, index = tf.raw_ops.UniqueV2(x=context_features, axis=[0])
             rows = tf.ensure_shape(rows, [None] + context_features.shape[1:].as_list())
             out = tf.gather(tf.cast(self.network(rows), tf.float32), index)

@@ -317,9 +317,30 @@ def test_all_outcomes_critic_learns_exact_q_and_round_trips():
     assert clone.online.distinct and clone.online.num_outcomes == 10
 
 
+def test_distinct_all_outcomes_critic_evaluates_every_row_under_xla():
+    """`distinct=True` evaluates once per distinct context (a `tf.unique`)
+    without XLA; under XLA, whose static shapes would pad the unique rows to
+    the batch, it evaluates every row, with the same scores."""
+    network = all_outcomes_critic(distinct=True)
+    context = tf.constant(np.repeat(np.random.default_rng(0).normal(size=(3, 5)), 4, axis=0), tf.float32)
+    network.network.build((None, 5))
+    network.built = True
+    graphs_of = {}
+    for jit in (False, True):
+        function = tf.function(network.scores, jit_compile=jit).get_concrete_function(context)
+        graphs_of[jit] = {op.type for op in function.graph.get_operations()}
+        np.testing.assert_allclose(function(context), all_outcomes_critic_scores(network, context), rtol=1e-5, atol=1e-6)
+    assert "UniqueV2" in graphs_of[False] and "UniqueV2" not in graphs_of[True]
+
+
+def all_outcomes_critic_scores(network, context):
+    """`network`'s scores of every row of `context`, each row evaluated."""
+    return tf.reshape(network.network(context), [context.shape[0], network.num_outcomes, -1])
+
+
 def test_distinct_all_outcomes_critic_trains_alike_under_xla():
-    """`distinct=True` (one evaluation per distinct context, a `tf.unique`)
-    compiles with XLA and trains exactly like `distinct=False`."""
+    """`distinct=True` compiles with XLA and trains exactly like
+    `distinct=False`."""
     weights = {}
     for distinct in (False, True):
         keras.utils.set_random_seed(0)
