@@ -95,11 +95,13 @@ class AllOutcomes(keras.layers.Layer):
     Args:
       network: a Keras layer or model `[batch, F] -> [batch, K(, heads)]`.
       num_outcomes: `K`, the node's number of categories.
-      distinct: evaluate `network` once per distinct context row (e.g. once per
-        example, not per draw, under `compile(num_samples=...)`) and gather
-        (a `tf.unique` over the rows). Under XLA every row is evaluated, as
-        with `distinct=False`: XLA's shapes are static, so the unique rows
-        would fill a batch-sized buffer anyway, after a sort of the rows.
+      distinct: evaluate `network` once per distinct context row and gather.
+        Where the rows come in groups of equal contexts (a context of the
+        inputs alone under `compile(num_samples=K)`: groups of `K`), once per
+        group, under XLA too; elsewhere a `tf.unique` over the rows, which
+        XLA does not get: its static shapes would pad the unique rows to the
+        batch, after a sort of the rows, so under XLA every row is evaluated,
+        as with `distinct=False`.
     """
 
     def __init__(
@@ -114,9 +116,13 @@ class AllOutcomes(keras.layers.Layer):
         self.network.build((None, input_shape[-1] - self.num_outcomes))
         self.built = True
 
-    def scores(self, context_features: tf.Tensor) -> tf.Tensor:
-        """`[batch, K, heads]` Q-values of every outcome."""
-        if self.distinct and not _keras_compat.in_xla_context():
+    def scores(self, context_features: tf.Tensor, repeats: int = 1) -> tf.Tensor:
+        """`[batch, K, heads]` Q-values of every outcome; `repeats`: the rows
+        come in groups of that many equal rows (`distinct` then evaluates
+        the first row of each)."""
+        if self.distinct and repeats > 1:
+            out = tf.repeat(tf.cast(self.network(context_features[::repeats]), tf.float32), repeats, axis=0)
+        elif self.distinct and not _keras_compat.in_xla_context():
             rows, index = tf.raw_ops.UniqueV2(x=context_features, axis=[0])
             rows = tf.ensure_shape(rows, [None] + context_features.shape[1:].as_list())
             out = tf.gather(tf.cast(self.network(rows), tf.float32), index)
@@ -124,10 +130,14 @@ class AllOutcomes(keras.layers.Layer):
             out = tf.cast(self.network(context_features), tf.float32)
         return tf.reshape(out, [tf.shape(out)[0], self.num_outcomes, -1])
 
+    def at(self, values: tf.Tensor, context_features: tf.Tensor, repeats: int = 1) -> tf.Tensor:
+        """`[batch, heads]`: `sum_k v_k Q(e_k, s)` of one-hot `values` (`[batch,
+        K]`) given the context rows (`scores`' `repeats`)."""
+        return tf.einsum("bk,bkh->bh", tf.cast(values, tf.float32), self.scores(context_features, repeats))
+
     def call(self, features: tf.Tensor) -> tf.Tensor:
         k = self.num_outcomes
-        values = tf.cast(features[:, -k:], tf.float32)
-        return tf.einsum("bk,bkh->bh", values, self.scores(features[:, :-k]))
+        return self.at(features[:, -k:], features[:, :-k])
 
     def compute_output_shape(self, input_shape: Tuple[Optional[int], ...]) -> Tuple[Optional[int], ...]:
         out = self.network.compute_output_shape((input_shape[0], input_shape[-1] - self.num_outcomes))
@@ -219,9 +229,17 @@ class NodeCritic(keras.layers.Layer, Critic):
             )
         self.built = True
 
-    def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
-        features = tf.concat([context_features(context), flatten_rows(values)], axis=-1)
+    def q(
+        self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True, repeats: int = 1
+    ) -> tf.Tensor:
+        """As `Critic.q`; `repeats`: the context rows come in groups of that
+        many equal rows, which a `distinct` `AllOutcomes` network evaluates
+        once per group (`CriticSet.loss` on a pass under
+        `compile(num_samples=...)`)."""
         network = self.target_network if target else self.online
+        if repeats > 1 and isinstance(network, AllOutcomes) and network.distinct:
+            return network.at(flatten_rows(values), context_features(context), repeats)
+        features = tf.concat([context_features(context), flatten_rows(values)], axis=-1)
         return tf.cast(network(features), tf.float32)
 
     def q_outcomes(
@@ -423,6 +441,9 @@ class CriticSet:
       optimizer: the critics' optimizer.
       q_function: the model's `q_values.QFunction`.
       steps: the model's step counter (`TrainingState.steps`).
+      num_samples: the model's draws per example (`compile(num_samples=...)`):
+        a pass's rows repeat every example that many times, so a node whose
+        context is the inputs alone sees groups of that many equal contexts.
     """
 
     def __init__(
@@ -434,10 +455,15 @@ class CriticSet:
         optimizer: keras.optimizers.Optimizer,
         q_function: q_values.QFunction,
         steps: tf.Variable,
+        num_samples: int = 1,
     ) -> None:
         self.scg = scg
         self.critics = critics
         self.learned = {n: c for n, c in critics.items() if isinstance(c, NodeCritic)}
+        # `{node: rows per context group}` of a pass's rows (`loss`).
+        self.pass_repeats = {
+            n: num_samples if set(scg.node(n).context) <= {"inputs"} else 1 for n in self.learned
+        }
         self.variables = list(variables)
         self.options = options
         self.optimizer = optimizer
@@ -450,16 +476,20 @@ class CriticSet:
         records: Mapping[str, graph.NodeRecord],
         weights: Optional[tf.Tensor],
         targets: Mapping[Tuple[str, str], tf.Tensor],
+        of_pass: bool = False,
     ) -> Tuple[tf.Tensor, Dict[str, Tuple[tf.Tensor, tf.Tensor]]]:
         """Squared error of every learned head, summed over heads and nodes
         (examples weighted by their sample weights, as the actor's objective),
         plus the critics' weight regularisers; and per node `(loss, mean
-        |target - Q|)`."""
+        |target - Q|)`. `of_pass`: the rows are a training pass's (each
+        example repeated `num_samples` times, `pass_repeats`), not replayed
+        ones."""
         total = 0.0
         per_node = {}
         for name, critic in self.learned.items():
             info = self.scg.node(name)
-            pred = critic.q(q_values.context(info, x, records), records[name].sample, target=False)
+            repeats = self.pass_repeats[name] if of_pass else 1
+            pred = critic.q(q_values.context(info, x, records), records[name].sample, target=False, repeats=repeats)
             wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
             loss = costs_lib.weighted_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1), weights)
             per_node[name] = (
@@ -481,7 +511,7 @@ class CriticSet:
             self.q_function, x, forward.y,
         )
         with tf.GradientTape() as tape:
-            loss, per_node = self.loss(x, forward.records, forward.weights, targets)
+            loss, per_node = self.loss(x, forward.records, forward.weights, targets, of_pass=True)
             scaled = loss / distribute.num_replicas()
         grads = tape.gradient(scaled, self.variables) if with_gradient else None
         return CriticEvaluation(targets, q_at_sample, per_node, grads)
@@ -521,7 +551,7 @@ class CriticSet:
         records = {n: dataclasses.replace(r, sample=samples[n]) for n, r in forward.records.items()}
         for _ in range(self.options.steps - 1):
             with tf.GradientTape() as tape:
-                loss, _ = self.loss(x, records, weights, targets)
+                loss, _ = self.loss(x, records, weights, targets, of_pass=True)
                 scaled = loss / distribute.num_replicas()  # the optimizer sums over replicas
             optimizer.apply(tape.gradient(scaled, variables), variables)
 

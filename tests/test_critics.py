@@ -1,5 +1,7 @@
 """Backprop-Q critics: oracle-exact estimators, critic learning, cost routing."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -317,20 +319,28 @@ def test_all_outcomes_critic_learns_exact_q_and_round_trips():
     assert clone.online.distinct and clone.online.num_outcomes == 10
 
 
-def test_distinct_all_outcomes_critic_evaluates_every_row_under_xla():
+def test_distinct_all_outcomes_critic_evaluates_once_per_group_or_every_row_under_xla():
     """`distinct=True` evaluates once per distinct context (a `tf.unique`)
     without XLA; under XLA, whose static shapes would pad the unique rows to
-    the batch, it evaluates every row, with the same scores."""
+    the batch, it evaluates every row; rows known to come in groups of equal
+    rows (`repeats`), once per group, with and without XLA. The scores are
+    the same every way."""
     network = all_outcomes_critic(distinct=True)
     context = tf.constant(np.repeat(np.random.default_rng(0).normal(size=(3, 5)), 4, axis=0), tf.float32)
     network.network.build((None, 5))
     network.built = True
     graphs_of = {}
     for jit in (False, True):
-        function = tf.function(network.scores, jit_compile=jit).get_concrete_function(context)
-        graphs_of[jit] = {op.type for op in function.graph.get_operations()}
-        np.testing.assert_allclose(function(context), all_outcomes_critic_scores(network, context), rtol=1e-5, atol=1e-6)
-    assert "UniqueV2" in graphs_of[False] and "UniqueV2" not in graphs_of[True]
+        for repeats in (1, 4):
+            scores = functools.partial(network.scores, repeats=repeats)
+            function = tf.function(scores, jit_compile=jit).get_concrete_function(context)
+            graphs_of[jit, repeats] = {op.type for op in function.graph.get_operations()}
+            np.testing.assert_allclose(
+                function(context), all_outcomes_critic_scores(network, context), rtol=1e-5, atol=1e-6
+            )
+    assert "UniqueV2" in graphs_of[False, 1] and "UniqueV2" not in graphs_of[True, 1]
+    # Rows in groups of 4 equal rows: the first of each group, evaluated and repeated.
+    assert not any("UniqueV2" in graphs_of[jit, 4] for jit in (False, True))
 
 
 def all_outcomes_critic_scores(network, context):
@@ -338,16 +348,19 @@ def all_outcomes_critic_scores(network, context):
     return tf.reshape(network.network(context), [context.shape[0], network.num_outcomes, -1])
 
 
-def test_distinct_all_outcomes_critic_trains_alike_under_xla():
-    """`distinct=True` compiles with XLA and trains exactly like
-    `distinct=False`."""
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_distinct_all_outcomes_critic_trains_alike(jit_compile):
+    """`distinct=True` trains exactly like `distinct=False`, with and without
+    XLA: under `num_samples=4` hop 1's context (the inputs alone) comes in
+    groups of 4 equal rows, whose first row the critic's loss evaluates."""
     weights = {}
     for distinct in (False, True):
         keras.utils.set_random_seed(0)
         model, queries = graphs.walk_task()
         model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=distinct)},
-                      num_samples=4, jit_compile=True)
+                      num_samples=4, jit_compile=jit_compile)
         model.fit(np.repeat(queries, 4, axis=0), batch_size=8, epochs=2, verbose=0, shuffle=False)
+        assert model.critic_set().pass_repeats == {"hop1": 4}
         weights[distinct] = [w.numpy() for w in model.weights]
     for a, b in zip(weights[False], weights[True]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
