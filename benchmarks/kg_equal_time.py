@@ -11,6 +11,8 @@ steady per-step time). At each budget an arm is scored on the test split
 (beam search, filtered, as `--beam_pool` / `--beam_unique` say) with its
 weights at the end of its last turn that ended at or before the budget;
 evaluation is not on the clock. Data in memory, tf.data autotuning off.
+kg_reasoning's `--jit_compile` (by default Keras' choice: XLA only where a GPU
+is present) applies to every arm.
 
 An arm `<estimator>+replay_<correction>` trains that estimator with
 `compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates,
@@ -63,7 +65,7 @@ flags.DEFINE_string("out_dir", common.RESULTS, "Where kg_equal_time.json and .md
 
 SETTINGS = ("batch_size", "rollouts", "beam", "beam_pool", "beam_unique", "learning_rate",
             "steps_per_execution", "entropy_beta", "hops", "dim", "hidden", "action_dropout", "entity_embeddings",
-            "replay_capacity", "replay_updates")
+            "replay_capacity", "replay_updates", "jit_compile")
 
 
 class Arm:

@@ -3,8 +3,8 @@ per estimator (issue 16: what remains of the default's loss at 60 s).
 
 Each arm (a kg_reasoning `--estimator`: `minerva`, `rloo`, `auto`) is
 `examples/kg_reasoning.py`'s agent, compiled as kg_equal_time.py compiles it
-(Keras' `jit_compile="auto"`, which runs without XLA on a machine without a
-GPU; `--jit_compile` sets it). Per arm:
+(kg_reasoning's `--jit_compile`: by default Keras' choice, which runs without
+XLA on a machine without a GPU; `--jit_compile=true` compiles with XLA). Per arm:
 
 * the first compile: in each of `--compile_rounds` rounds a fresh agent's
   first `fit` of `--steps_per_execution` steps, less those steps at the
@@ -48,7 +48,6 @@ kg_reasoning = common.example("kg_reasoning")
 # --hidden, --action_dropout, --entity_embeddings, --seed.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning --estimator values).")
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "compile(jit_compile=...).")
 flags.DEFINE_integer("compile_rounds", 2, "Fresh agents per arm whose first compile is timed (median).")
 flags.DEFINE_integer("fit_steps", 30, "Steps per timed fit of the steady step.")
 flags.DEFINE_integer("repeats", 3, "Timed fits of the steady step per arm (best reported).")
@@ -63,7 +62,7 @@ class Arm:
     """One estimator's agent, compiled, and a `fit` of its data."""
 
     def __init__(self, kg, estimator):
-        self.agent = kg_reasoning.agent_from_flags(kg, estimator, FLAGS.seed, **jit_option())
+        self.agent = kg_reasoning.agent_from_flags(kg, estimator, FLAGS.seed)
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, FLAGS.seed))
 
     def fit(self, steps):
@@ -77,11 +76,6 @@ class Arm:
         start = time.perf_counter()
         graph = tf.function(self.agent.model.train_step, autograph=False).get_concrete_function(batch).graph
         return time.perf_counter() - start, graph.as_graph_def()
-
-
-def jit_option():
-    """`compile_agent`'s keyword for `--jit_compile` (none for "auto": Keras' own choice)."""
-    return {} if FLAGS.jit_compile == "auto" else {"jit_compile": FLAGS.jit_compile == "true"}
 
 
 def profile(kg, dump_dir):

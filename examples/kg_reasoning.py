@@ -87,6 +87,9 @@ flags.DEFINE_bool(
     "reads relations only, MINERVA's `use_entity_embeddings=0`, its UMLS and Kinship setting).")
 flags.DEFINE_integer("eval_every", 100, "Evaluate on the dev split every this many steps.")
 flags.DEFINE_integer("steps_per_execution", 10, "Steps per compiled call.")
+flags.DEFINE_enum(
+    "jit_compile", "auto", ["auto", "true", "false"], "compile(jit_compile=...): 'auto' leaves it to Keras, "
+    "which compiles the step with XLA only where a GPU is present; 'true' compiles it with XLA on a CPU too.")
 flags.DEFINE_string("out_json", "", "If set, write the run's curve and test metrics there.")
 flags.DEFINE_string("export_dir", "", "If set, export the trained agent there (a SavedModel).")
 
@@ -557,15 +560,22 @@ def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, step
     )
 
 
+def jit_compile_option(value):
+    """`compile_agent`'s keywords for a `--jit_compile` value: none for
+    "auto" (Keras' own choice)."""
+    return {} if value == "auto" else {"jit_compile": value == "true"}
+
+
 def agent_from_flags(kg, estimator, seed, **compile_kwargs):
     """An agent on `kg` as the command line's flags say (`--hops`, `--dim`,
     `--hidden`, `--entropy_beta`, `--action_dropout`, `--entity_embeddings`),
     built from `seed` and compiled with `estimator` and the flags'
-    `--rollouts`, `--learning_rate` and `--steps_per_execution`
-    (`compile_agent`, which takes `compile_kwargs` too)."""
+    `--rollouts`, `--learning_rate`, `--steps_per_execution` and
+    `--jit_compile` (`compile_agent`, which takes `compile_kwargs` too)."""
     agent = build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta, FLAGS.action_dropout,
                         FLAGS.entity_embeddings)
-    compile_agent(agent, estimator, FLAGS.rollouts, FLAGS.learning_rate, FLAGS.steps_per_execution, **compile_kwargs)
+    compile_agent(agent, estimator, FLAGS.rollouts, FLAGS.learning_rate, FLAGS.steps_per_execution,
+                  **{**jit_compile_option(FLAGS.jit_compile), **compile_kwargs})
     return agent
 
 
@@ -765,10 +775,11 @@ class DevEvaluation(keras.callbacks.Callback):
 
 
 def train(agent, steps, batch_size, estimator, rollouts=20, learning_rate=1e-3, seed=0,
-          eval_every=100, beam=100, steps_per_execution=10, verbose=1, pool="max", unique=True):
+          eval_every=100, beam=100, steps_per_execution=10, verbose=1, pool="max", unique=True, jit_compile="auto"):
     """Compiles and fits the agent, evaluating on dev every `eval_every` steps;
-    returns the `DevEvaluation` callback (its `curve`)."""
-    compile_agent(agent, estimator, rollouts, learning_rate, steps_per_execution)
+    returns the `DevEvaluation` callback (its `curve`). `jit_compile`: a
+    `--jit_compile` value."""
+    compile_agent(agent, estimator, rollouts, learning_rate, steps_per_execution, **jit_compile_option(jit_compile))
     dev = DevEvaluation(agent, beam, eval_every, verbose=bool(verbose), pool=pool, unique=unique)
     callbacks = [dev]
     if agent.entropy is not None:
@@ -835,17 +846,19 @@ def export_agent(agent, path, beam=100, pool="max", unique=True):
 # -- main ---------------------------------------------------------------------------
 def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
         learning_rate=1e-3, dim=32, hidden=64, entropy_beta=0.05, eval_every=100,
-        steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0, entity_embeddings=True):
+        steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0, entity_embeddings=True,
+        jit_compile="auto"):
     """Trains one agent and evaluates it on test; returns `(agent, result)`."""
     kg = load_graph(dataset)
     agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta, action_dropout, entity_embeddings)
     start = time.perf_counter()
     dev = train(agent, steps, batch_size, estimator, rollouts, learning_rate, seed, eval_every, beam,
-                steps_per_execution, verbose, pool, unique)
+                steps_per_execution, verbose, pool, unique, jit_compile)
     result = {
         "dataset": dataset, "estimator": estimator, "seed": seed, "steps": steps, "batch_size": batch_size,
         "rollouts": rollouts, "hops": hops, "beam": beam, "beam_pool": pool, "beam_unique": bool(unique),
         "entropy_beta": entropy_beta, "action_dropout": action_dropout, "entity_embeddings": bool(entity_embeddings),
+        "jit_compile": jit_compile,
         "wall_seconds": time.perf_counter() - start, "train_seconds": dev.train_seconds,
         "steps_per_second": steps / max(dev.train_seconds, 1e-9),
         "curve": dev.curve, "test": evaluate(agent, "test", beam, pool=pool, unique=unique),
@@ -860,6 +873,7 @@ def main(argv):
         FLAGS.beam, FLAGS.seed, FLAGS.learning_rate, FLAGS.dim, FLAGS.hidden, FLAGS.entropy_beta,
         FLAGS.eval_every, FLAGS.steps_per_execution, pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
         action_dropout=FLAGS.action_dropout, entity_embeddings=FLAGS.entity_embeddings,
+        jit_compile=FLAGS.jit_compile,
     )
     test = result["test"]
     print(

@@ -36,13 +36,16 @@ def synthetic_graph(seed=0):
 
 def test_agent_from_flags_takes_sizes_and_compile_settings_from_the_flags():
     """The benchmarks' agents (`agent_from_flags`): hops, sizes, rollouts,
-    learning rate and steps per execution from the command line's flags;
-    other compile arguments passed on."""
+    learning rate, steps per execution and XLA from the command line's flags;
+    other compile arguments passed on ("auto": none, Keras' choice)."""
+    assert kg_reasoning.jit_compile_option("auto") == {}
     kg = synthetic_graph()
     if not kg_reasoning.FLAGS.is_parsed():
         kg_reasoning.FLAGS.mark_as_parsed()
-    with flagsaver.flagsaver(hops=3, dim=4, hidden=8, rollouts=3, learning_rate=0.01, steps_per_execution=2):
-        agent = kg_reasoning.agent_from_flags(kg, "rloo", 0, jit_compile=False)
+    with flagsaver.flagsaver(hops=3, dim=4, hidden=8, rollouts=3, learning_rate=0.01, steps_per_execution=2,
+                             jit_compile="true"):
+        assert kg_reasoning.agent_from_flags(kg, "rloo", 0).model.get_compile_config()["jit_compile"] is True
+        agent = kg_reasoning.agent_from_flags(kg, "rloo", 0, jit_compile=False)  # a keyword overrides the flag
     assert agent.hops == 3
     assert [n.name for n in agent.model.scg().nodes] == ["hop_1", "hop_2", "hop_3"]
     assert (agent.policy.dim, agent.policy.hidden) == (4, 8)
