@@ -97,11 +97,11 @@ class AllOutcomes(keras.layers.Layer):
       num_outcomes: `K`, the node's number of categories.
       distinct: evaluate `network` once per distinct context row and gather.
         Where the rows come in groups of equal contexts (a context of the
-        inputs alone under `compile(num_samples=K)`: groups of `K`), once per
-        group, under XLA too; elsewhere a `tf.unique` over the rows, which
-        XLA does not get: its static shapes would pad the unique rows to the
-        batch, after a sort of the rows, so under XLA every row is evaluated,
-        as with `distinct=False`.
+        inputs alone under `compile(num_samples=K)`: groups of `K`), the
+        first row of each group is evaluated, with or without XLA. Otherwise
+        a `tf.unique` finds the distinct rows without XLA; under XLA, whose
+        static shapes would pad the unique rows to the batch (after a sort),
+        every row is evaluated, as with `distinct=False`.
     """
 
     def __init__(
