@@ -327,8 +327,7 @@ def test_distinct_all_outcomes_critic_evaluates_once_per_group_or_every_row_unde
     the same every way."""
     network = all_outcomes_critic(distinct=True)
     context = tf.constant(np.repeat(np.random.default_rng(0).normal(size=(3, 5)), 4, axis=0), tf.float32)
-    network.network.build((None, 5))
-    network.built = True
+    network.build((None, 5 + network.num_outcomes))  # the context's 5 features, then the node's value
     graphs_of = {}
     for jit in (False, True):
         for repeats in (1, 4):
