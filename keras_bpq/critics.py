@@ -164,9 +164,16 @@ def _with_network(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class Critic:
-    """Interface: Q-values of one node's learned heads."""
+    """Interface: Q-values of one node's learned heads.
+
+    A critic whose `reads_groups` is True takes `repeats=` in `q` and
+    `q_outcomes`: the context rows then come in consecutive groups of that
+    many equal rows (a training pass under `compile(num_samples=...)` of a
+    node whose context is the inputs alone, `q_values.pass_repeats`), which it
+    may evaluate once per group."""
 
     heads: Tuple[str, ...] = ()
+    reads_groups: bool = False
 
     def q(self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True) -> tf.Tensor:
         """`[rows, len(heads)]` Q-values at `values` (`[rows, *event]`) given the
@@ -229,13 +236,14 @@ class NodeCritic(keras.layers.Layer, Critic):
             )
         self.built = True
 
+    reads_groups = True
+
     def q(
         self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True, repeats: int = 1
     ) -> tf.Tensor:
         """As `Critic.q`; `repeats`: the context rows come in groups of that
-        many equal rows, which a `distinct` `AllOutcomes` network evaluates
-        once per group (`CriticSet.loss` on a pass under
-        `compile(num_samples=...)`)."""
+        many equal rows (`Critic.reads_groups`), which a `distinct`
+        `AllOutcomes` network evaluates once per group."""
         network = self.target_network if target else self.online
         if repeats > 1 and isinstance(network, AllOutcomes) and network.distinct:
             return network.at(flatten_rows(values), context_features(context), repeats)
@@ -243,15 +251,16 @@ class NodeCritic(keras.layers.Layer, Critic):
         return tf.cast(network(features), tf.float32)
 
     def q_outcomes(
-        self, context: Mapping[str, Any], values: q_values.Values, target: bool = True
+        self, context: Mapping[str, Any], values: q_values.Values, target: bool = True, repeats: int = 1
     ) -> tf.Tensor:
         """As `Critic.q_outcomes`; an `AllOutcomes` network is evaluated once per
-        example; for `UnitEdits` and a network that starts with a plain `Dense`
-        layer, that layer is evaluated once per example and updated by rank one
-        per outcome (`outcomes.dense_at`)."""
+        example (a `distinct` one once per group of `repeats` equal context
+        rows, `q`); for `UnitEdits` and a network that starts with a plain
+        `Dense` layer, that layer is evaluated once per example and updated by
+        rank one per outcome (`outcomes.dense_at`)."""
         network = self.target_network if target else self.online
         if isinstance(network, AllOutcomes):
-            scores = network.scores(context_features(context))
+            scores = network.scores(context_features(context), repeats)
             if isinstance(values, outcomes_lib.UnitEdits):
                 return values.contract(scores)
             flat = tf.reshape(tf.cast(values, tf.float32), [-1, values.shape[1], network.num_outcomes])
@@ -441,9 +450,6 @@ class CriticSet:
       optimizer: the critics' optimizer.
       q_function: the model's `q_values.QFunction`.
       steps: the model's step counter (`TrainingState.steps`).
-      num_samples: the model's draws per example (`compile(num_samples=...)`):
-        a pass's rows repeat every example that many times, so a node whose
-        context is the inputs alone sees groups of that many equal contexts.
     """
 
     def __init__(
@@ -455,15 +461,10 @@ class CriticSet:
         optimizer: keras.optimizers.Optimizer,
         q_function: q_values.QFunction,
         steps: tf.Variable,
-        num_samples: int = 1,
     ) -> None:
         self.scg = scg
         self.critics = critics
         self.learned = {n: c for n, c in critics.items() if isinstance(c, NodeCritic)}
-        # `{node: rows per context group}` of a pass's rows (`loss`).
-        self.pass_repeats = {
-            n: num_samples if set(scg.node(n).context) <= {"inputs"} else 1 for n in self.learned
-        }
         self.variables = list(variables)
         self.options = options
         self.optimizer = optimizer
@@ -482,13 +483,13 @@ class CriticSet:
         (examples weighted by their sample weights, as the actor's objective),
         plus the critics' weight regularisers; and per node `(loss, mean
         |target - Q|)`. `of_pass`: the rows are a training pass's (each
-        example repeated `num_samples` times, `pass_repeats`), not replayed
-        ones."""
+        example repeated `num_samples` times, `q_values.pass_repeats`), not
+        replayed ones."""
         total = 0.0
         per_node = {}
         for name, critic in self.learned.items():
             info = self.scg.node(name)
-            repeats = self.pass_repeats[name] if of_pass else 1
+            repeats = self.q_function.pass_repeats[name] if of_pass else 1
             pred = critic.q(q_values.context(info, x, records), records[name].sample, target=False, repeats=repeats)
             wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
             loss = costs_lib.weighted_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1), weights)
@@ -508,7 +509,7 @@ class CriticSet:
         options, x = self.options, forward.x
         targets, q_at_sample = targets_lib.evaluate(
             options.target, options.lam, self.scg, forward.costs, forward.records, self.critics,
-            self.q_function, x, forward.y,
+            self.q_function, x, forward.y, of_pass=True,
         )
         with tf.GradientTape() as tape:
             loss, per_node = self.loss(x, forward.records, forward.weights, targets, of_pass=True)

@@ -161,7 +161,7 @@ def discover(
         estimators = _resolve_estimators(setup, scg, model, None)
         setup = dataclasses.replace(
             setup, scg=scg, spec=spec, node_estimators=estimators,
-            q_function=q_function(scg, compiled, estimators, model, critics, network),
+            q_function=q_function(scg, compiled, estimators, model, critics, network, setup.num_samples),
         )
     elif scg.node_names != setup.scg.node_names or scg.costs != setup.scg.costs:
         raise ValueError(
@@ -176,13 +176,16 @@ def discover(
 def q_function(
     scg: graph.SCG, compiled_losses: costs_lib.CompiledLosses,
     node_estimators: Mapping[str, estimators_lib.Estimator], model: keras.Model,
-    critics: Mapping[str, critics_lib.Critic], network: Optional[keras.Model],
+    critics: Mapping[str, critics_lib.Critic], network: Optional[keras.Model], num_samples: int,
 ) -> q_values.QFunction:
     """The `q_values.QFunction` of `scg` on `critics`: its re-runs are
     `forward.record` of `model`'s Keras call with `compiled_losses` bound;
-    the nodes whose `node_estimators` ask for common noise get its heads."""
+    the nodes whose `node_estimators` ask for common noise get its heads;
+    a training pass draws `num_samples` per example."""
     rerun = functools.partial(forward_lib.record, model, compiled_losses, scg.costs)
-    return q_values.QFunction(scg, critics, network, rerun, q_values.common_noise_nodes(node_estimators))
+    return q_values.QFunction(
+        scg, critics, network, rerun, q_values.common_noise_nodes(node_estimators), num_samples
+    )
 
 
 def build_by_tracing(model: keras.Model, spec: Any) -> None:
@@ -257,7 +260,7 @@ def rediscover(
         )
     if setup.scg is not None:
         setup = dataclasses.replace(setup, q_function=q_function(
-            setup.scg, setup.compiled_losses, setup.node_estimators, model, critics, network,
+            setup.scg, setup.compiled_losses, setup.node_estimators, model, critics, network, setup.num_samples,
         ))
         # Their errors show here.
         critics_lib.heads_to_learn(setup.scg, setup.node_estimators, setup.critic_options)

@@ -155,7 +155,7 @@ def build_surrogate(
         downstream = tf.add_n([costs[c] for c in info.costs]) if info.costs else tf.zeros_like(total)
         q = None
         if estimator.needs_critic and info.costs:
-            q = q_function.node_q(info, x, y, records, reads_target)
+            q = q_function.node_q(info, x, y, records, reads_target, of_pass=True)
         # Not the deviations of costs with common-noise heads here: their
         # residual is zero (`estimators.CriticCV`'s `common_noise`).
         noise = set(q_function.common_noise_costs(info))

@@ -267,7 +267,7 @@ class BackpropQModel(
             return None
         setup, state = self._setup, self.training_state
         return critics_lib.CriticSet(setup.scg, state.critics, self.critic_variables, setup.critic_options,
-                                     self.critic_optimizer, setup.q_function, state.steps, setup.num_samples)
+                                     self.critic_optimizer, setup.q_function, state.steps)
 
     # -- variables ---------------------------------------------------------
     @property

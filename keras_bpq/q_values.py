@@ -48,6 +48,21 @@ def context(info: graph.NodeInfo, x: Any, records: Mapping[str, graph.NodeRecord
     return result
 
 
+def pass_repeats(scg: graph.SCG, num_samples: int) -> Dict[str, int]:
+    """`{node: rows per group}`: a training pass under
+    `compile(num_samples=K)` repeats every example `K` times in consecutive
+    rows, so a node whose context is the inputs alone sees groups of `K`
+    equal context rows (1 for every other node)."""
+    return {info.name: num_samples if set(info.context) <= {"inputs"} else 1 for info in scg.nodes}
+
+
+def group_argument(critic: critics_lib.Critic, repeats: int) -> Dict[str, int]:
+    """`{"repeats": repeats}` for a critic that reads the groups of equal
+    context rows (`critics.Critic.reads_groups`) where there are groups, else
+    `{}`: the keyword arguments of its `q` and `q_outcomes`."""
+    return {"repeats": repeats} if repeats > 1 and getattr(critic, "reads_groups", False) else {}
+
+
 def exact_costs(scg: graph.SCG, info: graph.NodeInfo) -> Tuple[str, ...]:
     """The costs of node `info` whose heads are exact: those it is the last
     stochastic ancestor of (deterministic functions of its value and context)."""
@@ -95,6 +110,9 @@ class QFunction:
         losses and cost names bound (`functools.partial`), so that a re-run
         goes to the Keras layers and never back to the model's own methods.
       common_noise: the nodes with common-noise heads (`common_noise_nodes`).
+      num_samples: the model's draws per example (`compile(num_samples=...)`),
+        for the groups of equal context rows of a training pass
+        (`pass_repeats`).
     """
 
     def __init__(
@@ -104,12 +122,14 @@ class QFunction:
         network: Optional[keras.Model],
         forward: Callable[..., forward_lib.Recording],
         common_noise: AbstractSet[str] = frozenset(),
+        num_samples: int = 1,
     ) -> None:
         self.scg = scg
         self.critics = critics
         self.network = network
         self.forward = forward
         self.common_noise = frozenset(common_noise)
+        self.pass_repeats = pass_repeats(scg, num_samples)
         self._evaluators = {}
 
     def common_noise_costs(self, info: graph.NodeInfo) -> Tuple[str, ...]:
@@ -124,10 +144,14 @@ class QFunction:
         records: Mapping[str, graph.NodeRecord],
         values: Values,
         target: bool = True,
+        of_pass: bool = False,
     ) -> Dict[str, tf.Tensor]:
         """`{cost: [batch, A]}`: every head `Q^c_X` of node `info` at `values`
         (`[batch, A, *event]`, a tensor or `outcomes.UnitEdits`), given the
-        recorded context of this pass.
+        recorded context of this pass (`of_pass`: a training pass's rows, in
+        groups of `pass_repeats` equal context rows, which a critic that
+        reads groups evaluates once per group; else rows as they are, a
+        replayed batch's).
 
         Learned heads come from the node's critic (`target` selects the target
         copy); exact heads (the node is the cost's last stochastic ancestor)
@@ -143,7 +167,8 @@ class QFunction:
         heads = {}
         critic = self.critics.get(info.name)
         if critic is not None:
-            learned = critic.q_outcomes(held, values, target=target)
+            groups = group_argument(critic, self.pass_repeats[info.name] if of_pass else 1)
+            learned = critic.q_outcomes(held, values, target=target, **groups)
             heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
         for costs, redrawn in (
             (exact_costs(self.scg, info), ()),
@@ -249,12 +274,13 @@ class QFunction:
         y: Any,
         records: Mapping[str, graph.NodeRecord],
         target: bool,
+        of_pass: bool = False,
     ) -> Callable[[Values], tf.Tensor]:
         """`values [rows, A, *event] -> [rows, A]`: `Q_X = sum_{c in C_X} Q^c_X`
-        (`heads`)."""
+        (`heads`, with `of_pass`)."""
 
         def q(values):
-            heads = self.heads(info, x, y, records, values, target=target)
+            heads = self.heads(info, x, y, records, values, target=target, of_pass=of_pass)
             return tf.add_n([heads[c] for c in info.costs])
 
         return q

@@ -150,6 +150,7 @@ def evaluate(
     y: Any,
     traces: Optional[Mapping[str, tf.Tensor]] = None,
     seed: Optional[tf.Tensor] = None,
+    of_pass: bool = False,
 ) -> Tuple[Dict[Tuple[str, str], tf.Tensor], Dict[str, Dict[str, tf.Tensor]]]:
     """`(targets, q_at_sample)`: `critic_targets` of this pass for every
     learned head, and `q_at_sample`, each node's heads at its sample (exact
@@ -162,7 +163,9 @@ def evaluate(
     support where it has at most `MAX_SUPPORT` outcomes, else (with `seed`,
     an int32 stateless seed `[2]`) the heads at one fresh draw from that
     distribution, an unbiased estimate. `traces` are `retrace`'s
-    (`truncated_ratios`)."""
+    (`truncated_ratios`). `of_pass`: the rows are a training pass's, whose
+    groups of equal context rows the critics read once per group
+    (`q_values.QFunction.heads`)."""
     q_at_sample, value = {}, {}
     for info in scg.nodes:
         # Exact and common-noise heads at the sample: the realised cost.
@@ -170,7 +173,8 @@ def evaluate(
         heads = {c: costs[c] for c in realised}
         critic = critics.get(info.name)
         if critic is not None:
-            learned = critic.q(q_values.context(info, x, records), records[info.name].sample, target=True)
+            groups = q_values.group_argument(critic, q_function.pass_repeats[info.name] if of_pass else 1)
+            learned = critic.q(q_values.context(info, x, records), records[info.name].sample, target=True, **groups)
             heads.update({c: learned[:, i] for i, c in enumerate(critic.heads)})
         q_at_sample[info.name] = heads
     if kind in EXPECTATION_KINDS:
@@ -180,7 +184,7 @@ def evaluate(
             record = records[name]
             if info.support_size is None or info.support_size > MAX_SUPPORT:
                 draw = record.redraw(tf.random.experimental.stateless_fold_in(seed, index))
-                heads = q_function.heads(info, x, y, records, draw[:, None], target=True)
+                heads = q_function.heads(info, x, y, records, draw[:, None], target=True, of_pass=of_pass)
                 value[name] = {c: v[:, 0] for c, v in heads.items()}
                 continue
             support = tf.constant(record.layer.support(info.event_shape))
@@ -194,7 +198,7 @@ def evaluate(
                 None if record.mask is None else repeat(record.mask),
             )
             probs = tf.reshape(tf.exp(log_p), [batch, num])
-            heads = q_function.heads(info, x, y, records, values, target=True)
+            heads = q_function.heads(info, x, y, records, values, target=True, of_pass=of_pass)
             value[name] = {c: tf.reduce_sum(probs * v, axis=1) for c, v in heads.items()}
     targets = critic_targets(kind, scg, costs, q_at_sample, value, lam, traces)
     return targets, q_at_sample

@@ -342,6 +342,51 @@ def test_distinct_all_outcomes_critic_evaluates_once_per_group_or_every_row_unde
     assert not any("UniqueV2" in graphs_of[jit, 4] for jit in (False, True))
 
 
+def test_a_training_pass_reads_a_distinct_critic_once_per_group(monkeypatch):
+    """Under `num_samples=4` hop 1's context rows (the inputs alone) come in
+    groups of 4 equal rows: the estimator's reads of the critic's target copy,
+    the targets and the critic's loss evaluate the critic's network on one
+    row per group (`of_pass`), also under XLA (where reading rows as they
+    are evaluates every row), and give what reading every row gives."""
+    model, queries = graphs.walk_task()
+    model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=True)}, num_samples=4)
+    model.build_training_state(queries)
+    critic = model.training_state.critics["hop1"]
+    rows_seen = []
+    for network in (critic.online.network, critic.target_network.network):
+        call = network.call
+        monkeypatch.setattr(
+            network, "call", lambda inputs, *args, _call=call, **kwargs: (
+                rows_seen.append(inputs.shape[0]), _call(inputs, *args, **kwargs)
+            )[1],
+        )
+
+    def read_critics():
+        forward = model.run_forward(queries)  # the estimators read the target copy
+        model.critic_set().evaluate(forward, with_gradient=True)  # the targets and the loss
+        return forward
+
+    traced = tf.function(lambda: read_critics().total, jit_compile=True)
+    traced.get_concrete_function()  # traced only: static row counts
+    assert rows_seen and set(rows_seen) == {len(queries)}, rows_seen
+    forward = read_critics()
+    info, records = model.known_scg.node("hop1"), forward.records
+    values = tf.tile(tf.eye(10)[None], [4 * len(queries), 1, 1])
+    heads = {
+        of_pass: model.q_function.heads(info, forward.x, forward.y, records, values, of_pass=of_pass)["miss"]
+        for of_pass in (True, False)
+    }
+    np.testing.assert_allclose(heads[True], heads[False], rtol=1e-5, atol=1e-6)
+    at_sample = {
+        of_pass: targets_lib.evaluate(
+            "expected", 0.0, model.known_scg, forward.costs, records, model.training_state.critics,
+            model.q_function, forward.x, forward.y, of_pass=of_pass,
+        )[1]["hop1"]["miss"]
+        for of_pass in (True, False)
+    }
+    np.testing.assert_allclose(at_sample[True], at_sample[False], rtol=1e-5, atol=1e-6)
+
+
 def all_outcomes_critic_scores(network, context):
     """`network`'s scores of every row of `context`, each row evaluated."""
     return tf.reshape(network.network(context), [context.shape[0], network.num_outcomes, -1])
@@ -359,7 +404,7 @@ def test_distinct_all_outcomes_critic_trains_alike(jit_compile):
         model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=distinct)},
                       num_samples=4, jit_compile=jit_compile)
         model.fit(np.repeat(queries, 4, axis=0), batch_size=8, epochs=2, verbose=0, shuffle=False)
-        assert model.critic_set().pass_repeats == {"hop1": 4}
+        assert model.q_function.pass_repeats == {"hop1": 4, "hop2": 1}
         weights[distinct] = [w.numpy() for w in model.weights]
     for a, b in zip(weights[False], weights[True]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
