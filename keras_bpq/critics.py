@@ -207,6 +207,8 @@ class NodeCritic(keras.layers.Layer, Critic):
       feature_dim: size of the flattened context plus the node's sample.
     """
 
+    reads_groups = True
+
     def __init__(
         self,
         heads: Sequence[str],
@@ -235,8 +237,6 @@ class NodeCritic(keras.layers.Layer, Critic):
                 f"{list(self.heads)}); its model outputs shape {tuple(out)}."
             )
         self.built = True
-
-    reads_groups = True
 
     def q(
         self, context: Mapping[str, Any], values: tf.Tensor, target: bool = True, repeats: int = 1
