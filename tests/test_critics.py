@@ -354,12 +354,7 @@ def test_a_training_pass_reads_a_distinct_critic_once_per_group(monkeypatch):
     critic = model.training_state.critics["hop1"]
     rows_seen = []
     for network in (critic.online.network, critic.target_network.network):
-        call = network.call
-        monkeypatch.setattr(
-            network, "call", lambda inputs, *args, _call=call, **kwargs: (
-                rows_seen.append(inputs.shape[0]), _call(inputs, *args, **kwargs)
-            )[1],
-        )
+        monkeypatch.setattr(network, "call", counting_rows(network.call, rows_seen))
 
     def read_critics():
         forward = model.run_forward(queries)  # the estimators read the target copy
@@ -385,6 +380,16 @@ def test_a_training_pass_reads_a_distinct_critic_once_per_group(monkeypatch):
         for of_pass in (True, False)
     }
     np.testing.assert_allclose(at_sample[True], at_sample[False], rtol=1e-5, atol=1e-6)
+
+
+def counting_rows(call, rows_seen):
+    """`call`, appending the row count of its inputs to `rows_seen` first."""
+
+    def counted(inputs, *args, **kwargs):
+        rows_seen.append(inputs.shape[0])
+        return call(inputs, *args, **kwargs)
+
+    return counted
 
 
 def all_outcomes_critic_scores(network, context):
