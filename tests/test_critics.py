@@ -346,8 +346,9 @@ def test_a_training_pass_reads_a_distinct_critic_once_per_group(monkeypatch):
     """Under `num_samples=4` hop 1's context rows (the inputs alone) come in
     groups of 4 equal rows: the estimator's reads of the critic's target copy,
     the targets and the critic's loss evaluate the critic's network on one
-    row per group (`of_pass`), also under XLA (where reading rows as they
-    are evaluates every row), and give what reading every row gives."""
+    row per group (`of_pass`), under XLA (where reading rows as they are
+    evaluates every row) and without it (no `tf.unique`), and give what
+    reading every row gives."""
     model, queries = graphs.walk_task()
     model.compile(estimator="critic_cv", critics={"hop1": all_outcomes_critic(distinct=True)}, num_samples=4)
     model.build_training_state(queries)
@@ -364,6 +365,8 @@ def test_a_training_pass_reads_a_distinct_critic_once_per_group(monkeypatch):
     traced = tf.function(lambda: read_critics().total, jit_compile=True)
     traced.get_concrete_function()  # traced only: static row counts
     assert rows_seen and set(rows_seen) == {len(queries)}, rows_seen
+    graph = tf.function(lambda: read_critics().total).get_concrete_function().graph
+    assert "UniqueV2" not in {op.type for op in graph.get_operations()}
     forward = read_critics()
     info, records = model.known_scg.node("hop1"), forward.records
     values = tf.tile(tf.eye(10)[None], [4 * len(queries), 1, 1])
