@@ -489,8 +489,8 @@ class CriticSet:
         per_node = {}
         for name, critic in self.learned.items():
             info = self.scg.node(name)
-            repeats = self.q_function.pass_repeats[name] if of_pass else 1
-            pred = critic.q(q_values.context(info, x, records), records[name].sample, target=False, repeats=repeats)
+            groups = self.q_function.group_argument(name, critic, of_pass)
+            pred = critic.q(q_values.context(info, x, records), records[name].sample, target=False, **groups)
             wanted = tf.stack([targets[(name, c)] for c in critic.heads], axis=1)
             loss = costs_lib.weighted_mean(tf.reduce_sum(tf.square(pred - wanted), axis=1), weights)
             per_node[name] = (

@@ -56,13 +56,6 @@ def pass_repeats(scg: graph.SCG, num_samples: int) -> Dict[str, int]:
     return {info.name: num_samples if set(info.context) <= {"inputs"} else 1 for info in scg.nodes}
 
 
-def group_argument(critic: critics_lib.Critic, repeats: int) -> Dict[str, int]:
-    """`{"repeats": repeats}` for a critic that reads the groups of equal
-    context rows (`critics.Critic.reads_groups`) where there are groups, else
-    `{}`: the keyword arguments of its `q` and `q_outcomes`."""
-    return {"repeats": repeats} if repeats > 1 and getattr(critic, "reads_groups", False) else {}
-
-
 def exact_costs(scg: graph.SCG, info: graph.NodeInfo) -> Tuple[str, ...]:
     """The costs of node `info` whose heads are exact: those it is the last
     stochastic ancestor of (deterministic functions of its value and context)."""
@@ -132,6 +125,14 @@ class QFunction:
         self.pass_repeats = pass_repeats(scg, num_samples)
         self._evaluators = {}
 
+    def group_argument(self, name: str, critic: critics_lib.Critic, of_pass: bool) -> Dict[str, int]:
+        """The keyword arguments of `critic.q` and `critic.q_outcomes` for node
+        `name`'s rows: `{"repeats": K}` on a training pass's rows (`of_pass`)
+        that come in groups of `K > 1` equal contexts (`pass_repeats`), for a
+        critic that reads groups (`critics.Critic.reads_groups`); else `{}`."""
+        repeats = self.pass_repeats[name] if of_pass else 1
+        return {"repeats": repeats} if repeats > 1 and getattr(critic, "reads_groups", False) else {}
+
     def common_noise_costs(self, info: graph.NodeInfo) -> Tuple[str, ...]:
         """The costs of node `info` served by common-noise heads (`common_noise_costs`)."""
         return common_noise_costs(self.scg, info, self.common_noise)
@@ -167,8 +168,7 @@ class QFunction:
         heads = {}
         critic = self.critics.get(info.name)
         if critic is not None:
-            groups = group_argument(critic, self.pass_repeats[info.name] if of_pass else 1)
-            learned = critic.q_outcomes(held, values, target=target, **groups)
+            learned = critic.q_outcomes(held, values, target=target, **self.group_argument(info.name, critic, of_pass))
             heads.update({c: learned[:, :, i] for i, c in enumerate(critic.heads)})
         for costs, redrawn in (
             (exact_costs(self.scg, info), ()),

@@ -173,7 +173,7 @@ def evaluate(
         heads = {c: costs[c] for c in realised}
         critic = critics.get(info.name)
         if critic is not None:
-            groups = q_values.group_argument(critic, q_function.pass_repeats[info.name] if of_pass else 1)
+            groups = q_function.group_argument(info.name, critic, of_pass)
             learned = critic.q(q_values.context(info, x, records), records[info.name].sample, target=True, **groups)
             heads.update({c: learned[:, i] for i, c in enumerate(critic.heads)})
         q_at_sample[info.name] = heads
