@@ -5,12 +5,36 @@ run's seeds, and a section extended by a later run's seeds (`equal_time.py
 No TensorFlow: the tests import it beside the page renderer.
 """
 
+import re
+import typing
+
 import common
 
 CRITIC_FREE = ("rloo", "disarm", "reinforce")
 # What two runs of a section must share: equal_time.json's, kg_equal_time.json's.
 SAME = ("budgets", "chunk_steps", "jit")
 KG_SAME = ("budgets", "chunk_steps", "settings")
+
+
+class KGArm(typing.NamedTuple):
+    """An arm of kg_equal_time.py, `<estimator>[+replay_<correction>][+critic_<dim>x<hidden>]`:
+    the estimator's flag value, the replay correction ("" for no replay) and
+    the critics' `(dim, hidden)` (None: the `--critic_dim` / `--critic_hidden`
+    flags')."""
+
+    estimator: str
+    replay: str
+    critic_size: typing.Optional[typing.Tuple[int, int]]
+
+
+_KG_ARM = re.compile(r"(?P<estimator>.+?)(\+replay_(?P<replay>[a-z_]+?))?(\+critic_(?P<dim>\d+)x(?P<hidden>\d+))?")
+
+
+def kg_arm(name):
+    """The `KGArm` an arm's name spells."""
+    match = _KG_ARM.fullmatch(name)
+    size = (int(match["dim"]), int(match["hidden"])) if match["dim"] else None
+    return KGArm(match["estimator"], match["replay"] or "", size)
 
 
 def summary(runs, budgets):
@@ -30,11 +54,12 @@ def summary(runs, budgets):
 def kg_summary(runs, budgets):
     """kg_equal_time.json: per budget, each arm's median test Hits@1, the best
     critic-free arm (one whose estimator is not the default, with or without
-    replay) and the winner (ties go to the default)."""
+    replay, whatever its critics' size: `kg_arm`) and the winner (ties go to
+    the default)."""
     rows = []
     for budget in budgets:
         values = {name: common.median([r[name]["at_budget"][budget]["hits@1"] for r in runs]) for name in runs[0]}
-        free = {n: v for n, v in values.items() if n.partition("+replay_")[0] != "auto"}
+        free = {n: v for n, v in values.items() if kg_arm(n).estimator != "auto"}
         best_free = max(free, key=free.get) if free else None
         winner = max(values, key=lambda n: (values[n], n == "auto"))
         rows.append({"budget": budget, "hits@1": values, "best_critic_free": best_free, "winner": winner})

@@ -84,7 +84,8 @@ def run_all(path):
     """Trains every scheduled run (skipping those already in the json)."""
     settings = {k: FLAGS[k].value for k in ("steps", "batch_size", "rollouts", "eval_every", "beam", "beam_pool",
                                             "beam_unique", "learning_rate", "steps_per_execution", "entropy_beta",
-                                            "action_dropout", "dim", "hidden", "entity_embeddings")}
+                                            "action_dropout", "dim", "hidden", "entity_embeddings",
+                                            "critic_dim", "critic_hidden")}
     command, machine = common.command_line(), common.machine_info()
     if path.exists():  # a cut-off or earlier run: resumed, every run's command kept
         results = common.resumed(json.loads(path.read_text()), settings, command, machine)
@@ -102,7 +103,7 @@ def run_all(path):
             learning_rate=FLAGS.learning_rate, dim=FLAGS.dim, hidden=FLAGS.hidden, eval_every=FLAGS.eval_every,
             steps_per_execution=FLAGS.steps_per_execution, entropy_beta=FLAGS.entropy_beta, verbose=2,
             pool=FLAGS.beam_pool, unique=FLAGS.beam_unique, action_dropout=FLAGS.action_dropout,
-            entity_embeddings=FLAGS.entity_embeddings,
+            entity_embeddings=FLAGS.entity_embeddings, critic_dim=FLAGS.critic_dim, critic_hidden=FLAGS.critic_hidden,
         )
         result["test_rankings"] = {
             ranking_name(pool, unique): kg_reasoning.evaluate(agent, "test", FLAGS.beam, pool=pool, unique=unique)

@@ -17,7 +17,10 @@ is present) applies to every arm.
 An arm `<estimator>+replay_<correction>` trains that estimator with
 `compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates,
 correction))` (issue 19: the default with replay on and off at equal
-wall-clock; replay trains the first hop's learned critic).
+wall-clock; replay trains the first hop's learned critic). An arm
+`<estimator>+critic_<dim>x<hidden>` (after any `+replay_` part) gives its
+critics that size (`kg_reasoning.critics_for`) in place of `--critic_dim` /
+`--critic_hidden`'s.
 
     python benchmarks/kg_equal_time.py --datasets=umls,kinship --budgets=60,180 \
         --seeds=0 --batch_size=128
@@ -48,7 +51,8 @@ kg_reasoning = common.example("kg_reasoning")
 
 # Shared with the example (defined there): --batch_size, --rollouts, --beam,
 # --beam_pool, --beam_unique, --learning_rate, --steps_per_execution,
-# --entropy_beta, --hops, --dim, --hidden, --action_dropout, --entity_embeddings.
+# --entropy_beta, --hops, --dim, --hidden, --critic_dim, --critic_hidden,
+# --action_dropout, --entity_embeddings.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["umls", "kinship"], "Datasets.")
 flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning --estimator values).")
@@ -64,7 +68,8 @@ flags.DEFINE_bool("extend", False, "Add this run's seeds to the section already 
 flags.DEFINE_string("out_dir", common.RESULTS, "Where kg_equal_time.json and .md go.")
 
 SETTINGS = ("batch_size", "rollouts", "beam", "beam_pool", "beam_unique", "learning_rate",
-            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden", "action_dropout", "entity_embeddings",
+            "steps_per_execution", "entropy_beta", "hops", "dim", "hidden", "critic_dim", "critic_hidden",
+            "action_dropout", "entity_embeddings",
             "replay_capacity", "replay_updates", "jit_compile")
 
 
@@ -73,10 +78,11 @@ class Arm:
 
     def __init__(self, kg, name, seed):
         keras.utils.set_random_seed(seed)
-        estimator, _, correction = name.partition("+replay_")
-        replay = {"replay": keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, correction)} if correction else {}
-        self.estimator = estimator
-        self.agent = kg_reasoning.agent_from_flags(kg, estimator, seed, **replay)
+        arm = equal_time_sections.kg_arm(name)
+        options = {"replay": keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, arm.replay)} if arm.replay else {}
+        if arm.critic_size:
+            options.update(critic_dim=arm.critic_size[0], critic_hidden=arm.critic_size[1])
+        self.agent = kg_reasoning.agent_from_flags(kg, arm.estimator, seed, **options)
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, seed))
         self.callbacks = [kg_reasoning.EntropyDecay(self.agent.entropy)] if self.agent.entropy is not None else []
         self.clock, self.step, self.turns = 0.0, 0, []

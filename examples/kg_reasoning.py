@@ -75,6 +75,8 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("dim", 32, "Embedding size.")
 flags.DEFINE_integer("hidden", 64, "Policy (GRU and MLP) width.")
+flags.DEFINE_integer("critic_dim", 16, "Embedding size of the critics (`critics_for`).")
+flags.DEFINE_integer("critic_hidden", 32, "Width of the critics (`critics_for`).")
 flags.DEFINE_float(
     "entropy_beta", 0.05, "Entropy bonus on every hop's policy (a regularisation loss, the same for every "
     "estimator; decayed x0.9 every 200 steps, as MINERVA's). 0 turns it off.")
@@ -501,11 +503,13 @@ class KGCritic(keras.layers.Layer):
         return config
 
 
-def critics_for(agent, dim=32, hidden=64):
+def critics_for(agent, dim=16, hidden=32):
     """`{hop_t: critic network}` KG-aware critics for every hop but the last
     (whose Q-values are exact: the cost re-evaluated). Each scores all of a
     hop's actions in one pass (`keras_bpq.critics.AllOutcomes`), once per
-    distinct context (the rollouts of a query share hop 1's)."""
+    distinct context (the rollouts of a query share hop 1's); `dim` and
+    `hidden` are its `KGCritic`'s embedding size and width (the sizes
+    benchmarks/kg_equal_time.py compares)."""
     kg = agent.kg
     return {
         f"hop_{t}": keras_bpq.critics.AllOutcomes(
@@ -543,11 +547,14 @@ def critic_hops(agent, estimator):
     }
 
 
-def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, steps_per_execution=1, **kwargs):
-    """Compiles with Adam (clipnorm 5, as MINERVA), `num_samples=rollouts` and a
-    Hits@1 metric (the fraction of rollouts ending at the tail)."""
+def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, steps_per_execution=1, critic_dim=16,
+                  critic_hidden=32, **kwargs):
+    """Compiles with Adam (clipnorm 5, as MINERVA), `num_samples=rollouts`, a
+    Hits@1 metric (the fraction of rollouts ending at the tail) and, for the
+    hops whose estimator reads a critic, `critics_for(agent, critic_dim,
+    critic_hidden)`."""
     hops = critic_hops(agent, estimator)
-    critics = {name: critic for name, critic in critics_for(agent).items() if name in hops}
+    critics = {name: critic for name, critic in critics_for(agent, critic_dim, critic_hidden).items() if name in hops}
     extra = {"critics": critics} if critics else {}
     extra.update(kwargs)
     agent.model.compile(
@@ -570,12 +577,14 @@ def agent_from_flags(kg, estimator, seed, **compile_kwargs):
     """An agent on `kg` as the command line's flags say (`--hops`, `--dim`,
     `--hidden`, `--entropy_beta`, `--action_dropout`, `--entity_embeddings`),
     built from `seed` and compiled with `estimator` and the flags'
-    `--rollouts`, `--learning_rate`, `--steps_per_execution` and
-    `--jit_compile` (`compile_agent`, which takes `compile_kwargs` too)."""
+    `--rollouts`, `--learning_rate`, `--steps_per_execution`,
+    `--critic_dim`, `--critic_hidden` and `--jit_compile` (`compile_agent`,
+    which takes `compile_kwargs` too; they override the flags)."""
     agent = build_agent(kg, FLAGS.hops, FLAGS.dim, FLAGS.hidden, seed, FLAGS.entropy_beta, FLAGS.action_dropout,
                         FLAGS.entity_embeddings)
-    compile_agent(agent, estimator, FLAGS.rollouts, FLAGS.learning_rate, FLAGS.steps_per_execution,
-                  **{**jit_compile_option(FLAGS.jit_compile), **compile_kwargs})
+    options = {"critic_dim": FLAGS.critic_dim, "critic_hidden": FLAGS.critic_hidden,
+               **jit_compile_option(FLAGS.jit_compile), **compile_kwargs}
+    compile_agent(agent, estimator, FLAGS.rollouts, FLAGS.learning_rate, FLAGS.steps_per_execution, **options)
     return agent
 
 
@@ -775,11 +784,13 @@ class DevEvaluation(keras.callbacks.Callback):
 
 
 def train(agent, steps, batch_size, estimator, rollouts=20, learning_rate=1e-3, seed=0,
-          eval_every=100, beam=100, steps_per_execution=10, verbose=1, pool="max", unique=True, jit_compile="auto"):
+          eval_every=100, beam=100, steps_per_execution=10, verbose=1, pool="max", unique=True, jit_compile="auto",
+          critic_dim=16, critic_hidden=32):
     """Compiles and fits the agent, evaluating on dev every `eval_every` steps;
     returns the `DevEvaluation` callback (its `curve`). `jit_compile`: a
-    `--jit_compile` value."""
-    compile_agent(agent, estimator, rollouts, learning_rate, steps_per_execution, **jit_compile_option(jit_compile))
+    `--jit_compile` value; `critic_dim`, `critic_hidden`: `critics_for`'s."""
+    compile_agent(agent, estimator, rollouts, learning_rate, steps_per_execution, critic_dim, critic_hidden,
+                  **jit_compile_option(jit_compile))
     dev = DevEvaluation(agent, beam, eval_every, verbose=bool(verbose), pool=pool, unique=unique)
     callbacks = [dev]
     if agent.entropy is not None:
@@ -847,18 +858,18 @@ def export_agent(agent, path, beam=100, pool="max", unique=True):
 def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
         learning_rate=1e-3, dim=32, hidden=64, entropy_beta=0.05, eval_every=100,
         steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0, entity_embeddings=True,
-        jit_compile="auto"):
+        jit_compile="auto", critic_dim=16, critic_hidden=32):
     """Trains one agent and evaluates it on test; returns `(agent, result)`."""
     kg = load_graph(dataset)
     agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta, action_dropout, entity_embeddings)
     start = time.perf_counter()
     dev = train(agent, steps, batch_size, estimator, rollouts, learning_rate, seed, eval_every, beam,
-                steps_per_execution, verbose, pool, unique, jit_compile)
+                steps_per_execution, verbose, pool, unique, jit_compile, critic_dim, critic_hidden)
     result = {
         "dataset": dataset, "estimator": estimator, "seed": seed, "steps": steps, "batch_size": batch_size,
         "rollouts": rollouts, "hops": hops, "beam": beam, "beam_pool": pool, "beam_unique": bool(unique),
         "entropy_beta": entropy_beta, "action_dropout": action_dropout, "entity_embeddings": bool(entity_embeddings),
-        "jit_compile": jit_compile,
+        "jit_compile": jit_compile, "critic_dim": critic_dim, "critic_hidden": critic_hidden,
         "wall_seconds": time.perf_counter() - start, "train_seconds": dev.train_seconds,
         "steps_per_second": steps / max(dev.train_seconds, 1e-9),
         "curve": dev.curve, "test": evaluate(agent, "test", beam, pool=pool, unique=unique),
@@ -873,7 +884,7 @@ def main(argv):
         FLAGS.beam, FLAGS.seed, FLAGS.learning_rate, FLAGS.dim, FLAGS.hidden, FLAGS.entropy_beta,
         FLAGS.eval_every, FLAGS.steps_per_execution, pool=FLAGS.beam_pool, unique=FLAGS.beam_unique,
         action_dropout=FLAGS.action_dropout, entity_embeddings=FLAGS.entity_embeddings,
-        jit_compile=FLAGS.jit_compile,
+        jit_compile=FLAGS.jit_compile, critic_dim=FLAGS.critic_dim, critic_hidden=FLAGS.critic_hidden,
     )
     test = result["test"]
     print(

@@ -111,3 +111,22 @@ def test_kg_extend_and_the_headline_reads_the_long_section(scripts):
     assert [r[1] for r in rows] == ["60 s", "180 s", "600 s"]
     assert rows[2][2:5] == ["Hits@1 **0.650**", "0.600 (MINERVA's estimator)", "default"]
     assert rows[2][-1] == "abc1234, def5678, load 2.0 at the start, 3.0 at the end"
+
+
+def test_kg_arm_names_and_a_default_with_other_critics(scripts):
+    sections, render = scripts
+    assert sections.kg_arm("auto") == ("auto", "", None)
+    assert sections.kg_arm("auto+replay_retrace+critic_32x64") == ("auto", "retrace", (32, 64))
+    assert sections.kg_arm("rloo+critic_16x32") == ("rloo", "", (16, 32))
+    assert sections.kg_arm("hop_1=critic_cv+hop_2=minerva") == ("hop_1=critic_cv+hop_2=minerva", "", None)
+
+    # An arm of the default with other critics is not critic-free; the headline weighs the
+    # default against the critic-free arms only, even where that other arm scored best.
+    entry = kg_section([0], [0.60], [0.55], "abc1234", budgets=("60",))
+    entry["runs"][0]["auto+critic_32x64"] = {**entry["runs"][0]["auto"], "at_budget": {
+        "60": {**entry["runs"][0]["auto"]["at_budget"]["60"], "hits@1": 0.70}}}
+    entry["summary"] = sections.kg_summary(entry["runs"], entry["budgets"])
+    assert entry["summary"][0]["best_critic_free"] == "minerva"
+    assert entry["summary"][0]["winner"] == "auto+critic_32x64"
+    row = render.headline_kg_time_rows(entry, "KG UMLS")[0]
+    assert row[2:5] == ["Hits@1 **0.600**", "0.550 (MINERVA's estimator)", "default"]

@@ -35,8 +35,9 @@ def synthetic_graph(seed=0):
 
 
 def test_agent_from_flags_takes_sizes_and_compile_settings_from_the_flags():
-    """The benchmarks' agents (`agent_from_flags`): hops, sizes, rollouts,
-    learning rate, steps per execution and XLA from the command line's flags;
+    """The benchmarks' agents (`agent_from_flags`): hops, sizes, the critics'
+    sizes, rollouts, learning rate, steps per execution and XLA from the
+    command line's flags;
     other compile arguments passed on ("auto": none, Keras' choice)."""
     assert kg_reasoning.jit_compile_option("auto") == {}
     kg = synthetic_graph()
@@ -53,6 +54,15 @@ def test_agent_from_flags_takes_sizes_and_compile_settings_from_the_flags():
     assert (config["estimator"], config["num_samples"], config["steps_per_execution"]) == ("rloo", 3, 2)
     assert config["jit_compile"] is False
     assert config["optimizer"]["config"]["learning_rate"] == pytest.approx(0.01)
+
+    def critic_size(agent):
+        network = agent.model.get_compile_config()["critics"]["hop_1"]["config"]["network"]["config"]
+        return network["dim"], network["hidden"]
+
+    assert critic_size(kg_reasoning.agent_from_flags(kg, "auto", 0)) == (16, 32)  # critics_for's defaults
+    with flagsaver.flagsaver(critic_dim=5, critic_hidden=7):
+        assert critic_size(kg_reasoning.agent_from_flags(kg, "auto", 0)) == (5, 7)
+        assert critic_size(kg_reasoning.agent_from_flags(kg, "auto", 0, critic_dim=3, critic_hidden=6)) == (3, 6)
 
 
 @pytest.fixture(scope="module")
