@@ -79,7 +79,9 @@ class Arm:
     def __init__(self, kg, name, seed):
         keras.utils.set_random_seed(seed)
         arm = equal_time_sections.kg_arm(name)
-        options = {"replay": keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, arm.replay)} if arm.replay else {}
+        options = {}
+        if arm.replay:
+            options["replay"] = keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, arm.replay)
         if arm.critic_size:
             options.update(critic_dim=arm.critic_size[0], critic_hidden=arm.critic_size[1])
         self.agent = kg_reasoning.agent_from_flags(kg, arm.estimator, seed, **options)

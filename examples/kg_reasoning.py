@@ -52,6 +52,9 @@ from keras_bpq import graph as graph_lib
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 NEG_INF = float("-inf")
+# The critics' embedding size and width (`critics_for`); benchmarks/kg_equal_time.py's sections `umls` / `kinship`
+# train the default with these and with 32 / 64 side by side.
+CRITIC_DIM, CRITIC_HIDDEN = 16, 32
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "umls", ["umls", "kinship"], "Dataset under examples/data/.")
@@ -75,8 +78,8 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("dim", 32, "Embedding size.")
 flags.DEFINE_integer("hidden", 64, "Policy (GRU and MLP) width.")
-flags.DEFINE_integer("critic_dim", 16, "Embedding size of the critics (`critics_for`).")
-flags.DEFINE_integer("critic_hidden", 32, "Width of the critics (`critics_for`).")
+flags.DEFINE_integer("critic_dim", CRITIC_DIM, "Embedding size of the critics (`critics_for`).")
+flags.DEFINE_integer("critic_hidden", CRITIC_HIDDEN, "Width of the critics (`critics_for`).")
 flags.DEFINE_float(
     "entropy_beta", 0.05, "Entropy bonus on every hop's policy (a regularisation loss, the same for every "
     "estimator; decayed x0.9 every 200 steps, as MINERVA's). 0 turns it off.")
@@ -503,7 +506,7 @@ class KGCritic(keras.layers.Layer):
         return config
 
 
-def critics_for(agent, dim=16, hidden=32):
+def critics_for(agent, dim=CRITIC_DIM, hidden=CRITIC_HIDDEN):
     """`{hop_t: critic network}` KG-aware critics for every hop but the last
     (whose Q-values are exact: the cost re-evaluated). Each scores all of a
     hop's actions in one pass (`keras_bpq.critics.AllOutcomes`), once per
@@ -547,8 +550,8 @@ def critic_hops(agent, estimator):
     }
 
 
-def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, steps_per_execution=1, critic_dim=16,
-                  critic_hidden=32, **kwargs):
+def compile_agent(agent, estimator="auto", rollouts=20, learning_rate=1e-3, steps_per_execution=1,
+                  critic_dim=CRITIC_DIM, critic_hidden=CRITIC_HIDDEN, **kwargs):
     """Compiles with Adam (clipnorm 5, as MINERVA), `num_samples=rollouts`, a
     Hits@1 metric (the fraction of rollouts ending at the tail) and, for the
     hops whose estimator reads a critic, `critics_for(agent, critic_dim,
@@ -785,7 +788,7 @@ class DevEvaluation(keras.callbacks.Callback):
 
 def train(agent, steps, batch_size, estimator, rollouts=20, learning_rate=1e-3, seed=0,
           eval_every=100, beam=100, steps_per_execution=10, verbose=1, pool="max", unique=True, jit_compile="auto",
-          critic_dim=16, critic_hidden=32):
+          critic_dim=CRITIC_DIM, critic_hidden=CRITIC_HIDDEN):
     """Compiles and fits the agent, evaluating on dev every `eval_every` steps;
     returns the `DevEvaluation` callback (its `curve`). `jit_compile`: a
     `--jit_compile` value; `critic_dim`, `critic_hidden`: `critics_for`'s."""
@@ -858,7 +861,7 @@ def export_agent(agent, path, beam=100, pool="max", unique=True):
 def run(dataset, estimator, steps, batch_size=256, rollouts=20, hops=2, beam=100, seed=0,
         learning_rate=1e-3, dim=32, hidden=64, entropy_beta=0.05, eval_every=100,
         steps_per_execution=10, verbose=1, pool="max", unique=True, action_dropout=0.0, entity_embeddings=True,
-        jit_compile="auto", critic_dim=16, critic_hidden=32):
+        jit_compile="auto", critic_dim=CRITIC_DIM, critic_hidden=CRITIC_HIDDEN):
     """Trains one agent and evaluates it on test; returns `(agent, result)`."""
     kg = load_graph(dataset)
     agent = build_agent(kg, hops, dim, hidden, seed, entropy_beta, action_dropout, entity_embeddings)
