@@ -739,11 +739,14 @@ def evaluate(agent, split, beam=100, chunk=128, limit=None, pool="max", unique=T
 
 
 def beam_function(agent, beam, pool="max", unique=True):
-    """A cached `tf.function` `(head, relation, tail, exclude) -> entity scores [Q, E]`."""
+    """A cached `tf.function` `(head, relation, tail, exclude) -> entity scores [Q, E]`,
+    traced for any number of queries once it has seen two (`reduce_retracing`:
+    a split's last, shorter chunk and the next split reuse that trace)."""
     key = (beam, pool, bool(unique))
     if key not in agent.beam_functions:
         agent.beam_functions[key] = tf.function(
-            lambda h, r, t, x: beam_search(agent.policy, agent.hops, beam, h, r, t, x, pool, unique)["entity_scores"]
+            lambda h, r, t, x: beam_search(agent.policy, agent.hops, beam, h, r, t, x, pool, unique)["entity_scores"],
+            reduce_retracing=True,
         )
     return agent.beam_functions[key]
 

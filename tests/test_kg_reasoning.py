@@ -133,6 +133,20 @@ def test_agent_learns_to_answer_its_queries(trained):
     assert "hits_at_1" in history and "miss" in history
 
 
+def test_evaluation_traces_beam_search_twice_whatever_the_chunks(trained):
+    """`evaluate` scores the same in one chunk as in chunks of 7, and after its
+    trace for the whole split the beam search traces once more for the chunks
+    of 7, 6 and 1 queries of both splits (a trace for any count), not once per
+    count."""
+    agent, _ = trained
+    whole = kg_reasoning.evaluate(agent, "test", beam=6, chunk=48)
+    search = kg_reasoning.beam_function(agent, 6)
+    traced = search.experimental_get_tracing_count()
+    assert kg_reasoning.evaluate(agent, "test", beam=6, chunk=7) == pytest.approx(whole)
+    kg_reasoning.evaluate(agent, "valid", beam=6, chunk=7)
+    assert search.experimental_get_tracing_count() - traced <= 1
+
+
 def allowed_numpy(kg, entity, head, relation, tail, exclude, last):
     """The masks of `KGPolicy.mask`, recomputed in numpy from the graph."""
     allowed = kg.action_mask[entity].copy()
