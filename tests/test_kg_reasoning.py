@@ -133,7 +133,7 @@ def test_agent_learns_to_answer_its_queries(trained):
     assert "hits_at_1" in history and "miss" in history
 
 
-def test_evaluation_traces_beam_search_twice_whatever_the_chunks(trained):
+def test_evaluation_traces_beam_search_once_more_whatever_the_chunks(trained):
     """`evaluate` scores the same in one chunk as in chunks of 7, and after its
     trace for the whole split the beam search traces once more for the chunks
     of 7, 6 and 1 queries of both splits (a trace for any count), not once per
