@@ -17,24 +17,37 @@ KG_SAME = ("budgets", "chunk_steps", "settings")
 
 
 class KGArm(typing.NamedTuple):
-    """An arm of kg_equal_time.py, `<estimator>[+replay_<correction>][+critic_<dim>x<hidden>]`:
-    the estimator's flag value, the replay correction ("" for no replay) and
-    the critics' `(dim, hidden)` (None: the `--critic_dim` / `--critic_hidden`
-    flags')."""
+    """An arm of kg_equal_time.py or kg_profile_step.py,
+    `<estimator>[+replay_<correction>][+critic_<dim>x<hidden>][+critic_every_<k>]`:
+    the estimator's flag value, the replay correction ("" for no replay), the
+    critics' `(dim, hidden)` (None: the `--critic_dim` / `--critic_hidden`
+    flags') and their `compile(critic_update_period=k)` (1: every step)."""
 
     estimator: str
     replay: str
     critic_size: typing.Optional[typing.Tuple[int, int]]
+    critic_every: int = 1
+
+    def agent_options(self):
+        """`kg_reasoning.agent_from_flags`' keywords for the arm's critics (its
+        replay is the caller's: it reads the caller's flags)."""
+        options = {} if self.critic_every == 1 else {"critic_update_period": self.critic_every}
+        if self.critic_size:
+            options.update(critic_dim=self.critic_size[0], critic_hidden=self.critic_size[1])
+        return options
 
 
-_KG_ARM = re.compile(r"(?P<estimator>.+?)(\+replay_(?P<replay>[a-z_]+?))?(\+critic_(?P<dim>\d+)x(?P<hidden>\d+))?")
+_KG_ARM = re.compile(
+    r"(?P<estimator>.+?)(\+replay_(?P<replay>[a-z_]+?))?(\+critic_(?P<dim>\d+)x(?P<hidden>\d+))?"
+    r"(\+critic_every_(?P<every>\d+))?"
+)
 
 
 def kg_arm(name):
     """The `KGArm` an arm's name spells."""
     match = _KG_ARM.fullmatch(name)
     size = (int(match["dim"]), int(match["hidden"])) if match["dim"] else None
-    return KGArm(match["estimator"], match["replay"] or "", size)
+    return KGArm(match["estimator"], match["replay"] or "", size, int(match["every"] or 1))
 
 
 def summary(runs, budgets):

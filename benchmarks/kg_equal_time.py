@@ -20,7 +20,8 @@ correction))` (issue 19: the default with replay on and off at equal
 wall-clock; replay trains the first hop's learned critic). An arm
 `<estimator>+critic_<dim>x<hidden>` (after any `+replay_` part) gives its
 critics that size (`kg_reasoning.critics_for`) in place of `--critic_dim` /
-`--critic_hidden`'s.
+`--critic_hidden`'s, and a last part `+critic_every_<k>` trains them every
+`k` steps (`compile(critic_update_period=k)`).
 
     python benchmarks/kg_equal_time.py --datasets=umls,kinship --budgets=60,180 \
         --seeds=0 --batch_size=128
@@ -79,11 +80,9 @@ class Arm:
     def __init__(self, kg, name, seed):
         keras.utils.set_random_seed(seed)
         arm = equal_time_sections.kg_arm(name)
-        options = {}
+        options = arm.agent_options()
         if arm.replay:
             options["replay"] = keras_bpq.Replay(FLAGS.replay_capacity, FLAGS.replay_updates, arm.replay)
-        if arm.critic_size:
-            options.update(critic_dim=arm.critic_size[0], critic_hidden=arm.critic_size[1])
         self.agent = kg_reasoning.agent_from_flags(kg, arm.estimator, seed, **options)
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, seed))
         self.callbacks = [kg_reasoning.EntropyDecay(self.agent.entropy)] if self.agent.entropy is not None else []

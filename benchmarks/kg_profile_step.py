@@ -1,7 +1,8 @@
 """Where the knowledge-graph agent's first compile and its training step go,
 per estimator (issue 16: what remains of the default's loss at 60 s).
 
-Each arm (a kg_reasoning `--estimator`: `minerva`, `rloo`, `auto`) is
+Each arm (a kg_reasoning `--estimator`: `minerva`, `rloo`, `auto`, with
+kg_equal_time.py's `+critic_<dim>x<hidden>` and `+critic_every_<k>` parts) is
 `examples/kg_reasoning.py`'s agent, compiled as kg_equal_time.py compiles it
 (kg_reasoning's `--jit_compile`: by default Keras' choice, which runs without
 XLA on a machine without a GPU; `--jit_compile=true` compiles with XLA). Per arm:
@@ -38,6 +39,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402  (first: puts this checkout's package on the path)
+import equal_time_sections  # noqa: E402
 import render  # noqa: E402
 import stage_profile  # noqa: E402
 
@@ -47,7 +49,8 @@ kg_reasoning = common.example("kg_reasoning")
 # --learning_rate, --steps_per_execution, --entropy_beta, --hops, --dim,
 # --hidden, --action_dropout, --entity_embeddings, --seed.
 FLAGS = flags.FLAGS
-flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning --estimator values).")
+flags.DEFINE_list("estimators", ["minerva", "rloo", "auto"], "Arms (kg_reasoning --estimator values, with "
+                  "kg_equal_time.py's critic parts).")
 flags.DEFINE_integer("compile_rounds", 2, "Fresh agents per arm whose first compile is timed (median).")
 flags.DEFINE_integer("fit_steps", 30, "Steps per timed fit of the steady step.")
 flags.DEFINE_integer("repeats", 3, "Timed fits of the steady step per arm (best reported).")
@@ -61,8 +64,11 @@ SETTINGS = ("batch_size", "rollouts", "learning_rate", "steps_per_execution", "e
 class Arm:
     """One estimator's agent, compiled, and a `fit` of its data."""
 
-    def __init__(self, kg, estimator):
-        self.agent = kg_reasoning.agent_from_flags(kg, estimator, FLAGS.seed)
+    def __init__(self, kg, name):
+        arm = equal_time_sections.kg_arm(name)
+        if arm.replay:
+            raise app.UsageError(f"Arm {name!r}: kg_profile_step.py profiles no replay arms.")
+        self.agent = kg_reasoning.agent_from_flags(kg, arm.estimator, FLAGS.seed, **arm.agent_options())
         self.data = common.without_autotuning(kg_reasoning.train_dataset(kg, FLAGS.batch_size, FLAGS.seed))
 
     def fit(self, steps):

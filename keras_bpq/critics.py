@@ -21,7 +21,8 @@ expectations over all `K` outcomes cost one evaluation per example instead of
 method of `Critic` (tests inject exact "oracle" critics this way).
 
 `CriticSet` trains a model's learned critics: their loss on the targets of
-`keras_bpq.targets`, its gradient, `critic_steps` updates per step, the
+`keras_bpq.targets`, its gradient, `critic_steps` updates per step (on
+every step, or every `critic_update_period`-th: `CriticSet.due`), the
 replayed updates of `compile(replay=...)` (`keras_bpq.replay`) and the target
 copies.
 """
@@ -313,6 +314,7 @@ class CriticOptions:
     tau: float = 0.01
     period: Optional[int] = None
     steps: int = 1
+    every: int = 1
     warmup: int = 0
     hidden_units: Tuple[int, ...] = (64, 64)
     models: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -322,10 +324,11 @@ class CriticOptions:
 def critic_options(
     target: str = "td", lam: float = 0.9, tau: float = 0.01, period: Optional[int] = None, steps: int = 1,
     warmup: int = 0, hidden_units: Sequence[int] = (64, 64), models: Optional[Mapping[str, Any]] = None,
-    actor_reads: str = "target",
+    actor_reads: str = "target", every: int = 1,
 ) -> CriticOptions:
     """`CriticOptions` from `compile()`'s arguments (a ValueError for values
-    out of range); `actor_reads` is `"target"` or `"online"`."""
+    out of range); `actor_reads` is `"target"` or `"online"`, `every` is
+    `critic_update_period`."""
     targets_lib.check_kind(target, lam)
     if actor_reads not in ("target", "online"):
         raise ValueError(f"actor_reads must be 'target' or 'online'; got {actor_reads!r}.")
@@ -333,12 +336,18 @@ def critic_options(
         raise ValueError(f"tau must be in (0, 1]; got {tau}.")
     if int(steps) < 1:
         raise ValueError(f"critic_steps must be at least 1; got {steps}.")
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(
+            f"critic_update_period must be an integer of at least 1 (train the critics every this many "
+            f"steps; 1: every step); got {every!r}."
+        )
     return CriticOptions(
         target=target,
         lam=float(lam),
         tau=float(tau),
         period=period,
         steps=int(steps),
+        every=int(every),
         warmup=int(warmup),
         hidden_units=tuple(hidden_units),
         models=dict(models or {}),
@@ -501,20 +510,61 @@ class CriticSet:
             )
         return total, per_node
 
-    def evaluate(self, forward: forward_lib.ForwardPass, with_gradient: bool) -> Optional[CriticEvaluation]:
+    def due(self) -> Optional[tf.Tensor]:
+        """Whether this step trains the critics (a boolean tensor): every step
+        of the warm-up (`critic_warmup_steps`), then every `every`-th step of
+        the step counter (`compile(critic_update_period=every)`); None when
+        every step does (`every == 1`). Read before the step's updates."""
+        every = self.options.every
+        if every == 1:
+            return None
+        return tf.logical_or(self.steps < self.options.warmup, tf.equal(self.steps % every, 0))
+
+    def evaluate(
+        self, forward: forward_lib.ForwardPass, with_gradient: bool, due: Optional[tf.Tensor] = None
+    ) -> Optional[CriticEvaluation]:
         """This step's `CriticEvaluation` of a `forward.ForwardPass` (the
-        gradient only `with_gradient`); None without learned critics."""
+        gradient only `with_gradient`); None without learned critics. With
+        `due` (`due()`) it is computed only where `due` holds, and is
+        `stand_in` elsewhere, which nothing reads (`update` and the critics'
+        metrics skip such steps); its gradients are then dense, with zeros for
+        a variable the loss does not reach."""
         if not self.learned:
             return None
         options, x = self.options, forward.x
-        targets, q_at_sample = targets_lib.evaluate(
-            options.target, options.lam, self.scg, forward.costs, forward.records, self.critics,
-            self.q_function, x, forward.y, of_pass=True,
-        )
-        with tf.GradientTape() as tape:
-            loss, per_node = self.loss(x, forward.records, forward.weights, targets, of_pass=True)
-            scaled = loss / distribute.num_replicas()
-        grads = tape.gradient(scaled, self.variables) if with_gradient else None
+
+        def evaluation():
+            targets, q_at_sample = targets_lib.evaluate(
+                options.target, options.lam, self.scg, forward.costs, forward.records, self.critics,
+                self.q_function, x, forward.y, of_pass=True,
+            )
+            with tf.GradientTape() as tape:
+                loss, per_node = self.loss(x, forward.records, forward.weights, targets, of_pass=True)
+                scaled = loss / distribute.num_replicas()
+            grads = tape.gradient(scaled, self.variables) if with_gradient else None
+            if due is not None and grads is not None:
+                grads = [
+                    tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for v, g in zip(self.variables, grads)
+                ]
+            return CriticEvaluation(targets, q_at_sample, per_node, grads)
+
+        if due is None:
+            return evaluation()
+        return tf.cond(due, evaluation, lambda: self.stand_in(forward, with_gradient))
+
+    def stand_in(self, forward: forward_lib.ForwardPass, with_gradient: bool) -> CriticEvaluation:
+        """A `CriticEvaluation` of the structure `evaluate` returns, of zeros:
+        what a step that does not train the critics holds in its place."""
+        zeros = tf.zeros_like(forward.total)
+        q_at_sample = {}
+        for info in self.scg.nodes:
+            heads = q_values.exact_costs(self.scg, info) + self.q_function.common_noise_costs(info)
+            critic = self.critics.get(info.name)
+            heads += tuple(critic.heads) if critic is not None else ()
+            q_at_sample[info.name] = {c: zeros for c in heads}
+        targets = {(n, c): zeros for n, critic in self.learned.items() for c in critic.heads}
+        per_node = {n: (tf.zeros([]), tf.zeros([])) for n in self.learned}
+        grads = [tf.zeros_like(v) for v in self.variables] if with_gradient else None
         return CriticEvaluation(targets, q_at_sample, per_node, grads)
 
     def inputs(

@@ -210,7 +210,7 @@ def compile_options(
         )
     options = critics_lib.critic_options(*(values[k] for k in (
         "critic_target", "critic_lambda", "tau", "target_update_period", "critic_steps",
-        "critic_warmup_steps", "critic_hidden_units", "critics", "actor_reads",
+        "critic_warmup_steps", "critic_hidden_units", "critics", "actor_reads", "critic_update_period",
     )))
     return options, replay_lib.checked_option(values["replay"], training_state, model_name)
 

@@ -136,7 +136,9 @@ class StepUpdates(NamedTuple):
     values; `target_copies()` runs once. `actor_ready()` (a boolean tensor) says
     whether the critics' warm-up is over; `warmup` is its length in steps.
     `replay` (`ReplayUpdates`, None without replay) gives the critics their
-    replayed updates and stores the step's rows.
+    replayed updates and stores the step's rows. `critics_due()` (a boolean
+    tensor; None for every step) says whether `critics` runs this step
+    (`critics.CriticSet.due`).
     """
 
     critics: Callable[..., None]
@@ -146,6 +148,7 @@ class StepUpdates(NamedTuple):
     actor_ready: Callable[[], tf.Tensor]
     warmup: int
     replay: Optional["ReplayUpdates"] = None
+    critics_due: Optional[Callable[[], tf.Tensor]] = None
 
 
 class ReplayUpdates(NamedTuple):
@@ -216,8 +219,12 @@ def apply_updates(
         or _keras_compat.strategy_supports_no_merge_call()
     ):
 
-        def apply():
+        def critics():
             updates.critics(values.critic_grads)
+            return noop()
+
+        def apply():
+            tf.cond(updates.critics_due(), critics, noop) if updates.critics_due else critics()
             if updates.replay is not None:
 
                 def replay():
@@ -259,8 +266,11 @@ def apply_updates(
         if overflow is not None:
             overflow = strategy.experimental_local_results(each(tf.identity, args=(overflow,)))[0]
 
-        def apply():
+        def critics():
             each(updates.critics, args=(values.critic_grads, values.critic_inputs))
+
+        def apply():
+            tf.cond(updates.critics_due(), critics, lambda: None) if updates.critics_due else critics()
             if updates.replay is not None:
                 tf.cond(
                     updates.replay.ready(),

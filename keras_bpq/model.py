@@ -113,6 +113,7 @@ class BackpropQModel(
         tau: float = 0.01,
         target_update_period: Optional[int] = None,
         critic_steps: int = 1,
+        critic_update_period: int = 1,
         critic_warmup_steps: int = 0,
         critic_hidden_units: Sequence[int] = (64, 64),
         critics: Optional[Mapping[str, Any]] = None,
@@ -138,6 +139,12 @@ class BackpropQModel(
           target_update_period: if set, copy the critics into their target
             copies every this many steps instead of Polyak averaging.
           critic_steps: critic updates per actor update (on the same batch).
+          critic_update_period: train the critics on every this many steps'
+            passes (1: every step; every step of `critic_warmup_steps` too).
+            The steps between skip the critics' targets, loss, gradient and
+            update, and their metrics average the steps that trained them. A
+            critic serving as a control variate (`critic_cv`) keeps its
+            estimator unbiased whatever its state.
           critic_warmup_steps: steps at the start that train only the critics.
           critic_hidden_units: hidden sizes of the default MLP critics.
           critics: `{node_name: keras.Model}` to replace a node's default critic
@@ -347,14 +354,15 @@ class BackpropQModel(
             loss = step_lib.actor_loss(forward, self.optimizer)
         grads = tape.gradient(loss, actor_variables)
         with tf.name_scope(step_lib.CRITICS_SCOPE):
-            evaluation = critics.evaluate(forward, with_gradient=True)
+            due = critics.due()
+            evaluation = critics.evaluate(forward, with_gradient=True, due=due)
         with tf.name_scope(step_lib.UPDATE_SCOPE):
             step_lib.apply(
                 scg, self._setup, self.training_state, self.optimizer, actor_variables, critics, forward, grads,
                 evaluation, snapshot,
             )
         with tf.name_scope(step_lib.METRICS_SCOPE):
-            return self._update_metrics(forward, evaluation)
+            return self._update_metrics(forward, evaluation, due)
 
     def test_step(self, data: Any) -> Dict[str, Any]:
         """`keras.Model.test_step` on the model's costs. Under XLA, which drops
@@ -381,13 +389,13 @@ class BackpropQModel(
         return y_pred
 
     # -- metrics -----------------------------------------------------------
-    def _update_metrics(self, forward, critics=None):
+    def _update_metrics(self, forward, critics=None, critics_due=None):
         sample_weight, total = forward.weights, forward.total
         _keras_compat.loss_tracker(self).update_state(
             costs_lib.weighted_mean(total, sample_weight) + forward.regularization,
             sample_weight=tf.shape(total)[0],
         )
-        self.training_state.update_metrics(forward, critics)
+        self.training_state.update_metrics(forward, critics, critics_due)
         return self.compute_metrics(forward.x, forward.y, forward.y_pred, sample_weight)
 
     def get_metrics_result(self) -> Dict[str, Any]:

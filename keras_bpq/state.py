@@ -155,11 +155,14 @@ class TrainingState(keras.layers.Layer):
         return self.steps >= warmup
 
     def update_metrics(
-        self, forward: forward_lib.ForwardPass, critics: Optional[critics_lib.CriticEvaluation] = None
+        self, forward: forward_lib.ForwardPass, critics: Optional[critics_lib.CriticEvaluation] = None,
+        critics_due: Optional[tf.Tensor] = None,
     ) -> None:
         """Every cost's metric from a forward pass, weighted as the model's
         `loss` is (so they add up to it), and with the critics' evaluation of
-        that pass, every critic's loss, TD error and Q at the sample."""
+        that pass, every critic's loss, TD error and Q at the sample; those
+        only where `critics_due` (a boolean tensor, `critics.CriticSet.due`;
+        None for always) holds."""
         sample_weight, total = forward.weights, forward.total
         for metric in self.cost_metrics:
             metric.update_state(
@@ -167,11 +170,12 @@ class TrainingState(keras.layers.Layer):
                 sample_weight=tf.shape(total)[0],
             )
         if critics is not None:
+            weight = None if critics_due is None else tf.cast(critics_due, tf.float32)
             for name, (loss_metric, td_metric, q_metric) in self.critic_metrics.items():
                 loss, td_error = critics.per_node[name]
-                loss_metric.update_state(loss)
-                td_metric.update_state(td_error)
-                q_metric.update_state(tf.add_n(list(critics.q_at_sample[name].values())))
+                loss_metric.update_state(loss, sample_weight=weight)
+                td_metric.update_state(td_error, sample_weight=weight)
+                q_metric.update_state(tf.add_n(list(critics.q_at_sample[name].values())), sample_weight=weight)
 
     def report(self, status: tf.Tensor, row: tf.Tensor) -> None:
         """Keeps a step's status (and mask row) unless an earlier step's is

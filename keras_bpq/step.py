@@ -12,7 +12,8 @@ update their own state. The stages:
 2. the forward pass and its surrogate under a gradient tape, and
    `actor_loss`, the loss whose gradient the actor's optimizer takes;
 3. the actor's gradients (`tape.gradient`) and the critics' evaluation of
-   the pass (`critics.CriticSet.evaluate`);
+   the pass (`critics.CriticSet.evaluate`; with `critic_update_period=k`
+   only on the steps that train the critics, `critics.CriticSet.due`);
 4. `apply`: the step's status (`callbacks.step_status`: a non-finite cost
    or gradient, a Categorical mask row that allows no outcome, a loss-scale
    overflow) decides whether any update happens: every update of the step is
@@ -130,6 +131,7 @@ def apply(
         actor_ready=functools.partial(training_state.past_warmup, options.warmup),
         warmup=options.warmup,
         replay=replay_lib.step_updates(training_state.replay_buffer, setup.replay, critics),
+        critics_due=critics.due if options.every > 1 else None,
     )
     undone = distribute.apply_updates(skip, updates, values, snapshot.variables, snapshot.values, overflow)
     # A step that would have written a non-finite value was undone: code

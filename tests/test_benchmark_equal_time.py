@@ -115,10 +115,14 @@ def test_kg_extend_and_the_headline_reads_the_long_section(scripts):
 
 def test_kg_arm_names_and_a_default_with_other_critics(scripts):
     sections, render = scripts
-    assert sections.kg_arm("auto") == ("auto", "", None)
-    assert sections.kg_arm("auto+replay_retrace+critic_32x64") == ("auto", "retrace", (32, 64))
-    assert sections.kg_arm("rloo+critic_16x32") == ("rloo", "", (16, 32))
-    assert sections.kg_arm("hop_1=critic_cv+hop_2=minerva") == ("hop_1=critic_cv+hop_2=minerva", "", None)
+    assert sections.kg_arm("auto") == ("auto", "", None, 1)
+    assert sections.kg_arm("auto+replay_retrace+critic_32x64") == ("auto", "retrace", (32, 64), 1)
+    assert sections.kg_arm("rloo+critic_16x32") == ("rloo", "", (16, 32), 1)
+    assert sections.kg_arm("hop_1=critic_cv+hop_2=minerva") == ("hop_1=critic_cv+hop_2=minerva", "", None, 1)
+    assert sections.kg_arm("auto+critic_every_4") == ("auto", "", None, 4)
+    assert sections.kg_arm("auto+critic_32x64+critic_every_2").agent_options() == {
+        "critic_update_period": 2, "critic_dim": 32, "critic_hidden": 64}
+    assert sections.kg_arm("auto").agent_options() == {}
 
     # An arm of the default with other critics is not critic-free; the headline weighs the
     # default against the critic-free arms only, even where that other arm scored best.

@@ -167,6 +167,61 @@ def test_warmup_trains_only_critics_and_period_copies_targets():
     assert not np.allclose(actor[0], model.actor_variables[0].numpy())
 
 
+def changed(before, variables):
+    return any(not np.array_equal(b, v.numpy()) for b, v in zip(before, variables))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_critic_update_period_trains_the_critics_every_kth_step(jit_compile):
+    """critic_update_period=3 after 2 warm-up steps: the critics train on every
+    warm-up step, then on the steps whose counter is a multiple of 3; the actor
+    trains every step after the warm-up, the target copies follow the online
+    critics every step, and the critics' metrics average the steps that
+    trained them."""
+    keras.utils.set_random_seed(0)
+    model, x = graphs.chain()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), critic_optimizer=keras.optimizers.Adam(0.01),
+                  estimator="critic_cv", critic_update_period=3, critic_warmup_steps=2, jit_compile=jit_compile)
+    model.build_training_state()
+    targets = [w for c in model.training_state.learned_critics.values() for w in c.target_network.weights]
+    trained, acted, followed = [], [], []
+    for _ in range(8):
+        before = [[v.numpy().copy() for v in vs] for vs in (model.critic_variables, model.actor_variables, targets)]
+        model.train_on_batch(np.repeat(x, 2, axis=0))
+        trained.append(changed(before[0], model.critic_variables))
+        acted.append(changed(before[1], model.actor_variables))
+        followed.append(changed(before[2], targets))
+    assert trained == [True, True, False, True, False, False, True, False]
+    assert acted == [False, False, True, True, True, True, True, True]
+    assert all(followed)
+    assert int(model.critic_optimizer.iterations.numpy()) == 4
+    # One epoch of 6 steps (counter 8 to 13): the critics train at 9 and 12.
+    model.fit(np.repeat(x, 12, axis=0), batch_size=6, epochs=1, verbose=0)
+    for metrics in model.training_state.critic_metrics.values():
+        assert [float(m.count.numpy()) for m in metrics] == [2.0, 2.0, 2.0]
+    assert int(model.critic_optimizer.iterations.numpy()) == 6
+
+
+def test_critic_cv_trained_on_a_period_stays_unbiased_under_xla():
+    """A critic trained every third step is in whatever state that leaves it;
+    `critic_cv` reads it as a control variate and stays unbiased."""
+    keras.utils.set_random_seed(1)
+    model, x = graphs.dag()
+    model.compile(optimizer=keras.optimizers.Adam(0.02), critic_optimizer=keras.optimizers.Adam(0.01),
+                  estimator="critic_cv", critic_update_period=3, jit_compile=True)
+    model.fit(np.repeat(x, 40, axis=0), batch_size=8, epochs=1, verbose=0)
+    steps = int(model.training_state.steps.numpy())
+    assert steps >= 15 and int(model.critic_optimizer.iterations.numpy()) == (steps + 2) // 3
+    assert_unbiased(model, x, num_draws=1000)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_critic_update_period_must_be_a_positive_integer(bad):
+    model, _ = graphs.chain()
+    with pytest.raises(ValueError, match="critic_update_period must be an integer of at least 1"):
+        model.compile(estimator="critic_cv", critic_update_period=bad)
+
+
 def test_summary_shows_learned_and_exact_heads():
     model, x = graphs.two_costs()
     model.compile(estimator="critic_cv")

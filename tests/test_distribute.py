@@ -111,7 +111,7 @@ def test_replicas_draw_different_samples_and_keep_state_in_sync():
 DETERMINISTIC = """
 import keras_bpq
 
-def build():
+def build(**options):
     # Logits of +-50: every sample is certain, so two replicas and one device
     # see the same samples and must make the same updates.
     fixed = lambda units, name: keras.layers.Dense(
@@ -124,7 +124,7 @@ def build():
     cost = keras.ops.sum(keras.ops.square(out - inp[:, :2]), axis=-1)
     model = keras_bpq.BackpropQModel(inputs=inp, outputs=out, costs={"cost": cost})
     model.compile(optimizer=keras.optimizers.SGD(0.1), critic_optimizer=keras.optimizers.SGD(0.05),
-                  critic_steps=3, critic_target="mc", tau=0.5, estimator="critic_cv")
+                  critic_steps=3, critic_target="mc", tau=0.5, estimator="critic_cv", **options)
     return model
 
 # Replica 0 gets the first two rows of a batch, replica 1 the last two: their
@@ -158,6 +158,33 @@ def test_critic_steps_under_merge_call_average_each_replica_own_loss():
     )
     assert result["gap"] < 1e-5, result
     assert result["moved"] > 1e-3, result  # the online critic trained away from its copy
+
+
+def test_critic_update_period_on_two_replicas_matches_one_device():
+    """critic_update_period=2 on two replicas: the critics train on the same
+    steps (counter 0, 2, 4) and to the same weights as on one device."""
+    result = run(
+        DETERMINISTIC
+        + textwrap.dedent(
+            """
+        results, iterations = [], []
+        for scope in (strategy.scope(), tf.distribute.get_strategy().scope()):
+            keras.utils.set_random_seed(0)
+            with scope:
+                model = build(critic_update_period=2)
+            model.fit(np.tile(data, (3, 1)), batch_size=4, epochs=1, shuffle=False, verbose=0)
+            critic = model.training_state.critics["z1"]
+            results.append([v.numpy() for v in critic.online.weights + critic.target_network.weights])
+            iterations.append(int(model.critic_optimizer.iterations.numpy()))
+        print(json.dumps({
+            "gap": max(float(np.abs(a - b).max()) for a, b in zip(*results)),
+            "iterations": iterations,
+        }))
+        """
+        )
+    )
+    assert result["gap"] < 1e-5, result
+    assert result["iterations"] == [9, 9], result  # steps 0, 2, 4 of 6, critic_steps=3 each
 
 
 def test_steps_per_execution_matches_one_step_per_call_on_two_replicas():
