@@ -190,6 +190,15 @@ def test_the_kg_rows_show_equal_wall_clock_before_equal_steps(render):
         "|  | 180 s | Hits@1 0.580 | **0.600** (MINERVA's estimator; `rloo` 0.550) | MINERVA's estimator |")
     assert lines[start + 2].startswith("| KG Kinship | not run |"), "no equal-steps row without kg.json runs"
 
+    # A section `umls_long_xla` (every arm under XLA) adds its rows under their own label.
+    kg_time["umls_long_xla"] = {**kg_time["umls"], "summary": kg_time["umls"]["summary"][1:]}
+    table = render.headline_table({}, {"machine": machine, "results": []}, {"machine": [], "runs": []}, kg_time)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| KG UMLS |"))
+    assert lines[start + 2].startswith(
+        "| KG UMLS under XLA | 180 s | Hits@1 0.580 | **0.600** (MINERVA's estimator; `rloo` 0.550) |")
+    assert lines[start + 3].startswith("| KG Kinship | not run |")
+
 
 def test_every_benchmark_imports_common_before_keras_bpq():
     """Importing `common` puts the benchmark's own checkout first on
