@@ -558,7 +558,7 @@ class CriticSet:
         zeros = tf.zeros_like(forward.total)
         q_at_sample = {}
         for info in self.scg.nodes:
-            heads = q_values.exact_costs(self.scg, info) + self.q_function.common_noise_costs(info)
+            heads = targets_lib.realised_heads(self.scg, self.q_function, info)
             critic = self.critics.get(info.name)
             heads += tuple(critic.heads) if critic is not None else ()
             q_at_sample[info.name] = {c: zeros for c in heads}

@@ -138,6 +138,13 @@ def critic_targets(
     return targets
 
 
+def realised_heads(scg: graph.SCG, q_function: q_values.QFunction, info: graph.NodeInfo) -> Tuple[str, ...]:
+    """The costs of node `info` whose heads at its sample are the realised
+    cost: its exact and common-noise heads (`evaluate`'s `q_at_sample` holds
+    these and the learned ones)."""
+    return q_values.exact_costs(scg, info) + q_function.common_noise_costs(info)
+
+
 def evaluate(
     kind: str,
     lam: float,
@@ -168,9 +175,7 @@ def evaluate(
     (`q_values.QFunction.heads`)."""
     q_at_sample, value = {}, {}
     for info in scg.nodes:
-        # Exact and common-noise heads at the sample: the realised cost.
-        realised = q_values.exact_costs(scg, info) + q_function.common_noise_costs(info)
-        heads = {c: costs[c] for c in realised}
+        heads = {c: costs[c] for c in realised_heads(scg, q_function, info)}
         critic = critics.get(info.name)
         if critic is not None:
             groups = q_function.group_argument(info.name, critic, of_pass)
