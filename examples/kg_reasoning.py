@@ -814,7 +814,9 @@ class ServedAgent(tf.Module):
 
     def __init__(self, agent, beam, pool="max", unique=True):
         super().__init__()
-        self.policy_variables = [v.value for v in agent.policy.weights]
+        # Every variable the signatures read: `walk` runs the model's forward
+        # pass, so the entropy bonus's `beta` too, not the policy's alone.
+        self.model_variables = [v.value for v in agent.model.weights]
         self._agent, self._beam, self._pool, self._unique = agent, beam, pool, unique
         ids = tf.TensorSpec([None], tf.int32)
         self.beam = tf.function(self._beam_search, input_signature=[ids, ids])

@@ -427,3 +427,27 @@ def test_a_policy_without_entity_embeddings_reads_relations_only():
         for r in np.unique(rels):
             same = row[rels == r]
             np.testing.assert_allclose(same, same[0], rtol=1e-6, atol=1e-6)
+
+
+def test_agent_with_an_entropy_bonus_exports_after_training_under_xla(tmp_path):
+    # The example's defaults: an entropy bonus on every hop (its `beta` is read
+    # by `walk`'s forward pass) and, as the README's command, XLA on a CPU.
+    kg = synthetic_graph()
+    agent = kg_reasoning.build_agent(kg, hops=2, dim=8, hidden=16, seed=2, entropy_beta=0.05)
+    kg_reasoning.compile_agent(agent, "auto", rollouts=4, learning_rate=0.003, steps_per_execution=2,
+                               critic_dim=4, critic_hidden=8, jit_compile=True)
+    agent.model.fit(kg_reasoning.train_dataset(kg, 8, 0, "test"), steps_per_epoch=4, epochs=1, verbose=0,
+                    callbacks=[kg_reasoning.EntropyDecay(agent.entropy, period=2)])
+    assert float(agent.entropy.beta.numpy()) < 0.05
+    kg_reasoning.export_agent(agent, tmp_path / "agent", beam=4)
+    loaded = tf.saved_model.load(str(tmp_path / "agent"))
+    data = kg_reasoning.queries(kg, "test")
+    head, relation = data["head"][:6], data["relation"][:6]
+    seeds = np.arange(6, dtype=np.int64) * 13 + 5
+    served = loaded.signatures["walk"](head=tf.constant(head), relation=tf.constant(relation), seed=tf.constant(seeds))
+    local = kg_reasoning.sample_walk(agent, head, relation, tf.constant(seeds))
+    for key in ("relations", "entities", "answer"):
+        np.testing.assert_array_equal(served[key].numpy(), local[key].numpy())
+    beam = loaded.signatures["beam"](head=tf.constant(head), relation=tf.constant(relation))
+    expected = kg_reasoning.beam_search(agent.policy, 2, 4, head, relation)
+    np.testing.assert_array_equal(beam["answers"].numpy(), expected["answers"].numpy())
