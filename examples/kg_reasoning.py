@@ -858,7 +858,8 @@ def export_agent(agent, path, beam=100, pool="max", unique=True):
     adjacency is baked in as constants; no keras_bpq needed to serve it)."""
     module = ServedAgent(agent, beam, pool, unique)
     signatures = {"beam": module.beam.get_concrete_function(), "walk": module.walk.get_concrete_function()}
-    tf.saved_model.save(module, str(path), signatures=signatures)
+    with keras_bpq.saving.atomic_directory(path) as folder:  # never half written where a server looks
+        tf.saved_model.save(module, folder, signatures=signatures)
     return module
 
 

@@ -62,6 +62,7 @@ import tensorflow as tf
 
 from keras_bpq import _keras_compat
 from keras_bpq import graph
+from keras_bpq import saving
 
 if TYPE_CHECKING:
     from keras_bpq.model import BackpropQModel
@@ -96,7 +97,10 @@ def export(
     Args:
       model: a `BackpropQModel`.
       filepath: the SavedModel directory (for TF Serving, a numbered version
-        folder: `<model_base_path>/1`).
+        folder: `<model_base_path>/1`). It is written beside its place and
+        then renamed into it (`saving.atomic_directory`), replacing a folder
+        there whole, so a server polling `<model_base_path>` never loads it
+        half written.
       input_signature: optional structure of `tf.TensorSpec` (or arrays) for the
         model's inputs; the batch dimension is made dynamic. Defaults to the
         inputs the model was built or trained with.
@@ -157,7 +161,8 @@ def export(
     module.sample = functions["serving_default"]
     module.mode = functions["mode"]
     module.seeded = functions["seeded"]
-    tf.saved_model.save(module, str(filepath), signatures=concrete)
+    with saving.atomic_directory(filepath) as folder:
+        tf.saved_model.save(module, folder, signatures=concrete)
 
     summary = {}
     for name, fn in concrete.items():

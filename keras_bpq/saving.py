@@ -12,6 +12,8 @@
   a save behaves as `keras.Model.save`, which writes in place: symlinks are
   written through, read-only files are refused. A checkpoint holding a NaN or
   inf is refused, naming the variables.
+* SavedModel folders (`export`) are written beside their place and renamed
+  into it (`atomic_directory`).
 * Loading says what is wrong: a `.keras` file cut short or corrupt, a class
   the process does not know, a `BackupAndRestore` backup written by another
   model.
@@ -369,6 +371,46 @@ def atomic_write(filepath: PathLike) -> Iterator[str]:
     finally:
         _remove_folder(folder, base)
         os.close(lock)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike) -> Iterator[str]:
+    """Yields an empty temporary folder beside `path` (through symlinks); once
+    the block has written it completely (a SavedModel, say), it takes the
+    place of `path`, so a reader polling the parent folder (TF Serving, which
+    loads each numbered version folder it finds) never sees `path` half
+    written. An existing folder at `path` is moved aside, then removed once
+    the new one is in place: `path` holds the old folder or the new one
+    whole, never a mix (a process killed between the two renames leaves
+    both, whole, as hidden folders beside it, and no folder at `path`). On
+    error or interruption the temporary folder is removed and `path` keeps
+    what it held.
+
+    Raises:
+      FileExistsError: `path` exists and is not a folder.
+    """
+    target = os.path.realpath(os.fspath(path))
+    directory, base = os.path.split(target)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{os.fspath(path)!r} exists and is not a folder; a SavedModel is a folder.")
+    os.makedirs(directory, exist_ok=True)
+    # Hidden and not a number: TF Serving ignores it as a version. Made with
+    # the process's umask, as the folder written in place would be; named
+    # unlike `atomic_write`'s folders, which `remove_leftovers` clears.
+    temporary = os.path.join(directory, f".tmp-keras_bpq-folder-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+    os.mkdir(temporary)
+    try:
+        yield temporary
+        old = temporary + "-old" if os.path.isdir(target) else None
+        if old is not None:
+            os.rename(target, old)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    os.rename(temporary, target)
+    _fsync(directory)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 # -- loading -------------------------------------------------------------------

@@ -513,3 +513,51 @@ def test_fresh_process_rejects_bad_inputs_naming_them(served, tmp_path):
     assert set(report) == set(expected)
     for case, pattern in expected.items():
         assert report[case] is not None and re.search(pattern, report[case]), (case, report[case])
+
+
+def _hidden_leftovers(folder):
+    return sorted(p.name for p in pathlib.Path(folder).iterdir() if p.name.startswith(".tmp-keras_bpq"))
+
+
+def test_export_replaces_a_version_folder_whole(served, tmp_path):
+    model, x, _, _ = served
+    path = tmp_path / "base" / "1"
+    path.mkdir(parents=True)
+    (path / "stale.txt").write_text("an older export's file")
+    model.export(str(path), verbose=False)
+    assert sorted(p.name for p in path.iterdir()) == ["assets", "fingerprint.pb", "saved_model.pb", "variables"]
+    assert _hidden_leftovers(path.parent) == []
+    loaded = tf.saved_model.load(str(path))
+    assert set(loaded.signatures) == {"serving_default", "mode", "seeded"}
+
+
+def test_a_failed_export_leaves_what_was_there(served, tmp_path, monkeypatch):
+    model, _, _, _ = served
+    base = tmp_path / "base"
+    kept = base / "1"
+    model.export(str(kept), verbose=False)
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    save = tf.saved_model.save
+
+    def killed_halfway(module, folder, signatures=None):
+        (pathlib.Path(folder) / "saved_model.pb").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.saved_model, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        model.export(str(kept), verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        model.export(str(base / "2"), verbose=False)
+    monkeypatch.setattr(tf.saved_model, "save", save)
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in base.iterdir()) == ["1"]  # no version 2, nothing hidden left
+
+
+def test_export_onto_a_file_is_refused_naming_it(served, tmp_path):
+    model, _, _, _ = served
+    path = tmp_path / "1"
+    path.write_text("not a folder")
+    with pytest.raises(FileExistsError, match="is not a folder"):
+        model.export(str(path), verbose=False)
+    assert path.read_text() == "not a folder"
+    assert _hidden_leftovers(tmp_path) == []
