@@ -520,7 +520,7 @@ def _hidden_leftovers(folder):
 
 
 def test_export_replaces_a_version_folder_whole(served, tmp_path):
-    model, x, _, _ = served
+    model, _, _, _ = served
     path = tmp_path / "base" / "1"
     path.mkdir(parents=True)
     (path / "stale.txt").write_text("an older export's file")
