@@ -13,7 +13,7 @@
   written through, read-only files are refused. A checkpoint holding a NaN or
   inf is refused, naming the variables.
 * SavedModel folders (`export`) are written beside their place and renamed
-  into it (`atomic_directory`).
+  into it (`atomic_directory`); the next export removes what a killed one left.
 * Loading says what is wrong: a `.keras` file cut short or corrupt, a class
   the process does not know, a `BackupAndRestore` backup written by another
   model.
@@ -373,6 +373,71 @@ def atomic_write(filepath: PathLike) -> Iterator[str]:
         os.close(lock)
 
 
+# An export (`atomic_directory`) writes the folder
+# `.tmp-keras_bpq-folder-<pid>-<8 hex digits>-<name>` beside its place and
+# moves a folder already there aside to `.tmp-keras_bpq-old-<same>-<name>`;
+# it holds (flock) the file `.tmp-keras_bpq-lock-<same>-<name>` from before
+# the first is made until both are gone. The lock is a file of its own so that
+# the SavedModel renamed into place holds nothing of ours. A group whose lock
+# nobody holds was left by a killed export.
+_FOLDER_TEMPORARY = re.compile(
+    r"\.tmp-keras_bpq-(?P<role>folder|old|lock)-(?P<id>[0-9]+-[0-9a-f]{8})-(?P<base>.+)", re.DOTALL
+)
+
+
+def _folder_names(directory, base):
+    """The three names of a new `atomic_directory` of `base` in `directory`."""
+    ident = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return {role: os.path.join(directory, f".tmp-keras_bpq-{role}-{ident}-{base}") for role in ("folder", "old", "lock")}
+
+
+def remove_directory_leftovers(path: PathLike) -> List[str]:
+    """Clears what killed exports to the folder `path` (through symlinks) left
+    beside it: each group of our temporary folders whose lock no live process
+    holds is removed, after, where the export was killed between its two
+    renames (its new folder whole, the old one moved aside, nothing at
+    `path`), its new folder is put in place. An export in progress, in this
+    process or another, holds its lock and is left alone; nothing not named
+    and locked as ours is touched. Returns the paths removed."""
+    target = os.path.realpath(os.fspath(path))
+    directory, base = os.path.split(target)
+    groups: Dict[str, Dict[str, str]] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    for name in names:
+        match = _FOLDER_TEMPORARY.fullmatch(name)
+        if match is not None and match.group("base") == base:
+            groups.setdefault(match.group("id"), {})[match.group("role")] = os.path.join(directory, name)
+    removed = []
+    for parts in groups.values():
+        try:
+            fd = os.open(parts["lock"], os.O_RDWR)
+        except (KeyError, OSError):  # not ours, or an export that has not locked it yet
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # an export in progress
+            os.close(fd)
+            continue
+        try:
+            new, old = parts.get("folder"), parts.get("old")
+            if new is not None and old is not None and not os.path.lexists(target):
+                os.rename(new, target)
+                _fsync(directory)
+                new = None
+            for folder in (new, old):
+                if folder is not None and os.path.isdir(folder) and not os.path.islink(folder):
+                    shutil.rmtree(folder)
+                    removed.append(folder)
+            os.remove(parts["lock"])
+            removed.append(parts["lock"])
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: PathLike) -> Iterator[str]:
     """Yields an empty temporary folder beside `path` (through symlinks); once
@@ -381,10 +446,12 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
     loads each numbered version folder it finds) never sees `path` half
     written. An existing folder at `path` is moved aside, then removed once
     the new one is in place: `path` holds the old folder or the new one
-    whole, never a mix (a process killed between the two renames leaves
-    both, whole, as hidden folders beside it, and no folder at `path`). On
-    error or interruption the temporary folder is removed and `path` keeps
-    what it held.
+    whole, never a mix. On error or interruption the temporary folder is
+    removed and `path` keeps what it held. What a killed export left (its
+    folders, hidden beside `path`, under a lock no process holds) is cleared
+    by the next export to `path` (`remove_directory_leftovers`), which first
+    puts in place the new folder of one killed between its two renames (the
+    only moment `path` is missing).
 
     Raises:
       FileExistsError: `path` exists and is not a folder.
@@ -394,23 +461,35 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
     if os.path.exists(target) and not os.path.isdir(target):
         raise FileExistsError(f"{os.fspath(path)!r} exists and is not a folder; a SavedModel is a folder.")
     os.makedirs(directory, exist_ok=True)
-    # Hidden and not a number: TF Serving ignores it as a version. Made with
-    # the process's umask, as the folder written in place would be; named
-    # unlike `atomic_write`'s folders, which `remove_leftovers` clears.
-    temporary = os.path.join(directory, f".tmp-keras_bpq-folder-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
-    os.mkdir(temporary)
+    remove_directory_leftovers(target)
+    # Hidden and not numbers: TF Serving takes none of them for a version.
+    # The folder is made with the process's umask, as one written in place.
+    names = _folder_names(directory, base)
+    lock = os.open(names["lock"], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        yield temporary
-        old = temporary + "-old" if os.path.isdir(target) else None
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.mkdir(names["folder"])
+        try:
+            yield names["folder"]
+            old = names["old"] if os.path.isdir(target) else None
+            if old is not None:
+                os.rename(target, old)
+            try:
+                os.rename(names["folder"], target)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, target)
+                raise
+        except BaseException:
+            shutil.rmtree(names["folder"], ignore_errors=True)
+            raise
+        _fsync(directory)
         if old is not None:
-            os.rename(target, old)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    os.rename(temporary, target)
-    _fsync(directory)
-    if old is not None:
-        shutil.rmtree(old)
+            shutil.rmtree(old)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(names["lock"])
+        os.close(lock)
 
 
 # -- loading -------------------------------------------------------------------

@@ -661,6 +661,85 @@ def test_killed_in_place_save_leftovers_are_removed_by_the_next_save(tmp_path, s
         assert os.listdir(folder) == [name]
 
 
+KILLED_EXPORT = r'''
+import os, signal, sys
+from keras_bpq import saving
+
+path, mode = sys.argv[1], sys.argv[2]
+if mode == "between renames":  # killed once the old folder is moved aside
+    rename = os.rename
+
+    def dying(source, destination):
+        rename(source, destination)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = dying
+with saving.atomic_directory(path) as folder:
+    with open(os.path.join(folder, "version.txt"), "w") as f:
+        f.write("second")
+    if mode == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _write_version(folder, text):
+    pathlib.Path(folder, "version.txt").write_text(text)
+
+
+@pytest.mark.parametrize("mode", ["writing", "between renames"])
+def test_killed_export_leftovers_are_cleared_by_the_next_export_and_nothing_else(tmp_path, mode):
+    import fcntl
+
+    from keras_bpq import saving
+
+    base = tmp_path / "serving"
+    path = base / "1"
+    with saving.atomic_directory(path) as folder:
+        _write_version(folder, "first")
+    script = tmp_path / "killed_export.py"
+    script.write_text(KILLED_EXPORT)
+    killed = subprocess.run([sys.executable, str(script), str(path), mode], env=child_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    leftovers = {p.name for p in base.iterdir()} - {"1"}
+    roles = sorted(name.split("-")[2] for name in leftovers)
+    assert roles == (["folder", "lock"] if mode == "writing" else ["folder", "lock", "old"])
+    assert path.exists() == (mode == "writing")  # killed between the renames: the one moment `path` is missing
+
+    # Not ours to clear: an export in progress (its lock held), another
+    # version's leftovers, a folder named as ours without a lock.
+    in_progress = {role: base / f".tmp-keras_bpq-{role}-7-0123abcd-1" for role in ("folder", "lock")}
+    other = {role: base / f".tmp-keras_bpq-{role}-8-89abcdef-2" for role in ("folder", "lock")}
+    unlocked = base / ".tmp-keras_bpq-folder-9-deadbeef-1"
+    for folder in (in_progress["folder"], other["folder"], unlocked):
+        folder.mkdir()
+        _write_version(folder, "not ours")
+    for lock in (in_progress["lock"], other["lock"]):
+        lock.write_text("")
+    held = os.open(in_progress["lock"], os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    kept = {p.name for p in base.iterdir()} - leftovers - {"1"}
+    try:
+        with saving.atomic_directory(path) as folder:
+            # Cleared before the export writes: the killed one's new folder in
+            # place where it was killed between its renames, the old one kept
+            # where it was killed while writing.
+            expected = "first" if mode == "writing" else "second"
+            assert (path / "version.txt").read_text() == expected
+            own = pathlib.Path(folder).name
+            assert {p.name for p in base.iterdir()} - kept == {"1", own, own.replace("-folder-", "-lock-", 1)}
+            _write_version(folder, "third")
+    finally:
+        os.close(held)  # the export in progress "ends"
+    assert (path / "version.txt").read_text() == "third"
+    assert {p.name for p in base.iterdir()} == kept | {"1"}
+    assert (unlocked / "version.txt").read_text() == "not ours"
+    # Its lock released, the export that was in progress left leftovers too.
+    with saving.atomic_directory(path) as folder:
+        _write_version(folder, "fourth")
+    assert {p.name for p in base.iterdir()} == {"1", unlocked.name, other["folder"].name, other["lock"].name}
+
+
 def test_sigkill_during_repeated_saves_always_leaves_a_loadable_file(tmp_path):
     """A process saving `.keras` files again and again, killed at random
     moments: the file always loads and holds one of the saved states, and the
