@@ -424,15 +424,24 @@ def remove_directory_leftovers(path: PathLike) -> List[str]:
         try:
             new, old = parts.get("folder"), parts.get("old")
             if new is not None and old is not None and not os.path.lexists(target):
-                os.rename(new, target)
+                try:
+                    os.rename(new, target)
+                except OSError:  # both versions stay, whole, for the next export to try again
+                    continue
                 _fsync(directory)
                 new = None
+            left = False
             for folder in (new, old):
                 if folder is not None and os.path.isdir(folder) and not os.path.islink(folder):
-                    shutil.rmtree(folder)
-                    removed.append(folder)
-            os.remove(parts["lock"])
-            removed.append(parts["lock"])
+                    shutil.rmtree(folder, ignore_errors=True)
+                    if os.path.lexists(folder):
+                        left = True
+                    else:
+                        removed.append(folder)
+            if not left:  # else the lock stays, for the next export to try again
+                with contextlib.suppress(OSError):
+                    os.remove(parts["lock"])
+                    removed.append(parts["lock"])
         finally:
             os.close(fd)
     return removed
