@@ -740,6 +740,28 @@ def test_killed_export_leftovers_are_cleared_by_the_next_export_and_nothing_else
     assert {p.name for p in base.iterdir()} == {"1", unlocked.name, other["folder"].name, other["lock"].name}
 
 
+def test_an_export_whose_last_rename_fails_leaves_the_old_folder_and_nothing_hidden(tmp_path, monkeypatch):
+    from keras_bpq import saving
+
+    path = tmp_path / "1"
+    with saving.atomic_directory(path) as folder:
+        _write_version(folder, "first")
+    rename, calls = os.rename, []
+
+    def failing(source, destination):  # the second rename puts the new folder in place
+        calls.append(destination)
+        if len(calls) == 2:
+            raise OSError(18, "Invalid cross-device link", destination)
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="cross-device"):
+        with saving.atomic_directory(path) as folder:
+            _write_version(folder, "second")
+    assert len(calls) == 3  # the old folder moved aside, the failed rename, the old folder put back
+    assert (path / "version.txt").read_text() == "first"
+    assert os.listdir(tmp_path) == ["1"]
+
 def test_sigkill_during_repeated_saves_always_leaves_a_loadable_file(tmp_path):
     """A process saving `.keras` files again and again, killed at random
     moments: the file always loads and holds one of the saved states, and the
