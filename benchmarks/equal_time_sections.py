@@ -64,6 +64,13 @@ def summary(runs, budgets):
     return rows
 
 
+def selected_on_valid(checkpoints):
+    """The checkpoint MINERVA's protocol keeps: of `checkpoints` (each
+    `{"valid": metrics, "test": metrics}`, in training order), the one with the
+    best valid Hits@1, the earliest of those tied."""
+    return max(checkpoints, key=lambda c: c["valid"]["hits@1"])
+
+
 def kg_summary(runs, budgets):
     """kg_equal_time.json: per budget, each arm's median test Hits@1, the best
     critic-free arm (one whose estimator is not the default, with or without

@@ -11,6 +11,14 @@ steady per-step time). At each budget an arm is scored on the test split
 (beam search, filtered, as `--beam_pool` / `--beam_unique` say) with its
 weights at the end of its last turn that ended at or before the budget;
 evaluation is not on the clock. Data in memory, tf.data autotuning off.
+
+With `--select_every=S`, an arm's weights are also kept as a checkpoint every
+S seconds of its clock (those at the end of its last turn within each multiple
+of S, and those it is scored with at each budget), each scored on the valid and
+the test split; its score at a budget is then the test metrics of the
+checkpoint, of those within the budget, with the best valid Hits@1 (the
+earliest of those tied), as MINERVA keeps the model that scores best on the
+dev split, and the last turn's test metrics are kept beside as `at_budget_last`.
 kg_reasoning's `--jit_compile` (by default Keras' choice: XLA only where a GPU
 is present) applies to every arm.
 
@@ -62,6 +70,9 @@ flags.DEFINE_list("seeds", ["0"], "Seeds.")
 flags.DEFINE_integer("chunk_steps", 50, "Steps per turn (a multiple of --steps_per_execution).")
 flags.DEFINE_integer("replay_capacity", 5000, "Rows of a replay arm's buffer.")
 flags.DEFINE_integer("replay_updates", 1, "A replay arm's extra critic updates per step.")
+flags.DEFINE_integer("select_every", 0, "Seconds of an arm's clock between checkpoints scored on the valid split; "
+                     "an arm's score at a budget is then that of its checkpoint with the best valid Hits@1 (0: its "
+                     "last turn's, and no valid scoring).")
 flags.DEFINE_string("out_tag", "", "Section name in the JSON (default: the dataset; needs one dataset).")
 flags.DEFINE_bool("extend", False, "Add this run's seeds to the section already in the JSON (same arms, budgets, "
                   "chunk_steps and settings; new seeds only): its command and machine are listed beside the earlier "
@@ -107,14 +118,14 @@ class Arm:
         training state are created by the first step)."""
         return [(v, v.numpy()) for v in self.agent.model.weights]
 
-    def score(self, state):
-        """Test metrics of the agent with the weights of `state` (`(clock, step,
-        weights)`); the agent's own weights are put back after."""
+    def score(self, state, split="test"):
+        """Metrics on `split` of the agent with the weights of `state` (`(clock,
+        step, weights)`); the agent's own weights are put back after."""
         clock, step, weights = state
         current = self.weights()
         for variable, value in weights:
             variable.assign(value)
-        metrics = kg_reasoning.evaluate(self.agent, "test", FLAGS.beam, pool=FLAGS.beam_pool,
+        metrics = kg_reasoning.evaluate(self.agent, split, FLAGS.beam, pool=FLAGS.beam_pool,
                                         unique=FLAGS.beam_unique)
         for variable, value in current:
             variable.assign(value)
@@ -124,6 +135,15 @@ class Arm:
 def run_seed(kg, seed, budgets):
     arms = {e: Arm(kg, e, seed) for e in FLAGS.estimators}
     at_budget = {e: {} for e in arms}
+    last = {e: {} for e in arms}  # with --select_every: the last turn's test metrics at each budget
+    checkpoints = {e: {} for e in arms}  # with --select_every: {step: {"valid": ..., "test": ...}}
+
+    def checkpoint(name, state):
+        step = state[1]
+        if step not in checkpoints[name]:
+            checkpoints[name][step] = {split: arms[name].score(state, split) for split in ("valid", "test")}
+        return checkpoints[name][step]
+
     def training(arm):  # to the largest budget, and at least two turns (a steady one to time)
         return arm.clock < budgets[-1] or len(arm.turns) < 2
 
@@ -132,17 +152,40 @@ def run_seed(kg, seed, budgets):
             if not training(arm):
                 continue
             before = arm.turn()
+            every = FLAGS.select_every
+            if every and arm.clock // every > before[0] // every:  # this turn crossed a multiple of `every`
+                checkpoint(name, before)
             for budget in budgets:
-                if str(int(budget)) not in at_budget[name] and arm.clock > budget:
-                    at_budget[name][str(int(budget))] = arm.score(before)
+                key = str(int(budget))
+                if key not in at_budget[name] and arm.clock > budget:
+                    if every:
+                        last[name][key] = checkpoint(name, before)["test"]
+                        at_budget[name][key] = equal_time_sections.selected_on_valid(
+                            list(checkpoints[name].values()))["test"]
+                    else:
+                        at_budget[name][key] = arm.score(before)
             print(f"  [seed {seed}] {name}: step {arm.step} {arm.clock:.1f} s", flush=True)
     result = {}
     for name, arm in arms.items():
         steady = common.median(arm.turns[1:])
         result[name] = {"at_budget": at_budget[name], "compile_seconds": max(arm.turns[0] - steady, 0.0),
                         "ms_per_step": 1e3 * steady / FLAGS.chunk_steps, "steps": arm.step}
+        if FLAGS.select_every:
+            result[name]["at_budget_last"] = last[name]
+            result[name]["checkpoints"] = [{"step": step, "valid_hits@1": c["valid"]["hits@1"],
+                                            "test_hits@1": c["test"]["hits@1"]}
+                                           for step, c in sorted(checkpoints[name].items())]
         print(f"  [seed {seed}] {name}: " + json.dumps(at_budget[name]), flush=True)
     return result
+
+
+def settings():
+    """The section's settings: SETTINGS' flags, and `select_every` where set
+    (sections written without it hold no such key, and `--extend` compares them)."""
+    values = {k: FLAGS[k].value for k in SETTINGS}
+    if FLAGS.select_every:
+        values["select_every"] = FLAGS.select_every
+    return values
 
 
 def main(argv):
@@ -163,7 +206,7 @@ def main(argv):
         runs = [run_seed(kg, seed, budgets) for seed in seeds]
         tag = FLAGS.out_tag or dataset
         entry = {"command": common.command_line(), "seeds": seeds, "budgets": names,
-                 "chunk_steps": FLAGS.chunk_steps, "settings": {k: FLAGS[k].value for k in SETTINGS},
+                 "chunk_steps": FLAGS.chunk_steps, "settings": settings(),
                  "runs": runs, "summary": equal_time_sections.kg_summary(runs, names), "machine": machine,
                  "load_end": os.getloadavg()}
         if FLAGS.extend:

@@ -311,16 +311,24 @@ def kg_equal_time(report):
         page.text(f"Seeds {entry['seeds']}; {entry['chunk_steps']} steps per turn; settings "
                   f"{json.dumps(entry['settings'])}.")
         page.machine(entry["machine"], load_end=entry.get("load_end"))
+        every = entry["settings"].get("select_every")
+        if every:
+            page.text(f"Each arm scored at the checkpoint, of those every {every} s of its clock and at the "
+                      "budget, with the best valid Hits@1 (`--select_every`): \"steps\" is that checkpoint's; "
+                      "\"last Hits@1\" is the test Hits@1 of its last turn within the budget.")
         rows = []
         for row in entry["summary"]:
             budget = row["budget"]
             for a in arms:
                 points = [r[a]["at_budget"][budget] for r in entry["runs"]]
+                last = [common.median([r[a]["at_budget_last"][budget]["hits@1"] for r in entry["runs"]])] if every else []
                 rows.append([f"{budget} s", f"**{a}**" if a == row["winner"] else a,
                              common.median([p["step"] for p in points]),
-                             *(common.median([p[k] for p in points]) for k in KG_METRICS)])
-        page.table(["budget", "arm", "steps", *KG_METRICS], rows, "llr" + "r" * len(KG_METRICS),
-                   [None, None, ".0f"] + [".3f"] * len(KG_METRICS))
+                             *(common.median([p[k] for p in points]) for k in KG_METRICS), *last])
+        last_column = ["last Hits@1"] if every else []
+        page.table(["budget", "arm", "steps", *KG_METRICS, *last_column], rows,
+                   "llr" + "r" * (len(KG_METRICS) + len(last_column)),
+                   [None, None, ".0f"] + [".3f"] * (len(KG_METRICS) + len(last_column)))
         rows = [[a, common.median([r[a]["compile_seconds"] for r in entry["runs"]]),
                  common.median([r[a]["ms_per_step"] for r in entry["runs"]])] for a in arms]
         page.table(["arm", "compile (s, median)", "ms per step (median)"], rows, "lrr", [None, ".1f", ".1f"])

@@ -134,3 +134,26 @@ def test_kg_arm_names_and_a_default_with_other_critics(scripts):
     assert entry["summary"][0]["winner"] == "auto+critic_32x64"
     row = render.headline_kg_time_rows(entry, "KG UMLS")[0]
     assert row[2:5] == ["Hits@1 **0.600**", "0.550 (MINERVA's estimator)", "default"]
+
+
+def test_kg_selection_on_valid_keeps_the_best_checkpoint_and_the_page_shows_the_last(scripts):
+    """`kg_equal_time.py --select_every`: a budget's score is the test metrics of
+    the checkpoint with the best valid Hits@1 (the earliest of those tied, as
+    MINERVA keeps the first best dev model), and the page says so and shows the
+    last turn's test Hits@1 beside it."""
+    sections, render = scripts
+
+    def point(step, valid, test):
+        return {"valid": {"step": step, "hits@1": valid}, "test": {"step": step, "hits@1": test}}
+
+    checkpoints = [point(100, 0.50, 0.45), point(200, 0.70, 0.60), point(300, 0.70, 0.66), point(400, 0.65, 0.68)]
+    assert sections.selected_on_valid(checkpoints) is checkpoints[1]
+    assert sections.selected_on_valid(checkpoints[2:]) is checkpoints[2]
+
+    entry = kg_section([0], [0.60], [0.55], "abc1234", budgets=("600",), settings={"dim": 64, "select_every": 30})
+    for arm, last in (("auto", 0.58), ("minerva", 0.41)):
+        entry["runs"][0][arm]["at_budget_last"] = {"600": {"step": 500, "hits@1": last}}
+    entry["summary"] = sections.kg_summary(entry["runs"], entry["budgets"])
+    page = render.page("kg_equal_time", {"umls_long_xla_selected": entry})
+    assert "with the best valid Hits@1 (`--select_every`)" in page
+    assert "| 600 s | minerva | 100 | 0.550 | 0.550 | 0.550 | 0.550 | 0.410 |" in page
