@@ -11,6 +11,8 @@ steady per-step time). At each budget an arm is scored on the test split
 (beam search, filtered, as `--beam_pool` / `--beam_unique` say) with its
 weights at the end of its last turn that ended at or before the budget;
 evaluation is not on the clock. Data in memory, tf.data autotuning off.
+kg_reasoning's `--jit_compile` (by default Keras' choice: XLA only where a GPU
+is present) applies to every arm.
 
 With `--select_every=S`, an arm's weights are also kept as a checkpoint every
 S seconds of its clock (those at the end of its last turn within each multiple
@@ -19,8 +21,6 @@ the test split; its score at a budget is then the test metrics of the
 checkpoint, of those within the budget, with the best valid Hits@1 (the
 earliest of those tied), as MINERVA keeps the model that scores best on the
 dev split, and the last turn's test metrics are kept beside as `at_budget_last`.
-kg_reasoning's `--jit_compile` (by default Keras' choice: XLA only where a GPU
-is present) applies to every arm.
 
 An arm `<estimator>+replay_<correction>` trains that estimator with
 `compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates,
