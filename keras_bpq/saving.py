@@ -247,6 +247,23 @@ def _remove_folder(folder, base):
     return True
 
 
+def _abandoned_lock(path):
+    """An open descriptor of the lock file `path`, locked (flock), where no
+    live process holds it (what a killed save or export left); None where it
+    cannot be opened (not ours, or one that has not locked it yet) or a save
+    or export in progress holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _remove_unlocked(directory, ending, base):
     """Removes our temporary folders in `directory` whose names end in
     `ending` and whose lock no live process holds; returns their paths."""
@@ -260,14 +277,8 @@ def _remove_unlocked(directory, ending, base):
         if match is None or match.group("base") != ending:
             continue
         folder = os.path.join(directory, name)
-        try:
-            fd = os.open(os.path.join(folder, _LOCK), os.O_RDWR)
-        except OSError:  # not ours, or a save that has not locked it yet
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a save in progress
-            os.close(fd)
+        fd = _abandoned_lock(os.path.join(folder, _LOCK))
+        if fd is None:
             continue
         try:
             if _remove_folder(folder, base):
@@ -412,14 +423,8 @@ def remove_directory_leftovers(path: PathLike) -> List[str]:
             groups.setdefault(match.group("id"), {})[match.group("role")] = os.path.join(directory, name)
     removed = []
     for parts in groups.values():
-        try:
-            fd = os.open(parts["lock"], os.O_RDWR)
-        except (KeyError, OSError):  # not ours, or an export that has not locked it yet
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # an export in progress
-            os.close(fd)
+        fd = _abandoned_lock(parts["lock"]) if "lock" in parts else None
+        if fd is None:
             continue
         try:
             new, old = parts.get("folder"), parts.get("old")
