@@ -321,7 +321,8 @@ def kg_equal_time(report):
             budget = row["budget"]
             for a in arms:
                 points = [r[a]["at_budget"][budget] for r in entry["runs"]]
-                last = [common.median([r[a]["at_budget_last"][budget]["hits@1"] for r in entry["runs"]])] if every else []
+                last = ([common.median([r[a]["at_budget_last"][budget]["hits@1"] for r in entry["runs"]])]
+                        if every else [])
                 rows.append([f"{budget} s", f"**{a}**" if a == row["winner"] else a,
                              common.median([p["step"] for p in points]),
                              *(common.median([p[k] for p in points]) for k in KG_METRICS), *last])

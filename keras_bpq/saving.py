@@ -399,7 +399,9 @@ _FOLDER_TEMPORARY = re.compile(
 def _folder_names(directory, base):
     """The three names of a new `atomic_directory` of `base` in `directory`."""
     ident = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return {role: os.path.join(directory, f".tmp-keras_bpq-{role}-{ident}-{base}") for role in ("folder", "old", "lock")}
+    return {
+        role: os.path.join(directory, f".tmp-keras_bpq-{role}-{ident}-{base}") for role in ("folder", "old", "lock")
+    }
 
 
 def remove_directory_leftovers(path: PathLike) -> List[str]:
