@@ -404,14 +404,29 @@ def _folder_names(directory, base):
     }
 
 
+def _remove_export_lock(names):
+    """Removes the lock file of an export (`names`: `_folder_names`' roles
+    and paths) once neither of its folders is left; else the lock stays, so
+    that the next export clears them (`remove_directory_leftovers`). Returns
+    whether it was removed."""
+    if any(names.get(role) is not None and os.path.lexists(names[role]) for role in ("folder", "old")):
+        return False
+    try:
+        os.remove(names["lock"])
+    except OSError:
+        return False
+    return True
+
+
 def remove_directory_leftovers(path: PathLike) -> List[str]:
-    """Clears what killed exports to the folder `path` (through symlinks) left
-    beside it: each group of our temporary folders whose lock no live process
-    holds is removed, after, where the export was killed between its two
-    renames (its new folder whole, the old one moved aside, nothing at
-    `path`), its new folder is put in place. An export in progress, in this
-    process or another, holds its lock and is left alone; nothing not named
-    and locked as ours is touched. Returns the paths removed."""
+    """Clears what killed or failed exports to the folder `path` (through
+    symlinks) left beside it: each group of our temporary folders whose lock
+    no live process holds. Where `path` is missing and the group holds the
+    old folder that export moved aside, the newest whole folder is put in
+    place first: its new folder (whole once the old one is moved aside), else
+    the old one. An export in progress, in this process or another, holds its
+    lock and is left alone; nothing not named and locked as ours is touched.
+    Returns the paths removed."""
     target = os.path.realpath(os.fspath(path))
     directory, base = os.path.split(target)
     groups: Dict[str, Dict[str, str]] = {}
@@ -429,26 +444,20 @@ def remove_directory_leftovers(path: PathLike) -> List[str]:
         if fd is None:
             continue
         try:
-            new, old = parts.get("folder"), parts.get("old")
-            if new is not None and old is not None and not os.path.lexists(target):
+            if "old" in parts and not os.path.lexists(target):
                 try:
-                    os.rename(new, target)
-                except OSError:  # both versions stay, whole, for the next export to try again
+                    os.rename(parts.get("folder", parts["old"]), target)
+                except OSError:  # every folder stays, whole, for the next export to try again
                     continue
                 _fsync(directory)
-                new = None
-            left = False
-            for folder in (new, old):
+            for role in ("folder", "old"):
+                folder = parts.get(role)
                 if folder is not None and os.path.isdir(folder) and not os.path.islink(folder):
                     shutil.rmtree(folder, ignore_errors=True)
-                    if os.path.lexists(folder):
-                        left = True
-                    else:
+                    if not os.path.lexists(folder):
                         removed.append(folder)
-            if not left:  # else the lock stays, for the next export to try again
-                with contextlib.suppress(OSError):
-                    os.remove(parts["lock"])
-                    removed.append(parts["lock"])
+            if _remove_export_lock(parts):
+                removed.append(parts["lock"])
         finally:
             os.close(fd)
     return removed
@@ -464,10 +473,11 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
     the new one is in place: `path` holds the old folder or the new one
     whole, never a mix. On error or interruption the temporary folder is
     removed and `path` keeps what it held. What a killed export left (its
-    folders, hidden beside `path`, under a lock no process holds) is cleared
-    by the next export to `path` (`remove_directory_leftovers`), which first
-    puts in place the new folder of one killed between its two renames (the
-    only moment `path` is missing).
+    folders, hidden beside `path`, under a lock no process holds), or a
+    failed one could not remove or put back, is cleared by the next export
+    to `path` (`remove_directory_leftovers`), which first puts the newest
+    whole folder in place where `path` is missing (an export killed between
+    its two renames).
 
     Raises:
       FileExistsError: `path` exists and is not a folder.
@@ -497,14 +507,16 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
                     os.rename(old, target)
                 raise
         except BaseException:
-            shutil.rmtree(names["folder"], ignore_errors=True)
+            # Where the old folder could not be put back either, the new one
+            # (whole) stays beside it for the next export to put in place.
+            if os.path.lexists(target) or not os.path.lexists(names["old"]):
+                shutil.rmtree(names["folder"], ignore_errors=True)
             raise
         _fsync(directory)
         if old is not None:
             shutil.rmtree(old)
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(names["lock"])
+        _remove_export_lock(names)
         os.close(lock)
 
 

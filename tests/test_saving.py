@@ -762,6 +762,36 @@ def test_an_export_whose_last_rename_fails_leaves_the_old_folder_and_nothing_hid
     assert (path / "version.txt").read_text() == "first"
     assert os.listdir(tmp_path) == ["1"]
 
+
+def test_an_export_that_cannot_put_the_old_folder_back_leaves_both_for_the_next_export(tmp_path, monkeypatch):
+    from keras_bpq import saving
+
+    path = tmp_path / "1"
+    with saving.atomic_directory(path) as folder:
+        _write_version(folder, "first")
+    rename, calls = os.rename, []
+
+    def failing(source, destination):  # every rename after the old folder is moved aside fails
+        calls.append(destination)
+        if len(calls) > 1:
+            raise OSError(18, "Invalid cross-device link", destination)
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="cross-device"):
+        with saving.atomic_directory(path) as folder:
+            _write_version(folder, "second")
+    monkeypatch.setattr(os, "rename", rename)
+    assert not path.exists()
+    assert sorted(name.split("-")[2] for name in os.listdir(tmp_path)) == ["folder", "lock", "old"]
+    with saving.atomic_directory(path) as folder:
+        # The next export first put the newest whole folder in place.
+        assert (path / "version.txt").read_text() == "second"
+        _write_version(folder, "third")
+    assert (path / "version.txt").read_text() == "third"
+    assert os.listdir(tmp_path) == ["1"]
+
+
 def test_sigkill_during_repeated_saves_always_leaves_a_loadable_file(tmp_path):
     """A process saving `.keras` files again and again, killed at random
     moments: the file always loads and holds one of the saved states, and the
