@@ -740,24 +740,34 @@ def test_killed_export_leftovers_are_cleared_by_the_next_export_and_nothing_else
     assert {p.name for p in base.iterdir()} == {"1", unlocked.name, other["folder"].name, other["lock"].name}
 
 
-def test_an_export_whose_last_rename_fails_leaves_the_old_folder_and_nothing_hidden(tmp_path, monkeypatch):
+def _export_with_failing_renames(path, monkeypatch, failing):
+    """Exports "first" to `path`, then "second" with every `os.rename` whose
+    1-based number `failing(n)` names raising OSError (the first moves the
+    old folder aside, the second puts the new one in place, a third puts the
+    old one back), which the export raises; returns the renames' destinations."""
     from keras_bpq import saving
 
-    path = tmp_path / "1"
     with saving.atomic_directory(path) as folder:
         _write_version(folder, "first")
     rename, calls = os.rename, []
 
-    def failing(source, destination):  # the second rename puts the new folder in place
+    def renamed(source, destination):
         calls.append(destination)
-        if len(calls) == 2:
+        if failing(len(calls)):
             raise OSError(18, "Invalid cross-device link", destination)
         rename(source, destination)
 
-    monkeypatch.setattr(os, "rename", failing)
+    monkeypatch.setattr(os, "rename", renamed)
     with pytest.raises(OSError, match="cross-device"):
         with saving.atomic_directory(path) as folder:
             _write_version(folder, "second")
+    monkeypatch.setattr(os, "rename", rename)
+    return calls
+
+
+def test_an_export_whose_last_rename_fails_leaves_the_old_folder_and_nothing_hidden(tmp_path, monkeypatch):
+    path = tmp_path / "1"
+    calls = _export_with_failing_renames(path, monkeypatch, lambda n: n == 2)
     assert len(calls) == 3  # the old folder moved aside, the failed rename, the old folder put back
     assert (path / "version.txt").read_text() == "first"
     assert os.listdir(tmp_path) == ["1"]
@@ -767,21 +777,7 @@ def test_an_export_that_cannot_put_the_old_folder_back_leaves_both_for_the_next_
     from keras_bpq import saving
 
     path = tmp_path / "1"
-    with saving.atomic_directory(path) as folder:
-        _write_version(folder, "first")
-    rename, calls = os.rename, []
-
-    def failing(source, destination):  # every rename after the old folder is moved aside fails
-        calls.append(destination)
-        if len(calls) > 1:
-            raise OSError(18, "Invalid cross-device link", destination)
-        rename(source, destination)
-
-    monkeypatch.setattr(os, "rename", failing)
-    with pytest.raises(OSError, match="cross-device"):
-        with saving.atomic_directory(path) as folder:
-            _write_version(folder, "second")
-    monkeypatch.setattr(os, "rename", rename)
+    _export_with_failing_renames(path, monkeypatch, lambda n: n > 1)
     assert not path.exists()
     assert sorted(name.split("-")[2] for name in os.listdir(tmp_path)) == ["folder", "lock", "old"]
     with saving.atomic_directory(path) as folder:
