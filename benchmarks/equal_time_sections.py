@@ -6,6 +6,7 @@ No TensorFlow: the tests import it beside the page renderer.
 """
 
 import re
+import statistics
 import typing
 
 import common
@@ -69,6 +70,29 @@ def selected_on_valid(checkpoints):
     `{"valid": metrics, "test": metrics}`, in training order), the one with the
     best valid Hits@1, the earliest of those tied."""
     return max(checkpoints, key=lambda c: c["valid"]["hits@1"])
+
+
+def checkpoint_spans(result, budgets):
+    """How an arm's checkpoints (`kg_equal_time.py --select_every`) score
+    between budgets: for each budget after the first, of the checkpoints
+    after the last turn within the budget before and up to the last turn within
+    this one, `{"span": (before, budget), "checkpoints": n, "mean_test": the
+    mean of their test Hits@1, "sd_valid": the standard deviation of their
+    valid Hits@1}` (None for a span with no checkpoint). `result` is one arm's
+    entry of one run (its `at_budget_last` and `checkpoints`, in training
+    order). The mean is the Hits@1 expected of a checkpoint taken at a random
+    time of the span, whichever protocol picks it; the deviation, how much
+    picking one by the dev split is a draw."""
+    spans = []
+    for before, budget in zip(budgets, budgets[1:]):
+        first, last = (result["at_budget_last"][b]["step"] for b in (before, budget))
+        points = [c for c in result["checkpoints"] if first < c["step"] <= last]
+        spans.append({
+            "span": (before, budget), "checkpoints": len(points),
+            "mean_test": statistics.fmean(c["test_hits@1"] for c in points) if points else None,
+            "sd_valid": statistics.pstdev(c["valid_hits@1"] for c in points) if points else None,
+        })
+    return spans
 
 
 def kg_summary(runs, budgets):

@@ -330,11 +330,31 @@ def kg_equal_time(report):
         page.table(["budget", "arm", "steps", *KG_METRICS, *last_column], rows,
                    "llr" + "r" * (len(KG_METRICS) + len(last_column)),
                    [None, None, ".0f"] + [".3f"] * (len(KG_METRICS) + len(last_column)))
+        if every:
+            kg_checkpoint_spans(page, entry, arms)
         rows = [[a, common.median([r[a]["compile_seconds"] for r in entry["runs"]]),
                  common.median([r[a]["ms_per_step"] for r in entry["runs"]])] for a in arms]
         page.table(["arm", "compile (s, median)", "ms per step (median)"], rows, "lrr", [None, ".1f", ".1f"])
         page.bullets(entry.get("notes"), "Reading:")
     return page
+
+
+def kg_checkpoint_spans(page, entry, arms):
+    """The table of a `--select_every` section's checkpoints between budgets
+    (`equal_time_sections.checkpoint_spans`), medians over its seeds."""
+    spans = {a: [equal_time_sections.checkpoint_spans(r[a], entry["budgets"]) for r in entry["runs"]] for a in arms}
+    rows = []
+    for i, (before, budget) in enumerate(zip(entry["budgets"], entry["budgets"][1:])):
+        for a in arms:
+            values = [run[i] for run in spans[a]]
+            rows.append([f"{before}-{budget} s", a,
+                         *(common.median([v[k] for v in values]) for k in ("checkpoints", "mean_test", "sd_valid"))])
+    page.table(["between budgets", "arm", "checkpoints", "mean test Hits@1", "sd of valid Hits@1"], rows, "llrrr",
+               [None, None, ".0f", ".3f", ".3f"], absent="-",
+               lead="The checkpoints between two budgets (after the last turn within the first, up to the last "
+                    "within the second; medians over seeds of each run's figure): the mean of their test Hits@1, "
+                    "what a checkpoint taken at a random time of that span scores, and the standard deviation of "
+                    "their valid Hits@1, how much choosing one on the dev split is a draw.")
 
 
 KG_COLORS = {"minerva": "tab:orange", "rloo": "tab:green", "auto": "tab:blue"}

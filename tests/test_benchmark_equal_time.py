@@ -157,3 +157,36 @@ def test_kg_selection_on_valid_keeps_the_best_checkpoint_and_the_page_shows_the_
     page = render.page("kg_equal_time", {"umls_long_xla_selected": entry})
     assert "with the best valid Hits@1 (`--select_every`)" in page
     assert "| 600 s | minerva | 100 | 0.550 | 0.550 | 0.550 | 0.550 | 0.410 |" in page
+
+
+def test_kg_checkpoint_spans_split_checkpoints_at_the_budgets_last_turns(scripts):
+    """`equal_time_sections.checkpoint_spans`: the checkpoints after the last
+    turn within one budget and up to the last within the next, their mean test
+    Hits@1 and the deviation of their valid Hits@1; the page shows the medians
+    over seeds for a `--select_every` section."""
+    sections, render = scripts
+
+    def result(points):
+        return {"at_budget_last": {b: {"step": s, "hits@1": 0.5} for b, s in (("60", 200), ("180", 400), ("600", 900))},
+                "checkpoints": [{"step": s, "valid_hits@1": v, "test_hits@1": t} for s, v, t in points]}
+
+    auto = result([(100, 0.1, 0.1), (200, 0.5, 0.4), (300, 0.6, 0.5), (400, 0.8, 0.7), (700, 0.7, 0.6)])
+    spans = sections.checkpoint_spans(auto, ("60", "180", "600"))
+    assert [s["span"] for s in spans] == [("60", "180"), ("180", "600")]
+    assert [s["checkpoints"] for s in spans] == [2, 1]
+    assert spans[0]["mean_test"] == pytest.approx(0.6) and spans[0]["sd_valid"] == pytest.approx(0.1)
+    assert spans[1]["mean_test"] == pytest.approx(0.6) and spans[1]["sd_valid"] == 0.0
+    empty = sections.checkpoint_spans(result([(100, 0.1, 0.1)]), ("60", "180"))
+    assert empty == [{"span": ("60", "180"), "checkpoints": 0, "mean_test": None, "sd_valid": None}]
+
+    entry = kg_section([0, 1], [0.60, 0.62], [0.55, 0.57], "abc1234", budgets=("60", "180", "600"),
+                       settings={"dim": 64, "select_every": 30})
+    for seed, run in enumerate(entry["runs"]):
+        for arm in run:
+            run[arm].update(auto if arm == "auto" or seed == 0 else
+                            result([(300, 0.4, 0.3), (400, 0.4, 0.5), (800, 0.5, 0.4)]))
+    entry["summary"] = sections.kg_summary(entry["runs"], entry["budgets"])
+    page = render.page("kg_equal_time", {"umls_long_xla_selected": entry})
+    assert "| 60-180 s | auto | 2 | 0.600 | 0.100 |" in page
+    assert "| 60-180 s | minerva | 2 | 0.500 | 0.050 |" in page  # medians of 0.6 / 0.4 and 0.1 / 0.0
+    assert "| 180-600 s | minerva | 1 | 0.500 | 0.000 |" in page
