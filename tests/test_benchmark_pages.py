@@ -199,6 +199,17 @@ def test_the_kg_rows_show_equal_wall_clock_before_equal_steps(render):
     assert lines[start + 2].startswith("|  | 180 s | Hits@1 0.580 |")
     assert lines[start + 3].startswith("| KG Kinship | not run |")
 
+    # A section `umls_long_xla_selected` (the same flags scored at each arm's best
+    # dev checkpoint) comes first; the XLA rows scored at the last turn follow.
+    kg_time["umls_long_xla_selected"] = {**kg_time["umls"], "summary": kg_time["umls"]["summary"][:1]}
+    table = render.headline_table({}, {"machine": machine, "results": []}, {"machine": [], "runs": []}, kg_time)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| KG UMLS, best dev checkpoint |"))
+    assert lines[start].startswith("| KG UMLS, best dev checkpoint | 60 s | Hits@1 **0.500** |")
+    assert lines[start + 1].startswith("| KG UMLS, last turn | 180 s | Hits@1 0.580 |")
+    assert lines[start + 2].startswith("| KG UMLS without XLA | 60 s |")
+    assert lines[start + 4].startswith("| KG Kinship | not run |")
+
 
 def test_every_benchmark_imports_common_before_keras_bpq():
     """Importing `common` puts the benchmark's own checkout first on
