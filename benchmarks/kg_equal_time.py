@@ -21,6 +21,9 @@ the test split; its score at a budget is then the test metrics of the
 checkpoint, of those within the budget, with the best valid Hits@1 (the
 earliest of those tied), as MINERVA keeps the model that scores best on the
 dev split, and the last turn's test metrics are kept beside as `at_budget_last`.
+The page then also shows each arm's checkpoints between two budgets: the mean
+of their test Hits@1 and the deviation of their valid Hits@1
+(`equal_time_sections.checkpoint_spans`).
 
 An arm `<estimator>+replay_<correction>` trains that estimator with
 `compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates,
