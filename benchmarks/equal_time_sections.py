@@ -95,6 +95,23 @@ def checkpoint_spans(result, budgets):
     return spans
 
 
+def selected_at_equal_steps(run, budget, reference="auto"):
+    """Each arm's checkpoint MINERVA's protocol keeps when it may train no more
+    steps than `reference` did: of one run's arms (`run`, `kg_equal_time.py
+    --select_every`), `{arm: the checkpoint with the best valid Hits@1 of those
+    at or before the step of reference's last turn within budget}` (the
+    earliest of those tied; each `{"step", "valid_hits@1", "test_hits@1"}`).
+    An arm whose checkpoints all come later maps to None. Checkpoints fall
+    every `--select_every` seconds, so another arm's kept checkpoint may lie up
+    to one interval's steps short of the reference's."""
+    steps = run[reference]["at_budget_last"][budget]["step"]
+    kept = {}
+    for arm, result in run.items():
+        points = [c for c in result["checkpoints"] if c["step"] <= steps]
+        kept[arm] = max(points, key=lambda c: c["valid_hits@1"]) if points else None
+    return kept
+
+
 def kg_summary(runs, budgets):
     """kg_equal_time.json: per budget, each arm's median test Hits@1, the best
     critic-free arm (one whose estimator is not the default, with or without

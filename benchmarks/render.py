@@ -332,6 +332,8 @@ def kg_equal_time(report):
                    [None, None, ".0f"] + [".3f"] * (len(KG_METRICS) + len(last_column)))
         if every:
             kg_checkpoint_spans(page, entry, arms)
+            if "auto" in arms:
+                kg_selected_at_equal_steps(page, entry, arms)
         rows = [[a, common.median([r[a]["compile_seconds"] for r in entry["runs"]]),
                  common.median([r[a]["ms_per_step"] for r in entry["runs"]])] for a in arms]
         page.table(["arm", "compile (s, median)", "ms per step (median)"], rows, "lrr", [None, ".1f", ".1f"])
@@ -355,6 +357,31 @@ def kg_checkpoint_spans(page, entry, arms):
                     "within the second; medians over seeds of each run's figure): the mean of their test Hits@1, "
                     "what a checkpoint taken at a random time of that span scores, and the standard deviation of "
                     "their valid Hits@1, how much choosing one on the dev split is a draw.")
+
+
+def kg_selected_at_equal_steps(page, entry, arms):
+    """The table of a `--select_every` section's arms each scored at its best
+    dev checkpoint within the default's steps at each budget
+    (`equal_time_sections.selected_at_equal_steps`), medians over its seeds,
+    and in how many seeds the default's test Hits@1 is at least the arm's."""
+    rows = []
+    for budget in entry["budgets"]:
+        kept = [equal_time_sections.selected_at_equal_steps(r, budget) for r in entry["runs"]]
+        limit = common.median([r["auto"]["at_budget_last"][budget]["step"] for r in entry["runs"]])
+        for a in arms:
+            points = [k[a] for k in kept if k[a] is not None]
+            ahead = sum(k["auto"]["test_hits@1"] >= k[a]["test_hits@1"] for k in kept if k[a] is not None)
+            rows.append([f"{budget} s", limit, a, common.median([p["step"] for p in points]) if points else None,
+                         common.median([p["test_hits@1"] for p in points]) if points else None,
+                         "-" if a == "auto" else f"{ahead} of {len(points)}"])
+    page.table(["budget", "default's steps", "arm", "kept checkpoint's steps", "test Hits@1",
+                "seeds the default scores at least as well"], rows, "lrlrrl", [None, ".0f", None, ".0f", ".3f", None],
+               absent="-",
+               lead="At equal steps: each arm scored at its checkpoint with the best valid Hits@1 of those at or "
+                    "before the step of the default's last turn within the budget (the default's steps), medians "
+                    "over seeds; an entropy bonus, decayed by the step count, is then the same for every arm. "
+                    "Checkpoints fall every `--select_every` seconds of an arm's clock, so another arm's last one "
+                    "within the default's steps may be up to an interval's steps short of them.")
 
 
 KG_COLORS = {"minerva": "tab:orange", "rloo": "tab:green", "auto": "tab:blue"}

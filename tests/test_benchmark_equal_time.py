@@ -153,6 +153,7 @@ def test_kg_selection_on_valid_keeps_the_best_checkpoint_and_the_page_shows_the_
     entry = kg_section([0], [0.60], [0.55], "abc1234", budgets=("600",), settings={"dim": 64, "select_every": 30})
     for arm, last in (("auto", 0.58), ("minerva", 0.41)):
         entry["runs"][0][arm]["at_budget_last"] = {"600": {"step": 500, "hits@1": last}}
+        entry["runs"][0][arm]["checkpoints"] = [{"step": 500, "valid_hits@1": 0.5, "test_hits@1": last}]
     entry["summary"] = sections.kg_summary(entry["runs"], entry["budgets"])
     page = render.page("kg_equal_time", {"umls_long_xla_selected": entry})
     assert "with the best valid Hits@1 (`--select_every`)" in page
@@ -190,3 +191,32 @@ def test_kg_checkpoint_spans_split_checkpoints_at_the_budgets_last_turns(scripts
     assert "| 60-180 s | auto | 2 | 0.600 | 0.100 |" in page
     assert "| 60-180 s | minerva | 2 | 0.500 | 0.050 |" in page  # medians of 0.6 / 0.4 and 0.1 / 0.0
     assert "| 180-600 s | minerva | 1 | 0.500 | 0.000 |" in page
+
+
+def test_kg_selected_at_equal_steps_keeps_checkpoints_within_the_defaults_steps(scripts):
+    """`equal_time_sections.selected_at_equal_steps`: every arm's best dev
+    checkpoint of those at or before the default's last turn within the
+    budget; the page shows the medians and the seeds the default holds."""
+    sections, render = scripts
+
+    def result(last_steps, points):
+        return {"at_budget_last": {b: {"step": s, "hits@1": 0.5} for b, s in zip(("60", "600"), last_steps)},
+                "checkpoints": [{"step": s, "valid_hits@1": v, "test_hits@1": t} for s, v, t in points]}
+
+    run = {"auto": result((200, 600), [(200, 0.5, 0.45), (400, 0.7, 0.65), (600, 0.6, 0.7)]),
+           "rloo": result((300, 900), [(300, 0.4, 0.4), (500, 0.8, 0.6), (700, 0.9, 0.9), (900, 0.9, 0.8)])}
+    kept = sections.selected_at_equal_steps(run, "600")
+    assert kept["auto"]["step"] == 400 and kept["rloo"]["step"] == 500  # not rloo's better one at 700
+    assert sections.selected_at_equal_steps(run, "60")["rloo"] is None  # its first checkpoint comes later
+
+    entry = kg_section([0, 1], [0.6, 0.6], [0.5, 0.5], "abc1234", budgets=("60", "600"),
+                       settings={"dim": 64, "select_every": 30})
+    later = result((200, 600), [(300, 0.4, 0.3), (600, 0.9, 0.75)])  # seed 1: ahead of the default's 0.65
+    for seed, per_arm in enumerate(entry["runs"]):
+        per_arm["auto"].update(run["auto"])
+        per_arm["minerva"].update(run["rloo"] if seed == 0 else later)
+    entry["summary"] = sections.kg_summary(entry["runs"], entry["budgets"])
+    page = render.page("kg_equal_time", {"umls_long_xla_selected": entry})
+    assert "| 600 s | 600 | minerva | 550 | 0.675 | 1 of 2 |" in page  # medians of 500 / 600 and 0.6 / 0.75
+    assert "| 600 s | 600 | auto | 400 | 0.650 | - |" in page
+    assert "| 60 s | 200 | minerva | - | - | 0 of 0 |" in page
