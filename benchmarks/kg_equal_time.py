@@ -23,7 +23,9 @@ earliest of those tied), as MINERVA keeps the model that scores best on the
 dev split, and the last turn's test metrics are kept beside as `at_budget_last`.
 The page then also shows each arm's checkpoints between two budgets: the mean
 of their test Hits@1 and the deviation of their valid Hits@1
-(`equal_time_sections.checkpoint_spans`).
+(`equal_time_sections.checkpoint_spans`); and each arm at its best dev
+checkpoint of those within the default's steps at each budget, the same
+selection at equal steps (`equal_time_sections.selected_at_equal_steps`).
 
 An arm `<estimator>+replay_<correction>` trains that estimator with
 `compile(replay=keras_bpq.Replay(--replay_capacity, --replay_updates,
