@@ -369,11 +369,11 @@ def kg_selected_at_equal_steps(page, entry, arms):
         kept = [equal_time_sections.selected_at_equal_steps(r, budget) for r in entry["runs"]]
         limit = common.median([r["auto"]["at_budget_last"][budget]["step"] for r in entry["runs"]])
         for a in arms:
-            points = [k[a] for k in kept if k[a] is not None]
-            ahead = sum(k["auto"]["test_hits@1"] >= k[a]["test_hits@1"] for k in kept if k[a] is not None)
-            rows.append([f"{budget} s", limit, a, common.median([p["step"] for p in points]) if points else None,
-                         common.median([p["test_hits@1"] for p in points]) if points else None,
-                         "-" if a == "auto" else f"{ahead} of {len(points)}"])
+            pairs = [(k["auto"], k[a]) for k in kept if k[a] is not None]  # (the default's, the arm's) per seed
+            ahead = sum(default["test_hits@1"] >= point["test_hits@1"] for default, point in pairs)
+            medians = [common.median([point[key] for _, point in pairs]) if pairs else None
+                       for key in ("step", "test_hits@1")]
+            rows.append([f"{budget} s", limit, a, *medians, "-" if a == "auto" else f"{ahead} of {len(pairs)}"])
     page.table(["budget", "default's steps", "arm", "kept checkpoint's steps", "test Hits@1",
                 "seeds the default scores at least as well"], rows, "lrlrrl", [None, ".0f", None, ".0f", ".3f", None],
                absent="-",
